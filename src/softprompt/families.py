@@ -1,0 +1,101 @@
+"""Model-family quirks, in one table.
+
+Everything the engine needs to know about an architecture is read from its config through
+`ModelShape.from_config`; the few things that cannot be read generically live in `FAMILY_QUIRKS`,
+keyed by `config.model_type`. Adding a family means adding a row here, not `if` chains elsewhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import SoftPromptError
+
+
+@dataclass(frozen=True)
+class FamilyQuirks:
+    # Rotary / learned absolute positions take explicit position ids. ALiBi models (Bloom) derive
+    # positions from the attention mask instead and have no `position_ids` argument.
+    takes_position_ids: bool = True
+    # Config attribute holding a final tanh soft-cap on the logits (Gemma), applied where we compute
+    # logits ourselves (the training forward only projects label positions).
+    logit_softcap_attr: str | None = None
+    # Encoder-decoder families put input soft prompts on the encoder and KV prefixes on the
+    # decoder's self-attention, exactly as PEFT does.
+    encoder_decoder: bool = False
+
+
+FAMILY_QUIRKS: dict[str, FamilyQuirks] = {
+    "gpt2": FamilyQuirks(),
+    "llama": FamilyQuirks(),
+    "mistral": FamilyQuirks(),
+    "qwen2": FamilyQuirks(),
+    "gemma": FamilyQuirks(),
+    "gemma2": FamilyQuirks(logit_softcap_attr="final_logit_softcapping"),
+    "gemma3_text": FamilyQuirks(logit_softcap_attr="final_logit_softcapping"),
+    "bloom": FamilyQuirks(takes_position_ids=False),
+    "t5": FamilyQuirks(encoder_decoder=True),
+    "mt5": FamilyQuirks(encoder_decoder=True),
+}
+
+
+def _first_attr(config, names: tuple[str, ...]):
+    for name in names:
+        value = getattr(config, name, None)
+        if value is not None:
+            return value
+    return None
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The numbers an adapter must agree with. Saved in every adapter and checked on load."""
+
+    model_type: str
+    hidden_size: int
+    num_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int
+    is_encoder_decoder: bool
+
+    @classmethod
+    def from_config(cls, config) -> "ModelShape":
+        if hasattr(config, "get_text_config"):
+            config = config.get_text_config()
+        hidden = _first_attr(config, ("hidden_size", "n_embd", "d_model"))
+        layers = _first_attr(config, ("num_hidden_layers", "n_layer", "num_layers"))
+        heads = _first_attr(config, ("num_attention_heads", "n_head", "num_heads"))
+        if hidden is None or layers is None or heads is None:
+            raise SoftPromptError(
+                f"model type {config.model_type!r}: could not read hidden size, layer count and head count "
+                "from its config; add the family to softprompt.families.FAMILY_QUIRKS"
+            )
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or hidden // heads
+        return cls(
+            model_type=config.model_type,
+            hidden_size=int(hidden),
+            num_layers=int(layers),
+            num_attention_heads=int(heads),
+            num_key_value_heads=int(kv_heads),
+            head_dim=int(head_dim),
+            vocab_size=int(config.vocab_size),
+            is_encoder_decoder=bool(getattr(config, "is_encoder_decoder", False)),
+        )
+
+    @property
+    def prefix_heads(self) -> int:
+        """Heads of a KV prefix: the key/value heads (grouped-query attention stores fewer)."""
+        return self.num_key_value_heads
+
+    @property
+    def prefix_token_dim(self) -> int:
+        """Width of one layer's key (or value) for one virtual token, as PEFT's `token_dim` for prefixes."""
+        return self.head_dim * self.num_key_value_heads
+
+
+def quirks_for(model_type: str) -> FamilyQuirks:
+    """The quirks row of a family; unknown decoder-only families get the common defaults."""
+    return FAMILY_QUIRKS.get(model_type, FamilyQuirks())

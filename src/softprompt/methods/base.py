@@ -1,0 +1,140 @@
+"""The one interface every soft-prompt method implements.
+
+A method adds trainable state to a frozen model in exactly one of two ways:
+
+* ``adds = "input"``: `input_embeddings()` returns ``[n, hidden]`` vectors placed before the input
+  (prompt tuning, P-tuning);
+* ``adds = "kv"``: `kv_prefix()` returns, for every layer, a key and a value of ``n`` virtual tokens
+  (prefix tuning).
+
+The engine (`softprompt.model`) turns both into per-layer key/value prefixes for causal models, so a
+batch can mix methods freely. Saving writes what PEFT writes (``prompt_embeddings``: the materialised
+vectors); `training_state()` additionally keeps reparameterisation weights so training can resume.
+"""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..families import ModelShape
+
+
+def help_field(default: Any, help: str, **kwargs) -> Any:
+    """A dataclass field carrying its help text (shown by the CLI and in error messages)."""
+    if callable(default) and not isinstance(default, (int, float, str, bool)):
+        return field(default_factory=default, metadata={"help": help, **kwargs})
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+@dataclass
+class MethodConfig:
+    """Fields every method shares. Subclasses add their own and extend `validate`."""
+
+    method: ClassVar[str] = ""
+    peft_type: ClassVar[str] = ""
+
+    num_virtual_tokens: int = help_field(8, "Number of virtual tokens the adapter adds.")
+
+    def validate(self) -> None:
+        check_int(self, "num_virtual_tokens", minimum=1, maximum=4096)
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, values: dict, *, source: str = "config") -> "MethodConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known - {"method"})
+        if unknown:
+            raise ConfigError(
+                f"{source}: unknown field(s) {', '.join(unknown)} for method {cls.method!r}; "
+                f"expected some of: {', '.join(sorted(known))}"
+            )
+        config = cls(**{k: v for k, v in values.items() if k in known})
+        config.validate()
+        return config
+
+    @classmethod
+    def field_help(cls) -> dict[str, str]:
+        return {f.name: f.metadata.get("help", "") for f in fields(cls)}
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        return {f.name: f.default for f in fields(cls) if f.default is not MISSING}
+
+
+def check_int(config: Any, name: str, *, minimum: int | None = None, maximum: int | None = None) -> None:
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name}: expected an integer, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{name}: expected at least {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{name}: expected at most {maximum}, got {value}")
+
+
+def check_choice(config: Any, name: str, choices: tuple[str, ...]) -> None:
+    value = getattr(config, name)
+    if value not in choices:
+        raise ConfigError(f"{name}: expected one of {', '.join(choices)}, got {value!r}")
+
+
+class SoftPromptMethod(nn.Module):
+    """Base class of the three methods. See the module docstring for the contract."""
+
+    adds: ClassVar[Literal["input", "kv"]]
+    config_class: ClassVar[type[MethodConfig]]
+
+    def __init__(self, config: MethodConfig, shape: ModelShape):
+        super().__init__()
+        self.config = config
+        self.shape = shape
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return self.config.num_virtual_tokens
+
+    @property
+    def submodules(self) -> int:
+        """PEFT keeps 2 copies of the virtual tokens for encoder-decoder models (only the first is used)."""
+        return 2 if self.shape.is_encoder_decoder else 1
+
+    def input_embeddings(self) -> torch.Tensor:
+        """``[n, hidden]`` vectors placed before the input (methods with ``adds == "input"``)."""
+        raise NotImplementedError
+
+    def kv_prefix(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer ``(key, value)``, each ``[kv_heads, n, head_dim]`` (methods with ``adds == "kv"``)."""
+        raise NotImplementedError
+
+    def materialized(self) -> torch.Tensor:
+        """The tensor PEFT saves as ``prompt_embeddings`` (reparameterisation applied)."""
+        raise NotImplementedError
+
+    def load_materialized(self, tensor: torch.Tensor) -> None:
+        """Load a PEFT ``prompt_embeddings`` tensor: the adapter becomes a plain, inference-ready table."""
+        raise NotImplementedError
+
+    def peft_config_fields(self) -> dict:
+        """Method-specific fields of PEFT's ``adapter_config.json``."""
+        return {}
+
+    @classmethod
+    def config_from_peft(cls, peft: dict) -> dict:
+        """Our config fields from PEFT's ``adapter_config.json``."""
+        return {"num_virtual_tokens": int(peft["num_virtual_tokens"])}
+
+    def training_state(self) -> dict[str, torch.Tensor]:
+        """Everything needed to resume training (reparameterisation weights included)."""
+        return {k: v.detach().clone() for k, v in self.state_dict().items()}
+
+    def load_training_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.load_state_dict(state)
+
+    def num_trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)

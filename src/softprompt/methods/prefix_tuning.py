@@ -1,0 +1,115 @@
+"""Prefix tuning (Li & Liang, 2021): trainable keys and values of ``n`` virtual tokens at every layer.
+
+Same semantics and file layout as PEFT's ``PREFIX_TUNING``: while training, an optional two-layer MLP
+(``prefix_projection``) reparameterises the prefix for stability; the saved ``prompt_embeddings`` is the
+materialised ``[n, layers * 2 * token_dim]`` table, so inference needs no MLP. Grouped-query models get
+prefixes with their key/value head count, as PEFT does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..families import ModelShape
+from .base import MethodConfig, SoftPromptMethod, check_int, help_field
+
+
+@dataclass
+class PrefixTuningConfig(MethodConfig):
+    method = "prefix_tuning"
+    peft_type = "PREFIX_TUNING"
+
+    prefix_projection: bool = help_field(
+        False, "Reparameterise the prefix with a two-layer MLP while training (materialised when saved)."
+    )
+    encoder_hidden_size: int | None = help_field(
+        None, "Hidden width of the reparameterisation MLP (default: the prefix token width)."
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        if not isinstance(self.prefix_projection, bool):
+            from ..errors import ConfigError
+
+            raise ConfigError(f"prefix_projection: expected true or false, got {self.prefix_projection!r}")
+        if self.encoder_hidden_size is not None:
+            check_int(self, "encoder_hidden_size", minimum=1, maximum=1 << 16)
+
+
+class PrefixTuning(SoftPromptMethod):
+    adds = "kv"
+    config_class = PrefixTuningConfig
+
+    def __init__(self, config: PrefixTuningConfig, shape: ModelShape):
+        super().__init__(config, shape)
+        n, dim = config.num_virtual_tokens, shape.prefix_token_dim
+        width = shape.num_layers * 2 * dim
+        self.projected = config.prefix_projection
+        if self.projected:
+            hidden = config.encoder_hidden_size or dim
+            self.embedding = nn.Embedding(n, dim)
+            self.transform = nn.Sequential(nn.Linear(dim, hidden), nn.Tanh(), nn.Linear(hidden, width))
+        else:
+            # nn.Embedding's N(0, 1) init, as PEFT.
+            self.embedding = nn.Embedding(n, width)
+
+    @classmethod
+    def create(cls, config: PrefixTuningConfig, shape: ModelShape, *, word_embeddings, tokenize,
+               generator: torch.Generator) -> "PrefixTuning":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
+            return cls(config, shape)
+
+    def flat(self) -> torch.Tensor:
+        """``[n, layers * 2 * token_dim]``: the prefix of every layer, keys and values interleaved as PEFT."""
+        if self.projected:
+            return self.transform(self.embedding.weight)
+        return self.embedding.weight
+
+    def kv_prefix(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        s = self.shape
+        n = self.num_virtual_tokens
+        # PEFT: view [n, 2L, heads, head_dim] -> [2L, heads, n, head_dim]; layer l uses rows 2l (key), 2l+1 (value).
+        table = self.flat().view(n, s.num_layers * 2, s.prefix_heads, s.head_dim).permute(1, 2, 0, 3)
+        # Encoder-decoder models: PEFT duplicates the 2L rows and hands layer l the group of four rows
+        # starting at 4l (self-attention key, value, then an unused cross-attention pair), so decoder
+        # layer l reads rows 4l and 4l + 1 modulo 2L. We keep that layout so PEFT files mean the same.
+        step = 4 if s.is_encoder_decoder else 2
+        rows = [(step * layer) % (2 * s.num_layers) for layer in range(s.num_layers)]
+        return [(table[r], table[r + 1]) for r in rows]
+
+    def materialized(self) -> torch.Tensor:
+        return self.flat().detach()
+
+    def load_materialized(self, tensor: torch.Tensor) -> None:
+        # A loaded adapter is a plain table: the MLP (if any) was folded in when it was saved.
+        self.projected = False
+        if hasattr(self, "transform"):
+            del self.transform
+        self.embedding = nn.Embedding(tensor.shape[0], tensor.shape[1])
+        with torch.no_grad():
+            self.embedding.weight.copy_(tensor.float())
+
+    def load_training_state(self, state: dict[str, torch.Tensor]) -> None:
+        if "transform.0.weight" not in state and self.projected:
+            self.load_materialized(state["embedding.weight"])
+            return
+        self.load_state_dict(state)
+
+    def peft_config_fields(self) -> dict:
+        return {
+            "prefix_projection": self.config.prefix_projection,
+            "encoder_hidden_size": self.config.encoder_hidden_size or self.shape.prefix_token_dim,
+            "init_weights": None,
+        }
+
+    @classmethod
+    def config_from_peft(cls, peft: dict) -> dict:
+        return {
+            **super().config_from_peft(peft),
+            "prefix_projection": bool(peft.get("prefix_projection", False)),
+            "encoder_hidden_size": peft.get("encoder_hidden_size"),
+        }

@@ -1,0 +1,419 @@
+"""`SoftPromptModel`: one frozen base model and a bank of named soft-prompt adapters.
+
+Every call chooses an adapter per row (``None`` = the bare base model), so one batch can mix methods
+and prompt lengths. The central idea, for causal models: virtual tokens come first and attend only to
+each other, so their keys and values do not depend on the input. Each adapter's per-layer key/value
+prefix is therefore computed once (prompt tuning and P-tuning run the frozen model over the prompt;
+prefix tuning *is* a key/value prefix) and shared by every row that names it. A batch's prefixes are
+left-padded to the longest and masked; the text keeps explicit positions that start right after its own
+prompt, so padding never sits between a prompt and its text (PEFT issue 1093) and results equal running
+each row alone. Encoder-decoder models take input prompts on the encoder and prefixes on the decoder's
+self-attention, as PEFT does.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import DynamicCache, EncoderDecoderCache
+from transformers.modeling_outputs import BaseModelOutput
+
+from .errors import SoftPromptError
+from .families import ModelShape, quirks_for
+from .methods import SoftPromptMethod, method_class
+
+ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$")
+AdapterNames = Sequence[str | None] | str | None
+
+
+@dataclass
+class SoftPromptOutput:
+    loss: torch.Tensor | None = None
+    # Without labels: [batch, seq, vocab] logits of the text positions. With labels: None, because only
+    # label positions are projected onto the vocabulary (see `label_logits`).
+    logits: torch.Tensor | None = None
+    # With labels: [num_label_tokens, vocab] logits at exactly the positions that carry loss.
+    label_logits: torch.Tensor | None = None
+
+
+@dataclass
+class BatchPrefix:
+    """The key/value prefixes of one batch, left-padded to the longest prompt and masked."""
+
+    layers: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: [batch, kv_heads, N, head_dim]
+    mask: torch.Tensor  # [batch, N]
+    lengths: torch.Tensor  # [batch] real prefix length per row
+    # Hidden state of each row's last virtual token (input methods), to predict the text's first token.
+    last_hidden: torch.Tensor | None
+    has_last_hidden: torch.Tensor  # [batch] bool
+
+
+@dataclass
+class DecodeState:
+    """Everything needed to continue a batch by more tokens: the public transformers cache plus masks."""
+
+    cache: DynamicCache | EncoderDecoderCache
+    attention_mask: torch.Tensor  # [batch, past]: prefix + text (+ generated) mask
+    next_position: torch.Tensor  # [batch] position id of the next token (causal models)
+    logits: torch.Tensor  # [batch, vocab] next-token logits
+    encoder_hidden: torch.Tensor | None = None  # encoder-decoder only
+    encoder_mask: torch.Tensor | None = None
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only ``rows`` (finished rows leave a running batch)."""
+        self.cache.batch_select_indices(rows)
+        self.attention_mask = self.attention_mask[rows]
+        self.next_position = self.next_position[rows]
+        self.logits = self.logits[rows]
+        if self.encoder_hidden is not None:
+            self.encoder_hidden = self.encoder_hidden[rows]
+            self.encoder_mask = self.encoder_mask[rows]
+
+    def repeat(self, times: int) -> None:
+        """Repeat every row ``times`` times, consecutively (one copy per candidate label)."""
+        self.cache.batch_repeat_interleave(times)
+        self.attention_mask = self.attention_mask.repeat_interleave(times, 0)
+        self.next_position = self.next_position.repeat_interleave(times, 0)
+        self.logits = self.logits.repeat_interleave(times, 0)
+        if self.encoder_hidden is not None:
+            self.encoder_hidden = self.encoder_hidden.repeat_interleave(times, 0)
+            self.encoder_mask = self.encoder_mask.repeat_interleave(times, 0)
+
+
+class SoftPromptModel(nn.Module):
+    """A frozen base model with named soft-prompt adapters, chosen per row."""
+
+    def __init__(self, base: nn.Module, tokenizer=None, *, name_or_path: str | None = None):
+        super().__init__()
+        base.requires_grad_(False)
+        base.eval()
+        self.base = base
+        self.tokenizer = tokenizer
+        self.name_or_path = name_or_path or getattr(base.config, "_name_or_path", None)
+        self.shape = ModelShape.from_config(base.config)
+        self.quirks = quirks_for(self.shape.model_type)
+        self.adapters = nn.ModuleDict()
+        self._prompt_kv_cache: dict[str, tuple[tuple, list, torch.Tensor]] = {}
+
+    # ------------------------------------------------------------------ adapters
+    def add_adapter(self, name: str, method: str = "prompt_tuning", *, seed: int | None = None,
+                    **config) -> SoftPromptMethod:
+        """Create a new trainable adapter. ``config`` holds the method's config fields."""
+        self._check_new_name(name)
+        cls = method_class(method)
+        cfg = cls.config_class.from_dict(config, source=f"adapter {name!r}")
+        generator = torch.Generator().manual_seed(seed if seed is not None else torch.initial_seed() % 2**63)
+        adapter = cls.create(cfg, self.shape, word_embeddings=self.base.get_input_embeddings(),
+                             tokenize=self._tokenize_plain, generator=generator)
+        return self._register(name, adapter)
+
+    def _register(self, name: str, adapter: SoftPromptMethod) -> SoftPromptMethod:
+        adapter.to(self.device)
+        self.adapters[name] = adapter
+        self._prompt_kv_cache.pop(name, None)
+        return adapter
+
+    def _check_new_name(self, name: str) -> None:
+        if not isinstance(name, str) or not ADAPTER_NAME.match(name):
+            raise SoftPromptError(
+                f"adapter name {name!r}: expected 1-64 letters, digits, '_' or '-', starting with a letter or digit"
+            )
+        if name in self.adapters:
+            raise SoftPromptError(f"adapter name {name!r} is already in use; remove it first or pick another name")
+
+    def remove_adapter(self, name: str) -> None:
+        self._adapter(name)
+        del self.adapters[name]
+        self._prompt_kv_cache.pop(name, None)
+
+    def load_adapter(self, path: str, name: str | None = None) -> SoftPromptMethod:
+        """Load an adapter in PEFT's file layout (a local directory or a hub id)."""
+        from .peft_format import load_adapter
+
+        return load_adapter(self, path, name=name)
+
+    def save_adapter(self, name: str, path: str, *, training_state: dict | None = None) -> None:
+        """Save an adapter in PEFT's file layout (plus softprompt's training-state file)."""
+        from .peft_format import save_adapter
+
+        save_adapter(self, name, path, training_state=training_state)
+
+    def adapter_names(self) -> list[str]:
+        return list(self.adapters.keys())
+
+    def _adapter(self, name: str) -> SoftPromptMethod:
+        if name not in self.adapters:
+            known = ", ".join(self.adapters) or "none loaded"
+            raise SoftPromptError(f"unknown adapter {name!r}; loaded adapters: {known}")
+        return self.adapters[name]
+
+    def train(self, mode: bool = True) -> "SoftPromptModel":
+        # The frozen base stays in eval mode (no dropout): only the adapters train.
+        super().train(mode)
+        self.base.eval()
+        return self
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def device(self) -> torch.device:
+        return self.base.get_input_embeddings().weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.base.get_input_embeddings().weight.dtype
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.base.base_model
+
+    def _tokenize_plain(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise SoftPromptError("this model has no tokenizer; pass token ids instead of text")
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _row_names(self, adapters: AdapterNames, batch: int) -> list[str | None]:
+        if adapters is None or isinstance(adapters, str):
+            names = [adapters] * batch
+        else:
+            names = list(adapters)
+            if len(names) != batch:
+                raise SoftPromptError(f"adapters: expected one name per row ({batch}), got {len(names)}")
+        for name in names:
+            if name is not None:
+                self._adapter(name)
+        return names
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.base.get_output_embeddings()(hidden)
+        cap = getattr(self.base.config, self.quirks.logit_softcap_attr, None) if self.quirks.logit_softcap_attr else None
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    # ------------------------------------------------------------------ prefixes
+    def _prompt_kv(self, name: str) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor | None]:
+        """Per-layer ``[kv_heads, n, head_dim]`` keys/values of one adapter (+ last hidden for input methods).
+
+        Input-method prompts are run through the frozen model once; the result is cached until the
+        adapter's parameters change, and recomputed (with gradients) while training.
+        """
+        adapter = self._adapter(name)
+        if adapter.adds == "kv":
+            return [(k.to(self.dtype), v.to(self.dtype)) for k, v in adapter.kv_prefix()], None
+        params = list(adapter.parameters())
+        needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
+        key = tuple((id(p), p._version) for p in params) + (self.dtype, self.device)
+        cached = self._prompt_kv_cache.get(name)
+        if not needs_grad and cached is not None and cached[0] == key:
+            return cached[1], cached[2]
+        embeds = adapter.input_embeddings().to(self.dtype)[None]
+        n = embeds.shape[1]
+        kwargs = {}
+        if self.quirks.takes_position_ids:
+            kwargs["position_ids"] = torch.arange(n, device=self.device)[None]
+        out = self.backbone(inputs_embeds=embeds, attention_mask=torch.ones(1, n, dtype=torch.long, device=self.device),
+                            past_key_values=DynamicCache(config=self.base.config), use_cache=True, **kwargs)
+        layers = [(layer.keys[0], layer.values[0]) for layer in out.past_key_values.layers]
+        last_hidden = out.last_hidden_state[0, -1]
+        if not needs_grad:
+            self._prompt_kv_cache[name] = (key, layers, last_hidden)
+        return layers, last_hidden
+
+    def _batch_prefix(self, names: list[str | None]) -> BatchPrefix | None:
+        unique = list(dict.fromkeys(n for n in names if n is not None))
+        if not unique:
+            return None
+        per_adapter = {name: self._prompt_kv(name) for name in unique}
+        lengths = {name: per_adapter[name][0][0][0].shape[1] for name in unique}
+        width = max(lengths.values())
+        batch = len(names)
+        index = torch.tensor([unique.index(n) if n is not None else len(unique) for n in names], device=self.device)
+        layers = []
+        for layer in range(len(per_adapter[unique[0]][0])):
+            keys, values = [], []
+            for name in unique:
+                k, v = per_adapter[name][0][layer]
+                pad = width - k.shape[1]
+                keys.append(F.pad(k, (0, 0, pad, 0)))
+                values.append(F.pad(v, (0, 0, pad, 0)))
+            keys.append(torch.zeros_like(keys[0]))
+            values.append(torch.zeros_like(values[0]))
+            layers.append((torch.stack(keys)[index], torch.stack(values)[index]))
+        row_lengths = torch.tensor([lengths[n] if n is not None else 0 for n in names], device=self.device)
+        mask = (torch.arange(width, device=self.device)[None] >= (width - row_lengths)[:, None]).long()
+        hidden = [per_adapter[n][1] if n is not None else None for n in names]
+        has_hidden = torch.tensor([h is not None for h in hidden], device=self.device)
+        last_hidden = None
+        if has_hidden.any():
+            filler = next(h for h in hidden if h is not None)
+            last_hidden = torch.stack([h if h is not None else torch.zeros_like(filler) for h in hidden])
+        return BatchPrefix(layers, mask, row_lengths, last_hidden, has_hidden)
+
+    # ------------------------------------------------------------------ causal forward
+    def _causal_hidden(self, input_ids, attention_mask, prefix: BatchPrefix | None, cache=None,
+                       prefix_len: torch.Tensor | None = None, past_mask: torch.Tensor | None = None):
+        """Run the backbone over text after a prefix (or an existing cache). Returns (hidden, cache, full mask)."""
+        batch = input_ids.shape[0]
+        if cache is None:
+            data = prefix.layers if prefix is not None else None
+            cache = DynamicCache(ddp_cache_data=data, config=self.base.config)
+            past_mask = prefix.mask if prefix is not None else attention_mask.new_zeros(batch, 0)
+            prefix_len = prefix.lengths if prefix is not None else attention_mask.new_zeros(batch)
+        full_mask = torch.cat([past_mask, attention_mask], dim=1)
+        kwargs = {}
+        if self.quirks.takes_position_ids:
+            kwargs["position_ids"] = prefix_len[:, None] + (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.backbone(input_ids=input_ids, attention_mask=full_mask, past_key_values=cache, use_cache=True,
+                            **kwargs)
+        return out.last_hidden_state, out.past_key_values, full_mask
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                adapters: AdapterNames = None, labels: torch.Tensor | None = None,
+                decoder_input_ids: torch.Tensor | None = None) -> SoftPromptOutput:
+        """Training / scoring forward. ``adapters``: one name (or None) per row, or one for all rows.
+
+        Causal models: ``labels`` align with ``input_ids`` (-100 = no loss), as in transformers.
+        Encoder-decoder models: ``labels`` are the decoder targets.
+        """
+        input_ids = input_ids.to(self.device)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        attention_mask = attention_mask.to(self.device).long()
+        names = self._row_names(adapters, input_ids.shape[0])
+        if self.shape.is_encoder_decoder:
+            return self._seq2seq_forward(input_ids, attention_mask, names, labels, decoder_input_ids)
+        prefix = self._batch_prefix(names)
+        hidden, _, _ = self._causal_hidden(input_ids, attention_mask, prefix)
+        if labels is None:
+            return SoftPromptOutput(logits=self._logits(hidden))
+        labels = labels.to(self.device)
+        return self._label_loss(hidden, attention_mask, labels, prefix)
+
+    def _label_loss(self, hidden, attention_mask, labels, prefix: BatchPrefix | None) -> SoftPromptOutput:
+        """Loss over label tokens, projecting only the hidden states that predict a label."""
+        batch, length = labels.shape
+        positions = torch.arange(length, device=self.device)[None].expand(batch, -1)
+        first = attention_mask.argmax(-1, keepdim=True)  # first real token of each row
+        wanted = (labels != -100) & (attention_mask == 1)
+        # A row's first real token is predicted by its prompt's last virtual token (input methods only).
+        has_hidden = prefix.has_last_hidden[:, None] if prefix is not None else torch.zeros_like(wanted)
+        wanted &= (positions != first) | has_hidden
+        if prefix is not None and prefix.last_hidden is not None:
+            extended = torch.cat([prefix.last_hidden[:, None].to(hidden.dtype), hidden], dim=1)
+        else:
+            extended = torch.cat([hidden[:, :1], hidden], dim=1)
+        source = torch.where(positions == first, torch.zeros_like(positions), positions)
+        rows, cols = wanted.nonzero(as_tuple=True)
+        logits = self._logits(extended[rows, source[rows, cols]]).float()
+        targets = labels[rows, cols]
+        loss = F.cross_entropy(logits, targets) if targets.numel() else logits.sum() * 0.0
+        return SoftPromptOutput(loss=loss, label_logits=logits)
+
+    # ------------------------------------------------------------------ encoder-decoder
+    def _encoder_inputs(self, input_ids, attention_mask, names):
+        """Input prompts go before each row's real tokens on the encoder side (right-padded)."""
+        embeds = self.base.get_input_embeddings()(input_ids)
+        rows, masks = [], []
+        for i, name in enumerate(names):
+            real = embeds[i][attention_mask[i] == 1]
+            adapter = self.adapters[name] if name is not None else None
+            if adapter is not None and adapter.adds == "input":
+                real = torch.cat([adapter.input_embeddings().to(embeds.dtype), real], dim=0)
+            rows.append(real)
+        longest = max(r.shape[0] for r in rows)
+        for r in rows:
+            masks.append(torch.cat([torch.ones(r.shape[0]), torch.zeros(longest - r.shape[0])]))
+        padded = torch.stack([F.pad(r, (0, 0, 0, longest - r.shape[0])) for r in rows])
+        return padded, torch.stack(masks).long().to(self.device)
+
+    def _decoder_prefix(self, names):
+        """EncoderDecoderCache holding each row's decoder self-attention prefix (prefix tuning rows)."""
+        kv_names = [n if n is not None and self.adapters[n].adds == "kv" else None for n in names]
+        prefix = self._batch_prefix(kv_names)
+        self_cache = DynamicCache(ddp_cache_data=prefix.layers if prefix else None)
+        cache = EncoderDecoderCache(self_cache, DynamicCache())
+        batch = len(names)
+        mask = prefix.mask if prefix is not None else torch.zeros(batch, 0, dtype=torch.long, device=self.device)
+        return cache, mask
+
+    def _seq2seq_forward(self, input_ids, attention_mask, names, labels, decoder_input_ids) -> SoftPromptOutput:
+        embeds, enc_mask = self._encoder_inputs(input_ids, attention_mask, names)
+        cache, prefix_mask = self._decoder_prefix(names)
+        if decoder_input_ids is None:
+            if labels is None:
+                raise SoftPromptError("an encoder-decoder forward needs labels or decoder_input_ids")
+            decoder_input_ids = self.base.prepare_decoder_input_ids_from_labels(labels=labels.to(self.device))
+        decoder_input_ids = decoder_input_ids.to(self.device)
+        dec_mask = torch.cat([prefix_mask, torch.ones_like(decoder_input_ids)], dim=1)
+        out = self.base(inputs_embeds=embeds, attention_mask=enc_mask, decoder_input_ids=decoder_input_ids,
+                        decoder_attention_mask=dec_mask, past_key_values=cache, use_cache=True)
+        if labels is None:
+            return SoftPromptOutput(logits=out.logits)
+        labels = labels.to(self.device)
+        wanted = labels != -100
+        logits = out.logits[wanted].float()
+        loss = F.cross_entropy(logits, labels[wanted]) if wanted.any() else logits.sum() * 0.0
+        return SoftPromptOutput(loss=loss, label_logits=logits)
+
+    # ------------------------------------------------------------------ decoding primitives
+    @torch.no_grad()
+    def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, adapters: AdapterNames) -> DecodeState:
+        """Prefill: run prompts and text once; the state continues with `advance`."""
+        input_ids = input_ids.to(self.device)
+        attention_mask = attention_mask.to(self.device).long()
+        names = self._row_names(adapters, input_ids.shape[0])
+        if self.shape.is_encoder_decoder:
+            embeds, enc_mask = self._encoder_inputs(input_ids, attention_mask, names)
+            encoder_hidden = self.base.get_encoder()(inputs_embeds=embeds, attention_mask=enc_mask).last_hidden_state
+            cache, prefix_mask = self._decoder_prefix(names)
+            start = torch.full((input_ids.shape[0], 1), self.base.config.decoder_start_token_id, device=self.device)
+            state = DecodeState(cache, prefix_mask, prefix_mask.sum(-1), logits=None,
+                                encoder_hidden=encoder_hidden, encoder_mask=enc_mask)
+            state.logits = self.advance(state, start)[:, -1]
+            return state
+        prefix = self._batch_prefix(names)
+        hidden, cache, full_mask = self._causal_hidden(input_ids, attention_mask, prefix)
+        # Logits of each row's last real token only (rows may be left- or right-padded).
+        last = attention_mask.shape[1] - 1 - attention_mask.flip(-1).argmax(-1)
+        logits = self._logits(hidden[torch.arange(hidden.shape[0], device=self.device), last])
+        prefix_len = prefix.lengths if prefix is not None else torch.zeros_like(last)
+        return DecodeState(cache, full_mask, prefix_len + attention_mask.sum(-1), logits.float())
+
+    @torch.no_grad()
+    def advance(self, state: DecodeState, tokens: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Feed ``tokens`` [batch, L] after the state; returns their logits [batch, L, vocab] and updates it."""
+        tokens = tokens.to(self.device)
+        if token_mask is None:
+            token_mask = torch.ones_like(tokens)
+        token_mask = token_mask.to(self.device).long()
+        if self.shape.is_encoder_decoder:
+            full_mask = torch.cat([state.attention_mask, token_mask], dim=1)
+            out = self.base(encoder_outputs=BaseModelOutput(last_hidden_state=state.encoder_hidden),
+                            attention_mask=state.encoder_mask, decoder_input_ids=tokens,
+                            decoder_attention_mask=full_mask, past_key_values=state.cache, use_cache=True)
+            logits = out.logits
+        else:
+            hidden, _, full_mask = self._causal_hidden(tokens, token_mask, None, cache=state.cache,
+                                                       prefix_len=state.next_position, past_mask=state.attention_mask)
+            logits = self._logits(hidden)
+        state.attention_mask = full_mask
+        state.next_position = state.next_position + token_mask.sum(-1)
+        return logits.float()
+
+    # ------------------------------------------------------------------ user-level API
+    def generate(self, prompts, adapters: AdapterNames = None, **options) -> list[str]:
+        """Generate text per row (greedy by default). See `softprompt.generation.generate`."""
+        from .generation import generate
+
+        return generate(self, prompts, adapters=adapters, **options)
+
+    def score(self, texts, labels: Sequence[str], adapters: AdapterNames = None, **options):
+        """Rank candidate label strings by log-likelihood per row. See `softprompt.scoring.score`."""
+        from .scoring import score
+
+        return score(self, texts, labels=labels, adapters=adapters, **options)

@@ -1,0 +1,217 @@
+"""Adapters on disk, in PEFT's file layout (both ways), plus softprompt's own extras.
+
+An adapter directory holds:
+
+* ``adapter_config.json`` and ``adapter_model.safetensors`` (key ``prompt_embeddings``): exactly what
+  PEFT writes, so ``peft.PeftModel.from_pretrained`` loads our adapters and we load PEFT's;
+* ``softprompt.json``: our full method config, the base model's shape and a checksum of the weights;
+* ``training_state.safetensors`` / ``training_state.json`` (optional): reparameterisation weights,
+  optimizer state and step, so training resumes from a saved adapter (PEFT cannot).
+
+Loading never unpickles anything: weights are read with safetensors only, and ``trust_remote_code``
+in an adapter file is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from . import __version__
+from .errors import AdapterMismatchError, SoftPromptError
+from .fileio import atomic_directory, atomic_write_json, sha256_file
+from .methods import PEFT_TYPES, SoftPromptMethod, method_class
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+META_FILE = "softprompt.json"
+STATE_FILE = "training_state.safetensors"
+STATE_META_FILE = "training_state.json"
+PICKLE_FILES = ("adapter_model.bin", "pytorch_model.bin", "adapter_model.pt", "adapter_model.pth")
+
+
+def _task_type(model) -> str:
+    return "SEQ_2_SEQ_LM" if model.shape.is_encoder_decoder else "CAUSAL_LM"
+
+
+def peft_config(model, adapter: SoftPromptMethod) -> dict:
+    """PEFT's ``adapter_config.json`` for an adapter of ``model``."""
+    shape = model.shape
+    kv = adapter.adds == "kv"
+    from .builtin_names import hub_id_for
+
+    return {
+        "peft_type": adapter.config.peft_type,
+        "task_type": _task_type(model),
+        "base_model_name_or_path": hub_id_for(model.name_or_path),
+        "num_virtual_tokens": adapter.num_virtual_tokens,
+        "token_dim": shape.prefix_token_dim if kv else shape.hidden_size,
+        "num_layers": shape.num_layers,
+        "num_attention_heads": shape.prefix_heads if kv else shape.num_attention_heads,
+        "num_transformer_submodules": adapter.submodules,
+        "inference_mode": True,
+        "auto_mapping": None,
+        "modules_to_save": None,
+        "revision": None,
+        **adapter.peft_config_fields(),
+    }
+
+
+def save_adapter(model, name: str, path: str | Path, *, training_state: dict[str, torch.Tensor] | None = None,
+                 training_meta: dict | None = None) -> Path:
+    """Write adapter ``name`` to ``path`` atomically. Other files already in ``path`` are kept."""
+    adapter = model._adapter(name)
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise SoftPromptError(f"{path}: exists and is not a directory; choose another output path")
+    with atomic_directory(path) as tmp:
+        if path.is_dir():  # keep what else lives there (metrics, plots, checkpoints)
+            for child in path.iterdir():
+                if child.name not in (CONFIG_FILE, WEIGHTS_FILE, META_FILE, STATE_FILE, STATE_META_FILE):
+                    (shutil.copytree if child.is_dir() else shutil.copy2)(child, tmp / child.name)
+        save_file({"prompt_embeddings": adapter.materialized().float().cpu().contiguous()}, str(tmp / WEIGHTS_FILE),
+                  metadata={"format": "pt"})
+        with open(tmp / CONFIG_FILE, "w") as f:
+            json.dump(peft_config(model, adapter), f, indent=2, sort_keys=True)
+        state = {f"adapter.{k}": v.float().cpu().contiguous() for k, v in adapter.training_state().items()}
+        state.update({k: v.cpu().contiguous() for k, v in (training_state or {}).items()})
+        save_file(state, str(tmp / STATE_FILE), metadata={"format": "pt"})
+        if training_meta is not None:
+            with open(tmp / STATE_META_FILE, "w") as f:
+                json.dump(training_meta, f, indent=2, sort_keys=True, default=str)
+        meta = {
+            "softprompt_version": __version__,
+            "name": name,
+            "method": adapter.config.method,
+            "config": adapter.config.to_dict(),
+            "base_model": model.name_or_path,
+            "shape": model.shape.__dict__,
+            "sha256": {WEIGHTS_FILE: sha256_file(tmp / WEIGHTS_FILE), STATE_FILE: sha256_file(tmp / STATE_FILE)},
+        }
+        with open(tmp / META_FILE, "w") as f:
+            json.dump(meta, f, indent=2, sort_keys=True)
+    return path
+
+
+def _resolve(path: str | Path) -> Path:
+    local = Path(path).expanduser()
+    if local.exists():
+        if not local.is_dir():
+            raise SoftPromptError(f"{local}: expected an adapter directory (with {CONFIG_FILE}), got a file")
+        return local
+    text = str(path)
+    if text.count("/") == 1 and not text.startswith((".", "/", "~")):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(text, allow_patterns=[CONFIG_FILE, WEIGHTS_FILE, META_FILE]))
+        except Exception as exc:  # network, auth or missing repo: one clear message
+            raise SoftPromptError(f"adapter {text!r}: no such local directory, and the hub download failed ({exc.__class__.__name__})") from None
+    raise SoftPromptError(f"{local}: no such adapter directory")
+
+
+def read_json(file: Path) -> dict:
+    if not file.is_file():
+        raise SoftPromptError(f"{file}: missing (an adapter directory needs {CONFIG_FILE} and {WEIGHTS_FILE})")
+    try:
+        value = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SoftPromptError(f"{file}: not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise SoftPromptError(f"{file}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def read_tensors(file: Path) -> dict[str, torch.Tensor]:
+    """Read a safetensors file; anything else (pickles included) is refused with a clear message."""
+    if not file.is_file():
+        for pickled in PICKLE_FILES:
+            if (file.parent / pickled).exists():
+                raise SoftPromptError(
+                    f"{file.parent / pickled}: pickled weights are never loaded (they can run code); "
+                    f"convert them to {file.name} with safetensors"
+                )
+        raise SoftPromptError(f"{file}: missing")
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return {key: f.get_tensor(key) for key in f.keys()}
+    except Exception as exc:
+        raise SoftPromptError(f"{file}: not a readable safetensors file (truncated or corrupt: {exc})") from None
+
+
+def _check(file: Path, what: str, found, expected) -> None:
+    if found != expected:
+        raise AdapterMismatchError(f"{file}: adapter made for a model with {what} {found}, this model has {expected}")
+
+
+def load_adapter(model, path: str | Path, name: str | None = None, *, resume: bool = False) -> SoftPromptMethod:
+    """Load an adapter directory (ours or PEFT's) into ``model`` under ``name``.
+
+    ``resume=True`` also restores reparameterisation weights from the training state, so training can
+    continue exactly; otherwise the adapter is the materialised table PEFT would use.
+    """
+    folder = _resolve(path)
+    config_file = folder / CONFIG_FILE
+    peft = read_json(config_file)
+    meta = read_json(folder / META_FILE) if (folder / META_FILE).exists() else {}
+    if "trust_remote_code" in json.dumps(peft):
+        raise SoftPromptError(f"{config_file}: asks for trust_remote_code, which softprompt never takes from an adapter file")
+    peft_type = peft.get("peft_type")
+    if peft_type not in PEFT_TYPES:
+        raise SoftPromptError(f"{config_file}: unknown method peft_type={peft_type!r}; expected one of {', '.join(PEFT_TYPES)}")
+    cls = method_class(PEFT_TYPES[peft_type])
+    _check(config_file, "task_type", peft.get("task_type"), _task_type(model))
+    try:
+        fields = cls.config_from_peft(peft)
+        n = int(peft["num_virtual_tokens"])
+        if meta.get("config") and meta.get("method") == cls.config_class.method:
+            fields = {k: v for k, v in meta["config"].items() if k != "method"}
+        config = cls.config_class.from_dict(fields, source=str(config_file))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise SoftPromptError(f"{config_file}: missing or malformed field ({exc})") from None
+    shape = model.shape
+    kv = cls.adds == "kv"
+    _check(config_file, "layers (num_layers)", peft.get("num_layers"), shape.num_layers)
+    _check(config_file, "token width (token_dim)", peft.get("token_dim"), shape.prefix_token_dim if kv else shape.hidden_size)
+    if kv:
+        _check(config_file, "key/value heads (num_attention_heads)", peft.get("num_attention_heads"), shape.prefix_heads)
+    weights_file = folder / WEIGHTS_FILE
+    expected_sum = meta.get("sha256", {}).get(WEIGHTS_FILE)
+    if expected_sum and weights_file.is_file() and sha256_file(weights_file) != expected_sum:
+        raise SoftPromptError(f"{weights_file}: checksum does not match {META_FILE}; the file is corrupt or was changed")
+    tensors = read_tensors(weights_file)
+    if "prompt_embeddings" not in tensors:
+        raise SoftPromptError(f"{weights_file}: no 'prompt_embeddings' tensor (found: {', '.join(tensors) or 'none'})")
+    table = tensors["prompt_embeddings"]
+    submodules = 2 if shape.is_encoder_decoder else 1
+    expected_shape = (n, shape.num_layers * 2 * shape.prefix_token_dim) if kv else (n * submodules, shape.hidden_size)
+    _check(weights_file, "prompt_embeddings shape", tuple(table.shape), expected_shape)
+    adapter = cls(config, shape)
+    adapter.load_materialized(table)
+    if resume:
+        state_file = folder / STATE_FILE
+        if state_file.exists():
+            state = read_tensors(state_file)
+            own = {k[len("adapter."):]: v for k, v in state.items() if k.startswith("adapter.")}
+            if own:
+                fresh = cls(config, shape)
+                fresh.load_training_state(own)
+                adapter = fresh
+    name = name or meta.get("name") or folder.name
+    if name in model.adapters:
+        model.remove_adapter(name)
+    model._check_new_name(name)
+    return model._register(name, adapter)
+
+
+def read_training_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The training-state tensors (optimizer etc., adapter weights excluded) and metadata of an adapter."""
+    folder = Path(path)
+    tensors = read_tensors(folder / STATE_FILE) if (folder / STATE_FILE).exists() else {}
+    meta = read_json(folder / STATE_META_FILE) if (folder / STATE_META_FILE).exists() else {}
+    return {k: v for k, v in tensors.items() if not k.startswith("adapter.")}, meta
