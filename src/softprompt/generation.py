@@ -64,7 +64,7 @@ def generate_batch(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     """Decode new tokens for every row. ``on_token(row, token_id)`` is called as tokens appear (streaming)."""
     cfg.validate()
     tokenizer = model.tokenizer
-    stops = set(eos_ids(tokenizer, model.base.config)) if tokenizer is not None else set()
+    stops = eos_ids(tokenizer, model.base) if tokenizer is not None else set()
     generator = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
     warpers = _warpers(cfg) if cfg.do_sample else None
     batch = input_ids.shape[0]

@@ -137,11 +137,12 @@ class SoftPromptModel(nn.Module):
 
         return load_adapter(self, path, name=name)
 
-    def save_adapter(self, name: str, path: str, *, training_state: dict | None = None) -> None:
-        """Save an adapter in PEFT's file layout (plus softprompt's training-state file)."""
+    def save_adapter(self, name: str, path: str, *, training_state: dict | None = None,
+                     training_meta: dict | None = None) -> None:
+        """Save an adapter in PEFT's file layout (plus softprompt's training-state files)."""
         from .peft_format import save_adapter
 
-        save_adapter(self, name, path, training_state=training_state)
+        save_adapter(self, name, path, training_state=training_state, training_meta=training_meta)
 
     def adapter_names(self) -> list[str]:
         return list(self.adapters.keys())

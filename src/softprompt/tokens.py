@@ -43,10 +43,13 @@ def encode_texts(tokenizer, texts: Sequence[str], *, side: str = "left", max_len
     return pad_batch(rows, pad_id(tokenizer), side)
 
 
-def eos_ids(tokenizer, model_config=None) -> set[int]:
-    """Every id that ends a generation: the tokenizer's eos plus the model's generation eos ids."""
+def eos_ids(tokenizer, base_model=None) -> set[int]:
+    """Every id that ends a generation: the tokenizer's eos plus the model's generation-config eos ids."""
     ids: set[int] = set()
-    for source in (tokenizer, getattr(model_config, "generation_config", None), model_config):
+    sources = [tokenizer]
+    if base_model is not None:
+        sources += [getattr(base_model, "generation_config", None), getattr(base_model, "config", None)]
+    for source in sources:
         value = getattr(source, "eos_token_id", None) if source is not None else None
         if value is None:
             continue
