@@ -66,3 +66,10 @@ def tiny_base(family: str, seed: int = 0):
 
 def tiny_model(family: str, seed: int = 0) -> SoftPromptModel:
     return SoftPromptModel(tiny_base(family, seed), tiny_tokenizer(), name_or_path=f"tiny-{family}")
+
+
+def save_tiny_checkpoint(family: str, path, seed: int = 0) -> str:
+    """Write a tiny model + tokenizer as a normal local checkpoint, loadable by `softprompt.load(path)`."""
+    tiny_base(family, seed).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return str(path)
