@@ -1,0 +1,64 @@
+"""What is inside an adapter directory: method, base model, size, and what its virtual tokens resemble."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .peft_format import CONFIG_FILE, META_FILE, PEFT_TYPES, WEIGHTS_FILE, read_json, read_tensors
+
+
+def inspect_adapter(path: str | Path, model=None, *, top_k: int = 3) -> dict:
+    """Summarise an adapter. With ``model`` (a SoftPromptModel of its base), list for each virtual token
+    the vocabulary tokens whose input embeddings are closest (cosine similarity); input methods only."""
+    folder = Path(path)
+    if not folder.is_dir():
+        from .errors import SoftPromptError
+
+        raise SoftPromptError(f"{folder}: no such adapter directory")
+    config = read_json(folder / CONFIG_FILE)
+    meta = read_json(folder / META_FILE) if (folder / META_FILE).exists() else {}
+    table = read_tensors(folder / WEIGHTS_FILE).get("prompt_embeddings")
+    files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
+    info = {
+        "path": str(folder),
+        "method": PEFT_TYPES.get(config.get("peft_type"), config.get("peft_type")),
+        "base_model": meta.get("base_model") or config.get("base_model_name_or_path"),
+        "task_type": config.get("task_type"),
+        "num_virtual_tokens": config.get("num_virtual_tokens"),
+        "parameters": int(table.numel()) if table is not None else 0,
+        "adapter_bytes": files.get(WEIGHTS_FILE, 0),
+        "files": files,
+        "config": meta.get("config"),
+        "nearest_tokens": None,
+    }
+    if model is not None and table is not None and config.get("peft_type") in ("PROMPT_TUNING", "P_TUNING"):
+        vocab = model.base.get_input_embeddings().weight.detach().float()
+        rows = table[: int(config["num_virtual_tokens"])].float().to(vocab.device)
+        sims = torch.nn.functional.normalize(rows, dim=-1) @ torch.nn.functional.normalize(vocab, dim=-1).T
+        best = sims.topk(top_k, dim=-1)
+        info["nearest_tokens"] = [
+            [{"token": model.tokenizer.decode([int(i)]), "id": int(i), "cosine": round(float(s), 4)}
+             for s, i in zip(scores, ids)]
+            for scores, ids in zip(best.values, best.indices)
+        ]
+    return info
+
+
+def format_inspection(info: dict) -> str:
+    lines = [
+        f"adapter     {info['path']}",
+        f"method      {info['method']}  ({info['task_type']})",
+        f"base model  {info['base_model']}",
+        f"virtual tokens {info['num_virtual_tokens']}, parameters {info['parameters']:,}, "
+        f"weights {info['adapter_bytes'] / 1024:.1f} KiB",
+        "files       " + ", ".join(f"{k} ({v / 1024:.1f} KiB)" for k, v in info["files"].items()),
+    ]
+    if info["nearest_tokens"]:
+        lines.append("nearest vocabulary tokens per virtual token (cosine):")
+        for i, near in enumerate(info["nearest_tokens"]):
+            lines.append(f"  {i:3d}  " + "  ".join(f"{n['token']!r} {n['cosine']:.2f}" for n in near))
+    elif info["method"] == "prefix_tuning":
+        lines.append("prefix tuning stores keys/values per layer: its virtual tokens have no input embedding to compare")
+    return "\n".join(lines)

@@ -1,0 +1,576 @@
+"""The request batcher: one model thread, continuous batching across adapters.
+
+Every model call runs on one thread (`Batcher._run`); the asyncio side only appends jobs to a bounded
+queue and awaits futures, so it never blocks on the model. Scheme (continuous batching):
+
+* **Waves.** The model thread loops over *steps*. At each step it first runs queued control commands
+  (adapter registration and eviction, submitted by the registry), then admits waiting jobs in arrival
+  order while the running rows stay within ``max_batch_size``, prefills the admitted rows in one mixed
+  batch (`SoftPromptModel.start`, one adapter per row, any mix of methods), merges them into the running
+  batch, and decodes one token for every running row (`SoftPromptModel.advance`).
+* **Joining and leaving.** Rows that finish (end of sequence, a stop string, max_tokens, or a client that
+  went away) leave at once through `DecodeState.select`; new rows join at the next step. Joining merges
+  key/value caches: the shorter cache is left-padded with masked zeros, which changes nothing because
+  every row carries its own position ids and attention mask (the same mechanism that lets one batch mix
+  prompt lengths). Leading columns that no remaining row attends to are trimmed.
+* **Fallback.** Caches that cannot be merged this way (sliding-window layers, encoder-decoder models)
+  run as separate groups, each advanced once per step: still continuous (new rows start without
+  waiting), just not one matrix multiply.
+* **Batch window.** When the thread is idle, the first request waits up to ``batch_window_ms`` for
+  others (or until ``max_batch_size`` rows are waiting), so requests arriving together share a prefill.
+* **Classification** jobs (`/v1/classify`) take no decode slot: they are scored between steps in
+  batches grouped by identical label sets (`scoring.score_ids`).
+
+Greedy rows are the argmax of the same logits `generate` sees; sampled rows each own a generator
+seeded from the request's ``seed``, so a seeded request returns what
+``model.generate([prompt], do_sample=True, seed=seed, ...)`` returns, whatever else shares its batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from ..errors import SoftPromptError
+from ..generation import Generation, GenerationConfig, _warpers
+from ..scoring import score_ids
+from ..tokens import eos_ids, pad_batch, pad_id
+from .schemas import APIError
+
+log = logging.getLogger("softprompt.server")
+
+
+def _client_gone() -> APIError:
+    return APIError(499, "the client closed the connection", code="client_closed")
+
+
+# ---------------------------------------------------------------------------- jobs
+@dataclass
+class Sampling:
+    """Decoding options of one request (already validated)."""
+
+    max_new_tokens: int
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+    @property
+    def do_sample(self) -> bool:
+        return self.temperature > 0 and self.top_p > 0
+
+
+class Job:
+    """One request: generation rows (one per prompt) or a classification, created on the event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, *, adapter: str | None, prompts: list[list[int]],
+                 sampling: Sampling | None = None, stream: bool = False,
+                 labels: list[list[int]] | None = None, label_names: list[str] | None = None,
+                 normalize: str = "sum"):
+        self.loop = loop
+        self.adapter = adapter
+        self.prompts = prompts
+        self.sampling = sampling
+        self.stream = stream
+        self.labels = labels
+        self.label_names = label_names
+        self.normalize = normalize
+        self.kind = "classify" if labels is not None else "generate"
+        self.future: asyncio.Future = loop.create_future()
+        self.events: asyncio.Queue | None = asyncio.Queue() if stream else None
+        self.cancelled = False  # set from the event loop; read by the model thread
+        self.enqueued = time.monotonic()
+        self._results: dict[int, Generation] = {}  # model thread only
+
+    @property
+    def rows(self) -> int:
+        return len(self.prompts)
+
+    def cancel(self) -> None:
+        """The client went away: the model thread drops the job's rows at its next step."""
+        self.cancelled = True
+
+    # called on the event loop
+    def _deliver(self, events: list[tuple]) -> None:
+        for event in events:
+            if event[0] == "done":
+                if not self.future.done():
+                    self.future.set_result(event[1])
+            elif event[0] == "error":
+                if not self.future.done():
+                    self.future.set_exception(event[1])
+                    self.future.exception()  # retrieved: a job nobody awaits any more must not warn
+            if self.events is not None:
+                self.events.put_nowait(event)
+
+
+class _Row:
+    """A sequence being decoded (model thread only)."""
+
+    __slots__ = ("job", "choice", "prompt", "tokens", "text", "emitted", "finish", "generator", "warpers")
+
+    def __init__(self, job: Job, choice: int, prompt: list[int]):
+        self.job = job
+        self.choice = choice
+        self.prompt = prompt
+        self.tokens: list[int] = []
+        self.text = ""
+        self.emitted = 0  # characters already streamed
+        self.finish: str | None = None
+        s = job.sampling
+        self.generator = None
+        self.warpers = None
+        if s.do_sample:
+            seed = s.seed if s.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+            self.generator = torch.Generator().manual_seed(seed)
+            self.warpers = _warpers(GenerationConfig(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k))
+
+
+class _Group:
+    """Rows sharing one decode state."""
+
+    def __init__(self, state, rows: list[_Row]):
+        self.state = state
+        self.rows = rows
+        self.mergeable = _mergeable(state)
+
+
+def _mergeable(state) -> bool:
+    if state.encoder_hidden is not None or not isinstance(state.cache, DynamicCache) or not state.cache.layers:
+        return False
+    width = state.attention_mask.shape[1]
+    return all(type(layer) is DynamicLayer and layer.is_initialized and layer.keys.dim() == 4
+               and layer.keys.shape[-2] == width for layer in state.cache.layers)
+
+
+def _merge(a, b) -> None:
+    """Append the rows of state ``b`` to state ``a`` (both `_mergeable`), left-padding the shorter cache."""
+    wa, wb = a.attention_mask.shape[1], b.attention_mask.shape[1]
+    width = max(wa, wb)
+    for x, y in zip(a.cache.layers, b.cache.layers):
+        x.keys = torch.cat([F.pad(x.keys, (0, 0, width - wa, 0)), F.pad(y.keys, (0, 0, width - wb, 0))])
+        x.values = torch.cat([F.pad(x.values, (0, 0, width - wa, 0)), F.pad(y.values, (0, 0, width - wb, 0))])
+    a.attention_mask = torch.cat([F.pad(a.attention_mask, (width - wa, 0)), F.pad(b.attention_mask, (width - wb, 0))])
+    a.next_position = torch.cat([a.next_position, b.next_position])
+    a.logits = torch.cat([a.logits, b.logits])
+
+
+def _trim(state) -> None:
+    """Drop leading cache columns that no remaining row attends to."""
+    live = state.attention_mask.any(0)
+    first = int(live.to(torch.int8).argmax()) if bool(live.any()) else 0
+    if first > 0:
+        for layer in state.cache.layers:
+            layer.keys = layer.keys[:, :, first:]
+            layer.values = layer.values[:, :, first:]
+        state.attention_mask = state.attention_mask[:, first:]
+
+
+def _held_back(text: str, stops: list[str]) -> int:
+    """Length of the longest suffix of ``text`` that could still grow into a stop string."""
+    best = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), best, -1):
+            if text.endswith(stop[:k]):
+                best = k
+                break
+    return best
+
+
+# ---------------------------------------------------------------------------- the batcher
+class Batcher:
+    """Owns the model thread. `submit` jobs from the event loop; `call` runs a function on the model thread."""
+
+    def __init__(self, model, settings, metrics=None):
+        self.model = model
+        self.settings = settings
+        self.metrics = metrics
+        self.tokenizer = model.tokenizer
+        self.stops = eos_ids(model.tokenizer, model.base) if model.tokenizer is not None else set()
+        self.pad = pad_id(model.tokenizer) if model.tokenizer is not None else 0
+        self._cv = threading.Condition()
+        self._pending: collections.deque[Job] = collections.deque()
+        self._pending_rows = 0
+        self._commands: list[tuple[Callable[[], Any], asyncio.Future | None, asyncio.AbstractEventLoop | None]] = []
+        self._groups: list[_Group] = []
+        self._running_rows = 0
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._outbox: dict[Job, list[tuple]] = {}
+        # How admitted batches joined the running ones: merged into one cache, or run as a separate group.
+        self.stats = {"merged": 0, "separate": 0}
+
+    # -------------------------------------------------------------- event-loop side
+    def start(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._stopping = False
+            self._thread = threading.Thread(target=self._run, name="softprompt-model", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._pending)
+
+    @property
+    def running_rows(self) -> int:
+        return self._running_rows
+
+    def submit(self, job: Job) -> None:
+        """Queue a job, or raise a 503 when the queue is full or the server is stopping."""
+        with self._cv:
+            if not self.alive:
+                raise APIError(503, "the server is shutting down; retry on another replica",
+                               headers={"Retry-After": str(self.settings.retry_after_s)})
+            if len(self._pending) >= self.settings.max_queue:
+                if self.metrics:
+                    self.metrics.rejected.labels(reason="queue_full").inc()
+                raise APIError(503, f"the request queue is full ({self.settings.max_queue} waiting); retry shortly",
+                               code="queue_full", headers={"Retry-After": str(self.settings.retry_after_s)})
+            self._pending.append(job)
+            self._pending_rows += job.rows
+            self._set_queue_gauge()
+            self._cv.notify_all()
+
+    async def call(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on the model thread between steps and return its result."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._post(fn, future, loop)
+        return await future
+
+    def post(self, fn: Callable[[], Any]) -> None:
+        """Run ``fn`` on the model thread between steps, without waiting (ordered with `call`)."""
+        self._post(fn, None, None)
+
+    def _post(self, fn, future, loop) -> None:
+        with self._cv:
+            if self._thread is None:  # not started (bootstrap, tests): run inline
+                self._run_command(fn, future, loop)
+                return
+            if self._stopping or not self._thread.is_alive():
+                if future is not None:
+                    future.set_exception(APIError(503, "the server is shutting down"))
+                return
+            self._commands.append((fn, future, loop))
+            self._cv.notify_all()
+
+    # -------------------------------------------------------------- model thread
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            try:
+                if not self._iteration():
+                    break
+            except Exception:  # a bug must not kill the server: fail what was running and go on
+                log.exception("model thread: unexpected error; failing the running batch")
+                for group in self._groups:
+                    for row in group.rows:
+                        self._fail(row.job, APIError(500, "internal error while generating; see the server log"))
+                self._groups = []
+                self._running_rows = 0
+                self._flush()
+        self._shutdown()
+
+    def _iteration(self) -> bool:
+        settings = self.settings
+        with self._cv:
+            while not (self._stopping or self._pending or self._commands or self._groups):
+                self._cv.wait()
+            if self._stopping:
+                return False
+            if not self._groups and self._pending and settings.batch_window_ms > 0:
+                deadline = self._pending[0].enqueued + settings.batch_window_ms / 1000
+                while (not self._stopping and not self._commands and self._pending_rows < settings.max_batch_size
+                       and (left := deadline - time.monotonic()) > 0):
+                    self._cv.wait(left)
+            commands, self._commands = self._commands, []
+        for fn, future, loop in commands:
+            self._run_command(fn, future, loop)
+        generate, classify = self._admit()
+        if classify:
+            self._classify(classify)
+        if generate:
+            self._prefill(generate)
+        if self._groups:
+            self._step()
+        self._flush()
+        return True
+
+    def _run_command(self, fn, future, loop) -> None:
+        try:
+            result = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+            if future is not None:
+                loop.call_soon_threadsafe(_set_exception, future, exc)
+            else:
+                log.exception("model thread command failed")
+            return
+        if future is not None:
+            loop.call_soon_threadsafe(_set_result, future, result)
+
+    def _admit(self) -> tuple[list[Job], list[Job]]:
+        generate, classify = [], []
+        free = self.settings.max_batch_size - self._running_rows
+        with self._cv:
+            while self._pending:
+                job = self._pending[0]
+                if job.cancelled or job.kind == "classify":
+                    self._pending.popleft()
+                    self._pending_rows -= job.rows
+                    if job.cancelled:
+                        self._fail(job, _client_gone())
+                    else:
+                        classify.append(job)
+                    continue
+                if job.rows > free:
+                    break  # first come, first served: later generation jobs wait behind it
+                self._pending.popleft()
+                self._pending_rows -= job.rows
+                free -= job.rows
+                generate.append(job)
+            self._set_queue_gauge()
+        return generate, classify
+
+    def _set_queue_gauge(self) -> None:
+        if self.metrics:
+            self.metrics.queue_depth.set(len(self._pending))
+
+    # -------------------------------------------------------------- classification
+    def _classify(self, jobs: list[Job]) -> None:
+        by_labels: dict[tuple, list[Job]] = {}
+        for job in jobs:
+            key = (tuple(tuple(c) for c in job.labels), job.normalize)
+            by_labels.setdefault(key, []).append(job)
+        for (candidates, normalize), group in by_labels.items():
+            rows = [(job, i, ids) for job in group for i, ids in enumerate(job.prompts)]
+            totals: dict[tuple[Job, int], list[float]] = {}
+            try:
+                limit = self.settings.max_batch_size
+                for start in range(0, len(rows), limit):
+                    chunk = rows[start:start + limit]
+                    ids, mask = pad_batch([r[2] for r in chunk], self.pad, side="left")
+                    scores = score_ids(self.model, ids, mask, [r[0].adapter for r in chunk],
+                                       [list(c) for c in candidates], normalize=normalize).cpu()
+                    if self.metrics:
+                        self.metrics.batch_size.labels(phase="classify").observe(len(chunk))
+                    for (job, i, _), row in zip(chunk, scores):
+                        totals[(job, i)] = row.tolist()
+            except Exception as exc:  # noqa: BLE001
+                for job in group:
+                    self._fail(job, _as_api_error(exc))
+                continue
+            for job in group:
+                self._send(job, ("done", [totals[(job, i)] for i in range(job.rows)]))
+
+    # -------------------------------------------------------------- generation
+    def _prefill(self, jobs: list[Job]) -> None:
+        rows = [_Row(job, i, ids) for job in jobs for i, ids in enumerate(job.prompts)]
+        try:
+            ids, mask = pad_batch([r.prompt for r in rows], self.pad, side="left")
+            state = self.model.start(ids, mask, [r.job.adapter for r in rows])
+        except Exception as exc:  # noqa: BLE001
+            for job in jobs:
+                self._fail(job, _as_api_error(exc))
+            return
+        if self.metrics:
+            self.metrics.batch_size.labels(phase="prefill").observe(len(rows))
+        group = _Group(state, rows)
+        self._running_rows += len(rows)
+        target = next((g for g in self._groups if g.mergeable), None) if group.mergeable else None
+        if target is not None:
+            _merge(target.state, group.state)
+            target.rows.extend(group.rows)
+            self.stats["merged"] += 1
+        else:
+            self._groups.append(group)
+            self.stats["separate"] += bool(self._groups[:-1])
+
+    def _step(self) -> None:
+        rows_in_step = sum(len(g.rows) for g in self._groups)
+        if self.metrics:
+            self.metrics.batch_size.labels(phase="decode").observe(rows_in_step)
+            self.metrics.running_rows.set(rows_in_step)
+        survivors = []
+        for group in self._groups:
+            try:
+                if self._step_group(group):
+                    survivors.append(group)
+            except Exception as exc:  # noqa: BLE001 - fail this group only
+                log.exception("model thread: decoding step failed")
+                for row in group.rows:
+                    self._fail(row.job, _as_api_error(exc))
+                self._running_rows -= len(group.rows)
+        self._groups = survivors
+        if self.metrics and not self._groups:
+            self.metrics.running_rows.set(0)
+
+    def _step_group(self, group: _Group) -> bool:
+        state = group.state
+        logits = state.logits
+        greedy = logits.argmax(-1).cpu()
+        keep: list[int] = []
+        generated = 0
+        for slot, row in enumerate(group.rows):
+            if row.job.cancelled:
+                row.finish = "cancelled"
+                self._fail(row.job, _client_gone())  # resolves the job, which unpins its adapter
+                continue
+            if row.warpers is not None:
+                scores = row.warpers(None, logits[slot:slot + 1])
+                token = int(torch.multinomial(torch.softmax(scores, -1).cpu(), 1, generator=row.generator)[0, 0])
+            else:
+                token = int(greedy[slot])
+            self._advance_row(row, token)
+            generated += token not in self.stops
+            if row.finish is None:
+                keep.append(slot)
+        if self.metrics and generated:
+            self.metrics.tokens.labels(kind="completion").inc(generated)
+        finished = len(group.rows) - len(keep)
+        self._running_rows -= finished
+        if not keep:
+            return False
+        if finished:
+            index = torch.tensor(keep, device=state.logits.device)
+            state.select(index)
+            group.rows = [group.rows[k] for k in keep]
+            if group.mergeable:
+                _trim(state)
+        tokens = torch.tensor([row.tokens[-1] for row in group.rows], dtype=torch.long)
+        state.logits = self.model.advance(state, tokens[:, None])[:, -1]
+        return True
+
+    def _advance_row(self, row: _Row, token: int) -> None:
+        """Add one token to a row (the rules of `generation.generate_batch`) and emit what is due."""
+        job, sampling = row.job, row.job.sampling
+        cut = False
+        if token in self.stops:
+            row.finish = "stop"
+        else:
+            row.tokens.append(token)
+            if sampling.stop or job.stream:
+                row.text = self._decode(row.tokens)
+                cuts = [row.text.index(s) for s in sampling.stop if s in row.text]
+                if cuts:
+                    row.text = row.text[:min(cuts)]
+                    row.finish = "stop"
+                    cut = True
+            if row.finish is None and len(row.tokens) >= sampling.max_new_tokens:
+                row.finish = "length"
+        if row.finish is not None:
+            self._finish_row(row, cut)
+        elif job.stream:
+            end = len(row.text)
+            while end > row.emitted and row.text[end - 1] == "\ufffd":  # an incomplete UTF-8 character
+                end -= 1
+            end -= _held_back(row.text[:end], sampling.stop)
+            if end > row.emitted:
+                self._send(job, ("delta", row.choice, row.text[row.emitted:end]))
+                row.emitted = end
+
+    def _decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True) if self.tokenizer is not None else ""
+
+    def _finish_row(self, row: _Row, cut: bool) -> None:
+        job = row.job
+        if not cut:
+            row.text = self._decode(row.tokens)
+            cuts = [row.text.index(s) for s in job.sampling.stop if s in row.text]
+            if cuts:
+                row.text = row.text[:min(cuts)]
+        result = Generation(row.text, list(row.tokens), row.finish, len(row.prompt))
+        if job.stream and len(row.text) > row.emitted:
+            self._send(job, ("delta", row.choice, row.text[row.emitted:]))
+            row.emitted = len(row.text)
+        job._results[row.choice] = result
+        if job.stream:
+            self._send(job, ("finish", row.choice, result))
+        if len(job._results) == job.rows:
+            self._send(job, ("done", [job._results[i] for i in range(job.rows)]))
+
+    # -------------------------------------------------------------- delivery
+    def _send(self, job: Job, event: tuple) -> None:
+        self._outbox.setdefault(job, []).append(event)
+
+    def _fail(self, job: Job, exc: Exception) -> None:
+        self._send(job, ("error", exc))
+
+    def _flush(self) -> None:
+        """Hand this step's events to the event loop(s): one wake-up per loop per step."""
+        if not self._outbox:
+            return
+        outbox, self._outbox = self._outbox, {}
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for job, events in outbox.items():
+            by_loop.setdefault(job.loop, []).append((job, events))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver_all, items)
+            except RuntimeError:  # the loop is closed: nobody is waiting
+                pass
+
+    def _shutdown(self) -> None:
+        def error():
+            return APIError(503, "the server is shutting down; retry on another replica",
+                            headers={"Retry-After": str(self.settings.retry_after_s)})
+
+        with self._cv:
+            pending, self._pending = list(self._pending), collections.deque()
+            commands, self._commands = self._commands, []
+        for job in pending:
+            self._fail(job, error())
+        for group in self._groups:
+            for row in group.rows:
+                self._fail(row.job, error())
+        self._groups = []
+        for _, future, loop in commands:
+            if future is not None:
+                loop.call_soon_threadsafe(_set_exception, future, error())
+        self._flush()
+
+
+def _deliver_all(items) -> None:
+    for job, events in items:
+        job._deliver(events)
+
+
+def _set_result(future: asyncio.Future, value) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _set_exception(future: asyncio.Future, exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)
+
+
+def _as_api_error(exc: Exception) -> APIError:
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, SoftPromptError):
+        return APIError(400, str(exc))
+    log.error("model thread: %s: %s", type(exc).__name__, exc, exc_info=exc)
+    return APIError(500, "internal error while running the model; see the server log")

@@ -1,0 +1,390 @@
+"""The adapter registry: which names the server knows, which are in memory, and LRU eviction.
+
+* **Known** adapters: those already in the model when the app is created (kept resident, never evicted:
+  there is no file to reload them from), the ``adapters`` of the settings (NAME -> PATH), and every
+  valid ``<adapter_dir>/<name>`` directory. All are read and validated at start.
+* **Resident** adapters are registered in the model. At most ``max_resident_adapters`` are resident; a
+  request naming a known adapter that is not resident loads it, evicting the least recently used
+  adapter that no queued or running request uses (requests *pin* their adapter from before they are
+  queued until their last token). When every resident adapter is pinned, the request waits for one
+  to be released (at most ``adapter_wait_s``, then 503).
+* **Loading never stalls other adapters**: files are read and checked on a worker thread; only the
+  final registration (a dictionary insert) runs on the model thread, between two decoding steps.
+* **Admin names** are resolved strictly inside ``adapter_dir``: the name must match
+  ``^[A-Za-z0-9][A-Za-z0-9_\\-]{0,63}$`` and its resolved path (symlinks followed) must stay inside.
+
+All registry state is touched only from the event loop (and at start, before serving).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import ConfigError, SoftPromptError
+from ..peft_format import CONFIG_FILE, load_adapter
+from .schemas import APIError, ModelCard
+from .settings import ADAPTER_NAME
+
+log = logging.getLogger("softprompt.server")
+
+
+@dataclass(eq=False)
+class AdapterEntry:
+    name: str
+    path: str | None  # None: registered in code before the app was created; never evicted
+    method: str | None = None
+    num_virtual_tokens: int | None = None
+    resident: bool = False
+    users: int = 0  # queued or running requests that name it
+    last_used: float = 0.0
+    loading: asyncio.Future | None = None
+    removed: bool = False  # unloaded by an admin while in use: dropped from the model once idle
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+class _Capture:
+    """Stands in for the model while `peft_format.load_adapter` reads files, so nothing touches the live model."""
+
+    def __init__(self, model):
+        self.shape = model.shape
+        self.name_or_path = model.name_or_path
+        self.device = model.device
+        self.adapters: dict = {}
+        self.captured = None
+
+    def _check_new_name(self, name: str) -> None:
+        if not isinstance(name, str) or not ADAPTER_NAME.match(name):
+            raise SoftPromptError(f"adapter name {name!r}: expected 1-64 letters, digits, '_' or '-', "
+                                  "starting with a letter or digit")
+
+    def _register(self, name, adapter):
+        adapter.to(self.device)
+        adapter.requires_grad_(False)
+        adapter.eval()
+        self.captured = adapter
+        return adapter
+
+
+def read_adapter(model, path: str, name: str):
+    """Read and check an adapter directory for ``model`` without registering it (thread-safe)."""
+    capture = _Capture(model)
+    load_adapter(capture, path, name=name)
+    return capture.captured
+
+
+def install(model, name: str, adapter) -> None:
+    """Register ``adapter`` under ``name`` (replacing one of that name). Model thread only."""
+    if name in model.adapters:
+        model.remove_adapter(name)
+    model._register(name, adapter)
+
+
+def uninstall(model, name: str) -> None:
+    if name in model.adapters:
+        model.remove_adapter(name)
+
+
+class AdapterRegistry:
+    def __init__(self, model, settings, base_name: str, metrics=None):
+        self.model = model
+        self.settings = settings
+        self.base_name = base_name
+        self.metrics = metrics
+        self.entries: dict[str, AdapterEntry] = {}
+        self.batcher = None
+        self._waiters: list[asyncio.Future] = []
+        self._detached_residents = 0  # unloaded by an admin but still in use: they hold a slot until released
+        self.adapter_dir = Path(settings.adapter_dir).expanduser().resolve() if settings.adapter_dir else None
+
+    # -------------------------------------------------------------- start
+    def bootstrap(self) -> None:
+        """Register every known adapter and load up to the residency limit. Before serving only."""
+        for name in self.model.adapter_names():
+            self._check_not_base(name, ConfigError)
+            adapter = self.model.adapters[name]
+            self.entries[name] = AdapterEntry(name, None, adapter.config.method, adapter.num_virtual_tokens,
+                                              resident=True)
+        candidates: list[tuple[str, str, bool]] = []
+        for name, path in self.settings.adapters.items():
+            if name in self.entries:
+                raise ConfigError(f"--adapter {name}: the name is already registered in the model")
+            candidates.append((name, str(path), True))
+        if self.adapter_dir is not None:
+            given = {n for n, _, _ in candidates} | set(self.entries)
+            for child in sorted(self.adapter_dir.iterdir()):
+                if child.name in given or not ADAPTER_NAME.match(child.name) or not (child / CONFIG_FILE).is_file():
+                    continue
+                if not self._inside(child):
+                    log.warning("adapter dir: %s resolves outside %s; skipped", child.name, self.adapter_dir)
+                    continue
+                candidates.append((child.name, str(child), False))
+        if candidates and len(self.entries) >= self.settings.max_resident_adapters:
+            raise ConfigError(f"--max-resident-adapters ({self.settings.max_resident_adapters}) leaves no room for "
+                              f"adapters loaded from files: {len(self.entries)} adapters are already in the model")
+        for name, path, explicit in candidates:
+            self._check_not_base(name, ConfigError)
+            try:
+                adapter = read_adapter(self.model, path, name)
+            except SoftPromptError as exc:
+                if explicit:
+                    raise
+                log.warning("adapter dir: %s skipped: %s", name, exc)
+                continue
+            entry = AdapterEntry(name, path, adapter.config.method, adapter.num_virtual_tokens)
+            self.entries[name] = entry
+            if self._occupied() < self.settings.max_resident_adapters:
+                install(self.model, name, adapter)
+                entry.resident = True
+                self._count_load()
+        self._update_gauge()
+
+    def attach(self, batcher) -> None:
+        self.batcher = batcher
+
+    # -------------------------------------------------------------- lookup
+    def _check_not_base(self, name: str, error=ConfigError) -> None:
+        if name == self.base_name:
+            raise error(f"adapter name {name!r} is the base model's served name; pick another name")
+
+    def resolve(self, model_field: str) -> AdapterEntry | None:
+        """The entry a request's ``model`` names (None = the base model); 404 when unknown."""
+        if model_field == self.base_name:
+            return None
+        entry = self.entries.get(model_field)
+        if entry is None:
+            known = sorted(self.entries)
+            shown = ", ".join([self.base_name] + known[:20]) + (", ..." if len(known) > 20 else "")
+            raise APIError(404, f"The model {model_field!r} does not exist: name the base model or a loaded "
+                                f"adapter ({shown}); GET /v1/models lists them", param="model",
+                           code="model_not_found")
+        return entry
+
+    def cards(self) -> list[ModelCard]:
+        created = int(time.time())
+        cards = [ModelCard(id=self.base_name, created=created, root=self.base_name, parent=None)]
+        for entry in sorted(self.entries.values(), key=lambda e: e.name):
+            cards.append(ModelCard(id=entry.name, created=entry.created, root=self.base_name, parent=self.base_name,
+                                   method=entry.method, num_virtual_tokens=entry.num_virtual_tokens,
+                                   resident=entry.resident))
+        return cards
+
+    def resident_count(self) -> int:
+        return sum(e.resident for e in self.entries.values())
+
+    # -------------------------------------------------------------- pinning
+    async def acquire(self, entry: AdapterEntry | None) -> None:
+        """Pin ``entry`` for a request and make sure it is in memory (loading it if needed)."""
+        if entry is None:
+            return
+        if entry.removed or self.entries.get(entry.name) is not entry:
+            raise APIError(404, f"The model {entry.name!r} was unloaded", param="model", code="model_not_found")
+        entry.users += 1
+        entry.last_used = time.monotonic()
+        try:
+            await self._make_resident(entry)
+        except BaseException:
+            self.release(entry)
+            raise
+
+    def release(self, entry: AdapterEntry | None) -> None:
+        if entry is None:
+            return
+        entry.users -= 1
+        entry.last_used = time.monotonic()
+        if entry.users == 0 and entry.removed:
+            self._drop_from_model(entry)
+        self._notify()
+
+    async def _make_resident(self, entry: AdapterEntry, adapter=None) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.adapter_wait_s
+        while not entry.resident:
+            if entry.removed or self.entries.get(entry.name) is not entry:
+                raise APIError(404, f"The model {entry.name!r} was unloaded", param="model", code="model_not_found")
+            if entry.loading is not None:
+                await asyncio.shield(entry.loading)
+                continue
+            if self._occupied() >= self.settings.max_resident_adapters:
+                victim = self._victim()
+                if victim is not None:
+                    self._evict(victim)
+                    continue
+                left = deadline - loop.time()
+                if left <= 0:
+                    if self.metrics:
+                        self.metrics.rejected.labels(reason="adapter_slots_busy").inc()
+                    raise APIError(503, f"all {self.settings.max_resident_adapters} adapter slots are in use by "
+                                        f"running requests; retry shortly", code="adapter_slots_busy",
+                                   headers={"Retry-After": str(self.settings.retry_after_s)})
+                await self._wait(left)
+                continue
+            entry.loading = loop.create_future()
+            try:
+                if adapter is None:
+                    adapter = await asyncio.to_thread(read_adapter, self.model, entry.path, entry.name)
+                await self._on_model_thread(install, self.model, entry.name, adapter)
+            except BaseException as exc:
+                error = exc if isinstance(exc, APIError) else APIError(
+                    500, f"adapter {entry.name!r} could not be loaded: {exc}", code="adapter_load_failed")
+                entry.loading.set_exception(error)
+                entry.loading.exception()
+                entry.loading = None
+                self._notify()
+                raise error from None
+            entry.resident = True
+            entry.method, entry.num_virtual_tokens = adapter.config.method, adapter.num_virtual_tokens
+            entry.loading.set_result(None)
+            entry.loading = None
+            self._count_load()
+            self._update_gauge()
+            self._notify()
+
+    def _occupied(self) -> int:
+        return sum(1 for e in self.entries.values() if e.resident or e.loading is not None) + \
+            self._detached_residents
+
+    def _victim(self) -> AdapterEntry | None:
+        idle = [e for e in self.entries.values()
+                if e.resident and e.users == 0 and e.path is not None and e.loading is None]
+        return min(idle, key=lambda e: e.last_used) if idle else None
+
+    def _evict(self, entry: AdapterEntry) -> None:
+        entry.resident = False
+        self._post(uninstall, self.model, entry.name)
+        if self.metrics:
+            self.metrics.adapter_evictions.inc()
+        log.info("adapter %s evicted (least recently used)", entry.name)
+        self._update_gauge()
+
+    def _drop_from_model(self, entry: AdapterEntry) -> None:
+        entry.removed = False
+        if entry.resident:
+            entry.resident = False
+            self._detached_residents -= 1
+            # Only remove it from the model if no new adapter of that name has taken its place.
+            if entry.name not in self.entries:
+                self._post(uninstall, self.model, entry.name)
+        self._update_gauge()
+
+    async def _wait(self, timeout: float) -> None:
+        future = asyncio.get_running_loop().create_future()
+        self._waiters.append(future)
+        try:
+            await asyncio.wait_for(future, timeout)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            if future in self._waiters:
+                self._waiters.remove(future)
+
+    def _notify(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for future in waiters:
+            if not future.done():
+                future.set_result(None)
+
+    async def _on_model_thread(self, fn, *args):
+        if self.batcher is None:
+            return fn(*args)
+        return await self.batcher.call(lambda: fn(*args))
+
+    def _post(self, fn, *args) -> None:
+        if self.batcher is None:
+            fn(*args)
+        else:
+            self.batcher.post(lambda: fn(*args))
+
+    def _count_load(self) -> None:
+        if self.metrics:
+            self.metrics.adapter_loads.inc()
+
+    def _update_gauge(self) -> None:
+        if self.metrics:
+            self.metrics.adapters_resident.set(self.resident_count() + self._detached_residents)
+
+    # -------------------------------------------------------------- admin
+    def _inside(self, path: Path) -> bool:
+        resolved = path.resolve()
+        return resolved != self.adapter_dir and resolved.is_relative_to(self.adapter_dir)
+
+    def admin_path(self, name: str) -> Path:
+        """``<adapter_dir>/<name>``, refusing bad names and anything that resolves outside the directory."""
+        if not ADAPTER_NAME.match(name):
+            raise APIError(400, f"adapter name {name[:80]!r}: expected 1-64 letters, digits, '_' or '-', starting "
+                                "with a letter or digit (names only, never paths)", param="name")
+        if self.adapter_dir is None:
+            raise APIError(400, "the server was started without --adapter-dir; nothing can be loaded by name")
+        path = self.adapter_dir / name
+        if not self._inside(path):
+            raise APIError(400, f"adapter name {name!r} resolves outside --adapter-dir; refused", param="name")
+        if not path.is_dir():
+            raise APIError(404, f"no adapter directory {name!r} in --adapter-dir", param="name",
+                           code="adapter_not_found")
+        return path
+
+    async def admin_load(self, name: str) -> AdapterEntry:
+        """Load (or reload) ``<adapter_dir>/<name>`` and make it resident."""
+        path = self.admin_path(name)
+        self._check_not_base(name, lambda msg: APIError(400, msg, param="name"))
+        try:
+            adapter = await asyncio.to_thread(read_adapter, self.model, str(path), name)
+        except SoftPromptError as exc:
+            raise APIError(400, f"adapter {name!r} could not be loaded: {exc}", code="adapter_invalid") from None
+        entry = self.entries.get(name)
+        if entry is not None and entry.loading is not None:
+            try:
+                await asyncio.shield(entry.loading)
+            except APIError:
+                pass
+        entry = self.entries.get(name)
+        if entry is not None and entry.resident:  # reload in place: running rows keep their cached prefix
+            await self._on_model_thread(install, self.model, name, adapter)
+            entry.path, entry.method, entry.num_virtual_tokens = str(path), adapter.config.method, \
+                adapter.num_virtual_tokens
+            entry.last_used = time.monotonic()
+            self._count_load()
+            return entry
+        if entry is None:
+            entry = AdapterEntry(name, str(path))
+            self.entries[name] = entry
+        entry.path = str(path)
+        entry.users += 1  # pinned while it loads, so it is not the victim of its own load
+        entry.last_used = time.monotonic()
+        try:
+            await self._make_resident(entry, adapter)
+        except BaseException:
+            if not entry.resident and self.entries.get(name) is entry:
+                del self.entries[name]
+            raise
+        finally:
+            self.release(entry)
+        return entry
+
+    async def admin_unload(self, name: str) -> None:
+        if not ADAPTER_NAME.match(name):
+            raise APIError(400, f"adapter name {name[:80]!r}: expected 1-64 letters, digits, '_' or '-'",
+                           param="name")
+        entry = self.entries.get(name)
+        if entry is None:
+            raise APIError(404, f"no adapter named {name!r} is registered", param="name", code="model_not_found")
+        if entry.loading is not None:
+            try:
+                await asyncio.shield(entry.loading)
+            except APIError:
+                pass
+        if self.entries.get(name) is not entry:
+            raise APIError(404, f"no adapter named {name!r} is registered", param="name", code="model_not_found")
+        del self.entries[name]
+        if entry.resident:
+            if entry.users == 0:
+                entry.resident = False
+                self._post(uninstall, self.model, name)
+            else:  # in use: requests already queued finish with it, then it leaves the model
+                entry.removed = True
+                self._detached_residents += 1
+        self._update_gauge()
+        self._notify()

@@ -1,0 +1,110 @@
+"""The benchmark harness works: its quick mode (tiny random model) writes every section with positive
+numbers, ratios computed from its own figures, and the report. No timing target is asserted here."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    proc = subprocess.run([sys.executable, "-m", "bench.run", "--quick", "--out", str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads((out / "results.json").read_text()), (out / "results.md").read_text()
+
+
+def positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def close(a, b) -> bool:
+    return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
+
+
+def test_every_section_is_there(quick_run):
+    result, _ = quick_run
+    for section in ("meta", "training", "inference", "mixed", "classification", "targets"):
+        assert section in result, section
+    meta = result["meta"]
+    assert meta["mode"] == "quick" and meta["settings"]["threads"] >= 1
+    for key in ("cpu", "torch", "transformers", "peft", "logical_cpus"):
+        assert meta["machine"][key]
+
+
+def test_training_rows(quick_run):
+    rows = quick_run[0]["training"]["rows"]
+    configs = {(r["method"], r["num_virtual_tokens"], r["dtype"]) for r in rows}
+    assert configs == {(m, n, d) for m, n in [("prompt_tuning", 8), ("prompt_tuning", 20), ("prefix_tuning", 20)]
+                       for d in ("fp32", "bf16")}
+    for r in rows:
+        for key in ("softprompt_ms", "peft_ms", "ratio", "softprompt_peak_mib", "peft_peak_mib", "memory_ratio"):
+            assert positive(r[key]), (key, r)
+        assert close(r["ratio"], r["softprompt_ms"] / r["peft_ms"])
+        assert close(r["memory_ratio"], r["softprompt_peak_mib"] / r["peft_peak_mib"])
+        assert len(r["softprompt_runs_ms"]) == len(r["peft_runs_ms"]) == quick_run[0]["meta"]["settings"]["repeats"]
+        # Median of the timed runs.
+        assert close(sorted(r["softprompt_runs_ms"])[len(r["softprompt_runs_ms"]) // 2], r["softprompt_ms"])
+        # Both systems did the same computation: same adapter weights, same batch, same first loss.
+        assert math.isclose(r["first_loss_softprompt"], r["first_loss_peft"], rel_tol=1e-2)
+
+
+def test_inference_rows(quick_run):
+    rows = quick_run[0]["inference"]["rows"]
+    assert {r["task"].split()[0] for r in rows} == {"forward", "generate"}
+    for r in rows:
+        for key in ("bare_ms", "softprompt_none_ms", "softprompt_ms", "peft_ms", "ratio_vs_peft"):
+            assert positive(r[key]), (key, r)
+        assert close(r["overhead_vs_bare"], r["softprompt_ms"] / r["bare_ms"] - 1)
+        assert close(r["peft_overhead_vs_bare"], r["peft_ms"] / r["bare_ms"] - 1)
+        assert close(r["ratio_vs_peft"], r["softprompt_ms"] / r["peft_ms"])
+    for r in rows:
+        if r["task"].startswith("generate"):
+            assert r["rows_identical_to_peft"] == 1.0  # same adapter, same greedy tokens as PEFT
+            assert r["bare_identical"]
+
+
+def test_mixed_rows(quick_run):
+    mixed = quick_run[0]["mixed"]
+    rows = {r["adapters"]: r for r in mixed["rows"]}
+    assert sorted(rows) == [1, 4, 16]
+    tokens = mixed["requests"] * mixed["new_tokens"]
+    for k, r in rows.items():
+        for key in ("softprompt_tokens_per_s", "peft_tokens_per_s", "speedup_vs_peft", "softprompt_vs_single"):
+            assert positive(r[key]), (key, r)
+        assert close(r["softprompt_tokens_per_s"], tokens / (r["softprompt_ms"] / 1000))
+        assert close(r["speedup_vs_peft"], r["softprompt_tokens_per_s"] / r["peft_tokens_per_s"])
+        assert close(r["softprompt_vs_single"], r["softprompt_tokens_per_s"] / rows[1]["softprompt_tokens_per_s"])
+        assert r["peft_calls"] == k  # PEFT runs one group per adapter
+    assert rows[1]["softprompt_vs_single"] == 1.0
+
+
+def test_classification_rows(quick_run):
+    cls = quick_run[0]["classification"]
+    rows = {r["method"]: r for r in cls["rows"]}
+    assert set(rows) == {"score", "generate_match"}
+    for r in rows.values():
+        assert positive(r["ms_per_100"])
+        assert 0.0 <= r["accuracy"] <= 1.0
+    assert rows["score"]["invalid"] == 0  # scoring always returns one of the labels
+    assert close(cls["generate_vs_score"], rows["generate_match"]["ms_per_100"] / rows["score"]["ms_per_100"])
+
+
+def test_targets_and_report(quick_run):
+    result, markdown = quick_run
+    names = [t["name"] for t in result["targets"]]
+    assert len(names) == 4
+    for t in result["targets"]:
+        assert isinstance(t["met"], bool) and math.isfinite(t["value"])
+    for heading in ("## 1. Training step", "## 2. Inference", "## 3. Mixed adapters", "## 4. Classification cost",
+                    "## Targets"):
+        assert heading in markdown

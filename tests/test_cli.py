@@ -1,0 +1,84 @@
+"""The command line end to end on tiny checkpoints written to disk (no network)."""
+
+import json
+
+import pytest
+
+from softprompt.cli import main
+from tiny import save_tiny_checkpoint, tiny_model
+
+
+@pytest.fixture
+def checkpoint_and_adapter(tmp_path):
+    path = save_tiny_checkpoint("gpt2", tmp_path / "model")
+    model = tiny_model("gpt2")
+    model.add_adapter("a", method="prompt_tuning", num_virtual_tokens=3, seed=0)
+    model.save_adapter("a", tmp_path / "a")
+    return path, tmp_path / "a", model
+
+
+def test_generate_mixes_adapters_and_base_in_one_batch_and_matches_the_library(checkpoint_and_adapter, capsys):
+    path, adapter, model = checkpoint_and_adapter
+    assert main(["generate", "--model", path, "--adapter", f"a={adapter}", "--base", "--max-new-tokens", "4",
+                 "--json", "hello", "bye"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["prompt"], r["adapter"]) for r in rows] == [("hello", "a"), ("hello", None), ("bye", "a"), ("bye", None)]
+    expected = model.generate(["hello", "hello", "bye", "bye"], adapters=["a", None, "a", None], max_new_tokens=4)
+    assert [r["text"] for r in rows] == expected
+
+
+def test_inspect_reports_method_size_and_nearest_tokens(checkpoint_and_adapter, capsys):
+    path, adapter, _ = checkpoint_and_adapter
+    assert main(["inspect", str(adapter), "--model", path, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["method"] == "prompt_tuning" and info["num_virtual_tokens"] == 3
+    assert info["parameters"] == 3 * 32 and 0 < info["adapter_bytes"] < 4096
+    assert len(info["nearest_tokens"]) == 3 and len(info["nearest_tokens"][0]) == 3
+    assert main(["inspect", str(adapter)]) == 0
+    assert "prompt_tuning" in capsys.readouterr().out
+
+
+def test_models_lists_the_builtin_names(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("SOFTPROMPT_CACHE", str(tmp_path))
+    assert main(["models", "--json"]) == 0
+    listed = {m["name"]: m["cached"] for m in json.loads(capsys.readouterr().out)}
+    assert listed == {"smollm2-135m": False, "gemma3-270m": False}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "--model", "/no/such/dir", "x"], "--model '/no/such/dir'"),
+    (["inspect", "/no/such/adapter"], "no such adapter directory"),
+])
+def test_user_mistakes_print_one_line_and_exit_2(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and "Traceback" not in err[0]
+
+
+def test_bad_adapter_spec_is_a_clear_error(checkpoint_and_adapter, capsys):
+    path, adapter, _ = checkpoint_and_adapter
+    assert main(["generate", "--model", path, "--adapter", f"a={adapter}", "--adapter", f"a={adapter}", "x"]) == 2
+    assert "given twice" in capsys.readouterr().err
+
+
+def test_every_subcommand_help_has_worked_examples(capsys):
+    for command in ["generate", "inspect", "models", "serve", "demo"]:
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        assert "examples:" in capsys.readouterr().out
+
+
+def test_demo_pipeline_trains_beats_zero_shot_and_saves(tmp_path, capsys):
+    from softprompt.demo import run_demo
+
+    # A learnable toy version of the demo: two kinds of "tweets" on a tiny random model.
+    rows = [{"text": ("sunny happy " if i % 2 else "rain sad ") + str(i), "label": "positive" if i % 2 else "negative"}
+            for i in range(80)]
+    from serving import lively_model
+
+    result = run_demo(output=str(tmp_path), train_size=40, test_size=20, epochs=6, lr=0.1, num_virtual_tokens=4,
+                      model=lively_model(), rows=rows)
+    assert result["tuned_accuracy"] >= 0.7
+    assert result["tuned_accuracy"] >= result["zero_shot_accuracy"] + 0.3
+    assert (tmp_path / "sentiment" / "adapter_model.safetensors").exists()
+    assert "held-out" in capsys.readouterr().out
