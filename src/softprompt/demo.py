@@ -22,7 +22,7 @@ LABELS = ["positive", "negative"]
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2-135m", help="Base model (default smollm2-135m).")
     parser.add_argument("--output", default="runs/demo", help="Where the adapter is written (default runs/demo).")
-    parser.add_argument("--train-size", type=int, default=256, help="Training tweets (default 256, balanced).")
+    parser.add_argument("--train-size", type=int, default=160, help="Training tweets (default 160, balanced).")
     parser.add_argument("--test-size", type=int, default=200, help="Held-out tweets (default 200, balanced).")
     parser.add_argument("--epochs", type=int, default=2, help="Training epochs (default 2).")
     parser.add_argument("--lr", type=float, default=3e-2, help="Learning rate (default 3e-2).")
@@ -87,7 +87,7 @@ def train_prompt(model, rows: list[dict], name: str, *, epochs: int, lr: float, 
     model.eval()
 
 
-def run_demo(model_name: str = "smollm2-135m", output: str = "runs/demo", *, train_size: int = 256,
+def run_demo(model_name: str = "smollm2-135m", output: str = "runs/demo", *, train_size: int = 160,
              test_size: int = 200, epochs: int = 2, lr: float = 3e-2, num_virtual_tokens: int = 8,
              seed: int = 0, model=None, rows: list[dict] | None = None) -> dict:
     """The demo as a library function; returns the measured accuracies."""
