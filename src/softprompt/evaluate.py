@@ -1,0 +1,361 @@
+"""Evaluate soft prompts on held-out data, beside the zero-shot base model; k-fold cross-validation.
+
+* `evaluate` runs one adapter and, in the same mixed batches, the bare base model (adapter None) on
+  the same examples, and returns an `EvalReport`:
+
+  - labelled examples, ``method="score"``: every candidate label text is scored by log-likelihood
+    after the prompt and the best one is the prediction (always a valid label);
+  - labelled examples, ``method="generate"``: greedy generation, then exact match after normalising
+    both texts (case, surrounding whitespace and punctuation);
+  - unlabelled examples (or ``method="perplexity"``): loss and perplexity of the text (the label text
+    when there is one).
+
+  Classification numbers come from `softprompt.metrics.classification_report`.
+* Held-out means held-out: given the fingerprints of the adapter's training texts (saved with every
+  adapter that `softprompt.train` writes; `read_train_fingerprints`), examples whose text was trained on
+  are dropped and counted in ``dropped_training_rows``; if nothing is left it is an error.
+* `cross_validate` trains one adapter per fold, all k in ONE job on one base model (mixed batches), and
+  reports each fold's held-out accuracy and macro-F1 and their mean and standard deviation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import re
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Collection, Sequence
+
+import torch
+
+from .config import TrainConfig, flag
+from .data import Example, Verbalizer, build_examples, kfold, load_rows
+from .errors import ConfigError, DataError
+from .fileio import atomic_write_json
+from .metrics import classification_report, format_report, perplexity
+
+METHODS = ("score", "generate", "perplexity")
+CV_REPORT_FILE = "cv_report.json"
+
+
+# ===================================================================================== held-out rows
+
+
+def fingerprint(text: str) -> int:
+    """A 64-bit fingerprint of an example's rendered text (what training data is remembered by)."""
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "little", signed=True)
+
+
+def read_train_fingerprints(adapter_dir: str | Path) -> set[int]:
+    """The fingerprints of the texts an adapter was trained on (empty if it was not trained here)."""
+    from .peft_format import read_training_state
+
+    tensors, _ = read_training_state(adapter_dir)
+    prints = tensors.get("data.train_fingerprints")
+    return set(prints.tolist()) if prints is not None else set()
+
+
+def adapter_settings(adapter_dir: str | Path) -> dict:
+    """How an adapter trained here renders its data: template, text/label columns, verbalizer, labels.
+
+    Empty for adapters trained elsewhere (e.g. by PEFT). Keys: ``template``, ``text_column``,
+    ``label_column``, ``verbalizer``, ``labels`` (label texts), ``max_length``.
+    """
+    from .peft_format import read_training_state
+
+    _, meta = read_training_state(adapter_dir)
+    data = meta.get("data") or {}
+    keys = ("template", "text_column", "label_column", "verbalizer")
+    out = {k: data[k] for k in keys if k in data}
+    if meta.get("labels"):
+        out["labels"] = meta["labels"]
+    if meta.get("max_length"):
+        out["max_length"] = meta["max_length"]
+    return out
+
+
+def normalize_text(text: str) -> str:
+    """Text for exact-match comparison: case-folded, whitespace collapsed, outer punctuation stripped."""
+    return re.sub(r"\s+", " ", text).strip().strip(".,;:!?\"'`").strip().casefold()
+
+
+# ============================================================================================ report
+
+
+@dataclass
+class EvalReport:
+    """Evaluation of one adapter (or the base model) on one set of examples."""
+
+    adapter: str | None  # None: the bare base model
+    method: str  # "score", "generate" or "perplexity"
+    n: int  # examples evaluated (after dropping training rows)
+    metrics: dict  # classification_report(...) or {"n", "tokens", "loss", "perplexity"}
+    predictions: list[str] = field(default_factory=list)  # per example: predicted label / generated text
+    dropped_training_rows: int = 0  # examples dropped because their text was trained on
+    checked_training_rows: bool = False  # whether the adapter's training texts were known (and dropped)
+    base: "EvalReport | None" = None  # the zero-shot base model on the same examples
+
+    def get(self, key: str, default=None):
+        return self.metrics.get(key, default)
+
+    def to_dict(self) -> dict:
+        return {"adapter": self.adapter, "method": self.method, "n": self.n,
+                "dropped_training_rows": self.dropped_training_rows,
+                "checked_training_rows": self.checked_training_rows, "metrics": self.metrics,
+                "predictions": self.predictions, "base": self.base.to_dict() if self.base else None}
+
+    def format(self) -> str:
+        """A plain-text summary: adapter beside zero-shot, then the adapter's full report."""
+        who = f"adapter {self.adapter!r}" if self.adapter else "base model"
+        if self.checked_training_rows:
+            where = f"held-out examples ({self.dropped_training_rows} training rows dropped)"
+        else:
+            where = "examples (the adapter's training rows are unknown, so overlap was not checked)"
+        lines = [f"{who}: {self.method}, n = {self.n} {where}"]
+        keys = [("accuracy", "accuracy"), ("macro_f1", "macro F1")] if "accuracy" in self.metrics else \
+            [("loss", "loss"), ("perplexity", "perplexity")]
+        head = f"{'':<12}{'adapter' if self.adapter else 'base':>12}" + (f"{'zero-shot':>12}" if self.base else "")
+        lines.append(head)
+        for key, label in keys:
+            row = f"{label:<12}{self.metrics[key]:>12.4f}"
+            if self.base:
+                row += f"{self.base.metrics[key]:>12.4f}"
+            lines.append(row)
+        if "accuracy" in self.metrics:
+            lines += ["", format_report(self.metrics).rstrip()]
+        return "\n".join(lines) + "\n"
+
+
+# ========================================================================================== evaluate
+
+
+def evaluate(model, examples: Sequence[Example], adapter: str | None, labels: Sequence[str] | None = None,
+             method: str = "score", *, compare_base: bool = True, batch_size: int = 16,
+             max_length: int | None = None, train_fingerprints: Collection[int] | None = None,
+             max_new_tokens: int | None = None) -> EvalReport:
+    """Evaluate ``adapter`` (None: the base model) on ``examples``; see the module docstring.
+
+    ``labels``: the label texts to choose from (default: the distinct targets, sorted). ``max_length``
+    bounds prompt + label tokens as in training (long prompts keep their end). ``train_fingerprints``:
+    see `read_train_fingerprints`; matching examples are dropped. With ``compare_base`` the report's
+    ``base`` holds the zero-shot base model on the same examples.
+    """
+    if method not in METHODS:
+        raise ConfigError(f"{flag('eval_method')}: expected one of {', '.join(METHODS)}, got {method!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"{flag('batch_size')}: expected an integer of at least 1, got {batch_size!r}")
+    examples = list(examples)
+    dropped = 0
+    if train_fingerprints is not None:
+        kept = [e for e in examples if fingerprint(e.text) not in train_fingerprints]
+        dropped = len(examples) - len(kept)
+        if examples and not kept:
+            raise DataError(f"every one of the {len(examples)} evaluation examples was in the adapter's training "
+                            f"data; evaluate on held-out rows")
+        examples = kept
+    if not examples:
+        raise DataError("no examples to evaluate")
+    labelled = [e.target is not None for e in examples]
+    if any(labelled) and not all(labelled):
+        raise DataError("some evaluation examples have a label and some do not; give a label to every row or none")
+    runs = [adapter] + ([None] if compare_base and adapter is not None else [])
+    if method == "perplexity" or not all(labelled):
+        reports = [_perplexity_report(model, examples, a, batch_size, max_length or 1 << 30) for a in runs]
+    else:
+        labels = list(labels) if labels is not None else sorted({e.target for e in examples})
+        if method == "score":
+            predictions = _score_predictions(model, examples, runs, labels, batch_size, max_length)
+        else:
+            predictions = _generate_predictions(model, examples, runs, labels, batch_size, max_length, max_new_tokens)
+        truth = [e.target for e in examples]
+        reports = []
+        for a, raw in zip(runs, predictions):
+            if method == "generate":  # exact match after normalisation; anything else is an invalid prediction
+                by_norm = {normalize_text(label): label for label in labels}
+                matched = [by_norm.get(normalize_text(p), p) for p in raw]
+            else:
+                matched = raw
+            reports.append(EvalReport(a, method, len(examples), classification_report(truth, matched, labels), raw))
+    for report in reports:
+        report.dropped_training_rows = dropped
+        report.checked_training_rows = train_fingerprints is not None
+    main = reports[0]
+    main.base = reports[1] if len(reports) > 1 else None
+    return main
+
+
+def _interleaved_runs(model, examples, runs, batch_size, call) -> list[list]:
+    """Call ``call(texts, adapters)`` over batches of every (example, adapter) pair; results per adapter."""
+    pairs = [(e.text, a) for a in runs for e in examples]
+    out: list = []
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start:start + batch_size]
+        out.extend(call([t for t, _ in chunk], [a for _, a in chunk]))
+    n = len(examples)
+    return [out[i * n:(i + 1) * n] for i in range(len(runs))]
+
+
+def _prompt_budget(model, labels, max_length: int | None) -> int | None:
+    if max_length is None:
+        return None
+    longest = max(len(model.tokenizer(label, add_special_tokens=False)["input_ids"]) for label in labels)
+    return max(max_length - longest - 1, 1)
+
+
+def _score_predictions(model, examples, runs, labels, batch_size, max_length) -> list[list[str]]:
+    budget = _prompt_budget(model, labels, max_length)
+    with torch.no_grad():
+        return _interleaved_runs(model, examples, runs, batch_size, lambda texts, adapters: [
+            r.label for r in model.score(texts, labels=labels, adapters=adapters, max_input_tokens=budget)])
+
+
+def _generate_predictions(model, examples, runs, labels, batch_size, max_length, max_new_tokens) -> list[list[str]]:
+    if max_new_tokens is None:
+        max_new_tokens = max(len(model.tokenizer(label, add_special_tokens=False)["input_ids"]) for label in labels) + 2
+    budget = _prompt_budget(model, labels, max_length)
+    with torch.no_grad():
+        return _interleaved_runs(model, examples, runs, batch_size, lambda texts, adapters: model.generate(
+            texts, adapters=adapters, max_new_tokens=max_new_tokens, stop=["\n"], max_input_tokens=budget))
+
+
+def _perplexity_report(model, examples, adapter, batch_size, max_length) -> EvalReport:
+    total, tokens = example_loss(model, examples, adapter, batch_size=batch_size, max_length=max_length)
+    metrics = {"n": len(examples), "tokens": tokens, "loss": total / tokens, "perplexity": perplexity(total, tokens)}
+    return EvalReport(adapter, "perplexity", len(examples), metrics)
+
+
+def example_loss(model, examples: Sequence[Example], adapter: str | None, *, batch_size: int = 16,
+                 max_length: int = 1024, bf16: bool = False) -> tuple[float, int]:
+    """``(total negative log-likelihood, scored tokens)`` of the examples as training scores them.
+
+    Labelled examples score their label text (+ eos); unlabelled ones their whole text.
+    """
+    from .tokens import pad_id
+    from .train import collate, encode_examples
+
+    items = encode_examples(model, examples, adapter, max_length)
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(items), batch_size):
+            ids, mask, labels, adapters = collate(items[start:start + batch_size], pad_id(model.tokenizer))
+            with torch.autocast(device_type=model.device.type, dtype=torch.bfloat16, enabled=bf16):
+                out = model(ids, mask, adapters=adapters, labels=labels)
+            count = int(out.label_logits.shape[0])
+            total += float(out.loss.float()) * count
+            tokens += count
+    if tokens == 0:
+        raise DataError("the evaluation examples have no tokens to score")
+    return total, tokens
+
+
+def evaluate_data(model, adapter: str | None, data: str | Path, *, adapter_dir: str | Path | None = None,
+                  template: str | None = None, text_column: str | None = None, label_column: str | None = None,
+                  verbalizer: dict[str, str] | None = None, method: str = "score", compare_base: bool = True,
+                  batch_size: int = 16, max_length: int | None = None) -> EvalReport:
+    """Evaluate a loaded adapter on a data file (what ``softprompt eval`` runs).
+
+    Settings not given are taken from how the adapter was trained (``adapter_dir``'s training
+    metadata, see `adapter_settings`), and its training rows are dropped from the evaluation.
+    """
+    saved = adapter_settings(adapter_dir) if adapter_dir else {}
+    text_column = text_column or saved.get("text_column") or "text"
+    template = template or saved.get("template") or "{" + text_column + "}"
+    label_column = label_column if label_column is not None else saved.get("label_column")
+    verbalizer = verbalizer or saved.get("verbalizer")
+    rows = load_rows(data)
+    verb = None
+    if label_column:
+        verb = Verbalizer(verbalizer) if verbalizer else Verbalizer.from_rows(rows, label_column, source=str(data))
+    examples = build_examples(rows, template, label_column or None, verb, source=str(data))
+    labels = verb.texts if verb is not None else None
+    if labels and saved.get("labels") and not verbalizer:
+        labels = list(dict.fromkeys(saved["labels"] + labels))
+    prints = read_train_fingerprints(adapter_dir) if adapter_dir else None
+    if not prints:  # an adapter trained elsewhere: its training rows are unknown
+        prints = None
+    return evaluate(model, examples, adapter, labels, method, compare_base=compare_base, batch_size=batch_size,
+                    max_length=max_length or saved.get("max_length"), train_fingerprints=prints)
+
+
+# ================================================================================= cross-validation
+
+
+@dataclass
+class CrossValidationReport:
+    k: int
+    folds: list[EvalReport]  # fold i's adapter on fold i's held-out rows (with the zero-shot base beside it)
+    summary: dict[str, dict[str, float]]  # metric -> {"mean", "std"}; "base_" metrics for the zero-shot model
+    output: Path
+
+    def to_dict(self) -> dict:
+        return {"k": self.k, "summary": self.summary, "folds": [f.to_dict() for f in self.folds]}
+
+    def format(self) -> str:
+        lines = [f"{self.k}-fold cross-validation (held-out fold of each adapter)"]
+        for i, fold in enumerate(self.folds, 1):
+            shown = ", ".join(f"{k} {fold.metrics[k]:.4f}" for k in _summary_keys(fold))
+            lines.append(f"  fold {i}: n = {fold.n}, {shown}")
+        for key, value in self.summary.items():
+            lines.append(f"{key:<16} {value['mean']:.4f} ± {value['std']:.4f}")
+        return "\n".join(lines) + "\n"
+
+
+def _summary_keys(report: EvalReport) -> list[str]:
+    return ["accuracy", "macro_f1"] if "accuracy" in report.metrics else ["loss", "perplexity"]
+
+
+def cross_validate(config: TrainConfig, k: int | None = None, *, model=None, progress: bool = True,
+                   on_step=None) -> CrossValidationReport:
+    """Train one adapter per fold of ``config.data`` in one job and report held-out mean ± std.
+
+    Fold i's adapter (``<name>-fold<i>``) trains on the other folds (its best epoch chosen on a
+    ``val_fraction`` split of them) and is evaluated on fold i, beside the zero-shot base model. The
+    standard deviation is the sample standard deviation over folds. ``output/cv_report.json`` holds
+    the report.
+    """
+    from .train import load_model, prepare_job, train_jobs
+
+    config = dataclasses.replace(config, adapters=[dataclasses.replace(a) for a in config.adapters])
+    if k is not None:
+        config.kfold = k
+    if config.kfold is None:
+        raise ConfigError(f"{flag('kfold')}: give the number of folds (an integer of at least 2)")
+    config.validate()
+    spec = config.resolved_adapters()[0]
+    rows = load_rows(spec.data)
+    verbalizer = None
+    if spec.label_column is not None:
+        verbalizer = Verbalizer(spec.verbalizer) if spec.verbalizer else \
+            Verbalizer.from_rows(rows, spec.label_column, source=spec.data)
+    rendered = build_examples(rows, spec.template, spec.label_column, verbalizer, source=spec.data)
+    jobs, tests = [], []
+    for i, (train_rows, test_rows) in enumerate(kfold(rows, config.kfold, spec.seed, spec.label_column,
+                                                      source=spec.data), 1):
+        fold_spec = dataclasses.replace(spec, name=f"{spec.name}-fold{i}")
+        jobs.append(prepare_job(fold_spec, rows=train_rows, verbalizer=verbalizer,
+                                source=f"{spec.data} (fold {i} training rows)"))
+        in_test = {id(r) for r in test_rows}
+        tests.append([e for e in rendered if id(e.row) in in_test])
+    model = model if model is not None else load_model(config)
+    result = train_jobs(config, model, jobs, on_step=on_step, progress=progress)
+    folds = []
+    for job, test in zip(jobs, tests):
+        seen = {fingerprint(e.text) for e in job.train + job.val}
+        folds.append(evaluate(result.model, test, job.name, job.labels, config.eval_method, compare_base=True,
+                              batch_size=config.batch_size, max_length=config.max_length, train_fingerprints=seen))
+    summary = {}
+    for key in _summary_keys(folds[0]):
+        for prefix, values in (("", [f.metrics[key] for f in folds]), ("base_", [f.base.metrics[key] for f in folds])):
+            summary[prefix + key] = {"mean": statistics.fmean(values),
+                                     "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+    report = CrossValidationReport(config.kfold, folds, summary, Path(config.output))
+    atomic_write_json(Path(config.output) / CV_REPORT_FILE, report.to_dict())
+    return report
+
+
+__all__ = [
+    "METHODS", "EvalReport", "evaluate", "evaluate_data", "example_loss", "cross_validate", "CrossValidationReport",
+    "fingerprint", "read_train_fingerprints", "adapter_settings", "normalize_text",
+]

@@ -1,0 +1,619 @@
+"""Train soft prompts: one job, one frozen base model, one or several adapters.
+
+Read it top to bottom like nanoGPT's ``train.py``: `train` loads the data and the model, then
+`train_jobs` runs set-up, the loop and the saving. In short:
+
+* **Examples.** A causal-LM example is the tokens of the rendered template (with the tokenizer's
+  special tokens, exactly as scoring and generation tokenise a prompt), then the tokens of the label
+  text (tokenised on its own, no special tokens), then end-of-sequence; the loss covers the label
+  tokens only (PEFT's RAFT example). Data without a label column is language modelling on the whole
+  text. Encoder-decoder models (T5) take the template on the encoder and the label text + eos as
+  decoder targets.
+* **Batches.** All adapters of a job share the base model: each epoch shuffles the rows of every
+  (still training) adapter together with a seeded generator, so a batch mixes rows of several adapters
+  (the engine gives each row its own soft prompt). Each adapter is its own AdamW param group with its
+  own learning rate and only ever gets gradients from its own rows.
+* **Schedule.** Warm-up then linear, cosine or constant (transformers' `get_scheduler`), stepped once
+  per optimizer step; ``grad_accum`` forward passes per step.
+* **Validation** every ``eval_every`` epochs and after the last: label scoring (or generation)
+  accuracy and macro-F1 plus the label loss for classification, loss and perplexity otherwise. The
+  bare base model is validated once first (zero-shot), to report beside the adapter. Validation rows
+  that also occur in the training rows are dropped, so validation numbers are always held-out.
+* **Files** under ``output``: ``config.yaml`` (resolved config), ``metrics.jsonl`` (one JSON record
+  per log line), ``loss_curve.png``, and per adapter ``<name>/`` holding the best adapter in PEFT's
+  layout (+ its own ``loss_curve.png``) and ``<name>/checkpoints/last/`` the latest training state.
+  Every directory is written atomically (`SoftPromptModel.save_adapter`).
+* **Resume** (``resume: true``) restores adapters, optimizer, scheduler, step, epoch, the position
+  inside the epoch, best scores, early-stopping counters and RNG states from ``checkpoints/last``; the
+  result is bit-for-bit the adapter an uninterrupted run gives (on CPU). The latest state is saved at
+  every validation, every ``save_every`` optimizer steps and when training ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .config import ResolvedAdapter, TrainConfig, flag, save_resolved
+from .data import Example, Verbalizer, build_examples, load_rows, train_val_split
+from .errors import ConfigError, DataError
+from .evaluate import evaluate, example_loss, fingerprint
+from .fileio import atomic_write_text
+from .metrics import perplexity, plot_loss_curve
+from .peft_format import load_adapter, read_training_state
+from .tokens import pad_batch, pad_id
+
+METRICS_FILE = "metrics.jsonl"
+LOSS_PNG = "loss_curve.png"
+LAST = Path("checkpoints") / "last"
+#: Config fields that may differ between a run and the run that resumes it (they do not change the result).
+RESUMABLE_CHANGES = ("resume", "device", "save_every", "model")
+PLOT_EVERY_SECONDS = 60.0  # the loss curve is redrawn at validations at most this often, and at the end
+
+
+# ============================================================================================ data
+
+
+@dataclass
+class AdapterJob:
+    """One adapter of a job: its resolved settings and its rendered examples."""
+
+    spec: ResolvedAdapter
+    train: list[Example]
+    val: list[Example]  # held out: no validation text occurs in `train`
+    labels: list[str] | None  # label texts (classification), None for language modelling
+    dropped_val_rows: int = 0  # validation rows dropped because their text also occurs in training rows
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+def prepare_job(spec: ResolvedAdapter, *, rows: list[dict] | None = None, val_rows: list[dict] | None = None,
+                verbalizer: Verbalizer | None = None, source: str | None = None) -> AdapterJob:
+    """Load and render one adapter's data.
+
+    By default rows come from ``spec.data`` and validation rows from ``spec.validation_data`` or a
+    seeded (label-stratified) ``spec.val_fraction`` split. ``rows``/``val_rows`` pass rows directly
+    (cross-validation folds); then ``val_rows=None`` still splits ``rows`` by ``spec.val_fraction``.
+    """
+    source = source or spec.data
+    if rows is None:
+        rows = load_rows(spec.data)
+        if spec.validation_data:
+            val_rows = load_rows(spec.validation_data)
+    rows = list(rows)
+    split_here = val_rows is None  # validation rows are cut from `rows` (or there are none)
+    if split_here:
+        val_rows = (train_val_split(rows, spec.val_fraction, spec.seed, spec.label_column, source=source)[1]
+                    if spec.val_fraction > 0 else [])
+    else:
+        val_rows = list(val_rows)
+    if spec.label_column is not None and verbalizer is None:
+        verbalizer = (Verbalizer(spec.verbalizer) if spec.verbalizer else  # else: the labels the data has
+                      Verbalizer.from_rows(rows + ([] if split_here else val_rows), spec.label_column, source=source))
+    # Render all rows of a file at once, so that error messages count rows as the file does.
+    rendered = build_examples(rows, spec.template, spec.label_column, verbalizer, source=source)
+    if split_here:
+        in_val = {id(r) for r in val_rows}
+        train = [e for e in rendered if id(e.row) not in in_val]
+        val = [e for e in rendered if id(e.row) in in_val]
+    else:
+        train = rendered
+        val = build_examples(val_rows, spec.template, spec.label_column, verbalizer,
+                             source=spec.validation_data or f"{source} (validation rows)") if val_rows else []
+    if not train:
+        raise DataError(f"{source}: no training rows are left after holding out validation rows")
+    # Held-out means held-out: a validation text that is also a training text is dropped.
+    seen = {fingerprint(e.text) for e in train}
+    kept = [e for e in val if fingerprint(e.text) not in seen]
+    if val and not kept:
+        raise DataError(f"{spec.validation_data or source}: every validation row also occurs in the training rows; "
+                        f"there is nothing held-out to validate on")
+    return AdapterJob(spec, train, kept, verbalizer.texts if verbalizer is not None else None, len(val) - len(kept))
+
+
+@dataclass
+class Encoded:
+    """One tokenised example. Causal: ``labels`` align with ``input_ids``; seq2seq: decoder targets."""
+
+    input_ids: list[int]
+    labels: list[int]
+    adapter: str | None
+
+
+def encode_example(tokenizer, example: Example, *, seq2seq: bool, max_length: int) -> tuple[list[int], list[int]]:
+    """``(input_ids, labels)`` of one example (see the module docstring). Long prompts keep their end."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    prompt = tokenizer(example.text)["input_ids"]  # with special tokens, as scoring and generation do
+    if example.target is None:
+        if seq2seq:
+            raise ConfigError(f"{flag('label_column')}: encoder-decoder models learn to write a label text; "
+                              f"language modelling without a label column needs a causal model")
+        ids = (prompt + eos)[:max_length]
+        labels = list(ids)
+        if ids and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id:
+            labels[0] = -100  # nothing predicts the beginning-of-sequence token
+        return ids, labels
+    target = tokenizer(example.target, add_special_tokens=False)["input_ids"] + eos
+    if seq2seq:
+        return prompt[-max_length:], target[:max_length]
+    target = target[: max_length - 1]  # at least one prompt token stays
+    room = max_length - len(target)
+    if len(prompt) > room:
+        prompt = prompt[-room:]
+    return prompt + target, [-100] * len(prompt) + target
+
+
+def encode_examples(model, examples: Sequence[Example], adapter: str | None, max_length: int) -> list[Encoded]:
+    seq2seq = model.shape.is_encoder_decoder
+    return [Encoded(*encode_example(model.tokenizer, e, seq2seq=seq2seq, max_length=max_length), adapter)
+            for e in examples]
+
+
+def collate(items: Sequence[Encoded], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list]:
+    """Right-padded ``(input_ids, attention_mask, labels, adapter per row)`` of a batch."""
+    ids, mask = pad_batch([it.input_ids for it in items], pad, side="right")
+    labels, _ = pad_batch([it.labels for it in items], -100, side="right")
+    return ids, mask, labels, [it.adapter for it in items]
+
+
+def epoch_groups(items: Sequence[Encoded], epoch: int, seed: int, batch_size: int,
+                 grad_accum: int) -> list[list[list[Encoded]]]:
+    """The epoch's optimizer steps: groups of ``grad_accum`` batches, in a seeded order of all rows."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(len(items), generator=generator).tolist()
+    batches = [[items[i] for i in order[s:s + batch_size]] for s in range(0, len(order), batch_size)]
+    return [batches[s:s + grad_accum] for s in range(0, len(batches), grad_accum)]
+
+
+# ========================================================================================= results
+
+
+@dataclass
+class AdapterResult:
+    """How one adapter of a job ended."""
+
+    name: str
+    path: Path  # <output>/<name>/: the best adapter (PEFT files)
+    best: dict | None  # the validation metrics of the best checkpoint (+ step, epoch), None without validation
+    zero_shot: dict | None  # the bare base model on the same validation rows
+    stopped_early: bool
+
+
+@dataclass
+class TrainResult:
+    output: Path
+    adapters: dict[str, AdapterResult]
+    steps: int  # optimizer steps taken
+    epochs: int  # epochs completed
+    model: object  # the SoftPromptModel, holding the best adapters (inference-ready)
+
+
+@dataclass
+class StepInfo:
+    """What `train`'s ``on_step`` callback receives after every optimizer step."""
+
+    step: int  # optimizer steps taken so far
+    epoch: int  # the epoch the step belongs to, counting from 1
+    loss: float  # its training loss
+    lr: dict[str, float]  # the learning rate of every adapter after the step
+
+
+@dataclass
+class _State:
+    """Everything about the loop's position that a checkpoint must restore (JSON)."""
+
+    step: int = 0
+    epoch: int = 0  # the current epoch (0-based); == epochs when all are done
+    group: int = 0  # the next optimizer step inside the epoch
+    active: list[str] = field(default_factory=list)  # adapters still training
+    best: dict[str, dict] = field(default_factory=dict)  # name -> {"score": [...], "metrics": {...}}
+    bad_evals: dict[str, int] = field(default_factory=dict)
+    stopped: list[str] = field(default_factory=list)  # adapters stopped early
+    zero_shot: dict[str, dict] = field(default_factory=dict)
+    last_eval_step: int = -1
+    loss_sum: float = 0.0  # training loss since the last log line
+    loss_steps: int = 0
+    metrics_lines: int = 0
+    finished: bool = False
+
+
+# ============================================================================================ train
+
+
+def train(config: TrainConfig, model=None, *, on_step: Callable[[StepInfo], None] | None = None,
+          progress: bool = True) -> TrainResult:
+    """Train the adapter(s) a config describes; see the module docstring.
+
+    ``model``: a `SoftPromptModel` to train on (default: ``softprompt.load(config.model)``); its base
+    weights are never changed. ``on_step`` is called after every optimizer step (and after the latest
+    state was saved, when it was). Cross-validation (``kfold``) is `softprompt.evaluate.cross_validate`.
+    """
+    config = dataclasses.replace(config, adapters=[dataclasses.replace(a) for a in config.adapters]).validate()
+    if config.kfold is not None:
+        raise ConfigError(f"{flag('kfold')}: cross-validation is softprompt.evaluate.cross_validate "
+                          f"(the CLI runs it when --kfold is given)")
+    jobs = [prepare_job(spec) for spec in config.resolved_adapters()]
+    model = model if model is not None else load_model(config)
+    return train_jobs(config, model, jobs, on_step=on_step, progress=progress)
+
+
+def load_model(config: TrainConfig):
+    if not config.model:
+        raise ConfigError(f"{flag('model')}: required (a built-in name, a local checkpoint directory or a hub id)")
+    from .loading import load
+
+    return load(config.model, device=config.device or default_device())
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def train_jobs(config: TrainConfig, model, jobs: list[AdapterJob], *,
+               on_step: Callable[[StepInfo], None] | None = None, progress: bool = True) -> TrainResult:
+    """The training loop over prepared jobs, all on ``model`` (see the module docstring)."""
+    # ------------------------------------------------------------------ set-up
+    if config.device:
+        model.to(config.device)
+    if not config.model:
+        config = dataclasses.replace(config, model=model.name_or_path)
+    output = Path(config.output)
+    output.mkdir(parents=True, exist_ok=True)
+    save_resolved(config, output)
+    names = [job.name for job in jobs]
+    for job in jobs:
+        if job.name in model.adapters:
+            raise ConfigError(f"{flag('name')}: the model already has an adapter named {job.name!r}; remove it or "
+                              f"choose another name")
+        if config.early_stopping_patience is not None and not job.val:
+            raise ConfigError(f"{flag('early_stopping_patience')}: adapter {job.name!r} has no validation rows; "
+                              f"give {flag('validation_data')} or a {flag('val_fraction')} above 0")
+        if job.labels is None and config.eval_method == "generate":
+            raise ConfigError(f"{flag('eval_method')}: generate needs a {flag('label_column')} to compare with")
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    np.random.seed(config.seed)
+    for job in jobs:
+        model.add_adapter(job.name, method=job.spec.method, seed=job.spec.seed, **job.spec.method_options)
+    if config.resume:
+        saved = _read_checkpoints(config, output, names)
+        for job in jobs:  # the adapters, reparameterisation included, as they were
+            load_adapter(model, output / job.name / LAST, name=job.name, resume=True)
+    model.train()
+    items = {job.name: encode_examples(model, job.train, job.name, config.max_length) for job in jobs}
+    pad = pad_id(model.tokenizer)
+
+    optimizer = torch.optim.AdamW([
+        {"params": list(model.adapters[job.name].parameters()), "lr": job.spec.lr,
+         "weight_decay": job.spec.weight_decay, "name": job.name} for job in jobs])
+    steps_per_epoch = math.ceil(math.ceil(sum(len(v) for v in items.values()) / config.batch_size) / config.grad_accum)
+    total_steps = config.epochs * steps_per_epoch
+    if config.max_steps is not None:
+        total_steps = min(total_steps, config.max_steps)
+    from transformers import get_scheduler
+
+    warmup_steps = math.ceil(config.warmup_ratio * total_steps)
+    scheduler = get_scheduler(config.lr_schedule, optimizer, num_warmup_steps=warmup_steps,
+                              num_training_steps=total_steps)
+
+    state = _State(active=list(names), bad_evals={n: 0 for n in names})
+    log = _MetricsLog(output / METRICS_FILE)
+    if config.resume:
+        state = _restore(saved, model, jobs, optimizer, scheduler, log)
+    else:
+        log.reset()
+        if config.eval_zero_shot:  # the bare base model on every adapter's validation rows, once
+            for job in jobs:
+                if job.val:
+                    metrics = validate(model, job, None, config)
+                    state.zero_shot[job.name] = metrics
+                    log.append({"type": "eval", "model": "base", "adapter": job.name, "step": 0, "epoch": 0, **metrics})
+
+    last_plot = [time.time()]
+
+    def evaluate_and_checkpoint() -> None:
+        """Validate every active adapter, keep the best, count patience, save the latest state."""
+        for job in jobs:
+            if job.name not in state.active:
+                continue
+            metrics = validate(model, job, job.name, config) if job.val else {}
+            log.append({"type": "eval", "model": "adapter", "adapter": job.name, "step": state.step,
+                        "epoch": state.epoch, **metrics})
+            score = _score(metrics, job)
+            best = state.best.get(job.name)
+            if best is None or not job.val or score > tuple(best["score"]):
+                state.best[job.name] = {"score": list(score), "step": state.step, "epoch": state.epoch,
+                                        "metrics": metrics}
+                state.bad_evals[job.name] = 0
+                _save_best(model, job, config, state, output)
+            else:
+                state.bad_evals[job.name] += 1
+                if config.early_stopping_patience is not None and \
+                        state.bad_evals[job.name] >= config.early_stopping_patience:
+                    state.active.remove(job.name)
+                    state.stopped.append(job.name)
+                    log.append({"type": "early_stop", "adapter": job.name, "step": state.step, "epoch": state.epoch,
+                                "best_step": best["step"]})
+        state.last_eval_step = state.step
+        if time.time() - last_plot[0] > PLOT_EVERY_SECONDS:  # plotting is slow: refresh it now and then
+            _plot(log, jobs, output)
+            last_plot[0] = time.time()
+        _save_checkpoint(model, jobs, optimizer, scheduler, state, config, output, log)
+
+    # ------------------------------------------------------------------ loop
+    bar = tqdm(total=total_steps, initial=state.step, desc=f"train {', '.join(names)}"[:40], unit="step",
+               disable=not progress, dynamic_ncols=True)
+    started = time.time()
+    while not state.finished and state.epoch < config.epochs and state.active:
+        rows = [item for name in state.active for item in items[name]]
+        groups = epoch_groups(rows, state.epoch, config.seed, config.batch_size, config.grad_accum)
+        while state.group < len(groups) and (config.max_steps is None or state.step < config.max_steps):
+            # one optimizer step: forward/backward over grad_accum batches, then AdamW and the schedule
+            group = groups[state.group]
+            step_loss = 0.0
+            for batch in group:
+                ids, mask, labels, adapters = collate(batch, pad)
+                with torch.autocast(device_type=model.device.type, dtype=torch.bfloat16, enabled=config.bf16):
+                    out = model(ids, mask, adapters=adapters, labels=labels)
+                loss = out.loss.float() / len(group)
+                loss.backward()
+                step_loss += float(loss.detach())
+            if config.max_grad_norm is not None:
+                for param_group in optimizer.param_groups:
+                    torch.nn.utils.clip_grad_norm_(param_group["params"], config.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            state.group += 1
+            state.loss_sum += step_loss
+            state.loss_steps += 1
+            lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
+            if state.step % config.log_every == 0:
+                log.append({"type": "train", "step": state.step, "epoch": state.epoch + 1,
+                            "loss": state.loss_sum / state.loss_steps, "lr": lrs,
+                            "seconds": round(time.time() - started, 3)})
+                state.loss_sum, state.loss_steps = 0.0, 0
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{next(iter(lrs.values())):.2e}", refresh=False)
+            if config.save_every and state.step % config.save_every == 0:
+                _save_checkpoint(model, jobs, optimizer, scheduler, state, config, output, log)
+            if on_step is not None:
+                on_step(StepInfo(state.step, state.epoch + 1, step_loss, lrs))
+        if state.group < len(groups):  # max_steps reached inside the epoch
+            break
+        state.epoch += 1
+        state.group = 0
+        if state.epoch % config.eval_every == 0 or state.epoch == config.epochs:
+            evaluate_and_checkpoint()
+    bar.close()
+
+    # ------------------------------------------------------------------ save
+    if not state.finished:
+        if state.last_eval_step != state.step:
+            evaluate_and_checkpoint()
+        state.finished = True
+        _save_checkpoint(model, jobs, optimizer, scheduler, state, config, output, log)
+    _plot(log, jobs, output)
+    results = {}
+    for job in jobs:  # leave the model holding each adapter's best checkpoint, ready for inference
+        load_adapter(model, output / job.name, name=job.name)
+        best = state.best.get(job.name)
+        results[job.name] = AdapterResult(
+            job.name, output / job.name,
+            {**best["metrics"], "step": best["step"], "epoch": best["epoch"]} if best and job.val else None,
+            state.zero_shot.get(job.name), job.name in state.stopped)
+    model.eval()
+    return TrainResult(output, results, state.step, state.epoch, model)
+
+
+# ====================================================================================== validation
+
+
+def validate(model, job: AdapterJob, adapter: str | None, config: TrainConfig) -> dict:
+    """Validation metrics of ``adapter`` (None: the bare base model) on a job's validation rows."""
+    was_training = model.training
+    model.eval()
+    try:
+        total, tokens = example_loss(model, job.val, adapter, batch_size=config.batch_size,
+                                     max_length=config.max_length, bf16=config.bf16)
+        metrics = {"n": len(job.val), "val_loss": total / tokens, "perplexity": perplexity(total, tokens)}
+        if job.labels is not None:
+            report = evaluate(model, job.val, adapter, job.labels, method=config.eval_method, compare_base=False,
+                              batch_size=config.batch_size, max_length=config.max_length)
+            metrics.update(accuracy=report.metrics["accuracy"], macro_f1=report.metrics["macro_f1"])
+    finally:
+        model.train(was_training)
+    return metrics
+
+
+def _score(metrics: dict, job: AdapterJob) -> tuple:
+    """Higher is better: accuracy, then macro-F1, then lower loss (classification); lower loss otherwise."""
+    if not metrics:
+        return ()
+    if job.labels is not None:
+        return (metrics["accuracy"], metrics["macro_f1"], -metrics["val_loss"])
+    return (-metrics["val_loss"],)
+
+
+# ====================================================================================== files
+
+
+class _MetricsLog:
+    """``metrics.jsonl``: one JSON record per line, appended as training goes."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.records: list[dict] = []
+
+    def reset(self) -> None:
+        atomic_write_text(self.path, "")
+        self.records = []
+
+    def truncate(self, lines: int) -> None:
+        """Keep the first ``lines`` records (those a checkpoint knew about)."""
+        records = []
+        if self.path.is_file():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                if line.strip():
+                    records.append(json.loads(line))
+        self.records = records[:lines]
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
+
+    def append(self, record: dict) -> None:
+        self.records.append(record)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def _plot(log: _MetricsLog, jobs: list[AdapterJob], output: Path) -> None:
+    train_records = [r for r in log.records if r["type"] == "train"]
+    for job in jobs:
+        own = [r for r in log.records if r["type"] == "eval" and r.get("model") == "adapter"
+               and r["adapter"] == job.name and "val_loss" in r]
+        if train_records or own:
+            (output / job.name).mkdir(parents=True, exist_ok=True)
+            plot_loss_curve(sorted(train_records + own, key=lambda r: r["step"]), output / job.name / LOSS_PNG)
+    single = [r for r in log.records if r["type"] == "eval" and r.get("model") == "adapter" and "val_loss" in r] \
+        if len(jobs) == 1 else []
+    if train_records or single:
+        plot_loss_curve(sorted(train_records + single, key=lambda r: r["step"]), output / LOSS_PNG)
+
+
+@contextlib.contextmanager
+def _saving(model):
+    """Eval mode and a forked RNG while saving: materialising a P-tuning LSTM in training mode would apply
+    dropout to the saved table and draw from the RNG, so saving would change the run."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            yield
+    finally:
+        model.train(was_training)
+
+
+def _save_best(model, job: AdapterJob, config: TrainConfig, state: _State, output: Path) -> None:
+    prints = torch.tensor(sorted({fingerprint(e.text) for e in job.train}), dtype=torch.int64)
+    best = state.best[job.name]
+    meta = {
+        "kind": "best", "adapter": job.name, "step": best["step"], "epoch": best["epoch"],
+        "metrics": best["metrics"], "zero_shot": state.zero_shot.get(job.name), "labels": job.labels,
+        "data": job.spec.to_dict(), "base_model": config.model, "max_length": config.max_length,
+    }
+    with _saving(model):
+        model.save_adapter(job.name, output / job.name, training_state={"data.train_fingerprints": prints},
+                           training_meta=meta)
+
+
+def _save_checkpoint(model, jobs, optimizer, scheduler, state: _State, config: TrainConfig, output: Path,
+                     log: _MetricsLog) -> None:
+    """The latest state of every adapter, in ``<output>/<name>/checkpoints/last/``."""
+    state.metrics_lines = len(log.records)
+    rng_tensors, rng_meta = _rng_state()
+    optimizer_state = optimizer.state_dict()
+    shared = {"kind": "last", "state": dataclasses.asdict(state), "scheduler": scheduler.state_dict(),
+              "rng": rng_meta, "config": config.to_dict(), "adapters": [job.name for job in jobs]}
+    for index, job in enumerate(jobs):
+        group = optimizer_state["param_groups"][index]
+        names = [n for n, _ in model.adapters[job.name].named_parameters()]
+        tensors = dict(rng_tensors)
+        for name, param_id in zip(names, group["params"]):
+            for key, value in optimizer_state["state"].get(param_id, {}).items():
+                tensors[f"optimizer.{name}.{key}"] = value.detach().cpu().clone()
+        meta = {**shared, "adapter": job.name, "optimizer_group": {k: v for k, v in group.items() if k != "params"}}
+        with _saving(model):
+            model.save_adapter(job.name, output / job.name / LAST, training_state=tensors, training_meta=meta)
+
+
+def _read_checkpoints(config: TrainConfig, output: Path, names: list[str]) -> dict[str, tuple[dict, dict]]:
+    """Each adapter's latest checkpoint; they must agree with each other and with ``config``."""
+    saved = {}
+    for name in names:
+        path = output / name / LAST
+        if not (path / "training_state.json").is_file():
+            raise ConfigError(f"{flag('resume')}: no checkpoint to resume at {path}; train without --resume first")
+        saved[name] = read_training_state(path)
+    steps = {name: meta["state"]["step"] for name, (_, meta) in saved.items()}
+    if len(set(steps.values())) != 1:
+        raise ConfigError(f"{flag('resume')}: the adapters' checkpoints are from different steps ({steps}); "
+                          f"the previous run was interrupted while saving them; train again without --resume")
+    previous = next(iter(saved.values()))[1]["config"]
+    current = config.to_dict()
+    changed = [k for k in current if k not in RESUMABLE_CHANGES and previous.get(k) != current[k]]
+    if changed:
+        what = ", ".join(f"{flag(k)} {previous.get(k)!r} -> {current[k]!r}" for k in changed)
+        raise ConfigError(f"{flag('resume')}: the config differs from the run being resumed ({what}); "
+                          f"resuming gives the uninterrupted result only with the same config")
+    if next(iter(saved.values()))[1]["adapters"] != names:
+        raise ConfigError(f"{flag('resume')}: the run being resumed trained adapters "
+                          f"{next(iter(saved.values()))[1]['adapters']}, this one {names}")
+    return saved
+
+
+def _restore(saved: dict, model, jobs, optimizer, scheduler, log: _MetricsLog) -> _State:
+    """Optimizer, scheduler, loop state, metrics log and RNG states from the checkpoints."""
+    optimizer_state = {"state": {}, "param_groups": []}
+    index = 0
+    for job in jobs:
+        tensors, meta = saved[job.name]
+        names = [n for n, _ in model.adapters[job.name].named_parameters()]
+        ids = list(range(index, index + len(names)))
+        index += len(names)
+        by_name = dict(zip(names, ids))
+        for key, value in tensors.items():
+            if key.startswith("optimizer."):
+                param, _, slot = key[len("optimizer."):].rpartition(".")
+                optimizer_state["state"].setdefault(by_name[param], {})[slot] = value
+        optimizer_state["param_groups"].append({**meta["optimizer_group"], "params": ids})
+    optimizer.load_state_dict(optimizer_state)
+    tensors, meta = saved[jobs[0].name]
+    scheduler.load_state_dict(meta["scheduler"])
+    state = _State(**meta["state"])
+    log.truncate(state.metrics_lines)
+    _set_rng_state(tensors, meta["rng"])
+    return state
+
+
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    tensors["rng.numpy"] = torch.from_numpy(keys.astype(np.int64))
+    version, internal, python_gauss = random.getstate()
+    meta = {"numpy": [kind, int(pos), int(has_gauss), float(gauss)],
+            "python": [version, list(internal), python_gauss]}
+    return tensors, meta
+
+
+def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    kind, pos, has_gauss, gauss = meta["numpy"]
+    np.random.set_state((kind, tensors["rng.numpy"].numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, python_gauss = meta["python"]
+    random.setstate((version, tuple(internal), python_gauss))
+
+
+__all__ = [
+    "train", "train_jobs", "prepare_job", "AdapterJob", "AdapterResult", "TrainResult", "StepInfo",
+    "encode_example", "encode_examples", "collate", "epoch_groups", "validate", "load_model", "METRICS_FILE",
+    "LOSS_PNG",
+]
