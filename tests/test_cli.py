@@ -82,3 +82,23 @@ def test_demo_pipeline_trains_beats_zero_shot_and_saves(tmp_path, capsys):
     assert result["tuned_accuracy"] >= result["zero_shot_accuracy"] + 0.3
     assert (tmp_path / "sentiment" / "adapter_model.safetensors").exists()
     assert "held-out" in capsys.readouterr().out
+
+
+def test_train_then_eval_from_the_command_line(tmp_path, capsys):
+    path = save_tiny_checkpoint("bloom", tmp_path / "model")
+    rows = ["text,label"] + [f"{'sunny happy' if i % 2 else 'rain sad'} {i},{'pos' if i % 2 else 'neg'}" for i in range(40)]
+    (tmp_path / "train.csv").write_text("\n".join(rows[:31]) + "\n")
+    (tmp_path / "dev.csv").write_text("\n".join([rows[0]] + rows[31:]) + "\n")
+    out = tmp_path / "run"
+    assert main(["train", "--model", path, "--method", "prefix-tuning", "--data", str(tmp_path / "train.csv"),
+                 "--text-column", "text", "--label-column", "label", "--template", "{text} => ",
+                 "--num-virtual-tokens", "4", "--epochs", "2", "--batch-size", "8", "--lr", "0.5",
+                 "--seed", "0", "--output", str(out)]) == 0
+    assert (out / "config.yaml").exists() and (out / "default" / "adapter_model.safetensors").exists()
+    capsys.readouterr()
+    assert main(["eval", "--model", path, "--adapter", f"a={out / 'default'}", "--data", str(tmp_path / "dev.csv"),
+                 "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)["a"]
+    assert "accuracy" in json.dumps(report)
+    assert main(["train", "--model", path, "--lr", "-1", "--data", str(tmp_path / "train.csv")]) == 2
+    assert "--lr" in capsys.readouterr().err

@@ -150,6 +150,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"softprompt {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
+    from .train_cli import add_eval_arguments, add_train_arguments, cmd_eval, cmd_train
+
+    p = _parser(sub, "train", "Train one or several adapters on one frozen base model.")
+    add_train_arguments(p)
+    p.set_defaults(func=cmd_train, takes_extra=True)
+
+    p = _parser(sub, "eval", "Evaluate adapters (and the zero-shot base model) on held-out data.")
+    add_eval_arguments(p)
+    p.set_defaults(func=cmd_eval, takes_extra=True)
+
     p = _parser(sub, "generate", "Generate text with one or more adapters in one mixed batch.")
     p.add_argument("--model", required=True, help="Base model: built-in name, local directory or hub id.")
     p.add_argument("--adapter", action="append", default=[], metavar="[NAME=]PATH", help="Adapter to load (repeatable).")
@@ -191,9 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "takes_extra", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        return int(args.func(args) or 0)
+        return int((args.func(args, extra) if getattr(args, "takes_extra", False) else args.func(args)) or 0)
     except SoftPromptError as exc:
         print(f"softprompt {args.command}: error: {exc}", file=sys.stderr)
         return 2

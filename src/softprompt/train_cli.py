@@ -1,0 +1,72 @@
+"""`softprompt train` and `softprompt eval`: thin shells over `train.train` / `evaluate.cross_validate`
+and `evaluate.evaluate_data`. Training options come from `TrainConfig` (one source of help text)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    from .config import TrainConfig
+
+    parser.usage = "softprompt train [CONFIG.yaml] [--KEY VALUE ...]"
+    lines = [f"  {o.flag:<28} {o.help}" for o in TrainConfig.options()]
+    parser.epilog = (parser.epilog or "") + "\noptions from the config (--KEY VALUE overrides the file):\n" + "\n".join(lines)
+
+
+def cmd_train(args, extra: list[str]) -> int:
+    from .config import load_config
+
+    path = extra[0] if extra and not extra[0].startswith("-") else None
+    config = load_config(path, overrides=extra[1:] if path else extra)
+    if config.kfold:
+        from .evaluate import cross_validate
+
+        print(cross_validate(config).format())
+        return 0
+    from .train import train
+
+    result = train(config)
+    for name, adapter in result.adapters.items():
+        print(f"{name}: best {adapter.best} -> {adapter.path}")
+    return 0
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="Base model: built-in name, local directory or hub id.")
+    parser.add_argument("--adapter", action="append", default=[], metavar="[NAME=]PATH", help="Adapter (repeatable).")
+    parser.add_argument("--data", required=True, help="Held-out data file (CSV, TSV, JSONL, parquet, phrasebank).")
+    parser.add_argument("--template", help="Prompt template with {column} fields (default: as trained).")
+    parser.add_argument("--text-column", help="Text column (default: as trained).")
+    parser.add_argument("--label-column", help="Label column (default: as trained).")
+    parser.add_argument("--method", default="score", choices=["score", "generate", "perplexity"],
+                        help="Label scoring (default), generation exact match, or perplexity.")
+    parser.add_argument("--batch-size", type=int, default=16, help="Rows per batch.")
+    parser.add_argument("--json", action="store_true", help="Print JSON.")
+
+
+def cmd_eval(args, extra: list[str]) -> int:
+    from . import load
+    from .cli import parse_adapter_specs
+    from .errors import SoftPromptError
+    from .evaluate import evaluate_data
+
+    if extra:
+        raise SoftPromptError(f"unrecognised arguments: {' '.join(extra)}")
+    adapters = parse_adapter_specs(args.adapter)
+    if not adapters:
+        raise SoftPromptError("--adapter: give at least one adapter to evaluate")
+    model = load(args.model)
+    reports = {}
+    for name, path in adapters.items():
+        model.load_adapter(path, name=name)
+        reports[name] = evaluate_data(model, name, args.data, adapter_dir=path, template=args.template,
+                                      text_column=args.text_column, label_column=args.label_column,
+                                      method=args.method, batch_size=args.batch_size)
+    if args.json:
+        print(json.dumps({n: r.to_dict() for n, r in reports.items()}, indent=2, default=str))
+    else:
+        for name, report in reports.items():
+            print(f"== {name}\n{report.format()}")
+    return 0
