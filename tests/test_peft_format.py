@@ -125,3 +125,15 @@ def test_missing_directory_and_file_instead_of_directory(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(SoftPromptError, match="got a file"):
         tiny_model("gpt2").load_adapter(str(tmp_path / "file"))
+
+
+def test_p_tuning_lstm_dropout_never_leaks_into_the_saved_table():
+    model = tiny_model("gpt2")
+    adapter = model.add_adapter("p", method="p_tuning", num_virtual_tokens=4, encoder_type="lstm",
+                                encoder_num_layers=2, encoder_dropout=0.5, seed=0)
+    adapter.train()
+    first, second = adapter.materialized(), adapter.materialized()
+    torch.testing.assert_close(first, second)
+    assert adapter.training  # the mode is restored
+    adapter.eval()
+    torch.testing.assert_close(adapter.materialized(), first)

@@ -79,7 +79,14 @@ class PTuning(SoftPromptMethod):
         return self._all_rows()[: self.num_virtual_tokens]
 
     def materialized(self) -> torch.Tensor:
-        return self._all_rows().detach()
+        # Dropout (LSTM encoder) must not leak into the saved table, whatever mode training left us in.
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                return self._all_rows().detach()
+        finally:
+            self.train(was_training)
 
     def load_materialized(self, tensor: torch.Tensor) -> None:
         self.encoded = False
