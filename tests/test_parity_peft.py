@@ -102,3 +102,15 @@ def test_our_files_load_in_peft(family, method, tmp_path):
     with torch.no_grad():
         got = ours(INPUT, MASK, adapters="mine", decoder_input_ids=decoder_ids).logits
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_text_initialised_adapter_loads_in_peft(tmp_path):
+    base = tiny_base("llama")
+    ours = SoftPromptModel(copy.deepcopy(base), tiny_tokenizer(), name_or_path="tiny-llama")
+    ours.add_adapter("t", method="prompt_tuning", num_virtual_tokens=N_TOKENS, init_text="Classify the tweet:")
+    ours.save_adapter("t", tmp_path / "t")
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "t").eval()
+    with torch.no_grad():
+        expected = peft_model(input_ids=INPUT, attention_mask=MASK).logits[:, N_TOKENS:]
+        got = ours(INPUT, MASK, adapters="t").logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

@@ -45,7 +45,7 @@ def peft_config(model, adapter: SoftPromptMethod) -> dict:
     kv = adapter.adds == "kv"
     from .builtin_names import hub_id_for
 
-    return {
+    config = {
         "peft_type": adapter.config.peft_type,
         "task_type": _task_type(model),
         "base_model_name_or_path": hub_id_for(model.name_or_path),
@@ -60,6 +60,10 @@ def peft_config(model, adapter: SoftPromptMethod) -> dict:
         "revision": None,
         **adapter.peft_config_fields(),
     }
+    if config.get("prompt_tuning_init") == "TEXT" and not config.get("tokenizer_name_or_path"):
+        # PEFT refuses a TEXT init without a tokenizer path (it only reads it when training anew).
+        config["tokenizer_name_or_path"] = config["base_model_name_or_path"]
+    return config
 
 
 def save_adapter(model, name: str, path: str | Path, *, training_state: dict[str, torch.Tensor] | None = None,
