@@ -15,13 +15,7 @@ from softprompt.train import Encoded, encode_example, epoch_groups, train
 from tiny import tiny_model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from more threads, and lose a lot when other processes share the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def toy_rows(n: int, seed: int = 0, labels=("A", "B")) -> list[dict]:

@@ -23,6 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from . import __version__
+from .builtin_names import hub_id_for
 from .errors import AdapterMismatchError, SoftPromptError
 from .fileio import atomic_directory, atomic_write_json, sha256_file
 from .methods import PEFT_TYPES, SoftPromptMethod, method_class
@@ -43,8 +44,6 @@ def peft_config(model, adapter: SoftPromptMethod) -> dict:
     """PEFT's ``adapter_config.json`` for an adapter of ``model``."""
     shape = model.shape
     kv = adapter.adds == "kv"
-    from .builtin_names import hub_id_for
-
     config = {
         "peft_type": adapter.config.peft_type,
         "task_type": _task_type(model),
