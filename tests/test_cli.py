@@ -97,8 +97,17 @@ def test_train_then_eval_from_the_command_line(tmp_path, capsys):
     assert (out / "config.yaml").exists() and (out / "default" / "adapter_model.safetensors").exists()
     capsys.readouterr()
     assert main(["eval", "--model", path, "--adapter", f"a={out / 'default'}", "--data", str(tmp_path / "dev.csv"),
-                 "--json"]) == 0
+                 "--json", "--plot", str(tmp_path / "confusion.png")]) == 0
     report = json.loads(capsys.readouterr().out)["a"]
     assert "accuracy" in json.dumps(report)
+    assert (tmp_path / "confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # a data file without a telling extension is read with --format
+    (tmp_path / "dev.data").write_bytes((tmp_path / "dev.csv").read_bytes())
+    assert main(["eval", "--model", path, "--adapter", f"a={out / 'default'}", "--data", str(tmp_path / "dev.data"),
+                 "--format", "csv", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["a"]["n"] == report["n"]
+    assert main(["eval", "--model", path, "--adapter", f"a={out / 'default'}", "--data", str(tmp_path / "dev.data"),
+                 "--format", "csv", "--method", "perplexity", "--plot", str(tmp_path / "p.png")]) == 2
+    assert "--plot" in capsys.readouterr().err and not (tmp_path / "p.png").exists()
     assert main(["train", "--model", path, "--lr", "-1", "--data", str(tmp_path / "train.csv")]) == 2
     assert "--lr" in capsys.readouterr().err

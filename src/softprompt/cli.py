@@ -16,7 +16,11 @@ from .errors import SoftPromptError
 EPILOGS = {
     "train": """
         examples:
-          softprompt train recipes/raft_twitter_complaints.yaml --model smollm2-135m --data ../shared/data/raft_twitter_complaints/train.csv
+          softprompt train recipes/offline/raft_twitter_complaints.yaml      # smollm2-135m, local data
+          softprompt train recipes/raft_twitter_complaints.yaml --model smollm2-135m \
+              --data ../shared/data/raft_twitter_complaints/train.csv --kfold 10
+          softprompt train --model smollm2-135m --data hf:glue:sst2 --validation-split validation \
+              --text-column sentence --label-column label --verbalizer '0=negative,1=positive'
           softprompt train --model smollm2-135m --method prompt-tuning --data tweets.csv \\
               --text-column text --label-column label --template "Tweet: {text} Sentiment: " \\
               --num-virtual-tokens 8 --init-text "Classify the sentiment:" --epochs 5 --batch-size 8 \\
@@ -28,6 +32,8 @@ EPILOGS = {
           softprompt eval --model smollm2-135m --adapter runs/sentiment/default --data dev.csv \\
               --text-column text --label-column label --template "Tweet: {text} Sentiment: "
           softprompt eval --model smollm2-135m --adapter a=runs/a --adapter b=runs/b --data dev.csv ... --json
+          softprompt eval --model smollm2-135m --adapter runs/sentiment/default --data dev.txt --format tsv \
+              --plot confusion.png
         """,
     "generate": """
         Every prompt is generated with every adapter given (and with the bare model with --base),

@@ -52,7 +52,7 @@ METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
 }
 #: Fields an `AdapterSpec` may leave unset (None) to inherit from the top level.
 INHERITED = (
-    "data", "validation_data", "text_column", "label_column", "template", "verbalizer", "val_fraction",
+    "data", "validation_data", "data_format", "encoding", "data_split", "validation_split", "text_column", "label_column", "template", "verbalizer", "val_fraction",
     "method", "num_virtual_tokens", *METHOD_OPTIONS, "lr", "weight_decay", "seed",
 )
 
@@ -77,6 +77,10 @@ class AdapterSpec:
     name: str = help_field("", "Adapter name (letters, digits, '_' or '-'); also its output sub-directory.")
     data: str | None = help_field(None, "This adapter's training data file.")
     validation_data: str | None = help_field(None, "This adapter's validation data file.")
+    data_format: str | None = help_field(None, "Format of this adapter's data files (default: from the extension).")
+    encoding: str | None = help_field(None, "Text encoding of this adapter's data files.")
+    data_split: str | None = help_field(None, "Split of this adapter's hub data set to train on.")
+    validation_split: str | None = help_field(None, "Split of this adapter's hub data set to validate on.")
     text_column: str | None = help_field(None, "Text column of this adapter's data.")
     label_column: str | None = help_field(
         None, "Label column of this adapter's data; an empty string means none (language modelling).")
@@ -123,6 +127,15 @@ class TrainConfig:
         None, "Training data: CSV, TSV, JSONL, parquet or phrasebank .txt file, or hf:owner/name.")
     validation_data: str | None = help_field(
         None, "Validation data file (default: --val-fraction of --data is held out).")
+    data_format: str | None = help_field(
+        None, "Format of --data/--validation-data when the extension does not tell: csv, tsv, jsonl, parquet, "
+              "phrasebank (sentence@label lines) or hf (a hub data set).")
+    encoding: str | None = help_field(
+        None, "Text encoding of the data files (default UTF-8; phrasebank files fall back to latin-1).")
+    data_split: str = help_field("train", "Split of a hub --data set to train on.")
+    validation_split: str | None = help_field(
+        None, "Split of a hub data set to validate on, e.g. validation: of --validation-data when it is a hub "
+              "name, else of --data (instead of holding out --val-fraction).")
     text_column: str = help_field("text", "Column holding the input text (used when no --template is given).")
     label_column: str | None = help_field(
         None, "Column holding the label; without one the job is language modelling on the whole text.")
@@ -275,6 +288,26 @@ class ResolvedAdapter:
     lr: float
     weight_decay: float
     seed: int
+    data_format: str | None = None
+    encoding: str | None = None
+    data_split: str = "train"
+    validation_split: str | None = None
+
+    def load_train_rows(self) -> list[dict[str, str]]:
+        from .data import load_rows
+
+        return load_rows(self.data, format=self.data_format, split=self.data_split, encoding=self.encoding)
+
+    def load_validation_rows(self) -> list[dict[str, str]] | None:
+        """Rows of --validation-data, or of --validation-split of a hub --data set; None: split --data."""
+        from .data import load_rows
+
+        if self.validation_data:
+            return load_rows(self.validation_data, format=self.data_format,
+                             split=self.validation_split or "validation", encoding=self.encoding)
+        if self.validation_split:
+            return load_rows(self.data, format=self.data_format, split=self.validation_split, encoding=self.encoding)
+        return None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -581,6 +614,33 @@ def _check_method_options(source, method: str, prefix: str) -> None:
                               f"{' or '.join(methods)}, not {method}")
 
 
+def _check_data_source(view, prefix: str) -> None:
+    from .data import FORMATS, HUB_PREFIX
+
+    if view.data_format is not None:
+        name = str(view.data_format).strip().lower().lstrip(".")
+        if name not in FORMATS:
+            raise ConfigError(f"{prefix}{flag('data_format')}: expected one of {', '.join(FORMATS)}, "
+                              f"got {view.data_format!r}")
+        view.data_format = name
+    if view.encoding is not None:
+        import codecs
+
+        try:
+            codecs.lookup(str(view.encoding))
+        except LookupError:
+            raise ConfigError(f"{prefix}{flag('encoding')}: {view.encoding!r} is not a known text encoding "
+                              f"(e.g. utf-8, latin-1, cp1252)") from None
+    hub = str(view.data).startswith(HUB_PREFIX) or view.data_format == "hf"
+    if view.validation_split and not view.validation_data:
+        if not hub:
+            raise ConfigError(f"{prefix}{flag('validation_split')}: applies to hub data sets (hf:owner/name); "
+                              f"for a local file give {flag('validation_data')} or {flag('val_fraction')}")
+        if view.validation_split == (view.data_split or "train"):
+            raise ConfigError(f"{prefix}{flag('validation_split')}: is the training split "
+                              f"({view.validation_split!r}); validation numbers would not be held out")
+
+
 def _resolve(config: TrainConfig, spec: AdapterSpec, prefix: str) -> ResolvedAdapter:
     def pick(name):
         own = getattr(spec, name)
@@ -603,6 +663,7 @@ def _resolve(config: TrainConfig, spec: AdapterSpec, prefix: str) -> ResolvedAda
     if view.validation_data and Path(str(view.validation_data)).resolve() == Path(str(view.data)).resolve():
         raise ConfigError(f"{prefix}{flag('validation_data')}: is the same file as {flag('data')}; validation "
                           f"numbers would be training numbers, not held-out ones")
+    _check_data_source(view, prefix)
     label_column = view.label_column or None
     if not view.text_column and not view.template:
         raise ConfigError(f"{prefix}{flag('text_column')}: required when no {flag('template')} is given")
@@ -631,7 +692,8 @@ def _resolve(config: TrainConfig, spec: AdapterSpec, prefix: str) -> ResolvedAda
         name=spec.name, data=str(view.data), validation_data=view.validation_data, text_column=view.text_column,
         label_column=label_column, template=template, verbalizer=view.verbalizer, val_fraction=float(view.val_fraction),
         method=method, method_options=options, lr=float(view.lr), weight_decay=float(view.weight_decay),
-        seed=int(view.seed),
+        seed=int(view.seed), data_format=view.data_format, encoding=view.encoding,
+        data_split=view.data_split or "train", validation_split=view.validation_split,
     )
 
 

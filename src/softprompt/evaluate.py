@@ -253,18 +253,21 @@ def example_loss(model, examples: Sequence[Example], adapter: str | None, *, bat
 def evaluate_data(model, adapter: str | None, data: str | Path, *, adapter_dir: str | Path | None = None,
                   template: str | None = None, text_column: str | None = None, label_column: str | None = None,
                   verbalizer: dict[str, str] | None = None, method: str = "score", compare_base: bool = True,
-                  batch_size: int = 16, max_length: int | None = None) -> EvalReport:
+                  batch_size: int = 16, max_length: int | None = None, data_format: str | None = None,
+                  encoding: str | None = None, split: str = "test") -> EvalReport:
     """Evaluate a loaded adapter on a data file (what ``softprompt eval`` runs).
 
     Settings not given are taken from how the adapter was trained (``adapter_dir``'s training
     metadata, see `adapter_settings`), and its training rows are dropped from the evaluation.
+    ``data_format``/``encoding``/``split`` are passed to `softprompt.data.load_rows` (``split``
+    only matters for hub data sets).
     """
     saved = adapter_settings(adapter_dir) if adapter_dir else {}
     text_column = text_column or saved.get("text_column") or "text"
     template = template or saved.get("template") or "{" + text_column + "}"
     label_column = label_column if label_column is not None else saved.get("label_column")
     verbalizer = verbalizer or saved.get("verbalizer")
-    rows = load_rows(data)
+    rows = load_rows(data, format=data_format, split=split, encoding=encoding)
     verb = None
     if label_column:
         verb = Verbalizer(verbalizer) if verbalizer else Verbalizer.from_rows(rows, label_column, source=str(data))
@@ -324,7 +327,7 @@ def cross_validate(config: TrainConfig, k: int | None = None, *, model=None, pro
         raise ConfigError(f"{flag('kfold')}: give the number of folds (an integer of at least 2)")
     config.validate()
     spec = config.resolved_adapters()[0]
-    rows = load_rows(spec.data)
+    rows = spec.load_train_rows()
     verbalizer = None
     if spec.label_column is not None:
         verbalizer = Verbalizer(spec.verbalizer) if spec.verbalizer else \

@@ -46,7 +46,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import ResolvedAdapter, TrainConfig, flag, save_resolved
-from .data import Example, Verbalizer, build_examples, load_rows, train_val_split
+from .data import Example, Verbalizer, build_examples, train_val_split
 from .errors import ConfigError, DataError
 from .evaluate import evaluate, example_loss, fingerprint
 from .fileio import atomic_write_text
@@ -90,9 +90,9 @@ def prepare_job(spec: ResolvedAdapter, *, rows: list[dict] | None = None, val_ro
     """
     source = source or spec.data
     if rows is None:
-        rows = load_rows(spec.data)
-        if spec.validation_data:
-            val_rows = load_rows(spec.validation_data)
+        rows = spec.load_train_rows()
+        if val_rows is None:
+            val_rows = spec.load_validation_rows()
     rows = list(rows)
     split_here = val_rows is None  # validation rows are cut from `rows` (or there are none)
     if split_here:

@@ -42,7 +42,13 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--label-column", help="Label column (default: as trained).")
     parser.add_argument("--method", default="score", choices=["score", "generate", "perplexity"],
                         help="Label scoring (default), generation exact match, or perplexity.")
+    parser.add_argument("--format", dest="data_format", help="Data format when the extension does not tell: "
+                        "csv, tsv, jsonl, parquet, phrasebank or hf.")
+    parser.add_argument("--encoding", help="Text encoding of the data file (default UTF-8).")
+    parser.add_argument("--split", default="test", help="Split of a hub data set (default: test).")
     parser.add_argument("--batch-size", type=int, default=16, help="Rows per batch.")
+    parser.add_argument("--plot", metavar="PNG", help="Also draw each adapter's confusion matrix to this PNG "
+                        "(NAME is inserted before the extension when several adapters are evaluated).")
     parser.add_argument("--json", action="store_true", help="Print JSON.")
 
 
@@ -54,6 +60,9 @@ def cmd_eval(args, extra: list[str]) -> int:
 
     if extra:
         raise SoftPromptError(f"unrecognised arguments: {' '.join(extra)}")
+    if args.plot and args.method == "perplexity":
+        raise SoftPromptError("--plot: a confusion matrix needs labelled data evaluated with --method score "
+                              "or generate, not perplexity")
     adapters = parse_adapter_specs(args.adapter)
     if not adapters:
         raise SoftPromptError("--adapter: give at least one adapter to evaluate")
@@ -63,10 +72,28 @@ def cmd_eval(args, extra: list[str]) -> int:
         model.load_adapter(path, name=name)
         reports[name] = evaluate_data(model, name, args.data, adapter_dir=path, template=args.template,
                                       text_column=args.text_column, label_column=args.label_column,
-                                      method=args.method, batch_size=args.batch_size)
+                                      method=args.method, batch_size=args.batch_size,
+                                      data_format=args.data_format, encoding=args.encoding, split=args.split)
+        if args.plot:
+            _plot_confusion(reports[name], args.plot, name if len(adapters) > 1 else None)
     if args.json:
         print(json.dumps({n: r.to_dict() for n, r in reports.items()}, indent=2, default=str))
     else:
         for name, report in reports.items():
             print(f"== {name}\n{report.format()}")
     return 0
+
+
+def _plot_confusion(report, path: str, name: str | None) -> None:
+    from pathlib import Path
+
+    from .errors import SoftPromptError
+    from .metrics import plot_confusion_matrix
+
+    if report.metrics.get("confusion_matrix") is None:
+        raise SoftPromptError("--plot: a confusion matrix needs labelled data evaluated with --method score "
+                              "or generate")
+    target = Path(path)
+    if name:
+        target = target.with_name(f"{target.stem}-{name}{target.suffix or '.png'}")
+    plot_confusion_matrix(report.metrics, target)
