@@ -35,6 +35,17 @@ EPILOGS = {
           softprompt eval --model smollm2-135m --adapter runs/sentiment/default --data dev.txt --format tsv \
               --plot confusion.png
         """,
+    "predict": """
+        Writes one predicted label per row of unlabelled data (label scoring). Several --adapter
+        options make an ensemble: their label probabilities are averaged.
+
+        examples:
+          softprompt predict --model smollm2-135m --adapter runs/raft/default \
+              --data ../shared/data/raft_twitter_complaints/test_unlabeled.csv --id-column ID \
+              --output results/raft_twitter_complaints_predictions.csv
+          softprompt predict --model smollm2-135m --adapter a=runs/a --adapter b=runs/b \
+              --data new.csv --output preds.csv --probabilities
+        """,
     "generate": """
         Every prompt is generated with every adapter given (and with the bare model with --base),
         all in one mixed batch.
@@ -117,6 +128,24 @@ def cmd_generate(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- predict
+def cmd_predict(args) -> int:
+    from . import load
+    from .predict import predict_file
+
+    adapters = parse_adapter_specs(args.adapter)
+    if not adapters:
+        raise SoftPromptError("--adapter: give at least one adapter to predict with")
+    if args.batch_size < 1:
+        raise SoftPromptError(f"--batch-size: expected an integer of at least 1, got {args.batch_size}")
+    model = load(args.model)
+    path = predict_file(model, adapters, args.data, args.output, id_column=args.id_column,
+                        label_name=args.label_name, template=args.template, probabilities=args.probabilities,
+                        batch_size=args.batch_size, data_format=args.data_format, encoding=args.encoding)
+    print(f"wrote {path}")
+    return 0
+
+
 # ---------------------------------------------------------------------------- inspect / models
 def cmd_inspect(args) -> int:
     from .inspect_adapter import format_inspection, inspect_adapter
@@ -165,6 +194,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = _parser(sub, "eval", "Evaluate adapters (and the zero-shot base model) on held-out data.")
     add_eval_arguments(p)
     p.set_defaults(func=cmd_eval, takes_extra=True)
+
+    p = _parser(sub, "predict", "Predict labels for unlabelled data with an adapter or an ensemble of adapters.")
+    p.add_argument("--model", required=True, help="Base model: built-in name, local directory or hub id.")
+    p.add_argument("--adapter", action="append", default=[], metavar="[NAME=]PATH",
+                   help="Adapter (repeatable: several are an ensemble).")
+    p.add_argument("--data", required=True, help="Data file (CSV, TSV, JSONL, parquet, phrasebank).")
+    p.add_argument("--output", required=True, help="CSV file to write (written atomically).")
+    p.add_argument("--id-column", help="Column copied to the output to identify rows (default: row numbers).")
+    p.add_argument("--label-name", default="Label", help="Header of the predicted-label column (default Label).")
+    p.add_argument("--template", help="Prompt template with {column} fields (default: as trained).")
+    p.add_argument("--probabilities", action="store_true", help="Also write p_<label> columns.")
+    p.add_argument("--format", dest="data_format", help="Data format when the extension does not tell.")
+    p.add_argument("--encoding", help="Text encoding of the data file (default UTF-8).")
+    p.add_argument("--batch-size", type=int, default=16, help="Rows per batch.")
+    p.set_defaults(func=cmd_predict)
 
     p = _parser(sub, "generate", "Generate text with one or more adapters in one mixed batch.")
     p.add_argument("--model", required=True, help="Base model: built-in name, local directory or hub id.")
@@ -215,8 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     except SoftPromptError as exc:
         print(f"softprompt {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"softprompt {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:  # a TrainingInterrupted says where the latest state was saved
+        print(f"softprompt {args.command}: interrupted{f'; {exc}' if str(exc) else ''}", file=sys.stderr)
         return 130
 
 

@@ -1,0 +1,110 @@
+"""Label predictions for unlabelled data: one adapter, or an ensemble of several averaged.
+
+    softprompt predict --model smollm2-135m --adapter runs/raft/default \
+        --data test_unlabeled.csv --id-column ID --output predictions.csv
+
+Each adapter ranks the candidate label texts by log-likelihood (label scoring, as `evaluate` does);
+the scores are turned into a probability over the labels per adapter, and an ensemble averages the
+probabilities of its adapters. Labels are written back as the raw values of the data set (``1``/``2``
+for RAFT) through the verbalizer the adapter was trained with.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .data import Template, Verbalizer, column_names, load_rows, require_columns
+from .errors import ConfigError
+from .evaluate import adapter_settings
+from .fileio import atomic_write_text
+
+
+def label_probabilities(model, texts: Sequence[str], labels: Sequence[str], adapters: Sequence[str | None], *,
+                        batch_size: int = 16, max_input_tokens: int | None = None,
+                        progress: bool = False) -> list[list[float]]:
+    """Per text, the probability of each label averaged over ``adapters`` (an ensemble of one or more)."""
+    totals = [[0.0] * len(labels) for _ in texts]
+    bar = tqdm(total=len(texts) * len(adapters), desc="predicting", unit="row", disable=not progress)
+    with torch.no_grad():
+        for adapter in adapters:
+            for start in range(0, len(texts), batch_size):
+                chunk = list(texts[start:start + batch_size])
+                scored = model.score(chunk, labels=list(labels), adapters=[adapter] * len(chunk),
+                                     max_input_tokens=max_input_tokens)
+                for i, result in enumerate(scored):
+                    values = [result.scores[label] for label in labels]
+                    top = max(values)
+                    weights = [math.exp(v - top) for v in values]
+                    norm = sum(weights)
+                    for j, w in enumerate(weights):
+                        totals[start + i][j] += w / norm / len(adapters)
+                bar.update(len(chunk))
+    bar.close()
+    return totals
+
+
+def predict_file(model, adapters: dict[str, str | Path], data: str | Path, output: str | Path, *,
+                 id_column: str | None = None, label_name: str = "Label", template: str | None = None,
+                 text_column: str | None = None, verbalizer: dict[str, str] | None = None,
+                 probabilities: bool = False, batch_size: int = 16, data_format: str | None = None,
+                 encoding: str | None = None, progress: bool = True) -> Path:
+    """Predict a label for every row of ``data`` and write a CSV (``id_column`` or ``row``, ``label_name``).
+
+    ``adapters`` maps names to adapter directories (loaded into ``model`` if not there yet). Template and
+    verbalizer default to how the first adapter was trained; all adapters must share its labels.
+    ``probabilities`` adds one ``p_<label>`` column per label.
+    """
+    if not adapters:
+        raise ConfigError("--adapter: give at least one adapter to predict with")
+    settings = {name: adapter_settings(path) for name, path in adapters.items()}
+    first = next(iter(settings.values()))
+    template = template or first.get("template") or "{" + (text_column or first.get("text_column") or "text") + "}"
+    mapping = verbalizer or first.get("verbalizer")
+    labels = list(mapping.values()) if mapping else first.get("labels")
+    if not labels:
+        raise ConfigError("--verbalizer: the adapter does not record its labels (trained elsewhere?); "
+                          "give --verbalizer RAW=TEXT,...")
+    for name, saved in settings.items():
+        if saved.get("labels") and set(saved["labels"]) != set(labels):
+            raise ConfigError(f"--adapter {name}: was trained on labels {saved['labels']}, not {labels}; "
+                              f"an ensemble needs the same labels")
+    verb = Verbalizer(mapping) if mapping else Verbalizer.from_labels(labels)
+    for name, path in adapters.items():
+        if name not in model.adapters:
+            model.load_adapter(path, name=name)
+    rows = load_rows(data, format=data_format, encoding=encoding)
+    parsed = Template(template)
+    if id_column:
+        require_columns(rows, [id_column], source=str(data))
+    parsed.validate(column_names(rows), source=str(data))
+    texts = [parsed.render(row) for row in rows]
+    budget = _prompt_budget(model, labels, first.get("max_length"))
+    probs = label_probabilities(model, texts, labels, list(adapters), batch_size=batch_size,
+                                max_input_tokens=budget, progress=progress)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow([id_column or "row", label_name] + ([f"p_{label}" for label in labels] if probabilities else []))
+    for i, (row, p) in enumerate(zip(rows, probs)):
+        best = labels[max(range(len(labels)), key=p.__getitem__)]
+        writer.writerow([row[id_column] if id_column else i + 1, verb.to_raw(best)]
+                        + ([f"{v:.6f}" for v in p] if probabilities else []))
+    output = Path(output)
+    atomic_write_text(output, buffer.getvalue())
+    return output
+
+
+def _prompt_budget(model, labels: Sequence[str], max_length: int | None) -> int | None:
+    if not max_length:
+        return None
+    longest = max(len(model.tokenizer(label, add_special_tokens=False)["input_ids"]) for label in labels)
+    return max(int(max_length) - longest - 1, 1)
+
+
+__all__ = ["label_probabilities", "predict_file"]
