@@ -1,0 +1,67 @@
+"""The quality harness (bench/quality.py) end to end in quick mode: a tiny random model and a few rows of
+each task (the real rows when ../shared/data is there, stand-ins otherwise). It checks that every task
+and system is reported, that the numbers are internally consistent and that the RAFT submission file
+has the expected shape; it asserts no quality target (those are reported in docs/results.md)."""
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def quick_quality(tmp_path_factory):
+    out = tmp_path_factory.mktemp("quality")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "bench.quality", "--quick", "--threads", "1", "--out", str(out),
+                           "--doc", str(out / "results.md")], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, json.loads((out / "quality.json").read_text()), (out / "results.md").read_text()
+
+
+def test_every_classification_task_reports_every_system(quick_quality):
+    _, result, doc = quick_quality
+    for task in ("financial_phrasebank", "sst2"):
+        systems = result["tasks"][task]["systems"]
+        assert set(systems) == {"zero-shot", "softprompt prompt tuning", "softprompt prefix tuning",
+                                "softprompt p tuning", "PEFT prompt tuning"}
+        for name, r in systems.items():
+            assert 0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["macro_f1"] <= 1.0
+            matrix = r["confusion_matrix"]
+            assert sum(map(sum, matrix)) == r["n"]
+            assert r["accuracy"] == pytest.approx(sum(matrix[i][i] for i in range(len(matrix))) / r["n"])
+            assert (r["adapter_bytes"] > 0) == (name != "zero-shot")
+            assert f"| {name} | {r['accuracy']:.1%}" in doc
+        assert f"## {task}" in doc
+
+
+def test_raft_cross_validation_and_submission_file(quick_quality):
+    out, result, doc = quick_quality
+    raft = result["tasks"]["raft_twitter_complaints"]
+    assert raft["split"].startswith("2-fold cross-validation")
+    tuned = raft["systems"]["softprompt prompt tuning"]
+    assert 0.0 <= tuned["macro_f1"] <= 1.0 and tuned["macro_f1_std"] >= 0.0
+    if "predictions" in raft:  # the unlabelled test tweets are in ../shared/data
+        with open(raft["predictions"]["path"], newline="") as f:
+            rows = list(csv.reader(f))
+        assert rows[0] == ["ID", "Label"] and len(rows) == 1 + 8
+        assert {r[1] for r in rows[1:]} <= {"1", "2"}
+
+
+def test_generation_reports_perplexity_and_one_mixed_batch_of_samples(quick_quality):
+    _, result, doc = quick_quality
+    gen = result["tasks"]["generation"]
+    for name in ("chatgpt_prompts", "english_quotes"):
+        for who, r in gen["systems"][name].items():
+            assert r["perplexity"] == pytest.approx(math.exp(r["loss"]))
+            assert r["tokens"] > 0
+    assert {s["adapter"] for s in gen["samples"]} == {"base model", "chatgpt_prompts", "english_quotes"}
+    assert "## Generation" in doc
