@@ -523,7 +523,21 @@ def export_examples(result: dict) -> None:
         if path:
             target = REPO / "examples" / "adapters" / name
             shutil.rmtree(target, ignore_errors=True)
-            shutil.copytree(path, target, ignore=shutil.ignore_patterns("checkpoints", "training_state*"))
+            # training_state.* stays: it records the template, verbalizer and training rows, which
+            # `softprompt eval` / `predict` use; checkpoints (optimizer state) do not.
+            shutil.copytree(path, target, ignore=shutil.ignore_patterns("checkpoints"))
+            meta_path = target / "softprompt.json"
+            meta = json.loads(meta_path.read_text())
+            meta["base_model"] = result["meta"]["model"]  # the built-in name, not this machine's cache path
+            meta_path.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+            from softprompt.builtin_names import hub_id_for
+
+            peft_path = target / "adapter_config.json"
+            peft_config = json.loads(peft_path.read_text())
+            for key in ("base_model_name_or_path", "tokenizer_name_or_path"):
+                if peft_config.get(key):
+                    peft_config[key] = hub_id_for(result["meta"]["model"])
+            peft_path.write_text(json.dumps(peft_config, indent=2, sort_keys=True) + "\n")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,19 @@ def test_sampling_is_seeded_and_differs_from_greedy(model):
     assert len(set(a)) > 1  # rows sample independently
 
 
+@pytest.mark.parametrize("temperature", [2.2e-311, 1e-30, 1e-7])
+def test_a_vanishing_temperature_samples_the_greedy_tokens(model, temperature):
+    greedy = model.generate(["hello", "good morning"], adapters="a", max_new_tokens=6)
+    sampled = model.generate(["hello", "good morning"], adapters="a", max_new_tokens=6, do_sample=True,
+                             temperature=temperature, seed=0)
+    assert sampled == greedy
+
+
+def test_adapter_names_with_a_trailing_newline_are_refused(model):
+    with pytest.raises(SoftPromptError, match="adapter name"):
+        model.add_adapter("nl\n", method="prompt_tuning", num_virtual_tokens=2)
+
+
 def test_stop_string_cuts_the_text_and_ends_the_row(model):
     full = model.generate(["hello"], adapters="a", max_new_tokens=10, return_details=True)[0]
     assert len(full.text) >= 3

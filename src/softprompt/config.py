@@ -38,6 +38,7 @@ from .methods import METHODS
 from .methods.base import help_field
 
 CONFIG_FILE = "config.yaml"
+MAX_CONFIG_BYTES = 1024**2  # a config is a few hundred bytes; anything near this is not a config
 SCHEDULES = ("linear", "cosine", "constant")
 EVAL_METHODS = ("score", "generate")
 #: Method-specific options and the methods that take them (all of them take num_virtual_tokens).
@@ -232,6 +233,7 @@ class TrainConfig:
         _choice(self, "eval_method", EVAL_METHODS)
         if not isinstance(self.output, str) or not self.output.strip():
             raise ConfigError(f"{flag('output')}: expected a directory path, got {self.output!r}")
+        _output_directory(self.output, [self.name] + [a.name for a in self.adapters if isinstance(a.name, str)])
         if self.device is not None and not _valid_device(self.device):
             raise ConfigError(f"{flag('device')}: expected cpu, cuda, cuda:N or mps, got {self.device!r}")
         _adapter_name(self.name, flag("name"))
@@ -338,8 +340,13 @@ def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | S
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """A YAML file's top-level mapping; a missing, unreadable or non-mapping file is a `ConfigError`."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a directory; expected a YAML config file")
     if not path.is_file():
-        raise ConfigError(f"{path}: no such config file")
+        raise ConfigError(f"{path}: no such config file" if not path.exists() else
+                          f"{path}: not a regular file; expected a YAML config file")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: is {path.stat().st_size:,} bytes; a config file is at most {MAX_CONFIG_BYTES:,}")
     try:
         value = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
@@ -593,6 +600,19 @@ def _method(value, where: str, prefix: str = "") -> str:
     return key
 
 
+def _output_directory(output: str, names: list[str]) -> None:
+    """``output`` (and each adapter's sub-directory) must be a directory or not exist yet, never a file."""
+    path = Path(output).expanduser()
+    for place in [path, *(path / n for n in names if n and "/" not in n)]:
+        if place.exists() and not place.is_dir():
+            raise ConfigError(f"{flag('output')}: {place} exists and is not a directory; choose another output path")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"{flag('output')}: {parent} is not a directory, so {path} cannot be created")
+            break
+
+
 def _valid_device(device: str) -> bool:
     kind, _, index = device.partition(":")
     return kind in ("cpu", "cuda", "mps", "xpu") and (not index or index.isdigit())
@@ -601,7 +621,7 @@ def _valid_device(device: str) -> bool:
 def _adapter_name(name, where: str) -> None:
     from .model import ADAPTER_NAME
 
-    if not isinstance(name, str) or not ADAPTER_NAME.match(name):
+    if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name):
         raise ConfigError(f"{where}: expected 1-64 letters, digits, '_' or '-' (starting with a letter or digit), "
                           f"got {name!r}")
 

@@ -38,6 +38,11 @@ _FORMAT_ALIASES = {"ndjson": "jsonl", "pq": "parquet", "hub": "hf", "txt": "phra
 _EXTENSIONS = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl",
                ".parquet": "parquet", ".pq": "parquet", ".txt": "phrasebank"}
 HUB_PREFIX = "hf:"
+#: Local data files are read into memory whole: a bigger one is refused up front, not by running out of memory.
+MAX_FILE_BYTES = 2 * 1024**3
+#: The longest value (characters) a cell may hold: a longer one is almost surely a broken file (an unclosed
+#: quote, a missing line break, binary data); examples are cut to --max-length tokens anyway.
+MAX_VALUE_CHARS = 1_000_000
 
 # A tweet or a document can exceed the csv module's default 128 KiB field limit; raise it once.
 csv.field_size_limit(2**31 - 1)
@@ -68,6 +73,12 @@ def load_rows(path_or_name: str | PathLike, *, format: str | None = None, split:
                         f"phrasebank .txt file, or a hub data set written hf:owner/name[:config].")
     if path.is_dir():
         raise DataError(f"{path} is a directory; pass the data file inside it.")
+    if not path.is_file():  # a device, pipe or socket (e.g. a symlink to /dev/zero) would never end
+        raise DataError(f"{path} is not a regular file; expected a data file.")
+    size = path.stat().st_size
+    if size > MAX_FILE_BYTES:
+        raise DataError(f"{path} is {size:,} bytes, over the {MAX_FILE_BYTES:,}-byte limit for a data file "
+                        f"(it is read into memory whole); split it or sample it.")
     if fmt is None:
         fmt = _EXTENSIONS.get(path.suffix.lower())
         if fmt is None:
@@ -95,7 +106,17 @@ def load_rows(path_or_name: str | PathLike, *, format: str | None = None, split:
             rows = _parse_phrasebank(text, path)
     if not rows:
         raise DataError(f"{path} has no rows; expected at least one example.")
+    _check_value_sizes(rows, path)
     return rows
+
+
+def _check_value_sizes(rows: list[Row], path: Path) -> None:
+    for i, row in enumerate(rows):
+        for column, value in row.items():
+            if len(value) > MAX_VALUE_CHARS:
+                raise DataError(f"{path}, row {i + 1}, column {column!r}: the value is {len(value):,} characters "
+                                f"long, over the {MAX_VALUE_CHARS:,}-character limit; is a quote or a line break "
+                                f"missing?")
 
 
 def _normalise_format(format: str | None) -> str | None:
@@ -401,11 +422,13 @@ def _parse_template(text: str) -> tuple[tuple[str, bool], ...]:
 
 
 def _label_order(label: str) -> tuple:
-    # numeric labels sort as numbers ("2" before "10"); all others alphabetically after them
+    # numeric labels sort as numbers ("2" before "10"); all others alphabetically after them. "nan" and
+    # "inf" count as text: a NaN key would make the order depend on the order the labels came in.
     try:
-        return (0, float(label), label)
+        value = float(label)
     except ValueError:
         return (1, 0.0, label)
+    return (0, value, label) if math.isfinite(value) else (1, 0.0, label)
 
 
 class Verbalizer:

@@ -354,7 +354,10 @@ def cross_validate(config: TrainConfig, k: int | None = None, *, model=None, pro
             summary[prefix + key] = {"mean": statistics.fmean(values),
                                      "std": statistics.stdev(values) if len(values) > 1 else 0.0}
     report = CrossValidationReport(config.kfold, folds, summary, Path(config.output))
-    atomic_write_json(Path(config.output) / CV_REPORT_FILE, report.to_dict())
+    from .distributed import current
+
+    if current().is_main:  # under accelerate launch / torchrun only the main process writes files
+        atomic_write_json(Path(config.output) / CV_REPORT_FILE, report.to_dict())
     return report
 
 

@@ -76,8 +76,12 @@ def generate_batch(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     for step in range(cfg.max_new_tokens):
         logits = state.logits
         if cfg.do_sample:
-            scores = warpers(None, logits)
-            next_tokens = torch.multinomial(torch.softmax(scores, -1).cpu(), 1, generator=generator)[:, 0]
+            probs = torch.softmax(warpers(None, logits).float(), -1).cpu()
+            greedy = logits.argmax(-1).cpu()
+            # A vanishing temperature (e.g. 1e-300) overflows to inf/nan: such rows decode greedily.
+            broken = ~torch.isfinite(probs).all(-1) | (cfg.temperature < 1e-6)
+            probs[broken] = torch.nn.functional.one_hot(greedy[broken], probs.shape[-1]).to(probs.dtype)
+            next_tokens = torch.multinomial(probs, 1, generator=generator)[:, 0]
         else:
             next_tokens = logits.argmax(-1).cpu()
         keep = []

@@ -6,19 +6,24 @@ from pathlib import Path
 
 import torch
 
-from .peft_format import CONFIG_FILE, META_FILE, PEFT_TYPES, WEIGHTS_FILE, read_json, read_tensors
+from .peft_format import (CONFIG_FILE, META_FILE, PEFT_TYPES, WEIGHTS_FILE, read_json, read_tensors,
+                          verify_checksum)
 
 
 def inspect_adapter(path: str | Path, model=None, *, top_k: int = 3) -> dict:
     """Summarise an adapter. With ``model`` (a SoftPromptModel of its base), list for each virtual token
     the vocabulary tokens whose input embeddings are closest (cosine similarity); input methods only."""
+    from .errors import SoftPromptError
+
     folder = Path(path)
     if not folder.is_dir():
-        from .errors import SoftPromptError
-
-        raise SoftPromptError(f"{folder}: no such adapter directory")
+        raise SoftPromptError(f"{folder}: expected an adapter directory, got a file" if folder.exists() else
+                              f"{folder}: no such adapter directory")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise SoftPromptError(f"--top-k: expected an integer of at least 1, got {top_k!r}")
     config = read_json(folder / CONFIG_FILE)
     meta = read_json(folder / META_FILE) if (folder / META_FILE).exists() else {}
+    verify_checksum(folder, WEIGHTS_FILE, meta)
     table = read_tensors(folder / WEIGHTS_FILE).get("prompt_embeddings")
     files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
     info = {
@@ -37,7 +42,7 @@ def inspect_adapter(path: str | Path, model=None, *, top_k: int = 3) -> dict:
         vocab = model.base.get_input_embeddings().weight.detach().float()
         rows = table[: int(config["num_virtual_tokens"])].float().to(vocab.device)
         sims = torch.nn.functional.normalize(rows, dim=-1) @ torch.nn.functional.normalize(vocab, dim=-1).T
-        best = sims.topk(top_k, dim=-1)
+        best = sims.topk(min(top_k, sims.shape[-1]), dim=-1)  # at most the whole vocabulary
         info["nearest_tokens"] = [
             [{"token": model.tokenizer.decode([int(i)]), "id": int(i), "cosine": round(float(s), 4)}
              for s, i in zip(scores, ids)]

@@ -119,7 +119,7 @@ class SoftPromptModel(nn.Module):
         return adapter
 
     def _check_new_name(self, name: str) -> None:
-        if not isinstance(name, str) or not ADAPTER_NAME.match(name):
+        if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name):
             raise SoftPromptError(
                 f"adapter name {name!r}: expected 1-64 letters, digits, '_' or '-', starting with a letter or digit"
             )

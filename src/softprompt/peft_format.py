@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from . import __version__
 from .builtin_names import hub_id_for
 from .errors import AdapterMismatchError, SoftPromptError
-from .fileio import atomic_directory, atomic_write_json, sha256_file
+from .fileio import atomic_directory, atomic_write_json, recover_directory, sha256_file
 from .methods import PEFT_TYPES, SoftPromptMethod, method_class
 
 CONFIG_FILE = "adapter_config.json"
@@ -33,6 +33,7 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 META_FILE = "softprompt.json"
 STATE_FILE = "training_state.safetensors"
 STATE_META_FILE = "training_state.json"
+MAX_JSON_BYTES = 16 * 1024**2  # adapter JSON files are a few KiB; a bigger one is not an adapter file
 PICKLE_FILES = ("adapter_model.bin", "pytorch_model.bin", "adapter_model.pt", "adapter_model.pth")
 
 
@@ -75,8 +76,14 @@ def save_adapter(model, name: str, path: str | Path, *, training_state: dict[str
     with atomic_directory(path) as tmp:
         if path.is_dir():  # keep what else lives there (metrics, plots, checkpoints)
             for child in path.iterdir():
-                if child.name not in (CONFIG_FILE, WEIGHTS_FILE, META_FILE, STATE_FILE, STATE_META_FILE):
-                    (shutil.copytree if child.is_dir() else shutil.copy2)(child, tmp / child.name)
+                if child.name in (CONFIG_FILE, WEIGHTS_FILE, META_FILE, STATE_FILE, STATE_META_FILE):
+                    continue
+                if child.is_symlink():  # kept as a link: never follow one into what it points at
+                    (tmp / child.name).symlink_to(child.readlink())
+                elif child.is_dir():
+                    shutil.copytree(child, tmp / child.name, symlinks=True)
+                else:
+                    shutil.copy2(child, tmp / child.name)
         save_file({"prompt_embeddings": adapter.materialized().float().cpu().contiguous()}, str(tmp / WEIGHTS_FILE),
                   metadata={"format": "pt"})
         with open(tmp / CONFIG_FILE, "w") as f:
@@ -103,6 +110,7 @@ def save_adapter(model, name: str, path: str | Path, *, training_state: dict[str
 
 def _resolve(path: str | Path) -> Path:
     local = Path(path).expanduser()
+    recover_directory(local)  # a save that a crash interrupted midway
     if local.exists():
         if not local.is_dir():
             raise SoftPromptError(f"{local}: expected an adapter directory (with {CONFIG_FILE}), got a file")
@@ -119,8 +127,13 @@ def _resolve(path: str | Path) -> Path:
 
 
 def read_json(file: Path) -> dict:
+    if file.is_dir():
+        raise SoftPromptError(f"{file}: is a directory; expected a JSON file")
     if not file.is_file():
         raise SoftPromptError(f"{file}: missing (an adapter directory needs {CONFIG_FILE} and {WEIGHTS_FILE})")
+    if file.stat().st_size > MAX_JSON_BYTES:
+        raise SoftPromptError(f"{file}: is {file.stat().st_size:,} bytes, too large for an adapter file "
+                              f"(at most {MAX_JSON_BYTES:,})")
     try:
         value = json.loads(file.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -132,6 +145,8 @@ def read_json(file: Path) -> dict:
 
 def read_tensors(file: Path) -> dict[str, torch.Tensor]:
     """Read a safetensors file; anything else (pickles included) is refused with a clear message."""
+    if file.is_dir():
+        raise SoftPromptError(f"{file}: is a directory; expected a safetensors file")
     if not file.is_file():
         for pickled in PICKLE_FILES:
             if (file.parent / pickled).exists():
@@ -145,6 +160,15 @@ def read_tensors(file: Path) -> dict[str, torch.Tensor]:
             return {key: f.get_tensor(key) for key in f.keys()}
     except Exception as exc:
         raise SoftPromptError(f"{file}: not a readable safetensors file (truncated or corrupt: {exc})") from None
+
+
+def verify_checksum(folder: Path, file_name: str, meta: dict) -> None:
+    """Raise unless ``folder/file_name`` has the sha256 that ``softprompt.json`` recorded (if it recorded one)."""
+    sums = meta.get("sha256") if isinstance(meta, dict) else None
+    expected = sums.get(file_name) if isinstance(sums, dict) else None
+    file = Path(folder) / file_name
+    if expected and file.is_file() and sha256_file(file) != expected:
+        raise SoftPromptError(f"{file}: checksum does not match {META_FILE}; the file is corrupt or was changed")
 
 
 def _check(file: Path, what: str, found, expected) -> None:
@@ -173,9 +197,14 @@ def load_adapter(model, path: str | Path, name: str | None = None, *, resume: bo
         fields = cls.config_from_peft(peft)
         n = int(peft["num_virtual_tokens"])
         if meta.get("config") and meta.get("method") == cls.config_class.method:
+            if not isinstance(meta["config"], dict):
+                raise SoftPromptError(f"{folder / META_FILE}: 'config' must be a JSON object, "
+                                      f"got {type(meta['config']).__name__}")
             fields = {k: v for k, v in meta["config"].items() if k != "method"}
-        config = cls.config_class.from_dict(fields, source=str(config_file))
-    except (KeyError, TypeError, ValueError) as exc:
+            config = cls.config_class.from_dict(fields, source=str(folder / META_FILE))
+        else:
+            config = cls.config_class.from_dict(fields, source=str(config_file))
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise SoftPromptError(f"{config_file}: missing or malformed field ({exc})") from None
     shape = model.shape
     kv = cls.adds == "kv"
@@ -183,10 +212,12 @@ def load_adapter(model, path: str | Path, name: str | None = None, *, resume: bo
     _check(config_file, "token width (token_dim)", peft.get("token_dim"), shape.prefix_token_dim if kv else shape.hidden_size)
     if kv:
         _check(config_file, "key/value heads (num_attention_heads)", peft.get("num_attention_heads"), shape.prefix_heads)
+    saved_shape = meta.get("shape")
+    if isinstance(saved_shape, dict) and isinstance(saved_shape.get("vocab_size"), int):
+        # Same width and depth but another vocabulary: another base model, whose embeddings mean other things.
+        _check(folder / META_FILE, "vocabulary size (shape.vocab_size)", saved_shape["vocab_size"], shape.vocab_size)
     weights_file = folder / WEIGHTS_FILE
-    expected_sum = meta.get("sha256", {}).get(WEIGHTS_FILE)
-    if expected_sum and weights_file.is_file() and sha256_file(weights_file) != expected_sum:
-        raise SoftPromptError(f"{weights_file}: checksum does not match {META_FILE}; the file is corrupt or was changed")
+    verify_checksum(folder, WEIGHTS_FILE, meta)
     tensors = read_tensors(weights_file)
     if "prompt_embeddings" not in tensors:
         raise SoftPromptError(f"{weights_file}: no 'prompt_embeddings' tensor (found: {', '.join(tensors) or 'none'})")
@@ -199,6 +230,7 @@ def load_adapter(model, path: str | Path, name: str | None = None, *, resume: bo
     if resume:
         state_file = folder / STATE_FILE
         if state_file.exists():
+            verify_checksum(folder, STATE_FILE, meta)
             state = read_tensors(state_file)
             own = {k[len("adapter."):]: v for k, v in state.items() if k.startswith("adapter.")}
             if own:
@@ -215,6 +247,9 @@ def load_adapter(model, path: str | Path, name: str | None = None, *, resume: bo
 def read_training_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """The training-state tensors (optimizer etc., adapter weights excluded) and metadata of an adapter."""
     folder = Path(path)
+    recover_directory(folder)
+    if (folder / STATE_FILE).exists() and (folder / META_FILE).exists():
+        verify_checksum(folder, STATE_FILE, read_json(folder / META_FILE))
     tensors = read_tensors(folder / STATE_FILE) if (folder / STATE_FILE).exists() else {}
     meta = read_json(folder / STATE_META_FILE) if (folder / STATE_META_FILE).exists() else {}
     return {k: v for k, v in tensors.items() if not k.startswith("adapter.")}, meta

@@ -27,6 +27,10 @@ Read it top to bottom like nanoGPT's ``train.py``: `train` loads the data and th
   inside the epoch, best scores, early-stopping counters and RNG states from ``checkpoints/last``; the
   result is bit-for-bit the adapter an uninterrupted run gives (on CPU). The latest state is saved at
   every validation, every ``save_every`` optimizer steps and when training ends.
+* **Several processes** (``accelerate launch`` / ``torchrun``; `softprompt.distributed`,
+  ``docs/distributed.md``): each process takes its slice of every global batch, the adapters' gradients
+  are summed over processes (the one-process result within rounding), and rank 0 alone validates and
+  writes files. One process runs exactly the code above.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ import dataclasses
 import json
 import math
 import random
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,11 +51,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from . import distributed
 from .config import ResolvedAdapter, TrainConfig, flag, save_resolved
 from .data import Example, Verbalizer, build_examples, train_val_split
 from .errors import ConfigError, DataError
 from .evaluate import evaluate, example_loss, fingerprint
-from .fileio import atomic_write_text
+from .fileio import atomic_write_text, recover_directory
 from .metrics import perplexity, plot_loss_curve
 from .peft_format import load_adapter, read_training_state
 from .tokens import pad_batch, pad_id
@@ -224,6 +231,7 @@ class _State:
     stopped: list[str] = field(default_factory=list)  # adapters stopped early
     zero_shot: dict[str, dict] = field(default_factory=dict)
     last_eval_step: int = -1
+    world_size: int = 1  # processes training together (resume needs as many)
     loss_sum: float = 0.0  # training loss since the last log line
     loss_steps: int = 0
     metrics_lines: int = 0
@@ -247,7 +255,39 @@ def train(config: TrainConfig, model=None, *, on_step: Callable[[StepInfo], None
                           f"(the CLI runs it when --kfold is given)")
     jobs = [prepare_job(spec) for spec in config.resolved_adapters()]
     model = model if model is not None else load_model(config)
-    return train_jobs(config, model, jobs, on_step=on_step, progress=progress)
+    with _stop_at_step_boundary_on_ctrl_c():
+        return train_jobs(config, model, jobs, on_step=on_step, progress=progress)
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped training after the latest state was saved; the message says where."""
+
+
+_CTRL_C = threading.Event()
+
+
+@contextlib.contextmanager
+def _stop_at_step_boundary_on_ctrl_c():
+    """While training in one process, Ctrl-C (SIGINT) only sets a flag: the loop then saves the latest state
+    at the next step boundary and raises `TrainingInterrupted`, so ``--resume`` continues exactly. A second
+    Ctrl-C interrupts at once (the handler that was there before comes back)."""
+    if threading.current_thread() is not threading.main_thread() or distributed.launched_world_size() > 1 \
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield  # not ours to change: another thread, several processes, or SIGINT already handled/ignored
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def on_ctrl_c(signum, frame):
+        _CTRL_C.set()
+        signal.signal(signal.SIGINT, previous)
+
+    _CTRL_C.clear()
+    signal.signal(signal.SIGINT, on_ctrl_c)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        _CTRL_C.clear()
 
 
 def load_model(config: TrainConfig):
@@ -255,7 +295,7 @@ def load_model(config: TrainConfig):
         raise ConfigError(f"{flag('model')}: required (a built-in name, a local checkpoint directory or a hub id)")
     from .loading import load
 
-    return load(config.model, device=config.device or default_device())
+    return load(config.model, device=distributed.current().device(config.device) or default_device())
 
 
 def default_device() -> str:
@@ -266,13 +306,14 @@ def train_jobs(config: TrainConfig, model, jobs: list[AdapterJob], *,
                on_step: Callable[[StepInfo], None] | None = None, progress: bool = True) -> TrainResult:
     """The training loop over prepared jobs, all on ``model`` (see the module docstring)."""
     # ------------------------------------------------------------------ set-up
-    if config.device:
-        model.to(config.device)
+    dist = distributed.current()  # one process, or this one of several (accelerate launch / torchrun)
+    dist.check(config.batch_size)
+    device = dist.device(config.device)
+    if device:
+        model.to(device)
     if not config.model:
         config = dataclasses.replace(config, model=model.name_or_path)
     output = Path(config.output)
-    output.mkdir(parents=True, exist_ok=True)
-    save_resolved(config, output)
     names = [job.name for job in jobs]
     for job in jobs:
         if job.name in model.adapters:
@@ -289,9 +330,12 @@ def train_jobs(config: TrainConfig, model, jobs: list[AdapterJob], *,
     for job in jobs:
         model.add_adapter(job.name, method=job.spec.method, seed=job.spec.seed, **job.spec.method_options)
     if config.resume:
-        saved = _read_checkpoints(config, output, names)
+        saved = _read_checkpoints(config, output, names, dist)
         for job in jobs:  # the adapters, reparameterisation included, as they were
             load_adapter(model, output / job.name / LAST, name=job.name, resume=True)
+    if dist.is_main:  # only the main process writes files, and only once every check has passed
+        output.mkdir(parents=True, exist_ok=True)
+        save_resolved(config, output)
     model.train()
     items = {job.name: encode_examples(model, job.train, job.name, config.max_length) for job in jobs}
     pad = pad_id(model.tokenizer)
@@ -309,13 +353,13 @@ def train_jobs(config: TrainConfig, model, jobs: list[AdapterJob], *,
     scheduler = get_scheduler(config.lr_schedule, optimizer, num_warmup_steps=warmup_steps,
                               num_training_steps=total_steps)
 
-    state = _State(active=list(names), bad_evals={n: 0 for n in names})
-    log = _MetricsLog(output / METRICS_FILE)
+    state = _State(active=list(names), bad_evals={n: 0 for n in names}, world_size=dist.world_size)
+    log = _MetricsLog(output / METRICS_FILE, write=dist.is_main)
     if config.resume:
         state = _restore(saved, model, jobs, optimizer, scheduler, log)
     else:
         log.reset()
-        if config.eval_zero_shot:  # the bare base model on every adapter's validation rows, once
+        if config.eval_zero_shot and dist.is_main:  # the bare base model on every adapter's validation rows, once
             for job in jobs:
                 if job.val:
                     metrics = validate(model, job, None, config)
@@ -326,6 +370,11 @@ def train_jobs(config: TrainConfig, model, jobs: list[AdapterJob], *,
 
     def evaluate_and_checkpoint() -> None:
         """Validate every active adapter, keep the best, count patience, save the latest state."""
+        if dist.is_main:  # the main process validates and saves, then every process goes on with its state
+            _evaluate_and_checkpoint()
+        dist.share_state(state)
+
+    def _evaluate_and_checkpoint() -> None:
         for job in jobs:
             if job.name not in state.active:
                 continue
@@ -355,28 +404,40 @@ def train_jobs(config: TrainConfig, model, jobs: list[AdapterJob], *,
 
     # ------------------------------------------------------------------ loop
     bar = tqdm(total=total_steps, initial=state.step, desc=f"train {', '.join(names)}"[:40], unit="step",
-               disable=not progress, dynamic_ncols=True)
+               disable=not progress or not dist.is_main, dynamic_ncols=True)
     started = time.time()
     while not state.finished and state.epoch < config.epochs and state.active:
         rows = [item for name in state.active for item in items[name]]
         groups = epoch_groups(rows, state.epoch, config.seed, config.batch_size, config.grad_accum)
         while state.group < len(groups) and (config.max_steps is None or state.step < config.max_steps):
+            if _CTRL_C.is_set():  # Ctrl-C: save the latest state here, between two steps, and stop
+                _save_checkpoint(model, jobs, optimizer, scheduler, state, config, output, log)
+                bar.close()
+                raise TrainingInterrupted(f"stopped after step {state.step}; the latest state is saved in "
+                                          f"{output / names[0] / LAST}; continue with --resume")
             # one optimizer step: forward/backward over grad_accum batches, then AdamW and the schedule
             group = groups[state.group]
             step_loss = 0.0
             for batch in group:
-                ids, mask, labels, adapters = collate(batch, pad)
-                with torch.autocast(device_type=model.device.type, dtype=torch.bfloat16, enabled=config.bf16):
-                    out = model(ids, mask, adapters=adapters, labels=labels)
-                loss = out.loss.float() / len(group)
-                loss.backward()
-                step_loss += float(loss.detach())
+                batch = dist.shard(batch)  # this process's rows of the batch (all of them in one process)
+                out = None
+                if batch:
+                    ids, mask, labels, adapters = collate(batch, pad)
+                    with torch.autocast(device_type=model.device.type, dtype=torch.bfloat16, enabled=config.bf16):
+                        out = model(ids, mask, adapters=adapters, labels=labels)
+                loss = dist.batch_loss(out)  # the batch's mean label-token loss (this process's share of it)
+                if loss is not None:
+                    loss = loss / len(group)
+                    loss.backward()
+                    step_loss += float(loss.detach())
+            step_loss = dist.sync_gradients(optimizer, step_loss)  # sums gradients over processes
             if config.max_grad_norm is not None:
                 for param_group in optimizer.param_groups:
                     torch.nn.utils.clip_grad_norm_(param_group["params"], config.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            dist.share_rng()
             state.step += 1
             state.group += 1
             state.loss_sum += step_loss
@@ -389,7 +450,7 @@ def train_jobs(config: TrainConfig, model, jobs: list[AdapterJob], *,
                 state.loss_sum, state.loss_steps = 0.0, 0
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{next(iter(lrs.values())):.2e}", refresh=False)
-            if config.save_every and state.step % config.save_every == 0:
+            if config.save_every and state.step % config.save_every == 0 and dist.is_main:
                 _save_checkpoint(model, jobs, optimizer, scheduler, state, config, output, log)
             if on_step is not None:
                 on_step(StepInfo(state.step, state.epoch + 1, step_loss, lrs))
@@ -406,8 +467,11 @@ def train_jobs(config: TrainConfig, model, jobs: list[AdapterJob], *,
         if state.last_eval_step != state.step:
             evaluate_and_checkpoint()
         state.finished = True
-        _save_checkpoint(model, jobs, optimizer, scheduler, state, config, output, log)
-    _plot(log, jobs, output)
+        if dist.is_main:
+            _save_checkpoint(model, jobs, optimizer, scheduler, state, config, output, log)
+    if dist.is_main:
+        _plot(log, jobs, output)
+    dist.barrier()  # the best adapters are on disk for every process
     results = {}
     for job in jobs:  # leave the model holding each adapter's best checkpoint, ready for inference
         load_adapter(model, output / job.name, name=job.name)
@@ -455,12 +519,14 @@ def _score(metrics: dict, job: AdapterJob) -> tuple:
 class _MetricsLog:
     """``metrics.jsonl``: one JSON record per line, appended as training goes."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, write: bool = True):
         self.path = path
+        self.write = write  # False: keep the records in memory only (processes other than the main one)
         self.records: list[dict] = []
 
     def reset(self) -> None:
-        atomic_write_text(self.path, "")
+        if self.write:
+            atomic_write_text(self.path, "")
         self.records = []
 
     def truncate(self, lines: int) -> None:
@@ -468,13 +534,18 @@ class _MetricsLog:
         records = []
         if self.path.is_file():
             for line in self.path.read_text(encoding="utf-8").splitlines():
+                if len(records) == lines:
+                    break  # later lines the checkpoint never knew about (the last may be half-written)
                 if line.strip():
                     records.append(json.loads(line))
         self.records = records[:lines]
-        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
+        if self.write:
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
 
     def append(self, record: dict) -> None:
         self.records.append(record)
+        if not self.write:
+            return
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -539,8 +610,14 @@ def _save_checkpoint(model, jobs, optimizer, scheduler, state: _State, config: T
             model.save_adapter(job.name, output / job.name / LAST, training_state=tensors, training_meta=meta)
 
 
-def _read_checkpoints(config: TrainConfig, output: Path, names: list[str]) -> dict[str, tuple[dict, dict]]:
+def _read_checkpoints(config: TrainConfig, output: Path, names: list[str],
+                      dist: distributed.Distributed | None = None) -> dict[str, tuple[dict, dict]]:
     """Each adapter's latest checkpoint; they must agree with each other and with ``config``."""
+    dist = dist or distributed.Distributed()
+    if dist.is_main:
+        for name in names:
+            recover_directory(output / name / LAST)  # a save that a crash interrupted midway
+    dist.barrier()
     saved = {}
     for name in names:
         path = output / name / LAST
@@ -551,6 +628,11 @@ def _read_checkpoints(config: TrainConfig, output: Path, names: list[str]) -> di
     if len(set(steps.values())) != 1:
         raise ConfigError(f"{flag('resume')}: the adapters' checkpoints are from different steps ({steps}); "
                           f"the previous run was interrupted while saving them; train again without --resume")
+    processes = next(iter(saved.values()))[1]["state"].get("world_size", 1)
+    if processes != dist.world_size:
+        raise ConfigError(f"{flag('resume')}: the run being resumed trained on {processes} process(es), this one "
+                          f"on {dist.world_size}; launch {processes} (accelerate launch --num_processes {processes}) "
+                          f"to resume")
     previous = next(iter(saved.values()))[1]["config"]
     current = config.to_dict()
     changed = [k for k in current if k not in RESUMABLE_CHANGES and previous.get(k) != current[k]]
@@ -613,7 +695,7 @@ def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
 
 
 __all__ = [
-    "train", "train_jobs", "prepare_job", "AdapterJob", "AdapterResult", "TrainResult", "StepInfo",
+    "train", "train_jobs", "prepare_job", "TrainingInterrupted", "AdapterJob", "AdapterResult", "TrainResult", "StepInfo",
     "encode_example", "encode_examples", "collate", "epoch_groups", "validate", "load_model", "METRICS_FILE",
     "LOSS_PNG",
 ]

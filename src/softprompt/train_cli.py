@@ -20,16 +20,22 @@ def cmd_train(args, extra: list[str]) -> int:
 
     path = extra[0] if extra and not extra[0].startswith("-") else None
     config = load_config(path, overrides=extra[1:] if path else extra)
+    from .distributed import current
+
+    main = current().is_main  # under accelerate launch / torchrun only the main process prints
     if config.kfold:
         from .evaluate import cross_validate
 
-        print(cross_validate(config).format())
+        report = cross_validate(config)
+        if main:
+            print(report.format())
         return 0
     from .train import train
 
     result = train(config)
     for name, adapter in result.adapters.items():
-        print(f"{name}: best {adapter.best} -> {adapter.path}")
+        if main:
+            print(f"{name}: best {adapter.best} -> {adapter.path}")
     return 0
 
 

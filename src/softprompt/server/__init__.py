@@ -61,4 +61,4 @@ def serve(model_name: str, adapters: dict[str, str] | None = None, adapter_dir: 
     model = load(model_name, dtype=settings.dtype, device=settings.device)
     app = create_app(model, settings)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=30)
+                timeout_keep_alive=settings.keep_alive_s, timeout_graceful_shutdown=30)

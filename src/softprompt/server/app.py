@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..scoring import LabelScores
 from .batcher import Batcher, Job, Sampling
 from .metrics import Metrics, MetricsMiddleware
+from .openapi import build_openapi
 from .prompting import chat_prompt_ids, encode
 from .registry import AdapterEntry, AdapterRegistry
 from .schemas import (APIError, AssistantMessage, ChatChoice, ChatCompletionRequest, ChatCompletionResponse,
@@ -82,6 +83,30 @@ class BodyLimitMiddleware:
         await self.app(scope, limited, send)
 
 
+def _unpaired_surrogate(value) -> str | None:
+    """Where the first lone surrogate (which no tokenizer accepts) is: the dotted path of the string, or of the
+    object whose key holds it ("" for the top level); None when there is none."""
+    stack = [("", value)]
+    while stack:
+        path, item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return path
+        elif isinstance(item, dict):
+            for key, child in reversed(list(item.items())):
+                where = f"{path}.{key}" if path else str(key)
+                try:
+                    key.encode("utf-8")
+                except UnicodeEncodeError:
+                    return path
+                stack.append((where, child))
+        elif isinstance(item, list):
+            stack.extend((f"{path}.{i}", child) for i, child in reversed(list(enumerate(item))))
+    return None
+
+
 def context_window(model) -> int | None:
     """Most positions a causal model can attend over (None: no fixed limit, e.g. ALiBi or T5)."""
     if model.shape.is_encoder_decoder:
@@ -130,6 +155,13 @@ def create_app(model, settings: ServerSettings | None = None) -> FastAPI:
     app.state.settings, app.state.model, app.state.registry = settings, model, registry
     app.state.batcher, app.state.metrics, app.state.base_name = batcher, metrics, base_name
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            app.openapi_schema = build_openapi(app, settings)
+        return app.openapi_schema
+
+    app.openapi = openapi
     app.add_middleware(MetricsMiddleware, metrics=metrics)
 
     # ------------------------------------------------------------------ errors
@@ -172,8 +204,14 @@ def create_app(model, settings: ServerSettings | None = None) -> FastAPI:
                 from None
         except RecursionError:
             raise invalid("request body is nested too deeply") from None
+        except ValueError:  # an integer literal longer than Python reads (4300 digits)
+            raise invalid("request body has a number too long to read (more than 4300 digits)") from None
         if not isinstance(value, dict):
             raise invalid(f"request body must be a JSON object, got {type(value).__name__}")
+        bad = _unpaired_surrogate(value)
+        if bad is not None:
+            raise invalid(f"{bad or 'body'}: text contains an unpaired UTF-16 surrogate (a lone \\ud800-\\udfff "
+                          "escape); send valid Unicode", param=bad or None)
         return value
 
     def parse(cls: type[BaseModel], value: dict):
@@ -182,12 +220,12 @@ def create_app(model, settings: ServerSettings | None = None) -> FastAPI:
         except ValidationError as exc:
             raise validation_error(exc) from None
 
-    def sampling_for(req, max_tokens: int | None) -> Sampling:
+    def sampling_for(req, max_tokens: int | None, param: str = "max_tokens") -> Sampling:
         if max_tokens is None:
             max_tokens = settings.default_max_tokens
         if max_tokens > settings.max_tokens_limit:
-            raise invalid(f"max_tokens: at most {settings.max_tokens_limit} on this server (got {max_tokens})",
-                          param="max_tokens")
+            raise invalid(f"{param}: at most {settings.max_tokens_limit} on this server (got {max_tokens})",
+                          param=param)
         return Sampling(max_new_tokens=max_tokens,
                         temperature=1.0 if req.temperature is None else float(req.temperature),
                         top_p=1.0 if req.top_p is None else float(req.top_p),
@@ -331,7 +369,8 @@ def create_app(model, settings: ServerSettings | None = None) -> FastAPI:
         req: ChatCompletionRequest = parse(ChatCompletionRequest, await read_json(request))
         req.check_supported()
         entry = registry.resolve(req.model)
-        sampling = sampling_for(req, req.token_limit())
+        sampling = sampling_for(req, req.token_limit(),
+                                "max_tokens" if req.max_completion_tokens is None else "max_completion_tokens")
         messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
                     for m in req.messages]
         try:

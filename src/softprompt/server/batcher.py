@@ -51,6 +51,11 @@ from .schemas import APIError
 log = logging.getLogger("softprompt.server")
 
 
+# Temperatures below this decode greedily (their limit): dividing logits by a denormal such as 1e-311
+# overflows to inf, and softmax then gives NaN probabilities.
+MIN_SAMPLING_TEMPERATURE = 1e-6
+
+
 def _client_gone() -> APIError:
     return APIError(499, "the client closed the connection", code="client_closed")
 
@@ -69,7 +74,7 @@ class Sampling:
 
     @property
     def do_sample(self) -> bool:
-        return self.temperature > 0 and self.top_p > 0
+        return self.temperature >= MIN_SAMPLING_TEMPERATURE and self.top_p > 0
 
 
 class Job:
@@ -179,13 +184,23 @@ def _trim(state) -> None:
 
 
 def _held_back(text: str, stops: list[str]) -> int:
-    """Length of the longest suffix of ``text`` that could still grow into a stop string."""
+    """Length of the longest suffix of ``text`` that could still grow into a stop string.
+
+    Only suffixes starting with the stop string's first character can match, so those are the only ones
+    compared (found with ``str.find``), longest first: a few C-level calls per step, not one per length.
+    """
     best = 0
     for stop in stops:
-        for k in range(min(len(stop) - 1, len(text)), best, -1):
-            if text.endswith(stop[:k]):
-                best = k
+        limit = min(len(stop) - 1, len(text))
+        if limit <= best:
+            continue
+        first, end = stop[0], len(text)
+        position = text.find(first, end - limit)
+        while position != -1 and end - position > best:
+            if stop.startswith(text[position:]):
+                best = end - position
                 break
+            position = text.find(first, position + 1)
     return best
 
 
@@ -439,8 +454,11 @@ class Batcher:
                 self._fail(row.job, _client_gone())  # resolves the job, which unpins its adapter
                 continue
             if row.warpers is not None:
-                scores = row.warpers(None, logits[slot:slot + 1])
-                token = int(torch.multinomial(torch.softmax(scores, -1).cpu(), 1, generator=row.generator)[0, 0])
+                probs = torch.softmax(row.warpers(None, logits[slot:slot + 1]), -1).cpu()
+                if bool(torch.isfinite(probs).all()):
+                    token = int(torch.multinomial(probs, 1, generator=row.generator)[0, 0])
+                else:  # non-finite logits (e.g. a float16 overflow): the row's greedy token, never a crash
+                    token = int(greedy[slot])
             else:
                 token = int(greedy[slot])
             self._advance_row(row, token)

@@ -12,7 +12,7 @@ from dataclasses import fields
 from .settings import ServerSettings
 
 _TYPES = {"int": int, "float": float, "str": str, "str | None": str}
-_METAVARS = {"retry_after_s": "SECONDS", "adapter_wait_s": "SECONDS", "batch_window_ms": "MS",
+_METAVARS = {"retry_after_s": "SECONDS", "keep_alive_s": "SECONDS", "adapter_wait_s": "SECONDS", "batch_window_ms": "MS",
              "max_resident_adapters": "N", "max_queue": "N", "max_inputs": "N", "max_labels": "N",
              "max_batch_size": "N", "max_prompt_tokens": "TOKENS", "max_tokens_limit": "TOKENS",
              "default_max_tokens": "TOKENS", "max_body_bytes": "BYTES", "served_model_name": "NAME",

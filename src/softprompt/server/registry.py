@@ -57,7 +57,7 @@ class _Capture:
         self.captured = None
 
     def _check_new_name(self, name: str) -> None:
-        if not isinstance(name, str) or not ADAPTER_NAME.match(name):
+        if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name):
             raise SoftPromptError(f"adapter name {name!r}: expected 1-64 letters, digits, '_' or '-', "
                                   "starting with a letter or digit")
 
@@ -116,7 +116,7 @@ class AdapterRegistry:
         if self.adapter_dir is not None:
             given = {n for n, _, _ in candidates} | set(self.entries)
             for child in sorted(self.adapter_dir.iterdir()):
-                if child.name in given or not ADAPTER_NAME.match(child.name) or not (child / CONFIG_FILE).is_file():
+                if child.name in given or not ADAPTER_NAME.fullmatch(child.name) or not (child / CONFIG_FILE).is_file():
                     continue
                 if not self._inside(child):
                     log.warning("adapter dir: %s resolves outside %s; skipped", child.name, self.adapter_dir)
@@ -313,7 +313,7 @@ class AdapterRegistry:
 
     def admin_path(self, name: str) -> Path:
         """``<adapter_dir>/<name>``, refusing bad names and anything that resolves outside the directory."""
-        if not ADAPTER_NAME.match(name):
+        if not ADAPTER_NAME.fullmatch(name):
             raise APIError(400, f"adapter name {name[:80]!r}: expected 1-64 letters, digits, '_' or '-', starting "
                                 "with a letter or digit (names only, never paths)", param="name")
         if self.adapter_dir is None:
@@ -365,7 +365,7 @@ class AdapterRegistry:
         return entry
 
     async def admin_unload(self, name: str) -> None:
-        if not ADAPTER_NAME.match(name):
+        if not ADAPTER_NAME.fullmatch(name):
             raise APIError(400, f"adapter name {name[:80]!r}: expected 1-64 letters, digits, '_' or '-'",
                            param="name")
         entry = self.entries.get(name)

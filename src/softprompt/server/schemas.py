@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import PydanticCustomError
 
 MAX_STOP = 4  # OpenAI's limit on stop sequences
+MAX_STOP_CHARS = 256  # longest stop sequence: streaming compares the text's tail with each one at every token
 MAX_SEED = 2**63 - 1
 
 
@@ -111,6 +112,8 @@ class _SamplingRequest(_Request):
             raise _custom(f"at most {MAX_STOP} stop sequences")
         if any(s == "" for s in items):
             raise _custom("stop sequences must not be empty")
+        if any(len(s) > MAX_STOP_CHARS for s in items):
+            raise _custom(f"stop sequences are at most {MAX_STOP_CHARS} characters long")
         return items
 
     def stop_list(self) -> list[str]:

@@ -49,6 +49,10 @@ class ServerSettings:
     host: str = _opt("127.0.0.1", "Address to listen on (default loopback only; use 0.0.0.0 behind a load balancer).")
     port: int = _opt(8000, "TCP port to listen on (0 picks a free one).")
     log_level: str = _opt("info", "Log level: critical, error, warning, info or debug.")
+    keep_alive_s: int = _opt(
+        5, "Seconds an idle keep-alive connection stays open. Behind a load balancer or proxy that reuses "
+           "connections, set it above the balancer's idle timeout (e.g. 75 for a 60 s one), so the balancer "
+           "never sends a request on a connection the server is closing.")
 
     # ----------------------------------------------------------------- batching
     max_batch_size: int = _opt(32, "Most sequences decoded together in one step (across all adapters).")
@@ -89,6 +93,8 @@ class ServerSettings:
                 raise ConfigError(f"--{_flag(name)}: expected a positive integer, got {value!r}")
         if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
             raise ConfigError(f"--port: expected 0-65535, got {self.port!r}")
+        if isinstance(self.keep_alive_s, bool) or not isinstance(self.keep_alive_s, int) or self.keep_alive_s < 1:
+            raise ConfigError(f"--keep-alive-s: expected a whole number of seconds >= 1, got {self.keep_alive_s!r}")
         if isinstance(self.retry_after_s, bool) or not isinstance(self.retry_after_s, int) or self.retry_after_s < 0:
             raise ConfigError(f"--retry-after-s: expected a whole number of seconds >= 0, got {self.retry_after_s!r}")
         for name in ("batch_window_ms", "adapter_wait_s"):
@@ -103,7 +109,7 @@ class ServerSettings:
         if not isinstance(self.adapters, dict):
             raise ConfigError(f"adapters: expected a mapping NAME -> PATH, got {type(self.adapters).__name__}")
         for name in self.adapters:
-            if not isinstance(name, str) or not ADAPTER_NAME.match(name):
+            if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name):
                 raise ConfigError(f"--adapter {name!r}: adapter names are 1-64 letters, digits, '_' or '-', "
                                   "starting with a letter or digit")
         if self.served_model_name is not None and not self.served_model_name.strip():
