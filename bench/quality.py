@@ -456,6 +456,18 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+NOTES_MARKER = "<!-- notes: kept when the tables above are regenerated -->"
+
+
+def write_doc(path: str, result: dict) -> None:
+    """Write the generated tables, keeping any hand-written notes below NOTES_MARKER."""
+    target = Path(path)
+    notes = ""
+    if target.exists() and NOTES_MARKER in target.read_text():
+        notes = target.read_text().split(NOTES_MARKER, 1)[1]
+    target.write_text(markdown(result) + ("\n" + NOTES_MARKER + notes if notes else ""))
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__.split("\n\n")[0])
     p.add_argument("--tasks", default="financial_phrasebank,sst2,raft_twitter_complaints,generation",
@@ -476,7 +488,7 @@ def main(argv=None) -> int:
     if args.report_only:
         result = json.loads((Path(args.out) / "quality.json").read_text())
         if args.doc:
-            Path(args.doc).write_text(markdown(result))
+            write_doc(args.doc, result)
         if result["meta"]["budget"] != "quick":
             export_examples(result)
         return 0
@@ -506,7 +518,7 @@ def main(argv=None) -> int:
         result["meta"]["seconds"] = time.time() - started
         (out / "quality.json").write_text(json.dumps(result, indent=2, default=str))  # after every task
     if args.doc:
-        Path(args.doc).write_text(markdown(result))
+        write_doc(args.doc, result)
     if not args.quick:
         export_examples(result)
     print(f"done in {(time.time() - started) / 60:.1f} min; {out / 'quality.json'}")
