@@ -247,6 +247,26 @@ def test_ctrl_c_in_process_saves_at_a_step_boundary(run, tmp_path):
     assert_same_run(run.reference, out)
 
 
+def test_sigterm_saves_like_ctrl_c_and_resume_is_bit_identical(run, tmp_path):
+    """`kill PID` (SIGTERM, what job schedulers send before SIGKILL) stops at a step boundary after saving."""
+    from softprompt.config import load_config
+    from softprompt.train import TrainingInterrupted, train
+
+    out = tmp_path / "term"
+    config = load_config(None, train_argv(run, out)[1:])
+
+    def on_step(info):
+        if info.step == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(TrainingInterrupted, match="stopped after step 4"):
+        train(config, on_step=on_step, progress=False)
+    assert checkpoint_step(out) == 4
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the default is given back
+    train(load_config(None, train_argv(run, out, "--resume")[1:]), progress=False)
+    assert_same_run(run.reference, out)
+
+
 def test_half_written_metrics_line_after_the_checkpoint_does_not_stop_resume(run, tmp_path):
     out = tmp_path / "metrics"
     argv = train_argv(run, out, "--epochs", "1", "--eval-every", "1")

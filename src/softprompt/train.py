@@ -268,25 +268,29 @@ _CTRL_C = threading.Event()
 
 @contextlib.contextmanager
 def _stop_at_step_boundary_on_ctrl_c():
-    """While training in one process, Ctrl-C (SIGINT) only sets a flag: the loop then saves the latest state
-    at the next step boundary and raises `TrainingInterrupted`, so ``--resume`` continues exactly. A second
-    Ctrl-C interrupts at once (the handler that was there before comes back)."""
-    if threading.current_thread() is not threading.main_thread() or distributed.launched_world_size() > 1 \
-            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-        yield  # not ours to change: another thread, several processes, or SIGINT already handled/ignored
+    """While training in one process, Ctrl-C (SIGINT) or SIGTERM (what `kill`, systemd and job schedulers
+    send) only sets a flag: the loop then saves the latest state at the next step boundary and raises
+    `TrainingInterrupted`, so ``--resume`` continues exactly. A second signal acts at once (the handler
+    that was there before comes back). Signals someone else already handles are left alone."""
+    if threading.current_thread() is not threading.main_thread() or distributed.launched_world_size() > 1:
+        yield  # not ours to change: another thread, or several processes
         return
-    previous = signal.getsignal(signal.SIGINT)
+    defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+    previous = {sig: signal.getsignal(sig) for sig, default in defaults.items()
+                if signal.getsignal(sig) is default}
 
-    def on_ctrl_c(signum, frame):
+    def on_signal(signum, frame):
         _CTRL_C.set()
-        signal.signal(signal.SIGINT, previous)
+        signal.signal(signum, previous[signum])
 
     _CTRL_C.clear()
-    signal.signal(signal.SIGINT, on_ctrl_c)
+    for sig in previous:
+        signal.signal(sig, on_signal)
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         _CTRL_C.clear()
 
 
