@@ -171,3 +171,29 @@ def test_cross_validate_trains_all_folds_in_one_job(tmp_path):
     assert "±" in report.format()
     for i in (1, 2, 3):
         assert (tmp_path / "cv" / f"default-fold{i}" / "adapter_model.safetensors").is_file()
+
+
+def test_cross_validation_interrupted_by_a_signal_saves_and_resumes_to_the_same_report(tmp_path):
+    import os
+    import signal
+
+    from softprompt.train import TrainingInterrupted
+
+    data = toy_csv(tmp_path / "toy.csv", 24)
+    values = {"data": data, "label_column": "label", "method": "prompt_tuning", "num_virtual_tokens": 2,
+              "lr": 0.3, "epochs": 3, "batch_size": 8, "val_fraction": 0.0, "eval_zero_shot": False, "seed": 1}
+    reference = cross_validate(load_config(None, {**values, "output": str(tmp_path / "ref")}), k=2,
+                               model=tiny_model("gpt2"), progress=False)
+
+    def on_step(info):
+        if info.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    out = str(tmp_path / "cv")
+    with pytest.raises(TrainingInterrupted, match="stopped after step 2"):
+        cross_validate(load_config(None, {**values, "output": out}), k=2, model=tiny_model("gpt2"), progress=False,
+                       on_step=on_step)
+    resumed = cross_validate(load_config(None, {**values, "output": out, "resume": True}), k=2,
+                             model=tiny_model("gpt2"), progress=False)
+    assert resumed.summary == reference.summary
+    assert [f.predictions for f in resumed.folds] == [f.predictions for f in reference.folds]

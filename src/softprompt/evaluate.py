@@ -318,7 +318,7 @@ def cross_validate(config: TrainConfig, k: int | None = None, *, model=None, pro
     standard deviation is the sample standard deviation over folds. ``output/cv_report.json`` holds
     the report.
     """
-    from .train import load_model, prepare_job, train_jobs
+    from .train import stop_at_step_boundary_on_signals, load_model, prepare_job, train_jobs
 
     config = dataclasses.replace(config, adapters=[dataclasses.replace(a) for a in config.adapters])
     if k is not None:
@@ -342,7 +342,8 @@ def cross_validate(config: TrainConfig, k: int | None = None, *, model=None, pro
         in_test = {id(r) for r in test_rows}
         tests.append([e for e in rendered if id(e.row) in in_test])
     model = model if model is not None else load_model(config)
-    result = train_jobs(config, model, jobs, on_step=on_step, progress=progress)
+    with stop_at_step_boundary_on_signals():  # Ctrl-C / SIGTERM: save, then stop (resumable)
+        result = train_jobs(config, model, jobs, on_step=on_step, progress=progress)
     folds = []
     for job, test in zip(jobs, tests):
         seen = {fingerprint(e.text) for e in job.train + job.val}

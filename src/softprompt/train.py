@@ -255,7 +255,7 @@ def train(config: TrainConfig, model=None, *, on_step: Callable[[StepInfo], None
                           f"(the CLI runs it when --kfold is given)")
     jobs = [prepare_job(spec) for spec in config.resolved_adapters()]
     model = model if model is not None else load_model(config)
-    with _stop_at_step_boundary_on_ctrl_c():
+    with stop_at_step_boundary_on_signals():
         return train_jobs(config, model, jobs, on_step=on_step, progress=progress)
 
 
@@ -267,7 +267,7 @@ _CTRL_C = threading.Event()
 
 
 @contextlib.contextmanager
-def _stop_at_step_boundary_on_ctrl_c():
+def stop_at_step_boundary_on_signals():
     """While training in one process, Ctrl-C (SIGINT) or SIGTERM (what `kill`, systemd and job schedulers
     send) only sets a flag: the loop then saves the latest state at the next step boundary and raises
     `TrainingInterrupted`, so ``--resume`` continues exactly. A second signal acts at once (the handler
