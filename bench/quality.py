@@ -22,7 +22,6 @@ import json
 import math
 import random
 import shutil
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -228,8 +227,10 @@ def peft_label_scores(systems: Systems, name: str, texts: list[str], labels: lis
     from softprompt.tokens import pad_batch, pad_id
 
     tok, model = systems.tokenizer, systems.peft_for(name)
+    from softprompt.evaluate import prompt_budget
+
     cands = [tok(label, add_special_tokens=False)["input_ids"] for label in labels]
-    room = max_length - max(map(len, cands)) - 1
+    room = prompt_budget(systems.ours, labels, max_length)  # the same prompt budget softprompt's scoring uses
     seqs = [(tok(t)["input_ids"][-room:], c) for t in texts for c in cands]
     out = []
     for s in range(0, len(seqs), batch_size):

@@ -226,8 +226,12 @@ def test_ctrl_c_saves_the_latest_state_exits_130_and_resume_is_bit_identical(run
     assert_same_run(run.reference, out)
 
 
-def test_ctrl_c_in_process_saves_at_a_step_boundary(run, tmp_path):
-    """The same through the library: SIGINT arriving mid-step is deferred to the end of the step."""
+@pytest.mark.parametrize("signum, default, step", [
+    (signal.SIGINT, signal.default_int_handler, 5),  # Ctrl-C
+    (signal.SIGTERM, signal.SIG_DFL, 4),  # `kill PID`, what job schedulers send before SIGKILL
+], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_in_process_saves_at_a_step_boundary(run, tmp_path, signum, default, step):
+    """The same through the library: a signal arriving mid-step is deferred to the end of the step."""
     from softprompt.config import load_config
     from softprompt.train import TrainingInterrupted, train
 
@@ -235,35 +239,15 @@ def test_ctrl_c_in_process_saves_at_a_step_boundary(run, tmp_path):
     config = load_config(None, train_argv(run, out)[1:])
 
     def on_step(info):
-        if info.step == 5:
-            os.kill(os.getpid(), signal.SIGINT)  # delivered now, inside the loop
+        if info.step == step:
+            os.kill(os.getpid(), signum)  # delivered now, inside the loop
 
-    with pytest.raises(TrainingInterrupted, match="stopped after step 5"):
+    with pytest.raises(TrainingInterrupted, match=f"stopped after step {step}"):
         train(config, on_step=on_step, progress=False)
-    assert checkpoint_step(out) == 5
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is given back
+    assert checkpoint_step(out) == step
+    assert signal.getsignal(signum) is default  # the handler is given back
     resumed = train(load_config(None, train_argv(run, out, "--resume")[1:]), progress=False)
     assert resumed.steps == TOTAL_STEPS
-    assert_same_run(run.reference, out)
-
-
-def test_sigterm_saves_like_ctrl_c_and_resume_is_bit_identical(run, tmp_path):
-    """`kill PID` (SIGTERM, what job schedulers send before SIGKILL) stops at a step boundary after saving."""
-    from softprompt.config import load_config
-    from softprompt.train import TrainingInterrupted, train
-
-    out = tmp_path / "term"
-    config = load_config(None, train_argv(run, out)[1:])
-
-    def on_step(info):
-        if info.step == 4:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    with pytest.raises(TrainingInterrupted, match="stopped after step 4"):
-        train(config, on_step=on_step, progress=False)
-    assert checkpoint_step(out) == 4
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the default is given back
-    train(load_config(None, train_argv(run, out, "--resume")[1:]), progress=False)
     assert_same_run(run.reference, out)
 
 

@@ -635,22 +635,17 @@ def _check_method_options(source, method: str, prefix: str) -> None:
 
 
 def _check_data_source(view, prefix: str) -> None:
-    from .data import FORMATS, HUB_PREFIX
+    from .data import FORMATS, HUB_PREFIX, format_name, is_known_encoding
 
     if view.data_format is not None:
-        name = str(view.data_format).strip().lower().lstrip(".")
-        if name not in FORMATS:
+        name = format_name(view.data_format)
+        if name is None:
             raise ConfigError(f"{prefix}{flag('data_format')}: expected one of {', '.join(FORMATS)}, "
                               f"got {view.data_format!r}")
         view.data_format = name
-    if view.encoding is not None:
-        import codecs
-
-        try:
-            codecs.lookup(str(view.encoding))
-        except LookupError:
-            raise ConfigError(f"{prefix}{flag('encoding')}: {view.encoding!r} is not a known text encoding "
-                              f"(e.g. utf-8, latin-1, cp1252)") from None
+    if view.encoding is not None and not is_known_encoding(view.encoding):
+        raise ConfigError(f"{prefix}{flag('encoding')}: {view.encoding!r} is not a known text encoding "
+                          f"(e.g. utf-8, latin-1, cp1252)")
     hub = str(view.data).startswith(HUB_PREFIX) or view.data_format == "hf"
     if view.validation_split and not view.validation_data:
         if not hub:

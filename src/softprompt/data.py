@@ -84,12 +84,9 @@ def load_rows(path_or_name: str | PathLike, *, format: str | None = None, split:
         if fmt is None:
             raise ConfigError(f"{path}: cannot tell the format from the extension {path.suffix or '(none)'!r}; "
                               f"pass --format with one of {', '.join(FORMATS[:-1])}.")
-    if encoding is not None:
-        try:
-            codecs.lookup(encoding)
-        except LookupError:
-            raise ConfigError(f"--encoding {encoding!r} is not a known text encoding "
-                              f"(e.g. utf-8, latin-1, cp1252).") from None
+    if encoding is not None and not is_known_encoding(encoding):
+        raise ConfigError(f"--encoding {encoding!r} is not a known text encoding "
+                          f"(e.g. utf-8, latin-1, cp1252).")
 
     if fmt == "parquet":
         rows = _parse_parquet(path)
@@ -119,12 +116,26 @@ def _check_value_sizes(rows: list[Row], path: Path) -> None:
                                 f"missing?")
 
 
+def format_name(format: str) -> str | None:
+    """The canonical name of a data format as users spell it (``CSV``, ``.ndjson``, ``txt``), or None."""
+    name = str(format).strip().lower().lstrip(".")
+    name = _FORMAT_ALIASES.get(name, name)
+    return name if name in FORMATS else None
+
+
+def is_known_encoding(encoding: str) -> bool:
+    try:
+        codecs.lookup(str(encoding))
+    except LookupError:
+        return False
+    return True
+
+
 def _normalise_format(format: str | None) -> str | None:
     if format is None:
         return None
-    name = format.strip().lower().lstrip(".")
-    name = _FORMAT_ALIASES.get(name, name)
-    if name not in FORMATS:
+    name = format_name(format)
+    if name is None:
         raise ConfigError(f"--format {format!r} is not supported; expected one of {', '.join(FORMATS)}.")
     return name
 

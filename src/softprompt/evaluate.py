@@ -197,7 +197,8 @@ def _interleaved_runs(model, examples, runs, batch_size, call) -> list[list]:
     return [out[i * n:(i + 1) * n] for i in range(len(runs))]
 
 
-def _prompt_budget(model, labels, max_length: int | None) -> int | None:
+def prompt_budget(model, labels, max_length: int | None) -> int | None:
+    """Prompt tokens that leave room for the longest label (+ eos) within ``max_length``; None: no limit."""
     if max_length is None:
         return None
     longest = max(len(model.tokenizer(label, add_special_tokens=False)["input_ids"]) for label in labels)
@@ -205,7 +206,7 @@ def _prompt_budget(model, labels, max_length: int | None) -> int | None:
 
 
 def _score_predictions(model, examples, runs, labels, batch_size, max_length) -> list[list[str]]:
-    budget = _prompt_budget(model, labels, max_length)
+    budget = prompt_budget(model, labels, max_length)
     with torch.no_grad():
         return _interleaved_runs(model, examples, runs, batch_size, lambda texts, adapters: [
             r.label for r in model.score(texts, labels=labels, adapters=adapters, max_input_tokens=budget)])
@@ -214,7 +215,7 @@ def _score_predictions(model, examples, runs, labels, batch_size, max_length) ->
 def _generate_predictions(model, examples, runs, labels, batch_size, max_length, max_new_tokens) -> list[list[str]]:
     if max_new_tokens is None:
         max_new_tokens = max(len(model.tokenizer(label, add_special_tokens=False)["input_ids"]) for label in labels) + 2
-    budget = _prompt_budget(model, labels, max_length)
+    budget = prompt_budget(model, labels, max_length)
     with torch.no_grad():
         return _interleaved_runs(model, examples, runs, batch_size, lambda texts, adapters: model.generate(
             texts, adapters=adapters, max_new_tokens=max_new_tokens, stop=["\n"], max_input_tokens=budget))

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 from pathlib import Path
 from typing import Sequence
 
@@ -22,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .data import Template, Verbalizer, column_names, load_rows, require_columns
 from .errors import ConfigError
-from .evaluate import adapter_settings
+from .evaluate import adapter_settings, prompt_budget
 from .fileio import atomic_write_text
 
 
@@ -39,12 +38,9 @@ def label_probabilities(model, texts: Sequence[str], labels: Sequence[str], adap
                 scored = model.score(chunk, labels=list(labels), adapters=[adapter] * len(chunk),
                                      max_input_tokens=max_input_tokens)
                 for i, result in enumerate(scored):
-                    values = [result.scores[label] for label in labels]
-                    top = max(values)
-                    weights = [math.exp(v - top) for v in values]
-                    norm = sum(weights)
-                    for j, w in enumerate(weights):
-                        totals[start + i][j] += w / norm / len(adapters)
+                    probs = torch.tensor([result.scores[label] for label in labels], dtype=torch.float64).softmax(-1)
+                    for j, p in enumerate(probs.tolist()):
+                        totals[start + i][j] += p / len(adapters)
                 bar.update(len(chunk))
     bar.close()
     return totals
@@ -85,7 +81,7 @@ def predict_file(model, adapters: dict[str, str | Path], data: str | Path, outpu
         require_columns(rows, [id_column], source=str(data))
     parsed.validate(column_names(rows), source=str(data))
     texts = [parsed.render(row) for row in rows]
-    budget = _prompt_budget(model, labels, first.get("max_length"))
+    budget = prompt_budget(model, labels, first.get("max_length"))
     probs = label_probabilities(model, texts, labels, list(adapters), batch_size=batch_size,
                                 max_input_tokens=budget, progress=progress)
     buffer = io.StringIO()
@@ -98,13 +94,6 @@ def predict_file(model, adapters: dict[str, str | Path], data: str | Path, outpu
     output = Path(output)
     atomic_write_text(output, buffer.getvalue())
     return output
-
-
-def _prompt_budget(model, labels: Sequence[str], max_length: int | None) -> int | None:
-    if not max_length:
-        return None
-    longest = max(len(model.tokenizer(label, add_special_tokens=False)["input_ids"]) for label in labels)
-    return max(int(max_length) - longest - 1, 1)
 
 
 __all__ = ["label_probabilities", "predict_file"]
