@@ -148,3 +148,34 @@ def test_unknown_adapter_and_bad_names_are_clear_errors():
         model.add_adapter("z", num_virtual_token=3)
     with pytest.raises(SoftPromptError, match="one name per row"):
         model.generate(["x", "y"], adapters=["pt"])
+
+
+def _saved_bf16_weight_copies(model, labels_row=(5, 6, 7)) -> int:
+    """How many bf16 tensors shaped like the first MLP weight autograd keeps for one training step."""
+    weight = model.base.model.layers[0].mlp.gate_proj.weight
+    saved = []
+
+    def pack(t):
+        saved.append((t.dtype, t.numel()))
+        return t
+
+    ids = torch.tensor([[20, 30, 40, 50, 60, 70, 80, 90, 100]])
+    labels = torch.full_like(ids, -100)
+    labels[0, -len(labels_row):] = torch.tensor(labels_row)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(ids, adapters="pt", labels=labels).loss
+    loss.backward()
+    return sum(1 for dtype, numel in saved if dtype == torch.bfloat16 and numel == weight.numel())
+
+
+def test_bf16_training_keeps_one_cast_of_the_frozen_weights():
+    """Under autocast the prompt pass runs in fp32, so autograd keeps the bf16 weight casts of the
+    text pass only (one per use), not a second set for the prompt's few tokens."""
+    model = tiny_model("llama")
+    model.add_adapter("pt", method="prompt_tuning", num_virtual_tokens=4, seed=1)
+    # gate_proj and up_proj share a shape; down_proj is its transpose-sized twin: 3 uses per layer.
+    per_text_pass = 3 * len(model.base.model.layers)
+    assert _saved_bf16_weight_copies(model) == per_text_pass
+    grads = [p.grad for p in model._adapter("pt").parameters()]
+    assert grads and all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)

@@ -208,7 +208,9 @@ class SoftPromptModel(nn.Module):
             return [(k.to(self.dtype), v.to(self.dtype)) for k, v in adapter.kv_prefix()], None
         params = list(adapter.parameters())
         needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
-        key = tuple((id(p), p._version) for p in params) + (self.dtype, self.device)
+        device_type = self.device.type
+        autocast_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+        key = tuple((id(p), p._version) for p in params) + (self.dtype, self.device, autocast_dtype)
         cached = self._prompt_kv_cache.get(name)
         if not needs_grad and cached is not None and cached[0] == key:
             return cached[1], cached[2]
@@ -217,9 +219,16 @@ class SoftPromptModel(nn.Module):
         kwargs = {}
         if self.quirks.takes_position_ids:
             kwargs["position_ids"] = torch.arange(n, device=self.device)[None]
-        out = self.backbone(inputs_embeds=embeds, attention_mask=torch.ones(1, n, dtype=torch.long, device=self.device),
-                            past_key_values=DynamicCache(config=self.base.config), use_cache=True, **kwargs)
-        layers = [(layer.keys[0], layer.values[0]) for layer in out.past_key_values.layers]
+        # The prompt's few tokens run in the weights' own dtype even under autocast: autocast would cast
+        # every frozen weight again for this pass and autograd would keep those casts for backward (a
+        # second copy of the model, ~200 MiB for a 135M model in bf16), while the fp32 pass saves
+        # references to the weights themselves. Its keys/values are then cast to the autocast dtype.
+        with torch.autocast(device_type, enabled=False):
+            out = self.backbone(inputs_embeds=embeds,
+                                attention_mask=torch.ones(1, n, dtype=torch.long, device=self.device),
+                                past_key_values=DynamicCache(config=self.base.config), use_cache=True, **kwargs)
+        cast = autocast_dtype or self.dtype
+        layers = [(layer.keys[0].to(cast), layer.values[0].to(cast)) for layer in out.past_key_values.layers]
         last_hidden = out.last_hidden_state[0, -1]
         if not needs_grad:
             self._prompt_kv_cache[name] = (key, layers, last_hidden)
