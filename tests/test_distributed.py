@@ -1,7 +1,9 @@
 """`softprompt train` under `accelerate launch`: two real CPU processes (gloo) against one process.
 
 Every run is a subprocess of the unchanged CLI (the `softprompt` console script, started by accelerate's
-launcher with ``--no_python``), on a tiny random GPT-2 checkpoint and a small CSV in ``tmp_path``.
+launcher with ``--no_python``), on a tiny random GPT-2 checkpoint and a small CSV in ``tmp_path``. The
+FSDP runs (``cpu_gloo_fsdp_2proc.yaml``, tiny Llama checkpoints) start the CLI through a small script that
+also reports how the base was sharded in each process. Every launch has a timeout (`run`).
 """
 
 import csv
@@ -11,6 +13,7 @@ import random
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -23,6 +26,7 @@ from tiny import save_tiny_checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "accelerate"
 GLOO = CONFIGS / "cpu_gloo_2proc.yaml"
+GLOO_FSDP = CONFIGS / "cpu_gloo_fsdp_2proc.yaml"
 SOFTPROMPT = Path(sys.executable).parent / "softprompt"  # the console script of this environment
 TOLERANCE = 1e-5
 
@@ -67,10 +71,11 @@ def one_process(args: list[str], **kw) -> subprocess.CompletedProcess:
     return run([SOFTPROMPT, "train", *args], **kw)
 
 
-def two_processes(args: list[str], *, script: list | None = None, **kw) -> subprocess.CompletedProcess:
+def two_processes(args: list[str], *, script: list | None = None, config: Path = GLOO,
+                  **kw) -> subprocess.CompletedProcess:
     """``accelerate launch --config_file configs/accelerate/cpu_gloo_2proc.yaml`` of the CLI (or of ``script``)."""
     program = script or ["--no_python", SOFTPROMPT, "train"]
-    return run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", GLOO, *program, *args], **kw)
+    return run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, *program, *args], **kw)
 
 
 def tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -287,7 +292,8 @@ def test_multi_adapter_job_in_two_processes_equals_one_process(tmp_path, model_d
 
 def test_shipped_accelerate_configs_parse_and_say_what_they_are():
     shipped = {p.name: yaml.safe_load(p.read_text()) for p in CONFIGS.glob("*.yaml")}
-    assert set(shipped) == {"ddp_multi_gpu.yaml", "fsdp.yaml", "deepspeed_zero3.yaml", "cpu_gloo_2proc.yaml"}
+    assert set(shipped) == {"ddp_multi_gpu.yaml", "fsdp.yaml", "deepspeed_zero3.yaml", "cpu_gloo_2proc.yaml",
+                            "cpu_gloo_fsdp_2proc.yaml"}
     for name, config in shipped.items():
         assert config["compute_environment"] == "LOCAL_MACHINE", name
         assert config["num_machines"] >= 1 and config["machine_rank"] == 0, name
@@ -296,9 +302,12 @@ def test_shipped_accelerate_configs_parse_and_say_what_they_are():
     assert gloo["num_processes"] == 2 and gloo["use_cpu"] is True and gloo["distributed_type"] == "MULTI_GPU"
     ddp = shipped["ddp_multi_gpu.yaml"]
     assert ddp["distributed_type"] == "MULTI_GPU" and ddp["use_cpu"] is False and ddp["num_processes"] >= 2
-    fsdp = shipped["fsdp.yaml"]
-    assert fsdp["distributed_type"] == "FSDP"
-    assert fsdp["fsdp_config"]["fsdp_sharding_strategy"] == "FULL_SHARD"
+    for name in ("fsdp.yaml", "cpu_gloo_fsdp_2proc.yaml"):
+        fsdp = shipped[name]
+        assert fsdp["distributed_type"] == "FSDP", name
+        assert fsdp["fsdp_config"]["fsdp_version"] == 2 and fsdp["fsdp_config"]["fsdp_reshard_after_forward"] is True
+        assert fsdp["fsdp_config"]["fsdp_offload_params"] is False  # softprompt refuses offloading
+    assert shipped["fsdp.yaml"]["use_cpu"] is False and shipped["cpu_gloo_fsdp_2proc.yaml"]["use_cpu"] is True
     zero3 = shipped["deepspeed_zero3.yaml"]
     assert zero3["distributed_type"] == "DEEPSPEED" and zero3["deepspeed_config"]["zero_stage"] == 3
     # accelerate itself reads them
@@ -308,25 +317,343 @@ def test_shipped_accelerate_configs_parse_and_say_what_they_are():
         assert load_config_from_file(str(CONFIGS / name)).distributed_type.name == shipped[name]["distributed_type"]
 
 
-def test_a_sharding_accelerate_config_is_refused_with_one_clear_error(monkeypatch):
+
+
+class FakeAccelerator:  # what accelerate builds in each process of a GPU launch (needs GPUs to build for real)
+    kind = "FSDP"
+    plugin = None
+
+    def __init__(self, **kwargs):
+        import accelerate
+
+        self.distributed_type = accelerate.DistributedType[self.kind]
+        self.num_processes, self.process_index = 2, 0
+        self.state = SimpleNamespace(fsdp_plugin=self.plugin)
+
+
+def fsdp_plugin(**changes) -> SimpleNamespace:
+    """The fields of accelerate's FullyShardedDataParallelPlugin that softprompt reads, as fsdp.yaml sets them."""
+    return SimpleNamespace(**{"fsdp_version": 2, "reshard_after_forward": True, "cpu_offload": None,
+                              "activation_checkpointing": False, **changes})
+
+
+@pytest.fixture
+def launched(monkeypatch):
+    """`distributed.current()` as in a 2-process launch built by ``FakeAccelerator`` (set its class fields)."""
     import accelerate
 
     from softprompt import distributed
-    from softprompt.errors import ConfigError
-
-    class FakeAccelerator:  # what accelerate builds in each process of an FSDP launch (needs GPUs to build for real)
-        def __init__(self, **kwargs):
-            self.distributed_type = accelerate.DistributedType.FSDP
-            self.num_processes, self.process_index = 2, 0
 
     monkeypatch.setattr(accelerate, "Accelerator", FakeAccelerator)
+    monkeypatch.setattr(FakeAccelerator, "plugin", fsdp_plugin())
     monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
     distributed.current.cache_clear()
-    try:
-        with pytest.raises(ConfigError, match=r"distributed_type: FSDP .*ddp_multi_gpu\.yaml"):
-            distributed.current()
-        monkeypatch.setenv("WORLD_SIZE", "1")
-        distributed.current.cache_clear()
-        assert distributed.current().world_size == 1 and distributed.current().accelerator is None
-    finally:
-        distributed.current.cache_clear()
+    yield distributed.current
+    distributed.current.cache_clear()
+
+
+def test_deepspeed_is_refused_pointing_to_the_fsdp_config(launched, monkeypatch):
+    from softprompt.errors import ConfigError
+
+    monkeypatch.setattr(FakeAccelerator, "kind", "DEEPSPEED")
+    with pytest.raises(ConfigError, match=r"distributed_type: DEEPSPEED .*configs/accelerate/fsdp\.yaml"):
+        launched()
+    monkeypatch.setenv("WORLD_SIZE", "1")  # one process: no accelerator at all
+    launched.cache_clear()
+    assert launched().world_size == 1 and launched().accelerator is None and not launched().shards_base
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"fsdp_version": 1}, r"fsdp_config\.fsdp_version: 1 .*fsdp_version: 2"),
+    ({"cpu_offload": SimpleNamespace(offload_params=True)}, r"fsdp_config\.fsdp_offload_params: true"),
+    ({"activation_checkpointing": True}, r"fsdp_config\.fsdp_activation_checkpointing: true"),
+])
+def test_fsdp_settings_softprompt_cannot_honour_are_refused_naming_the_field(launched, monkeypatch, changes, message):
+    from softprompt.errors import ConfigError
+
+    monkeypatch.setattr(FakeAccelerator, "plugin", fsdp_plugin(**changes))
+    with pytest.raises(ConfigError, match=message):
+        launched()
+
+
+def test_an_fsdp_launch_shards_the_base_with_the_configs_reshard_setting(launched, monkeypatch):
+    assert launched().shards_base and launched().fsdp.reshard_after_forward is True
+    monkeypatch.setattr(FakeAccelerator, "plugin", fsdp_plugin(reshard_after_forward=False))
+    launched.cache_clear()
+    assert launched().shards_base and launched().fsdp.reshard_after_forward is False
+    # use_cpu: accelerate reports MULTI_CPU and builds no plugin; its launcher's FSDP_* variables decide
+    monkeypatch.setattr(FakeAccelerator, "kind", "MULTI_CPU")
+    monkeypatch.setattr(FakeAccelerator, "plugin", None)
+    launched.cache_clear()
+    assert not launched().shards_base  # a plain CPU launch: data parallel
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    monkeypatch.setenv("FSDP_RESHARD_AFTER_FORWARD", "false")
+    launched.cache_clear()
+    assert launched().shards_base and launched().fsdp.reshard_after_forward is False
+
+
+# ------------------------------------------------------------------------------ FSDP: the units
+
+
+def test_fsdp_units_are_the_blocks_the_called_modules_and_one_unit_per_embedding_matrix():
+    from tiny import tiny_model
+
+    from softprompt.distributed import fsdp_units
+
+    llama = tiny_model("llama")  # untied: embedding and head are separate units
+    units = fsdp_units(llama)
+    base = llama.base
+    assert units[:2] == list(base.model.layers)
+    assert units[2] == [base.model.embed_tokens] and units[3] is base.lm_head and units[4] is base.model
+    assert len(units) == 5
+    gpt2 = tiny_model("gpt2")  # tied head: one unit holds the embedding and the head
+    units = fsdp_units(gpt2)
+    assert units[:2] == list(gpt2.base.transformer.h)
+    assert units[2] == [gpt2.base.transformer.wte, gpt2.base.lm_head] and units[3] is gpt2.base.transformer
+    t5 = tiny_model("t5")  # shared matrix: shared, both stacks' embed_tokens and the head, in one unit
+    units = fsdp_units(t5)
+    assert units[:4] == [*t5.base.encoder.block, *t5.base.decoder.block]
+    assert {id(m) for m in units[4]} == {id(m) for m in (t5.base.shared, t5.base.encoder.embed_tokens,
+                                                         t5.base.decoder.embed_tokens, t5.base.lm_head)}
+    assert units[5] is t5.base.encoder and len(units) == 6  # the encoder is called alone when decoding
+
+
+def test_a_family_without_known_blocks_cannot_be_sharded_and_says_so():
+    from tiny import tiny_model
+
+    from softprompt.distributed import fsdp_units
+    from softprompt.errors import ConfigError
+    from softprompt.families import FamilyQuirks
+
+    model = tiny_model("llama")
+    model.quirks = FamilyQuirks()  # what an unknown family gets
+    with pytest.raises(ConfigError, match=r"model type 'llama' cannot be sharded with FSDP.*FAMILY_QUIRKS"):
+        fsdp_units(model)
+    model.quirks = FamilyQuirks(blocks=("model.blocks",))  # a row that does not match the model
+    with pytest.raises(ConfigError, match=r"no module 'model.blocks'.*ddp_multi_gpu\.yaml"):
+        fsdp_units(model)
+
+
+# ------------------------------------------------------------------------------ FSDP: real launches
+
+# Starts the unchanged CLI after wrapping `Distributed.shard_base`, to print what each process holds of the
+# base once it is sharded (and, with SOFTPROMPT_TEST_CRASH_AT, kills every process at that step, as CRASH).
+FSDP_PROBE = '''
+import os, sys
+from torch.distributed.tensor import DTensor
+import softprompt.train as train_module
+from softprompt import cli, distributed
+
+original_shard_base, crash_at = distributed.Distributed.shard_base, int(os.environ.get("SOFTPROMPT_TEST_CRASH_AT", 0))
+
+def local(p):
+    return p.to_local().numel() if isinstance(p, DTensor) else p.numel()
+
+def shard_base(self, model):
+    original_shard_base(self, model)
+    params = list(model.base.parameters())  # a tied matrix is one parameter
+    block = max(model.base.get_submodule(model.quirks.blocks[0])[0].parameters(), key=lambda p: p.numel())
+    tied = model.base.get_output_embeddings().weight is model.base.get_input_embeddings().weight
+    # one write per line: the two processes share the pipe (print writes the newline separately)
+    sys.stdout.write("SHARDS rank=%s local=%d total=%d block_local=%d block_total=%d dtensors=%d params=%d tied=%d "
+                     "adapters_dtensors=%d%s" % (self.rank, sum(map(local, params)), sum(p.numel() for p in params),
+                     local(block), block.numel(), sum(isinstance(p, DTensor) for p in params), len(params), tied,
+                     sum(isinstance(p, DTensor) for p in model.adapters.parameters()), chr(10)))
+    sys.stdout.flush()
+
+distributed.Distributed.shard_base = shard_base
+original_train = train_module.train
+
+def train(config, model=None, *, on_step=None, progress=True):
+    def stop(info):
+        if info.step == crash_at:
+            sys.stdout.write("crashing at step %d on rank %s%s" % (info.step, os.environ.get("RANK"), chr(10)))
+            sys.stdout.flush()
+            os._exit(17)
+    return original_train(config, model, on_step=stop if crash_at else None, progress=progress)
+
+train_module.train = train
+sys.exit(cli.main(sys.argv[1:]))
+'''
+
+
+def shards(done: subprocess.CompletedProcess) -> dict[int, dict[str, int]]:
+    """Each rank's SHARDS line of an FSDP_PROBE run."""
+    found = {}
+    for line in done.stdout.splitlines():
+        if line.startswith("SHARDS "):
+            fields = dict(item.split("=") for item in line.split()[1:])
+            found[int(fields.pop("rank"))] = {k: int(v) for k, v in fields.items()}
+    return found
+
+
+def assert_half_of_the_base_per_process(done: subprocess.CompletedProcess, tied: bool) -> None:
+    found = shards(done)
+    assert set(found) == {0, 1}, done.stdout[-2000:]
+    for rank, s in found.items():
+        assert s["dtensors"] == s["params"] > 0 and s["adapters_dtensors"] == 0  # every base weight sharded, no adapter
+        assert 2 * s["block_local"] == s["block_total"]  # a decoder block's largest weight: half in each process
+        assert abs(s["local"] - s["total"] / 2) <= 0.01 * s["total"], (rank, s)  # about half of the whole base
+        assert s["tied"] == tied, (rank, s)  # a tied head still is the embedding matrix after sharding
+    assert found[0]["local"] + found[1]["local"] == found[0]["total"]
+
+
+def tied_llama_checkpoint(path: Path) -> str:
+    from tiny import tiny_base, tiny_tokenizer
+    from transformers import LlamaForCausalLM
+
+    config = tiny_base("llama").config
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+FSDP_JOB = {  # text-initialised prompt tuning (reads the embedding table) + prefix tuning, mixed batches
+    "label_column": "label", "epochs": 2, "batch_size": 5, "grad_accum": 1, "lr_schedule": "linear",
+    "val_fraction": 0.2, "log_every": 1, "save_every": 2, "seed": 2, "eval_every": 1,
+    "adapters": [{"name": "pt", "method": "prompt_tuning", "num_virtual_tokens": 3, "init": "text",
+                  "init_text": "classify this", "lr": 0.05},
+                 {"name": "prefix", "method": "prefix_tuning", "num_virtual_tokens": 2, "lr": 0.02}]}
+
+
+def fsdp_pair(tmp: Path, model: str, rows: int = 16) -> tuple[Path, Path, Path, subprocess.CompletedProcess]:
+    """One FSDP job (`FSDP_JOB` on ``model``) in 1 process and sharded over 2 (through FSDP_PROBE)."""
+    a = write_csv(tmp / "a.csv", toy_rows(rows, seed=6))
+    b = write_csv(tmp / "b.csv", toy_rows(14, seed=7, labels=("yes", "no")))
+    job = json.loads(json.dumps(FSDP_JOB))
+    job["model"], job["adapters"][0]["data"], job["adapters"][1]["data"] = model, a, b
+    path = tmp / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    one_process([path, "--output", tmp / "one"])
+    probe = tmp / "probe.py"
+    probe.write_text(FSDP_PROBE)
+    done = two_processes([path, "--output", tmp / "fsdp"], script=[probe, "train"], config=GLOO_FSDP)
+    return path, tmp / "one", tmp / "fsdp", done
+
+
+def eval_records(output: Path) -> list[dict]:
+    return [r for r in map(json.loads, (output / "metrics.jsonl").read_text().splitlines()) if r["type"] == "eval"]
+
+
+def assert_same_training(one: Path, two: Path) -> None:
+    assert checkpoint_meta(two, "pt")["state"]["world_size"] == 2
+    for name in ("pt", "prefix"):
+        diff = max_diff(tensors(one / name), tensors(two / name))
+        assert diff < TOLERANCE, (name, diff)
+    losses_one, losses_two = train_losses(one), train_losses(two)
+    assert len(losses_one) == len(losses_two) == checkpoint_meta(two, "pt")["state"]["step"] > 0
+    assert max(abs(x - y) for x, y in zip(losses_one, losses_two)) < TOLERANCE
+    # validation ran over the sharded base too (zero-shot and every epoch), with the one-process numbers
+    evals_one, evals_two = eval_records(one), eval_records(two)
+    assert [(r["model"], r["adapter"], r["step"]) for r in evals_one] == \
+        [(r["model"], r["adapter"], r["step"]) for r in evals_two]
+    assert sum(r["model"] == "base" for r in evals_two) == 2 and len(evals_two) == 6
+    for x, y in zip(evals_one, evals_two):
+        assert abs(x["val_loss"] - y["val_loss"]) < TOLERANCE and x["accuracy"] == y["accuracy"], (x, y)
+    assert files(two) == files(one)  # rank 0 alone wrote, the same files as one process
+
+
+@pytest.fixture(scope="module")
+def fsdp_untied(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fsdp")
+    return fsdp_pair(tmp, save_tiny_checkpoint("llama", tmp / "tiny-llama"))
+
+
+def test_fsdp_two_processes_give_the_one_process_adapters(fsdp_untied):
+    _, one, two, _ = fsdp_untied
+    assert_same_training(one, two)
+    from softprompt import load
+
+    fresh = load(str(one.parent / "tiny-llama"), device="cpu")
+    fresh.add_adapter("pt", method="prompt_tuning", num_virtual_tokens=3, init="text", init_text="classify this",
+                      seed=2)
+    moved = (tensors(two / "pt")["prompt_embeddings"] - fresh.adapters["pt"].materialized().detach()).abs().max()
+    assert moved > 100 * TOLERANCE  # training moved the prompt far more than the tolerance
+
+
+def test_fsdp_shards_the_frozen_base_in_each_process(fsdp_untied):
+    assert_half_of_the_base_per_process(fsdp_untied[3], tied=False)
+
+
+def test_interrupted_fsdp_run_resumes_to_the_uninterrupted_result(fsdp_untied):
+    path, _, full, _ = fsdp_untied
+    cut = full.parent / "cut"
+    probe = full.parent / "probe.py"
+    done = two_processes([path, "--output", cut], script=[probe, "train"], config=GLOO_FSDP, ok=False,
+                         env=clean_env(SOFTPROMPT_TEST_CRASH_AT="5"))
+    assert done.returncode != 0 and "crashing at step 5 on rank 1" in done.stdout, done.stderr[-4000:]
+    assert checkpoint_meta(cut, "pt")["state"]["step"] == 4  # saved at step 4; step 5 is lost and redone
+    two_processes([path, "--output", cut, "--resume"], script=[probe, "train"], config=GLOO_FSDP)
+    assert checkpoint_meta(cut, "pt")["state"]["step"] == checkpoint_meta(full, "pt")["state"]["step"]
+    for name in ("pt", "prefix"):  # the same number of processes: bit-identical
+        assert (full / name / "adapter_model.safetensors").read_bytes() == \
+            (cut / name / "adapter_model.safetensors").read_bytes(), name
+    assert train_losses(cut) == train_losses(full)
+
+
+def test_fsdp_with_tied_embeddings_gives_the_one_process_adapters(tmp_path):
+    _, one, two, done = fsdp_pair(tmp_path, tied_llama_checkpoint(tmp_path / "tiny-llama-tied"), rows=13)
+    assert_half_of_the_base_per_process(done, tied=True)
+    assert_same_training(one, two)
+    # 10 + 11 training rows in global batches of 5: each epoch ends with a batch of one row, so rank 0's
+    # slice is empty there and it runs only the loss-free rows (the all-gathers must still match rank 1's)
+    trained = sum(len(load_file(two / name / "training_state.safetensors")["data.train_fingerprints"])
+                  for name in ("pt", "prefix"))
+    assert trained == 21 and checkpoint_meta(two, "pt")["state"]["step"] == 2 * 5
+
+
+FAMILY_SCRIPT = '''
+import sys
+import torch
+from tiny import FAMILIES, tiny_model
+from softprompt import distributed
+
+dist = distributed.current()
+assert dist.shards_base, dist
+
+def run(model, sharded):
+    model.add_adapter("pt", "prompt_tuning", seed=0, num_virtual_tokens=3, init="text", init_text="hi there")
+    model.add_adapter("px", "prefix_tuning", seed=0, num_virtual_tokens=2)
+    if sharded:
+        dist.shard_base(model)
+    model.train()
+    torch.manual_seed(1)
+    ids = torch.randint(3, 200, (4, 7))
+    labels = ids.clone()
+    labels[:, :3] = -100
+    out = model(ids, adapters=["pt", "px", None, "pt"], labels=labels)
+    out.loss.backward()
+    model.eval()
+    with torch.no_grad():
+        state = model.start(ids, torch.ones_like(ids), ["pt", "px", None, "pt"])
+        logits = model.advance(state, ids[:, :2])
+        text = model.generate(["abc", "xyz"], adapters="px", max_new_tokens=4)
+    return [out.loss.detach(), *[p.grad for p in model.adapters.parameters()], state.logits, logits], text
+
+for family in FAMILIES:
+    whole, text = run(tiny_model(family), False)
+    sharded, sharded_text = run(tiny_model(family), True)
+    diff = max((a.float() - b.float()).abs().max().item() for a, b in zip(whole, sharded))
+    sys.stdout.write("FAMILY %s rank=%d diff=%.3g same_text=%d%s" % (family, dist.rank, diff, text == sharded_text,
+                                                                     chr(10)))
+    sys.stdout.flush()
+'''
+
+
+def test_fsdp_shards_every_family_of_the_table_without_changing_any_result(tmp_path):
+    """Training forward/backward, prefill, decoding and generation, sharded and not, for every tiny family."""
+    script = tmp_path / "families.py"
+    script.write_text(FAMILY_SCRIPT)
+    done = two_processes([], script=[script], config=GLOO_FSDP, env=clean_env(PYTHONPATH=str(ROOT / "tests")))
+    from tiny import FAMILIES
+
+    lines = [line.split() for line in done.stdout.splitlines() if line.startswith("FAMILY ")]
+    assert sorted((f, r) for _, f, r, *_ in lines) == sorted((f, f"rank={r}") for f in FAMILIES for r in (0, 1))
+    for _, family, rank, diff, same_text in lines:
+        assert float(diff.split("=")[1]) < 1e-6 and same_text == "same_text=1", (family, rank, diff, same_text)

@@ -5,7 +5,7 @@
 (process group, device of this process). Without them, or with ``WORLD_SIZE=1``, `current` is a
 `Distributed` of one process whose every method is a no-op, so single-process training is untouched.
 
-How a step is shared (the frozen base is never wrapped: only the small adapters train):
+How a step is shared (only the small adapters train; the frozen base is never wrapped in DDP):
 
 * Every process builds the same epoch order and the same global batches (same seed, same
   ``--batch-size``, which stays the *global* batch size); `Distributed.shard` keeps this process's
@@ -18,36 +18,62 @@ How a step is shared (the frozen base is never wrapped: only the small adapters 
   process then takes the same optimizer step.
 * Validation, the metrics log, the progress bar, checkpoints and adapter files are the main process's
   (rank 0); `Distributed.share_state` then hands its loop state (best scores, early stopping) to all.
+
+FSDP (an accelerate config with ``distributed_type: FSDP``, ``fsdp_version: 2``): the same, except that
+the frozen base is sharded over the processes with torch's FSDP2 ``fully_shard`` (`Distributed.shard_base`,
+units from `fsdp_units`), so each process holds about ``1/world_size`` of its weights and all-gathers one
+unit at a time while it runs. The adapters stay whole on every process and keep the all-reduce above:
+``accelerator.prepare`` is not used, because it would wrap (and shard) the trainable adapters too. Every
+forward pass over a sharded base is a collective, so under FSDP *every* process runs validation (the
+same rows, the same passes) and the main process alone records it.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
+from torch import nn
 
 from .errors import ConfigError
 
-#: Accelerate launch modes whose sharding of the model softprompt does not implement (see docs/distributed.md).
-UNSUPPORTED = {"FSDP", "DEEPSPEED", "MEGATRON_LM", "XLA"}
+#: Accelerate launch modes softprompt does not implement (see docs/distributed.md). FSDP is implemented.
+UNSUPPORTED = {"DEEPSPEED", "MEGATRON_LM", "XLA"}
+
+
+@dataclass(frozen=True)
+class FsdpSettings:
+    """The accelerate ``fsdp_config`` settings softprompt honours when it shards the frozen base."""
+
+    # True: free each unit's gathered weights right after its forward (least memory; FULL_SHARD).
+    # False: keep them until the backward pass (fewer all-gathers, more memory; SHARD_GRAD_OP).
+    reshard_after_forward: bool = True
 
 
 class Distributed:
     """This process's place in the job; one process (``world_size == 1``) makes every method a no-op."""
 
-    def __init__(self, accelerator=None):
+    def __init__(self, accelerator=None, fsdp: FsdpSettings | None = None):
         self.accelerator = accelerator
         self.world_size = accelerator.num_processes if accelerator is not None else 1
         self.rank = accelerator.process_index if accelerator is not None else 0
         self.is_main = self.rank == 0
+        self.fsdp = fsdp if self.world_size > 1 else None
 
     @property
     def enabled(self) -> bool:
         return self.world_size > 1
 
+    @property
+    def shards_base(self) -> bool:
+        """FSDP: the frozen base is sharded, so every process must take part in every forward pass."""
+        return self.fsdp is not None
+
     def __repr__(self) -> str:
-        return f"Distributed(rank={self.rank}, world_size={self.world_size})"
+        return f"Distributed(rank={self.rank}, world_size={self.world_size}, fsdp={self.shards_base})"
 
     # ------------------------------------------------------------------ set-up
     def device(self, requested: str | None) -> str | None:
@@ -60,6 +86,40 @@ class Distributed:
                               f"({mine}); leave --device out when launching several processes")
         return str(mine)
 
+    def load_device(self, requested: str | None) -> str | None:
+        """Where to load the base: under FSDP on the CPU, from where `shard_base` moves one unit at a time
+        (so a device never holds more than the shards plus one whole unit); else `device`."""
+        device = self.device(requested)
+        return "cpu" if self.shards_base else device
+
+    def shard_base(self, model) -> None:
+        """FSDP: shard ``model``'s frozen base over the processes (FSDP2 ``fully_shard``); no-op otherwise.
+
+        Call it after the adapters exist: their initialisation from the embedding table (text or
+        vocabulary init) reads whole weights. The adapters stay unsharded and move to this process's device.
+        """
+        if not self.shards_base:
+            return
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        base = model.base
+        if isinstance(base, FSDPModule):  # already sharded (a second job on the same model)
+            return
+        units = fsdp_units(model)
+        mesh = init_device_mesh(self.accelerator.device.type, (self.world_size,))
+        for unit in [*units, base]:  # inner units first; the root holds whatever is left
+            fully_shard(unit, mesh=mesh, reshard_after_forward=self.fsdp.reshard_after_forward)
+        # FSDP2 initialises every unit lazily in the root's first forward; softprompt calls the backbone,
+        # embeddings and head directly, so run that first forward through the root once, here.
+        ids = torch.zeros(1, 1, dtype=torch.long, device=model.device)
+        with torch.no_grad():
+            base(input_ids=ids, **({"decoder_input_ids": ids} if model.shape.is_encoder_decoder else {}))
+        for module in base.modules():  # reshard_after_forward false would keep that pass's gathered weights
+            if isinstance(module, FSDPModule):
+                module.reshard()
+        model.adapters.to(model.device)
+
     def check(self, batch_size: int) -> None:
         """Settings that cannot work across processes raise one clear error."""
         if not self.enabled:
@@ -69,12 +129,23 @@ class Distributed:
                               f"processes; give at least {self.world_size} (one row per process)")
 
     # ------------------------------------------------------------------ a step
-    def shard(self, batch: list) -> list:
-        """This process's contiguous slice of a global batch (all of it in one process)."""
+    def shard(self, batch: list, ghost: Callable[[str | None], Any] | None = None) -> list:
+        """This process's contiguous slice of a global batch (all of it in one process).
+
+        FSDP: every process must run the same forward passes over the sharded base, in the same order
+        (their all-gathers are collectives, and so are the backward passes'), yet a slice may lack some
+        of the batch's adapters (whose prompt passes would then run in other processes only) or be empty.
+        So ``ghost(adapter)``, a row without loss, is put in front of the slice once per adapter of the
+        global batch (items have an ``adapter``), in order of first appearance: every process then runs
+        every adapter's prompt pass in that order, and one text pass.
+        """
         if not self.enabled:
             return batch
         n = len(batch)
-        return batch[self.rank * n // self.world_size:(self.rank + 1) * n // self.world_size]
+        mine = batch[self.rank * n // self.world_size:(self.rank + 1) * n // self.world_size]
+        if self.shards_base and ghost is not None:
+            mine = [ghost(name) for name in dict.fromkeys(item.adapter for item in batch)] + mine
+        return mine
 
     def batch_loss(self, out) -> torch.Tensor | None:
         """The loss to back-propagate for this process's rows of a batch (``out`` None: it has none).
@@ -151,6 +222,70 @@ def launched_world_size() -> int:
         raise ConfigError(f"WORLD_SIZE: expected a whole number of processes, got {os.environ['WORLD_SIZE']!r}")
 
 
+def fsdp_units(model) -> list[nn.Module | list[nn.Module]]:
+    """The FSDP units of a `SoftPromptModel`'s base, inner first (the base itself is the root, not listed).
+
+    Every transformer block (the families table's ``blocks``) is a unit. So is every module softprompt
+    calls outside the root's forward (`SoftPromptModel` calls the backbone, the input embedding, the output
+    head and the encoder directly): a module inside another unit has no whole weights outside that unit's
+    forward. All modules holding the embedding matrix (a tied head, T5's encoder/decoder ``embed_tokens``)
+    form one unit, so the tie survives and the matrix is sharded once.
+    """
+    base, kind = model.base, model.shape.model_type
+    if not model.quirks.blocks:
+        raise ConfigError(f"--model: model type {kind!r} cannot be sharded with FSDP (distributed_type: FSDP in the "
+                          f"accelerate config): softprompt does not know its transformer blocks; add them (`blocks`) "
+                          f"to its row of softprompt.families.FAMILY_QUIRKS, or use "
+                          f"configs/accelerate/ddp_multi_gpu.yaml")
+    units: list[nn.Module | list[nn.Module]] = []
+    for path in model.quirks.blocks:
+        try:
+            blocks = base.get_submodule(path)
+        except AttributeError:
+            raise ConfigError(f"--model: model type {kind!r} has no module {path!r} ({type(base).__name__}), where "
+                              f"softprompt.families.FAMILY_QUIRKS says its transformer blocks are; FSDP cannot shard "
+                              f"it, use configs/accelerate/ddp_multi_gpu.yaml") from None
+        units.extend(blocks)
+    embedding = base.get_input_embeddings()
+    tied = [m for m in base.modules() if getattr(m, "weight", None) is embedding.weight]
+    units.append(tied)
+    head = base.get_output_embeddings()
+    if head is not None and not any(head is m for m in tied):
+        units.append(head)
+    for module in (base.get_encoder() if model.shape.is_encoder_decoder else None, model.backbone):
+        if module is not None and module is not base:
+            units.append(module)
+    return units
+
+
+def fsdp_settings(accelerator) -> FsdpSettings:
+    """The FSDP settings of this launch, checked; refuses those softprompt cannot honour, naming the field."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from torch.distributed.fsdp import CPUOffloadPolicy
+
+    # On GPUs accelerate builds the plugin; on the CPU it builds none, so read the same FSDP_* variables its
+    # launcher exported from the config, the same way.
+    plugin = getattr(accelerator.state, "fsdp_plugin", None) or FullyShardedDataParallelPlugin()
+    if plugin.fsdp_version != 2:
+        raise ConfigError(f"fsdp_config.fsdp_version: {plugin.fsdp_version} (accelerate config); softprompt shards the "
+                          f"frozen base with FSDP2 (fully_shard): set fsdp_version: 2 "
+                          f"(see configs/accelerate/fsdp.yaml)")
+    if isinstance(plugin.cpu_offload, CPUOffloadPolicy) or getattr(plugin.cpu_offload, "offload_params", False):
+        raise ConfigError("fsdp_config.fsdp_offload_params: true is not supported by softprompt train (the engine "
+                          "places inputs on the device its weights live on); set it to false")
+    if plugin.activation_checkpointing:
+        raise ConfigError("fsdp_config.fsdp_activation_checkpointing: true is not supported by softprompt train; "
+                          "set it to false")
+    return FsdpSettings(reshard_after_forward=plugin.reshard_after_forward is not False)
+
+
+def _fsdp_launch(accelerator) -> bool:
+    # With GPUs accelerate turns an FSDP config into distributed_type FSDP. With `use_cpu: true` it keeps
+    # MULTI_CPU, but its launcher still exports ACCELERATE_USE_FSDP=true (and the FSDP_* settings).
+    return accelerator.distributed_type.name == "FSDP" or \
+        os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true", "yes")
+
+
 @functools.lru_cache(maxsize=1)
 def current() -> Distributed:
     """This process's `Distributed`: an `accelerate.Accelerator` when launched as several processes."""
@@ -161,11 +296,15 @@ def current() -> Distributed:
     accelerator = Accelerator(cpu=os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
                               or not torch.cuda.is_available())
     kind = accelerator.distributed_type.name
+    if kind == "DEEPSPEED":
+        raise ConfigError("distributed_type: DEEPSPEED (from the accelerate config) is not supported by softprompt "
+                          "train; to shard the frozen base across processes as ZeRO-3 would, launch with "
+                          "configs/accelerate/fsdp.yaml (FSDP2), or with ddp_multi_gpu.yaml if the base fits on "
+                          "one device")
     if kind in UNSUPPORTED:
-        raise ConfigError(f"distributed_type: {kind} (from the accelerate config) would shard the model, which "
-                          f"softprompt train does not do yet; use configs/accelerate/ddp_multi_gpu.yaml (each "
-                          f"process holds the frozen base, only the adapters' gradients are shared)")
-    return Distributed(accelerator)
+        raise ConfigError(f"distributed_type: {kind} (from the accelerate config) is not supported by softprompt "
+                          f"train; use configs/accelerate/fsdp.yaml (shards the frozen base) or ddp_multi_gpu.yaml")
+    return Distributed(accelerator, fsdp_settings(accelerator) if _fsdp_launch(accelerator) else None)
 
 
-__all__ = ["Distributed", "current", "launched_world_size"]
+__all__ = ["Distributed", "FsdpSettings", "current", "fsdp_settings", "fsdp_units", "launched_world_size"]

@@ -23,19 +23,23 @@ class FamilyQuirks:
     # Encoder-decoder families put input soft prompts on the encoder and KV prefixes on the
     # decoder's self-attention, exactly as PEFT does.
     encoder_decoder: bool = False
+    # Paths (from the `*ForCausalLM` / `*ForConditionalGeneration` model) of the module lists holding
+    # the transformer blocks: the units FSDP shards one at a time (`softprompt.distributed.fsdp_units`).
+    # Empty: the family cannot be sharded (FSDP launches refuse it with a clear error).
+    blocks: tuple[str, ...] = ()
 
 
 FAMILY_QUIRKS: dict[str, FamilyQuirks] = {
-    "gpt2": FamilyQuirks(),
-    "llama": FamilyQuirks(),
-    "mistral": FamilyQuirks(),
-    "qwen2": FamilyQuirks(),
-    "gemma": FamilyQuirks(),
-    "gemma2": FamilyQuirks(logit_softcap_attr="final_logit_softcapping"),
-    "gemma3_text": FamilyQuirks(logit_softcap_attr="final_logit_softcapping"),
-    "bloom": FamilyQuirks(takes_position_ids=False),
-    "t5": FamilyQuirks(encoder_decoder=True),
-    "mt5": FamilyQuirks(encoder_decoder=True),
+    "gpt2": FamilyQuirks(blocks=("transformer.h",)),
+    "llama": FamilyQuirks(blocks=("model.layers",)),
+    "mistral": FamilyQuirks(blocks=("model.layers",)),
+    "qwen2": FamilyQuirks(blocks=("model.layers",)),
+    "gemma": FamilyQuirks(blocks=("model.layers",)),
+    "gemma2": FamilyQuirks(logit_softcap_attr="final_logit_softcapping", blocks=("model.layers",)),
+    "gemma3_text": FamilyQuirks(logit_softcap_attr="final_logit_softcapping", blocks=("model.layers",)),
+    "bloom": FamilyQuirks(takes_position_ids=False, blocks=("transformer.h",)),
+    "t5": FamilyQuirks(encoder_decoder=True, blocks=("encoder.block", "decoder.block")),
+    "mt5": FamilyQuirks(encoder_decoder=True, blocks=("encoder.block", "decoder.block")),
 }
 
 

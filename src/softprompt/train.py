@@ -30,7 +30,9 @@ Read it top to bottom like nanoGPT's ``train.py``: `train` loads the data and th
 * **Several processes** (``accelerate launch`` / ``torchrun``; `softprompt.distributed`,
   ``docs/distributed.md``): each process takes its slice of every global batch, the adapters' gradients
   are summed over processes (the one-process result within rounding), and rank 0 alone validates and
-  writes files. One process runs exactly the code above.
+  writes files. Under FSDP the frozen base is sharded over the processes after the adapters are created,
+  and every process runs validation's (collective) forward passes; rank 0 still alone records and writes.
+  One process runs exactly the code above.
 """
 
 from __future__ import annotations
@@ -299,7 +301,7 @@ def load_model(config: TrainConfig):
         raise ConfigError(f"{flag('model')}: required (a built-in name, a local checkpoint directory or a hub id)")
     from .loading import load
 
-    return load(config.model, device=distributed.current().device(config.device) or default_device())
+    return load(config.model, device=distributed.current().load_device(config.device) or default_device())
 
 
 def default_device() -> str:
@@ -313,7 +315,7 @@ def train_jobs(config: TrainConfig, model, jobs: list[AdapterJob], *,
     dist = distributed.current()  # one process, or this one of several (accelerate launch / torchrun)
     dist.check(config.batch_size)
     device = dist.device(config.device)
-    if device:
+    if device and not dist.shards_base:  # FSDP: `dist.shard_base` below moves the base, shard by shard
         model.to(device)
     if not config.model:
         config = dataclasses.replace(config, model=model.name_or_path)
@@ -337,6 +339,7 @@ def train_jobs(config: TrainConfig, model, jobs: list[AdapterJob], *,
         saved = _read_checkpoints(config, output, names, dist)
         for job in jobs:  # the adapters, reparameterisation included, as they were
             load_adapter(model, output / job.name / LAST, name=job.name, resume=True)
+    dist.shard_base(model)  # FSDP only; after the adapters were initialised from the whole embedding table
     if dist.is_main:  # only the main process writes files, and only once every check has passed
         output.mkdir(parents=True, exist_ok=True)
         save_resolved(config, output)
@@ -363,7 +366,8 @@ def train_jobs(config: TrainConfig, model, jobs: list[AdapterJob], *,
         state = _restore(saved, model, jobs, optimizer, scheduler, log)
     else:
         log.reset()
-        if config.eval_zero_shot and dist.is_main:  # the bare base model on every adapter's validation rows, once
+        # the bare base model on every adapter's validation rows, once (FSDP: every process runs the passes)
+        if config.eval_zero_shot and (dist.is_main or dist.shards_base):
             for job in jobs:
                 if job.val:
                     metrics = validate(model, job, None, config)
@@ -374,7 +378,9 @@ def train_jobs(config: TrainConfig, model, jobs: list[AdapterJob], *,
 
     def evaluate_and_checkpoint() -> None:
         """Validate every active adapter, keep the best, count patience, save the latest state."""
-        if dist.is_main:  # the main process validates and saves, then every process goes on with its state
+        # The main process validates and saves, then every process goes on with its state. FSDP: the other
+        # processes run the same validation passes (their all-gathers are collectives) and record nothing.
+        if dist.is_main or dist.shards_base:
             _evaluate_and_checkpoint()
         dist.share_state(state)
 
@@ -383,6 +389,8 @@ def train_jobs(config: TrainConfig, model, jobs: list[AdapterJob], *,
             if job.name not in state.active:
                 continue
             metrics = validate(model, job, job.name, config) if job.val else {}
+            if not dist.is_main:
+                continue
             log.append({"type": "eval", "model": "adapter", "adapter": job.name, "step": state.step,
                         "epoch": state.epoch, **metrics})
             score = _score(metrics, job)
@@ -400,6 +408,8 @@ def train_jobs(config: TrainConfig, model, jobs: list[AdapterJob], *,
                     state.stopped.append(job.name)
                     log.append({"type": "early_stop", "adapter": job.name, "step": state.step, "epoch": state.epoch,
                                 "best_step": best["step"]})
+        if not dist.is_main:
+            return
         state.last_eval_step = state.step
         if time.time() - last_plot[0] > PLOT_EVERY_SECONDS:  # plotting is slow: refresh it now and then
             _plot(log, jobs, output)
@@ -423,7 +433,8 @@ def train_jobs(config: TrainConfig, model, jobs: list[AdapterJob], *,
             group = groups[state.group]
             step_loss = 0.0
             for batch in group:
-                batch = dist.shard(batch)  # this process's rows of the batch (all of them in one process)
+                # this process's rows of the batch (all of them in one process; FSDP: after loss-free rows)
+                batch = dist.shard(batch, ghost=lambda name: Encoded([pad], [-100], name))
                 out = None
                 if batch:
                     ids, mask, labels, adapters = collate(batch, pad)
