@@ -79,15 +79,23 @@ def foreign_share(before, after) -> float:
 
 
 def interleaved(fns: dict[str, Callable[[], object]], *, repeats: int, warmup: int) -> dict[str, list[float]]:
-    """Seconds per call of each function, alternating between them: warm-up rounds, then timed rounds."""
+    """Seconds per call of each function, alternating between them: warm-up rounds, then timed rounds.
+
+    Each round starts one function later than the last (A B C, B C A, C A B, ...), so no function is
+    always the one that runs first or right after a given other; ``times[k][r]`` is round ``r``'s call
+    of ``k`` whatever its place, so ratios can be paired round by round (`paired_ratio`).
+    """
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
+    keys = list(fns)
     extra = 0
     while len(next(iter(times.values()))) < repeats:
         round_times, worst = {}, 0.0
-        for key, fn in fns.items():
+        start = STATS["rounds"] % len(keys)
+        for key in keys[start:] + keys[:start]:
+            fn = fns[key]
             gc.collect()
             before = _cpu_snapshot()
             fn()
@@ -103,6 +111,12 @@ def interleaved(fns: dict[str, Callable[[], object]], *, repeats: int, warmup: i
         for key, t in round_times.items():
             times[key].append(t)
     return times
+
+
+def paired_ratio(a: list[float], b: list[float]) -> float:
+    """Median over rounds of ``a[r] / b[r]``: two calls of one round ran seconds apart, so a slow spell
+    of the machine (this VM's calls drift by 10-15% over a minute) scales both and cancels out."""
+    return statistics.median(x / y for x, y in zip(a, b) if y)
 
 
 def median_ms(seconds: list[float]) -> float:

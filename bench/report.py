@@ -91,8 +91,12 @@ def markdown(result: dict) -> str:
             lines.append(f"| {r['task']} | {r['num_virtual_tokens']} | {r['bare_ms']:.1f} | {r['softprompt_none_ms']:.1f} | "
                          f"{r['softprompt_ms']:.1f} | {r['peft_ms']:.1f} | {r['overhead_vs_bare']:+.1%} | "
                          f"{r['peft_overhead_vs_bare']:+.1%} | {r['ratio_vs_peft']:.2f} |")
+        repeats = len(inf["rows"][0].get("runs_ms", {}).get("bare", [])) if inf["rows"] else 0
         lines += ["", "Bare model: the transformers model called directly (`model(...)`, `model.generate(...)`). "
-                  "Generation is greedy, exactly the same number of new tokens on every system."]
+                  "Generation is greedy, exactly the same number of new tokens on every system. "
+                  f"Times are medians of {repeats} rounds; overheads and softprompt / PEFT are medians of the "
+                  "per-round ratios (the calls of one round run seconds apart, so a slow spell of the machine "
+                  "cancels out), with each round starting at the next system."]
         checks = [r for r in inf["rows"] if "rows_identical_to_peft" in r]
         if checks:
             lines.append("Greedy tokens identical to PEFT's: " + ", ".join(
