@@ -65,3 +65,20 @@ def test_generation_reports_perplexity_and_one_mixed_batch_of_samples(quick_qual
             assert r["tokens"] > 0
     assert {s["adapter"] for s in gen["samples"]} == {"base model", "chatgpt_prompts", "english_quotes"}
     assert "## Generation" in doc
+
+
+def test_merge_reruns_one_task_with_its_own_budget_and_keeps_the_others(quick_quality):
+    out, before, _ = quick_quality
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "bench.quality", "--quick", "--threads", "1", "--out", str(out),
+                           "--tasks", "raft_twitter_complaints", "--cv-epochs", "2", "--merge",
+                           "--doc", str(out / "merged.md")], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    after = json.loads((out / "quality.json").read_text())
+    assert set(after["tasks"]) == set(before["tasks"])
+    for name in ("financial_phrasebank", "sst2", "generation"):
+        assert after["tasks"][name] == before["tasks"][name]  # kept as they were
+    assert after["tasks"]["raft_twitter_complaints"]["run"]["overrides"] == {"cv_epochs": 2}
+    doc = (out / "merged.md").read_text()
+    assert "Tasks were run separately" in doc and "cv epochs 2" in doc

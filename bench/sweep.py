@@ -1,0 +1,202 @@
+"""A learning-rate x prompt-length sweep trained as ONE multi-adapter job, then a prompt ensemble.
+
+    .venv/bin/python -m bench.sweep --task financial_phrasebank               # 3 lr x 2 lengths, 2 epochs
+    .venv/bin/python -m bench.sweep --task sst2 --lrs 3e-2,1e-1 --tokens 8,20 --train-limit 2000
+    .venv/bin/python -m bench.sweep --quick                                   # harness check, tiny model
+
+Every adapter of the sweep trains in the same `softprompt.train.train_jobs` call on one frozen base:
+each optimizer step runs one batch per adapter (same rows, same order) through the model together.
+Selection is honest: a seeded, label-stratified slice of the *training* rows is the validation set;
+the best single adapter and the ensemble members (the top ``--ensemble`` by validation accuracy) are
+chosen on it, and the held-out test rows (the same seeded split as ``bench.quality``) are only scored.
+The ensemble averages the label probabilities of its members (`softprompt.predict.label_probabilities`,
+what ``softprompt predict --adapter A --adapter B`` does).
+
+Writes ``<out>/<task>/sweep.json``, ``sweep.md`` (the table) and ``sweep.png`` (test accuracy per
+adapter, validation accuracy beside it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+if __package__ in (None, ""):  # `python bench/sweep.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import harness  # noqa: E402
+from bench.models import TINY, Systems, model_path  # noqa: E402
+from bench.quality import BUDGETS, SEED, TASKS, config_for, examples, score_ours, task_rows  # noqa: E402
+
+
+def adapter_name(lr: float, tokens: int) -> str:
+    return f"pt{tokens}-lr{lr:g}".replace(".", "p")  # adapter names allow no dots
+
+
+def run_sweep(systems: Systems, task_name: str, *, lrs: list[float], tokens: list[int], budget: dict,
+              val_fraction: float, ensemble: int, out: Path, log=print) -> dict:
+    """Train every (lr, tokens) prompt-tuning adapter in one job; score each and the ensembles."""
+    from softprompt.data import train_val_split
+    from softprompt.metrics import classification_report
+    from softprompt.predict import label_probabilities
+    from softprompt.train import prepare_job, train_jobs
+
+    task = TASKS[task_name]
+    quick = budget is BUDGETS["quick"]
+    train_rows, test_rows, split = task_rows(task, budget, quick)
+    fit_rows, val_rows = train_val_split(train_rows, val_fraction, SEED, task.label_column, source=f"{task.name} training rows")
+    labels = list(task.verbalizer.values())
+    test = examples(task, test_rows, f"{task.name} test rows")
+    val = examples(task, val_rows, f"{task.name} validation rows")
+    grid = [(lr, n) for n in tokens for lr in lrs]
+    adapters = [{"name": adapter_name(lr, n), "lr": lr, "num_virtual_tokens": n} for lr, n in grid]
+    config = config_for(task, budget, "prompt_tuning", out / task.name, adapters=adapters, name=None)
+    jobs = [prepare_job(spec, rows=fit_rows, val_rows=val_rows, source=f"{task.name} training rows")
+            for spec in config.resolved_adapters()]
+    log(f"[{task.name}] {split}; {len(fit_rows)} rows fit, {len(val_rows)} validate; "
+        f"{len(jobs)} adapters in one job")
+    started = time.perf_counter()
+    trained = train_jobs(config, systems.ours, jobs, progress=True)
+    seconds = time.perf_counter() - started
+    rows = []
+    for (lr, n), spec in zip(grid, config.resolved_adapters()):
+        val_scores = score_ours(systems, spec.name, val, labels, budget)
+        test_scores = score_ours(systems, spec.name, test, labels, budget)
+        rows.append({"name": spec.name, "lr": lr, "num_virtual_tokens": n,
+                     "val_accuracy": val_scores["accuracy"], "val_macro_f1": val_scores["macro_f1"],
+                     "test_accuracy": test_scores["accuracy"], "test_macro_f1": test_scores["macro_f1"],
+                     "path": str(trained.adapters[spec.name].path)})
+        log(f"  {spec.name}: validation {val_scores['accuracy']:.3f}, test {test_scores['accuracy']:.3f}")
+    # Ties on validation accuracy go to the better validation macro-F1, then to the order of the grid.
+    ranked = sorted(rows, key=lambda r: (-r["val_accuracy"], -r["val_macro_f1"]))
+    texts, targets = [e.text for e in test], [e.target for e in test]
+
+    def ensemble_of(members: list[dict]) -> dict:
+        probs = label_probabilities(systems.ours, texts, labels, [m["name"] for m in members],
+                                    max_input_tokens=_room(systems, labels, budget))
+        preds = [labels[max(range(len(labels)), key=p.__getitem__)] for p in probs]
+        report = classification_report(targets, preds, labels)
+        return {"members": [m["name"] for m in members], "test_accuracy": report["accuracy"],
+                "test_macro_f1": report["macro_f1"]}
+
+    ensembles = {f"top {min(ensemble, len(ranked))} by validation": ensemble_of(ranked[:ensemble]),
+                 "all": ensemble_of(rows)}
+    for key, e in ensembles.items():
+        log(f"  ensemble {key}: test {e['test_accuracy']:.3f}")
+    zero = score_ours(systems, None, test, labels, budget)
+    return {"task": task.name, "split": split, "fit_rows": len(fit_rows), "val_rows": len(val_rows),
+            "test_rows": len(test), "epochs": budget["epochs"], "batch_size": budget["batch_size"],
+            "steps": trained.steps, "train_seconds": seconds, "zero_shot": {"test_accuracy": zero["accuracy"],
+                                                                           "test_macro_f1": zero["macro_f1"]},
+            "adapters": rows, "selected": ranked[0]["name"], "ensembles": ensembles}
+
+
+def _room(systems: Systems, labels, budget) -> int | None:
+    from softprompt.evaluate import prompt_budget
+
+    return prompt_budget(systems.ours, labels, budget["max_length"])
+
+
+def markdown(result: dict) -> str:
+    lines = [f"### Sweep on {result['task']}: {len(result['adapters'])} prompt-tuning adapters in one job",
+             "", f"{result['split']}; {result['fit_rows']} rows to fit, {result['val_rows']} held out of them to "
+             f"choose; {result['epochs']} epochs of batches of {result['batch_size']}, {result['steps']} steps, "
+             f"{result['train_seconds'] / 60:.1f} min for the whole job. Zero-shot test accuracy "
+             f"{result['zero_shot']['test_accuracy']:.1%}.", "",
+             "| adapter | lr | virtual tokens | validation accuracy | test accuracy | test macro-F1 |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in result["adapters"]:
+        mark = " (chosen)" if r["name"] == result["selected"] else ""
+        lines.append(f"| {r['name']}{mark} | {r['lr']:g} | {r['num_virtual_tokens']} | {r['val_accuracy']:.1%} | "
+                     f"{r['test_accuracy']:.1%} | {r['test_macro_f1']:.3f} |")
+    for key, e in result["ensembles"].items():
+        lines.append(f"| ensemble, {key} ({', '.join(e['members'])}) | | | | {e['test_accuracy']:.1%} | "
+                     f"{e['test_macro_f1']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["name"] for r in result["adapters"]] + [f"ens. {k}" for k in result["ensembles"]]
+    test = [r["test_accuracy"] for r in result["adapters"]] + [e["test_accuracy"] for e in result["ensembles"].values()]
+    val = [r["val_accuracy"] for r in result["adapters"]] + [float("nan")] * len(result["ensembles"])
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(names)), 4))
+    x = range(len(names))
+    ax.bar([i - 0.2 for i in x], val, 0.4, label="validation (chooses)")
+    ax.bar([i + 0.2 for i in x], test, 0.4, label="test")
+    ax.axhline(result["zero_shot"]["test_accuracy"], color="grey", linestyle="--", label="zero-shot test")
+    ax.set_xticks(list(x), names, rotation=30, ha="right")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    ax.set_title(f"{result['task']}: one multi-adapter sweep job")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m bench.sweep", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", default="financial_phrasebank", choices=["financial_phrasebank", "sst2"])
+    p.add_argument("--lrs", default="3e-2,1e-1,3e-1", help="comma-separated learning rates")
+    p.add_argument("--tokens", default="8,20", help="comma-separated prompt lengths (virtual tokens)")
+    p.add_argument("--train-limit", type=int, default=1000, help="training rows sampled (seeded) from the split")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of the training rows that choose")
+    p.add_argument("--ensemble", type=int, default=3, help="members of the top-by-validation ensemble")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--quick", action="store_true", help="tiny random model and stand-in rows: checks the harness")
+    p.add_argument("--out", default="runs/sweep")
+    return p.parse_args(argv)
+
+
+def _numbers(text: str, kind, flag: str) -> list:
+    try:
+        values = [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise SystemExit(f"bench.sweep: {flag}: expected comma-separated numbers, got {text!r}")
+    if not values or any(v <= 0 for v in values):
+        raise SystemExit(f"bench.sweep: {flag}: expected positive numbers, got {text!r}")
+    return values
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    harness.quiet()
+    torch.set_num_threads(args.threads)
+    lrs, tokens = _numbers(args.lrs, float, "--lrs"), _numbers(args.tokens, int, "--tokens")
+    if args.quick:
+        budget = BUDGETS["quick"]
+    else:
+        budget = {**BUDGETS["standard"], "epochs": args.epochs, "train_limit": args.train_limit}
+    out = Path(args.out)
+    systems = Systems.build(TINY if args.quick else model_path(args.model))
+    result = run_sweep(systems, args.task, lrs=lrs, tokens=tokens, budget=budget, val_fraction=args.val_fraction,
+                       ensemble=args.ensemble, out=out)
+    result["meta"] = {"model": TINY if args.quick else args.model, "machine": harness.machine(args.threads),
+                      "date": time.strftime("%Y-%m-%d"), "command": "python -m bench.sweep " + " ".join(argv or sys.argv[1:])}
+    where = out / args.task
+    where.mkdir(parents=True, exist_ok=True)
+    (where / "sweep.json").write_text(json.dumps(result, indent=2) + "\n")
+    (where / "sweep.md").write_text(markdown(result))
+    plot(result, where / "sweep.png")
+    print(markdown(result))
+    print(f"bench.sweep: wrote {where / 'sweep.json'}, sweep.md and sweep.png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
