@@ -81,6 +81,8 @@ def test_demo_pipeline_trains_beats_zero_shot_and_saves(tmp_path, capsys):
     assert result["tuned_accuracy"] >= 0.7
     assert result["tuned_accuracy"] >= result["zero_shot_accuracy"] + 0.3
     assert (tmp_path / "sentiment" / "adapter_model.safetensors").exists()
+    # trained by `softprompt train`'s own loop: the resolved config is saved next to the output
+    assert "template: 'Tweet: {text}" in (tmp_path / "config.yaml").read_text()
     assert "held-out" in capsys.readouterr().out
 
 

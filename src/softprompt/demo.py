@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 TEMPLATE = "Tweet: {text}\nSentiment (positive or negative): "
 LABELS = ["positive", "negative"]
+INIT_TEXT = "Classify the sentiment of the tweet as positive or negative:"
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,39 +53,32 @@ def accuracy(model, rows: list[dict], adapter: str | None, batch_size: int = 16)
     return correct / len(rows)
 
 
-def train_prompt(model, rows: list[dict], name: str, *, epochs: int, lr: float, seed: int, batch_size: int = 8):
-    """Set-up, loop, done: AdamW on the adapter only, loss on the label tokens only."""
-    from .tokens import pad_batch, pad_id
+def train_prompt(model, rows: list[dict], name: str, *, epochs: int, lr: float, seed: int, num_virtual_tokens: int,
+                 output: str, batch_size: int = 8):
+    """The demo's rows through `softprompt train`'s own loop (`train_jobs`): the same code as the CLI,
+    so the demo also writes the resolved config, the metrics log and the loss plot next to the adapter."""
+    import csv
+    import io
 
-    tok = model.tokenizer
-    eos = tok.eos_token_id
-    examples = []
-    for r in rows:
-        prompt = tok(TEMPLATE.format(text=r["text"]))["input_ids"][-96:]
-        answer = tok(r["label"], add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
-        examples.append((prompt + answer, [-100] * len(prompt) + answer))
-    params = list(model.adapters[name].parameters())
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    steps = epochs * ((len(examples) + batch_size - 1) // batch_size)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 5) * (1 - s / steps))
-    rng = random.Random(seed)
-    model.train()
-    bar = tqdm(total=steps, desc="training")
-    for _ in range(epochs):
-        rng.shuffle(examples)
-        for start in range(0, len(examples), batch_size):
-            batch = examples[start:start + batch_size]
-            ids, mask = pad_batch([e[0] for e in batch], pad_id(tok), side="right")
-            labels, _ = pad_batch([e[1] for e in batch], -100, side="right")
-            loss = model(ids, mask, adapters=name, labels=labels).loss
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad()
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{schedule.get_last_lr()[0]:.1e}")
-    bar.close()
-    model.eval()
+    from .config import load_config
+    from .fileio import atomic_write_text
+    from .train import prepare_job, train_jobs
+
+    # The training tweets go next to the adapter, so `softprompt train --data <output>/train.csv` reruns it.
+    data = Path(output) / "train.csv"
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, ["text", "label"], extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    Path(output).mkdir(parents=True, exist_ok=True)
+    atomic_write_text(data, buffer.getvalue())
+    config = load_config(None, {
+        "model": model.name_or_path, "data": str(data), "name": name, "method": "prompt_tuning", "num_virtual_tokens": num_virtual_tokens,
+        "init": "text", "init_text": INIT_TEXT, "template": TEMPLATE, "text_column": "text", "label_column": "label",
+        "verbalizer": {label: label for label in LABELS}, "val_fraction": 0.0, "eval_zero_shot": False,
+        "epochs": epochs, "lr": lr, "batch_size": batch_size, "max_length": 128, "seed": seed, "output": output})
+    job = prepare_job(config.resolved_adapters()[0], val_rows=[])
+    return train_jobs(config, model, [job], progress=True)
 
 
 def run_demo(model_name: str = "smollm2-135m", output: str = "runs/demo", *, train_size: int = 160,
@@ -105,13 +99,11 @@ def run_demo(model_name: str = "smollm2-135m", output: str = "runs/demo", *, tra
         model = load(model_name)
     zero_shot = accuracy(model, test, None)
     print(f"zero-shot accuracy on {len(test)} held-out tweets: {zero_shot:.1%}")
-    model.add_adapter("sentiment", method="prompt_tuning", num_virtual_tokens=num_virtual_tokens,
-                      init_text="Classify the sentiment of the tweet as positive or negative:", seed=seed)
-    train_prompt(model, train, "sentiment", epochs=epochs, lr=lr, seed=seed)
+    trained = train_prompt(model, train, "sentiment", epochs=epochs, lr=lr, seed=seed,
+                           num_virtual_tokens=num_virtual_tokens, output=output)
     tuned = accuracy(model, test, "sentiment")
     print(f"tuned accuracy on the same {len(test)} held-out tweets: {tuned:.1%}  (zero-shot {zero_shot:.1%})")
-    out = Path(output) / "sentiment"
-    model.save_adapter("sentiment", str(out))
+    out = trained.adapters["sentiment"].path
     size = (out / "adapter_model.safetensors").stat().st_size
     print(f"adapter saved to {out} ({size / 1024:.1f} KiB, PEFT layout)")
     samples = [TEMPLATE.format(text=r["text"]) for r in test[:3]]
