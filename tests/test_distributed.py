@@ -2,8 +2,9 @@
 
 Every run is a subprocess of the unchanged CLI (the `softprompt` console script, started by accelerate's
 launcher with ``--no_python``), on a tiny random GPT-2 checkpoint and a small CSV in ``tmp_path``. The
-FSDP runs (``cpu_gloo_fsdp_2proc.yaml``, tiny Llama checkpoints) start the CLI through a small script that
-also reports how the base was sharded in each process. Every launch has a timeout (`run`).
+FSDP and DeepSpeed ZeRO-3 runs (``cpu_gloo_fsdp_2proc.yaml``, ``cpu_gloo_deepspeed_2proc.yaml``; tiny Llama
+checkpoints) start the CLI through a small script that also reports how the base was sharded in each process.
+DeepSpeed is a dev dependency: its tests fail (they do not skip) where it does not import. Every launch has a timeout (`run`).
 """
 
 import csv
@@ -27,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "accelerate"
 GLOO = CONFIGS / "cpu_gloo_2proc.yaml"
 GLOO_FSDP = CONFIGS / "cpu_gloo_fsdp_2proc.yaml"
+GLOO_ZERO3 = CONFIGS / "cpu_gloo_deepspeed_2proc.yaml"
 SOFTPROMPT = Path(sys.executable).parent / "softprompt"  # the console script of this environment
 TOLERANCE = 1e-5
 
@@ -293,11 +295,12 @@ def test_multi_adapter_job_in_two_processes_equals_one_process(tmp_path, model_d
 def test_shipped_accelerate_configs_parse_and_say_what_they_are():
     shipped = {p.name: yaml.safe_load(p.read_text()) for p in CONFIGS.glob("*.yaml")}
     assert set(shipped) == {"ddp_multi_gpu.yaml", "fsdp.yaml", "deepspeed_zero3.yaml", "cpu_gloo_2proc.yaml",
-                            "cpu_gloo_fsdp_2proc.yaml"}
+                            "cpu_gloo_fsdp_2proc.yaml", "cpu_gloo_deepspeed_2proc.yaml"}
     for name, config in shipped.items():
         assert config["compute_environment"] == "LOCAL_MACHINE", name
         assert config["num_machines"] >= 1 and config["machine_rank"] == 0, name
-        assert config["mixed_precision"] == "no", name  # precision is softprompt's own --bf16
+        # precision is softprompt's own --bf16 (accelerate forbids the field next to a deepspeed_config_file)
+        assert config.get("mixed_precision", "no") == "no", name
     gloo = shipped["cpu_gloo_2proc.yaml"]
     assert gloo["num_processes"] == 2 and gloo["use_cpu"] is True and gloo["distributed_type"] == "MULTI_GPU"
     ddp = shipped["ddp_multi_gpu.yaml"]
@@ -310,6 +313,11 @@ def test_shipped_accelerate_configs_parse_and_say_what_they_are():
     assert shipped["fsdp.yaml"]["use_cpu"] is False and shipped["cpu_gloo_fsdp_2proc.yaml"]["use_cpu"] is True
     zero3 = shipped["deepspeed_zero3.yaml"]
     assert zero3["distributed_type"] == "DEEPSPEED" and zero3["deepspeed_config"]["zero_stage"] == 3
+    assert zero3["deepspeed_config"]["offload_param_device"] == "none" and zero3["use_cpu"] is False
+    twin = shipped["cpu_gloo_deepspeed_2proc.yaml"]
+    assert twin["distributed_type"] == "DEEPSPEED" and twin["use_cpu"] is True and twin["num_processes"] == 2
+    ds_file = json.loads((ROOT / twin["deepspeed_config"]["deepspeed_config_file"]).read_text())
+    assert ds_file["zero_optimization"] == {"stage": 3, "stage3_param_persistence_threshold": 0}
     # accelerate itself reads them
     from accelerate.commands.config.config_args import load_config_from_file
 
@@ -322,13 +330,14 @@ def test_shipped_accelerate_configs_parse_and_say_what_they_are():
 class FakeAccelerator:  # what accelerate builds in each process of a GPU launch (needs GPUs to build for real)
     kind = "FSDP"
     plugin = None
+    ds_plugin = None
 
     def __init__(self, **kwargs):
         import accelerate
 
         self.distributed_type = accelerate.DistributedType[self.kind]
         self.num_processes, self.process_index = 2, 0
-        self.state = SimpleNamespace(fsdp_plugin=self.plugin)
+        self.state = SimpleNamespace(fsdp_plugin=self.plugin, deepspeed_plugin=self.ds_plugin)
 
 
 def fsdp_plugin(**changes) -> SimpleNamespace:
@@ -348,20 +357,60 @@ def launched(monkeypatch):
     monkeypatch.setattr(FakeAccelerator, "plugin", fsdp_plugin())
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
     distributed.current.cache_clear()
     yield distributed.current
     distributed.current.cache_clear()
 
 
-def test_deepspeed_is_refused_pointing_to_the_fsdp_config(launched, monkeypatch):
-    from softprompt.errors import ConfigError
+def ds_plugin(**changes) -> SimpleNamespace:
+    """What softprompt reads of accelerate's DeepSpeedPlugin (its DeepSpeed config) for deepspeed_zero3.yaml."""
+    config = {"train_batch_size": "auto", "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+              "zero_optimization": {"stage": 3, "offload_param": {"device": "none"},
+                                    "offload_optimizer": {"device": "none"}, "stage3_prefetch_bucket_size": "auto"}}
+    for key, value in changes.items():
+        (config["zero_optimization"] if key in config["zero_optimization"] else config)[key] = value
+    return SimpleNamespace(deepspeed_config=config)
 
+
+def test_a_deepspeed_launch_partitions_the_base_with_the_configs_zero_section(launched, monkeypatch):
     monkeypatch.setattr(FakeAccelerator, "kind", "DEEPSPEED")
-    with pytest.raises(ConfigError, match=r"distributed_type: DEEPSPEED .*configs/accelerate/fsdp\.yaml"):
-        launched()
+    monkeypatch.setattr(FakeAccelerator, "ds_plugin", ds_plugin())
+    dist = launched()
+    assert dist.shards_base and dist.fsdp is None
+    assert dist.zero.zero_optimization["stage"] == 3  # "auto" entries dropped: DeepSpeed's defaults apply
+    assert "stage3_prefetch_bucket_size" not in dist.zero.zero_optimization
+    # use_cpu: accelerate reports MULTI_CPU; its launcher's ACCELERATE_DEEPSPEED_* variables decide
+    monkeypatch.setattr(FakeAccelerator, "kind", "MULTI_CPU")
+    monkeypatch.setattr(FakeAccelerator, "ds_plugin", None)
+    launched.cache_clear()
+    assert not launched().shards_base
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    launched.cache_clear()
+    assert launched().shards_base and launched().zero.zero_optimization["stage"] == 3
     monkeypatch.setenv("WORLD_SIZE", "1")  # one process: no accelerator at all
     launched.cache_clear()
     assert launched().world_size == 1 and launched().accelerator is None and not launched().shards_base
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"stage": 2}, r"deepspeed_config\.zero_stage: 2 .*set 3.*ddp_multi_gpu\.yaml"),
+    ({"offload_param": {"device": "cpu"}}, r"deepspeed_config\.offload_param_device: cpu .*set it to none"),
+    ({"offload_optimizer": {"device": "nvme"}}, r"deepspeed_config\.offload_optimizer_device: nvme"),
+    ({"gradient_accumulation_steps": 4}, r"deepspeed_config\.gradient_accumulation_steps: 4 .*--grad-accum"),
+    ({"gradient_clipping": 1.0}, r"deepspeed_config\.gradient_clipping: 1\.0 .*--max-grad-norm"),
+    ({"optimizer": {"type": "AdamW"}}, r"deepspeed_config_file: its 'optimizer' section"),
+    ({"bf16": {"enabled": True}}, r"deepspeed_config_file: bf16\.enabled .*--bf16"),
+])
+def test_deepspeed_settings_softprompt_cannot_honour_are_refused_naming_the_field(launched, monkeypatch, changes,
+                                                                                  message):
+    from softprompt.errors import ConfigError
+
+    monkeypatch.setattr(FakeAccelerator, "kind", "DEEPSPEED")
+    monkeypatch.setattr(FakeAccelerator, "ds_plugin", ds_plugin(**changes))
+    with pytest.raises(ConfigError, match=message):
+        launched()
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -439,7 +488,7 @@ def test_a_family_without_known_blocks_cannot_be_sharded_and_says_so():
 # ------------------------------------------------------------------------------ FSDP: real launches
 
 # Starts the unchanged CLI after wrapping `Distributed.shard_base`, to print what each process holds of the
-# base once it is sharded (and, with SOFTPROMPT_TEST_CRASH_AT, kills every process at that step, as CRASH).
+# base once it is sharded (FSDP: DTensors; ZeRO-3: DeepSpeed's flat partition `ds_tensor` of an emptied weight) (and, with SOFTPROMPT_TEST_CRASH_AT, kills every process at that step, as CRASH).
 FSDP_PROBE = '''
 import os, sys
 from torch.distributed.tensor import DTensor
@@ -449,7 +498,13 @@ from softprompt import cli, distributed
 original_shard_base, crash_at = distributed.Distributed.shard_base, int(os.environ.get("SOFTPROMPT_TEST_CRASH_AT", 0))
 
 def local(p):
-    return p.to_local().numel() if isinstance(p, DTensor) else p.numel()
+    return p.to_local().numel() if isinstance(p, DTensor) else p.ds_tensor.numel() if hasattr(p, "ds_id") else p.numel()
+
+def whole(p):
+    return p.ds_numel if hasattr(p, "ds_id") else p.numel()
+
+def sharded(p):  # a ZeRO-3 weight holds no data of its own outside its module's forward
+    return isinstance(p, DTensor) or (hasattr(p, "ds_id") and p.numel() == 0)
 
 def shard_base(self, model):
     original_shard_base(self, model)
@@ -458,9 +513,9 @@ def shard_base(self, model):
     tied = model.base.get_output_embeddings().weight is model.base.get_input_embeddings().weight
     # one write per line: the two processes share the pipe (print writes the newline separately)
     sys.stdout.write("SHARDS rank=%s local=%d total=%d block_local=%d block_total=%d dtensors=%d params=%d tied=%d "
-                     "adapters_dtensors=%d%s" % (self.rank, sum(map(local, params)), sum(p.numel() for p in params),
-                     local(block), block.numel(), sum(isinstance(p, DTensor) for p in params), len(params), tied,
-                     sum(isinstance(p, DTensor) for p in model.adapters.parameters()), chr(10)))
+                     "adapters_dtensors=%d%s" % (self.rank, sum(map(local, params)), sum(map(whole, params)),
+                     local(block), whole(block), sum(map(sharded, params)), len(params), tied,
+                     sum(sharded(p) or hasattr(p, "ds_id") for p in model.adapters.parameters()), chr(10)))
     sys.stdout.flush()
 
 distributed.Distributed.shard_base = shard_base
@@ -490,6 +545,7 @@ def shards(done: subprocess.CompletedProcess) -> dict[int, dict[str, int]]:
 
 
 def assert_half_of_the_base_per_process(done: subprocess.CompletedProcess, tied: bool) -> None:
+    """FSDP or ZeRO-3: every base weight and about half of the base in each process; no adapter sharded."""
     found = shards(done)
     assert set(found) == {0, 1}, done.stdout[-2000:]
     for rank, s in found.items():
@@ -497,7 +553,9 @@ def assert_half_of_the_base_per_process(done: subprocess.CompletedProcess, tied:
         assert 2 * s["block_local"] == s["block_total"]  # a decoder block's largest weight: half in each process
         assert abs(s["local"] - s["total"] / 2) <= 0.01 * s["total"], (rank, s)  # about half of the whole base
         assert s["tied"] == tied, (rank, s)  # a tied head still is the embedding matrix after sharding
-    assert found[0]["local"] + found[1]["local"] == found[0]["total"]
+    # FSDP splits exactly; ZeRO-3 pads a weight of odd size by one element to split it
+    padding = found[0]["local"] + found[1]["local"] - found[0]["total"]
+    assert 0 <= padding < found[0]["params"], found
 
 
 def tied_llama_checkpoint(path: Path) -> str:
@@ -522,8 +580,10 @@ FSDP_JOB = {  # text-initialised prompt tuning (reads the embedding table) + pre
                  {"name": "prefix", "method": "prefix_tuning", "num_virtual_tokens": 2, "lr": 0.02}]}
 
 
-def fsdp_pair(tmp: Path, model: str, rows: int = 16) -> tuple[Path, Path, Path, subprocess.CompletedProcess]:
-    """One FSDP job (`FSDP_JOB` on ``model``) in 1 process and sharded over 2 (through FSDP_PROBE)."""
+def fsdp_pair(tmp: Path, model: str, rows: int = 16,
+              config: Path = GLOO_FSDP) -> tuple[Path, Path, Path, subprocess.CompletedProcess]:
+    """One FSDP (or ZeRO-3: ``config``) job (`FSDP_JOB` on ``model``) in 1 process and sharded over 2 (through
+    FSDP_PROBE)."""
     a = write_csv(tmp / "a.csv", toy_rows(rows, seed=6))
     b = write_csv(tmp / "b.csv", toy_rows(14, seed=7, labels=("yes", "no")))
     job = json.loads(json.dumps(FSDP_JOB))
@@ -533,7 +593,7 @@ def fsdp_pair(tmp: Path, model: str, rows: int = 16) -> tuple[Path, Path, Path, 
     one_process([path, "--output", tmp / "one"])
     probe = tmp / "probe.py"
     probe.write_text(FSDP_PROBE)
-    done = two_processes([path, "--output", tmp / "fsdp"], script=[probe, "train"], config=GLOO_FSDP)
+    done = two_processes([path, "--output", tmp / "fsdp"], script=[probe, "train"], config=config)
     return path, tmp / "one", tmp / "fsdp", done
 
 
@@ -646,14 +706,58 @@ for family in FAMILIES:
 '''
 
 
-def test_fsdp_shards_every_family_of_the_table_without_changing_any_result(tmp_path):
-    """Training forward/backward, prefill, decoding and generation, sharded and not, for every tiny family."""
+@pytest.mark.parametrize("config", [GLOO_FSDP, GLOO_ZERO3], ids=["fsdp", "zero3"])
+def test_fsdp_shards_every_family_of_the_table_without_changing_any_result(tmp_path, config):
+    """Training forward/backward, prefill, decoding and generation, sharded and not, for every tiny family
+    (FSDP, and DeepSpeed ZeRO-3: GPT-2's tied head, T5's shared matrix and its encoder called alone)."""
     script = tmp_path / "families.py"
     script.write_text(FAMILY_SCRIPT)
-    done = two_processes([], script=[script], config=GLOO_FSDP, env=clean_env(PYTHONPATH=str(ROOT / "tests")))
+    done = two_processes([], script=[script], config=config, env=clean_env(PYTHONPATH=str(ROOT / "tests")))
     from tiny import FAMILIES
 
     lines = [line.split() for line in done.stdout.splitlines() if line.startswith("FAMILY ")]
     assert sorted((f, r) for _, f, r, *_ in lines) == sorted((f, f"rank={r}") for f in FAMILIES for r in (0, 1))
     for _, family, rank, diff, same_text in lines:
         assert float(diff.split("=")[1]) < 1e-6 and same_text == "same_text=1", (family, rank, diff, same_text)
+
+
+# --------------------------------------------------------------------------- DeepSpeed ZeRO-3: real launches
+
+
+@pytest.fixture(scope="module")
+def zero3_untied(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("zero3")
+    return fsdp_pair(tmp, save_tiny_checkpoint("llama", tmp / "tiny-llama"), config=GLOO_ZERO3)
+
+
+def test_zero3_two_processes_give_the_one_process_adapters(zero3_untied):
+    _, one, two, done = zero3_untied
+    assert_same_training(one, two)
+    first = json.loads((one / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["type"] == "eval" and first["model"] == "base"  # the zero-shot pass: the base whole, untrained
+    from softprompt import load
+
+    fresh = load(str(one.parent / "tiny-llama"), device="cpu")
+    fresh.add_adapter("pt", method="prompt_tuning", num_virtual_tokens=3, init="text", init_text="classify this",
+                      seed=2)
+    moved = (tensors(two / "pt")["prompt_embeddings"] - fresh.adapters["pt"].materialized().detach()).abs().max()
+    assert moved > 100 * TOLERANCE  # training moved the prompt far more than the tolerance
+
+
+def test_zero3_partitions_the_frozen_base_in_each_process(zero3_untied):
+    assert_half_of_the_base_per_process(zero3_untied[3], tied=False)
+
+
+def test_interrupted_zero3_run_resumes_to_the_uninterrupted_result(zero3_untied):
+    path, _, full, _ = zero3_untied
+    cut = full.parent / "cut"
+    probe = full.parent / "probe.py"
+    done = two_processes([path, "--output", cut], script=[probe, "train"], config=GLOO_ZERO3, ok=False,
+                         env=clean_env(SOFTPROMPT_TEST_CRASH_AT="5"))
+    assert done.returncode != 0 and "crashing at step 5 on rank 1" in done.stdout, done.stderr[-4000:]
+    assert checkpoint_meta(cut, "pt")["state"]["step"] == 4
+    two_processes([path, "--output", cut, "--resume"], script=[probe, "train"], config=GLOO_ZERO3)
+    for name in ("pt", "prefix"):  # the same number of processes: bit-identical
+        assert (full / name / "adapter_model.safetensors").read_bytes() == \
+            (cut / name / "adapter_model.safetensors").read_bytes(), name
+    assert train_losses(cut) == train_losses(full)

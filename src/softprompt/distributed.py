@@ -26,6 +26,13 @@ unit at a time while it runs. The adapters stay whole on every process and keep 
 ``accelerator.prepare`` is not used, because it would wrap (and shard) the trainable adapters too. Every
 forward pass over a sharded base is a collective, so under FSDP *every* process runs validation (the
 same rows, the same passes) and the main process alone records it.
+
+DeepSpeed ZeRO-3 (an accelerate config with ``distributed_type: DEEPSPEED``, ``zero_stage: 3``): the same
+as FSDP, with DeepSpeed partitioning the frozen base instead (`Distributed.shard_base`: its
+``DeepSpeedZeRoOffload``, the parameter partitioner of ``deepspeed.initialize`` without an optimizer).
+Its hooks gather each module's own weights in that module's forward (and again for the backward pass), so
+any module can be called directly and no unit table is needed. The adapters, the optimizer (softprompt's
+AdamW) and the gradient all-reduce stay softprompt's; DeepSpeed's engine is not used.
 """
 
 from __future__ import annotations
@@ -40,8 +47,9 @@ from torch import nn
 
 from .errors import ConfigError
 
-#: Accelerate launch modes softprompt does not implement (see docs/distributed.md). FSDP is implemented.
-UNSUPPORTED = {"DEEPSPEED", "MEGATRON_LM", "XLA"}
+#: Accelerate launch modes softprompt does not implement (see docs/distributed.md). FSDP and DeepSpeed
+#: ZeRO-3 are implemented.
+UNSUPPORTED = {"MEGATRON_LM", "XLA"}
 
 
 @dataclass(frozen=True)
@@ -53,15 +61,24 @@ class FsdpSettings:
     reshard_after_forward: bool = True
 
 
+@dataclass(frozen=True)
+class ZeroSettings:
+    """The DeepSpeed config's ``zero_optimization`` section (stage 3) softprompt partitions the base with."""
+
+    zero_optimization: dict
+
+
 class Distributed:
     """This process's place in the job; one process (``world_size == 1``) makes every method a no-op."""
 
-    def __init__(self, accelerator=None, fsdp: FsdpSettings | None = None):
+    def __init__(self, accelerator=None, fsdp: FsdpSettings | None = None, zero: ZeroSettings | None = None):
         self.accelerator = accelerator
         self.world_size = accelerator.num_processes if accelerator is not None else 1
         self.rank = accelerator.process_index if accelerator is not None else 0
         self.is_main = self.rank == 0
         self.fsdp = fsdp if self.world_size > 1 else None
+        self.zero = zero if self.world_size > 1 else None
+        self._partitioner = None  # ZeRO-3: DeepSpeed's DeepSpeedZeRoOffload once the base is partitioned
 
     @property
     def enabled(self) -> bool:
@@ -69,11 +86,12 @@ class Distributed:
 
     @property
     def shards_base(self) -> bool:
-        """FSDP: the frozen base is sharded, so every process must take part in every forward pass."""
-        return self.fsdp is not None
+        """FSDP or ZeRO-3: the frozen base is sharded, so every process must take part in every forward pass."""
+        return self.fsdp is not None or self.zero is not None
 
     def __repr__(self) -> str:
-        return f"Distributed(rank={self.rank}, world_size={self.world_size}, fsdp={self.shards_base})"
+        return (f"Distributed(rank={self.rank}, world_size={self.world_size}, fsdp={self.fsdp is not None}, "
+                f"zero3={self.zero is not None})")
 
     # ------------------------------------------------------------------ set-up
     def device(self, requested: str | None) -> str | None:
@@ -87,19 +105,24 @@ class Distributed:
         return str(mine)
 
     def load_device(self, requested: str | None) -> str | None:
-        """Where to load the base: under FSDP on the CPU, from where `shard_base` moves one unit at a time
-        (so a device never holds more than the shards plus one whole unit); else `device`."""
+        """Where to load the base: under FSDP or ZeRO-3 on the CPU, from where `shard_base` moves one unit
+        (ZeRO-3: one weight) at a time, so a device never holds more than the shards plus that; else `device`."""
         device = self.device(requested)
         return "cpu" if self.shards_base else device
 
     def shard_base(self, model) -> None:
-        """FSDP: shard ``model``'s frozen base over the processes (FSDP2 ``fully_shard``); no-op otherwise.
+        """FSDP or ZeRO-3: shard ``model``'s frozen base over the processes; no-op otherwise.
 
         Call it after the adapters exist: their initialisation from the embedding table (text or
         vocabulary init) reads whole weights. The adapters stay unsharded and move to this process's device.
         """
-        if not self.shards_base:
-            return
+        if self.zero is not None:
+            self._partition_base(model)
+        elif self.fsdp is not None:
+            self._fully_shard_base(model)
+
+    def _fully_shard_base(self, model) -> None:
+        """FSDP2 ``fully_shard`` of the base, one unit per `fsdp_units` entry."""
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import FSDPModule, fully_shard
 
@@ -119,6 +142,44 @@ class Distributed:
             if isinstance(module, FSDPModule):
                 module.reshard()
         model.adapters.to(model.device)
+
+    def _partition_base(self, model) -> None:
+        """ZeRO-3: DeepSpeed partitions every base weight over the processes (each keeps a flat
+        ``1/world_size`` slice, ``ds_tensor``; the parameter itself becomes empty) and hooks every module to
+        all-gather its own weights for its forward and backward and free them after."""
+        import deepspeed
+        from deepspeed.runtime.config import DeepSpeedConfig
+        from deepspeed.runtime.zero.parameter_offload import DeepSpeedZeRoOffload
+
+        base = model.base
+        if any(hasattr(p, "ds_id") for p in base.parameters()):  # already partitioned (a second job)
+            return
+        if self.accelerator.device.type == "cpu":
+            # DeepSpeed's CPU backend would compile its shared-memory all-reduce (C++, minutes on a machine's
+            # first launch) for tensor-parallel inference, which is not used here: mark it unbuildable
+            import deepspeed.ops
+
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        # DeepSpeed's communication layer over the process group accelerate started (no second group)
+        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
+        # train_batch_size only satisfies DeepSpeed's config checks: softprompt splits its own batches
+        config = {"train_batch_size": self.world_size, "zero_optimization": self.zero.zero_optimization}
+        zero = DeepSpeedConfig(config).zero_config
+        self._partitioner = DeepSpeedZeRoOffload(
+            base, timers=None, ds_config=config, overlap_comm=zero.overlap_comm,
+            # no prefetching: it follows the module order of the previous step, but softprompt's passes differ
+            # from step to step (adapters per batch, validation, generation); each module fetches its own
+            prefetch_bucket_size=0, max_reuse_distance=0, max_live_parameters=zero.max_live_parameters,
+            param_persistence_threshold=zero.param_persistence_threshold,
+            model_persistence_threshold=zero.model_persistence_threshold)
+        model.adapters.to(model.device)
+
+    def _end_of_passes(self) -> None:
+        """ZeRO-3: every forward and backward pass so far is over (every process calls this at the same
+        point): reset DeepSpeed's per-step module trace, which `deepspeed.initialize` resets at the start of
+        the root module's forward, which softprompt never calls (it calls the modules inside it)."""
+        if self._partitioner is not None:
+            self._partitioner.get_param_coordinator().reset_step()
 
     def check(self, batch_size: int) -> None:
         """Settings that cannot work across processes raise one clear error."""
@@ -166,6 +227,7 @@ class Distributed:
         """Sum the adapters' gradients and the step loss over processes (one all-reduce); returns the loss."""
         if not self.enabled:
             return loss
+        self._end_of_passes()  # this step's forward and backward passes are done on every process
         params = [p for group in optimizer.param_groups for p in group["params"]]
         device = self.accelerator.device
         flat = torch.cat([p.grad.detach().float().flatten().to(device) if p.grad is not None else
@@ -201,6 +263,7 @@ class Distributed:
         """Give every process the main process's loop state (a dataclass), in place."""
         if not self.enabled:
             return
+        self._end_of_passes()  # after validation, which ran on every process
         from accelerate.utils import broadcast_object_list
 
         shared = [vars(state) if self.is_main else None]
@@ -279,6 +342,59 @@ def fsdp_settings(accelerator) -> FsdpSettings:
     return FsdpSettings(reshard_after_forward=plugin.reshard_after_forward is not False)
 
 
+def zero_settings(accelerator) -> ZeroSettings:
+    """The DeepSpeed settings of this launch, checked; refuses those softprompt cannot honour, naming the field
+    (as the accelerate config names it, and as a ``deepspeed_config_file`` does)."""
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError as e:
+        raise ConfigError(f"distributed_type: DEEPSPEED (accelerate config) needs the deepspeed package, which does "
+                          f"not import here ({e}); install it (scripts/setup.sh --dev does) or launch with "
+                          f"configs/accelerate/fsdp.yaml") from None
+    from accelerate.utils import DeepSpeedPlugin
+
+    # On GPUs accelerate builds the plugin; on the CPU it builds none, so read the same ACCELERATE_DEEPSPEED_*
+    # variables its launcher exported from the config (or the deepspeed_config_file they name), the same way.
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None) or DeepSpeedPlugin()
+    config = plugin.deepspeed_config
+    zero = dict(config.get("zero_optimization") or {})
+    if zero.get("stage") != 3:
+        raise ConfigError(f"deepspeed_config.zero_stage: {zero.get('stage')} (accelerate config; zero_optimization."
+                          f"stage in a deepspeed_config_file); softprompt partitions the frozen base with ZeRO-3: set "
+                          f"3 (stages 1 and 2 partition optimizer state and gradients, which only the small adapters "
+                          f"have: launch with configs/accelerate/ddp_multi_gpu.yaml instead)")
+    for part in ("param", "optimizer"):
+        device = (zero.get(f"offload_{part}") or {}).get("device") or "none"
+        if str(device) != "none":
+            why = ("the engine places inputs on the device its weights live on" if part == "param" else
+                   "the adapters are trained by softprompt's own AdamW, not DeepSpeed's optimizer")
+            raise ConfigError(f"deepspeed_config.offload_{part}_device: {device} (zero_optimization.offload_{part}."
+                              f"device in a deepspeed_config_file) is not supported by softprompt train ({why}); "
+                              f"set it to none")
+    refused = {"gradient_accumulation_steps": (1, "--grad-accum"), "gradient_clipping": (None, "--max-grad-norm")}
+    for field, (neutral, option) in refused.items():
+        if config.get(field, "auto") not in ("auto", neutral):
+            raise ConfigError(f"deepspeed_config.{field}: {config[field]} is not used by softprompt train, which "
+                              f"steps the adapters itself; remove it and give {option}")
+    for field in ("optimizer", "scheduler"):
+        if field in config:
+            raise ConfigError(f"deepspeed_config_file: its {field!r} section is not used by softprompt train (the "
+                              f"adapters are trained by softprompt's AdamW and schedule); remove it")
+    for field in ("fp16", "bf16"):
+        if (config.get(field) or {}).get("enabled") not in (None, False, "auto"):
+            raise ConfigError(f"deepspeed_config_file: {field}.enabled is not supported by softprompt train; remove "
+                              f"it (precision is softprompt's own --bf16)")
+    # "auto" (accelerate's and transformers' templates) means DeepSpeed's default here
+    return ZeroSettings({k: v for k, v in zero.items() if v != "auto"})
+
+
+def _deepspeed_launch(accelerator) -> bool:
+    # As with FSDP: distributed_type DEEPSPEED on GPUs; with `use_cpu: true` accelerate keeps MULTI_CPU, but its
+    # launcher still exports ACCELERATE_USE_DEEPSPEED=true (and the ACCELERATE_DEEPSPEED_* settings).
+    return accelerator.distributed_type.name == "DEEPSPEED" or \
+        os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true", "yes")
+
+
 def _fsdp_launch(accelerator) -> bool:
     # With GPUs accelerate turns an FSDP config into distributed_type FSDP. With `use_cpu: true` it keeps
     # MULTI_CPU, but its launcher still exports ACCELERATE_USE_FSDP=true (and the FSDP_* settings).
@@ -296,15 +412,13 @@ def current() -> Distributed:
     accelerator = Accelerator(cpu=os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
                               or not torch.cuda.is_available())
     kind = accelerator.distributed_type.name
-    if kind == "DEEPSPEED":
-        raise ConfigError("distributed_type: DEEPSPEED (from the accelerate config) is not supported by softprompt "
-                          "train; to shard the frozen base across processes as ZeRO-3 would, launch with "
-                          "configs/accelerate/fsdp.yaml (FSDP2), or with ddp_multi_gpu.yaml if the base fits on "
-                          "one device")
     if kind in UNSUPPORTED:
         raise ConfigError(f"distributed_type: {kind} (from the accelerate config) is not supported by softprompt "
                           f"train; use configs/accelerate/fsdp.yaml (shards the frozen base) or ddp_multi_gpu.yaml")
+    if _deepspeed_launch(accelerator):
+        return Distributed(accelerator, zero=zero_settings(accelerator))
     return Distributed(accelerator, fsdp_settings(accelerator) if _fsdp_launch(accelerator) else None)
 
 
-__all__ = ["Distributed", "FsdpSettings", "current", "fsdp_settings", "fsdp_units", "launched_world_size"]
+__all__ = ["Distributed", "FsdpSettings", "ZeroSettings", "current", "fsdp_settings", "fsdp_units",
+           "launched_world_size", "zero_settings"]
