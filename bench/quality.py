@@ -464,7 +464,8 @@ def _run_note(task: dict) -> str:
     if not run:
         return ""
     extra = "".join(f", {k.replace('_', ' ')} {v}" for k, v in run["overrides"].items())
-    return f" Budget {run['budget']}{extra}; run {run['date']}, {run['minutes']:.0f} min."
+    minutes = f", {run['minutes']:.0f} min" if run.get("minutes") is not None else ""
+    return f" Budget {run['budget']}{extra}; run {run['date']}{minutes}."
 
 
 NOTES_MARKER = "<!-- notes: kept when the tables above are regenerated -->"
@@ -564,23 +565,29 @@ def export_examples(result: dict) -> None:
         ranked = [(r["accuracy"], k, r) for k, r in task["systems"].items() if k.startswith("softprompt") and r.get("path")]
         path = task.get("final_adapter") or (max(ranked)[2]["path"] if ranked else None)
         if path:
-            target = REPO / "examples" / "adapters" / name
-            shutil.rmtree(target, ignore_errors=True)
-            # training_state.* stays: it records the template, verbalizer and training rows, which
-            # `softprompt eval` / `predict` use; checkpoints (optimizer state) do not.
-            shutil.copytree(path, target, ignore=shutil.ignore_patterns("checkpoints"))
-            meta_path = target / "softprompt.json"
-            meta = json.loads(meta_path.read_text())
-            meta["base_model"] = result["meta"]["model"]  # the built-in name, not this machine's cache path
-            meta_path.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-            from softprompt.builtin_names import hub_id_for
+            export_adapter(path, name, result["meta"]["model"])
 
-            peft_path = target / "adapter_config.json"
-            peft_config = json.loads(peft_path.read_text())
-            for key in ("base_model_name_or_path", "tokenizer_name_or_path"):
-                if peft_config.get(key):
-                    peft_config[key] = hub_id_for(result["meta"]["model"])
-            peft_path.write_text(json.dumps(peft_config, indent=2, sort_keys=True) + "\n")
+
+def export_adapter(path: str | Path, task: str, model: str) -> Path:
+    """Copy one trained adapter to examples/adapters/<task>/, naming its base by built-in name and hub id."""
+    from softprompt.builtin_names import hub_id_for
+
+    target = REPO / "examples" / "adapters" / task
+    shutil.rmtree(target, ignore_errors=True)
+    # training_state.* stays: it records the template, verbalizer and training rows, which
+    # `softprompt eval` / `predict` use; checkpoints (optimizer state) do not.
+    shutil.copytree(path, target, ignore=shutil.ignore_patterns("checkpoints"))
+    meta_path = target / "softprompt.json"
+    meta = json.loads(meta_path.read_text())
+    meta["base_model"] = model  # the built-in name, not this machine's cache path
+    meta_path.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    peft_path = target / "adapter_config.json"
+    peft_config = json.loads(peft_path.read_text())
+    for key in ("base_model_name_or_path", "tokenizer_name_or_path"):
+        if peft_config.get(key):
+            peft_config[key] = hub_id_for(model)
+    peft_path.write_text(json.dumps(peft_config, indent=2, sort_keys=True) + "\n")
+    return target
 
 
 if __name__ == "__main__":

@@ -136,9 +136,9 @@ def plot(result: dict, path: Path) -> None:
     ax.axhline(result["zero_shot"]["test_accuracy"], color="grey", linestyle="--", label="zero-shot test")
     ax.set_xticks(list(x), names, rotation=30, ha="right")
     ax.set_ylabel("accuracy")
-    ax.set_ylim(0, 1)
+    ax.set_ylim(0, 1.18)  # room above the bars for the legend
     ax.set_title(f"{result['task']}: one multi-adapter sweep job")
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper center", ncol=3, fontsize="small")
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=110)
@@ -160,6 +160,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="tiny random model and stand-in rows: checks the harness")
     p.add_argument("--out", default="runs/sweep")
+    p.add_argument("--export", action="store_true",
+                   help="copy the adapter chosen on validation to examples/adapters/<task>/")
     return p.parse_args(argv)
 
 
@@ -193,6 +195,11 @@ def main(argv=None) -> int:
     (where / "sweep.json").write_text(json.dumps(result, indent=2) + "\n")
     (where / "sweep.md").write_text(markdown(result))
     plot(result, where / "sweep.png")
+    if args.export and not args.quick:
+        from bench.quality import export_adapter
+
+        chosen = next(r for r in result["adapters"] if r["name"] == result["selected"])
+        print(f"bench.sweep: exported {result['selected']} to {export_adapter(chosen['path'], args.task, args.model)}")
     print(markdown(result))
     print(f"bench.sweep: wrote {where / 'sweep.json'}, sweep.md and sweep.png")
     return 0
