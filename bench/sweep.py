@@ -31,7 +31,7 @@ if __package__ in (None, ""):  # `python bench/sweep.py`
 
 from bench import harness  # noqa: E402
 from bench.models import TINY, Systems, model_path  # noqa: E402
-from bench.quality import BUDGETS, SEED, TASKS, config_for, examples, score_ours, task_rows  # noqa: E402
+from bench.quality import BUDGETS, SEED, TASKS, config_for, examples, is_quick, score_ours, task_rows  # noqa: E402
 
 
 def adapter_name(lr: float, tokens: int) -> str:
@@ -47,7 +47,7 @@ def run_sweep(systems: Systems, task_name: str, *, lrs: list[float], tokens: lis
     from softprompt.train import prepare_job, train_jobs
 
     task = TASKS[task_name]
-    quick = budget is BUDGETS["quick"]
+    quick = is_quick(budget)
     train_rows, test_rows, split = task_rows(task, budget, quick)
     fit_rows, val_rows = train_val_split(train_rows, val_fraction, SEED, task.label_column, source=f"{task.name} training rows")
     labels = list(task.verbalizer.values())
