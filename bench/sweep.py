@@ -76,9 +76,16 @@ def run_sweep(systems: Systems, task_name: str, *, lrs: list[float], tokens: lis
     ranked = sorted(rows, key=lambda r: (-r["val_accuracy"], -r["val_macro_f1"]))
     texts, targets = [e.text for e in test], [e.target for e in test]
 
+    member_probs: dict[str, list[list[float]]] = {}  # each adapter's test probabilities, scored once
+
     def ensemble_of(members: list[dict]) -> dict:
-        probs = label_probabilities(systems.ours, texts, labels, [m["name"] for m in members],
-                                    max_input_tokens=_room(systems, labels, budget))
+        for m in members:
+            if m["name"] not in member_probs:
+                member_probs[m["name"]] = label_probabilities(systems.ours, texts, labels, [m["name"]],
+                                                              max_input_tokens=_room(systems, labels, budget))
+        # The average of the members' probabilities, as `label_probabilities` over all of them gives it.
+        probs = [[sum(member_probs[m["name"]][i][j] for m in members) / len(members) for j in range(len(labels))]
+                 for i in range(len(texts))]
         preds = [labels[max(range(len(labels)), key=p.__getitem__)] for p in probs]
         report = classification_report(targets, preds, labels)
         return {"members": [m["name"] for m in members], "test_accuracy": report["accuracy"],
