@@ -43,6 +43,35 @@ def test_mixed_batch_generation_equals_rows_alone(family):
 
 
 @pytest.mark.parametrize("family", CAUSAL)
+@pytest.mark.parametrize("name", ["pt", "prefix", "ptune"])
+def test_one_adapter_batch_broadcasts_its_prefix_and_matches_the_general_path(family, name):
+    """A batch where every row names one adapter shares its prefix by broadcasting (no per-row copy);
+    it must give the same logits, loss and gradients as the padded path a mixed batch takes."""
+    model = with_adapters(family)
+    ids, mask = pad_batch(ROWS, pad=0, side="left")
+    labels = ids.masked_fill(mask == 0, -100)
+    shared = model._batch_prefix([name] * len(ROWS))
+    assert all(k.stride(0) == 0 and v.stride(0) == 0 for k, v in shared.layers)
+    results = []
+    for extra in ([], [None]):  # a bare row forces the general (padded, stacked) path
+        model.zero_grad()
+        rows_ids = torch.cat([ids, torch.full((len(extra), ids.shape[1]), 5)]) if extra else ids
+        rows_mask = torch.cat([mask, torch.ones(len(extra), ids.shape[1], dtype=mask.dtype)]) if extra else mask
+        rows_labels = torch.cat([labels, torch.full((len(extra), ids.shape[1]), -100)]) if extra else labels
+        names = [name] * len(ROWS) + extra
+        out = model(rows_ids, rows_mask, adapters=names, labels=rows_labels)
+        out.loss.backward()
+        with torch.no_grad():
+            logits = model(rows_ids, rows_mask, adapters=names).logits[:len(ROWS)][mask == 1]
+        results.append((logits, out.loss.detach(), [p.grad.clone() for p in model.adapters[name].parameters()]))
+    (logits_a, loss_a, grads_a), (logits_b, loss_b, grads_b) = results
+    torch.testing.assert_close(logits_a, logits_b, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(loss_a, loss_b, atol=1e-6, rtol=1e-5)
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", CAUSAL)
 def test_prompt_keys_values_are_computed_once_and_reused(family):
     model = with_adapters(family)
     calls = []

@@ -242,6 +242,8 @@ class SoftPromptModel(nn.Module):
         lengths = {name: per_adapter[name][0][0][0].shape[1] for name in unique}
         width = max(lengths.values())
         batch = len(names)
+        if len(unique) == 1 and None not in names:
+            return self._shared_prefix(unique[0], per_adapter[unique[0]], width, batch)
         index = torch.tensor([unique.index(n) if n is not None else len(unique) for n in names], device=self.device)
         layers = []
         for layer in range(len(per_adapter[unique[0]][0])):
@@ -263,6 +265,16 @@ class SoftPromptModel(nn.Module):
             filler = next(h for h in hidden if h is not None)
             last_hidden = torch.stack([h if h is not None else torch.zeros_like(filler) for h in hidden])
         return BatchPrefix(layers, mask, row_lengths, last_hidden, has_hidden)
+
+    def _shared_prefix(self, name: str, kv_and_hidden, width: int, batch: int) -> BatchPrefix:
+        """Every row uses one adapter (the common case): broadcast views instead of padded copies."""
+        kv, hidden = kv_and_hidden
+        layers = [(k[None].expand(batch, -1, -1, -1), v[None].expand(batch, -1, -1, -1)) for k, v in kv]
+        ones = torch.ones(batch, dtype=torch.bool, device=self.device)
+        last_hidden = hidden[None].expand(batch, -1) if hidden is not None else None
+        return BatchPrefix(layers, torch.ones(batch, width, dtype=torch.long, device=self.device),
+                           torch.full((batch,), width, device=self.device), last_hidden,
+                           ones if hidden is not None else ~ones)
 
     # ------------------------------------------------------------------ causal forward
     def _causal_hidden(self, input_ids, attention_mask, prefix: BatchPrefix | None, cache=None,
