@@ -154,7 +154,8 @@ def config_for(task: Task, budget: dict, method: str, out: Path, **extra):
               "batch_size": budget["batch_size"], "max_length": budget["max_length"], "warmup_ratio": 0.06,
               "seed": SEED, "output": str(out), "eval_zero_shot": False, "val_fraction": 0.0,
               "log_every": 5, "name": f"{task.name}-{method.replace('_', '-')}"}
-    if method == "prompt_tuning" and task.init_text:
+    if method in ("prompt_tuning", "prefix_tuning") and task.init_text:
+        # Prompt tuning starts from the text's embeddings, prefix tuning from its keys/values.
         values.update(init="text", init_text=task.init_text)
     values.update(extra)
     return load_config(None, {k: v for k, v in values.items() if v is not None})

@@ -76,7 +76,10 @@ def test_wrong_type_names_key_and_file(tmp_path):
     ({"template": "Tweet: {text"}, "--template: template 'Tweet: {text'"),
     ({"validation_data": "train.csv"}, "--validation-data: is the same file as --data"),
     ({"label_column": None, "verbalizer": {"1": "a"}}, "--verbalizer: needs --label-column"),
-    ({"init_text": "hello", "method": "prefix_tuning"}, "--init-text: only applies to --method prompt_tuning"),
+    ({"init_text": "hello", "method": "p_tuning"}, "--init-text: only applies to --method prompt_tuning or prefix_tuning, not p_tuning"),
+    ({"method": "prefix_tuning", "init": "sample_vocab", "prefix_projection": True},
+     "--init: 'sample_vocab' needs prefix_projection: false"),
+    ({"method": "prefix_tuning", "init": "text"}, "--init-text: required when init is 'text'"),
     ({"method": "p_tuning", "encoder_type": "gru"}, "--encoder-type: expected one of mlp, lstm"),
     ({"init": "text"}, "--init-text: required when init is 'text'"),
     ({"name": "no spaces"}, "--name: expected 1-64 letters"),
@@ -101,7 +104,8 @@ def test_adapters_inherit_and_override():
     assert a.method_options == {"num_virtual_tokens": 6, "init_text": "Classify:"}
     assert a.template == "{text}"
     assert (b.name, b.data, b.method, b.lr, b.label_column) == ("b", "b.csv", "prefix_tuning", 0.5, None)
-    assert b.method_options == {"num_virtual_tokens": 3, "prefix_projection": True}  # init_text is not inherited
+    # init_text is inherited; with a projection MLP, prefix tuning's auto init then starts at random.
+    assert b.method_options == {"num_virtual_tokens": 3, "prefix_projection": True, "init_text": "Classify:"}
     single = load_config(None, {**BASE, "name": "complaints", "template": "Tweet: {Tweet text} Label: "})
     (only,) = single.resolved_adapters()
     assert only.name == "complaints" and only.template == "Tweet: {Tweet text} Label: "

@@ -43,8 +43,8 @@ SCHEDULES = ("linear", "cosine", "constant")
 EVAL_METHODS = ("score", "generate")
 #: Method-specific options and the methods that take them (all of them take num_virtual_tokens).
 METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
-    "init": ("prompt_tuning",),
-    "init_text": ("prompt_tuning",),
+    "init": ("prompt_tuning", "prefix_tuning"),
+    "init_text": ("prompt_tuning", "prefix_tuning"),
     "prefix_projection": ("prefix_tuning",),
     "encoder_type": ("p_tuning",),
     "encoder_hidden_size": ("prefix_tuning", "p_tuning"),
@@ -90,8 +90,9 @@ class AdapterSpec:
     val_fraction: float | None = help_field(None, "Validation fraction of this adapter's data.")
     method: str | None = help_field(None, "Method of this adapter: prompt_tuning, prefix_tuning or p_tuning.")
     num_virtual_tokens: int | None = help_field(None, "Virtual tokens of this adapter.")
-    init: str | None = help_field(None, "Prompt-tuning init of this adapter (text, sample_vocab, random, auto).")
-    init_text: str | None = help_field(None, "Prompt-tuning init text of this adapter.")
+    init: str | None = help_field(
+        None, "Prompt / prefix tuning init of this adapter (text, sample_vocab, random, auto).")
+    init_text: str | None = help_field(None, "Prompt / prefix tuning init text of this adapter.")
     prefix_projection: bool | None = help_field(None, "Prefix tuning: reparameterise with an MLP.")
     encoder_type: str | None = help_field(None, "P-tuning encoder of this adapter (mlp or lstm).")
     encoder_hidden_size: int | None = help_field(None, "Hidden width of this adapter's MLP/LSTM encoder.")
@@ -112,9 +113,13 @@ class TrainConfig:
     method: str = help_field("prompt_tuning", "Soft-prompt method: prompt_tuning, prefix_tuning or p_tuning.")
     num_virtual_tokens: int = help_field(8, "Number of virtual tokens the adapter adds.")
     init: str | None = help_field(
-        None, "Prompt tuning: init of the virtual tokens: text, sample_vocab, random or auto (default: "
-              "text when --init-text is given, else sample_vocab).", choices=("text", "sample_vocab", "random", "auto"))
-    init_text: str | None = help_field(None, "Prompt tuning: text whose token embeddings initialise the prompt.")
+        None, "Prompt / prefix tuning: how to start the virtual tokens: text, sample_vocab, random or auto. "
+              "Prompt tuning starts from token embeddings (auto: text when --init-text is given, else "
+              "sample_vocab); prefix tuning from the keys/values the frozen model computes for those tokens "
+              "(auto: text when --init-text is given and there is no --prefix-projection, else random, as PEFT).",
+        choices=("text", "sample_vocab", "random", "auto"))
+    init_text: str | None = help_field(
+        None, "Prompt / prefix tuning: text whose token embeddings (prompt) or keys/values (prefix) start the adapter.")
     prefix_projection: bool | None = help_field(
         None, "Prefix tuning: reparameterise the prefix with a two-layer MLP while training (default false).")
     encoder_type: str | None = help_field(

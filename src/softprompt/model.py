@@ -109,7 +109,7 @@ class SoftPromptModel(nn.Module):
         cfg = cls.config_class.from_dict(config, source=f"adapter {name!r}")
         generator = torch.Generator().manual_seed(seed if seed is not None else torch.initial_seed() % 2**63)
         adapter = cls.create(cfg, self.shape, word_embeddings=self.base.get_input_embeddings(),
-                             tokenize=self._tokenize_plain, generator=generator)
+                             tokenize=self._tokenize_plain, generator=generator, text_kv=self._text_kv)
         return self._register(name, adapter)
 
     def _register(self, name: str, adapter: SoftPromptMethod) -> SoftPromptMethod:
@@ -188,6 +188,28 @@ class SoftPromptModel(nn.Module):
             if name is not None:
                 self._adapter(name)
         return names
+
+    @torch.no_grad()
+    def _text_kv(self, token_ids: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per-layer ``[kv_heads, n, head_dim]`` keys/values the frozen model computes for ``token_ids``
+        at positions 0..n-1 (decoder self-attention for encoder-decoder models): a prefix's real-activation start."""
+        ids = torch.tensor([token_ids], device=self.device)
+        with torch.autocast(self.device.type, enabled=False):
+            if self.shape.is_encoder_decoder:
+                cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+                out = self.base(input_ids=ids, decoder_input_ids=ids, past_key_values=cache, use_cache=True)
+                layers = out.past_key_values.self_attention_cache.layers
+            else:
+                kwargs = {"position_ids": torch.arange(ids.shape[1], device=self.device)[None]} \
+                    if self.quirks.takes_position_ids else {}
+                out = self.backbone(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True,
+                                    past_key_values=DynamicCache(config=self.base.config), **kwargs)
+                layers = out.past_key_values.layers
+        kv = [(layer.keys[0].float().cpu(), layer.values[0].float().cpu()) for layer in layers]
+        if any(k.shape[1] != len(token_ids) for k, _ in kv):
+            raise SoftPromptError(f"prefix init from activations: {len(token_ids)} virtual tokens exceed a "
+                                  "sliding-window layer's span; use fewer tokens or init: random")
+        return kv
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.base.get_output_embeddings()(hidden)

@@ -14,6 +14,7 @@ vectors); `training_state()` additionally keeps reparameterisation weights so tr
 
 from __future__ import annotations
 
+import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, ClassVar, Literal
 
@@ -76,6 +77,13 @@ def check_int(config: Any, name: str, *, minimum: int | None = None, maximum: in
         raise ConfigError(f"{name}: expected at least {minimum}, got {value}")
     if maximum is not None and value > maximum:
         raise ConfigError(f"{name}: expected at most {maximum}, got {value}")
+
+
+def repeat_to(token_ids: list[int], n: int) -> list[int]:
+    """``token_ids`` repeated or cut to ``n`` (PEFT's TEXT init of prompt tuning)."""
+    if not token_ids:
+        raise ValueError("init text tokenised to no tokens")
+    return (token_ids * math.ceil(n / len(token_ids)))[:n]
 
 
 def check_choice(config: Any, name: str, choices: tuple[str, ...]) -> None:

@@ -62,7 +62,7 @@ class PTuning(SoftPromptMethod):
 
     @classmethod
     def create(cls, config: PTuningConfig, shape: ModelShape, *, word_embeddings, tokenize,
-               generator: torch.Generator) -> "PTuning":
+               generator: torch.Generator, text_kv=None) -> "PTuning":
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
             return cls(config, shape)

@@ -4,6 +4,12 @@ Same semantics and file layout as PEFT's ``PREFIX_TUNING``: while training, an o
 (``prefix_projection``) reparameterises the prefix for stability; the saved ``prompt_embeddings`` is the
 materialised ``[n, layers * 2 * token_dim]`` table, so inference needs no MLP. Grouped-query models get
 prefixes with their key/value head count, as PEFT does.
+
+PEFT only starts the table at random (N(0, 1), far from the scale of any real key or value, so the
+untrained prefix scrambles every layer's attention). softprompt can also start it from real
+activations, as Li & Liang recommend: the keys and values the frozen model computes for a text
+(``init: text``) or for sampled vocabulary tokens (``init: sample_vocab``). A prefix started from a
+text is then exactly what prompt tuning started from the same text gives the model's layers.
 """
 
 from __future__ import annotations
@@ -14,7 +20,9 @@ import torch
 from torch import nn
 
 from ..families import ModelShape
-from .base import MethodConfig, SoftPromptMethod, check_int, help_field
+from .base import MethodConfig, SoftPromptMethod, check_choice, check_int, help_field, repeat_to
+
+INITS = ("random", "text", "sample_vocab")
 
 
 @dataclass
@@ -28,15 +36,51 @@ class PrefixTuningConfig(MethodConfig):
     encoder_hidden_size: int | None = help_field(
         None, "Hidden width of the reparameterisation MLP (default: the prefix token width)."
     )
+    init: str = help_field(
+        "auto",
+        "How to start the prefix: random (N(0, 1), as PEFT), text (the keys/values the frozen model computes "
+        "for --init-text), sample_vocab (the same for random vocabulary tokens), or auto (text when "
+        "init_text is given and there is no projection MLP, else random).",
+    )
+    init_text: str | None = help_field(None, "Text whose keys/values (per layer) start the prefix.")
 
     def validate(self) -> None:
         super().validate()
-        if not isinstance(self.prefix_projection, bool):
-            from ..errors import ConfigError
+        from ..errors import ConfigError
 
+        if self.init == "auto":
+            self.init = "text" if self.init_text and self.prefix_projection is False else "random"
+        check_choice(self, "init", INITS)
+        if self.init == "text" and not self.init_text:
+            raise ConfigError("init_text: required when init is 'text' (the text whose keys/values start the prefix)")
+        if self.init != "random" and self.prefix_projection is True:
+            raise ConfigError(f"init: {self.init!r} needs prefix_projection: false (the MLP's output cannot be "
+                              "set to given activations); use init: random with prefix_projection")
+        if not isinstance(self.prefix_projection, bool):
             raise ConfigError(f"prefix_projection: expected true or false, got {self.prefix_projection!r}")
         if self.encoder_hidden_size is not None:
             check_int(self, "encoder_hidden_size", minimum=1, maximum=1 << 16)
+
+
+def layer_rows(shape: ModelShape) -> list[int]:
+    """Row of each layer's key in PEFT's ``[2L, heads, n, head_dim]`` view (its value is the next row).
+
+    Encoder-decoder models: PEFT duplicates the 2L rows and hands layer l the group of four rows
+    starting at 4l (self-attention key, value, then an unused cross-attention pair), so decoder layer l
+    reads rows 4l and 4l + 1 modulo 2L. We keep that layout so PEFT files mean the same.
+    """
+    step = 4 if shape.is_encoder_decoder else 2
+    return [(step * layer) % (2 * shape.num_layers) for layer in range(shape.num_layers)]
+
+
+def table_from_kv(layers: list[tuple[torch.Tensor, torch.Tensor]], shape: ModelShape) -> torch.Tensor:
+    """The flat ``[n, layers * 2 * token_dim]`` table whose `kv_prefix` gives back per-layer ``(key, value)``
+    (``[kv_heads, n, head_dim]`` each). Encoder-decoder layers that share rows keep the later layer's."""
+    n = layers[0][0].shape[1]
+    table = torch.zeros(2 * shape.num_layers, shape.prefix_heads, n, shape.head_dim)
+    for row, (key, value) in zip(layer_rows(shape), layers):
+        table[row], table[row + 1] = key.float().cpu(), value.float().cpu()
+    return table.permute(2, 0, 1, 3).reshape(n, -1)
 
 
 class PrefixTuning(SoftPromptMethod):
@@ -58,10 +102,20 @@ class PrefixTuning(SoftPromptMethod):
 
     @classmethod
     def create(cls, config: PrefixTuningConfig, shape: ModelShape, *, word_embeddings, tokenize,
-               generator: torch.Generator) -> "PrefixTuning":
+               generator: torch.Generator, text_kv=None) -> "PrefixTuning":
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
-            return cls(config, shape)
+            adapter = cls(config, shape)
+        if config.init == "random":
+            return adapter
+        n = config.num_virtual_tokens
+        if config.init == "text":
+            ids = repeat_to(tokenize(config.init_text), n)
+        else:
+            ids = torch.randint(0, word_embeddings.num_embeddings, (n,), generator=generator).tolist()
+        with torch.no_grad():
+            adapter.embedding.weight.copy_(table_from_kv(text_kv(ids), shape))
+        return adapter
 
     def flat(self) -> torch.Tensor:
         """``[n, layers * 2 * token_dim]``: the prefix of every layer, keys and values interleaved as PEFT."""
@@ -74,12 +128,7 @@ class PrefixTuning(SoftPromptMethod):
         n = self.num_virtual_tokens
         # PEFT: view [n, 2L, heads, head_dim] -> [2L, heads, n, head_dim]; layer l uses rows 2l (key), 2l+1 (value).
         table = self.flat().view(n, s.num_layers * 2, s.prefix_heads, s.head_dim).permute(1, 2, 0, 3)
-        # Encoder-decoder models: PEFT duplicates the 2L rows and hands layer l the group of four rows
-        # starting at 4l (self-attention key, value, then an unused cross-attention pair), so decoder
-        # layer l reads rows 4l and 4l + 1 modulo 2L. We keep that layout so PEFT files mean the same.
-        step = 4 if s.is_encoder_decoder else 2
-        rows = [(step * layer) % (2 * s.num_layers) for layer in range(s.num_layers)]
-        return [(table[r], table[r + 1]) for r in rows]
+        return [(table[r], table[r + 1]) for r in layer_rows(s)]
 
     def materialized(self) -> torch.Tensor:
         return self.flat().detach()

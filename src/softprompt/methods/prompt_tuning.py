@@ -8,14 +8,13 @@ unused second copy so files load in PEFT unchanged).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..families import ModelShape
-from .base import MethodConfig, SoftPromptMethod, check_choice, help_field
+from .base import MethodConfig, SoftPromptMethod, check_choice, help_field, repeat_to
 
 INITS = ("text", "sample_vocab", "random")
 
@@ -46,9 +45,7 @@ class PromptTuningConfig(MethodConfig):
 
 def init_from_text(word_embeddings: nn.Module, token_ids: list[int], n: int) -> torch.Tensor:
     """Embeddings of ``token_ids`` repeated or cut to ``n`` rows (PEFT's TEXT init)."""
-    if not token_ids:
-        raise ValueError("init text tokenised to no tokens")
-    ids = (token_ids * math.ceil(n / len(token_ids)))[:n]
+    ids = repeat_to(token_ids, n)
     weight = word_embeddings.weight
     with torch.no_grad():
         return word_embeddings(torch.tensor(ids, device=weight.device)).detach().float().cpu().clone()
@@ -79,7 +76,7 @@ class PromptTuning(SoftPromptMethod):
 
     @classmethod
     def create(cls, config: PromptTuningConfig, shape: ModelShape, *, word_embeddings: nn.Module,
-               tokenize, generator: torch.Generator) -> "PromptTuning":
+               tokenize, generator: torch.Generator, text_kv=None) -> "PromptTuning":
         rows = config.num_virtual_tokens * (2 if shape.is_encoder_decoder else 1)
         if config.init == "text":
             weight = init_from_text(word_embeddings, tokenize(config.init_text), rows)
