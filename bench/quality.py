@@ -162,10 +162,10 @@ def config_for(task: Task, budget: dict, method: str, out: Path, **extra):
 
 
 # ------------------------------------------------------------------------------------------ softprompt
-def train_ours(systems: Systems, task: Task, budget: dict, method: str, train_rows, out: Path, log) -> dict:
+def train_ours(systems: Systems, task: Task, budget: dict, method: str, train_rows, out: Path, log, **extra) -> dict:
     from softprompt.train import prepare_job, train_jobs
 
-    config = config_for(task, budget, method, out)
+    config = config_for(task, budget, method, out, **extra)
     spec = config.resolved_adapters()[0]
     job = prepare_job(spec, rows=train_rows, val_rows=[], source=f"{task.name} training rows")
     started = time.perf_counter()

@@ -118,3 +118,16 @@ def test_targets_and_report(quick_run):
     for heading in ("## 1. Training step", "## 2. Inference", "## 3. Mixed adapters", "## 4. Classification cost",
                     "## Targets"):
         assert heading in markdown
+
+
+def test_attention_alternatives_are_exact_and_the_table_prints(capsys):
+    """bench.attention: the exact ways to attend to a prefix agree with the masked call; no mask does not."""
+    from bench import attention
+
+    calls = attention.variants(batch=2, heads=3, length=8, prefix=4, head_dim=16)
+    assert max(attention.check_exact(calls).values()) < 1e-5
+    assert float((calls["unmasked"]() - calls["masked"]()).abs().max()) > 1e-3
+    assert attention.main(["--batch", "2", "--heads", "3", "--length", "8", "--prefix", "4", "--head-dim", "16",
+                           "--threads", "1", "--rounds", "2"]) == 0
+    table = capsys.readouterr().out
+    assert "| masked |" in table and "| padded queries |" in table and "1.00x" in table

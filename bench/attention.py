@@ -1,0 +1,118 @@
+"""What attending to a soft prompt costs in PyTorch's CPU attention kernel, and what would not help.
+
+    .venv/bin/python -m bench.attention                 # smollm2-135m's shapes: 8 rows x 64 tokens, 9 heads
+    .venv/bin/python -m bench.attention --prefix 8 --threads 2
+
+A prompt-tuned forward attends 64 text queries to n prefix keys plus the 64 causal text keys, which
+needs an explicit mask: SDPA's ``is_causal`` aligns the causal triangle to the top left, wrong as soon
+as there are more keys than queries. This times, on the same tensors, the bare model's call (64 keys,
+``is_causal``) against the ways a prefix can be attended to:
+
+* ``masked``: what transformers does (a boolean mask over 64 + n keys);
+* ``unmasked``: the same keys with no mask at all (wrong results; the kernel's floor for 64 + n keys);
+* ``split``: two kernel calls, prefix keys unmasked and text keys with ``is_causal``, merged through
+  their log-sum-exp (exact; needs the kernel's private entry point, which returns the log-sum-exp);
+* ``padded queries``: n dummy queries in front so queries and keys have equal length and
+  ``is_causal`` is right, then the dummy rows dropped (exact).
+
+Each is checked against ``masked`` before timing. Times are the best of ``--rounds`` rounds of 10 calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    __package__ = "bench"
+
+
+def variants(batch: int, heads: int, length: int, prefix: int, head_dim: int, seed: int = 0) -> dict:
+    """``{name: zero-argument call}`` over one set of random tensors; ``bare`` has no prefix keys."""
+    import torch
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, heads, length, head_dim, generator=g)
+    k = torch.randn(batch, heads, prefix + length, head_dim, generator=g)
+    v = torch.randn(batch, heads, prefix + length, head_dim, generator=g)
+    keys = prefix + length
+    mask = torch.ones(length, keys, dtype=torch.bool).tril(diagonal=prefix)[None, None].expand(batch, 1, -1, -1)
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+
+    def split():
+        out_p, lse_p = flash(q, k[:, :, :prefix], v[:, :, :prefix], 0.0, False)[:2]
+        out_t, lse_t = flash(q, k[:, :, prefix:], v[:, :, prefix:], 0.0, True)[:2]
+        lse = torch.logaddexp(lse_p, lse_t)
+        return out_p * (lse_p - lse).exp()[..., None] + out_t * (lse_t - lse).exp()[..., None]
+
+    def padded_queries():
+        padded = torch.cat([q.new_zeros(batch, heads, prefix, head_dim), q], dim=2)
+        return F.scaled_dot_product_attention(padded, k, v, is_causal=True)[:, :, prefix:]
+
+    return {
+        "bare (64 keys, is_causal)": lambda: F.scaled_dot_product_attention(
+            q, k[:, :, prefix:], v[:, :, prefix:], is_causal=True),
+        "masked": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+        "unmasked": lambda: F.scaled_dot_product_attention(q, k, v),
+        "split": split,
+        "padded queries": padded_queries,
+    }
+
+
+EXACT = ("split", "padded queries")
+
+
+def check_exact(calls: dict) -> dict[str, float]:
+    """Largest difference of each exact alternative from ``masked`` (they must agree)."""
+    reference = calls["masked"]()
+    return {name: float((calls[name]() - reference).abs().max()) for name in EXACT}
+
+
+def best_times(calls: dict, rounds: int, per_round: int = 10) -> dict[str, float]:
+    """Seconds per call: best over rounds, the calls interleaved within each round."""
+    for call in calls.values():
+        call()
+    best = {name: float("inf") for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            for _ in range(per_round):
+                call()
+            best[name] = min(best[name], (time.perf_counter() - start) / per_round)
+    return best
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.attention", description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--heads", type=int, default=9, help="query heads (smollm2-135m: 9)")
+    p.add_argument("--length", type=int, default=64, help="text tokens")
+    p.add_argument("--prefix", type=int, default=20, help="virtual tokens")
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=20)
+    args = p.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    calls = variants(args.batch, args.heads, args.length, args.prefix, args.head_dim)
+    errors = check_exact(calls)
+    times = best_times(calls, args.rounds)
+    bare = times["bare (64 keys, is_causal)"]
+    print(f"SDPA on CPU, {args.threads} thread(s): {args.batch} rows x {args.heads} heads x {args.length} queries, "
+          f"{args.prefix} prefix keys, head_dim {args.head_dim}; torch {torch.__version__}\n")
+    print("| call | us per layer call | vs bare | max difference from masked |")
+    print("| --- | ---: | ---: | ---: |")
+    for name, t in times.items():
+        err = f"{errors[name]:.1e}" if name in errors else ""
+        print(f"| {name} | {t * 1e6:.0f} | {t / bare:.2f}x | {err} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
