@@ -25,6 +25,9 @@ EPILOGS = {
               --text-column text --label-column label --template "Tweet: {text} Sentiment: " \\
               --num-virtual-tokens 8 --init-text "Classify the sentiment:" --epochs 5 --batch-size 8 \\
               --lr 3e-2 --seed 0 --output runs/sentiment
+          softprompt train --model smollm2-135m --method prefix-tuning --data tweets.csv \\
+              --text-column text --label-column label --init-text "Classify the sentiment:" \\
+              --num-virtual-tokens 8 --lr 1e-2        # prefix starts from the text's keys/values
           softprompt train recipes/raft_twitter_complaints.yaml --output runs/raft --resume
         """,
     "eval": """
