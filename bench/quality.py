@@ -471,7 +471,8 @@ def _run_note(task: dict) -> str:
         return ""
     extra = "".join(f", {k.replace('_', ' ')} {v}" for k, v in run["overrides"].items())
     minutes = f", {run['minutes']:.0f} min" if run.get("minutes") is not None else ""
-    return f" Budget {run['budget']}{extra}; run {run['date']}{minutes}."
+    kept = f"; the other systems are from the run of {run['kept_from']}" if run.get("kept_from") else ""
+    return f" Budget {run['budget']}{extra}; run {run['date']}{minutes}{kept}."
 
 
 NOTES_MARKER = "<!-- notes: kept when the tables above are regenerated -->"
@@ -500,6 +501,11 @@ def parse_args(argv=None):
                    help="Override the budget's epochs per cross-validation fold (RAFT).")
     p.add_argument("--merge", action="store_true",
                    help="Keep the other tasks of an existing <out>/quality.json (each task records its own budget).")
+    p.add_argument("--methods", default=None,
+                   help="Comma-separated softprompt methods to train (default: the budget's three). With --merge, "
+                        "a task's other systems are kept from the existing quality.json.")
+    p.add_argument("--no-export", action="store_true",
+                   help="Do not copy the best adapters to examples/adapters/.")
     p.add_argument("--report-only", action="store_true",
                    help="Only rewrite --doc (and the example adapters) from <out>/quality.json.")
     return p.parse_args(argv)
@@ -522,7 +528,14 @@ def main(argv=None) -> int:
         if args.cv_epochs < 1:
             raise SystemExit(f"bench.quality: --cv-epochs: expected a whole number >= 1, got {args.cv_epochs}")
         overrides["cv_epochs"] = args.cv_epochs
-        budget = {**budget, **overrides}
+    if args.methods is not None:
+        methods = tuple(m.strip().replace("-", "_") for m in args.methods.split(",") if m.strip())
+        unknown = [m for m in methods if m not in LR]
+        if unknown or not methods:
+            raise SystemExit(f"bench.quality: --methods: expected some of {', '.join(LR)}, got {args.methods!r}")
+        overrides["methods"] = ",".join(methods)
+        budget = {**budget, "methods": methods}
+    budget = {**budget, **{k: v for k, v in overrides.items() if k != "methods"}}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     source = TINY if args.quick else model_path(args.model)
@@ -538,7 +551,10 @@ def main(argv=None) -> int:
             raise SystemExit(f"bench.quality: --merge: {out / 'quality.json'} is for {previous['meta']['model']}, "
                              f"not {result['meta']['model']}")
         result["tasks"] = {k: v for k, v in previous["tasks"].items() if k not in wanted}
+        kept_systems = {k: v for k, v in previous["tasks"].items() if k in wanted} if args.methods else {}
         result["meta"]["merged_seconds"] = previous["meta"].get("seconds", 0.0) + previous["meta"].get("merged_seconds", 0.0)
+    else:
+        kept_systems = {}
     predictions = (out if args.quick else REPO / "results") / "raft_twitter_complaints_predictions.csv"
     for name in wanted:
         task_started = time.time()
@@ -553,11 +569,16 @@ def main(argv=None) -> int:
             raise SystemExit(f"bench.quality: --tasks: unknown task {name!r}")
         result["tasks"][name]["run"] = {"budget": result["meta"]["budget"], "overrides": overrides,
                                         "date": result["meta"]["date"], "minutes": (time.time() - task_started) / 60}
+        if name in kept_systems and "systems" in kept_systems[name]:
+            # Only some methods were rerun: the task's other systems stay, with the run they came from.
+            old = kept_systems[name]
+            result["tasks"][name]["systems"] = {**old["systems"], **result["tasks"][name]["systems"]}
+            result["tasks"][name]["run"]["kept_from"] = old.get("run", {}).get("date")
         result["meta"]["seconds"] = time.time() - started
         (out / "quality.json").write_text(json.dumps(result, indent=2, default=str))  # after every task
     if args.doc:
         write_doc(args.doc, result)
-    if not args.quick:
+    if not args.quick and not args.no_export:
         export_examples(result)
     print(f"done in {(time.time() - started) / 60:.1f} min; {out / 'quality.json'}")
     return 0

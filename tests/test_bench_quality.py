@@ -82,3 +82,24 @@ def test_merge_reruns_one_task_with_its_own_budget_and_keeps_the_others(quick_qu
     assert after["tasks"]["raft_twitter_complaints"]["run"]["overrides"] == {"cv_epochs": 2}
     doc = (out / "merged.md").read_text()
     assert "Tasks were run separately" in doc and "cv epochs 2" in doc
+
+
+def test_methods_rerun_one_method_and_keep_the_tasks_other_systems(quick_quality):
+    out, _, _ = quick_quality
+    before = json.loads((out / "quality.json").read_text())
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "bench.quality", "--quick", "--threads", "1", "--out", str(out),
+                           "--tasks", "sst2", "--methods", "prefix-tuning", "--merge", "--no-export",
+                           "--doc", str(out / "methods.md")], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    after = json.loads((out / "quality.json").read_text())["tasks"]["sst2"]
+    old = before["tasks"]["sst2"]
+    assert list(after["systems"]) == list(old["systems"])  # same systems, same order
+    for name in ("PEFT prompt tuning", "softprompt prompt tuning", "softprompt p tuning"):
+        assert after["systems"][name] == old["systems"][name]  # kept, not rerun
+    assert after["run"]["overrides"] == {"methods": "prefix_tuning"} and after["run"]["kept_from"] == old["run"]["date"]
+    assert "the other systems are from the run of" in (out / "methods.md").read_text()
+    bad = subprocess.run([sys.executable, "-m", "bench.quality", "--quick", "--out", str(out), "--methods", "lora"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "--methods: expected some of prompt_tuning" in bad.stderr
