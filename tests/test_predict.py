@@ -22,7 +22,7 @@ def trained(tmp_path_factory):
     write_csv(tmp / "test.csv", [{"ID": r["ID"], "text": r["text"]} for r in rows[64:]])
     for name, seed in (("a", 0), ("b", 1)):
         assert main(["train", "--model", model_dir, "--data", str(tmp / "train.csv"), "--label-column", "label",
-                     "--verbalizer", "1=A,2=B", "--method", "prefix-tuning",
+                     "--verbalizer", "1=A,2=B", "--method", "prefix-tuning", "--init", "random",
                      "--num-virtual-tokens", "4", "--lr", "1.0", "--lr-schedule", "constant", "--epochs", "8",
                      "--val-fraction", "0.25", "--seed", str(seed), "--name", name,
                      "--output", str(tmp / "runs")]) == 0

@@ -64,3 +64,10 @@ def test_activation_start_refuses_the_projection_mlp():
     model = tiny_model("llama")
     with pytest.raises(ConfigError, match="init: 'text' needs prefix_projection: false"):
         model.add_adapter("p", method="prefix_tuning", init="text", init_text=TEXT, prefix_projection=True)
+
+
+def test_default_start_is_real_activations_unless_the_projection_mlp_is_used():
+    model = tiny_model("llama")
+    assert model.add_adapter("plain", method="prefix_tuning").config.init == "sample_vocab"
+    assert model.add_adapter("texted", method="prefix_tuning", init_text=TEXT).config.init == "text"
+    assert model.add_adapter("mlp", method="prefix_tuning", init_text=TEXT, prefix_projection=True).config.init == "random"

@@ -116,7 +116,7 @@ class TrainConfig:
         None, "Prompt / prefix tuning: how to start the virtual tokens: text, sample_vocab, random or auto. "
               "Prompt tuning starts from token embeddings (auto: text when --init-text is given, else "
               "sample_vocab); prefix tuning from the keys/values the frozen model computes for those tokens "
-              "(auto: text when --init-text is given and there is no --prefix-projection, else random, as PEFT).",
+              "(auto: the same, except random, as PEFT, with --prefix-projection).",
         choices=("text", "sample_vocab", "random", "auto"))
     init_text: str | None = help_field(
         None, "Prompt / prefix tuning: text whose token embeddings (prompt) or keys/values (prefix) start the adapter.")
