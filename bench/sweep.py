@@ -2,6 +2,7 @@
 
     .venv/bin/python -m bench.sweep --task financial_phrasebank               # 3 lr x 2 lengths, 2 epochs
     .venv/bin/python -m bench.sweep --task sst2 --lrs 3e-2,1e-1 --tokens 8,20 --train-limit 2000
+    .venv/bin/python -m bench.sweep --methods prompt_tuning,prefix_tuning --lrs 1e-2,3e-2 --tokens 8
     .venv/bin/python -m bench.sweep --quick                                   # harness check, tiny model
 
 Every adapter of the sweep trains in the same `softprompt.train.train_jobs` call on one frozen base:
@@ -34,13 +35,17 @@ from bench.models import TINY, Systems, model_path  # noqa: E402
 from bench.quality import BUDGETS, SEED, TASKS, config_for, examples, is_quick, score_ours, task_rows  # noqa: E402
 
 
-def adapter_name(lr: float, tokens: int) -> str:
-    return f"pt{tokens}-lr{lr:g}".replace(".", "p")  # adapter names allow no dots
+SHORT = {"prompt_tuning": "pt", "prefix_tuning": "prefix", "p_tuning": "ptune"}
+
+
+def adapter_name(lr: float, tokens: int, method: str = "prompt_tuning") -> str:
+    return f"{SHORT[method]}{tokens}-lr{lr:g}".replace(".", "p")  # adapter names allow no dots
 
 
 def run_sweep(systems: Systems, task_name: str, *, lrs: list[float], tokens: list[int], budget: dict,
-              val_fraction: float, ensemble: int, out: Path, log=print) -> dict:
-    """Train every (lr, tokens) prompt-tuning adapter in one job; score each and the ensembles."""
+              val_fraction: float, ensemble: int, out: Path, log=print,
+              methods: tuple[str, ...] = ("prompt_tuning",)) -> dict:
+    """Train every (method, lr, tokens) adapter in one job; score each and the ensembles."""
     from softprompt.data import train_val_split
     from softprompt.metrics import classification_report
     from softprompt.predict import label_probabilities
@@ -53,9 +58,9 @@ def run_sweep(systems: Systems, task_name: str, *, lrs: list[float], tokens: lis
     labels = list(task.verbalizer.values())
     test = examples(task, test_rows, f"{task.name} test rows")
     val = examples(task, val_rows, f"{task.name} validation rows")
-    grid = [(lr, n) for n in tokens for lr in lrs]
-    adapters = [{"name": adapter_name(lr, n), "lr": lr, "num_virtual_tokens": n} for lr, n in grid]
-    config = config_for(task, budget, "prompt_tuning", out / task.name, adapters=adapters, name=None)
+    grid = [(m, lr, n) for m in methods for n in tokens for lr in lrs]
+    adapters = [{"name": adapter_name(lr, n, m), "method": m, "lr": lr, "num_virtual_tokens": n} for m, lr, n in grid]
+    config = config_for(task, budget, methods[0], out / task.name, adapters=adapters, name=None)
     jobs = [prepare_job(spec, rows=fit_rows, val_rows=val_rows, source=f"{task.name} training rows")
             for spec in config.resolved_adapters()]
     log(f"[{task.name}] {split}; {len(fit_rows)} rows fit, {len(val_rows)} validate; "
@@ -64,10 +69,10 @@ def run_sweep(systems: Systems, task_name: str, *, lrs: list[float], tokens: lis
     trained = train_jobs(config, systems.ours, jobs, progress=True)
     seconds = time.perf_counter() - started
     rows = []
-    for (lr, n), spec in zip(grid, config.resolved_adapters()):
+    for (method, lr, n), spec in zip(grid, config.resolved_adapters()):
         val_scores = score_ours(systems, spec.name, val, labels, budget)
         test_scores = score_ours(systems, spec.name, test, labels, budget)
-        rows.append({"name": spec.name, "lr": lr, "num_virtual_tokens": n,
+        rows.append({"name": spec.name, "method": method, "lr": lr, "num_virtual_tokens": n,
                      "val_accuracy": val_scores["accuracy"], "val_macro_f1": val_scores["macro_f1"],
                      "test_accuracy": test_scores["accuracy"], "test_macro_f1": test_scores["macro_f1"],
                      "path": str(trained.adapters[spec.name].path)})
@@ -110,7 +115,9 @@ def _room(systems: Systems, labels, budget) -> int | None:
 
 
 def markdown(result: dict) -> str:
-    lines = [f"### Sweep on {result['task']}: {len(result['adapters'])} prompt-tuning adapters in one job",
+    methods = sorted({r.get("method", "prompt_tuning") for r in result["adapters"]})
+    lines = [f"### Sweep on {result['task']}: {len(result['adapters'])} adapters in one job "
+             f"({', '.join(m.replace('_', ' ') for m in methods)})",
              "", f"{result['split']}; {result['fit_rows']} rows to fit, {result['val_rows']} held out of them to "
              f"choose; {result['epochs']} epochs of batches of {result['batch_size']}, {result['steps']} steps, "
              f"{result['train_seconds'] / 60:.1f} min for the whole job. Zero-shot test accuracy "
@@ -159,6 +166,8 @@ def parse_args(argv=None):
     p.add_argument("--task", default="financial_phrasebank", choices=["financial_phrasebank", "sst2"])
     p.add_argument("--lrs", default="3e-2,1e-1,3e-1", help="comma-separated learning rates")
     p.add_argument("--tokens", default="8,20", help="comma-separated prompt lengths (virtual tokens)")
+    p.add_argument("--methods", default="prompt_tuning",
+                   help="comma-separated methods (prompt_tuning, prefix_tuning, p_tuning), each with every lr and length")
     p.add_argument("--train-limit", type=int, default=1000, help="training rows sampled (seeded) from the split")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of the training rows that choose")
@@ -187,6 +196,9 @@ def main(argv=None) -> int:
     harness.quiet()
     torch.set_num_threads(args.threads)
     lrs, tokens = _numbers(args.lrs, float, "--lrs"), _numbers(args.tokens, int, "--tokens")
+    methods = tuple(m.strip().replace("-", "_") for m in args.methods.split(",") if m.strip())
+    if not methods or any(m not in SHORT for m in methods):
+        raise SystemExit(f"bench.sweep: --methods: expected some of {', '.join(SHORT)}, got {args.methods!r}")
     if args.quick:
         budget = BUDGETS["quick"]
     else:
@@ -194,7 +206,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     systems = Systems.build(TINY if args.quick else model_path(args.model))
     result = run_sweep(systems, args.task, lrs=lrs, tokens=tokens, budget=budget, val_fraction=args.val_fraction,
-                       ensemble=args.ensemble, out=out)
+                       ensemble=args.ensemble, out=out, methods=methods)
     result["meta"] = {"model": TINY if args.quick else args.model, "machine": harness.machine(args.threads),
                       "date": time.strftime("%Y-%m-%d"), "command": "python -m bench.sweep " + " ".join(argv or sys.argv[1:])}
     where = out / args.task

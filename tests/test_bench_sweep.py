@@ -1,5 +1,5 @@
 """The sweep harness (bench/sweep.py) in quick mode: a tiny random model, a few rows. It checks that one
-job trains every (lr, length) adapter, that selection uses validation accuracy only, and that the
+job trains every (method, lr, length) adapter, that selection uses validation accuracy only, and that the
 ensembles are what averaging the members' label probabilities gives. No quality target is asserted."""
 
 import json
@@ -58,8 +58,13 @@ def test_ensemble_averages_member_probabilities(tmp_path, one_thread):
     from softprompt.metrics import classification_report
 
     systems = Systems.build(TINY)
-    result = sweep.run_sweep(systems, "financial_phrasebank", lrs=[1e-1], tokens=[2, 3], budget=BUDGETS["quick"],
-                             val_fraction=0.2, ensemble=2, out=tmp_path, log=lambda *_: None)
+    # Two methods in one job: the ensemble then mixes a prompt-tuned and a prefix-tuned adapter.
+    result = sweep.run_sweep(systems, "financial_phrasebank", lrs=[1e-1], tokens=[2], budget=BUDGETS["quick"],
+                             val_fraction=0.2, ensemble=2, out=tmp_path, log=lambda *_: None,
+                             methods=("prompt_tuning", "prefix_tuning"))
+    peft_types = {r["name"]: json.loads((Path(r["path"]) / "adapter_config.json").read_text())["peft_type"]
+                  for r in result["adapters"]}
+    assert peft_types == {"pt2-lr0p1": "PROMPT_TUNING", "prefix2-lr0p1": "PREFIX_TUNING"}
     from bench.quality import TASKS, examples, task_rows
 
     task = TASKS["financial_phrasebank"]
