@@ -430,7 +430,8 @@ def markdown(result: dict) -> str:
                 "Tasks were run separately (`--merge`); each says its own budget and date; ")
              + "systems of a task share the base model, rows, order, steps and learning rate "
              "(see `bench/quality.py`).", ""]
-    for name, task in result["tasks"].items():
+    order = list(TASKS)  # the report's order, whichever task a --merge run redid last
+    for name, task in sorted(result["tasks"].items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 99):
         if name == "generation":
             continue
         lines += [f"## {name}", "", task["split"] + "." + _run_note(task), "",
@@ -517,7 +518,7 @@ def main(argv=None) -> int:
         result = json.loads((Path(args.out) / "quality.json").read_text())
         if args.doc:
             write_doc(args.doc, result)
-        if result["meta"]["budget"] != "quick":
+        if result["meta"]["budget"] != "quick" and not args.no_export:
             export_examples(result)
         return 0
     harness.quiet()
