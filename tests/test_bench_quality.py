@@ -7,6 +7,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -49,11 +50,18 @@ def test_raft_cross_validation_and_submission_file(quick_quality):
     assert raft["split"].startswith("2-fold cross-validation")
     tuned = raft["systems"]["softprompt prompt tuning"]
     assert 0.0 <= tuned["macro_f1"] <= 1.0 and tuned["macro_f1_std"] >= 0.0
+    # pooled over both folds' held-out rows: accuracy equals the fold mean (equal folds), shown in the table
+    assert tuned["accuracy_pooled"] == pytest.approx(tuned["accuracy"]) and 0.0 <= tuned["macro_f1_pooled"] <= 1.0
+    assert f"| softprompt prompt tuning | {tuned['accuracy']:.1%} ± {tuned['accuracy_std']:.1%} " \
+           f"(pooled {tuned['accuracy_pooled']:.1%})" in doc
     if "predictions" in raft:  # the unlabelled test tweets are in ../shared/data
         with open(raft["predictions"]["path"], newline="") as f:
             rows = list(csv.reader(f))
         assert rows[0] == ["ID", "Label"] and len(rows) == 1 + 8
         assert {r[1] for r in rows[1:]} <= {"1", "2"}
+        better = "zero-shot" if raft["systems"]["zero-shot"]["macro_f1_pooled"] > tuned["macro_f1_pooled"] \
+            else "softprompt prompt tuning"
+        assert raft["predictions"]["system"] == better and f"predicted by the {better} system" in doc
 
 
 def test_generation_reports_perplexity_and_one_mixed_batch_of_samples(quick_quality):
@@ -103,3 +111,24 @@ def test_methods_rerun_one_method_and_keep_the_tasks_other_systems(quick_quality
     bad = subprocess.run([sys.executable, "-m", "bench.quality", "--quick", "--out", str(out), "--methods", "lora"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "--methods: expected some of prompt_tuning" in bad.stderr
+
+
+def test_merge_on_a_fresh_checkout_reads_the_numbers_kept_beside_the_doc(quick_quality, tmp_path):
+    out, before, _ = quick_quality
+    assert json.loads((out / "results.json").read_text()) == before  # the doc's numbers travel with it
+    doc = tmp_path / "docs" / "results.md"  # a fresh checkout: the doc and its numbers, no runs/ folder
+    doc.parent.mkdir()
+    shutil.copy(out / "results.md", doc)
+    shutil.copy(out / "results.json", doc.with_suffix(".json"))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "bench.quality", "--quick", "--threads", "1",
+                           "--out", str(tmp_path / "fresh_runs"), "--tasks", "raft_twitter_complaints", "--merge",
+                           "--no-export", "--doc", str(doc)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    after = json.loads(doc.with_suffix(".json").read_text())
+    assert set(after["tasks"]) == set(before["tasks"])
+    for name in ("financial_phrasebank", "sst2", "generation"):
+        assert after["tasks"][name] == before["tasks"][name]
+    text = doc.read_text()
+    assert all(f"## {name}" in text for name in ("financial_phrasebank", "sst2", "raft_twitter_complaints"))

@@ -62,10 +62,13 @@ def test_bad_adapter_spec_is_a_clear_error(checkpoint_and_adapter, capsys):
 
 
 def test_every_subcommand_help_has_worked_examples(capsys):
-    for command in ["generate", "inspect", "models", "serve", "demo"]:
+    for command in ["train", "eval", "predict", "generate", "inspect", "models", "serve", "demo"]:
         with pytest.raises(SystemExit):
             main([command, "--help"])
-        assert "examples:" in capsys.readouterr().out
+        out = capsys.readouterr().out
+        assert "examples:" in out
+        # a continued example stays on its own lines (a lone backslash in the help source would join them)
+        assert not [line for line in out.splitlines() if line.count("softprompt ") > 1 or "   --" in line.strip()]
 
 
 def test_demo_pipeline_trains_beats_zero_shot_and_saves(tmp_path, capsys):

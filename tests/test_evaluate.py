@@ -167,9 +167,14 @@ def test_cross_validate_trains_all_folds_in_one_job(tmp_path):
     assert report.summary["base_accuracy"]["mean"] == pytest.approx(
         statistics.fmean(f.base.metrics["accuracy"] for f in report.folds))
     assert report.summary["accuracy"]["mean"] > report.summary["base_accuracy"]["mean"] + 0.3
+    # pooled: one report over every held-out prediction; with equal folds its accuracy is the fold mean
+    pooled = report.pooled["adapter"]
+    assert pooled["n"] == 36 and sum(map(sum, pooled["confusion_matrix"])) == 36
+    assert pooled["accuracy"] == pytest.approx(statistics.fmean(accuracies))
+    assert report.pooled["base"]["accuracy"] == pytest.approx(report.summary["base_accuracy"]["mean"])
     saved = json.loads((tmp_path / "cv" / "cv_report.json").read_text())
-    assert saved["summary"] == report.summary
-    assert "±" in report.format()
+    assert saved["summary"] == report.summary and saved["pooled"] == report.pooled
+    assert "±" in report.format() and "pooled over all 36 held-out rows" in report.format()
     for i in (1, 2, 3):
         assert (tmp_path / "cv" / f"default-fold{i}" / "adapter_model.safetensors").is_file()
 

@@ -78,3 +78,25 @@ def test_predict_mistakes_are_one_line(trained, capsys):
     assert "'Id'" in err and "ID" in err and "Traceback" not in err and not out.exists()
     assert main(["predict", "--model", model_dir, "--data", str(tmp / "test.csv"), "--output", str(out)]) == 2
     assert "--adapter" in capsys.readouterr().err
+    assert main(["predict", "--model", model_dir, "--data", str(tmp / "test.csv"), "--output", str(out),
+                 "--template", "{text} =", "--verbalizer", "1A2B"]) == 2
+    err = capsys.readouterr().err
+    assert "--verbalizer" in err and "RAW=TEXT" in err and not out.exists()
+
+
+def test_without_an_adapter_the_zero_shot_base_model_predicts(trained):
+    import softprompt
+
+    tmp, model_dir, truth = trained
+    out = tmp / "zero_shot.csv"
+    assert main(["predict", "--model", model_dir, "--data", str(tmp / "test.csv"), "--id-column", "ID",
+                 "--template", "{text} =", "--verbalizer", '{1: " A", 2: " B"}', "--probabilities",
+                 "--output", str(out)]) == 0
+    rows = read(out)
+    assert list(rows[0]) == ["ID", "Label", "p_A", "p_B"] and [r["ID"] for r in rows] == list(truth)
+    model = softprompt.load(model_dir)
+    texts = [f"{r['text']} =" for r in read(tmp / "test.csv")]
+    base = label_probabilities(model, texts, [" A", " B"], [None])  # the bare model, leading spaces kept
+    for row, p in zip(rows, base):
+        assert float(row["p_A"]) == pytest.approx(p[0], abs=2e-6)
+        assert row["Label"] == ("1" if p[0] > p[1] else "2")

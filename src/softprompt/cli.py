@@ -17,9 +17,9 @@ EPILOGS = {
     "train": """
         examples:
           softprompt train recipes/offline/raft_twitter_complaints.yaml      # smollm2-135m, local data
-          softprompt train recipes/raft_twitter_complaints.yaml --model smollm2-135m \
+          softprompt train recipes/raft_twitter_complaints.yaml --model smollm2-135m \\
               --data ../shared/data/raft_twitter_complaints/train.csv --kfold 10
-          softprompt train --model smollm2-135m --data hf:glue:sst2 --validation-split validation \
+          softprompt train --model smollm2-135m --data hf:glue:sst2 --validation-split validation \\
               --text-column sentence --label-column label --verbalizer '0=negative,1=positive'
           softprompt train --model smollm2-135m --method prompt-tuning --data tweets.csv \\
               --text-column text --label-column label --template "Tweet: {text} Sentiment: " \\
@@ -35,7 +35,7 @@ EPILOGS = {
           softprompt eval --model smollm2-135m --adapter runs/sentiment/default --data dev.csv \\
               --text-column text --label-column label --template "Tweet: {text} Sentiment: "
           softprompt eval --model smollm2-135m --adapter a=runs/a --adapter b=runs/b --data dev.csv ... --json
-          softprompt eval --model smollm2-135m --adapter runs/sentiment/default --data dev.txt --format tsv \
+          softprompt eval --model smollm2-135m --adapter runs/sentiment/default --data dev.txt --format tsv \\
               --plot confusion.png
         """,
     "predict": """
@@ -43,11 +43,14 @@ EPILOGS = {
         options make an ensemble: their label probabilities are averaged.
 
         examples:
-          softprompt predict --model smollm2-135m --adapter runs/raft/default \
-              --data ../shared/data/raft_twitter_complaints/test_unlabeled.csv --id-column ID \
+          softprompt predict --model smollm2-135m --adapter runs/raft/default \\
+              --data ../shared/data/raft_twitter_complaints/test_unlabeled.csv --id-column ID \\
               --output results/raft_twitter_complaints_predictions.csv
-          softprompt predict --model smollm2-135m --adapter a=runs/a --adapter b=runs/b \
+          softprompt predict --model smollm2-135m --adapter a=runs/a --adapter b=runs/b \\
               --data new.csv --output preds.csv --probabilities
+          softprompt predict --model smollm2-135m --template $'Tweet: {Tweet text}\\nSentiment:' \\
+              --verbalizer '{1: " negative", 2: " positive"}' --data test.csv --output zero_shot.csv
+              (no --adapter: the zero-shot base model, with the template and label texts given)
         """,
     "generate": """
         Every prompt is generated with every adapter given (and with the bare model with --base),
@@ -137,13 +140,20 @@ def cmd_predict(args) -> int:
     from .predict import predict_file
 
     adapters = parse_adapter_specs(args.adapter)
-    if not adapters:
-        raise SoftPromptError("--adapter: give at least one adapter to predict with")
+    verbalizer = None
+    if args.verbalizer is not None:
+        from .config import _parse_mapping_text
+
+        parsed = _parse_mapping_text(args.verbalizer, "--verbalizer")
+        if not isinstance(parsed, dict) or not parsed:
+            raise SoftPromptError(f"--verbalizer: expected RAW=TEXT pairs or a mapping, got {args.verbalizer!r}")
+        verbalizer = {str(raw): str(text) for raw, text in parsed.items()}
     if args.batch_size < 1:
         raise SoftPromptError(f"--batch-size: expected an integer of at least 1, got {args.batch_size}")
     model = load(args.model)
     path = predict_file(model, adapters, args.data, args.output, id_column=args.id_column,
-                        label_name=args.label_name, template=args.template, probabilities=args.probabilities,
+                        label_name=args.label_name, template=args.template, verbalizer=verbalizer,
+                        probabilities=args.probabilities,
                         batch_size=args.batch_size, data_format=args.data_format, encoding=args.encoding)
     print(f"wrote {path}")
     return 0
@@ -201,9 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = _parser(sub, "predict", "Predict labels for unlabelled data with an adapter or an ensemble of adapters.")
     p.add_argument("--model", required=True, help="Base model: built-in name, local directory or hub id.")
     p.add_argument("--adapter", action="append", default=[], metavar="[NAME=]PATH",
-                   help="Adapter (repeatable: several are an ensemble).")
+                   help="Adapter (repeatable: several are an ensemble; none: the zero-shot base model).")
     p.add_argument("--data", required=True, help="Data file (CSV, TSV, JSONL, parquet, phrasebank).")
     p.add_argument("--output", required=True, help="CSV file to write (written atomically).")
+    p.add_argument("--verbalizer", metavar="RAW=TEXT,...",
+                   help="Raw label -> label text, as '1=complaint,2=no complaint' or a YAML mapping (keeps "
+                        "leading spaces); default: as trained.")
     p.add_argument("--id-column", help="Column copied to the output to identify rows (default: row numbers).")
     p.add_argument("--label-name", default="Label", help="Header of the predicted-label column (default Label).")
     p.add_argument("--template", help="Prompt template with {column} fields (default: as trained).")

@@ -54,13 +54,15 @@ def predict_file(model, adapters: dict[str, str | Path], data: str | Path, outpu
     """Predict a label for every row of ``data`` and write a CSV (``id_column`` or ``row``, ``label_name``).
 
     ``adapters`` maps names to adapter directories (loaded into ``model`` if not there yet). Template and
-    verbalizer default to how the first adapter was trained; all adapters must share its labels.
+    verbalizer default to how the first adapter was trained; all adapters must share its labels. No
+    adapters: the zero-shot base model predicts, with the ``template`` and ``verbalizer`` given.
     ``probabilities`` adds one ``p_<label>`` column per label.
     """
-    if not adapters:
-        raise ConfigError("--adapter: give at least one adapter to predict with")
+    if not adapters and not (template and verbalizer):
+        raise ConfigError("--adapter: give at least one adapter, or --template and --verbalizer to predict "
+                          "zero-shot with the base model")
     settings = {name: adapter_settings(path) for name, path in adapters.items()}
-    first = next(iter(settings.values()))
+    first = next(iter(settings.values()), {})
     template = template or first.get("template") or "{" + (text_column or first.get("text_column") or "text") + "}"
     mapping = verbalizer or first.get("verbalizer")
     labels = list(mapping.values()) if mapping else first.get("labels")
@@ -82,11 +84,13 @@ def predict_file(model, adapters: dict[str, str | Path], data: str | Path, outpu
     parsed.validate(column_names(rows), source=str(data))
     texts = [parsed.render(row) for row in rows]
     budget = prompt_budget(model, labels, first.get("max_length"))
-    probs = label_probabilities(model, texts, labels, list(adapters), batch_size=batch_size,
+    probs = label_probabilities(model, texts, labels, list(adapters) or [None], batch_size=batch_size,
                                 max_input_tokens=budget, progress=progress)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow([id_column or "row", label_name] + ([f"p_{label}" for label in labels] if probabilities else []))
+    names = [label.strip() for label in labels]  # " negative" -> p_negative, unless that makes two alike
+    names = names if len(set(names)) == len(names) else list(labels)
+    writer.writerow([id_column or "row", label_name] + ([f"p_{name}" for name in names] if probabilities else []))
     for i, (row, p) in enumerate(zip(rows, probs)):
         best = labels[max(range(len(labels)), key=p.__getitem__)]
         writer.writerow([row[id_column] if id_column else i + 1, verb.to_raw(best)]
