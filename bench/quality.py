@@ -451,7 +451,7 @@ def markdown(result: dict) -> str:
             continue
         lines += [f"## {name}", "", task["split"] + "." + _run_note(task), "",
                   "| system | accuracy | macro-F1 | training time | adapter size |", "| --- | --- | --- | --- | --- |"]
-        for system, r in task["systems"].items():
+        for system, r in sorted(task["systems"].items(), key=lambda kv: _system_rank(kv[0])):
             acc = f"{r['accuracy']:.1%}" + (f" ± {r['accuracy_std']:.1%}" if "accuracy_std" in r else "") \
                 + (f" (pooled {r['accuracy_pooled']:.1%})" if "accuracy_pooled" in r else "")
             f1 = f"{r['macro_f1']:.3f}" + (f" ± {r['macro_f1_std']:.3f}" if "macro_f1_std" in r else "") \
@@ -483,6 +483,15 @@ def markdown(result: dict) -> str:
             lines.append(f"* **{s['adapter']}** — `{s['prompt']}` → {json.dumps(s['text'])}")
         lines.append("")
     return "\n".join(lines)
+
+
+SYSTEM_ORDER = ("zero-shot", "softprompt prompt tuning", "PEFT prompt tuning", "softprompt prefix tuning",
+                "softprompt p tuning")
+
+
+def _system_rank(name: str) -> int:
+    """Rows in a fixed order, whatever order the numbers were stored or merged in."""
+    return SYSTEM_ORDER.index(name) if name in SYSTEM_ORDER else len(SYSTEM_ORDER)
 
 
 def _run_note(task: dict) -> str:
@@ -517,14 +526,14 @@ def previous_result(out: Path, doc: str | None) -> Path | None:
 
 def write_doc(path: str, result: dict) -> None:
     """Write the generated tables (keeping hand-written notes below NOTES_MARKER) and their numbers."""
-    from softprompt.fileio import atomic_write_json, atomic_write_text
+    from softprompt.fileio import atomic_write_text
 
     target = Path(path)
     notes = ""
     if target.exists() and NOTES_MARKER in target.read_text():
         notes = target.read_text().split(NOTES_MARKER, 1)[1]
     atomic_write_text(target, markdown(result) + ("\n" + NOTES_MARKER + notes if notes else ""))
-    atomic_write_json(doc_numbers(target), result)
+    atomic_write_text(doc_numbers(target), json.dumps(result, indent=2, default=str) + "\n")  # keeps run order
 
 
 def parse_args(argv=None):

@@ -132,3 +132,12 @@ def test_merge_on_a_fresh_checkout_reads_the_numbers_kept_beside_the_doc(quick_q
         assert after["tasks"][name] == before["tasks"][name]
     text = doc.read_text()
     assert all(f"## {name}" in text for name in ("financial_phrasebank", "sst2", "raft_twitter_complaints"))
+    phrasebank = text.split("## financial_phrasebank", 1)[1].split("## ", 1)[0]
+    assert phrasebank.index("| zero-shot |") < phrasebank.index("| softprompt prompt tuning |") \
+        < phrasebank.index("| PEFT prompt tuning |") < phrasebank.index("| softprompt p tuning |")
+    # the report is rebuilt from the numbers beside it, unchanged (rows keep their fixed order)
+    proc = subprocess.run([sys.executable, "-m", "bench.quality", "--report-only", "--no-export",
+                           "--out", str(tmp_path / "no_runs"), "--doc", str(doc)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert doc.read_text() == text
