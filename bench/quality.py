@@ -375,12 +375,9 @@ def run_raft(systems: Systems, task: Task, budget: dict, out: Path, log, predict
         # The submission comes from whichever system cross-validated better (pooled macro-F1 on the
         # labelled rows): with a good template the zero-shot base model can beat 45 training tweets.
         zero_shot = pooled["base"]["macro_f1"] > pooled["adapter"]["macro_f1"]
-        started = time.perf_counter()
-        if zero_shot:
-            predict_file(systems.ours, {}, source, predictions, id_column="ID", label_name="Label",
-                         template=task.template, verbalizer=task.verbalizer)
-        else:
-            predict_file(systems.ours, {"final": path}, source, predictions, id_column="ID", label_name="Label")
+        started = time.perf_counter()  # the final adapter was trained with the same template and verbalizer
+        predict_file(systems.ours, {} if zero_shot else {"final": path}, source, predictions, id_column="ID",
+                     label_name="Label", template=task.template, verbalizer=task.verbalizer)
         result["predictions"] = {"path": str(predictions), "seconds": time.perf_counter() - started,
                                  "system": "zero-shot" if zero_shot else "softprompt prompt tuning"}
         log(f"  wrote {predictions} ({result['predictions']['system']})")
@@ -452,10 +449,7 @@ def markdown(result: dict) -> str:
         lines += [f"## {name}", "", task["split"] + "." + _run_note(task), "",
                   "| system | accuracy | macro-F1 | training time | adapter size |", "| --- | --- | --- | --- | --- |"]
         for system, r in sorted(task["systems"].items(), key=lambda kv: _system_rank(kv[0])):
-            acc = f"{r['accuracy']:.1%}" + (f" ± {r['accuracy_std']:.1%}" if "accuracy_std" in r else "") \
-                + (f" (pooled {r['accuracy_pooled']:.1%})" if "accuracy_pooled" in r else "")
-            f1 = f"{r['macro_f1']:.3f}" + (f" ± {r['macro_f1_std']:.3f}" if "macro_f1_std" in r else "") \
-                + (f" (pooled {r['macro_f1_pooled']:.3f})" if "macro_f1_pooled" in r else "")
+            acc, f1 = _metric_cell(r, "accuracy", ".1%"), _metric_cell(r, "macro_f1", ".3f")
             size = f"{r['adapter_bytes'] / 1024:.1f} KiB" if r.get("adapter_bytes") else "-"
             secs = f"{r['seconds'] / 60:.1f} min" if r.get("seconds") else "-"
             lines.append(f"| {system} | {acc} | {f1} | {secs} | {size} |")
@@ -483,6 +477,12 @@ def markdown(result: dict) -> str:
             lines.append(f"* **{s['adapter']}** — `{s['prompt']}` → {json.dumps(s['text'])}")
         lines.append("")
     return "\n".join(lines)
+
+
+def _metric_cell(r: dict, key: str, fmt: str) -> str:
+    """``value``, ``± std`` across folds and ``(pooled ...)`` where the run has them."""
+    return format(r[key], fmt) + (f" ± {r[key + '_std']:{fmt}}" if key + "_std" in r else "") \
+        + (f" (pooled {r[key + '_pooled']:{fmt}})" if key + "_pooled" in r else "")
 
 
 SYSTEM_ORDER = ("zero-shot", "softprompt prompt tuning", "PEFT prompt tuning", "softprompt prefix tuning",
@@ -529,9 +529,8 @@ def write_doc(path: str, result: dict) -> None:
     from softprompt.fileio import atomic_write_text
 
     target = Path(path)
-    notes = ""
-    if target.exists() and NOTES_MARKER in target.read_text():
-        notes = target.read_text().split(NOTES_MARKER, 1)[1]
+    old = target.read_text() if target.exists() else ""
+    notes = old.split(NOTES_MARKER, 1)[1] if NOTES_MARKER in old else ""
     atomic_write_text(target, markdown(result) + ("\n" + NOTES_MARKER + notes if notes else ""))
     atomic_write_text(doc_numbers(target), json.dumps(result, indent=2, default=str) + "\n")  # keeps run order
 

@@ -142,12 +142,9 @@ def cmd_predict(args) -> int:
     adapters = parse_adapter_specs(args.adapter)
     verbalizer = None
     if args.verbalizer is not None:
-        from .config import _parse_mapping_text
+        from .config import parse_verbalizer
 
-        parsed = _parse_mapping_text(args.verbalizer, "--verbalizer")
-        if not isinstance(parsed, dict) or not parsed:
-            raise SoftPromptError(f"--verbalizer: expected RAW=TEXT pairs or a mapping, got {args.verbalizer!r}")
-        verbalizer = {str(raw): str(text) for raw, text in parsed.items()}
+        verbalizer = parse_verbalizer(args.verbalizer)
     if args.batch_size < 1:
         raise SoftPromptError(f"--batch-size: expected an integer of at least 1, got {args.batch_size}")
     model = load(args.model)

@@ -552,6 +552,12 @@ def _scalar_text(value) -> str:
     return str(value)
 
 
+def parse_verbalizer(text: str, where: str = "--verbalizer") -> dict[str, str]:
+    """A verbalizer given on a command line ('1=complaint,2=no complaint' or a YAML mapping), checked as
+    the ``verbalizer`` config field is."""
+    return _coerce(text, dict[str, str], text=True, where=where, source="command line")
+
+
 def _parse_mapping_text(text: str, where: str) -> Mapping | str:
     """``'1=complaint,2=no complaint'`` or a YAML/JSON mapping."""
     stripped = text.strip()
