@@ -6,8 +6,8 @@
 
 Writes ``<out>/quality.json`` (every number), ``docs/results.md`` (the tables; ``--doc``) with its
 numbers beside it (``docs/results.json``, which ``--merge`` falls back to on a fresh checkout), the RAFT
-submission file ``results/raft_twitter_complaints_predictions.csv`` and each task's best adapter under
-``examples/adapters/<task>/`` (full runs only). Data are read in place from ``../shared/data``.
+submission file ``results/raft_twitter_complaints_predictions.csv`` and, with ``--export``, each task's best
+adapter of the run under ``examples/adapters/<task>/`` (not in quick mode). Data are read in place from ``../shared/data``.
 
 Every system of a task trains on the same rows in the same order (softprompt's seeded epoch order, which
 the PEFT loop reuses), with the same learning rate, schedule and number of steps, and is scored the same
@@ -553,8 +553,9 @@ def parse_args(argv=None):
     p.add_argument("--methods", default=None,
                    help="Comma-separated softprompt methods to train (default: the budget's three). With --merge, "
                         "a task's other systems are kept from the existing quality.json.")
-    p.add_argument("--no-export", action="store_true",
-                   help="Do not copy the best adapters to examples/adapters/.")
+    p.add_argument("--export", action="store_true",
+                   help="Copy each task's best adapter of this run to examples/adapters/<task>/, replacing what is "
+                        "there (off by default: the examples may come from longer sweeps than this run).")
     p.add_argument("--report-only", action="store_true",
                    help="Only rewrite --doc (and the example adapters) from <out>/quality.json (or the "
                         "numbers kept beside --doc).")
@@ -571,7 +572,7 @@ def main(argv=None) -> int:
         result = json.loads(source.read_text())
         if args.doc:
             write_doc(args.doc, result)
-        if result["meta"]["budget"] != "quick" and not args.no_export:
+        if result["meta"]["budget"] != "quick" and args.export:
             export_examples(result)
         return 0
     harness.quiet()
@@ -633,7 +634,7 @@ def main(argv=None) -> int:
         (out / "quality.json").write_text(json.dumps(result, indent=2, default=str))  # after every task
     if args.doc:
         write_doc(args.doc, result)
-    if not args.quick and not args.no_export:
+    if not args.quick and args.export:
         export_examples(result)
     print(f"done in {(time.time() - started) / 60:.1f} min; {out / 'quality.json'}")
     return 0

@@ -97,7 +97,7 @@ def test_methods_rerun_one_method_and_keep_the_tasks_other_systems(quick_quality
     before = json.loads((out / "quality.json").read_text())
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "bench.quality", "--quick", "--threads", "1", "--out", str(out),
-                           "--tasks", "sst2", "--methods", "prefix-tuning", "--merge", "--no-export",
+                           "--tasks", "sst2", "--methods", "prefix-tuning", "--merge",
                            "--doc", str(out / "methods.md")], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -123,7 +123,7 @@ def test_merge_on_a_fresh_checkout_reads_the_numbers_kept_beside_the_doc(quick_q
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "bench.quality", "--quick", "--threads", "1",
                            "--out", str(tmp_path / "fresh_runs"), "--tasks", "raft_twitter_complaints", "--merge",
-                           "--no-export", "--doc", str(doc)], cwd=ROOT, env=env, capture_output=True, text=True,
+                           "--doc", str(doc)], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     after = json.loads(doc.with_suffix(".json").read_text())
@@ -136,8 +136,24 @@ def test_merge_on_a_fresh_checkout_reads_the_numbers_kept_beside_the_doc(quick_q
     assert phrasebank.index("| zero-shot |") < phrasebank.index("| softprompt prompt tuning |") \
         < phrasebank.index("| PEFT prompt tuning |") < phrasebank.index("| softprompt p tuning |")
     # the report is rebuilt from the numbers beside it, unchanged (rows keep their fixed order)
-    proc = subprocess.run([sys.executable, "-m", "bench.quality", "--report-only", "--no-export",
+    proc = subprocess.run([sys.executable, "-m", "bench.quality", "--report-only",
                            "--out", str(tmp_path / "no_runs"), "--doc", str(doc)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert doc.read_text() == text
+
+
+def test_example_adapters_are_replaced_only_with_export(quick_quality, tmp_path, monkeypatch):
+    # The examples may come from longer sweeps than a standard run: a rerun must not overwrite them unasked.
+    from bench import quality
+
+    out, before, _ = quick_quality
+    stored = tmp_path / "runs"
+    stored.mkdir()
+    (stored / "quality.json").write_text(json.dumps({**before, "meta": {**before["meta"], "budget": "standard"}}))
+    exported = []
+    monkeypatch.setattr(quality, "export_examples", lambda result: exported.append(result["meta"]["budget"]))
+    assert quality.main(["--report-only", "--out", str(stored), "--doc", str(tmp_path / "a.md")]) == 0
+    assert exported == [] and (tmp_path / "a.md").exists()
+    assert quality.main(["--report-only", "--export", "--out", str(stored), "--doc", str(tmp_path / "b.md")]) == 0
+    assert exported == ["standard"]
