@@ -46,6 +46,23 @@ def test_training_state_restores_reparameterisation_and_extras(saved):
     assert int(tensors["optimizer.step"]) == 7 and meta == {"step": 7}
 
 
+@pytest.mark.parametrize("method", ["prompt_tuning", "prefix_tuning"])
+def test_a_table_without_reparameterisation_is_stored_once_and_still_resumes(method, tmp_path):
+    model = tiny_model("gpt2")
+    model.add_adapter("a", method=method, num_virtual_tokens=4, seed=0)
+    with torch.no_grad():
+        next(model.adapters["a"].parameters()).add_(0.25)  # trained weights, not a re-creatable start
+    model.save_adapter("a", tmp_path / "a", training_state={"optimizer.step": torch.tensor(3)})
+    tensors, _ = read_training_state(tmp_path / "a")
+    from safetensors.torch import load_file
+    assert not [k for k in load_file(tmp_path / "a" / "training_state.safetensors") if k.startswith("adapter.")]
+    assert int(tensors["optimizer.step"]) == 3
+    resumed = load_adapter(tiny_model("gpt2"), tmp_path / "a", name="r", resume=True)
+    for key, value in resumed.state_dict().items():
+        torch.testing.assert_close(value, model.adapters["a"].state_dict()[key], rtol=0, atol=0)
+    assert all(p.requires_grad for p in resumed.parameters())
+
+
 def test_saving_keeps_other_files_in_the_directory(saved):
     model, path = saved
     (path / "metrics.jsonl").write_text('{"step": 1}\n')

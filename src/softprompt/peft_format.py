@@ -84,11 +84,11 @@ def save_adapter(model, name: str, path: str | Path, *, training_state: dict[str
                     shutil.copytree(child, tmp / child.name, symlinks=True)
                 else:
                     shutil.copy2(child, tmp / child.name)
-        save_file({"prompt_embeddings": adapter.materialized().float().cpu().contiguous()}, str(tmp / WEIGHTS_FILE),
-                  metadata={"format": "pt"})
+        table = adapter.materialized().float().cpu().contiguous()
+        save_file({"prompt_embeddings": table}, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         with open(tmp / CONFIG_FILE, "w") as f:
             json.dump(peft_config(model, adapter), f, indent=2, sort_keys=True)
-        state = {f"adapter.{k}": v.float().cpu().contiguous() for k, v in adapter.training_state().items()}
+        state = {f"adapter.{k}": v.float().cpu().contiguous() for k, v in _state_beyond_table(adapter, table).items()}
         state.update({k: v.cpu().contiguous() for k, v in (training_state or {}).items()})
         save_file(state, str(tmp / STATE_FILE), metadata={"format": "pt"})
         if training_meta is not None:
@@ -174,6 +174,21 @@ def verify_checksum(folder: Path, file_name: str, meta: dict) -> None:
 def _check(file: Path, what: str, found, expected) -> None:
     if found != expected:
         raise AdapterMismatchError(f"{file}: adapter made for a model with {what} {found}, this model has {expected}")
+
+
+def _state_beyond_table(adapter: SoftPromptMethod, table: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The adapter's own training state, or nothing when the weights file already holds it exactly.
+
+    Without a reparameterisation (prompt tuning, prefix tuning without MLP) the trainable table *is* the
+    materialised one; a second copy would double every saved adapter (900 KiB for a 20-token prefix on
+    a 135M model) and resuming loads it from the weights file all the same.
+    """
+    state = adapter.training_state()
+    if len(state) == 1:
+        only = next(iter(state.values())).float().cpu()
+        if only.shape == table.shape and torch.equal(only, table):
+            return {}
+    return state
 
 
 def load_adapter(model, path: str | Path, name: str | None = None, *, resume: bool = False) -> SoftPromptMethod:
