@@ -339,6 +339,9 @@ class FakeAccelerator:  # what accelerate builds in each process of a GPU launch
         self.num_processes, self.process_index = 2, 0
         self.state = SimpleNamespace(fsdp_plugin=self.plugin, deepspeed_plugin=self.ds_plugin)
 
+    def end_training(self) -> None:  # registered to run at exit; no process group to tear down here
+        pass
+
 
 def fsdp_plugin(**changes) -> SimpleNamespace:
     """The fields of accelerate's FullyShardedDataParallelPlugin that softprompt reads, as fsdp.yaml sets them."""

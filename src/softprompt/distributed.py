@@ -37,6 +37,7 @@ AdamW) and the gradient all-reduce stay softprompt's; DeepSpeed's engine is not 
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
 from dataclasses import dataclass
@@ -411,6 +412,9 @@ def current() -> Distributed:
 
     accelerator = Accelerator(cpu=os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
                               or not torch.cuda.is_available())
+    # Tear the process group down before the interpreter exits: left alive, gloo's threads can abort the
+    # process at exit ("terminate called without an active exception") after a run that succeeded.
+    atexit.register(accelerator.end_training)
     kind = accelerator.distributed_type.name
     if kind in UNSUPPORTED:
         raise ConfigError(f"distributed_type: {kind} (from the accelerate config) is not supported by softprompt "
