@@ -557,7 +557,7 @@ def parse_args(argv=None):
                    help="Copy each task's best adapter of this run to examples/adapters/<task>/, replacing what is "
                         "there (off by default: the examples may come from longer sweeps than this run).")
     p.add_argument("--report-only", action="store_true",
-                   help="Only rewrite --doc (and the example adapters) from <out>/quality.json (or the "
+                   help="Only rewrite --doc (and, with --export, the example adapters) from <out>/quality.json (or the "
                         "numbers kept beside --doc).")
     return p.parse_args(argv)
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from softprompt import AdapterMismatchError, SoftPromptError
 from softprompt.peft_format import load_adapter, read_training_state
@@ -54,7 +54,6 @@ def test_a_table_without_reparameterisation_is_stored_once_and_still_resumes(met
         next(model.adapters["a"].parameters()).add_(0.25)  # trained weights, not a re-creatable start
     model.save_adapter("a", tmp_path / "a", training_state={"optimizer.step": torch.tensor(3)})
     tensors, _ = read_training_state(tmp_path / "a")
-    from safetensors.torch import load_file
     assert not [k for k in load_file(tmp_path / "a" / "training_state.safetensors") if k.startswith("adapter.")]
     assert int(tensors["optimizer.step"]) == 3
     resumed = load_adapter(tiny_model("gpt2"), tmp_path / "a", name="r", resume=True)
