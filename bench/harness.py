@@ -17,6 +17,7 @@ from __future__ import annotations
 import gc
 import os
 import platform
+import random
 import statistics
 import subprocess
 import time
@@ -117,6 +118,17 @@ def paired_ratio(a: list[float], b: list[float]) -> float:
     """Median over rounds of ``a[r] / b[r]``: two calls of one round ran seconds apart, so a slow spell
     of the machine (this VM's calls drift by 10-15% over a minute) scales both and cancels out."""
     return statistics.median(x / y for x, y in zip(a, b) if y)
+
+
+def paired_ratio_ci(a: list[float], b: list[float], *, level: float = 0.95, resamples: int = 2000,
+                    seed: int = 0) -> tuple[float, float]:
+    """Bootstrap interval of `paired_ratio`: resample the rounds (with replacement), take each resample's
+    median per-round ratio, report the central ``level`` share. Seeded, so a results file reproduces it."""
+    ratios = [x / y for x, y in zip(a, b) if y]
+    rng = random.Random(seed)
+    medians = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(resamples))
+    tail = (1 - level) / 2
+    return medians[int(tail * (resamples - 1))], medians[int(round((1 - tail) * (resamples - 1)))]
 
 
 def median_ms(seconds: list[float]) -> float:

@@ -50,8 +50,13 @@ def _pad_id(tokenizer) -> int:
 
 # ------------------------------------------------------------------------------------------ section 2
 def run_overhead(systems: Systems, ids, mask, *, sizes=(8, 20), new_tokens: int, repeats: int, warmup: int,
-                 log=print) -> list[dict]:
-    """Forward and greedy generation: bare base model vs softprompt (no adapter / prompt-tuned) vs PEFT."""
+                 forward_repeats: int | None = None, log=print) -> list[dict]:
+    """Forward and greedy generation: bare base model vs softprompt (no adapter / prompt-tuned) vs PEFT.
+
+    ``forward_repeats`` (default ``repeats``): rounds of the forward comparison, whose overhead of a few
+    percent needs more paired rounds than generation's to resolve on a noisy machine; a forward round
+    costs a third of a generation round, so more of them fit the same time.
+    """
     ours, base = systems.ours, systems.base
     pad = _pad_id(systems.tokenizer)
     names = {}
@@ -75,7 +80,7 @@ def run_overhead(systems: Systems, ids, mask, *, sizes=(8, 20), new_tokens: int,
         fwd[f"softprompt_pt{n}"] = (lambda n=n: ours(ids, mask, adapters=names[n]).logits)
         fwd[f"peft_pt{n}"] = peft_call(n, lambda m: m(input_ids=ids, attention_mask=mask).logits)
     with torch.no_grad():
-        times = harness.interleaved(fwd, repeats=repeats, warmup=warmup)
+        times = harness.interleaved(fwd, repeats=forward_repeats or repeats, warmup=warmup)
     rows += _overhead_rows("forward", times, sizes, log)
 
     gen = {"bare": lambda: hf_generate(base, ids, mask, new_tokens, pad),
@@ -103,6 +108,8 @@ def _overhead_rows(task, times, sizes, log) -> list[dict]:
                "softprompt_ms": sp, "peft_ms": peft,
                # Overheads and ratios pair the calls of each round (see harness.paired_ratio).
                "overhead_vs_bare": harness.paired_ratio(times[f"softprompt_pt{n}"], times["bare"]) - 1,
+               "overhead_vs_bare_ci95": [x - 1 for x in harness.paired_ratio_ci(times[f"softprompt_pt{n}"],
+                                                                                times["bare"])],
                "overhead_vs_softprompt_none": harness.paired_ratio(times[f"softprompt_pt{n}"],
                                                                    times["softprompt_none"]) - 1,
                "peft_overhead_vs_bare": harness.paired_ratio(times[f"peft_pt{n}"], times["bare"]) - 1,
@@ -112,7 +119,8 @@ def _overhead_rows(task, times, sizes, log) -> list[dict]:
                            if k in ("bare", "softprompt_none") or k.endswith(f"pt{n}")}}
         out.append(row)
         log(f"  {task:>20} pt{n}: bare {ms['bare']:7.1f}  softprompt(none) {ms['softprompt_none']:7.1f}  "
-            f"softprompt {sp:7.1f}  peft {peft:7.1f} ms  overhead vs bare {row['overhead_vs_bare']:+.1%}  "
+            f"softprompt {sp:7.1f}  peft {peft:7.1f} ms  overhead vs bare {row['overhead_vs_bare']:+.1%} "
+            f"(95% CI {row['overhead_vs_bare_ci95'][0]:+.1%} to {row['overhead_vs_bare_ci95'][1]:+.1%})  "
             f"vs peft {row['ratio_vs_peft']:.2f}")
     return out
 

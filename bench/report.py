@@ -10,6 +10,10 @@ STREAM_TARGET = 3.0  # mixed request stream >= 3x PEFT's throughput
 TAGS = {"prompt_tuning": "prompt tuning", "prefix_tuning": "prefix tuning", "p_tuning": "P-tuning"}
 
 
+def _ci(bounds) -> str:
+    return f"{bounds[0]:+.1%} to {bounds[1]:+.1%}"
+
+
 def targets(result: dict) -> list[dict]:
     """Where each target stands (reported, never asserted). ``value`` is the worst case over its rows."""
     out = []
@@ -25,7 +29,9 @@ def targets(result: dict) -> list[dict]:
         worst = max(rows, key=lambda r: r["overhead_vs_bare"])
         out.append({"name": "soft-prompt inference overhead vs bare model", "target": f"<= {OVERHEAD_TARGET:.0%}",
                     "value": worst["overhead_vs_bare"], "met": all(r["overhead_vs_bare"] <= OVERHEAD_TARGET for r in rows),
-                    "detail": f"worst {worst['task']}, {worst['num_virtual_tokens']} virtual tokens"})
+                    "detail": f"worst {worst['task']}, {worst['num_virtual_tokens']} virtual tokens"
+                              + (f" (95% CI {_ci(worst['overhead_vs_bare_ci95'])})" if "overhead_vs_bare_ci95" in worst
+                                 else "")})
     mixed = {r["adapters"]: r for r in result.get("mixed", {}).get("rows", [])}
     if mixed:
         top = mixed[max(mixed)]
@@ -89,14 +95,17 @@ def markdown(result: dict) -> str:
                   "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for r in inf["rows"]:
             lines.append(f"| {r['task']} | {r['num_virtual_tokens']} | {r['bare_ms']:.1f} | {r['softprompt_none_ms']:.1f} | "
-                         f"{r['softprompt_ms']:.1f} | {r['peft_ms']:.1f} | {r['overhead_vs_bare']:+.1%} | "
+                         f"{r['softprompt_ms']:.1f} | {r['peft_ms']:.1f} | {r['overhead_vs_bare']:+.1%}"
+                         + (f" ({_ci(r['overhead_vs_bare_ci95'])})" if "overhead_vs_bare_ci95" in r else "") + " | "
                          f"{r['peft_overhead_vs_bare']:+.1%} | {r['ratio_vs_peft']:.2f} |")
-        repeats = len(inf["rows"][0].get("runs_ms", {}).get("bare", [])) if inf["rows"] else 0
+        rounds = {r["task"]: len(r.get("runs_ms", {}).get("bare", [])) for r in inf["rows"]}
+        repeats = " and ".join(f"{n} ({task})" for task, n in rounds.items())
         lines += ["", "Bare model: the transformers model called directly (`model(...)`, `model.generate(...)`). "
                   "Generation is greedy, exactly the same number of new tokens on every system. "
                   f"Times are medians of {repeats} rounds; overheads and softprompt / PEFT are medians of the "
                   "per-round ratios (the calls of one round run seconds apart, so a slow spell of the machine "
-                  "cancels out), with each round starting at the next system."]
+                  "cancels out), with each round starting at the next system; in brackets, the 95% bootstrap interval "
+                  "of the overhead (rounds resampled with replacement, 2,000 resamples, seeded)."]
         checks = [r for r in inf["rows"] if "rows_identical_to_peft" in r]
         if checks:
             lines.append("Greedy tokens identical to PEFT's: " + ", ".join(

@@ -76,11 +76,30 @@ def test_inference_rows(quick_run):
         assert close(r["peft_overhead_vs_bare"], paired(f"peft_pt{n}", "bare") - 1)
         assert close(r["ratio_vs_peft"], paired(f"softprompt_pt{n}", f"peft_pt{n}"))
         assert close(r["overhead_vs_bare_of_medians"], r["softprompt_ms"] / r["bare_ms"] - 1)
+        ratios = [x / y - 1 for x, y in zip(runs[f"softprompt_pt{n}"], runs["bare"])]
+        low, high = r["overhead_vs_bare_ci95"]  # a bootstrap of the median: inside the observed ratios, around it
+        assert min(ratios) - 1e-9 <= low <= r["overhead_vs_bare"] + 1e-9
+        assert r["overhead_vs_bare"] - 1e-9 <= high <= max(ratios) + 1e-9
         assert close(statistics.median(runs["bare"]), r["bare_ms"])
     for r in rows:
         if r["task"].startswith("generate"):
             assert r["rows_identical_to_peft"] == 1.0  # same adapter, same greedy tokens as PEFT
             assert r["bare_identical"]
+
+
+def test_paired_ratio_interval_narrows_with_rounds_and_is_reproducible():
+    from bench.harness import paired_ratio, paired_ratio_ci
+
+    import random
+
+    rng = random.Random(1)
+    base = [1.0 + rng.random() for _ in range(200)]  # slow drift across rounds, cancelled by pairing
+    noisy = [b * (1.03 + rng.gauss(0, 0.05)) for b in base]
+    few, many = paired_ratio_ci(noisy[:11], base[:11]), paired_ratio_ci(noisy, base)
+    assert few == paired_ratio_ci(noisy[:11], base[:11])  # seeded: the same rounds give the same interval
+    assert few[0] <= paired_ratio(noisy[:11], base[:11]) <= few[1]
+    assert many[0] <= 1.03 <= many[1]  # the true ratio is inside
+    assert many[1] - many[0] < (few[1] - few[0]) / 2  # 18x the rounds: a much narrower interval
 
 
 def test_mixed_rows(quick_run):
