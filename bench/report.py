@@ -122,7 +122,9 @@ def markdown(result: dict) -> str:
             lines.append(f"| {r['adapters']} | {r['softprompt_tokens_per_s']:.1f} | {r['softprompt_vs_single']:.0%} | "
                          f"{r['peft_tokens_per_s']:.1f} | {r['peft_calls']} | {r['speedup_vs_peft']:.2f}x |")
         lines += ["", "Requests take adapters round robin, so every softprompt batch mixes all of them; PEFT serves the "
-                  "same stream grouped by adapter (`set_adapter`, then `generate` per group).", ""]
+                  "same stream grouped by adapter (`set_adapter`, then `generate` per group). Throughputs are medians of "
+                  f"{len(mx['rows'][0]['runs_ms']['softprompt']) if mx['rows'] else 0} rounds; the ratios are medians "
+                  "of the per-round ratios (the streams of one round run back to back).", ""]
 
     cl = result.get("classification")
     if cl:

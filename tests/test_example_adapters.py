@@ -1,0 +1,54 @@
+"""The adapters shipped in examples/adapters/ stay documented, intact and loadable."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from softprompt import SoftPromptModel
+from softprompt.data import Template
+from softprompt.peft_format import META_FILE, STATE_FILE, WEIGHTS_FILE, read_json, read_training_state, verify_checksum
+from tiny import tiny_tokenizer
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "adapters"
+FOLDERS = sorted(p for p in EXAMPLES.iterdir() if p.is_dir())
+
+
+@pytest.fixture(scope="module")
+def smollm2_shaped():
+    """smollm2-135m's shape (30 layers, 576 wide, 9 query / 3 key-value heads, 49,152 tokens), random
+    weights and a 64-wide MLP: the adapters' checks compare shapes, and the real model needs a download."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=64, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, head_dim=64, tie_word_embeddings=True,
+                         max_position_embeddings=512)
+    base = LlamaForCausalLM(config).eval().requires_grad_(False)
+    return SoftPromptModel(base, tiny_tokenizer(), name_or_path="smollm2-135m")
+
+
+def test_every_example_adapter_is_listed_in_the_readme():
+    readme = (EXAMPLES / "README.md").read_text()
+    assert FOLDERS, "no example adapters"
+    for folder in FOLDERS:
+        assert f"`{folder.name}/`" in readme, folder.name
+
+
+@pytest.mark.parametrize("folder", FOLDERS, ids=lambda p: p.name)
+def test_example_adapter_is_intact_and_scores(folder, smollm2_shaped):
+    meta = read_json(folder / META_FILE)
+    assert meta["base_model"] == "smollm2-135m"
+    for file in (WEIGHTS_FILE, STATE_FILE):
+        assert meta["sha256"][file], file
+        verify_checksum(folder, file, meta)  # raises on a changed byte
+    adapter = smollm2_shaped.load_adapter(str(folder), name=folder.name)
+    assert adapter.config.method == meta["method"]
+    _, info = read_training_state(folder)
+    template, verbalizer = info["data"]["template"], info["data"]["verbalizer"]
+    labels = list(verbalizer.values())
+    row = {column: "the service was slow and nobody answered" for column in ("sentence", "Tweet text", "text")}
+    text = Template(template).render(row)
+    tuned = smollm2_shaped.score([text], labels=labels, adapters=folder.name)[0]
+    bare = smollm2_shaped.score([text], labels=labels, adapters=None)[0]
+    assert tuned.label in labels and all(torch.isfinite(torch.tensor(list(tuned.scores.values()))))
+    assert tuned.scores != bare.scores  # the adapter changes what the model computes
