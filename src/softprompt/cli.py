@@ -29,6 +29,9 @@ EPILOGS = {
               --text-column text --label-column label --init-text "Classify the sentiment:" \\
               --num-virtual-tokens 8 --lr 1e-2        # prefix starts from the text's keys/values
           softprompt train recipes/raft_twitter_complaints.yaml --output runs/raft --resume
+          softprompt train --model smollm2-135m --method prefix-tuning --num-virtual-tokens 20 \\
+              --data more_reviews.csv --init-from examples/adapters/sst2 --lr 3e-3 --output runs/more
+              (warm start: a new job from a saved adapter, e.g. more rows, or another related task)
         """,
     "eval": """
         examples:

@@ -54,7 +54,7 @@ METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
 #: Fields an `AdapterSpec` may leave unset (None) to inherit from the top level.
 INHERITED = (
     "data", "validation_data", "data_format", "encoding", "data_split", "validation_split", "text_column", "label_column", "template", "verbalizer", "val_fraction",
-    "method", "num_virtual_tokens", *METHOD_OPTIONS, "lr", "weight_decay", "seed",
+    "method", "num_virtual_tokens", *METHOD_OPTIONS, "init_from", "lr", "weight_decay", "seed",
 )
 
 
@@ -98,6 +98,7 @@ class AdapterSpec:
     encoder_hidden_size: int | None = help_field(None, "Hidden width of this adapter's MLP/LSTM encoder.")
     encoder_num_layers: int | None = help_field(None, "P-tuning LSTM layers of this adapter.")
     encoder_dropout: float | None = help_field(None, "P-tuning LSTM dropout of this adapter.")
+    init_from: str | None = help_field(None, "Saved adapter (directory or hub id) this adapter starts from.")
     lr: float | None = help_field(None, "Peak learning rate of this adapter (its own optimizer param group).")
     weight_decay: float | None = help_field(None, "AdamW weight decay of this adapter.")
     seed: int | None = help_field(None, "Seed of this adapter's initialisation.")
@@ -128,6 +129,11 @@ class TrainConfig:
         None, "Prefix tuning / P-tuning: hidden width of the reparameterisation encoder (default: model width).")
     encoder_num_layers: int | None = help_field(None, "P-tuning: LSTM layers (default 2).")
     encoder_dropout: float | None = help_field(None, "P-tuning: dropout between LSTM layers (default 0).")
+    init_from: str | None = help_field(
+        None, "Start from a saved adapter (a directory in PEFT's layout, or a hub id) instead of --init: "
+              "continue training on new data, or transfer a prompt from a related task. Its method and number "
+              "of virtual tokens must be this job's; one saved by softprompt also brings back its "
+              "reparameterisation (MLP/LSTM), a plain PEFT table trains as a table.")
     # --- data
     data: str | None = help_field(
         None, "Training data: CSV, TSV, JSONL, parquet or phrasebank .txt file, or hf:owner/name.")
@@ -298,6 +304,7 @@ class ResolvedAdapter:
     data_format: str | None = None
     encoding: str | None = None
     data_split: str = "train"
+    init_from: str | None = None  # a saved adapter to start from (replaces the method's init)
     validation_split: str | None = None
 
     def load_train_rows(self) -> list[dict[str, str]]:
@@ -690,6 +697,8 @@ def _resolve(config: TrainConfig, spec: AdapterSpec, prefix: str) -> ResolvedAda
         raise ConfigError(f"{prefix}{flag('validation_data')}: is the same file as {flag('data')}; validation "
                           f"numbers would be training numbers, not held-out ones")
     _check_data_source(view, prefix)
+    if view.init_from is not None and (not isinstance(view.init_from, str) or not view.init_from.strip()):
+        raise ConfigError(f"{prefix}{flag('init_from')}: expected an adapter directory or hub id, got {view.init_from!r}")
     label_column = view.label_column or None
     if not view.text_column and not view.template:
         raise ConfigError(f"{prefix}{flag('text_column')}: required when no {flag('template')} is given")
@@ -719,7 +728,7 @@ def _resolve(config: TrainConfig, spec: AdapterSpec, prefix: str) -> ResolvedAda
         label_column=label_column, template=template, verbalizer=view.verbalizer, val_fraction=float(view.val_fraction),
         method=method, method_options=options, lr=float(view.lr), weight_decay=float(view.weight_decay),
         seed=int(view.seed), data_format=view.data_format, encoding=view.encoding,
-        data_split=view.data_split or "train", validation_split=view.validation_split,
+        data_split=view.data_split or "train", validation_split=view.validation_split, init_from=view.init_from,
     )
 
 

@@ -23,6 +23,9 @@ Read it top to bottom like nanoGPT's ``train.py``: `train` loads the data and th
   per log line), ``loss_curve.png``, and per adapter ``<name>/`` holding the best adapter in PEFT's
   layout (+ its own ``loss_curve.png``) and ``<name>/checkpoints/last/`` the latest training state.
   Every directory is written atomically (`SoftPromptModel.save_adapter`).
+* **Warm start** (``init_from: DIR``): an adapter starts as a saved one (softprompt's or PEFT's files,
+  same method and length) instead of from its ``init``, and trains as a new job: new data, schedule
+  and optimizer. That is continued training on more rows, or prompt transfer from a related task.
 * **Resume** (``resume: true``) restores adapters, optimizer, scheduler, step, epoch, the position
   inside the epoch, best scores, early-stopping counters and RNG states from ``checkpoints/last``; the
   result is bit-for-bit the adapter an uninterrupted run gives (on CPU). The latest state is saved at
@@ -56,7 +59,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .config import ResolvedAdapter, TrainConfig, flag, save_resolved
 from .data import Example, Verbalizer, build_examples, train_val_split
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, SoftPromptError
 from .evaluate import evaluate, example_loss, fingerprint
 from .fileio import atomic_write_text, recover_directory
 from .metrics import perplexity, plot_loss_curve
@@ -304,6 +307,25 @@ def load_model(config: TrainConfig):
     return load(config.model, device=distributed.current().load_device(config.device) or default_device())
 
 
+def _start_from(model, job: AdapterJob, prefix: str = "") -> None:
+    """``init_from``: the job's new adapter takes a saved adapter's weights (and reparameterisation, if
+    the save kept one), after checking that it is the same method with as many virtual tokens."""
+    fresh = model.adapters[job.name]
+    where = f"{prefix}{flag('init_from')} {job.spec.init_from}"
+    try:
+        loaded = load_adapter(model, job.spec.init_from, name=job.name, resume=True)
+    except (SoftPromptError, OSError) as exc:  # raised before the fresh adapter was replaced
+        raise ConfigError(f"{where}: {exc}") from None
+    want = (job.spec.method, job.spec.method_options["num_virtual_tokens"])
+    found = (loaded.config.method, loaded.config.num_virtual_tokens)
+    if found != want:
+        model.remove_adapter(job.name)
+        model._register(job.name, fresh)  # leave the model as a failed set-up of any other kind does
+        raise ConfigError(f"{where}: is a {found[0]} adapter with {found[1]} virtual tokens, but this job trains "
+                          f"{want[0]} with {want[1]}; set {flag('method')} and {flag('num_virtual_tokens')} to match")
+    loaded.requires_grad_(True)
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -335,6 +357,8 @@ def train_jobs(config: TrainConfig, model, jobs: list[AdapterJob], *,
     np.random.seed(config.seed)
     for job in jobs:
         model.add_adapter(job.name, method=job.spec.method, seed=job.spec.seed, **job.spec.method_options)
+        if job.spec.init_from and not config.resume:  # a resumed run restores its own checkpoint instead
+            _start_from(model, job, prefix=f"adapters ({job.name}): " if len(jobs) > 1 else "")
     if config.resume:
         saved = _read_checkpoints(config, output, names, dist)
         for job in jobs:  # the adapters, reparameterisation included, as they were
