@@ -10,7 +10,8 @@ from softprompt.cli import main
 from softprompt.config import load_config
 from softprompt.errors import ConfigError
 from softprompt.peft_format import STATE_FILE
-from softprompt.train import train
+from softprompt.evaluate import fingerprint, read_train_fingerprints
+from softprompt.train import prepare_job, train
 from test_train import records, toy_rows, write_csv
 from tiny import save_tiny_checkpoint, tiny_model
 
@@ -54,6 +55,20 @@ def test_the_new_job_starts_from_the_saved_weights_and_keeps_learning(source):
     cold = train(toy_config(tmp, "cold", epochs=1), model=tiny_model("bloom"), progress=False)
     assert first_loss(warm.output) < first_loss(cold.output) - 0.3
     assert "init_from: " in (warm.output / "config.yaml").read_text()  # recorded with the resolved config
+
+
+def test_the_texts_the_start_adapter_learnt_stay_out_of_validation_and_travel_on(source):
+    tmp, path = source
+    write_csv(tmp / "toy2.csv", toy_rows(64, seed=1))  # other strings of the same task
+    learnt = read_train_fingerprints(path)
+    config = toy_config(tmp, "more", init_from=str(path), data=str(tmp / "toy2.csv"),
+                        validation_data=str(tmp / "toy.csv"), epochs=1)
+    job = prepare_job(config.resolved_adapters()[0])
+    assert len(learnt) == 48 and job.dropped_val_rows == 48  # toy.csv: 48 rows the start adapter learnt
+    assert len(job.val) == 16 and not {fingerprint(e.text) for e in job.val} & learnt
+    result = train(config, model=tiny_model("bloom"), progress=False)
+    saved = read_train_fingerprints(result.adapters["default"].path)
+    assert saved == learnt | {fingerprint(e.text) for e in job.train}  # `eval` drops both generations of rows
 
 
 def test_a_different_method_or_length_is_one_clear_error(source):

@@ -60,7 +60,7 @@ from . import distributed
 from .config import ResolvedAdapter, TrainConfig, flag, save_resolved
 from .data import Example, Verbalizer, build_examples, train_val_split
 from .errors import ConfigError, DataError, SoftPromptError
-from .evaluate import evaluate, example_loss, fingerprint
+from .evaluate import evaluate, example_loss, fingerprint, read_train_fingerprints
 from .fileio import atomic_write_text, recover_directory
 from .metrics import perplexity, plot_loss_curve
 from .peft_format import load_adapter, read_training_state
@@ -86,6 +86,9 @@ class AdapterJob:
     val: list[Example]  # held out: no validation text occurs in `train`
     labels: list[str] | None  # label texts (classification), None for language modelling
     dropped_val_rows: int = 0  # validation rows dropped because their text also occurs in training rows
+    # Training texts of the adapter this one starts from (``init_from``): this adapter learnt them too,
+    # so they are never validation rows and its saved fingerprints include them.
+    inherited_fingerprints: frozenset[int] = frozenset()
 
     @property
     def name(self) -> str:
@@ -127,13 +130,17 @@ def prepare_job(spec: ResolvedAdapter, *, rows: list[dict] | None = None, val_ro
                              source=spec.validation_data or f"{source} (validation rows)") if val_rows else []
     if not train:
         raise DataError(f"{source}: no training rows are left after holding out validation rows")
-    # Held-out means held-out: a validation text that is also a training text is dropped.
-    seen = {fingerprint(e.text) for e in train}
+    # Held-out means held-out: a validation text that is also a training text is dropped, including
+    # the texts the ``init_from`` adapter was trained on.
+    inherited = frozenset(read_train_fingerprints(spec.init_from)) \
+        if spec.init_from and Path(spec.init_from).expanduser().is_dir() else frozenset()
+    seen = {fingerprint(e.text) for e in train} | inherited
     kept = [e for e in val if fingerprint(e.text) not in seen]
     if val and not kept:
         raise DataError(f"{spec.validation_data or source}: every validation row also occurs in the training rows; "
                         f"there is nothing held-out to validate on")
-    return AdapterJob(spec, train, kept, verbalizer.texts if verbalizer is not None else None, len(val) - len(kept))
+    return AdapterJob(spec, train, kept, verbalizer.texts if verbalizer is not None else None, len(val) - len(kept),
+                      inherited)
 
 
 @dataclass
@@ -617,7 +624,8 @@ def _saving(model):
 
 
 def _save_best(model, job: AdapterJob, config: TrainConfig, state: _State, output: Path) -> None:
-    prints = torch.tensor(sorted({fingerprint(e.text) for e in job.train}), dtype=torch.int64)
+    prints = torch.tensor(sorted({fingerprint(e.text) for e in job.train} | job.inherited_fingerprints),
+                          dtype=torch.int64)
     best = state.best[job.name]
     meta = {
         "kind": "best", "adapter": job.name, "step": best["step"], "epoch": best["epoch"],
