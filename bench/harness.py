@@ -114,17 +114,21 @@ def interleaved(fns: dict[str, Callable[[], object]], *, repeats: int, warmup: i
     return times
 
 
+def _round_ratios(a: list[float], b: list[float]) -> list[float]:
+    return [x / y for x, y in zip(a, b) if y]
+
+
 def paired_ratio(a: list[float], b: list[float]) -> float:
     """Median over rounds of ``a[r] / b[r]``: two calls of one round ran seconds apart, so a slow spell
     of the machine (this VM's calls drift by 10-15% over a minute) scales both and cancels out."""
-    return statistics.median(x / y for x, y in zip(a, b) if y)
+    return statistics.median(_round_ratios(a, b))
 
 
 def paired_ratio_ci(a: list[float], b: list[float], *, level: float = 0.95, resamples: int = 2000,
                     seed: int = 0) -> tuple[float, float]:
     """Bootstrap interval of `paired_ratio`: resample the rounds (with replacement), take each resample's
     median per-round ratio, report the central ``level`` share. Seeded, so a results file reproduces it."""
-    ratios = [x / y for x, y in zip(a, b) if y]
+    ratios = _round_ratios(a, b)
     rng = random.Random(seed)
     medians = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(resamples))
     tail = (1 - level) / 2

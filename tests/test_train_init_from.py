@@ -71,6 +71,15 @@ def test_the_texts_the_start_adapter_learnt_stay_out_of_validation_and_travel_on
     assert saved == learnt | {fingerprint(e.text) for e in job.train}  # `eval` drops both generations of rows
 
 
+def test_a_start_adapter_under_the_home_directory_is_found_as_load_adapter_finds_it(source, tmp_path, monkeypatch):
+    tmp, path = source
+    (tmp_path / "start").symlink_to(path, target_is_directory=True)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    job = prepare_job(toy_config(tmp, "home", init_from="~/start", data=str(tmp / "toy.csv"), epochs=1)
+                      .resolved_adapters()[0])
+    assert job.inherited_fingerprints == read_train_fingerprints(path) and len(job.inherited_fingerprints) == 48
+
+
 def test_a_different_method_or_length_is_one_clear_error(source):
     tmp, path = source
     model = tiny_model("bloom")

@@ -132,8 +132,8 @@ def prepare_job(spec: ResolvedAdapter, *, rows: list[dict] | None = None, val_ro
         raise DataError(f"{source}: no training rows are left after holding out validation rows")
     # Held-out means held-out: a validation text that is also a training text is dropped, including
     # the texts the ``init_from`` adapter was trained on.
-    inherited = frozenset(read_train_fingerprints(spec.init_from)) \
-        if spec.init_from and Path(spec.init_from).expanduser().is_dir() else frozenset()
+    start = Path(spec.init_from).expanduser() if spec.init_from else None  # as load_adapter resolves it
+    inherited = frozenset(read_train_fingerprints(start)) if start is not None and start.is_dir() else frozenset()
     seen = {fingerprint(e.text) for e in train} | inherited
     kept = [e for e in val if fingerprint(e.text) not in seen]
     if val and not kept:
