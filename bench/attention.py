@@ -1,14 +1,19 @@
 """What attending to a soft prompt costs in PyTorch's CPU attention kernel, and what would not help.
 
-    .venv/bin/python -m bench.attention                 # smollm2-135m's shapes: 8 rows x 64 tokens, 9 heads
+    .venv/bin/python -m bench.attention                 # smollm2-135m's shapes: 8 rows x 64 tokens, 9/3 heads
     .venv/bin/python -m bench.attention --prefix 8 --threads 2
+    .venv/bin/python -m bench.attention --sweep         # masked kernel vs grouped products over text lengths
 
 A prompt-tuned forward attends 64 text queries to n prefix keys plus the 64 causal text keys, which
 needs an explicit mask: SDPA's ``is_causal`` aligns the causal triangle to the top left, wrong as soon
 as there are more keys than queries. This times, on the same tensors, the bare model's call (64 keys,
 ``is_causal``) against the ways a prefix can be attended to:
 
-* ``masked``: what transformers does (a boolean mask over 64 + n keys);
+* ``masked``: what transformers' SDPA function does (each key/value head copied per query head with
+  ``repeat_kv``, a boolean mask over 64 + n keys);
+* ``grouped (softprompt)``: what softprompt does for such short masked calls
+  (`softprompt.attention.grouped_attention`: two matrix products per group of query heads sharing a
+  key/value head, no copies; exact);
 * ``unmasked``: the same keys with no mask at all (wrong results; the kernel's floor for 64 + n keys);
 * ``split``: two kernel calls, prefix keys unmasked and text keys with ``is_causal``, merged through
   their log-sum-exp (exact; needs the kernel's private entry point, which returns the log-sum-exp);
@@ -30,15 +35,22 @@ if __package__ in (None, ""):
     __package__ = "bench"
 
 
-def variants(batch: int, heads: int, length: int, prefix: int, head_dim: int, seed: int = 0) -> dict:
+def variants(batch: int, heads: int, length: int, prefix: int, head_dim: int, seed: int = 0,
+             kv_heads: int | None = None) -> dict:
     """``{name: zero-argument call}`` over one set of random tensors; ``bare`` has no prefix keys."""
     import torch
     import torch.nn.functional as F
+    from transformers.integrations.sdpa_attention import repeat_kv
 
+    from softprompt.attention import grouped_attention
+
+    kv_heads = kv_heads or heads
+    group = heads // kv_heads
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(batch, heads, length, head_dim, generator=g)
-    k = torch.randn(batch, heads, prefix + length, head_dim, generator=g)
-    v = torch.randn(batch, heads, prefix + length, head_dim, generator=g)
+    k_grouped = torch.randn(batch, kv_heads, prefix + length, head_dim, generator=g)
+    v_grouped = torch.randn(batch, kv_heads, prefix + length, head_dim, generator=g)
+    k, v = repeat_kv(k_grouped, group), repeat_kv(v_grouped, group)
     keys = prefix + length
     mask = torch.ones(length, keys, dtype=torch.bool).tril(diagonal=prefix)[None, None].expand(batch, 1, -1, -1)
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -54,16 +66,19 @@ def variants(batch: int, heads: int, length: int, prefix: int, head_dim: int, se
         return F.scaled_dot_product_attention(padded, k, v, is_causal=True)[:, :, prefix:]
 
     return {
-        "bare (64 keys, is_causal)": lambda: F.scaled_dot_product_attention(
-            q, k[:, :, prefix:], v[:, :, prefix:], is_causal=True),
-        "masked": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+        # transformers' bare causal call: no mask, so SDPA's own grouped-query path (no repeat_kv)
+        "bare (text keys only, is_causal)": lambda: F.scaled_dot_product_attention(
+            q, k_grouped[:, :, prefix:], v_grouped[:, :, prefix:], is_causal=True, enable_gqa=group > 1),
+        "masked": lambda: F.scaled_dot_product_attention(q, repeat_kv(k_grouped, group), repeat_kv(v_grouped, group),
+                                                         attn_mask=mask),
+        "grouped (softprompt)": lambda: grouped_attention(q, k_grouped, v_grouped, mask),
         "unmasked": lambda: F.scaled_dot_product_attention(q, k, v),
         "split": split,
         "padded queries": padded_queries,
     }
 
 
-EXACT = ("split", "padded queries")
+EXACT = ("grouped (softprompt)", "split", "padded queries")
 
 
 def check_exact(calls: dict) -> dict[str, float]:
@@ -90,27 +105,56 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.attention", description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--heads", type=int, default=9, help="query heads (smollm2-135m: 9)")
+    p.add_argument("--kv-heads", type=int, default=3, help="key/value heads (smollm2-135m: 3)")
     p.add_argument("--length", type=int, default=64, help="text tokens")
     p.add_argument("--prefix", type=int, default=20, help="virtual tokens")
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--sweep", action="store_true",
+                   help="masked kernel vs grouped products for 1 and --batch rows over --lengths")
+    p.add_argument("--lengths", default="16,32,64,128,256", help="--sweep: text lengths (comma-separated)")
     args = p.parse_args(argv)
 
     import torch
 
     torch.set_num_threads(args.threads)
-    calls = variants(args.batch, args.heads, args.length, args.prefix, args.head_dim)
+    if args.sweep:
+        return sweep(args, [int(x) for x in args.lengths.split(",")])
+    calls = variants(args.batch, args.heads, args.length, args.prefix, args.head_dim, kv_heads=args.kv_heads)
     errors = check_exact(calls)
     times = best_times(calls, args.rounds)
-    bare = times["bare (64 keys, is_causal)"]
-    print(f"SDPA on CPU, {args.threads} thread(s): {args.batch} rows x {args.heads} heads x {args.length} queries, "
+    bare = times["bare (text keys only, is_causal)"]
+    print(f"SDPA on CPU, {args.threads} thread(s): {args.batch} rows x {args.heads}/{args.kv_heads} heads x "
+          f"{args.length} queries, "
           f"{args.prefix} prefix keys, head_dim {args.head_dim}; torch {torch.__version__}\n")
     print("| call | us per layer call | vs bare | max difference from masked |")
     print("| --- | ---: | ---: | ---: |")
     for name, t in times.items():
         err = f"{errors[name]:.1e}" if name in errors else ""
         print(f"| {name} | {t * 1e6:.0f} | {t / bare:.2f}x | {err} |")
+    return 0
+
+
+def sweep(args, lengths: list[int]) -> int:
+    """Where grouped products stop beating the masked kernel (softprompt.attention.GROUPED_MAX_QUERIES)."""
+    import torch
+
+    from softprompt.attention import GROUPED_MAX_QUERIES
+
+    print(f"SDPA on CPU, {args.threads} thread(s), {args.heads}/{args.kv_heads} heads, {args.prefix} prefix keys, "
+          f"head_dim {args.head_dim}; torch {torch.__version__}; softprompt groups calls of up to "
+          f"{GROUPED_MAX_QUERIES} queries\n")
+    print("| rows | text tokens | bare us | masked us | grouped us | grouped / masked |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: |")
+    for batch in sorted({1, args.batch}):
+        for length in lengths:
+            calls = variants(batch, args.heads, length, args.prefix, args.head_dim, kv_heads=args.kv_heads)
+            calls = {k: calls[k] for k in ("bare (text keys only, is_causal)", "masked", "grouped (softprompt)")}
+            t = best_times(calls, args.rounds, per_round=max(1, 2_000_000 // (batch * args.heads * length * length)))
+            bare, masked, grouped = t.values()
+            print(f"| {batch} | {length} | {bare * 1e6:.0f} | {masked * 1e6:.0f} | {grouped * 1e6:.0f} | "
+                  f"{grouped / masked:.2f} |")
     return 0
 
 

@@ -148,10 +148,16 @@ def test_attention_alternatives_are_exact_and_the_table_prints(capsys):
     """bench.attention: the exact ways to attend to a prefix agree with the masked call; no mask does not."""
     from bench import attention
 
-    calls = attention.variants(batch=2, heads=3, length=8, prefix=4, head_dim=16)
-    assert max(attention.check_exact(calls).values()) < 1e-5
+    calls = attention.variants(batch=2, heads=6, length=8, prefix=4, head_dim=16, kv_heads=2)
+    errors = attention.check_exact(calls)
+    assert "grouped (softprompt)" in errors and max(errors.values()) < 1e-5
     assert float((calls["unmasked"]() - calls["masked"]()).abs().max()) > 1e-3
-    assert attention.main(["--batch", "2", "--heads", "3", "--length", "8", "--prefix", "4", "--head-dim", "16",
-                           "--threads", "1", "--rounds", "2"]) == 0
+    assert attention.main(["--batch", "2", "--heads", "3", "--kv-heads", "1", "--length", "8", "--prefix", "4",
+                           "--head-dim", "16", "--threads", "1", "--rounds", "2"]) == 0
     table = capsys.readouterr().out
-    assert "| masked |" in table and "| padded queries |" in table and "1.00x" in table
+    assert "| masked |" in table and "| padded queries |" in table and "| grouped (softprompt) |" in table
+    assert "1.00x" in table
+    assert attention.main(["--sweep", "--lengths", "4,8", "--batch", "2", "--heads", "3", "--kv-heads", "1",
+                           "--prefix", "4", "--head-dim", "16", "--threads", "1", "--rounds", "1"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")]
+    assert len(rows) == 4  # 1 and 2 rows x 2 lengths

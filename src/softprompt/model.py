@@ -23,6 +23,7 @@ from torch import nn
 from transformers import DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import BaseModelOutput
 
+from . import attention
 from .errors import SoftPromptError
 from .families import ModelShape, quirks_for
 from .methods import SoftPromptMethod, method_class
@@ -92,6 +93,9 @@ class SoftPromptModel(nn.Module):
         super().__init__()
         base.requires_grad_(False)
         base.eval()
+        # Short masked attention (a prefix before a short text) on CPU runs as grouped matrix products,
+        # faster there than SDPA's kernel; everything else stays on transformers' SDPA (see attention.py).
+        self.grouped_attention = attention.install(base)
         self.base = base
         self.tokenizer = tokenizer
         self.name_or_path = name_or_path or getattr(base.config, "_name_or_path", None)
