@@ -72,6 +72,7 @@ def test_install_routes_interface_models_and_leaves_the_rest(family, installed):
     assert model.grouped_attention is installed
     impl = model.base.config._attn_implementation
     assert (impl == attention.IMPLEMENTATION) is installed
+    assert SoftPromptModel(model.base, tiny_tokenizer()).grouped_attention is installed  # same base again
     eager = tiny_base("llama")
     eager.set_attn_implementation("eager")
     assert SoftPromptModel(eager, tiny_tokenizer()).grouped_attention is False

@@ -100,6 +100,8 @@ def install(base: nn.Module) -> bool:
     (Bloom's ALiBi) and other implementations (eager, flash) are left as they are. T5's calls all carry a
     position bias, so they always go on to SDPA."""
     config = getattr(base, "config", None)
+    if getattr(config, "_attn_implementation", None) == IMPLEMENTATION:
+        return True  # a second SoftPromptModel over the same base
     if getattr(config, "_attn_implementation", None) != "sdpa" or not hasattr(base, "set_attn_implementation"):
         return False
     if not base._can_set_attn_implementation():
