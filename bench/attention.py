@@ -1,4 +1,5 @@
-"""What attending to a soft prompt costs in PyTorch's CPU attention kernel, and what would not help.
+"""What attending to a soft prompt costs in PyTorch's CPU attention kernel, what softprompt does instead,
+and what would not help.
 
     .venv/bin/python -m bench.attention                 # smollm2-135m's shapes: 8 rows x 64 tokens, 9/3 heads
     .venv/bin/python -m bench.attention --prefix 8 --threads 2
@@ -115,6 +116,8 @@ def main(argv=None) -> int:
                    help="masked kernel vs grouped products for 1 and --batch rows over --lengths")
     p.add_argument("--lengths", default="16,32,64,128,256", help="--sweep: text lengths (comma-separated)")
     args = p.parse_args(argv)
+    if args.kv_heads < 1 or args.heads % args.kv_heads:
+        p.error(f"--kv-heads: expected a divisor of --heads ({args.heads}), got {args.kv_heads}")
 
     import torch
 

@@ -161,3 +161,6 @@ def test_attention_alternatives_are_exact_and_the_table_prints(capsys):
                            "--prefix", "4", "--head-dim", "16", "--threads", "1", "--rounds", "1"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")]
     assert len(rows) == 4  # 1 and 2 rows x 2 lengths
+    with pytest.raises(SystemExit) as exit_info:
+        attention.main(["--heads", "9", "--kv-heads", "2"])
+    assert exit_info.value.code == 2 and "--kv-heads: expected a divisor of --heads (9)" in capsys.readouterr().err
