@@ -125,3 +125,15 @@ def test_training_and_the_bare_causal_forward_keep_sdpa(grouped_calls):
     with torch.no_grad():
         model.base(input_ids=ids)  # no padding, no prefix: transformers drops the mask, SDPA's causal path
     assert not grouped_calls
+
+
+def test_t5_is_routed_but_its_position_biased_calls_stay_on_sdpa(grouped_calls):
+    """T5 uses the attention interface (so `install` routes it), but every call carries a position bias."""
+    model = tiny_model("t5")
+    assert model.grouped_attention
+    model.add_adapter("prefix", method="prefix_tuning", num_virtual_tokens=4, seed=1)
+    ids, mask = pad_batch([[5, 6, 7], [5, 6, 7, 8]], pad=0, side="left")
+    with torch.no_grad():
+        model(ids, mask, adapters=["prefix", None], decoder_input_ids=torch.tensor([[0, 5, 6]] * 2))
+        model.generate(["ab", "cde"], adapters=["prefix", None], max_new_tokens=3)
+    assert not grouped_calls
