@@ -289,6 +289,31 @@ def test_multi_adapter_job_in_two_processes_equals_one_process(tmp_path, model_d
     assert len(train_losses(tmp_path / "two")) == checkpoint_meta(tmp_path / "two", "pt")["state"]["step"] > 0
 
 
+EXIT_SCRIPT = """
+import sys, time
+import torch
+from softprompt import distributed
+
+dist = distributed.current()
+torch.distributed.all_reduce(torch.ones(1))
+if dist.rank == 1:
+    raise SystemExit("rank 1 gives up")
+time.sleep(1.0)  # rank 0 is still working when rank 1 leaves
+print("rank 0 done", flush=True)
+"""
+
+
+def test_processes_leave_together_and_a_failing_one_is_reported_not_waited_for(tmp_path):
+    """At exit each process meets the others at a gloo barrier before the process group is torn down (torn
+    down alone, gloo aborted 3 of 20 successful runs). One process leaving on an error must not hang the other."""
+    script = tmp_path / "exit.py"
+    script.write_text(EXIT_SCRIPT)
+    done = two_processes([], script=[script], ok=False)
+    assert done.returncode != 0
+    assert "rank 0 done" in done.stdout and "rank 1 gives up" in done.stderr
+    assert "terminate called" not in done.stderr
+
+
 # ---------------------------------------------------------------------------------------- configs
 
 
