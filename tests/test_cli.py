@@ -61,6 +61,50 @@ def test_bad_adapter_spec_is_a_clear_error(checkpoint_and_adapter, capsys):
     assert "given twice" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["generate", "eval", "predict", "serve"])
+@pytest.mark.parametrize("damage, message", [
+    ("no_config", "adapter_config.json: missing"),
+    ("pickle", "pickled weights are never loaded"),
+    ("file", "expected an adapter directory"),
+    ("absent", "no such adapter directory"),
+])
+def test_a_bad_adapter_directory_fails_before_the_base_model_loads(tmp_path, monkeypatch, capsys, command, damage,
+                                                                    message):
+    import softprompt
+    import softprompt.loading
+
+    adapter = tmp_path / "a"
+    model = tiny_model("gpt2")
+    model.add_adapter("a", method="prompt_tuning", num_virtual_tokens=3, seed=0)
+    model.save_adapter("a", adapter)
+    if damage == "no_config":
+        (adapter / "adapter_config.json").unlink()
+    elif damage == "pickle":
+        (adapter / "adapter_model.safetensors").rename(adapter / "adapter_model.bin")
+    elif damage == "file":
+        adapter = tmp_path / "a.txt"
+        adapter.write_text("x")
+    else:
+        adapter = tmp_path / "missing"
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the base model was loaded before the adapter was checked")
+
+    monkeypatch.setattr(softprompt, "load", no_loading)
+    monkeypatch.setattr(softprompt.loading, "load", no_loading)
+    data = tmp_path / "d.csv"
+    data.write_text("text,label\nhi,a\nyo,b\n")
+    argv = {"generate": ["generate", "--model", "m", "--adapter", f"a={adapter}", "x"],
+            "eval": ["eval", "--model", "m", "--adapter", f"a={adapter}", "--data", str(data)],
+            "predict": ["predict", "--model", "m", "--adapter", f"a={adapter}", "--data", str(data),
+                        "--output", str(tmp_path / "p.csv")],
+            "serve": ["serve", "--model", "m", "--adapter", f"a={adapter}"]}[command]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and "Traceback" not in err[0]
+    assert not (tmp_path / "p.csv").exists()
+
+
 def test_every_subcommand_help_has_worked_examples(capsys):
     for command in ["train", "eval", "predict", "generate", "inspect", "models", "serve", "demo"]:
         with pytest.raises(SystemExit):

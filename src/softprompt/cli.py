@@ -98,7 +98,11 @@ def _parser(sub, name: str, help: str) -> argparse.ArgumentParser:
 
 
 def parse_adapter_specs(specs: list[str]) -> dict[str, str]:
-    """``[NAME=]PATH`` items into {name: path}; a bare path is named after its directory."""
+    """``[NAME=]PATH`` items into {name: path}; a bare path is named after its directory.
+
+    Each local directory is checked here (`check_adapter_dir`), before any command loads the base model."""
+    from .peft_format import check_adapter_dir
+
     out: dict[str, str] = {}
     for spec in specs or []:
         name, sep, path = spec.partition("=")
@@ -109,6 +113,8 @@ def parse_adapter_specs(specs: list[str]) -> dict[str, str]:
         if name in out:
             raise SoftPromptError(f"--adapter {spec!r}: the name {name!r} is given twice")
         out[name] = path
+    for path in out.values():
+        check_adapter_dir(path)
     return out
 
 
@@ -117,8 +123,8 @@ def cmd_generate(args) -> int:
     from . import load
     from .generation import generate
 
-    model = load(args.model, dtype=args.dtype)
     adapters = parse_adapter_specs(args.adapter)
+    model = load(args.model, dtype=args.dtype)
     for name, path in adapters.items():
         model.load_adapter(path, name=name)
     columns: list[str | None] = list(adapters) + ([None] if args.base or not adapters else [])

@@ -108,6 +108,10 @@ def save_adapter(model, name: str, path: str | Path, *, training_state: dict[str
     return path
 
 
+def _is_hub_id(text: str) -> bool:
+    return text.count("/") == 1 and not text.startswith((".", "/", "~"))
+
+
 def _resolve(path: str | Path) -> Path:
     local = Path(path).expanduser()
     recover_directory(local)  # a save that a crash interrupted midway
@@ -116,7 +120,7 @@ def _resolve(path: str | Path) -> Path:
             raise SoftPromptError(f"{local}: expected an adapter directory (with {CONFIG_FILE}), got a file")
         return local
     text = str(path)
-    if text.count("/") == 1 and not text.startswith((".", "/", "~")):
+    if _is_hub_id(text):
         try:
             from huggingface_hub import snapshot_download
 
@@ -191,6 +195,31 @@ def _state_beyond_table(adapter: SoftPromptMethod, table: torch.Tensor) -> dict[
     return state
 
 
+def _read_peft_config(config_file: Path) -> dict:
+    peft = read_json(config_file)
+    if "trust_remote_code" in json.dumps(peft):
+        raise SoftPromptError(f"{config_file}: asks for trust_remote_code, which softprompt never takes from an adapter file")
+    peft_type = peft.get("peft_type")
+    if peft_type not in PEFT_TYPES:
+        raise SoftPromptError(f"{config_file}: unknown method peft_type={peft_type!r}; expected one of {', '.join(PEFT_TYPES)}")
+    return peft
+
+
+def check_adapter_dir(path: str | Path) -> None:
+    """Raise the error `load_adapter` would for a local adapter directory that cannot load, without a model.
+
+    Commands call this before loading the base model, so a mistyped ``--adapter`` fails in a second instead
+    of after the weights load. What needs the model (layer count, widths) is still checked at load; a hub id
+    that is not a local directory is downloaded (and checked) at load too.
+    """
+    if not Path(path).expanduser().exists() and _is_hub_id(str(path)):
+        return
+    folder = _resolve(path)
+    _read_peft_config(folder / CONFIG_FILE)
+    if not (folder / WEIGHTS_FILE).is_file():
+        read_tensors(folder / WEIGHTS_FILE)  # raises: the pickle refusal or "missing"
+
+
 def load_adapter(model, path: str | Path, name: str | None = None, *, resume: bool = False) -> SoftPromptMethod:
     """Load an adapter directory (ours or PEFT's) into ``model`` under ``name``.
 
@@ -199,14 +228,9 @@ def load_adapter(model, path: str | Path, name: str | None = None, *, resume: bo
     """
     folder = _resolve(path)
     config_file = folder / CONFIG_FILE
-    peft = read_json(config_file)
+    peft = _read_peft_config(config_file)
     meta = read_json(folder / META_FILE) if (folder / META_FILE).exists() else {}
-    if "trust_remote_code" in json.dumps(peft):
-        raise SoftPromptError(f"{config_file}: asks for trust_remote_code, which softprompt never takes from an adapter file")
-    peft_type = peft.get("peft_type")
-    if peft_type not in PEFT_TYPES:
-        raise SoftPromptError(f"{config_file}: unknown method peft_type={peft_type!r}; expected one of {', '.join(PEFT_TYPES)}")
-    cls = method_class(PEFT_TYPES[peft_type])
+    cls = method_class(PEFT_TYPES[peft["peft_type"]])
     _check(config_file, "task_type", peft.get("task_type"), _task_type(model))
     try:
         fields = cls.config_from_peft(peft)
