@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import Gemma3TextConfig, Gemma3ForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from softprompt import SoftPromptModel
 from softprompt.data import Template
@@ -15,16 +15,34 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "adapters"
 FOLDERS = sorted(p for p in EXAMPLES.iterdir() if p.is_dir())
 
 
-@pytest.fixture(scope="module")
-def smollm2_shaped():
-    """smollm2-135m's shape (30 layers, 576 wide, 9 query / 3 key-value heads, 49,152 tokens), random
-    weights and a 64-wide MLP: the adapters' checks compare shapes, and the real model needs a download."""
+def built_in_shaped(name: str) -> SoftPromptModel:
+    """A model of the built-in ``name``'s shape (layers, width, heads, vocabulary), random weights and a
+    64-wide MLP: the adapters' checks compare shapes, and the real model needs a download."""
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=64, num_hidden_layers=30,
-                         num_attention_heads=9, num_key_value_heads=3, head_dim=64, tie_word_embeddings=True,
-                         max_position_embeddings=512)
-    base = LlamaForCausalLM(config).eval().requires_grad_(False)
-    return SoftPromptModel(base, tiny_tokenizer(), name_or_path="smollm2-135m")
+    if name == "smollm2-135m":
+        config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=64, num_hidden_layers=30,
+                             num_attention_heads=9, num_key_value_heads=3, head_dim=64, tie_word_embeddings=True,
+                             max_position_embeddings=512)
+        base = LlamaForCausalLM(config)
+    else:
+        assert name == "gemma3-270m", name
+        config = Gemma3TextConfig(vocab_size=262144, hidden_size=640, intermediate_size=64, num_hidden_layers=18,
+                                  num_attention_heads=4, num_key_value_heads=1, head_dim=256,
+                                  tie_word_embeddings=True, max_position_embeddings=512, sliding_window=512)
+        base = Gemma3ForCausalLM(config)
+    return SoftPromptModel(base.eval().requires_grad_(False), tiny_tokenizer(), name_or_path=name)
+
+
+@pytest.fixture(scope="module")
+def shaped_models():
+    cache: dict[str, SoftPromptModel] = {}
+
+    def get(name: str) -> SoftPromptModel:
+        if name not in cache:
+            cache[name] = built_in_shaped(name)
+        return cache[name]
+
+    return get
 
 
 def test_every_example_adapter_is_listed_in_the_readme():
@@ -35,20 +53,21 @@ def test_every_example_adapter_is_listed_in_the_readme():
 
 
 @pytest.mark.parametrize("folder", FOLDERS, ids=lambda p: p.name)
-def test_example_adapter_is_intact_and_scores(folder, smollm2_shaped):
+def test_example_adapter_is_intact_and_scores(folder, shaped_models):
     meta = read_json(folder / META_FILE)
-    assert meta["base_model"] == "smollm2-135m"
+    assert meta["base_model"] in ("smollm2-135m", "gemma3-270m")
+    shaped = shaped_models(meta["base_model"])
     for file in (WEIGHTS_FILE, STATE_FILE):
         assert meta["sha256"][file], file
         verify_checksum(folder, file, meta)  # raises on a changed byte
-    adapter = smollm2_shaped.load_adapter(str(folder), name=folder.name)
+    adapter = shaped.load_adapter(str(folder), name=folder.name)
     assert adapter.config.method == meta["method"]
     _, info = read_training_state(folder)
     template, verbalizer = info["data"]["template"], info["data"]["verbalizer"]
     labels = list(verbalizer.values())
     row = {column: "the service was slow and nobody answered" for column in ("sentence", "Tweet text", "text")}
     text = Template(template).render(row)
-    tuned = smollm2_shaped.score([text], labels=labels, adapters=folder.name)[0]
-    bare = smollm2_shaped.score([text], labels=labels, adapters=None)[0]
+    tuned = shaped.score([text], labels=labels, adapters=folder.name)[0]
+    bare = shaped.score([text], labels=labels, adapters=None)[0]
     assert tuned.label in labels and all(torch.isfinite(torch.tensor(list(tuned.scores.values()))))
     assert tuned.scores != bare.scores  # the adapter changes what the model computes
