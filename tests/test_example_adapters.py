@@ -1,5 +1,6 @@
 """The adapters shipped in examples/adapters/ stay documented, intact and loadable."""
 
+import functools
 from pathlib import Path
 
 import pytest
@@ -35,14 +36,7 @@ def built_in_shaped(name: str) -> SoftPromptModel:
 
 @pytest.fixture(scope="module")
 def shaped_models():
-    cache: dict[str, SoftPromptModel] = {}
-
-    def get(name: str) -> SoftPromptModel:
-        if name not in cache:
-            cache[name] = built_in_shaped(name)
-        return cache[name]
-
-    return get
+    return functools.cache(built_in_shaped)  # one model per base, dropped with the module
 
 
 def test_every_example_adapter_is_listed_in_the_readme():

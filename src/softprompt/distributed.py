@@ -409,7 +409,7 @@ def _shut_down(accelerator, wait_s: float = 60.0) -> None:
 
     Left alive, gloo's threads can abort a process at exit ("terminate called without an active exception")
     after a run that succeeded; torn down while the other process is still finishing, the same happened in
-    3 of 20 two-process CPU runs. A gloo barrier first (0 of 32 since). It waits at most `wait_s`, so a process
+    3 of 20 two-process CPU runs. A gloo barrier first (0 of 62 since). It waits at most `wait_s`, so a process
     leaving on an error, whose partner never arrives, still exits and lets the launcher stop the others."""
     dist = torch.distributed
     if dist.is_initialized() and dist.get_backend() == "gloo":
