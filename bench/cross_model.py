@@ -7,9 +7,10 @@
         --out runs/reproduce/sst2-two-models/ensemble.json
 
 ``softprompt predict --adapter a --adapter b`` averages adapters of ONE base model; this averages members
-that each need their own base model, loaded one after the other (so only one is in memory at a time).
-Weights are equal and fixed before anything is scored. Every member must render the data the same way
-(template, verbalizer): each adapter's own training metadata is read and they are checked to agree.
+that each need their own base model, loaded one after the other (so only one is in memory at a time);
+a member may be a base model alone (zero-shot). Weights are equal and fixed before anything is scored.
+Every member renders the data the same way: each adapter's training metadata is read and checked to
+agree, or ``--template``/``--label-column``/``--verbalizer`` set it for all of them.
 Rows any member trained on (its training fingerprints) are dropped from every split and counted, so a
 figure is never scored on training text.
 
@@ -31,19 +32,27 @@ if __package__ in (None, ""):  # `python bench/cross_model.py`
 from bench import harness  # noqa: E402
 
 
-def _member(spec: str) -> tuple[str, str]:
+def _member(spec: str) -> tuple[str, str | None]:
     model, sep, adapter = spec.partition("=")
-    if not sep or not model or not adapter:
-        raise SystemExit(f"bench.cross_model: --member: expected MODEL=ADAPTER_DIR, got {spec!r}")
-    return model, adapter
+    if not model or (sep and not adapter):
+        raise SystemExit(f"bench.cross_model: --member: expected MODEL=ADAPTER_DIR (or MODEL alone: the zero-shot "
+                         f"base model), got {spec!r}")
+    return model, adapter or None
 
 
-def shared_settings(adapters: list[str]) -> dict:
-    """The template, columns and verbalizer every member was trained with (they must agree)."""
+def shared_settings(adapters: list[str], given: dict | None = None) -> dict:
+    """The template, columns and verbalizer every member was trained with (they must agree); settings
+    ``given`` (the command line's) replace what the adapters say, for every member alike."""
     from softprompt.evaluate import adapter_settings
 
     keys = ("template", "text_column", "label_column", "verbalizer")
-    settings = [{k: adapter_settings(a).get(k) for k in keys} for a in adapters]
+    given = {k: v for k, v in (given or {}).items() if v is not None}
+    if not adapters:
+        if set(given) >= {"template", "label_column", "verbalizer"}:
+            return given
+        raise SystemExit("bench.cross_model: no member has an adapter to read the template from; "
+                         "give --template, --label-column and --verbalizer")
+    settings = [{**{k: adapter_settings(a).get(k) for k in keys}, **given} for a in adapters]
     for adapter, s in zip(adapters, settings):
         if not s["template"] or not s["verbalizer"]:
             raise SystemExit(f"bench.cross_model: {adapter}: no template/verbalizer in its training state "
@@ -54,7 +63,8 @@ def shared_settings(adapters: list[str]) -> dict:
     return settings[0]
 
 
-def run(members: list[tuple[str, str]], splits: dict[str, str], *, batch_size: int = 16, log=print) -> dict:
+def run(members: list[tuple[str, str | None]], splits: dict[str, str], *, given: dict | None = None,
+        batch_size: int = 16, log=print) -> dict:
     """Score every split with every member (one base model at a time), then average the probabilities."""
     import softprompt
     from softprompt.data import Template, load_rows
@@ -62,11 +72,11 @@ def run(members: list[tuple[str, str]], splits: dict[str, str], *, batch_size: i
     from softprompt.metrics import classification_report
     from softprompt.predict import label_probabilities
 
-    settings = shared_settings([a for _, a in members])
+    settings = shared_settings([a for _, a in members if a], given)
     render = Template(settings["template"]).render
     verbalizer = {str(k): v for k, v in settings["verbalizer"].items()}
     labels = list(verbalizer.values())
-    seen = set().union(*(read_train_fingerprints(a) for _, a in members))
+    seen = set().union(*(read_train_fingerprints(a) for _, a in members if a))
     data = {}
     for split, path in splits.items():
         rows = load_rows(path)
@@ -78,10 +88,11 @@ def run(members: list[tuple[str, str]], splits: dict[str, str], *, batch_size: i
     for i, (model_name, adapter) in enumerate(members):
         started = time.perf_counter()
         model = softprompt.load(model_name)
-        model.load_adapter(adapter, name="member")
+        if adapter:
+            model.load_adapter(adapter, name="member")
         for split, d in data.items():
-            probs[split][f"{i}"] = label_probabilities(model, d["texts"], labels, ["member"], batch_size=batch_size,
-                                                       progress=True)
+            probs[split][f"{i}"] = label_probabilities(model, d["texts"], labels, ["member" if adapter else None],
+                                                       batch_size=batch_size, progress=True)
         log(f"bench.cross_model: member {i} ({model_name}) scored in {time.perf_counter() - started:.0f} s")
         del model
     result = {"members": [{"model": m, "adapter": a} for m, a in members], "labels": labels,
@@ -114,8 +125,13 @@ def run(members: list[tuple[str, str]], splits: dict[str, str], *, batch_size: i
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.cross_model", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--member", action="append", required=True, metavar="MODEL=ADAPTER_DIR",
-                   help="a base model (built-in name or directory) and an adapter trained on it; repeat")
+    p.add_argument("--member", action="append", required=True, metavar="MODEL[=ADAPTER_DIR]",
+                   help="a base model (built-in name or directory) and an adapter trained on it, or the base "
+                        "model alone (zero-shot); repeat")
+    p.add_argument("--template", help="prompt template for every member (default: as the adapters were trained)")
+    p.add_argument("--label-column", help="label column (default: as trained)")
+    p.add_argument("--verbalizer", help="label -> label text, e.g. '{\"1\": \" negative\", \"2\": \" positive\"}' "
+                                        "(default: as trained)")
     p.add_argument("--validation", help="data file scored to report the ensemble before the test split")
     p.add_argument("--test", required=True, help="held-out data file")
     p.add_argument("--out", required=True, help="JSON file to write")
@@ -132,12 +148,16 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     harness.quiet()
     torch.set_num_threads(args.threads)
+    from softprompt.config import parse_verbalizer
+
     members = [_member(s) for s in args.member]
-    for path in [args.validation, args.test] + [a for _, a in members]:
+    given = {"template": args.template, "label_column": args.label_column,
+             "verbalizer": parse_verbalizer(args.verbalizer) if args.verbalizer else None}
+    for path in [args.validation, args.test] + [a for _, a in members if a]:
         if path and not Path(path).exists():
             raise SystemExit(f"bench.cross_model: {path}: no such file or directory")
     splits = {"validation": args.validation, "test": args.test} if args.validation else {"test": args.test}
-    result = run(members, splits, batch_size=args.batch_size)
+    result = run(members, splits, given=given, batch_size=args.batch_size)
     result["meta"] = {"date": time.strftime("%Y-%m-%d"), "machine": harness.machine(args.threads),
                       "command": "python -m bench.cross_model " + " ".join(argv or sys.argv[1:])}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -110,6 +110,7 @@ def cross_model_figures(out: Path) -> dict[str, float]:
     figures = {}
     for split, s in result["splits"].items():
         figures[f"{split}: ensemble accuracy"] = s["ensemble"]["accuracy"]
+        figures[f"{split}: ensemble macro-F1"] = s["ensemble"]["macro_f1"]
         for i, m in enumerate(s["members"]):
             figures[f"{split}: member {i} ({result['members'][i]['model']}) accuracy"] = m["accuracy"]
         figures[f"{split}: rows all members get wrong"] = s["all_wrong"]
@@ -210,6 +211,13 @@ def plan() -> list[Step]:
              cross_model_figures, {"test: ensemble accuracy": 0.917, "validation: ensemble accuracy": 0.926,
                                    "test: rows all members get wrong": 47},
              needs=("sst2-chain-4", "gemma-sst2-19000")),
+        Step("raft-two-models", "RAFT: smollm2 zero-shot averaged with gemma's SST-2 adapter (no RAFT training)", 3.0,
+             (("-m", "bench.cross_model", "--member", "<smollm2>", "--member",
+               "<gemma>=<runs>/gemma-sst2-19000/sst2/pt20-lr0p1", "--template", "Tweet: {Tweet text}\nSentiment:",
+               "--label-column", "Label", "--verbalizer", '{"1": " negative", "2": " positive"}',
+               "--test", "<data>/raft_twitter_complaints/train.csv", "--out", "<out>/ensemble.json"),),
+             cross_model_figures, {"test: ensemble macro-F1": 0.836, "test: ensemble accuracy": 0.84},
+             needs=("gemma-sst2-19000",)),
     ]
 
 
@@ -270,13 +278,16 @@ def fill(argv: tuple[str, ...], ctx: Context, step: Step) -> list[str]:
             arg = arg.replace(key, value)
         filled.append(arg)
     if ctx.quick:
-        filled = [QUICK_FLAGS.get(prev, arg) if prev in QUICK_FLAGS else arg for prev, arg in zip([""] + filled, filled)]
+        filled = [QUICK_FLAGS.get(prev, arg) for prev, arg in zip([""] + filled, filled)]
         if filled[:2] in (["-m", "bench.sweep"], ["-m", "bench.quality"]):
             filled.append("--quick")
     return [sys.executable, *filled]
 
 
 def run_step(step: Step, ctx: Context) -> dict:
+    """Run a step's command lines in order (stopping at the first that fails), then measure its outputs."""
+    from softprompt.fileio import atomic_write_json, atomic_write_text
+
     where = ctx.out / step.name
     where.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -284,17 +295,16 @@ def run_step(step: Step, ctx: Context) -> dict:
     for i, argv in enumerate(step.commands):
         command = fill(argv, ctx, step)
         print(f"\n[{step.name}] $ python {shlex.join(command[1:])}", flush=True)
-        last = i == len(step.commands) - 1
-        with open(where / step.stdout, "w") if (last and step.stdout) else open(os.devnull, "w") as sink:
-            proc = subprocess.run(command, cwd=REPO, env=env, stdout=sink if (last and step.stdout) else None)
+        capture = step.stdout is not None and i == len(step.commands) - 1
+        proc = subprocess.run(command, cwd=REPO, env=env, stdout=subprocess.PIPE if capture else None, text=True)
         if proc.returncode != 0:
             raise SystemExit(f"bench.reproduce: step {step.name}: `{' '.join(command[1:3])} ...` exited with "
                              f"{proc.returncode}; its output is above, its files in {where}")
+        if capture:
+            atomic_write_text(where / step.stdout, proc.stdout)
     reproduced = step.measure(where)
     done = {"step": step.name, "what": step.what, "minutes": (time.time() - started) / 60, "date": time.strftime("%Y-%m-%d"),
             "quick": ctx.quick, "documented": step.documented, "reproduced": reproduced}
-    from softprompt.fileio import atomic_write_json
-
     atomic_write_json(where / "done.json", done)
     return done
 
@@ -344,11 +354,11 @@ def check_needs(chosen: list[Step], out: Path) -> None:
         missing = [n for n in step.needs if n not in names and not (out / n / "done.json").exists()]
         if missing:
             raise SystemExit(f"bench.reproduce: step {step.name} needs {', '.join(missing)} done first "
-                             f"(in {out}); add it to --only or run it before")
+                             f"(in {out}); add them to --only or run them first")
 
 
 def quick_context(out: Path) -> Context:
-    """Stand-in SST-2 files and a tiny random model saved to disk, for the steps that read files."""
+    """Stand-in SST-2 and RAFT files and a tiny random model saved to disk, for the steps that read files."""
     from bench.models import tiny_llama
     from bench.quality import TASKS, _synthetic_rows
 
@@ -357,6 +367,11 @@ def quick_context(out: Path) -> Context:
     rows = _synthetic_rows(TASKS["sst2"], 120, 0)
     for name, part in (("train.tsv", rows[:96]), ("dev.tsv", rows[96:])):
         (data / "sst2" / name).write_text("sentence\tlabel\n" + "".join(f"{r['sentence']}\t{r['label']}\n" for r in part))
+    (data / "raft_twitter_complaints").mkdir(exist_ok=True)
+    with open(data / "raft_twitter_complaints" / "train.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, ["Tweet text", "Label"])
+        writer.writeheader()
+        writer.writerows(_synthetic_rows(TASKS["raft_twitter_complaints"], 20, 0))
     model_dir = out / "quick_model"
     if not (model_dir / "config.json").exists():
         base, tokenizer = tiny_llama(0)  # the weights bench's --quick runs build in-process
@@ -402,7 +417,7 @@ def main(argv=None) -> int:
         return 0
     args = parse_args(argv)
     steps = select(plan(), args.only)
-    out = Path(args.out)
+    out = Path(args.out).resolve()  # the steps run with the repository as their working directory
     todo = [s for s in steps if args.force or not (out / s.name / "done.json").exists()]
     total = sum(s.minutes for s in todo)
     print(f"bench.reproduce: {len(todo)} of {len(steps)} steps to run, about {total / 60:.1f} h on 2 idle CPU cores"
@@ -423,9 +438,9 @@ def main(argv=None) -> int:
     for step in todo:
         run_step(step, ctx)
         bar.update(step.minutes)
-        bar.refresh()
     bar.close()
-    done = [json.loads((out / s.name / "done.json").read_text()) for s in steps if (out / s.name / "done.json").exists()]
+    # Every finished step of the plan, also those of earlier invocations (--only runs part of it).
+    done = [json.loads((out / s.name / "done.json").read_text()) for s in plan() if (out / s.name / "done.json").exists()]
     from softprompt.fileio import atomic_write_json, atomic_write_text
 
     atomic_write_json(out / "summary.json", done)
