@@ -416,7 +416,8 @@ def main(argv=None) -> int:
         print(f"bench.reproduce cut: {val} validation and {train} training rows no earlier run saw -> {a.out}")
         return 0
     args = parse_args(argv)
-    steps = select(plan(), args.only)
+    every_step = plan()  # reads docs/results.json once for the documented figures
+    steps = select(every_step, args.only)
     out = Path(args.out).resolve()  # the steps run with the repository as their working directory
     todo = [s for s in steps if args.force or not (out / s.name / "done.json").exists()]
     total = sum(s.minutes for s in todo)
@@ -429,7 +430,7 @@ def main(argv=None) -> int:
         return 0
     check_needs(todo, out)
     if not args.quick and not DATA.exists():
-        raise SystemExit(f"bench.reproduce: {DATA}: the shared data sets are not there (see the README's data section)")
+        raise SystemExit(f"bench.reproduce: {DATA}: no such directory; the steps read the shared data sets there in place")
     ctx = quick_context(out) if args.quick else Context(out, DATA, {"smollm2": "smollm2-135m", "gemma": "gemma3-270m"})
     from tqdm import tqdm
 
@@ -440,12 +441,14 @@ def main(argv=None) -> int:
         bar.update(step.minutes)
     bar.close()
     # Every finished step of the plan, also those of earlier invocations (--only runs part of it).
-    done = [json.loads((out / s.name / "done.json").read_text()) for s in plan() if (out / s.name / "done.json").exists()]
+    done = [json.loads((out / s.name / "done.json").read_text()) for s in every_step
+            if (out / s.name / "done.json").exists()]
     from softprompt.fileio import atomic_write_json, atomic_write_text
 
+    summary = summary_markdown(done)
     atomic_write_json(out / "summary.json", done)
-    atomic_write_text(out / "summary.md", summary_markdown(done))
-    print("\n" + summary_markdown(done))
+    atomic_write_text(out / "summary.md", summary)
+    print("\n" + summary)
     print(f"bench.reproduce: wrote {out / 'summary.md'} and summary.json")
     return 0
 
