@@ -6,8 +6,10 @@
 
 Writes ``<out>/quality.json`` (every number), ``docs/results.md`` (the tables; ``--doc``) with its
 numbers beside it (``docs/results.json``, which ``--merge`` falls back to on a fresh checkout), the RAFT
-submission file ``results/raft_twitter_complaints_predictions.csv`` and, with ``--export``, each task's best
-adapter of the run under ``examples/adapters/<task>/`` (not in quick mode). Data are read in place from ``../shared/data``.
+test-tweet predictions of the RAFT table's better system (``<out>/raft_twitter_complaints_predictions.csv``;
+the submission file in ``results/`` comes from the best system of docs/results.md, step ``raft-gemma-transfer``
+of ``bench.reproduce``) and, with ``--export``, each task's best adapter of the run under
+``examples/adapters/<task>/`` (not in quick mode). Data are read in place from ``../shared/data``.
 
 Every system of a task trains on the same rows in the same order (softprompt's seeded epoch order, which
 the PEFT loop reuses), with the same learning rate, schedule and number of steps, and is scored the same
@@ -459,9 +461,11 @@ def markdown(result: dict) -> str:
             shown = Path(task["predictions"]["path"])
             shown = shown.relative_to(REPO) if shown.is_relative_to(REPO) else shown
             chosen = task["predictions"].get("system")
-            lines += ["", f"Submission file: `{shown}` (columns ID,Label; 1 = complaint, 2 = no complaint)"
-                          + (f", predicted by the {chosen} system, the better one by pooled cross-validated "
-                             f"macro-F1." if chosen else ".")]
+            lines += ["", f"Predictions for the unlabelled test tweets: `{shown}` (columns ID,Label; 1 = complaint, "
+                          f"2 = no complaint)" + (f", predicted by the {chosen} system, the better one here by pooled "
+                                                  f"cross-validated macro-F1." if chosen else ".")
+                      + " The submission file, `results/raft_twitter_complaints_predictions.csv`, comes from the "
+                        "best system of this page (see where each target stands)."]
         lines.append("")
     if "generation" in result["tasks"]:
         gen = result["tasks"]["generation"]
@@ -611,7 +615,7 @@ def main(argv=None) -> int:
         result["meta"]["merged_seconds"] = previous["meta"].get("seconds", 0.0) + previous["meta"].get("merged_seconds", 0.0)
     else:
         kept_systems = {}
-    predictions = (out if args.quick else REPO / "results") / "raft_twitter_complaints_predictions.csv"
+    predictions = out / "raft_twitter_complaints_predictions.csv"
     for name in wanted:
         task_started = time.time()
         if name == "generation":

@@ -117,7 +117,33 @@ def cross_model_figures(out: Path) -> dict[str, float]:
     return figures
 
 
+def raft_transfer_figures(out: Path) -> dict[str, float]:
+    pooled = json.loads((out / "cv" / "cv_report.json").read_text())["pooled"]  # `softprompt train --kfold`
+    with open(out / "predictions.csv", newline="") as f:
+        predicted = {r["ID"]: r["Label"] for r in csv.DictReader(f)}
+    figures = {"10-fold CV pooled macro-F1": pooled["adapter"]["macro_f1"],
+               "10-fold CV pooled accuracy": pooled["adapter"]["accuracy"],
+               "zero-shot pooled macro-F1": pooled["base"]["macro_f1"], "test tweets predicted": len(predicted),
+               "test tweets called complaints": sum(label == "1" for label in predicted.values()) / max(len(predicted), 1)}
+    shipped = REPO / "results" / "raft_twitter_complaints_predictions.csv"
+    if shipped.exists():  # the submission file in the repository: did this run predict the same labels?
+        with open(shipped, newline="") as f:
+            kept = {r["ID"]: r["Label"] for r in csv.DictReader(f)}
+        figures["predictions differing from results/"] = sum(kept.get(i) != label for i, label in predicted.items())
+    return figures
+
+
 # ------------------------------------------------------------------------------------------- the plan
+RAFT_RECIPE = "recipes/results/raft_twitter_complaints_gemma.yaml"
+
+
+def raft_transfer(*flags: str) -> tuple[str, ...]:
+    """The RAFT recipe on gemma3-270m, started from the SST-2 adapter this plan trained (not the shipped copy)."""
+    return ("-m", "softprompt.cli", "train", RAFT_RECIPE, "--model", "<gemma>",
+            "--init-from", "<runs>/gemma-sst2-19000/sst2/pt20-lr0p1", "--data", "<data>/raft_twitter_complaints/train.csv",
+            "--max-length", "128", "--batch-size", "8", *flags)
+
+
 def sweep(out_task: str, *flags: str) -> tuple[str, ...]:
     return ("-m", "bench.sweep", "--task", out_task, *flags, "--out", "<out>")
 
@@ -155,7 +181,7 @@ def plan() -> list[Step]:
              "PEFT beside softprompt)", 150.0,
              (("-m", "bench.quality", "--tasks", ",".join(quality_tasks), "--threads", "1", "--out", "<out>",
                "--doc", "<out>/results.md"),), quality_figures(quality_tasks), documented_quality(quality_tasks)),
-        Step("quality-raft", "the RAFT table (10-fold CV, 10 epochs per fold) and the submission file", 20.0,
+        Step("quality-raft", "the RAFT table (10-fold CV, 10 epochs per fold) and its test-tweet predictions", 20.0,
              (("-m", "bench.quality", "--tasks", "raft_twitter_complaints", "--cv-epochs", "10", "--out", "<out>",
                "--doc", "<out>/results.md"),),
              quality_figures(("raft_twitter_complaints",)), documented_quality(("raft_twitter_complaints",))),
@@ -217,6 +243,16 @@ def plan() -> list[Step]:
                "--label-column", "Label", "--verbalizer", '{"1": " negative", "2": " positive"}',
                "--test", "<data>/raft_twitter_complaints/train.csv", "--out", "<out>/ensemble.json"),),
              cross_model_figures, {"test: ensemble macro-F1": 0.836, "test: ensemble accuracy": 0.84},
+             needs=("gemma-sst2-19000",)),
+        Step("raft-gemma-transfer", "RAFT: gemma3-270m prompt tuning from its SST-2 adapter (10-fold CV), then the "
+             "adapter on all 50 tweets and the submission file", 21.0,
+             (raft_transfer("--kfold", "10", "--output", "<out>/cv"), raft_transfer("--output", "<out>/final"),
+              ("-m", "softprompt.cli", "predict", "--model", "<gemma>", "--adapter", "<out>/final/default", "--data",
+               "<data>/raft_twitter_complaints/test_unlabeled.csv", "--id-column", "ID", "--batch-size", "16",
+               "--output", "<out>/predictions.csv")),
+             raft_transfer_figures, {"10-fold CV pooled macro-F1": 0.866, "10-fold CV pooled accuracy": 0.88,
+                                     "zero-shot pooled macro-F1": 0.608, "test tweets predicted": 3399,
+                                     "predictions differing from results/": 0},
              needs=("gemma-sst2-19000",)),
     ]
 
@@ -372,6 +408,11 @@ def quick_context(out: Path) -> Context:
         writer = csv.DictWriter(f, ["Tweet text", "Label"])
         writer.writeheader()
         writer.writerows(_synthetic_rows(TASKS["raft_twitter_complaints"], 20, 0))
+    with open(data / "raft_twitter_complaints" / "test_unlabeled.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, ["Tweet text", "ID"])
+        writer.writeheader()
+        writer.writerows({"Tweet text": r["Tweet text"], "ID": 50 + i}
+                         for i, r in enumerate(_synthetic_rows(TASKS["raft_twitter_complaints"], 12, 1)))
     model_dir = out / "quick_model"
     if not (model_dir / "config.json").exists():
         base, tokenizer = tiny_llama(0)  # the weights bench's --quick runs build in-process
@@ -425,7 +466,7 @@ def main(argv=None) -> int:
           + (" (quick mode: minutes)" if args.quick else ""))
     for s in steps:
         state = "to run" if s in todo else "done"
-        print(f"  {s.name:<18} {s.minutes:6.1f} min  {state:<6}  {s.what}")
+        print(f"  {s.name:<19} {s.minutes:6.1f} min  {state:<6}  {s.what}")
     if args.list:
         return 0
     check_needs(todo, out)

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from bench import cross_model, reproduce
 
@@ -73,6 +74,24 @@ def test_the_sst2_chain_never_trains_or_validates_on_a_row_an_earlier_link_saw(q
         earlier |= val | train
     config = (out / "sst2-chain-4" / "out" / "config.yaml").read_text()
     assert "sst2-chain-3/out/default" in config and "lr: 0.003" in config  # continued from the previous link
+
+
+def test_the_raft_transfer_step_cross_validates_the_recipe_and_writes_a_submission(quick_run):
+    out, _, _ = quick_run
+    where = out / "raft-gemma-transfer"
+    report = json.loads((where / "cv" / "cv_report.json").read_text())
+    assert report["k"] == 10 and len(report["folds"]) == 10 and report["pooled"]["adapter"]["n"] == 20
+    # both trainings started from the SST-2 adapter this plan trained, with the recipe's template
+    for run in (where / "cv", where / "final"):
+        saved = yaml.safe_load((run / "config.yaml").read_text())  # the resolved config beside every output
+        assert "gemma-sst2-19000" in saved["init_from"] and saved["template"] == "Tweet: {Tweet text}\nSentiment:"
+    with open(where / "predictions.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["ID", "Label"] and [r[0] for r in rows[1:]] == [str(50 + i) for i in range(12)]
+    assert {r[1] for r in rows[1:]} <= {"1", "2"}
+    done = json.loads((where / "done.json").read_text())["reproduced"]
+    assert done["test tweets predicted"] == 12
+    assert done["test tweets called complaints"] == sum(r[1] == "1" for r in rows[1:]) / 12
 
 
 def test_a_finished_step_is_not_run_again(quick_run, capsys):
