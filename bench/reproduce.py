@@ -6,7 +6,7 @@
     .venv/bin/python -m bench.reproduce --quick                # every step on a tiny random model: checks the plan
 
 Each step runs the command lines docs/results.md quotes (`bench.quality`, `bench.sweep`, `softprompt train
---init-from`, `softprompt eval`, `bench.cross_model`) as child processes, in order, into
+--init-from` and `--kfold`, `softprompt eval` and `predict`, `bench.cross_model`) as child processes, in order, into
 ``<out>/<step>/``, then reads what they wrote and sets it beside the number the docs report. A step that
 finished is not run again (its ``done.json``), so an interrupted run picks up where it stopped; ``--force``
 redoes the named steps. The estimate is what each step took when the docs' numbers were measured (2 idle
