@@ -118,17 +118,20 @@ def cross_model_figures(out: Path) -> dict[str, float]:
 
 
 def raft_transfer_figures(out: Path) -> dict[str, float]:
+    from softprompt.data import load_rows
+
+    def labels_by_id(path: Path) -> dict[str, str]:  # a `softprompt predict` file: ID,Label
+        return {r["ID"]: r["Label"] for r in load_rows(path)}
+
     pooled = json.loads((out / "cv" / "cv_report.json").read_text())["pooled"]  # `softprompt train --kfold`
-    with open(out / "predictions.csv", newline="") as f:
-        predicted = {r["ID"]: r["Label"] for r in csv.DictReader(f)}
+    predicted = labels_by_id(out / "predictions.csv")
     figures = {"10-fold CV pooled macro-F1": pooled["adapter"]["macro_f1"],
                "10-fold CV pooled accuracy": pooled["adapter"]["accuracy"],
                "zero-shot pooled macro-F1": pooled["base"]["macro_f1"], "test tweets predicted": len(predicted),
                "test tweets called complaints": sum(label == "1" for label in predicted.values()) / max(len(predicted), 1)}
     shipped = REPO / "results" / "raft_twitter_complaints_predictions.csv"
     if shipped.exists():  # the submission file in the repository: did this run predict the same labels?
-        with open(shipped, newline="") as f:
-            kept = {r["ID"]: r["Label"] for r in csv.DictReader(f)}
+        kept = labels_by_id(shipped)
         figures["predictions differing from results/"] = sum(kept.get(i) != label for i, label in predicted.items())
     return figures
 
@@ -138,7 +141,8 @@ RAFT_RECIPE = "recipes/results/raft_twitter_complaints_gemma.yaml"
 
 
 def raft_transfer(*flags: str) -> tuple[str, ...]:
-    """The RAFT recipe on gemma3-270m, started from the SST-2 adapter this plan trained (not the shipped copy)."""
+    """The RAFT recipe on gemma3-270m, started from the SST-2 adapter this plan trained (not the shipped copy).
+    --max-length and --batch-size repeat the recipe's values so that --quick can shrink them (QUICK_FLAGS)."""
     return ("-m", "softprompt.cli", "train", RAFT_RECIPE, "--model", "<gemma>",
             "--init-from", "<runs>/gemma-sst2-19000/sst2/pt20-lr0p1", "--data", "<data>/raft_twitter_complaints/train.csv",
             "--max-length", "128", "--batch-size", "8", *flags)
