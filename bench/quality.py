@@ -8,8 +8,9 @@ Writes ``<out>/quality.json`` (every number), ``docs/results.md`` (the tables; `
 numbers beside it (``docs/results.json``, which ``--merge`` falls back to on a fresh checkout), the RAFT
 test-tweet predictions of the RAFT table's better system (``<out>/raft_twitter_complaints_predictions.csv``;
 the submission file in ``results/`` comes from the best system of docs/results.md, step ``raft-gemma-transfer``
-of ``bench.reproduce``) and, with ``--export``, each task's best adapter of the run under
-``examples/adapters/<task>/`` (not in quick mode). Data are read in place from ``../shared/data``.
+of ``bench.reproduce``) and, with ``--export``, each task's best adapter of the run in ``examples/adapters/``
+if it beats the examples shipped there (``bench.export``; not in quick mode). Data are read in place from
+``../shared/data``.
 
 Every system of a task trains on the same rows in the same order (softprompt's seeded epoch order, which
 the PEFT loop reuses), with the same learning rate, schedule and number of steps, and is scored the same
@@ -24,7 +25,6 @@ import dataclasses
 import json
 import math
 import random
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -558,8 +558,9 @@ def parse_args(argv=None):
                    help="Comma-separated softprompt methods to train (default: the budget's three). With --merge, "
                         "a task's other systems are kept from the existing quality.json.")
     p.add_argument("--export", action="store_true",
-                   help="Copy each task's best adapter of this run to examples/adapters/<task>/, replacing what is "
-                        "there (off by default: the examples may come from longer sweeps than this run).")
+                   help="Ship each task's best adapter of this run as its example in examples/adapters/ if it beats "
+                        "every example of the task shipped there (bench.export's rule; the examples may come "
+                        "from longer sweeps than this run).")
     p.add_argument("--report-only", action="store_true",
                    help="Only rewrite --doc (and, with --export, the example adapters) from <out>/quality.json (or the "
                         "numbers kept beside --doc).")
@@ -644,37 +645,26 @@ def main(argv=None) -> int:
     return 0
 
 
-def export_examples(result: dict) -> None:
-    """Copy each task's best softprompt adapter to examples/adapters/<task>/ (a few KiB each)."""
+def export_examples(result: dict, examples: Path | None = None) -> None:
+    """Offer each task's best softprompt adapter of this run as its example (``bench.export``'s rule: only
+    if it beats every shipped example of the task on the task's fixed held-out evaluation)."""
+    from bench.export import EVALUATIONS, EXAMPLES, export_if_better
+
     for name, task in result["tasks"].items():
-        if name == "generation":
-            continue
-        ranked = [(r["accuracy"], k, r) for k, r in task["systems"].items() if k.startswith("softprompt") and r.get("path")]
-        path = task.get("final_adapter") or (max(ranked)[2]["path"] if ranked else None)
-        if path and Path(path).is_dir():  # numbers read back from the doc may outlive their runs/ folder
-            export_adapter(path, name, result["meta"]["model"])
-
-
-def export_adapter(path: str | Path, task: str, model: str) -> Path:
-    """Copy one trained adapter to examples/adapters/<task>/, naming its base by built-in name and hub id."""
-    from softprompt.builtin_names import hub_id_for
-
-    target = REPO / "examples" / "adapters" / task
-    shutil.rmtree(target, ignore_errors=True)
-    # training_state.* stays: it records the template, verbalizer and training rows, which
-    # `softprompt eval` / `predict` use; checkpoints (optimizer state) do not.
-    shutil.copytree(path, target, ignore=shutil.ignore_patterns("checkpoints"))
-    meta_path = target / "softprompt.json"
-    meta = json.loads(meta_path.read_text())
-    meta["base_model"] = model  # the built-in name, not this machine's cache path
-    meta_path.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    peft_path = target / "adapter_config.json"
-    peft_config = json.loads(peft_path.read_text())
-    for key in ("base_model_name_or_path", "tokenizer_name_or_path"):
-        if peft_config.get(key):
-            peft_config[key] = hub_id_for(model)
-    peft_path.write_text(json.dumps(peft_config, indent=2, sort_keys=True) + "\n")
-    return target
+        if name not in EVALUATIONS:
+            continue  # generation has no example adapters
+        if "final_adapter" in task:  # RAFT: the adapter trained on all rows, scored by its cross-validation
+            path, score = task["final_adapter"], task["systems"]["softprompt prompt tuning"]["macro_f1_pooled"]
+        else:
+            ranked = [(r["accuracy"], r["path"]) for k, r in task["systems"].items()
+                      if k.startswith("softprompt") and r.get("path")]
+            if not ranked:
+                continue
+            score, path = max(ranked)
+        if Path(path).is_dir():  # numbers read back from the doc may outlive their runs/ folder
+            print("bench.quality: " + export_if_better(path, name, result["meta"]["model"], score, examples or EXAMPLES))
+        else:
+            print(f"bench.quality: {name}: not exported ({path} is gone)")
 
 
 if __name__ == "__main__":

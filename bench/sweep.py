@@ -177,7 +177,8 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="tiny random model and stand-in rows: checks the harness")
     p.add_argument("--out", default="runs/sweep")
     p.add_argument("--export", action="store_true",
-                   help="copy the adapter chosen on validation to examples/adapters/<task>/")
+                   help="ship the adapter chosen on validation as the task's example in examples/adapters/ if its "
+                        "test accuracy beats every example of the task shipped there (bench.export)")
     return p.parse_args(argv)
 
 
@@ -215,10 +216,11 @@ def main(argv=None) -> int:
     (where / "sweep.md").write_text(markdown(result))
     plot(result, where / "sweep.png")
     if args.export and not args.quick:
-        from bench.quality import export_adapter
+        from bench.export import export_if_better
 
         chosen = next(r for r in result["adapters"] if r["name"] == result["selected"])
-        print(f"bench.sweep: exported {result['selected']} to {export_adapter(chosen['path'], args.task, args.model)}")
+        print(f"bench.sweep: {result['selected']}: "
+              + export_if_better(chosen["path"], args.task, args.model, chosen["test_accuracy"]))
     print(markdown(result))
     print(f"bench.sweep: wrote {where / 'sweep.json'}, sweep.md and sweep.png")
     return 0

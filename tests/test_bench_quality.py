@@ -157,3 +157,25 @@ def test_example_adapters_are_replaced_only_with_export(quick_quality, tmp_path,
     assert exported == [] and (tmp_path / "a.md").exists()
     assert quality.main(["--report-only", "--export", "--out", str(stored), "--doc", str(tmp_path / "b.md")]) == 0
     assert exported == ["standard"]
+
+
+def test_export_offers_each_task_its_best_adapter_of_the_run(quick_quality, tmp_path, capsys):
+    from bench import quality
+    from bench.export import shipped_scores
+
+    _, result, _ = quick_quality
+    examples = tmp_path / "examples"
+    examples.mkdir()
+    quality.export_examples(result, examples)
+    scores = shipped_scores(examples)
+    assert set(scores) == {"financial_phrasebank-tiny-llama", "sst2-tiny-llama", "raft_twitter_complaints-tiny-llama"}
+    for task in ("financial_phrasebank", "sst2"):
+        best = max(r["accuracy"] for k, r in result["tasks"][task]["systems"].items() if k.startswith("softprompt"))
+        assert scores[f"{task}-tiny-llama"]["value"] == round(best, 4)
+    raft = result["tasks"]["raft_twitter_complaints"]["systems"]["softprompt prompt tuning"]
+    assert scores["raft_twitter_complaints-tiny-llama"] == {"task": "raft_twitter_complaints", "base_model": "tiny-llama",
+                                                           "metric": "macro_f1", "value": round(raft["macro_f1_pooled"], 4)}
+    assert (examples / "sst2-tiny-llama" / "adapter_model.safetensors").exists()
+    # the same run offered again replaces nothing: its adapters do not beat themselves
+    quality.export_examples(result, examples)
+    assert capsys.readouterr().out.count(": kept examples/adapters/") == 3

@@ -46,6 +46,22 @@ def test_every_example_adapter_is_listed_in_the_readme():
         assert f"`{folder.name}/`" in readme, folder.name
 
 
+def test_every_example_adapter_records_the_score_its_readme_row_quotes():
+    # bench.export compares new adapters with these scores before replacing an example
+    from bench.export import EVALUATIONS, folder_name, shipped_scores
+
+    scores = shipped_scores(EXAMPLES)
+    assert set(scores) == {folder.name for folder in FOLDERS}
+    rows = {line.split("|")[1].strip(): line for line in (EXAMPLES / "README.md").read_text().splitlines()
+            if line.startswith("| `")}
+    for name, entry in scores.items():
+        assert entry["metric"] == EVALUATIONS[entry["task"]].metric, name
+        assert read_json(EXAMPLES / name / META_FILE)["base_model"] == entry["base_model"], name
+        assert folder_name(entry["task"], entry["base_model"]) == name
+        quoted = f"{entry['value']:.1%}" if entry["metric"] == "accuracy" else f"{entry['value']:.3f}"
+        assert quoted in rows[f"`{name}/`"], (name, quoted)
+
+
 @pytest.mark.parametrize("folder", FOLDERS, ids=lambda p: p.name)
 def test_example_adapter_is_intact_and_scores(folder, shaped_models):
     meta = read_json(folder / META_FILE)
