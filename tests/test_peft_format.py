@@ -1,6 +1,7 @@
 """Adapter files: round trips, training state, and one clear error for every broken input."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -85,6 +86,13 @@ def test_adapter_for_another_base_model_names_the_mismatch(saved, tmp_path):
     t5 = SoftPromptModel(tiny_base("t5"), tiny_tokenizer())
     with pytest.raises(AdapterMismatchError, match="task_type CAUSAL_LM, this model has SEQ_2_SEQ_LM"):
         t5.load_adapter(str(path))
+    # the error names the base model the adapter records, so the user knows which --model it needs
+    named = tmp_path / "named"
+    shutil.copytree(path, named)
+    meta = json.loads((named / "softprompt.json").read_text())
+    (named / "softprompt.json").write_text(json.dumps({**meta, "base_model": "smollm2-135m"}))
+    with pytest.raises(AdapterMismatchError, match=r"this model has 3 \(it was trained on smollm2-135m\)$"):
+        deeper.load_adapter(str(named))
 
 
 def _edit_config(path, **changes):

@@ -175,9 +175,11 @@ def verify_checksum(folder: Path, file_name: str, meta: dict) -> None:
         raise SoftPromptError(f"{file}: checksum does not match {META_FILE}; the file is corrupt or was changed")
 
 
-def _check(file: Path, what: str, found, expected) -> None:
+def _check(file: Path, what: str, found, expected, trained_on: str | None = None) -> None:
     if found != expected:
-        raise AdapterMismatchError(f"{file}: adapter made for a model with {what} {found}, this model has {expected}")
+        hint = f" (it was trained on {trained_on})" if trained_on else ""
+        raise AdapterMismatchError(f"{file}: adapter made for a model with {what} {found}, this model has {expected}"
+                                   f"{hint}")
 
 
 def _state_beyond_table(adapter: SoftPromptMethod, table: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -247,14 +249,19 @@ def load_adapter(model, path: str | Path, name: str | None = None, *, resume: bo
         raise SoftPromptError(f"{config_file}: missing or malformed field ({exc})") from None
     shape = model.shape
     kv = cls.adds == "kv"
-    _check(config_file, "layers (num_layers)", peft.get("num_layers"), shape.num_layers)
-    _check(config_file, "token width (token_dim)", peft.get("token_dim"), shape.prefix_token_dim if kv else shape.hidden_size)
+    base = meta.get("base_model") or peft.get("base_model_name_or_path")  # named in a mismatch error
+    base = base if isinstance(base, str) and base else None
+    _check(config_file, "layers (num_layers)", peft.get("num_layers"), shape.num_layers, base)
+    _check(config_file, "token width (token_dim)", peft.get("token_dim"),
+           shape.prefix_token_dim if kv else shape.hidden_size, base)
     if kv:
-        _check(config_file, "key/value heads (num_attention_heads)", peft.get("num_attention_heads"), shape.prefix_heads)
+        _check(config_file, "key/value heads (num_attention_heads)", peft.get("num_attention_heads"),
+               shape.prefix_heads, base)
     saved_shape = meta.get("shape")
     if isinstance(saved_shape, dict) and isinstance(saved_shape.get("vocab_size"), int):
         # Same width and depth but another vocabulary: another base model, whose embeddings mean other things.
-        _check(folder / META_FILE, "vocabulary size (shape.vocab_size)", saved_shape["vocab_size"], shape.vocab_size)
+        _check(folder / META_FILE, "vocabulary size (shape.vocab_size)", saved_shape["vocab_size"], shape.vocab_size,
+               base)
     weights_file = folder / WEIGHTS_FILE
     verify_checksum(folder, WEIGHTS_FILE, meta)
     tensors = read_tensors(weights_file)
