@@ -35,7 +35,8 @@ def test_inspect_reports_method_size_and_nearest_tokens(checkpoint_and_adapter, 
     assert info["parameters"] == 3 * 32 and 0 < info["adapter_bytes"] < 4096
     assert len(info["nearest_tokens"]) == 3 and len(info["nearest_tokens"][0]) == 3
     assert main(["inspect", str(adapter)]) == 0
-    assert "prompt_tuning" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "method      prompt_tuning" in text and "size        3 virtual tokens, 96 parameters" in text
 
 
 def test_models_lists_the_builtin_names(capsys, tmp_path, monkeypatch):

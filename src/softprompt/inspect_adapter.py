@@ -56,7 +56,7 @@ def format_inspection(info: dict) -> str:
         f"adapter     {info['path']}",
         f"method      {info['method']}  ({info['task_type']})",
         f"base model  {info['base_model']}",
-        f"virtual tokens {info['num_virtual_tokens']}, parameters {info['parameters']:,}, "
+        f"size        {info['num_virtual_tokens']} virtual tokens, {info['parameters']:,} parameters, "
         f"weights {info['adapter_bytes'] / 1024:.1f} KiB",
         "files       " + ", ".join(f"{k} ({v / 1024:.1f} KiB)" for k, v in info["files"].items()),
     ]
