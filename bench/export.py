@@ -65,6 +65,7 @@ def export_if_better(path: str | Path, task: str, model: str, score: float, exam
     if task not in EVALUATIONS:
         return f"{task}: not exported (no fixed evaluation to compare examples on)"
     evaluation = EVALUATIONS[task]
+    score = round(score, 4)  # as scores.json keeps it, so an adapter never "beats" its own recorded score
     best = best_shipped(task, examples)
     if best is not None and best[1] >= score:
         return (f"{task}: kept examples/adapters/{best[0]}/ ({evaluation.label} {best[1]:.4g} on {evaluation.on}); "
@@ -72,7 +73,7 @@ def export_if_better(path: str | Path, task: str, model: str, score: float, exam
     folder = folder_name(task, model)
     target = copy_adapter(path, examples / folder, model)
     scores = shipped_scores(examples)
-    scores[folder] = {"task": task, "base_model": model, "metric": evaluation.metric, "value": round(score, 4)}
+    scores[folder] = {"task": task, "base_model": model, "metric": evaluation.metric, "value": score}
     _write_atomically(examples / SCORES_FILE, json.dumps(scores, indent=2, sort_keys=True) + "\n")
     was = f"examples/adapters/{best[0]}/ at {best[1]:.4g}" if best else "no example"
     return (f"{task}: exported to {target} ({evaluation.label} {score:.4g}, was {was}); "

@@ -68,6 +68,14 @@ def test_a_better_adapter_replaces_its_own_base_example_and_leaves_other_tasks(e
     assert (examples / "sst2-gemma3-270m" / "adapter_model.safetensors").read_bytes() == b"gemma"
 
 
+def test_an_adapter_does_not_beat_its_own_recorded_score(examples, tmp_path):
+    export_if_better(trained_adapter(tmp_path / "a", "first"), "sst2", "smollm2-135m", 7 / 12, examples)
+    assert shipped_scores(examples)["sst2"]["value"] == 0.5833
+    message = export_if_better(trained_adapter(tmp_path / "b", "again"), "sst2", "smollm2-135m", 7 / 12, examples)
+    assert message.startswith("sst2: kept examples/adapters/sst2/")
+    assert (examples / "sst2" / "adapter_model.safetensors").read_bytes() == b"first"
+
+
 def test_a_task_without_a_fixed_evaluation_is_not_exported(examples, tmp_path):
     message = export_if_better(trained_adapter(tmp_path / "a", "x"), "chatgpt_prompts", "smollm2-135m", 1.0, examples)
     assert "not exported" in message and list(examples.iterdir()) == []
