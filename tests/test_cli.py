@@ -107,7 +107,7 @@ def test_a_bad_adapter_directory_fails_before_the_base_model_loads(tmp_path, mon
 
 
 def test_every_subcommand_help_has_worked_examples(capsys):
-    for command in ["train", "eval", "predict", "generate", "inspect", "models", "serve", "demo"]:
+    for command in ["train", "eval", "predict", "generate", "inspect", "push", "models", "serve", "demo"]:
         with pytest.raises(SystemExit):
             main([command, "--help"])
         out = capsys.readouterr().out
@@ -161,3 +161,22 @@ def test_train_then_eval_from_the_command_line(tmp_path, capsys):
     assert "--plot" in capsys.readouterr().err and not (tmp_path / "p.png").exists()
     assert main(["train", "--model", path, "--lr", "-1", "--data", str(tmp_path / "train.csv")]) == 2
     assert "--lr" in capsys.readouterr().err
+
+
+def test_json_output_is_the_only_thing_on_stdout(checkpoint_and_adapter, tmp_path):
+    # A fresh process: a library imported on the way must not print to stdout, or `--json > report.json`
+    # is not JSON. DeepSpeed (a dev dependency, imported by transformers/accelerate on some paths) logs
+    # to the stdout it finds at import; imported here after the command, as those paths would.
+    import subprocess
+    import sys
+
+    path, adapter, _ = checkpoint_and_adapter
+    data = tmp_path / "held_out.csv"
+    data.write_text("text,label\ngood day,1\nbad day,0\n")
+    argv = ["eval", "--model", path, "--adapter", str(adapter), "--data", str(data), "--template", "Text: {text}\nLabel:",
+            "--json"]
+    code = f"from softprompt.cli import main; main({argv!r}); import deepspeed; deepspeed.utils.logger.warning('late')"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout)["a"]["n"] == 2
+    assert "[DeepSpeed] WARNING: late" in proc.stderr

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import textwrap
@@ -69,6 +70,17 @@ EPILOGS = {
           softprompt inspect runs/sentiment/default
           softprompt inspect runs/sentiment/default --model smollm2-135m   # nearest vocabulary tokens
           softprompt inspect runs/sentiment/default --json
+        """,
+    "push": """
+        Uploads an adapter directory to the Hugging Face Hub in PEFT's layout (PeftModel.from_pretrained
+        loads it), with softprompt's records (template, verbalizer, training-row fingerprints) and a
+        generated model card (README.md; one in the directory is used instead). Log in first
+        (`huggingface-cli login`) or pass --token.
+
+        examples:
+          softprompt push examples/adapters/sst2-gemma3-270m your-name/sst2-gemma3-270m-prompt
+          softprompt push runs/sentiment/default your-name/tweet-sentiment --private
+          softprompt eval --model gemma3-270m --adapter your-name/sst2-gemma3-270m-prompt --data dev.tsv
         """,
     "models": """
         examples:
@@ -179,6 +191,14 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_push(args) -> int:
+    from .hub import push_adapter
+
+    url = push_adapter(args.path, args.repo_id, private=args.private, token=args.token, commit_message=args.message)
+    print(f"pushed {args.path} to {args.repo_id}: {url}")
+    return 0
+
+
 def cmd_models(args) -> int:
     from .builtin_models import list_builtin
 
@@ -253,6 +273,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="Print JSON.")
     p.set_defaults(func=cmd_inspect)
 
+    p = _parser(sub, "push", "Upload an adapter to the Hugging Face Hub (PEFT's layout and a model card).")
+    p.add_argument("path", help="Adapter directory.")
+    p.add_argument("repo_id", help="Hub repo to create or update: 'owner/name'.")
+    p.add_argument("--private", action="store_true", help="Create the repo private (an existing repo keeps its setting).")
+    p.add_argument("--token", help="Hub token (default: the one `huggingface-cli login` stored, or $HF_TOKEN).")
+    p.add_argument("--message", help="Commit message (default: 'Upload <folder> with softprompt').")
+    p.set_defaults(func=cmd_push)
+
     p = _parser(sub, "models", "List the built-in model names and whether each is cached.")
     p.add_argument("--json", action="store_true", help="Print JSON.")
     p.set_defaults(func=cmd_models)
@@ -271,11 +299,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _deepspeed_logs_to_stderr(record: logging.LogRecord) -> bool:
+    """A filter for DeepSpeed's logger, which writes to the stdout it finds when imported (transformers and
+    accelerate import it on some paths when it is installed): its warnings would corrupt `--json` output
+    and anything piped from stdout, so they go to stderr instead."""
+    print(f"[DeepSpeed] {record.levelname}: {record.getMessage()}", file=sys.stderr)
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "takes_extra", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    logging.getLogger("DeepSpeed").addFilter(_deepspeed_logs_to_stderr)  # before anything imports it
     try:
         return int((args.func(args, extra) if getattr(args, "takes_extra", False) else args.func(args)) or 0)
     except SoftPromptError as exc:

@@ -148,6 +148,20 @@ class SoftPromptModel(nn.Module):
 
         save_adapter(self, name, path, training_state=training_state, training_meta=training_meta)
 
+    def push_adapter(self, name: str, repo_id: str, *, private: bool = False, token: str | None = None,
+                     commit_message: str | None = None) -> str:
+        """Upload an adapter to the Hugging Face Hub (PEFT's layout and a model card); returns the commit URL.
+        An adapter saved by training (with its template and verbalizer) is better pushed from its directory:
+        ``softprompt.hub.push_adapter(path, repo_id)``."""
+        import tempfile
+
+        from .hub import push_adapter
+
+        with tempfile.TemporaryDirectory(prefix="softprompt-save-") as tmp:
+            folder = f"{tmp}/{name}"
+            self.save_adapter(name, folder)
+            return push_adapter(folder, repo_id, private=private, token=token, commit_message=commit_message)
+
     def adapter_names(self) -> list[str]:
         return list(self.adapters.keys())
 

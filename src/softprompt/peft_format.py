@@ -124,7 +124,8 @@ def _resolve(path: str | Path) -> Path:
         try:
             from huggingface_hub import snapshot_download
 
-            return Path(snapshot_download(text, allow_patterns=[CONFIG_FILE, WEIGHTS_FILE, META_FILE]))
+            return Path(snapshot_download(text, allow_patterns=[CONFIG_FILE, WEIGHTS_FILE, META_FILE, STATE_FILE,
+                                                                STATE_META_FILE]))
         except Exception as exc:  # network, auth or missing repo: one clear message
             raise SoftPromptError(f"adapter {text!r}: no such local directory, and the hub download failed ({exc.__class__.__name__})") from None
     raise SoftPromptError(f"{local}: no such adapter directory")
@@ -291,8 +292,11 @@ def load_adapter(model, path: str | Path, name: str | None = None, *, resume: bo
 
 
 def read_training_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """The training-state tensors (optimizer etc., adapter weights excluded) and metadata of an adapter."""
-    folder = Path(path)
+    """The training-state tensors (optimizer etc., adapter weights excluded) and metadata of an adapter
+    (a local directory, or a hub id whose files ``load_adapter`` fetched; empty where there are none)."""
+    folder = Path(path).expanduser()
+    if not folder.exists() and _is_hub_id(str(path)):
+        folder = _resolve(path)  # the hub cache: the same download load_adapter made
     recover_directory(folder)
     if (folder / STATE_FILE).exists() and (folder / META_FILE).exists():
         verify_checksum(folder, STATE_FILE, read_json(folder / META_FILE))

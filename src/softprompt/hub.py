@@ -1,0 +1,87 @@
+"""Share an adapter on the Hugging Face Hub: its PEFT files, softprompt's records and a model card.
+
+The upload is PEFT's layout (``adapter_config.json`` + ``adapter_model.safetensors``), so PEFT users load
+it with ``PeftModel.from_pretrained``; softprompt's ``softprompt.json`` (checksums, base model shape) and
+``training_state.*`` (template, verbalizer, fingerprints of the training rows) go with it, so
+``softprompt eval``/``predict`` on the hub id need no ``--template`` and still skip rows it trained on.
+Checkpoints (optimizer state of an interrupted run) stay local. huggingface_hub does the transfer.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+from .errors import SoftPromptError
+from .peft_format import (CONFIG_FILE, META_FILE, STATE_FILE, STATE_META_FILE, WEIGHTS_FILE, check_adapter_dir,
+                          read_json, read_training_state, verify_checksum)
+
+CARD_FILE = "README.md"
+UPLOADED = (CONFIG_FILE, WEIGHTS_FILE, META_FILE, STATE_FILE, STATE_META_FILE, "loss_curve.png")
+
+
+def model_card(path: str | Path) -> str:
+    """A hub model card for the adapter in ``path``: metadata the hub indexes, then how to use it."""
+    from .builtin_names import hub_id_for
+
+    folder = Path(path)
+    peft = read_json(folder / CONFIG_FILE)
+    meta = read_json(folder / META_FILE) if (folder / META_FILE).exists() else {}
+    _, info = read_training_state(folder)
+    base = hub_id_for(meta.get("base_model") or peft.get("base_model_name_or_path"))
+    method = str(meta.get("method") or peft.get("peft_type", "")).lower()
+    size_kib = (folder / WEIGHTS_FILE).stat().st_size / 1024
+    front = ["---", "library_name: peft", *([f"base_model: {base}"] if base else []),
+             "tags:", "- softprompt", f"- {method.replace('_', '-')}", "---", ""]
+    body = [f"# {folder.name}", "",
+            f"A {method.replace('_', ' ')} adapter ({peft.get('num_virtual_tokens')} virtual tokens, "
+            f"{size_kib:.1f} KiB) for `{base or 'its base model'}`, trained with "
+            "[softprompt](https://pypi.org/project/softprompt/). The files are PEFT's layout.", ""]
+    data = info.get("data") or {}
+    if data.get("template"):
+        body += ["Trained on prompts rendered with the template", "", "```text", data["template"], "```", ""]
+    if data.get("verbalizer"):
+        labels = ", ".join(f"`{raw}` -> `{text!r}`" for raw, text in data["verbalizer"].items())
+        body += [f"Labels (raw value -> label text scored after the prompt): {labels}.", ""]
+    body += ["## Use", "", "```bash",
+             f"softprompt eval --model {meta.get('base_model') or base} --adapter REPO_ID --data held_out.csv",
+             "```", "", "```python", "from peft import PeftModel", "from transformers import AutoModelForCausalLM",
+             "", f"base = AutoModelForCausalLM.from_pretrained({base!r})", 'model = PeftModel.from_pretrained(base, "REPO_ID")',
+             "```", ""]
+    return "\n".join(front + body)
+
+
+def push_adapter(path: str | Path, repo_id: str, *, private: bool = False, token: str | None = None,
+                 commit_message: str | None = None, api=None) -> str:
+    """Upload the adapter directory ``path`` to the hub repo ``repo_id`` (created if missing); returns the
+    commit URL. The files are checked (config, checksums) before anything is sent."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise SoftPromptError(f"repo id {repo_id!r}: expected 'name' or 'owner/name' (letters, digits, '-', '_', "
+                              "'.'; no '--' or '..')") from None
+    folder = Path(path)
+    check_adapter_dir(folder)
+    meta = read_json(folder / META_FILE) if (folder / META_FILE).exists() else {}
+    for file in (WEIGHTS_FILE, STATE_FILE):
+        verify_checksum(folder, file, meta)  # never publish a file that changed since it was saved
+    api = api or HfApi(token=token)
+    with tempfile.TemporaryDirectory(prefix="softprompt-push-") as staging:
+        for name in UPLOADED:
+            if (folder / name).is_file():
+                shutil.copy2(folder / name, Path(staging) / name)
+        card = folder / CARD_FILE  # a card the user wrote wins over the generated one
+        (Path(staging) / CARD_FILE).write_text(card.read_text(encoding="utf-8") if card.is_file()
+                                               else model_card(folder).replace("REPO_ID", repo_id), encoding="utf-8")
+        try:
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            commit = api.upload_folder(repo_id=repo_id, folder_path=staging,
+                                       commit_message=commit_message or f"Upload {folder.name} with softprompt")
+        except Exception as exc:  # network, authentication, permissions: one line, no traceback
+            raise SoftPromptError(f"pushing {folder} to {repo_id!r} failed: {exc.__class__.__name__}: "
+                                  f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}") from None
+    return str(getattr(commit, "commit_url", commit))
