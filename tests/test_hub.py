@@ -85,6 +85,8 @@ def test_push_uploads_the_peft_files_records_and_a_card_but_not_checkpoints(trai
     assert card.startswith("---\nlibrary_name: peft\n") and "- prompt-tuning" in card
     assert "Text: {text}\nLabel:" in card and "`1` -> `' yes'`" in card
     assert 'PeftModel.from_pretrained(base, "someone/tiny-sentiment")' in card
+    assert "accuracy 75.0% on 8 rows" in card
+    assert "base_model:" not in card  # the tiny model has no hub id: no made-up metadata
 
 
 def test_a_pushed_adapter_loads_back_by_hub_id_with_its_template(trained, hub):
@@ -137,3 +139,11 @@ def test_the_model_pushes_an_adapter_it_holds(trained, hub):
     url = model.push_adapter("a", "someone/from-python", commit_message="first")
     assert url.endswith("/commit/abc123") and hub.message == "first"
     assert (hub.root / "someone" / "from-python" / "adapter_model.safetensors").is_file()
+
+
+def test_the_card_of_an_encoder_decoder_adapter_loads_a_seq2seq_model(tmp_path):
+    model = tiny_model("t5")
+    model.add_adapter("p", method="prefix_tuning", num_virtual_tokens=2, seed=0)
+    model.save_adapter("p", tmp_path / "p")
+    card = model_card(tmp_path / "p")
+    assert "from transformers import AutoModelForSeq2SeqLM" in card and "- prefix-tuning" in card

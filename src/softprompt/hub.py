@@ -9,13 +9,14 @@ Checkpoints (optimizer state of an interrupted run) stay local. huggingface_hub 
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from pathlib import Path
 
 from .errors import SoftPromptError
-from .peft_format import (CONFIG_FILE, META_FILE, STATE_FILE, STATE_META_FILE, WEIGHTS_FILE, check_adapter_dir,
-                          read_json, read_training_state, verify_checksum)
+from .peft_format import (CONFIG_FILE, META_FILE, STATE_FILE, STATE_META_FILE, WEIGHTS_FILE, _is_hub_id,
+                          check_adapter_dir, read_json, read_training_state, verify_checksum)
 
 CARD_FILE = "README.md"
 UPLOADED = (CONFIG_FILE, WEIGHTS_FILE, META_FILE, STATE_FILE, STATE_META_FILE, "loss_curve.png")
@@ -23,32 +24,40 @@ UPLOADED = (CONFIG_FILE, WEIGHTS_FILE, META_FILE, STATE_FILE, STATE_META_FILE, "
 
 def model_card(path: str | Path) -> str:
     """A hub model card for the adapter in ``path``: metadata the hub indexes, then how to use it."""
-    from .builtin_names import hub_id_for
+    from .builtin_names import BUILTIN_HUB_IDS, hub_id_for
 
     folder = Path(path)
     peft = read_json(folder / CONFIG_FILE)
     meta = read_json(folder / META_FILE) if (folder / META_FILE).exists() else {}
     _, info = read_training_state(folder)
     base = hub_id_for(meta.get("base_model") or peft.get("base_model_name_or_path"))
+    if base and not _is_hub_id(base):
+        base = None  # a local path means nothing to the hub (nor to whoever downloads the adapter)
     method = str(meta.get("method") or peft.get("peft_type", "")).lower()
     size_kib = (folder / WEIGHTS_FILE).stat().st_size / 1024
     front = ["---", "library_name: peft", *([f"base_model: {base}"] if base else []),
              "tags:", "- softprompt", f"- {method.replace('_', '-')}", "---", ""]
     body = [f"# {folder.name}", "",
             f"A {method.replace('_', ' ')} adapter ({peft.get('num_virtual_tokens')} virtual tokens, "
-            f"{size_kib:.1f} KiB) for `{base or 'its base model'}`, trained with "
-            "[softprompt](https://pypi.org/project/softprompt/). The files are PEFT's layout.", ""]
+            f"{size_kib:.1f} KiB) for `{base or 'its base model'}`, trained with softprompt. "
+            "The files are PEFT's layout.", ""]
     data = info.get("data") or {}
     if data.get("template"):
         body += ["Trained on prompts rendered with the template", "", "```text", data["template"], "```", ""]
     if data.get("verbalizer"):
         labels = ", ".join(f"`{raw}` -> `{text!r}`" for raw, text in data["verbalizer"].items())
         body += [f"Labels (raw value -> label text scored after the prompt): {labels}.", ""]
+    metrics = info.get("metrics") or {}
+    if isinstance(metrics.get("accuracy"), (int, float)) and metrics.get("n"):
+        body += [f"Validation while training (the rows that chose this checkpoint, not a test set): accuracy "
+                 f"{metrics['accuracy']:.1%} on {metrics['n']} rows.", ""]
+    auto = "AutoModelForSeq2SeqLM" if peft.get("task_type") == "SEQ_2_SEQ_LM" else "AutoModelForCausalLM"
+    softprompt_base = meta.get("base_model") if meta.get("base_model") in BUILTIN_HUB_IDS else base
     body += ["## Use", "", "```bash",
-             f"softprompt eval --model {meta.get('base_model') or base} --adapter REPO_ID --data held_out.csv",
-             "```", "", "```python", "from peft import PeftModel", "from transformers import AutoModelForCausalLM",
-             "", f"base = AutoModelForCausalLM.from_pretrained({base!r})", 'model = PeftModel.from_pretrained(base, "REPO_ID")',
-             "```", ""]
+             f"softprompt eval --model {softprompt_base or 'BASE_MODEL'} --adapter REPO_ID --data held_out.csv",
+             "```", "", "```python", "from peft import PeftModel", f"from transformers import {auto}", "",
+             f"base = {auto}.from_pretrained({json.dumps(base or 'BASE_MODEL')})",
+             'model = PeftModel.from_pretrained(base, "REPO_ID")', "```", ""]
     return "\n".join(front + body)
 
 
