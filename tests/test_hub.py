@@ -131,6 +131,8 @@ def test_mistakes_get_one_line_and_nothing_is_sent(trained, tmp_path, monkeypatc
     with pytest.raises(SoftPromptError, match="checksum does not match"):
         push_adapter(path, "someone/tiny-sentiment", api=hub)
     assert main(["push", str(tmp_path / "missing"), "someone/x"]) == 2
+    assert main(["push", "runs/missing", "someone/x"]) == 2  # looks like a hub id: still not a local folder
+    assert "runs/missing: no such adapter directory" in capsys.readouterr().err
     assert not (tmp_path / "hub").exists()
 
 

@@ -73,7 +73,9 @@ def push_adapter(path: str | Path, repo_id: str, *, private: bool = False, token
     except HFValidationError:
         raise SoftPromptError(f"repo id {repo_id!r}: expected 'name' or 'owner/name' (letters, digits, '-', '_', "
                               "'.'; no '--' or '..')") from None
-    folder = Path(path)
+    folder = Path(path).expanduser()
+    if not folder.is_dir():  # check_adapter_dir lets hub ids through; a push needs the files here
+        raise SoftPromptError(f"{folder}: no such adapter directory (push uploads a local one)")
     check_adapter_dir(folder)
     meta = read_json(folder / META_FILE) if (folder / META_FILE).exists() else {}
     for file in (WEIGHTS_FILE, STATE_FILE):
