@@ -20,7 +20,8 @@ from softprompt.hub import model_card, push_adapter
 from tiny import save_tiny_checkpoint, tiny_model
 
 TRAINING_META = {"data": {"template": "Text: {text}\nLabel:", "text_column": "text", "label_column": "label",
-                          "verbalizer": {"0": " no", "1": " yes"}},
+                          "verbalizer": {"0": " no", "1": " yes"}, "data": "/home/me/private/tweets.csv",
+                          "validation_data": "hf:owner/tweets", "init_from": "owner/start-adapter"},
                  "labels": [" no", " yes"], "max_length": 32,
                  "metrics": {"accuracy": 0.75, "macro_f1": 0.7, "n": 8}}
 
@@ -81,6 +82,10 @@ def test_push_uploads_the_peft_files_records_and_a_card_but_not_checkpoints(trai
     uploaded = sorted(p.name for p in (hub.root / "someone" / "tiny-sentiment").iterdir())
     assert uploaded == sorted(["adapter_config.json", "adapter_model.safetensors", "softprompt.json",
                                "training_state.json", "training_state.safetensors", "README.md"])
+    state = json.loads((hub.root / "someone" / "tiny-sentiment" / "training_state.json").read_text())
+    assert state["data"]["data"] == "tweets.csv" and state["data"]["validation_data"] == "hf:owner/tweets"
+    assert state["data"]["init_from"] == "owner/start-adapter"
+    assert json.loads((path / "training_state.json").read_text())["data"]["data"] == "/home/me/private/tweets.csv"
     card = (hub.root / "someone" / "tiny-sentiment" / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: peft\n") and "- prompt-tuning" in card
     assert "Text: {text}\nLabel:" in card and "`1` -> `' yes'`" in card

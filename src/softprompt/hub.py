@@ -85,6 +85,7 @@ def push_adapter(path: str | Path, repo_id: str, *, private: bool = False, token
         for name in UPLOADED:
             if (folder / name).is_file():
                 shutil.copy2(folder / name, Path(staging) / name)
+        _strip_local_paths(Path(staging) / STATE_META_FILE)
         card = folder / CARD_FILE  # a card the user wrote wins over the generated one
         (Path(staging) / CARD_FILE).write_text(card.read_text(encoding="utf-8") if card.is_file()
                                                else model_card(folder).replace("REPO_ID", repo_id), encoding="utf-8")
@@ -96,3 +97,20 @@ def push_adapter(path: str | Path, repo_id: str, *, private: bool = False, token
             raise SoftPromptError(f"pushing {folder} to {repo_id!r} failed: {exc.__class__.__name__}: "
                                   f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}") from None
     return str(getattr(commit, "commit_url", commit))
+
+
+def _strip_local_paths(state_meta: Path) -> None:
+    """Keep only the file names of the training data (and starting adapter) in the uploaded copy: where
+    they lay on this machine is nobody else's business, and means nothing elsewhere."""
+    if not state_meta.is_file():
+        return
+    info = read_json(state_meta)
+    data = info.get("data")
+    if isinstance(data, dict):
+        for key in ("data", "validation_data", "init_from"):
+            value = data.get(key)
+            local = isinstance(value, str) and not value.startswith("hf:") and (
+                not _is_hub_id(value) or Path(value).expanduser().exists())  # a hub id means the same anywhere
+            if local:
+                data[key] = value.replace("\\", "/").rsplit("/", 1)[-1]
+        state_meta.write_text(json.dumps(info, indent=2, sort_keys=True), encoding="utf-8")
