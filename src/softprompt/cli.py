@@ -75,7 +75,7 @@ EPILOGS = {
         Uploads an adapter directory to the Hugging Face Hub in PEFT's layout (PeftModel.from_pretrained
         loads it), with softprompt's records (template, verbalizer, training-row fingerprints) and a
         generated model card (README.md; one in the directory is used instead). Log in first
-        (`huggingface-cli login`) or pass --token.
+        (`hf auth login`) or pass --token.
 
         examples:
           softprompt push examples/adapters/sst2-gemma3-270m your-name/sst2-gemma3-270m-prompt
@@ -277,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="Adapter directory.")
     p.add_argument("repo_id", help="Hub repo to create or update: 'owner/name'.")
     p.add_argument("--private", action="store_true", help="Create the repo private (an existing repo keeps its setting).")
-    p.add_argument("--token", help="Hub token (default: the one `huggingface-cli login` stored, or $HF_TOKEN).")
+    p.add_argument("--token", help="Hub token (default: the one `hf auth login` stored, or $HF_TOKEN).")
     p.add_argument("--message", help="Commit message (default: 'Upload <folder> with softprompt').")
     p.set_defaults(func=cmd_push)
 
