@@ -107,6 +107,8 @@ def test_eval_of_a_hub_id_needs_no_template(trained, hub, tmp_path, capsys):
     _, path = trained
     assert main(["push", str(path), "someone/tiny-sentiment"]) == 0
     assert "pushed" in capsys.readouterr().out
+    assert main(["inspect", "someone/tiny-sentiment", "--json"]) == 0  # by hub id too
+    assert json.loads(capsys.readouterr().out)["num_virtual_tokens"] == 3
     checkpoint = save_tiny_checkpoint("gpt2", tmp_path / "model")
     data = tmp_path / "held_out.csv"
     data.write_text("text,label\ngood day,1\nbad day,0\nfine,1\n")

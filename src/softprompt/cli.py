@@ -267,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = _parser(sub, "inspect", "Show an adapter's method, base model, size and nearest vocabulary tokens.")
-    p.add_argument("path", help="Adapter directory.")
+    p.add_argument("path", help="Adapter directory or hub id.")
     p.add_argument("--model", help="Base model to compare virtual tokens with its vocabulary.")
     p.add_argument("--top-k", type=int, default=3, help="Nearest tokens shown per virtual token.")
     p.add_argument("--json", action="store_true", help="Print JSON.")
