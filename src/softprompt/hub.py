@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 from .errors import SoftPromptError
-from .peft_format import (CONFIG_FILE, META_FILE, STATE_FILE, STATE_META_FILE, WEIGHTS_FILE, _is_hub_id,
+from .peft_format import (CONFIG_FILE, META_FILE, STATE_FILE, STATE_META_FILE, WEIGHTS_FILE, is_hub_id,
                           check_adapter_dir, read_json, read_training_state, verify_checksum)
 
 CARD_FILE = "README.md"
@@ -31,7 +31,7 @@ def model_card(path: str | Path) -> str:
     meta = read_json(folder / META_FILE) if (folder / META_FILE).exists() else {}
     _, info = read_training_state(folder)
     base = hub_id_for(meta.get("base_model") or peft.get("base_model_name_or_path"))
-    if base and not _is_hub_id(base):
+    if base and not is_hub_id(base):
         base = None  # a local path means nothing to the hub (nor to whoever downloads the adapter)
     method = str(meta.get("method") or peft.get("peft_type", "")).lower()
     size_kib = (folder / WEIGHTS_FILE).stat().st_size / 1024
@@ -110,7 +110,7 @@ def _strip_local_paths(state_meta: Path) -> None:
         for key in ("data", "validation_data", "init_from"):
             value = data.get(key)
             local = isinstance(value, str) and not value.startswith("hf:") and (
-                not _is_hub_id(value) or Path(value).expanduser().exists())  # a hub id means the same anywhere
+                not is_hub_id(value) or Path(value).expanduser().exists())  # a hub id means the same anywhere
             if local:
                 data[key] = value.replace("\\", "/").rsplit("/", 1)[-1]
         state_meta.write_text(json.dumps(info, indent=2, sort_keys=True), encoding="utf-8")

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from .peft_format import (CONFIG_FILE, META_FILE, PEFT_TYPES, WEIGHTS_FILE, _is_hub_id, _resolve, read_json,
-                          read_tensors, verify_checksum)
+from .peft_format import (CONFIG_FILE, META_FILE, PEFT_TYPES, WEIGHTS_FILE, is_hub_id, read_json, read_tensors,
+                          resolve_adapter_dir, verify_checksum)
 
 
 def inspect_adapter(path: str | Path, model=None, *, top_k: int = 3) -> dict:
@@ -16,8 +16,8 @@ def inspect_adapter(path: str | Path, model=None, *, top_k: int = 3) -> dict:
     from .errors import SoftPromptError
 
     folder = Path(path).expanduser()
-    if not folder.exists() and _is_hub_id(str(path)):
-        folder = _resolve(path)  # a hub id: its files, downloaded (and cached) as load_adapter would
+    if not folder.exists() and is_hub_id(str(path)):
+        folder = resolve_adapter_dir(path)  # a hub id: its files, downloaded (and cached) as load_adapter would
     if not folder.is_dir():
         raise SoftPromptError(f"{folder}: expected an adapter directory, got a file" if folder.exists() else
                               f"{folder}: no such adapter directory")

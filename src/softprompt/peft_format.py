@@ -108,11 +108,13 @@ def save_adapter(model, name: str, path: str | Path, *, training_state: dict[str
     return path
 
 
-def _is_hub_id(text: str) -> bool:
+def is_hub_id(text: str) -> bool:
+    """Whether ``text`` is shaped like a hub repo id (``owner/name``) rather than a local path."""
     return text.count("/") == 1 and not text.startswith((".", "/", "~"))
 
 
-def _resolve(path: str | Path) -> Path:
+def resolve_adapter_dir(path: str | Path) -> Path:
+    """The local directory of an adapter: ``path`` itself, or a hub id's files, downloaded (and cached)."""
     local = Path(path).expanduser()
     recover_directory(local)  # a save that a crash interrupted midway
     if local.exists():
@@ -120,7 +122,7 @@ def _resolve(path: str | Path) -> Path:
             raise SoftPromptError(f"{local}: expected an adapter directory (with {CONFIG_FILE}), got a file")
         return local
     text = str(path)
-    if _is_hub_id(text):
+    if is_hub_id(text):
         try:
             from huggingface_hub import snapshot_download
 
@@ -215,9 +217,9 @@ def check_adapter_dir(path: str | Path) -> None:
     of after the weights load. What needs the model (layer count, widths) is still checked at load; a hub id
     that is not a local directory is downloaded (and checked) at load too.
     """
-    if not Path(path).expanduser().exists() and _is_hub_id(str(path)):
+    if not Path(path).expanduser().exists() and is_hub_id(str(path)):
         return
-    folder = _resolve(path)
+    folder = resolve_adapter_dir(path)
     _read_peft_config(folder / CONFIG_FILE)
     if not (folder / WEIGHTS_FILE).is_file():
         read_tensors(folder / WEIGHTS_FILE)  # raises: the pickle refusal or "missing"
@@ -229,7 +231,7 @@ def load_adapter(model, path: str | Path, name: str | None = None, *, resume: bo
     ``resume=True`` also restores reparameterisation weights from the training state, so training can
     continue exactly; otherwise the adapter is the materialised table PEFT would use.
     """
-    folder = _resolve(path)
+    folder = resolve_adapter_dir(path)
     config_file = folder / CONFIG_FILE
     peft = _read_peft_config(config_file)
     meta = read_json(folder / META_FILE) if (folder / META_FILE).exists() else {}
@@ -295,8 +297,8 @@ def read_training_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict
     """The training-state tensors (optimizer etc., adapter weights excluded) and metadata of an adapter
     (a local directory, or a hub id whose files ``load_adapter`` fetched; empty where there are none)."""
     folder = Path(path).expanduser()
-    if not folder.exists() and _is_hub_id(str(path)):
-        folder = _resolve(path)  # the hub cache: the same download load_adapter made
+    if not folder.exists() and is_hub_id(str(path)):
+        folder = resolve_adapter_dir(path)  # the hub cache: the same download load_adapter made
     recover_directory(folder)
     if (folder / STATE_FILE).exists() and (folder / META_FILE).exists():
         verify_checksum(folder, STATE_FILE, read_json(folder / META_FILE))
