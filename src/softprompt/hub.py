@@ -15,8 +15,8 @@ import tempfile
 from pathlib import Path
 
 from .errors import SoftPromptError
-from .peft_format import (CONFIG_FILE, META_FILE, STATE_FILE, STATE_META_FILE, WEIGHTS_FILE, is_hub_id,
-                          check_adapter_dir, read_json, read_training_state, verify_checksum)
+from .peft_format import (CONFIG_FILE, META_FILE, STATE_FILE, STATE_META_FILE, WEIGHTS_FILE, check_adapter_dir,
+                          is_hub_id, read_json, read_training_state, verify_checksum)
 
 CARD_FILE = "README.md"
 UPLOADED = (CONFIG_FILE, WEIGHTS_FILE, META_FILE, STATE_FILE, STATE_META_FILE, "loss_curve.png")
