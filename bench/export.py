@@ -14,11 +14,11 @@ adapter is never copied over one of another base model's shape.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from softprompt.fileio import atomic_directory, atomic_write_json
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "adapters"
 SCORES_FILE = "scores.json"
@@ -74,18 +74,18 @@ def export_if_better(path: str | Path, task: str, model: str, score: float, exam
     target = copy_adapter(path, examples / folder, model)
     scores = shipped_scores(examples)
     scores[folder] = {"task": task, "base_model": model, "metric": evaluation.metric, "value": score}
-    _write_atomically(examples / SCORES_FILE, json.dumps(scores, indent=2, sort_keys=True) + "\n")
+    atomic_write_json(examples / SCORES_FILE, scores)
     was = f"examples/adapters/{best[0]}/ at {best[1]:.4g}" if best else "no example"
     return (f"{task}: exported to {target} ({evaluation.label} {score:.4g}, was {was}); "
             f"give it a row in {examples / 'README.md'}")
 
 
 def copy_adapter(path: str | Path, target: Path, model: str) -> Path:
-    """Copy one trained adapter to ``target``, naming its base by built-in name and hub id."""
+    """Copy one trained adapter to ``target`` as a whole (``fileio.atomic_directory``), naming its base by
+    built-in name and hub id."""
     from softprompt.builtin_names import hub_id_for
 
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+    with atomic_directory(target) as staging:
         # training_state.* stays: it records the template, verbalizer and training rows, which
         # `softprompt eval` / `predict` use; checkpoints (optimizer state) do not.
         shutil.copytree(path, staging, ignore=shutil.ignore_patterns("checkpoints"), dirs_exist_ok=True)
@@ -100,15 +100,4 @@ def copy_adapter(path: str | Path, target: Path, model: str) -> Path:
                 peft_config[key] = hub_id_for(model)
         peft_path.write_text(json.dumps(peft_config, indent=2, sort_keys=True) + "\n")
         staging.chmod(0o755)  # mkdtemp's 0700 would follow the folder
-        shutil.rmtree(target, ignore_errors=True)
-        staging.rename(target)  # the example is either the old one or the whole new one
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return target
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)

@@ -35,6 +35,7 @@ if __package__ in (None, ""):  # `python bench/quality.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import harness  # noqa: E402
+from bench.export import EVALUATIONS, EXAMPLES, export_if_better  # noqa: E402
 from bench.models import TINY, Systems, model_path  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -645,11 +646,9 @@ def main(argv=None) -> int:
     return 0
 
 
-def export_examples(result: dict, examples: Path | None = None) -> None:
+def export_examples(result: dict, examples: Path = EXAMPLES) -> None:
     """Offer each task's best softprompt adapter of this run as its example (``bench.export``'s rule: only
     if it beats every shipped example of the task on the task's fixed held-out evaluation)."""
-    from bench.export import EVALUATIONS, EXAMPLES, export_if_better
-
     for name, task in result["tasks"].items():
         if name not in EVALUATIONS:
             continue  # generation has no example adapters
@@ -662,7 +661,7 @@ def export_examples(result: dict, examples: Path | None = None) -> None:
                 continue
             score, path = max(ranked)
         if Path(path).is_dir():  # numbers read back from the doc may outlive their runs/ folder
-            print("bench.quality: " + export_if_better(path, name, result["meta"]["model"], score, examples or EXAMPLES))
+            print("bench.quality: " + export_if_better(path, name, result["meta"]["model"], score, examples))
         else:
             print(f"bench.quality: {name}: not exported ({path} is gone)")
 
