@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from .peft_format import (CONFIG_FILE, META_FILE, PEFT_TYPES, WEIGHTS_FILE, is_hub_id, read_json, read_tensors,
+from .peft_format import (CONFIG_FILE, META_FILE, PEFT_TYPES, WEIGHTS_FILE, read_json, read_tensors,
                           resolve_adapter_dir, verify_checksum)
 
 
@@ -15,12 +15,7 @@ def inspect_adapter(path: str | Path, model=None, *, top_k: int = 3) -> dict:
     the vocabulary tokens whose input embeddings are closest (cosine similarity); input methods only."""
     from .errors import SoftPromptError
 
-    folder = Path(path).expanduser()
-    if not folder.exists() and is_hub_id(str(path)):
-        folder = resolve_adapter_dir(path)  # a hub id: its files, downloaded (and cached) as load_adapter would
-    if not folder.is_dir():
-        raise SoftPromptError(f"{folder}: expected an adapter directory, got a file" if folder.exists() else
-                              f"{folder}: no such adapter directory")
+    folder = resolve_adapter_dir(path)  # a local directory, or a hub id's files as load_adapter fetches them
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise SoftPromptError(f"--top-k: expected an integer of at least 1, got {top_k!r}")
     config = read_json(folder / CONFIG_FILE)
