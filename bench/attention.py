@@ -13,7 +13,7 @@ as there are more keys than queries. This times, on the same tensors, the bare m
 * ``masked``: what transformers' SDPA function does (each key/value head copied per query head with
   ``repeat_kv``, a boolean mask over 64 + n keys);
 * ``grouped (softprompt)``: what softprompt does for such short masked calls
-  (`softprompt.attention.grouped_attention`: two matrix products per group of query heads sharing a
+  (`softprompt.engine.attention.grouped_attention`: two matrix products per group of query heads sharing a
   key/value head, no copies; exact);
 * ``unmasked``: the same keys with no mask at all (wrong results; the kernel's floor for 64 + n keys);
 * ``split``: two kernel calls, prefix keys unmasked and text keys with ``is_causal``, merged through
@@ -43,7 +43,7 @@ def variants(batch: int, heads: int, length: int, prefix: int, head_dim: int, se
     import torch.nn.functional as F
     from transformers.integrations.sdpa_attention import repeat_kv
 
-    from softprompt.attention import grouped_attention
+    from softprompt.engine.attention import grouped_attention
 
     kv_heads = kv_heads or heads
     group = heads // kv_heads
@@ -140,10 +140,10 @@ def main(argv=None) -> int:
 
 
 def sweep(args, lengths: list[int]) -> int:
-    """Where grouped products stop beating the masked kernel (softprompt.attention.GROUPED_MAX_QUERIES)."""
+    """Where grouped products stop beating the masked kernel (softprompt.engine.attention.GROUPED_MAX_QUERIES)."""
     import torch
 
-    from softprompt.attention import GROUPED_MAX_QUERIES
+    from softprompt.engine.attention import GROUPED_MAX_QUERIES
 
     print(f"SDPA on CPU, {args.threads} thread(s), {args.heads}/{args.kv_heads} heads, {args.prefix} prefix keys, "
           f"head_dim {args.head_dim}; torch {torch.__version__}; softprompt groups calls of up to "

@@ -43,7 +43,7 @@ def _member(spec: str) -> tuple[str, str | None]:
 def shared_settings(adapters: list[str], given: dict | None = None) -> dict:
     """The template, columns and verbalizer every member was trained with (they must agree); settings
     ``given`` (the command line's) replace what the adapters say, for every member alike."""
-    from softprompt.evaluate import adapter_settings
+    from softprompt.training.evaluate import adapter_settings
 
     keys = ("template", "text_column", "label_column", "verbalizer")
     given = {k: v for k, v in (given or {}).items() if v is not None}
@@ -68,9 +68,9 @@ def run(members: list[tuple[str, str | None]], splits: dict[str, str], *, given:
     """Score every split with every member (one base model at a time), then average the probabilities."""
     import softprompt
     from softprompt.data import Template, load_rows
-    from softprompt.evaluate import fingerprint, read_train_fingerprints
-    from softprompt.metrics import classification_report
-    from softprompt.predict import label_probabilities
+    from softprompt.training.evaluate import fingerprint, read_train_fingerprints
+    from softprompt.training.metrics import classification_report
+    from softprompt.training.predict import label_probabilities
 
     settings = shared_settings([a for _, a in members if a], given)
     render = Template(settings["template"]).render
@@ -148,7 +148,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     harness.quiet()
     torch.set_num_threads(args.threads)
-    from softprompt.config import parse_verbalizer
+    from softprompt.training.config import parse_verbalizer
 
     members = [_member(s) for s in args.member]
     given = {"template": args.template, "label_column": args.label_column,

@@ -83,7 +83,7 @@ def export_if_better(path: str | Path, task: str, model: str, score: float, exam
 def copy_adapter(path: str | Path, target: Path, model: str) -> Path:
     """Copy one trained adapter to ``target`` as a whole (``fileio.atomic_directory``), naming its base by
     built-in name and hub id."""
-    from softprompt.builtin_names import hub_id_for
+    from softprompt.models.names import hub_id_for
 
     with atomic_directory(target) as staging:
         # training_state.* stays: it records the template, verbalizer and training rows, which

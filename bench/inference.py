@@ -27,7 +27,7 @@ def no_eos(model):
 
 
 def ours_generate(model, ids, mask, adapters, new_tokens: int) -> list[list[int]]:
-    from softprompt.generation import GenerationConfig, generate_batch
+    from softprompt.engine.generation import GenerationConfig, generate_batch
 
     with no_eos(model):
         out = generate_batch(model, ids, mask, adapters, GenerationConfig(max_new_tokens=new_tokens))
@@ -43,7 +43,7 @@ def hf_generate(model, ids, mask, new_tokens: int, pad_id: int) -> list[list[int
 
 
 def _pad_id(tokenizer) -> int:
-    from softprompt.tokens import pad_id
+    from softprompt.engine.tokens import pad_id
 
     return pad_id(tokenizer)
 
@@ -134,7 +134,7 @@ def run_mixed(systems: Systems, prompts: list[str], *, counts=(1, 4, 16), batch_
     PEFT: one adapter active at a time, so requests are grouped by adapter (``set_adapter``, then the
     group in batches of up to ``batch_size``), the best it can do for a stream of mixed requests.
     """
-    from softprompt.tokens import encode_texts
+    from softprompt.engine.tokens import encode_texts
 
     tok, pad = systems.tokenizer, _pad_id(systems.tokenizer)
     names = [f"mix{i:02d}" for i in range(max(counts))]
@@ -203,7 +203,7 @@ def train_classifier(systems: Systems, name: str, train: list[data.Example], *, 
     """Prompt-tune ``name`` on labelled examples (loss on the label token only), with softprompt."""
     import random
 
-    from softprompt.tokens import pad_batch
+    from softprompt.engine.tokens import pad_batch
 
     tok, model = systems.tokenizer, systems.ours
     rng = random.Random(seed)
@@ -234,7 +234,7 @@ def train_classifier(systems: Systems, name: str, train: list[data.Example], *, 
 def run_classification(systems: Systems, train, dev, *, examples: int, batch_size: int, train_steps: int,
                        repeats: int, warmup: int, log=print) -> dict:
     """Label scoring (`model.score`) vs generate-and-match on the same adapter and the same labelled examples."""
-    from softprompt.generation import generate
+    from softprompt.engine.generation import generate
 
     name = "cls"
     systems.add(name, "prompt_tuning", 8, peft=False, init_text=data.INIT_TEXT)

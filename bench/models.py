@@ -51,7 +51,7 @@ def tiny_llama(seed: int = 0):
 # ------------------------------------------------------------------------------------------ loading
 def model_path(name: str) -> str:
     """A built-in name (e.g. smollm2-135m) becomes its local converted checkpoint; a directory passes."""
-    from softprompt.loading import resolve_model_path
+    from softprompt.models.loading import resolve_model_path
 
     return resolve_model_path(name)
 

@@ -71,7 +71,7 @@ def main(argv=None) -> int:
                 return inference.ours_generate(model, ids, mask, name, 10)
             return inference.hf_generate(model, ids, mask, 10, pad)
     else:
-        from softprompt.tokens import encode_texts
+        from softprompt.engine.tokens import encode_texts
 
         names = [f"mix{i}" for i in range(args.adapters)]
         for i, n in enumerate(names):

@@ -152,7 +152,7 @@ def examples(task: Task, rows: list[dict], source: str):
 
 
 def config_for(task: Task, budget: dict, method: str, out: Path, **extra):
-    from softprompt.config import load_config
+    from softprompt.training.config import load_config
 
     values = {"model": "bench", "data": str(DATA / next(iter(task.files.values()))), "template": task.template,
               "label_column": task.label_column, "verbalizer": task.verbalizer, "method": method,
@@ -169,7 +169,7 @@ def config_for(task: Task, budget: dict, method: str, out: Path, **extra):
 
 # ------------------------------------------------------------------------------------------ softprompt
 def train_ours(systems: Systems, task: Task, budget: dict, method: str, train_rows, out: Path, log, **extra) -> dict:
-    from softprompt.train import prepare_job, train_jobs
+    from softprompt.training.loop import prepare_job, train_jobs
 
     config = config_for(task, budget, method, out, **extra)
     spec = config.resolved_adapters()[0]
@@ -184,7 +184,7 @@ def train_ours(systems: Systems, task: Task, budget: dict, method: str, train_ro
 
 
 def score_ours(systems: Systems, name: str | None, test, labels, budget) -> dict:
-    from softprompt.evaluate import evaluate
+    from softprompt.training.evaluate import evaluate
 
     started = time.perf_counter()
     report = evaluate(systems.ours, test, name, labels, "score", compare_base=False, batch_size=16,
@@ -201,8 +201,8 @@ def train_peft(systems: Systems, name: str, items, config, log) -> float:
     """PEFT's model trained on softprompt's encoded rows, in softprompt's epoch order, same optimizer."""
     from transformers import get_scheduler
 
-    from softprompt.tokens import pad_id
-    from softprompt.train import collate, epoch_groups
+    from softprompt.engine.tokens import pad_id
+    from softprompt.training.loop import collate, epoch_groups
 
     model = systems.peft_for(name)
     params = systems.peft_params(name)
@@ -236,10 +236,10 @@ def train_peft(systems: Systems, name: str, items, config, log) -> float:
 def peft_label_scores(systems: Systems, name: str, texts: list[str], labels: list[str], max_length: int,
                       batch_size: int = 16) -> list[list[float]]:
     """Sum log-likelihood of each label text after each prompt, through PEFT's forward."""
-    from softprompt.tokens import pad_batch, pad_id
+    from softprompt.engine.tokens import pad_batch, pad_id
 
     tok, model = systems.tokenizer, systems.peft_for(name)
-    from softprompt.evaluate import prompt_budget
+    from softprompt.training.evaluate import prompt_budget
 
     cands = [tok(label, add_special_tokens=False)["input_ids"] for label in labels]
     room = prompt_budget(systems.ours, labels, max_length)  # the same prompt budget softprompt's scoring uses
@@ -256,7 +256,7 @@ def peft_label_scores(systems: Systems, name: str, texts: list[str], labels: lis
 
 
 def score_peft(systems: Systems, name: str, test, labels, budget) -> dict:
-    from softprompt.metrics import classification_report
+    from softprompt.training.metrics import classification_report
 
     started = time.perf_counter()
     scores = peft_label_scores(systems, name, [e.text for e in test], labels, budget["max_length"])
@@ -267,8 +267,8 @@ def score_peft(systems: Systems, name: str, test, labels, budget) -> dict:
 
 @torch.no_grad()
 def peft_loss(systems: Systems, name: str, items, batch_size: int = 16) -> tuple[float, int]:
-    from softprompt.tokens import pad_id
-    from softprompt.train import collate
+    from softprompt.engine.tokens import pad_id
+    from softprompt.training.loop import collate
 
     model, total, tokens = systems.peft_for(name), 0.0, 0
     for s in range(0, len(items), batch_size):
@@ -281,7 +281,7 @@ def peft_loss(systems: Systems, name: str, items, batch_size: int = 16) -> tuple
 
 # ------------------------------------------------------------------------------------------- the tasks
 def run_classification(systems: Systems, task: Task, budget: dict, out: Path, log) -> dict:
-    from softprompt.train import encode_examples
+    from softprompt.training.loop import encode_examples
 
     train_rows, test_rows, split = task_rows(task, budget, is_quick(budget))
     test = examples(task, test_rows, f"{task.name} test rows")
@@ -313,8 +313,8 @@ def run_classification(systems: Systems, task: Task, budget: dict, out: Path, lo
 
 def run_raft(systems: Systems, task: Task, budget: dict, out: Path, log, predictions: Path | None) -> dict:
     """k-fold cross-validation on the 50 labelled tweets, then one adapter on all 50 predicts the test set."""
-    from softprompt.evaluate import cross_validate
-    from softprompt.predict import predict_file
+    from softprompt.training.evaluate import cross_validate
+    from softprompt.training.predict import predict_file
 
     from softprompt.data import load_rows
 
@@ -360,7 +360,7 @@ def run_raft(systems: Systems, task: Task, budget: dict, out: Path, log, predict
     # the submission: one adapter trained on all labelled rows, label scoring on the unlabelled test tweets
     final = config_for(task, budget, "prompt_tuning", out / task.name / "final", data=str(data),
                        epochs=budget["cv_epochs"], val_fraction=0.0, name="final")
-    from softprompt.train import prepare_job, train_jobs
+    from softprompt.training.loop import prepare_job, train_jobs
 
     job = prepare_job(final.resolved_adapters()[0], rows=rows, val_rows=[], source=str(data))
     trained = train_jobs(final, systems.ours, [job], progress=True)
@@ -389,8 +389,8 @@ def run_raft(systems: Systems, task: Task, budget: dict, out: Path, log, predict
 
 def run_generation(systems: Systems, tasks: list[Task], budget: dict, out: Path, log) -> dict:
     """Both adapters trained in ONE softprompt job (mixed batches), PEFT one at a time; held-out perplexity."""
-    from softprompt.evaluate import example_loss
-    from softprompt.train import encode_examples, prepare_job, train_jobs
+    from softprompt.training.evaluate import example_loss
+    from softprompt.training.loop import encode_examples, prepare_job, train_jobs
 
     quick = is_quick(budget)
     limit = {**budget, "train_limit": budget["generation_limit"], "test_limit": budget["test_limit"] or 100}

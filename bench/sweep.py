@@ -5,12 +5,12 @@
     .venv/bin/python -m bench.sweep --methods prompt_tuning,prefix_tuning --lrs 1e-2,3e-2 --tokens 8
     .venv/bin/python -m bench.sweep --quick                                   # harness check, tiny model
 
-Every adapter of the sweep trains in the same `softprompt.train.train_jobs` call on one frozen base:
+Every adapter of the sweep trains in the same `softprompt.training.loop.train_jobs` call on one frozen base:
 each optimizer step runs one batch per adapter (same rows, same order) through the model together.
 Selection is honest: a seeded, label-stratified slice of the *training* rows is the validation set;
 the best single adapter and the ensemble members (the top ``--ensemble`` by validation accuracy) are
 chosen on it, and the held-out test rows (the same seeded split as ``bench.quality``) are only scored.
-The ensemble averages the label probabilities of its members (`softprompt.predict.label_probabilities`,
+The ensemble averages the label probabilities of its members (`softprompt.training.predict.label_probabilities`,
 what ``softprompt predict --adapter A --adapter B`` does).
 
 Writes ``<out>/<task>/sweep.json``, ``sweep.md`` (the table) and ``sweep.png`` (test accuracy per
@@ -47,9 +47,9 @@ def run_sweep(systems: Systems, task_name: str, *, lrs: list[float], tokens: lis
               methods: tuple[str, ...] = ("prompt_tuning",)) -> dict:
     """Train every (method, lr, tokens) adapter in one job; score each and the ensembles."""
     from softprompt.data import train_val_split
-    from softprompt.metrics import classification_report
-    from softprompt.predict import label_probabilities
-    from softprompt.train import prepare_job, train_jobs
+    from softprompt.training.metrics import classification_report
+    from softprompt.training.predict import label_probabilities
+    from softprompt.training.loop import prepare_job, train_jobs
 
     task = TASKS[task_name]
     quick = is_quick(budget)
@@ -109,7 +109,7 @@ def run_sweep(systems: Systems, task_name: str, *, lrs: list[float], tokens: lis
 
 
 def _room(systems: Systems, labels, budget) -> int | None:
-    from softprompt.evaluate import prompt_budget
+    from softprompt.training.evaluate import prompt_budget
 
     return prompt_budget(systems.ours, labels, budget["max_length"])
 

@@ -10,7 +10,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from softprompt import SoftPromptModel
-from softprompt.tokens import pad_batch
+from softprompt.engine.tokens import pad_batch
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:

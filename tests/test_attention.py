@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from softprompt import SoftPromptModel, attention
-from softprompt.tokens import pad_batch
+from softprompt.engine.tokens import pad_batch
 from tiny import CAUSAL, tiny_base, tiny_model, tiny_tokenizer
 
 

@@ -54,7 +54,7 @@ def test_the_summary_sets_each_documented_number_beside_its_rerun(quick_run):
 
 def test_the_sst2_chain_never_trains_or_validates_on_a_row_an_earlier_link_saw(quick_run):
     from softprompt.data import Template, load_rows
-    from softprompt.evaluate import fingerprint, read_train_fingerprints
+    from softprompt.training.evaluate import fingerprint, read_train_fingerprints
 
     out, _, _ = quick_run
     render = Template(reproduce.SST2_TEMPLATE).render
@@ -155,7 +155,7 @@ def test_cut_is_seeded_and_leaves_out_seen_rows_and_duplicates(tmp_path):
 def test_the_cross_model_ensemble_averages_members_and_drops_rows_they_trained_on(quick_run, tmp_path):
     import softprompt
     from softprompt.data import load_rows
-    from softprompt.predict import label_probabilities
+    from softprompt.training.predict import label_probabilities
 
     out, _, _ = quick_run
     done = json.loads((out / "sst2-two-models" / "ensemble.json").read_text())

@@ -55,7 +55,7 @@ def test_selection_and_ensembles_use_validation_only(quick_sweep):
 
 
 def test_ensemble_averages_member_probabilities(tmp_path, one_thread):
-    from softprompt.metrics import classification_report
+    from softprompt.training.metrics import classification_report
 
     systems = Systems.build(TINY)
     # Two methods in one job: the ensemble then mixes a prompt-tuned and a prefix-tuned adapter.

@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 import torch
 
-from softprompt import builtin_models as bm
-from softprompt import demo_data
-from softprompt.builtin_names import BUILTIN_HUB_IDS
+from softprompt.models import builtin as bm
+from softprompt.data import demo_tweets
+from softprompt.models.names import BUILTIN_HUB_IDS
 from softprompt.errors import SoftPromptError
 
 REAL = os.environ.get("SOFTPROMPT_REAL_MODELS") == "1"

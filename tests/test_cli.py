@@ -72,7 +72,7 @@ def test_bad_adapter_spec_is_a_clear_error(checkpoint_and_adapter, capsys):
 def test_a_bad_adapter_directory_fails_before_the_base_model_loads(tmp_path, monkeypatch, capsys, command, damage,
                                                                     message):
     import softprompt
-    import softprompt.loading
+    import softprompt.models.loading
 
     adapter = tmp_path / "a"
     model = tiny_model("gpt2")
@@ -92,7 +92,7 @@ def test_a_bad_adapter_directory_fails_before_the_base_model_loads(tmp_path, mon
         raise AssertionError("the base model was loaded before the adapter was checked")
 
     monkeypatch.setattr(softprompt, "load", no_loading)
-    monkeypatch.setattr(softprompt.loading, "load", no_loading)
+    monkeypatch.setattr(softprompt.models.loading, "load", no_loading)
     data = tmp_path / "d.csv"
     data.write_text("text,label\nhi,a\nyo,b\n")
     argv = {"generate": ["generate", "--model", "m", "--adapter", f"a={adapter}", "x"],

@@ -3,7 +3,7 @@
 import pytest
 import yaml
 
-from softprompt.config import TrainConfig, apply_overrides, load_config, parse_override_words, save_resolved
+from softprompt.training.config import TrainConfig, apply_overrides, load_config, parse_override_words, save_resolved
 from softprompt.errors import ConfigError
 
 

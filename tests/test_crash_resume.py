@@ -232,8 +232,8 @@ def test_ctrl_c_saves_the_latest_state_exits_130_and_resume_is_bit_identical(run
 ], ids=["SIGINT", "SIGTERM"])
 def test_a_signal_in_process_saves_at_a_step_boundary(run, tmp_path, signum, default, step):
     """The same through the library: a signal arriving mid-step is deferred to the end of the step."""
-    from softprompt.config import load_config
-    from softprompt.train import TrainingInterrupted, train
+    from softprompt.training.config import load_config
+    from softprompt.training.loop import TrainingInterrupted, train
 
     out = tmp_path / "lib"
     config = load_config(None, train_argv(run, out)[1:])

@@ -21,7 +21,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from softprompt.distributed import Distributed
+from softprompt.training.distributed import Distributed
 from tiny import save_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -210,7 +210,7 @@ def test_only_rank_0_writes_files(single_and_pair):
 
 CRASH = '''
 import os, sys
-import softprompt.train as train_module
+import softprompt.training.loop as train_module
 from softprompt import cli
 
 original, crash_at = train_module.train, int(os.environ["SOFTPROMPT_TEST_CRASH_AT"])
@@ -292,7 +292,7 @@ def test_multi_adapter_job_in_two_processes_equals_one_process(tmp_path, model_d
 EXIT_SCRIPT = """
 import sys, time
 import torch
-from softprompt import distributed
+from softprompt.training import distributed
 
 dist = distributed.current()
 torch.distributed.all_reduce(torch.ones(1))
@@ -379,7 +379,7 @@ def launched(monkeypatch):
     """`distributed.current()` as in a 2-process launch built by ``FakeAccelerator`` (set its class fields)."""
     import accelerate
 
-    from softprompt import distributed
+    from softprompt.training import distributed
 
     monkeypatch.setattr(accelerate, "Accelerator", FakeAccelerator)
     monkeypatch.setattr(FakeAccelerator, "plugin", fsdp_plugin())
@@ -477,7 +477,7 @@ def test_an_fsdp_launch_shards_the_base_with_the_configs_reshard_setting(launche
 def test_fsdp_units_are_the_blocks_the_called_modules_and_one_unit_per_embedding_matrix():
     from tiny import tiny_model
 
-    from softprompt.distributed import fsdp_units
+    from softprompt.training.distributed import fsdp_units
 
     llama = tiny_model("llama")  # untied: embedding and head are separate units
     units = fsdp_units(llama)
@@ -500,9 +500,9 @@ def test_fsdp_units_are_the_blocks_the_called_modules_and_one_unit_per_embedding
 def test_a_family_without_known_blocks_cannot_be_sharded_and_says_so():
     from tiny import tiny_model
 
-    from softprompt.distributed import fsdp_units
+    from softprompt.training.distributed import fsdp_units
     from softprompt.errors import ConfigError
-    from softprompt.families import FamilyQuirks
+    from softprompt.engine.families import FamilyQuirks
 
     model = tiny_model("llama")
     model.quirks = FamilyQuirks()  # what an unknown family gets
@@ -520,7 +520,7 @@ def test_a_family_without_known_blocks_cannot_be_sharded_and_says_so():
 FSDP_PROBE = '''
 import os, sys
 from torch.distributed.tensor import DTensor
-import softprompt.train as train_module
+import softprompt.training.loop as train_module
 from softprompt import cli, distributed
 
 original_shard_base, crash_at = distributed.Distributed.shard_base, int(os.environ.get("SOFTPROMPT_TEST_CRASH_AT", 0))
@@ -710,7 +710,7 @@ FAMILY_SCRIPT = '''
 import sys
 import torch
 from tiny import FAMILIES, tiny_model
-from softprompt import distributed
+from softprompt.training import distributed
 
 dist = distributed.current()
 assert dist.shards_base, dist

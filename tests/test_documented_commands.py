@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from softprompt.cli import EPILOGS, build_parser
-from softprompt.config import TrainConfig
+from softprompt.training.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", ROOT / "examples" / "adapters" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]

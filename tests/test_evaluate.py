@@ -10,13 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from softprompt.config import load_config
+from softprompt.training.config import load_config
 from softprompt.data import Example
 from softprompt.errors import DataError
-from softprompt.evaluate import (cross_validate, evaluate, evaluate_data, example_loss, fingerprint, normalize_text,
+from softprompt.training.evaluate import (cross_validate, evaluate, evaluate_data, example_loss, fingerprint, normalize_text,
                                  read_train_fingerprints)
-from softprompt.scoring import LabelScores
-from softprompt.train import train
+from softprompt.engine.scoring import LabelScores
+from softprompt.training.loop import train
 from tiny import tiny_model, tiny_tokenizer
 
 
@@ -183,7 +183,7 @@ def test_cross_validation_interrupted_by_a_signal_saves_and_resumes_to_the_same_
     import os
     import signal
 
-    from softprompt.train import TrainingInterrupted
+    from softprompt.training.loop import TrainingInterrupted
 
     data = toy_csv(tmp_path / "toy.csv", 24)
     values = {"data": data, "label_column": "label", "method": "prompt_tuning", "num_virtual_tokens": 2,

@@ -9,7 +9,7 @@ from transformers import Gemma3TextConfig, Gemma3ForCausalLM, LlamaConfig, Llama
 
 from softprompt import SoftPromptModel
 from softprompt.data import Template
-from softprompt.peft_format import META_FILE, STATE_FILE, WEIGHTS_FILE, read_json, read_training_state, verify_checksum
+from softprompt.adapters.peft_format import META_FILE, STATE_FILE, WEIGHTS_FILE, read_json, read_training_state, verify_checksum
 from tiny import tiny_tokenizer
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "adapters"

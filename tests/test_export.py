@@ -9,7 +9,7 @@ from safetensors import safe_open
 
 from serving import lively_model
 from softprompt import SoftPromptError
-from softprompt.export import (FORMAT, build_prompt_embeds, encode_for_vllm, export_prompt_embeddings,
+from softprompt.adapters.export import (FORMAT, build_prompt_embeds, encode_for_vllm, export_prompt_embeddings,
                                prompt_embeddings, read_metadata)
 from tiny import tiny_model
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from softprompt import SoftPromptError
-from softprompt.generation import GenerationConfig, generate_batch
-from softprompt.tokens import encode_texts
+from softprompt.engine.generation import GenerationConfig, generate_batch
+from softprompt.engine.tokens import encode_texts
 from tiny import tiny_model
 
 

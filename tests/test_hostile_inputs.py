@@ -26,9 +26,9 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from softprompt import SoftPromptModel
 from softprompt.cli import main
-from softprompt.config import MAX_CONFIG_BYTES
+from softprompt.training.config import MAX_CONFIG_BYTES
 from softprompt.data import MAX_FILE_BYTES
-from softprompt.peft_format import MAX_JSON_BYTES
+from softprompt.adapters.peft_format import MAX_JSON_BYTES
 from tiny import save_tiny_checkpoint, tiny_model, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -1,4 +1,4 @@
-"""softprompt.hub and `softprompt push`: what goes to the hub, and that it comes back whole.
+"""softprompt.adapters.hub and `softprompt push`: what goes to the hub, and that it comes back whole.
 
 No network: a stand-in for huggingface_hub's HfApi keeps uploads in a folder, and snapshot_download
 serves them back from it (as the hub would, filtered by the requested patterns)."""
@@ -15,8 +15,8 @@ import torch
 
 from softprompt import SoftPromptError
 from softprompt.cli import main
-from softprompt.evaluate import adapter_settings
-from softprompt.hub import model_card, push_adapter
+from softprompt.training.evaluate import adapter_settings
+from softprompt.adapters.hub import model_card, push_adapter
 from tiny import save_tiny_checkpoint, tiny_model
 
 TRAINING_META = {"data": {"template": "Text: {text}\nLabel:", "text_column": "text", "label_column": "label",

@@ -1,4 +1,4 @@
-"""Classification metrics, the text report, perplexity and the PNG plots (softprompt.metrics)."""
+"""Classification metrics, the text report, perplexity and the PNG plots (softprompt.training.metrics)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from softprompt.errors import ConfigError, DataError
-from softprompt.metrics import (
+from softprompt.training.metrics import (
     classification_report, format_report, perplexity, plot_confusion_matrix, plot_loss_curve,
 )
 

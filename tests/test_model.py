@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from softprompt.tokens import pad_batch
+from softprompt.engine.tokens import pad_batch
 from tiny import CAUSAL, FAMILIES, tiny_model
 
 ROWS = [[20, 30, 40, 50, 60, 70, 80], [21, 31, 41], [22, 32, 42, 52, 62], [23, 33, 43, 53]]

@@ -7,7 +7,7 @@ import torch
 from peft import PeftModel, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, TaskType, get_peft_model
 
 from softprompt import SoftPromptModel
-from softprompt.generation import GenerationConfig, generate_batch
+from softprompt.engine.generation import GenerationConfig, generate_batch
 from tiny import FAMILIES, tiny_base, tiny_tokenizer
 
 METHODS = ["prompt_tuning", "prefix_tuning", "p_tuning"]

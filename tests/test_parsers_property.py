@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from softprompt.config import TrainConfig, parse_override_words
+from softprompt.training.config import TrainConfig, parse_override_words
 from softprompt.data import (Template, Verbalizer, _parse_template, escape_template_text, kfold, load_rows,
                              train_val_split)
 from softprompt.errors import ConfigError, DataError

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from softprompt import AdapterMismatchError, SoftPromptError
-from softprompt.peft_format import load_adapter, read_training_state
+from softprompt.adapters.peft_format import load_adapter, read_training_state
 from tiny import tiny_model
 
 

@@ -5,7 +5,7 @@ import csv
 import pytest
 
 from softprompt.cli import main
-from softprompt.predict import label_probabilities
+from softprompt.training.predict import label_probabilities
 from test_train import toy_rows, write_csv
 from tiny import save_tiny_checkpoint
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from softprompt.config import load_config
+from softprompt.training.config import load_config
 from softprompt.data import Template
-from softprompt.train import train
+from softprompt.training.loop import train
 from tiny import tiny_model
 
 REPO = Path(__file__).resolve().parents[1]

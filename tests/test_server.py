@@ -480,7 +480,7 @@ def test_serve_loads_the_model_and_adapters_and_runs_uvicorn(tmp_path, monkeypat
     import uvicorn
 
     from softprompt.cli import parse_adapter_specs
-    from softprompt.server.cli import add_serve_arguments, cmd_serve
+    from softprompt.cli.serve import add_serve_arguments, cmd_serve
     from tiny import save_tiny_checkpoint
 
     checkpoint = save_tiny_checkpoint("gpt2", tmp_path / "model")

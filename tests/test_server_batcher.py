@@ -11,7 +11,7 @@ import pytest
 from serving import lively_model
 from softprompt.server.batcher import Batcher, Job, Sampling
 from softprompt.server.settings import ServerSettings
-from softprompt.tokens import encode_texts
+from softprompt.engine.tokens import encode_texts
 
 PATHS = {"gpt2": "merged", "llama": "merged", "bloom": "merged", "gemma3": "separate", "t5": "separate"}
 

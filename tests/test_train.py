@@ -8,10 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from softprompt.config import load_config
+from softprompt.training.config import load_config
 from softprompt.data import Example
 from softprompt.errors import ConfigError
-from softprompt.train import Encoded, encode_example, epoch_groups, train
+from softprompt.training.loop import Encoded, encode_example, epoch_groups, train
 from tiny import tiny_model
 
 

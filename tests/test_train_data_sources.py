@@ -5,9 +5,9 @@ import types
 
 import pytest
 
-from softprompt.config import load_config
+from softprompt.training.config import load_config
 from softprompt.errors import ConfigError
-from softprompt.train import prepare_job, train
+from softprompt.training.loop import prepare_job, train
 from test_train import toy_rows, write_csv
 from tiny import tiny_model
 

@@ -8,11 +8,11 @@
 
 __version__ = "0.1.0"
 
-from .errors import AdapterMismatchError, ConfigError, DataError, SoftPromptError  # noqa: E402
-from .loading import load  # noqa: E402
-from .methods import METHODS, PrefixTuningConfig, PromptTuningConfig, PTuningConfig  # noqa: E402
-from .model import SoftPromptModel, SoftPromptOutput  # noqa: E402
-from .scoring import LabelScores  # noqa: E402
+from softprompt.errors import AdapterMismatchError, ConfigError, DataError, SoftPromptError  # noqa: E402
+from softprompt.models.loading import load  # noqa: E402
+from softprompt.methods import METHODS, PrefixTuningConfig, PromptTuningConfig, PTuningConfig  # noqa: E402
+from softprompt.engine.model import SoftPromptModel, SoftPromptOutput  # noqa: E402
+from softprompt.engine.scoring import LabelScores  # noqa: E402
 
 __all__ = [
     "__version__", "load", "SoftPromptModel", "SoftPromptOutput", "LabelScores", "METHODS",

@@ -60,9 +60,9 @@ def train_prompt(model, rows: list[dict], name: str, *, epochs: int, lr: float, 
     import csv
     import io
 
-    from .config import load_config
-    from .fileio import atomic_write_text
-    from .train import prepare_job, train_jobs
+    from softprompt.training.config import load_config
+    from softprompt.fileio import atomic_write_text
+    from softprompt.training.loop import prepare_job, train_jobs
 
     # The training tweets go next to the adapter, so `softprompt train --data <output>/train.csv` reruns it.
     data = Path(output) / "train.csv"
@@ -85,8 +85,8 @@ def run_demo(model_name: str = "smollm2-135m", output: str = "runs/demo", *, tra
              test_size: int = 200, epochs: int = 2, lr: float = 3e-2, num_virtual_tokens: int = 8,
              seed: int = 0, model=None, rows: list[dict] | None = None) -> dict:
     """The demo as a library function; returns the measured accuracies."""
-    from . import load
-    from .demo_data import load_vader_tweets
+    from softprompt import load
+    from softprompt.data.demo_tweets import load_vader_tweets
 
     started = time.time()
     torch.manual_seed(seed)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from ..errors import ConfigError
-from .base import MethodConfig, SoftPromptMethod
-from .p_tuning import PTuning, PTuningConfig
-from .prefix_tuning import PrefixTuning, PrefixTuningConfig
-from .prompt_tuning import PromptTuning, PromptTuningConfig
+from softprompt.errors import ConfigError
+from softprompt.methods.base import MethodConfig, SoftPromptMethod
+from softprompt.methods.p_tuning import PTuning, PTuningConfig
+from softprompt.methods.prefix_tuning import PrefixTuning, PrefixTuningConfig
+from softprompt.methods.prompt_tuning import PromptTuning, PromptTuningConfig
 
 METHODS: dict[str, type[SoftPromptMethod]] = {
     "prompt_tuning": PromptTuning,

@@ -7,7 +7,7 @@ A method adds trainable state to a frozen model in exactly one of two ways:
 * ``adds = "kv"``: `kv_prefix()` returns, for every layer, a key and a value of ``n`` virtual tokens
   (prefix tuning).
 
-The engine (`softprompt.model`) turns both into per-layer key/value prefixes for causal models, so a
+The engine (`softprompt.engine.model`) turns both into per-layer key/value prefixes for causal models, so a
 batch can mix methods freely. Saving writes what PEFT writes (``prompt_embeddings``: the materialised
 vectors); `training_state()` additionally keeps reparameterisation weights so training can resume.
 """
@@ -21,8 +21,8 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
-from ..errors import ConfigError
-from ..families import ModelShape
+from softprompt.errors import ConfigError
+from softprompt.engine.families import ModelShape
 
 
 def help_field(default: Any, help: str, **kwargs) -> Any:

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..families import ModelShape
-from .base import MethodConfig, SoftPromptMethod, check_choice, check_int, help_field
+from softprompt.engine.families import ModelShape
+from softprompt.methods.base import MethodConfig, SoftPromptMethod, check_choice, check_int, help_field
 
 ENCODERS = ("mlp", "lstm")
 
@@ -37,7 +37,7 @@ class PTuningConfig(MethodConfig):
             check_int(self, "encoder_hidden_size", minimum=1, maximum=1 << 16)
         check_int(self, "encoder_num_layers", minimum=1, maximum=16)
         if not isinstance(self.encoder_dropout, (int, float)) or not 0.0 <= self.encoder_dropout < 1.0:
-            from ..errors import ConfigError
+            from softprompt.errors import ConfigError
 
             raise ConfigError(f"encoder_dropout: expected a number in [0, 1), got {self.encoder_dropout!r}")
 

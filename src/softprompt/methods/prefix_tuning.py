@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..families import ModelShape
-from .base import MethodConfig, SoftPromptMethod, check_choice, check_int, help_field, repeat_to
+from softprompt.engine.families import ModelShape
+from softprompt.methods.base import MethodConfig, SoftPromptMethod, check_choice, check_int, help_field, repeat_to
 
 INITS = ("random", "text", "sample_vocab")
 
@@ -47,7 +47,7 @@ class PrefixTuningConfig(MethodConfig):
 
     def validate(self) -> None:
         super().validate()
-        from ..errors import ConfigError
+        from softprompt.errors import ConfigError
 
         if self.init == "auto":
             # The MLP cannot start at given activations; otherwise real activations beat N(0, 1) by far

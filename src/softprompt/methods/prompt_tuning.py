@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..families import ModelShape
-from .base import MethodConfig, SoftPromptMethod, check_choice, help_field, repeat_to
+from softprompt.engine.families import ModelShape
+from softprompt.methods.base import MethodConfig, SoftPromptMethod, check_choice, help_field, repeat_to
 
 INITS = ("text", "sample_vocab", "random")
 
@@ -38,7 +38,7 @@ class PromptTuningConfig(MethodConfig):
             self.init = "text" if self.init_text else "sample_vocab"
         check_choice(self, "init", INITS)
         if self.init == "text" and not self.init_text:
-            from ..errors import ConfigError
+            from softprompt.errors import ConfigError
 
             raise ConfigError("init_text: required when init is 'text' (the text whose embeddings start the prompt)")
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..errors import SoftPromptError
-from .settings import ADMIN_TOKEN_ENV, ServerSettings
+from softprompt.errors import SoftPromptError
+from softprompt.server.settings import ADMIN_TOKEN_ENV, ServerSettings
 
 if TYPE_CHECKING:  # pragma: no cover
     from fastapi import FastAPI
@@ -38,7 +38,7 @@ def _require_serving_extras() -> None:
 def create_app(model, settings: ServerSettings | None = None) -> "FastAPI":
     """The FastAPI app for a loaded `SoftPromptModel` (see `softprompt.server.app.create_app`)."""
     _require_serving_extras()
-    from .app import create_app as _create_app
+    from softprompt.server.app import create_app as _create_app
 
     return _create_app(model, settings)
 
@@ -56,7 +56,7 @@ def serve(model_name: str, adapters: dict[str, str] | None = None, adapter_dir: 
     _require_serving_extras()
     import uvicorn
 
-    from ..loading import load
+    from softprompt.models.loading import load
 
     model = load(model_name, dtype=settings.dtype, device=settings.device)
     app = create_app(model, settings)

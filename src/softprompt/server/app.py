@@ -26,16 +26,16 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..scoring import LabelScores
-from .batcher import Batcher, Job, Sampling
-from .metrics import Metrics, MetricsMiddleware
-from .openapi import build_openapi
-from .prompting import chat_prompt_ids, encode
-from .registry import AdapterEntry, AdapterRegistry
-from .schemas import (APIError, AssistantMessage, ChatChoice, ChatCompletionRequest, ChatCompletionResponse,
+from softprompt.engine.scoring import LabelScores
+from softprompt.server.batcher import Batcher, Job, Sampling
+from softprompt.server.metrics import Metrics, MetricsMiddleware
+from softprompt.server.openapi import build_openapi
+from softprompt.server.prompting import chat_prompt_ids, encode
+from softprompt.server.registry import AdapterEntry, AdapterRegistry
+from softprompt.server.schemas import (APIError, AssistantMessage, ChatChoice, ChatCompletionRequest, ChatCompletionResponse,
                       ClassifyRequest, ClassifyResponse, ClassifyResult, CompletionChoice, CompletionRequest,
                       CompletionResponse, ModelList, Usage, invalid, new_id, now, validation_error)
-from .settings import ServerSettings
+from softprompt.server.settings import ServerSettings
 
 log = logging.getLogger("softprompt.server")
 
@@ -128,7 +128,7 @@ def create_app(model, settings: ServerSettings | None = None) -> FastAPI:
     """
     settings = (settings or ServerSettings()).validate()
     if model.tokenizer is None:
-        from ..errors import ConfigError
+        from softprompt.errors import ConfigError
 
         raise ConfigError("serving needs a model with a tokenizer")
     base_name = settings.served_model_name or settings.model or model.name_or_path or "base"

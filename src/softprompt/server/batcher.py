@@ -42,11 +42,11 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from ..errors import SoftPromptError
-from ..generation import Generation, GenerationConfig, _warpers
-from ..scoring import score_ids
-from ..tokens import eos_ids, pad_batch, pad_id
-from .schemas import APIError
+from softprompt.errors import SoftPromptError
+from softprompt.engine.generation import Generation, GenerationConfig, _warpers
+from softprompt.engine.scoring import score_ids
+from softprompt.engine.tokens import eos_ids, pad_batch, pad_id
+from softprompt.server.schemas import APIError
 
 log = logging.getLogger("softprompt.server")
 

@@ -24,10 +24,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import ConfigError, SoftPromptError
-from ..peft_format import CONFIG_FILE, load_adapter
-from .schemas import APIError, ModelCard
-from .settings import ADAPTER_NAME
+from softprompt.errors import ConfigError, SoftPromptError
+from softprompt.adapters.peft_format import CONFIG_FILE, load_adapter
+from softprompt.server.schemas import APIError, ModelCard
+from softprompt.server.settings import ADAPTER_NAME
 
 log = logging.getLogger("softprompt.server")
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
+from softprompt.errors import ConfigError
 
 ADMIN_TOKEN_ENV = "SOFTPROMPT_ADMIN_TOKEN"
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$")

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 
-from .builtin_names import BUILTIN_HUB_IDS
-from .errors import SoftPromptError
-from .model import SoftPromptModel
+from softprompt.models.names import BUILTIN_HUB_IDS
+from softprompt.errors import SoftPromptError
+from softprompt.engine.model import SoftPromptModel
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -17,7 +17,7 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 def resolve_model_path(name: str) -> str:
     """A built-in name becomes its local cached checkpoint; anything else passes through."""
     if name in BUILTIN_HUB_IDS:
-        from .builtin_models import resolve_builtin
+        from softprompt.models.builtin import resolve_builtin
 
         return str(resolve_builtin(name))
     return name

@@ -19,10 +19,10 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .data import Template, Verbalizer, column_names, load_rows, require_columns
-from .errors import ConfigError
-from .evaluate import adapter_settings, prompt_budget
-from .fileio import atomic_write_text
+from softprompt.data import Template, Verbalizer, column_names, load_rows, require_columns
+from softprompt.errors import ConfigError
+from softprompt.training.evaluate import adapter_settings, prompt_budget
+from softprompt.fileio import atomic_write_text
 
 
 def label_probabilities(model, texts: Sequence[str], labels: Sequence[str], adapters: Sequence[str | None], *,

@@ -25,8 +25,8 @@ import tempfile
 import uuid
 from pathlib import Path
 
-from . import builtin_models as _bm
-from .errors import SoftPromptError
+from softprompt.models import builtin as _bm
+from softprompt.errors import SoftPromptError
 
 VADER_REQUIREMENT = "vaderSentiment==3.3.2"
 #: The archive inside the sdist, and the file inside that archive.

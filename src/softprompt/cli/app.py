@@ -12,7 +12,7 @@ import os
 import sys
 import textwrap
 
-from .errors import SoftPromptError
+from softprompt.errors import SoftPromptError
 
 EPILOGS = {
     "train": """
@@ -113,7 +113,7 @@ def parse_adapter_specs(specs: list[str]) -> dict[str, str]:
     """``[NAME=]PATH`` items into {name: path}; a bare path is named after its directory.
 
     Each local directory is checked here (`check_adapter_dir`), before any command loads the base model."""
-    from .peft_format import check_adapter_dir
+    from softprompt.adapters.peft_format import check_adapter_dir
 
     out: dict[str, str] = {}
     for spec in specs or []:
@@ -132,8 +132,8 @@ def parse_adapter_specs(specs: list[str]) -> dict[str, str]:
 
 # ---------------------------------------------------------------------------- generate
 def cmd_generate(args) -> int:
-    from . import load
-    from .generation import generate
+    from softprompt import load
+    from softprompt.engine.generation import generate
 
     adapters = parse_adapter_specs(args.adapter)
     model = load(args.model, dtype=args.dtype)
@@ -157,13 +157,13 @@ def cmd_generate(args) -> int:
 
 # ---------------------------------------------------------------------------- predict
 def cmd_predict(args) -> int:
-    from . import load
-    from .predict import predict_file
+    from softprompt import load
+    from softprompt.training.predict import predict_file
 
     adapters = parse_adapter_specs(args.adapter)
     verbalizer = None
     if args.verbalizer is not None:
-        from .config import parse_verbalizer
+        from softprompt.training.config import parse_verbalizer
 
         verbalizer = parse_verbalizer(args.verbalizer)
     if args.batch_size < 1:
@@ -179,11 +179,11 @@ def cmd_predict(args) -> int:
 
 # ---------------------------------------------------------------------------- inspect / models
 def cmd_inspect(args) -> int:
-    from .inspect_adapter import format_inspection, inspect_adapter
+    from softprompt.adapters.inspect import format_inspection, inspect_adapter
 
     model = None
     if args.model:
-        from . import load
+        from softprompt import load
 
         model = load(args.model)
     info = inspect_adapter(args.path, model, top_k=args.top_k)
@@ -192,7 +192,7 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_push(args) -> int:
-    from .hub import push_adapter
+    from softprompt.adapters.hub import push_adapter
 
     url = push_adapter(args.path, args.repo_id, private=args.private, token=args.token, commit_message=args.message)
     print(f"pushed {args.path} to {args.repo_id}: {url}")
@@ -200,7 +200,7 @@ def cmd_push(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from .builtin_models import list_builtin
+    from softprompt.models.builtin import list_builtin
 
     models = list_builtin()
     if args.json:
@@ -214,7 +214,7 @@ def cmd_models(args) -> int:
 
 # ---------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from softprompt import __version__
 
     parser = argparse.ArgumentParser(
         prog="softprompt",
@@ -224,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"softprompt {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    from .train_cli import add_eval_arguments, add_train_arguments, cmd_eval, cmd_train
+    from softprompt.cli.train import add_eval_arguments, add_train_arguments, cmd_eval, cmd_train
 
     p = _parser(sub, "train", "Train one or several adapters on one frozen base model.")
     add_train_arguments(p)
@@ -285,13 +285,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="Print JSON.")
     p.set_defaults(func=cmd_models)
 
-    from .server.cli import add_serve_arguments, cmd_serve
+    from softprompt.cli.serve import add_serve_arguments, cmd_serve
 
     p = _parser(sub, "serve", "Serve the base model and adapters over an OpenAI-compatible HTTP API.")
     add_serve_arguments(p)
     p.set_defaults(func=cmd_serve)
 
-    from .demo import add_demo_arguments, cmd_demo
+    from softprompt.demo import add_demo_arguments, cmd_demo
 
     p = _parser(sub, "demo", "Train and try a soft prompt on a real model, offline, in a few minutes.")
     add_demo_arguments(p)
@@ -321,7 +321,3 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as exc:  # a TrainingInterrupted says where the latest state was saved
         print(f"softprompt {args.command}: interrupted{f'; {exc}' if str(exc) else ''}", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -14,8 +14,8 @@ import math
 import os
 from typing import Any, Sequence
 
-from .errors import ConfigError, DataError
-from .fileio import atomic_write_bytes
+from softprompt.errors import ConfigError, DataError
+from softprompt.fileio import atomic_write_bytes
 
 
 def _ratio(num: float, den: float) -> float:

@@ -14,8 +14,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .errors import SoftPromptError
-from .peft_format import (CONFIG_FILE, META_FILE, STATE_FILE, STATE_META_FILE, WEIGHTS_FILE, check_adapter_dir,
+from softprompt.errors import SoftPromptError
+from softprompt.adapters.peft_format import (CONFIG_FILE, META_FILE, STATE_FILE, STATE_META_FILE, WEIGHTS_FILE, check_adapter_dir,
                           is_hub_id, read_json, read_training_state, verify_checksum)
 
 CARD_FILE = "README.md"
@@ -24,7 +24,7 @@ UPLOADED = (CONFIG_FILE, WEIGHTS_FILE, META_FILE, STATE_FILE, STATE_META_FILE, "
 
 def model_card(path: str | Path) -> str:
     """A hub model card for the adapter in ``path``: metadata the hub indexes, then how to use it."""
-    from .builtin_names import BUILTIN_HUB_IDS, hub_id_for
+    from softprompt.models.names import BUILTIN_HUB_IDS, hub_id_for
 
     folder = Path(path)
     peft = read_json(folder / CONFIG_FILE)

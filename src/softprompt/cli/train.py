@@ -8,7 +8,7 @@ import json
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    from .config import TrainConfig
+    from softprompt.training.config import TrainConfig
 
     parser.usage = "softprompt train [CONFIG.yaml] [--KEY VALUE ...]"
     lines = [f"  {o.flag:<28} {o.help}" for o in TrainConfig.options()]
@@ -16,21 +16,21 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args, extra: list[str]) -> int:
-    from .config import load_config
+    from softprompt.training.config import load_config
 
     path = extra[0] if extra and not extra[0].startswith("-") else None
     config = load_config(path, overrides=extra[1:] if path else extra)
-    from .distributed import current
+    from softprompt.training.distributed import current
 
     main = current().is_main  # under accelerate launch / torchrun only the main process prints
     if config.kfold:
-        from .evaluate import cross_validate
+        from softprompt.training.evaluate import cross_validate
 
         report = cross_validate(config)
         if main:
             print(report.format())
         return 0
-    from .train import train
+    from softprompt.training.loop import train
 
     result = train(config)
     for name, adapter in result.adapters.items():
@@ -59,10 +59,10 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_eval(args, extra: list[str]) -> int:
-    from . import load
-    from .cli import parse_adapter_specs
-    from .errors import SoftPromptError
-    from .evaluate import evaluate_data
+    from softprompt import load
+    from softprompt.cli.app import parse_adapter_specs
+    from softprompt.errors import SoftPromptError
+    from softprompt.training.evaluate import evaluate_data
 
     if extra:
         raise SoftPromptError(f"unrecognised arguments: {' '.join(extra)}")
@@ -93,8 +93,8 @@ def cmd_eval(args, extra: list[str]) -> int:
 def _plot_confusion(report, path: str, name: str | None) -> None:
     from pathlib import Path
 
-    from .errors import SoftPromptError
-    from .metrics import plot_confusion_matrix
+    from softprompt.errors import SoftPromptError
+    from softprompt.training.metrics import plot_confusion_matrix
 
     if report.metrics.get("confusion_matrix") is None:
         raise SoftPromptError("--plot: a confusion matrix needs labelled data evaluated with --method score "

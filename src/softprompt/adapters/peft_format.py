@@ -22,11 +22,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from . import __version__
-from .builtin_names import hub_id_for
-from .errors import AdapterMismatchError, SoftPromptError
-from .fileio import atomic_directory, atomic_write_json, recover_directory, sha256_file
-from .methods import PEFT_TYPES, SoftPromptMethod, method_class
+from softprompt import __version__
+from softprompt.models.names import hub_id_for
+from softprompt.errors import AdapterMismatchError, SoftPromptError
+from softprompt.fileio import atomic_directory, atomic_write_json, recover_directory, sha256_file
+from softprompt.methods import PEFT_TYPES, SoftPromptMethod, method_class
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"

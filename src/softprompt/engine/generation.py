@@ -14,8 +14,8 @@ from typing import Sequence
 import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from .errors import SoftPromptError
-from .tokens import encode_texts, eos_ids
+from softprompt.errors import SoftPromptError
+from softprompt.engine.tokens import encode_texts, eos_ids
 
 
 @dataclass

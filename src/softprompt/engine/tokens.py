@@ -37,7 +37,7 @@ def encode_texts(tokenizer, texts: Sequence[str], *, side: str = "left", max_len
         rows = [r[-max_length:] for r in rows]
     for text, row in zip(texts, rows):
         if not row:
-            from .errors import SoftPromptError
+            from softprompt.errors import SoftPromptError
 
             raise SoftPromptError(f"input text {text!r} tokenises to no tokens; give at least one character")
     return pad_batch(rows, pad_id(tokenizer), side)

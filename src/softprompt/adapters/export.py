@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save
 
-from .errors import SoftPromptError
-from .fileio import atomic_write_bytes
-from .loading import DTYPES
+from softprompt.errors import SoftPromptError
+from softprompt.fileio import atomic_write_bytes
+from softprompt.models.loading import DTYPES
 
 FORMAT = "softprompt-prompt-embeds/1"
 TENSOR_KEY = "prompt_embeds"
@@ -62,8 +62,8 @@ def prompt_embeddings(source, name: str | None = None) -> tuple[torch.Tensor, di
             table = adapter.input_embeddings().detach().float().cpu().contiguous()
         info = {"method": adapter.config.method, "base_model": str(source.name_or_path or "")}
         return table, info
-    from .methods import PEFT_TYPES
-    from .peft_format import CONFIG_FILE, WEIGHTS_FILE, read_json, read_tensors
+    from softprompt.methods import PEFT_TYPES
+    from softprompt.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, read_json, read_tensors
 
     folder = Path(source)
     if not folder.is_dir():

@@ -29,7 +29,7 @@ from os import PathLike
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from .errors import ConfigError, DataError
+from softprompt.errors import ConfigError, DataError
 
 Row = dict[str, str]
 

@@ -37,8 +37,8 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .builtin_names import BUILTIN_HUB_IDS
-from .errors import SoftPromptError
+from softprompt.models.names import BUILTIN_HUB_IDS
+from softprompt.errors import SoftPromptError
 
 #: Bump when the conversion changes; checkpoints marked with another version are converted again.
 CONVERSION_VERSION = 1

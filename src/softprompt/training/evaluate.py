@@ -10,9 +10,9 @@
   - unlabelled examples (or ``method="perplexity"``): loss and perplexity of the text (the label text
     when there is one).
 
-  Classification numbers come from `softprompt.metrics.classification_report`.
+  Classification numbers come from `softprompt.training.metrics.classification_report`.
 * Held-out means held-out: given the fingerprints of the adapter's training texts (saved with every
-  adapter that `softprompt.train` writes; `read_train_fingerprints`), examples whose text was trained on
+  adapter that `softprompt.training.loop` writes; `read_train_fingerprints`), examples whose text was trained on
   are dropped and counted in ``dropped_training_rows``; if nothing is left it is an error.
 * `cross_validate` trains one adapter per fold, all k in ONE job on one base model (mixed batches), and
   reports each fold's held-out accuracy and macro-F1 and their mean and standard deviation.
@@ -30,11 +30,11 @@ from typing import Collection, Sequence
 
 import torch
 
-from .config import TrainConfig, flag
-from .data import Example, Verbalizer, build_examples, kfold, load_rows
-from .errors import ConfigError, DataError
-from .fileio import atomic_write_json
-from .metrics import classification_report, format_report, perplexity
+from softprompt.training.config import TrainConfig, flag
+from softprompt.data import Example, Verbalizer, build_examples, kfold, load_rows
+from softprompt.errors import ConfigError, DataError
+from softprompt.fileio import atomic_write_json
+from softprompt.training.metrics import classification_report, format_report, perplexity
 
 METHODS = ("score", "generate", "perplexity")
 CV_REPORT_FILE = "cv_report.json"
@@ -50,7 +50,7 @@ def fingerprint(text: str) -> int:
 
 def read_train_fingerprints(adapter_dir: str | Path) -> set[int]:
     """The fingerprints of the texts an adapter was trained on (empty if it was not trained here)."""
-    from .peft_format import read_training_state
+    from softprompt.adapters.peft_format import read_training_state
 
     tensors, _ = read_training_state(adapter_dir)
     prints = tensors.get("data.train_fingerprints")
@@ -63,7 +63,7 @@ def adapter_settings(adapter_dir: str | Path) -> dict:
     Empty for adapters trained elsewhere (e.g. by PEFT). Keys: ``template``, ``text_column``,
     ``label_column``, ``verbalizer``, ``labels`` (label texts), ``max_length``.
     """
-    from .peft_format import read_training_state
+    from softprompt.adapters.peft_format import read_training_state
 
     _, meta = read_training_state(adapter_dir)
     data = meta.get("data") or {}
@@ -233,8 +233,8 @@ def example_loss(model, examples: Sequence[Example], adapter: str | None, *, bat
 
     Labelled examples score their label text (+ eos); unlabelled ones their whole text.
     """
-    from .tokens import pad_id
-    from .train import collate, encode_examples
+    from softprompt.engine.tokens import pad_id
+    from softprompt.training.loop import collate, encode_examples
 
     items = encode_examples(model, examples, adapter, max_length)
     total, tokens = 0.0, 0
@@ -328,7 +328,7 @@ def cross_validate(config: TrainConfig, k: int | None = None, *, model=None, pro
     standard deviation is the sample standard deviation over folds. ``output/cv_report.json`` holds
     the report.
     """
-    from .train import stop_at_step_boundary_on_signals, load_model, prepare_job, train_jobs
+    from softprompt.training.loop import stop_at_step_boundary_on_signals, load_model, prepare_job, train_jobs
 
     config = dataclasses.replace(config, adapters=[dataclasses.replace(a) for a in config.adapters])
     if k is not None:
@@ -371,7 +371,7 @@ def cross_validate(config: TrainConfig, k: int | None = None, *, model=None, pro
             summary[prefix + key] = {"mean": statistics.fmean(values),
                                      "std": statistics.stdev(values) if len(values) > 1 else 0.0}
     report = CrossValidationReport(config.kfold, folds, summary, Path(config.output), pooled)
-    from .distributed import current
+    from softprompt.training.distributed import current
 
     if current().is_main:  # under accelerate launch / torchrun only the main process writes files
         atomic_write_json(Path(config.output) / CV_REPORT_FILE, report.to_dict())

@@ -12,8 +12,8 @@ from typing import Sequence
 
 import torch
 
-from .errors import SoftPromptError
-from .tokens import encode_texts, pad_batch, pad_id
+from softprompt.errors import SoftPromptError
+from softprompt.engine.tokens import encode_texts, pad_batch, pad_id
 
 
 @dataclass

@@ -23,10 +23,10 @@ from torch import nn
 from transformers import DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import BaseModelOutput
 
-from . import attention
-from .errors import SoftPromptError
-from .families import ModelShape, quirks_for
-from .methods import SoftPromptMethod, method_class
+from softprompt.engine import attention
+from softprompt.errors import SoftPromptError
+from softprompt.engine.families import ModelShape, quirks_for
+from softprompt.methods import SoftPromptMethod, method_class
 
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$")
 AdapterNames = Sequence[str | None] | str | None
@@ -137,14 +137,14 @@ class SoftPromptModel(nn.Module):
 
     def load_adapter(self, path: str, name: str | None = None) -> SoftPromptMethod:
         """Load an adapter in PEFT's file layout (a local directory or a hub id)."""
-        from .peft_format import load_adapter
+        from softprompt.adapters.peft_format import load_adapter
 
         return load_adapter(self, path, name=name)
 
     def save_adapter(self, name: str, path: str, *, training_state: dict | None = None,
                      training_meta: dict | None = None) -> None:
         """Save an adapter in PEFT's file layout (plus softprompt's training-state files)."""
-        from .peft_format import save_adapter
+        from softprompt.adapters.peft_format import save_adapter
 
         save_adapter(self, name, path, training_state=training_state, training_meta=training_meta)
 
@@ -152,10 +152,10 @@ class SoftPromptModel(nn.Module):
                      commit_message: str | None = None) -> str:
         """Upload an adapter to the Hugging Face Hub (PEFT's layout and a model card); returns the commit URL.
         An adapter saved by training (with its template and verbalizer) is better pushed from its directory:
-        ``softprompt.hub.push_adapter(path, repo_id)``."""
+        ``softprompt.adapters.hub.push_adapter(path, repo_id)``."""
         import tempfile
 
-        from .hub import push_adapter
+        from softprompt.adapters.hub import push_adapter
 
         with tempfile.TemporaryDirectory(prefix="softprompt-save-") as tmp:
             folder = f"{tmp}/{name}"
@@ -469,13 +469,13 @@ class SoftPromptModel(nn.Module):
 
     # ------------------------------------------------------------------ user-level API
     def generate(self, prompts, adapters: AdapterNames = None, **options) -> list[str]:
-        """Generate text per row (greedy by default). See `softprompt.generation.generate`."""
-        from .generation import generate
+        """Generate text per row (greedy by default). See `softprompt.engine.generation.generate`."""
+        from softprompt.engine.generation import generate
 
         return generate(self, prompts, adapters=adapters, **options)
 
     def score(self, texts, labels: Sequence[str], adapters: AdapterNames = None, **options):
-        """Rank candidate label strings by log-likelihood per row. See `softprompt.scoring.score`."""
-        from .scoring import score
+        """Rank candidate label strings by log-likelihood per row. See `softprompt.engine.scoring.score`."""
+        from softprompt.engine.scoring import score
 
         return score(self, texts, labels=labels, adapters=adapters, **options)

@@ -30,7 +30,7 @@ Read it top to bottom like nanoGPT's ``train.py``: `train` loads the data and th
   inside the epoch, best scores, early-stopping counters and RNG states from ``checkpoints/last``; the
   result is bit-for-bit the adapter an uninterrupted run gives (on CPU). The latest state is saved at
   every validation, every ``save_every`` optimizer steps and when training ends.
-* **Several processes** (``accelerate launch`` / ``torchrun``; `softprompt.distributed`,
+* **Several processes** (``accelerate launch`` / ``torchrun``; `softprompt.training.distributed`,
   ``docs/distributed.md``): each process takes its slice of every global batch, the adapters' gradients
   are summed over processes (the one-process result within rounding), and rank 0 alone validates and
   writes files. Under FSDP the frozen base is sharded over the processes after the adapters are created,
@@ -56,15 +56,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import distributed
-from .config import ResolvedAdapter, TrainConfig, flag, save_resolved
-from .data import Example, Verbalizer, build_examples, train_val_split
-from .errors import ConfigError, DataError, SoftPromptError
-from .evaluate import evaluate, example_loss, fingerprint, read_train_fingerprints
-from .fileio import atomic_write_text, recover_directory
-from .metrics import perplexity, plot_loss_curve
-from .peft_format import load_adapter, read_training_state
-from .tokens import pad_batch, pad_id
+from softprompt.training import distributed
+from softprompt.training.config import ResolvedAdapter, TrainConfig, flag, save_resolved
+from softprompt.data import Example, Verbalizer, build_examples, train_val_split
+from softprompt.errors import ConfigError, DataError, SoftPromptError
+from softprompt.training.evaluate import evaluate, example_loss, fingerprint, read_train_fingerprints
+from softprompt.fileio import atomic_write_text, recover_directory
+from softprompt.training.metrics import perplexity, plot_loss_curve
+from softprompt.adapters.peft_format import load_adapter, read_training_state
+from softprompt.engine.tokens import pad_batch, pad_id
 
 METRICS_FILE = "metrics.jsonl"
 LOSS_PNG = "loss_curve.png"
@@ -259,11 +259,11 @@ def train(config: TrainConfig, model=None, *, on_step: Callable[[StepInfo], None
 
     ``model``: a `SoftPromptModel` to train on (default: ``softprompt.load(config.model)``); its base
     weights are never changed. ``on_step`` is called after every optimizer step (and after the latest
-    state was saved, when it was). Cross-validation (``kfold``) is `softprompt.evaluate.cross_validate`.
+    state was saved, when it was). Cross-validation (``kfold``) is `softprompt.training.evaluate.cross_validate`.
     """
     config = dataclasses.replace(config, adapters=[dataclasses.replace(a) for a in config.adapters]).validate()
     if config.kfold is not None:
-        raise ConfigError(f"{flag('kfold')}: cross-validation is softprompt.evaluate.cross_validate "
+        raise ConfigError(f"{flag('kfold')}: cross-validation is softprompt.training.evaluate.cross_validate "
                           f"(the CLI runs it when --kfold is given)")
     jobs = [prepare_job(spec) for spec in config.resolved_adapters()]
     model = model if model is not None else load_model(config)
@@ -309,7 +309,7 @@ def stop_at_step_boundary_on_signals():
 def load_model(config: TrainConfig):
     if not config.model:
         raise ConfigError(f"{flag('model')}: required (a built-in name, a local checkpoint directory or a hub id)")
-    from .loading import load
+    from softprompt.models.loading import load
 
     return load(config.model, device=distributed.current().load_device(config.device) or default_device())
 

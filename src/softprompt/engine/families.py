@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import SoftPromptError
+from softprompt.errors import SoftPromptError
 
 
 @dataclass(frozen=True)
@@ -24,7 +24,7 @@ class FamilyQuirks:
     # decoder's self-attention, exactly as PEFT does.
     encoder_decoder: bool = False
     # Paths (from the `*ForCausalLM` / `*ForConditionalGeneration` model) of the module lists holding
-    # the transformer blocks: the units FSDP shards one at a time (`softprompt.distributed.fsdp_units`).
+    # the transformer blocks: the units FSDP shards one at a time (`softprompt.training.distributed.fsdp_units`).
     # Empty: the family cannot be sharded (FSDP launches refuse it with a clear error).
     blocks: tuple[str, ...] = ()
 
@@ -74,7 +74,7 @@ class ModelShape:
         if hidden is None or layers is None or heads is None:
             raise SoftPromptError(
                 f"model type {config.model_type!r}: could not read hidden size, layer count and head count "
-                "from its config; add the family to softprompt.families.FAMILY_QUIRKS"
+                "from its config; add the family to softprompt.engine.families.FAMILY_QUIRKS"
             )
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
         head_dim = getattr(config, "head_dim", None) or hidden // heads

@@ -32,10 +32,10 @@ from typing import Any, Mapping, Sequence, Union
 
 import yaml
 
-from .errors import ConfigError
-from .fileio import atomic_write_yaml
-from .methods import METHODS
-from .methods.base import help_field
+from softprompt.errors import ConfigError
+from softprompt.fileio import atomic_write_yaml
+from softprompt.methods import METHODS
+from softprompt.methods.base import help_field
 
 CONFIG_FILE = "config.yaml"
 MAX_CONFIG_BYTES = 1024**2  # a config is a few hundred bytes; anything near this is not a config
@@ -308,13 +308,13 @@ class ResolvedAdapter:
     validation_split: str | None = None
 
     def load_train_rows(self) -> list[dict[str, str]]:
-        from .data import load_rows
+        from softprompt.data import load_rows
 
         return load_rows(self.data, format=self.data_format, split=self.data_split, encoding=self.encoding)
 
     def load_validation_rows(self) -> list[dict[str, str]] | None:
         """Rows of --validation-data, or of --validation-split of a hub --data set; None: split --data."""
-        from .data import load_rows
+        from softprompt.data import load_rows
 
         if self.validation_data:
             return load_rows(self.validation_data, format=self.data_format,
@@ -637,7 +637,7 @@ def _valid_device(device: str) -> bool:
 
 
 def _adapter_name(name, where: str) -> None:
-    from .model import ADAPTER_NAME
+    from softprompt.engine.model import ADAPTER_NAME
 
     if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name):
         raise ConfigError(f"{where}: expected 1-64 letters, digits, '_' or '-' (starting with a letter or digit), "
@@ -653,7 +653,7 @@ def _check_method_options(source, method: str, prefix: str) -> None:
 
 
 def _check_data_source(view, prefix: str) -> None:
-    from .data import FORMATS, HUB_PREFIX, format_name, is_known_encoding
+    from softprompt.data import FORMATS, HUB_PREFIX, format_name, is_known_encoding
 
     if view.data_format is not None:
         name = format_name(view.data_format)
@@ -703,7 +703,7 @@ def _resolve(config: TrainConfig, spec: AdapterSpec, prefix: str) -> ResolvedAda
     if not view.text_column and not view.template:
         raise ConfigError(f"{prefix}{flag('text_column')}: required when no {flag('template')} is given")
     template = view.template if view.template else "{" + view.text_column + "}"
-    from .data import Template
+    from softprompt.data import Template
 
     try:
         Template(template)

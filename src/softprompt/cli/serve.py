@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import fields
 
-from .settings import ServerSettings
+from softprompt.server.settings import ServerSettings
 
 _TYPES = {"int": int, "float": float, "str": str, "str | None": str}
 _METAVARS = {"retry_after_s": "SECONDS", "keep_alive_s": "SECONDS", "adapter_wait_s": "SECONDS", "batch_window_ms": "MS",
@@ -39,8 +39,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_serve(args) -> int:
-    from ..cli import parse_adapter_specs
-    from . import serve
+    from softprompt.cli.app import parse_adapter_specs
+    from softprompt.server import serve
 
     options = {f.name: getattr(args, f.name) for f in fields(ServerSettings)
                if f.metadata.get("cli", True) and hasattr(args, f.name)}

@@ -47,7 +47,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .errors import ConfigError
+from softprompt.errors import ConfigError
 
 #: Accelerate launch modes softprompt does not implement (see docs/distributed.md). FSDP and DeepSpeed
 #: ZeRO-3 are implemented.
@@ -300,7 +300,7 @@ def fsdp_units(model) -> list[nn.Module | list[nn.Module]]:
     if not model.quirks.blocks:
         raise ConfigError(f"--model: model type {kind!r} cannot be sharded with FSDP (distributed_type: FSDP in the "
                           f"accelerate config): softprompt does not know its transformer blocks; add them (`blocks`) "
-                          f"to its row of softprompt.families.FAMILY_QUIRKS, or use "
+                          f"to its row of softprompt.engine.families.FAMILY_QUIRKS, or use "
                           f"configs/accelerate/ddp_multi_gpu.yaml")
     units: list[nn.Module | list[nn.Module]] = []
     for path in model.quirks.blocks:
@@ -308,7 +308,7 @@ def fsdp_units(model) -> list[nn.Module | list[nn.Module]]:
             blocks = base.get_submodule(path)
         except AttributeError:
             raise ConfigError(f"--model: model type {kind!r} has no module {path!r} ({type(base).__name__}), where "
-                              f"softprompt.families.FAMILY_QUIRKS says its transformer blocks are; FSDP cannot shard "
+                              f"softprompt.engine.families.FAMILY_QUIRKS says its transformer blocks are; FSDP cannot shard "
                               f"it, use configs/accelerate/ddp_multi_gpu.yaml") from None
         units.extend(blocks)
     embedding = base.get_input_embeddings()

@@ -1,0 +1,1 @@
+"""The engine: SoftPromptModel, decoding, scoring, attention, model-family quirks."""

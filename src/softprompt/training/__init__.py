@@ -1,0 +1,1 @@
+"""Training jobs: configuration, the loop, evaluation, cross-validation, prediction, distribution."""
