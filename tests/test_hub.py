@@ -99,7 +99,7 @@ def test_a_pushed_adapter_loads_back_by_hub_id_with_its_template(trained, hub):
     push_adapter(path, "someone/tiny-sentiment")
     fresh = tiny_model("gpt2")
     fresh.load_adapter("someone/tiny-sentiment", name="a")
-    assert torch.equal(fresh._adapter("a").materialized(), model._adapter("a").materialized())
+    assert torch.equal(fresh.get_adapter("a").materialized(), model.get_adapter("a").materialized())
     assert adapter_settings("someone/tiny-sentiment")["template"] == "Text: {text}\nLabel:"
 
 

@@ -206,5 +206,5 @@ def test_bf16_training_keeps_one_cast_of_the_frozen_weights():
     # gate_proj and up_proj share a shape; down_proj is its transpose-sized twin: 3 uses per layer.
     per_text_pass = 3 * len(model.base.model.layers)
     assert _saved_bf16_weight_copies(model) == per_text_pass
-    grads = [p.grad for p in model._adapter("pt").parameters()]
+    grads = [p.grad for p in model.get_adapter("pt").parameters()]
     assert grads and all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)

@@ -55,7 +55,7 @@ def prompt_embeddings(source, name: str | None = None) -> tuple[torch.Tensor, di
     if hasattr(source, "adapters") and hasattr(source, "shape"):
         if name is None:
             raise SoftPromptError("name: give the adapter to export from this model")
-        adapter = source._adapter(name)
+        adapter = source.get_adapter(name)
         if adapter.adds == "kv":
             raise SoftPromptError(f"adapter {name!r} {PREFIX_MESSAGE}")
         with torch.no_grad():

@@ -69,7 +69,7 @@ def peft_config(model, adapter: SoftPromptMethod) -> dict:
 def save_adapter(model, name: str, path: str | Path, *, training_state: dict[str, torch.Tensor] | None = None,
                  training_meta: dict | None = None) -> Path:
     """Write adapter ``name`` to ``path`` atomically. Other files already in ``path`` are kept."""
-    adapter = model._adapter(name)
+    adapter = model.get_adapter(name)
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise SoftPromptError(f"{path}: exists and is not a directory; choose another output path")
@@ -289,8 +289,8 @@ def load_adapter(model, path: str | Path, name: str | None = None, *, resume: bo
     name = name or meta.get("name") or folder.name
     if name in model.adapters:
         model.remove_adapter(name)
-    model._check_new_name(name)
-    return model._register(name, adapter)
+    model.check_new_name(name)
+    return model.register(name, adapter)
 
 
 def read_training_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:

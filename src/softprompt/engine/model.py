@@ -108,21 +108,24 @@ class SoftPromptModel(nn.Module):
     def add_adapter(self, name: str, method: str = "prompt_tuning", *, seed: int | None = None,
                     **config) -> SoftPromptMethod:
         """Create a new trainable adapter. ``config`` holds the method's config fields."""
-        self._check_new_name(name)
+        self.check_new_name(name)
         cls = method_class(method)
         cfg = cls.config_class.from_dict(config, source=f"adapter {name!r}")
         generator = torch.Generator().manual_seed(seed if seed is not None else torch.initial_seed() % 2**63)
         adapter = cls.create(cfg, self.shape, word_embeddings=self.base.get_input_embeddings(),
                              tokenize=self._tokenize_plain, generator=generator, text_kv=self._text_kv)
-        return self._register(name, adapter)
+        return self.register(name, adapter)
 
-    def _register(self, name: str, adapter: SoftPromptMethod) -> SoftPromptMethod:
+    def register(self, name: str, adapter: SoftPromptMethod) -> SoftPromptMethod:
+        """Put a built adapter module under ``name`` (replacing one of that name); returns it on the model's device.
+        Loading (`softprompt.adapters`), training and the server add adapters through this one door."""
         adapter.to(self.device)
         self.adapters[name] = adapter
         self._prompt_kv_cache.pop(name, None)
         return adapter
 
-    def _check_new_name(self, name: str) -> None:
+    def check_new_name(self, name: str) -> None:
+        """Raise `SoftPromptError` unless ``name`` is a valid adapter name not in use yet."""
         if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name):
             raise SoftPromptError(
                 f"adapter name {name!r}: expected 1-64 letters, digits, '_' or '-', starting with a letter or digit"
@@ -131,7 +134,7 @@ class SoftPromptModel(nn.Module):
             raise SoftPromptError(f"adapter name {name!r} is already in use; remove it first or pick another name")
 
     def remove_adapter(self, name: str) -> None:
-        self._adapter(name)
+        self.get_adapter(name)
         del self.adapters[name]
         self._prompt_kv_cache.pop(name, None)
 
@@ -165,7 +168,8 @@ class SoftPromptModel(nn.Module):
     def adapter_names(self) -> list[str]:
         return list(self.adapters.keys())
 
-    def _adapter(self, name: str) -> SoftPromptMethod:
+    def get_adapter(self, name: str) -> SoftPromptMethod:
+        """The adapter module called ``name``; a `SoftPromptError` listing the loaded ones if there is none."""
         if name not in self.adapters:
             known = ", ".join(self.adapters) or "none loaded"
             raise SoftPromptError(f"unknown adapter {name!r}; loaded adapters: {known}")
@@ -204,7 +208,7 @@ class SoftPromptModel(nn.Module):
                 raise SoftPromptError(f"adapters: expected one name per row ({batch}), got {len(names)}")
         for name in names:
             if name is not None:
-                self._adapter(name)
+                self.get_adapter(name)
         return names
 
     @torch.no_grad()
@@ -243,7 +247,7 @@ class SoftPromptModel(nn.Module):
         Input-method prompts are run through the frozen model once; the result is cached until the
         adapter's parameters change, and recomputed (with gradients) while training.
         """
-        adapter = self._adapter(name)
+        adapter = self.get_adapter(name)
         if adapter.adds == "kv":
             return [(k.to(self.dtype), v.to(self.dtype)) for k, v in adapter.kv_prefix()], None
         params = list(adapter.parameters())

@@ -56,12 +56,12 @@ class _Capture:
         self.adapters: dict = {}
         self.captured = None
 
-    def _check_new_name(self, name: str) -> None:
+    def check_new_name(self, name: str) -> None:
         if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name):
             raise SoftPromptError(f"adapter name {name!r}: expected 1-64 letters, digits, '_' or '-', "
                                   "starting with a letter or digit")
 
-    def _register(self, name, adapter):
+    def register(self, name, adapter):
         adapter.to(self.device)
         adapter.requires_grad_(False)
         adapter.eval()
@@ -80,7 +80,7 @@ def install(model, name: str, adapter) -> None:
     """Register ``adapter`` under ``name`` (replacing one of that name). Model thread only."""
     if name in model.adapters:
         model.remove_adapter(name)
-    model._register(name, adapter)
+    model.register(name, adapter)
 
 
 def uninstall(model, name: str) -> None:

@@ -1,1 +1,17 @@
-"""Training jobs: configuration, the loop, evaluation, cross-validation, prediction, distribution."""
+"""Training jobs: configuration, the loop, evaluation, cross-validation, prediction, distribution.
+
+The names below are the package's public surface (research code and users import them from here)."""
+
+from softprompt.training.config import TrainConfig, load_config, parse_verbalizer
+from softprompt.training.evaluate import (adapter_settings, cross_validate, evaluate, example_loss, fingerprint,
+                                          prompt_budget, read_train_fingerprints)
+from softprompt.training.loop import collate, encode_examples, epoch_groups, prepare_job, train, train_jobs
+from softprompt.training.metrics import classification_report
+from softprompt.training.predict import label_probabilities, predict_file
+
+__all__ = [
+    "TrainConfig", "load_config", "parse_verbalizer", "adapter_settings", "cross_validate", "evaluate",
+    "example_loss", "fingerprint", "prompt_budget", "read_train_fingerprints", "collate", "encode_examples",
+    "epoch_groups", "prepare_job", "train", "train_jobs", "classification_report", "label_probabilities",
+    "predict_file",
+]

@@ -327,7 +327,7 @@ def _start_from(model, job: AdapterJob, prefix: str = "") -> None:
     found = (loaded.config.method, loaded.config.num_virtual_tokens)
     if found != want:
         model.remove_adapter(job.name)
-        model._register(job.name, fresh)  # leave the model as a failed set-up of any other kind does
+        model.register(job.name, fresh)  # leave the model as a failed set-up of any other kind does
         raise ConfigError(f"{where}: is a {found[0]} adapter with {found[1]} virtual tokens, but this job trains "
                           f"{want[0]} with {want[1]}; set {flag('method')} and {flag('num_virtual_tokens')} to match")
     loaded.requires_grad_(True)
