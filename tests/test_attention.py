@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from softprompt import SoftPromptModel, attention
+from softprompt import SoftPromptModel
+from softprompt.engine import attention
 from softprompt.engine.tokens import pad_batch
 from tiny import CAUSAL, tiny_base, tiny_model, tiny_tokenizer
 

@@ -521,7 +521,8 @@ FSDP_PROBE = '''
 import os, sys
 from torch.distributed.tensor import DTensor
 import softprompt.training.loop as train_module
-from softprompt import cli, distributed
+from softprompt import cli
+from softprompt.training import distributed
 
 original_shard_base, crash_at = distributed.Distributed.shard_base, int(os.environ.get("SOFTPROMPT_TEST_CRASH_AT", 0))
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from softprompt.cli import EPILOGS, build_parser
+from softprompt.cli.app import EPILOGS, build_parser
 from softprompt.training.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
