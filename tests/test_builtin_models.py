@@ -225,7 +225,7 @@ def test_cache_dir_comes_from_softprompt_cache_then_home(monkeypatch, tmp_path):
     monkeypatch.setenv("SOFTPROMPT_CACHE", str(tmp_path / "c"))
     assert bm.model_dir("smollm2-135m") == tmp_path / "c" / "models" / "smollm2-135m"
     assert bm.packages_dir("gemma3-270m") == tmp_path / "c" / "packages" / "gemma3-270m"
-    assert demo_data.vader_tweets_path() == tmp_path / "c" / "data" / "vader_tweets_GroundTruth.txt"
+    assert demo_tweets.vader_tweets_path() == tmp_path / "c" / "data" / "vader_tweets_GroundTruth.txt"
     # an explicit cache_dir wins over the environment, and ~ is expanded
     assert bm.model_dir("smollm2-135m", tmp_path / "x") == tmp_path / "x" / "models" / "smollm2-135m"
     assert bm.model_dir("smollm2-135m", "~/y") == tmp_path / "home" / "y" / "models" / "smollm2-135m"
@@ -464,21 +464,21 @@ def _fake_sdist(path: Path, tweets: bytes) -> None:
 
 
 def test_parse_tweets_keeps_the_clearly_polar_ones():
-    rows = demo_data.parse_tweets(TWEETS)
+    rows = demo_tweets.parse_tweets(TWEETS)
     assert rows == [
         {"text": "So lucky & happy.", "rating": 2.7, "label": "positive"},
         {"text": "Two words: die die", "rating": -1.0, "label": "negative"},
         {"text": "Yay.", "rating": 1.0, "label": "positive"},
         {"text": "worst day <3 not", "rating": -3.2, "label": "negative"},
     ]
-    assert [r["rating"] for r in demo_data.parse_tweets(TWEETS, min_abs_rating=0.5)] == [2.7, 0.5, -1.0, 1.0, -0.99, -3.2]
+    assert [r["rating"] for r in demo_tweets.parse_tweets(TWEETS, min_abs_rating=0.5)] == [2.7, 0.5, -1.0, 1.0, -0.99, -3.2]
     with pytest.raises(SoftPromptError, match="line 2: expected id<TAB>rating<TAB>text"):
-        demo_data.parse_tweets("1\t1.5\tok\n2\tnot-a-number\tx\n")
+        demo_tweets.parse_tweets("1\t1.5\tok\n2\tnot-a-number\tx\n")
 
 
 def test_load_vader_tweets_fetches_once_and_caches(monkeypatch, tmp_path):
     blob = TWEETS.encode()
-    monkeypatch.setattr(demo_data, "TWEETS_SHA256", __import__("hashlib").sha256(blob).hexdigest())
+    monkeypatch.setattr(demo_tweets, "TWEETS_SHA256", __import__("hashlib").sha256(blob).hexdigest())
     calls = []
 
     def fake_pip(args, *, progress):
@@ -487,7 +487,7 @@ def test_load_vader_tweets_fetches_once_and_caches(monkeypatch, tmp_path):
         return 0, ""
 
     monkeypatch.setattr(bm, "_run_pip", fake_pip)
-    rows = demo_data.load_vader_tweets(tmp_path, progress=False)
+    rows = demo_tweets.load_vader_tweets(tmp_path, progress=False)
     assert [r["label"] for r in rows] == ["positive", "negative", "positive", "negative"]
     assert calls == [["download", "vaderSentiment==3.3.2", "--no-deps", "--no-binary", ":all:", "-d",
                       calls[0][-1]]]
@@ -495,13 +495,13 @@ def test_load_vader_tweets_fetches_once_and_caches(monkeypatch, tmp_path):
     assert cached.read_bytes() == blob
     assert [p.name for p in (tmp_path / "data").iterdir()] == [cached.name]  # no temp files left
     monkeypatch.setattr(bm, "_run_pip", lambda args, *, progress: pytest.fail("fetched twice"))
-    assert demo_data.load_vader_tweets(tmp_path, progress=False) == rows
+    assert demo_tweets.load_vader_tweets(tmp_path, progress=False) == rows
 
 
 def test_load_vader_tweets_errors(monkeypatch, tmp_path):
     monkeypatch.setattr(bm, "_run_pip", lambda args, *, progress: (1, "ERROR: No matching distribution found"))
     with pytest.raises(SoftPromptError) as info:
-        demo_data.load_vader_tweets(tmp_path, progress=False)
+        demo_tweets.load_vader_tweets(tmp_path, progress=False)
     msg = str(info.value)
     assert "pip exited with code 1: ERROR: No matching distribution found" in msg
     assert "-m pip download vaderSentiment==3.3.2 --no-deps --no-binary :all: -d DIR" in msg
@@ -510,7 +510,7 @@ def test_load_vader_tweets_errors(monkeypatch, tmp_path):
     monkeypatch.setattr(bm, "_run_pip", lambda args, *, progress: (
         _fake_sdist(Path(args[args.index("-d") + 1]) / "v.tar.gz", b"1\t2.0\tforged\n"), (0, ""))[1])
     with pytest.raises(SoftPromptError, match="tweets_GroundTruth.txt has SHA-256"):
-        demo_data.load_vader_tweets(tmp_path, progress=False)
+        demo_tweets.load_vader_tweets(tmp_path, progress=False)
     assert not (tmp_path / "data" / "vader_tweets_GroundTruth.txt").exists()
 
 
@@ -555,7 +555,7 @@ def test_real_builtin_model_converts_exactly(name, real_cache, tmp_path):
 
 @real_only
 def test_real_vader_tweets(real_cache):
-    rows = demo_data.load_vader_tweets(real_cache)
+    rows = demo_tweets.load_vader_tweets(real_cache)
     labels = [r["label"] for r in rows]
     assert (len(rows), labels.count("positive"), labels.count("negative")) == (2667, 1830, 837)
     assert all(abs(r["rating"]) >= 1.0 and r["text"] for r in rows)
