@@ -101,7 +101,6 @@ class Verbalizer:
         return f"Verbalizer({self._to_text!r})"
 
 
-
 def verbalizer_for(mapping: Mapping[Any, str] | None, rows: Sequence[Mapping[str, Any]], label_column: str, *,
                    source: str) -> Verbalizer:
     """The verbalizer a job uses: its configured ``mapping`` when given, else the labels ``rows`` hold.
