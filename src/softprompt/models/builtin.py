@@ -33,6 +33,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import transformers
+
 from softprompt.errors import SoftPromptError
 from softprompt.fileio import sha256_file
 from softprompt.models import conversion, pypi
@@ -187,8 +189,6 @@ def resolve_builtin(name: str, *, cache_dir: str | os.PathLike | None = None, pr
 
 
 def _marker(spec: BuiltinModel) -> dict:
-    import transformers  # costs seconds to import; only a conversion needs it
-
     return {"name": spec.name, "conversion_version": CONVERSION_VERSION, "packages": list(spec.packages),
             "gguf_file": spec.gguf_file, "gguf_sha256": spec.sha256, "hub_id": spec.hub_id, "chat": spec.chat,
             "license": spec.license, "dtype": "float32", "transformers": transformers.__version__}

@@ -3,20 +3,29 @@
 transformers loads the GGUF (dequantized to float32) but refuses to ``save_pretrained`` it, so
 `convert_gguf` rebuilds a plain model from its config, copies the weights over, saves a normal
 checkpoint (``config.json``, ``model.safetensors``, tokenizer files) and reloads it to check identical
-weights and tokenization. transformers is imported inside the functions: importing it costs seconds,
-and `softprompt.models.builtin` (which lists models for ``softprompt models``) imports this module.
+weights and tokenization.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import sys
 import time
 from pathlib import Path
 
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+from transformers.utils import logging as hf_logging
+
 from softprompt.errors import SoftPromptError
 from softprompt.models.pypi import say
+
+try:
+    from transformers.initialization import no_init_weights
+except ImportError:  # pragma: no cover - older/newer transformers
+    from contextlib import nullcontext as no_init_weights
 
 # Probe strings for the tokenizer check after saving: spaces, newlines, digits, accents, emoji, CJK.
 _TOKENIZER_PROBES = (
@@ -42,8 +51,6 @@ def _progress_bars(enabled: bool):
     if enabled:
         yield
         return
-    from transformers.utils import logging as hf_logging
-
     was_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     gguf_utils = sys.modules.get("transformers.modeling_gguf_pytorch_utils")
@@ -66,9 +73,6 @@ def _progress_bars(enabled: bool):
 
 def _load_gguf(gguf_path: Path):
     """The GGUF model (fully dequantized to float32) and its tokenizer, as transformers loads them."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
-
     model, info = AutoModelForCausalLM.from_pretrained(
         str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32,
         quantization_config=GgufConfig(dequantize=True), output_loading_info=True, trust_remote_code=False)
@@ -88,20 +92,11 @@ def rebuild_plain_model(model):
     transformers refuses to ``save_pretrained`` a GGUF-loaded model; this copy saves normally. The
     weights are copied exactly and tied embeddings stay tied.
     """
-    import copy
-
-    import torch
-    from transformers import AutoModelForCausalLM
-
     config = copy.deepcopy(model.config)
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
     config.dtype = torch.float32
-    try:  # every weight is overwritten below, so skip the random initialisation (seconds for 270M)
-        from transformers.initialization import no_init_weights
-    except ImportError:  # pragma: no cover - older/newer transformers
-        from contextlib import nullcontext as no_init_weights
-    with no_init_weights():
+    with no_init_weights():  # every weight is overwritten below: skip the random initialisation (seconds for 270M)
         plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():
         plain.load_state_dict(model.state_dict(), strict=True)
@@ -126,9 +121,6 @@ def verify_checkpoint(out: Path, model, tokenizer) -> None:
 
     Raises :class:`SoftPromptError` naming the first difference.
     """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     saved = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
     ref_state, new_state = model.state_dict(), saved.state_dict()
     if set(ref_state) != set(new_state):
