@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from softprompt.data import (
-    Example, Template, Verbalizer, build_examples, column_names, escape_template_text, kfold, load_rows,
-    require_columns, train_val_split,
+    Example, Template, Verbalizer, build_examples, column_names, default_template, escape_template_text, kfold,
+    load_rows, require_columns, train_val_split, verbalizer_for,
 )
 from softprompt.errors import ConfigError, DataError, SoftPromptError
 
@@ -265,6 +265,11 @@ def test_template_with_spaces_in_column_names():
     assert template.render(ROWS[0]) == "Tweet text : a Label : "
 
 
+def test_default_template_is_the_text_column_alone():
+    assert default_template("Tweet text") == "{Tweet text}"
+    assert Template(default_template("Tweet text")).render(ROWS[0]) == "a"
+
+
 def test_template_escaped_braces_and_repeated_fields():
     template = Template("{{json}} {a} and {a}{ b } }}")
     assert template.fields == ("a", " b ")
@@ -366,6 +371,15 @@ def test_verbalizer_to_raw_unknown_and_empty_label_in_rows():
         Verbalizer({"1": "yes", "0": "no"}).to_raw("maybe")
     with pytest.raises(DataError, match=r"d\.csv, row 2, column 'Label': the label is empty"):
         Verbalizer.from_rows([{"Label": "1"}, {"Label": " "}], "Label", source="d.csv")
+
+
+def test_verbalizer_for_uses_the_mapping_else_the_labels_in_the_rows():
+    rows = [{"Label": "2"}, {"Label": "10"}, {"Label": "1"}]
+    assert verbalizer_for({"1": "yes", "2": "no"}, rows, "Label", source="d.csv") == Verbalizer({"1": "yes", "2": "no"})
+    for empty in (None, {}):
+        assert verbalizer_for(empty, rows, "Label", source="d.csv").raws == ["1", "2", "10"]
+    with pytest.raises(DataError, match=r"d\.csv has no column 'label' \(did you mean 'Label'\?\)"):
+        verbalizer_for(None, rows, "label", source="d.csv")
 
 
 # ------------------------------------------------------------------------------------------- splits

@@ -5,10 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
-from softprompt.models.names import BUILTIN_HUB_IDS
-from softprompt.errors import SoftPromptError
 from softprompt.engine.model import SoftPromptModel
+from softprompt.errors import SoftPromptError
+from softprompt.models.builtin import resolve_builtin
+from softprompt.models.names import BUILTIN_HUB_IDS
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -17,8 +19,6 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 def resolve_model_path(name: str) -> str:
     """A built-in name becomes its local cached checkpoint; anything else passes through."""
     if name in BUILTIN_HUB_IDS:
-        from softprompt.models.builtin import resolve_builtin
-
         return str(resolve_builtin(name))
     return name
 
@@ -29,8 +29,6 @@ def load(name: str, *, dtype: str | torch.dtype | None = None, device: str | Non
     ``name``: a built-in name (``softprompt models`` lists them), a local checkpoint directory or a
     Hugging Face hub id. Remote code is never executed (``trust_remote_code`` is always off).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
-
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise SoftPromptError(f"--dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
