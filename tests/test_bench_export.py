@@ -1,4 +1,4 @@
-"""bench/export.py: an adapter becomes a task's shipped example only if it beats every example of the task
+"""research/export.py: an adapter becomes a task's shipped example only if it beats every example of the task
 already shipped, on the task's fixed evaluation; the copy names its base and never lands half-written."""
 
 import json
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.export import EVALUATIONS, SCORES_FILE, export_if_better, folder_name, shipped_scores
+from research.export import EVALUATIONS, SCORES_FILE, export_if_better, folder_name, shipped_scores
 
 
 def trained_adapter(where: Path, tag: str) -> Path:

@@ -1,4 +1,4 @@
-"""The quality harness (bench/quality.py) end to end in quick mode: a tiny random model and a few rows of
+"""The quality harness (research/quality.py) end to end in quick mode: a tiny random model and a few rows of
 each task (the real rows when ../shared/data is there, stand-ins otherwise). It checks that every task
 and system is reported, that the numbers are internally consistent and that the RAFT submission file
 has the expected shape; it asserts no quality target (those are reported in docs/results.md)."""
@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def quick_quality(tmp_path_factory):
     out = tmp_path_factory.mktemp("quality")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "bench.quality", "--quick", "--threads", "1", "--out", str(out),
+    proc = subprocess.run([sys.executable, "-m", "research.quality", "--quick", "--threads", "1", "--out", str(out),
                            "--doc", str(out / "results.md")], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -78,7 +78,7 @@ def test_generation_reports_perplexity_and_one_mixed_batch_of_samples(quick_qual
 def test_merge_reruns_one_task_with_its_own_budget_and_keeps_the_others(quick_quality):
     out, before, _ = quick_quality
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "bench.quality", "--quick", "--threads", "1", "--out", str(out),
+    proc = subprocess.run([sys.executable, "-m", "research.quality", "--quick", "--threads", "1", "--out", str(out),
                            "--tasks", "raft_twitter_complaints", "--cv-epochs", "2", "--merge",
                            "--doc", str(out / "merged.md")], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=900)
@@ -96,7 +96,7 @@ def test_methods_rerun_one_method_and_keep_the_tasks_other_systems(quick_quality
     out, _, _ = quick_quality
     before = json.loads((out / "quality.json").read_text())
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "bench.quality", "--quick", "--threads", "1", "--out", str(out),
+    proc = subprocess.run([sys.executable, "-m", "research.quality", "--quick", "--threads", "1", "--out", str(out),
                            "--tasks", "sst2", "--methods", "prefix-tuning", "--merge",
                            "--doc", str(out / "methods.md")], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=900)
@@ -108,7 +108,7 @@ def test_methods_rerun_one_method_and_keep_the_tasks_other_systems(quick_quality
         assert after["systems"][name] == old["systems"][name]  # kept, not rerun
     assert after["run"]["overrides"] == {"methods": "prefix_tuning"} and after["run"]["kept_from"] == old["run"]["date"]
     assert "the other systems are from the run of" in (out / "methods.md").read_text()
-    bad = subprocess.run([sys.executable, "-m", "bench.quality", "--quick", "--out", str(out), "--methods", "lora"],
+    bad = subprocess.run([sys.executable, "-m", "research.quality", "--quick", "--out", str(out), "--methods", "lora"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "--methods: expected some of prompt_tuning" in bad.stderr
 
@@ -121,7 +121,7 @@ def test_merge_on_a_fresh_checkout_reads_the_numbers_kept_beside_the_doc(quick_q
     shutil.copy(out / "results.md", doc)
     shutil.copy(out / "results.json", doc.with_suffix(".json"))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "bench.quality", "--quick", "--threads", "1",
+    proc = subprocess.run([sys.executable, "-m", "research.quality", "--quick", "--threads", "1",
                            "--out", str(tmp_path / "fresh_runs"), "--tasks", "raft_twitter_complaints", "--merge",
                            "--doc", str(doc)], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=900)
@@ -136,7 +136,7 @@ def test_merge_on_a_fresh_checkout_reads_the_numbers_kept_beside_the_doc(quick_q
     assert phrasebank.index("| zero-shot |") < phrasebank.index("| softprompt prompt tuning |") \
         < phrasebank.index("| PEFT prompt tuning |") < phrasebank.index("| softprompt p tuning |")
     # the report is rebuilt from the numbers beside it, unchanged (rows keep their fixed order)
-    proc = subprocess.run([sys.executable, "-m", "bench.quality", "--report-only",
+    proc = subprocess.run([sys.executable, "-m", "research.quality", "--report-only",
                            "--out", str(tmp_path / "no_runs"), "--doc", str(doc)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -145,7 +145,7 @@ def test_merge_on_a_fresh_checkout_reads_the_numbers_kept_beside_the_doc(quick_q
 
 def test_example_adapters_are_replaced_only_with_export(quick_quality, tmp_path, monkeypatch):
     # The examples may come from longer sweeps than a standard run: a rerun must not overwrite them unasked.
-    from bench import quality
+    from research import quality
 
     out, before, _ = quick_quality
     stored = tmp_path / "runs"
@@ -160,8 +160,8 @@ def test_example_adapters_are_replaced_only_with_export(quick_quality, tmp_path,
 
 
 def test_export_offers_each_task_its_best_adapter_of_the_run(quick_quality, tmp_path, capsys):
-    from bench import quality
-    from bench.export import shipped_scores
+    from research import quality
+    from research.export import shipped_scores
 
     _, result, _ = quick_quality
     examples = tmp_path / "examples"

@@ -1,4 +1,4 @@
-"""bench/reproduce.py (one command for every number of docs/results.md) and bench/cross_model.py, in quick
+"""research/reproduce.py (one command for every number of docs/results.md) and research/cross_model.py, in quick
 mode: every step's documented command lines run on a tiny random model and stand-in rows. It checks the
 plan itself (each step measures the figures it documents, the SST-2 chain's cuts never reuse a row, a
 finished step is not redone, missing inputs and failing commands are one clear error), not quality."""
@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bench import cross_model, reproduce
+from research import cross_model, reproduce
 
 ROOT = Path(__file__).resolve().parents[1]
-QUALITY_STEPS = {"quality", "quality-raft"}  # bench.quality --quick has its own test (test_bench_quality.py)
+QUALITY_STEPS = {"quality", "quality-raft"}  # research.quality --quick has its own test (test_bench_quality.py)
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,7 @@ def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("reproduce")
     steps = [s.name for s in reproduce.plan() if s.name not in QUALITY_STEPS]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "bench.reproduce", "--quick", "--out", str(out),
+    proc = subprocess.run([sys.executable, "-m", "research.reproduce", "--quick", "--out", str(out),
                            "--only", ",".join(steps)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, steps, proc.stdout
@@ -49,7 +49,7 @@ def test_the_summary_sets_each_documented_number_beside_its_rerun(quick_run):
     table = (out / "summary.md").read_text()
     assert f"| sst2-chain-4 | dev accuracy | 90.8% | {chain4['reproduced']['dev accuracy']:.1%} |" in table
     assert "| fpb-prefix-e4 | chosen on validation: test accuracy | 97.8% |" in table
-    assert "quick mode" in table and "bench.reproduce: wrote" in stdout
+    assert "quick mode" in table and "research.reproduce: wrote" in stdout
 
 
 def test_the_sst2_chain_never_trains_or_validates_on_a_row_an_earlier_link_saw(quick_run):

@@ -1,12 +1,12 @@
 """Reproduce every measured number of docs/results.md from scratch, in one command, with a time estimate.
 
-    .venv/bin/python -m bench.reproduce --list                 # the plan: steps, what each reproduces, minutes
-    .venv/bin/python -m bench.reproduce                        # all of it (about 11 hours on 2 CPU cores)
-    .venv/bin/python -m bench.reproduce --only fpb-prefix-e4   # one step (and nothing it needs is redone)
-    .venv/bin/python -m bench.reproduce --quick                # every step on a tiny random model: checks the plan
+    .venv/bin/python -m research.reproduce --list                 # the plan: steps, what each reproduces, minutes
+    .venv/bin/python -m research.reproduce                        # all of it (about 11 hours on 2 CPU cores)
+    .venv/bin/python -m research.reproduce --only fpb-prefix-e4   # one step (and nothing it needs is redone)
+    .venv/bin/python -m research.reproduce --quick                # every step on a tiny random model: checks the plan
 
-Each step runs the command lines docs/results.md quotes (`bench.quality`, `bench.sweep`, `softprompt train
---init-from` and `--kfold`, `softprompt eval` and `predict`, `bench.cross_model`) as child processes, in order, into
+Each step runs the command lines docs/results.md quotes (`research.quality`, `research.sweep`, `softprompt train
+--init-from` and `--kfold`, `softprompt eval` and `predict`, `research.cross_model`) as child processes, in order, into
 ``<out>/<step>/``, then reads what they wrote and sets it beside the number the docs report. A step that
 finished is not run again (its ``done.json``), so an interrupted run picks up where it stopped; ``--force``
 redoes the named steps. The estimate is what each step took when the docs' numbers were measured (2 idle
@@ -34,10 +34,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-if __package__ in (None, ""):  # `python bench/reproduce.py`
+if __package__ in (None, ""):  # `python research/reproduce.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.quality import DATA, REPO  # noqa: E402
+from research.quality import DATA, REPO  # noqa: E402
 
 SST2_TEMPLATE = "Review: {sentence}\nSentiment:"
 SST2_VERBALIZER = '{"0": " negative", "1": " positive"}'
@@ -149,13 +149,13 @@ def raft_transfer(*flags: str) -> tuple[str, ...]:
 
 
 def sweep(out_task: str, *flags: str) -> tuple[str, ...]:
-    return ("-m", "bench.sweep", "--task", out_task, *flags, "--out", "<out>")
+    return ("-m", "research.sweep", "--task", out_task, *flags, "--out", "<out>")
 
 
 def sst2_chain_step(n: int, start: str, seen_adapters: tuple[str, ...], seen_files: tuple[str, ...], seed: int,
                     train: int | None, dedupe: bool, minutes: float, dev: float, what: str) -> Step:
     """One link of the SST-2 chain: cut rows no earlier run saw, continue the adapter on them, score dev."""
-    cut = ["-m", "bench.reproduce", "cut", "--data", "<data>/sst2/train.tsv", "--seed", str(seed), "--val", "1000",
+    cut = ["-m", "research.reproduce", "cut", "--data", "<data>/sst2/train.tsv", "--seed", str(seed), "--val", "1000",
            "--out", "<out>"] + (["--train", str(train)] if train else []) + (["--dedupe"] if dedupe else [])
     for a in seen_adapters:
         cut += ["--seen-adapter", a]
@@ -183,10 +183,10 @@ def plan() -> list[Step]:
     return [
         Step("quality", "the financial_phrasebank, SST-2 and generation tables (standard budget: 600 rows, 1 epoch; "
              "PEFT beside softprompt)", 150.0,
-             (("-m", "bench.quality", "--tasks", ",".join(quality_tasks), "--threads", "1", "--out", "<out>",
+             (("-m", "research.quality", "--tasks", ",".join(quality_tasks), "--threads", "1", "--out", "<out>",
                "--doc", "<out>/results.md"),), quality_figures(quality_tasks), documented_quality(quality_tasks)),
         Step("quality-raft", "the RAFT table (10-fold CV, 10 epochs per fold) and its test-tweet predictions", 20.0,
-             (("-m", "bench.quality", "--tasks", "raft_twitter_complaints", "--cv-epochs", "10", "--out", "<out>",
+             (("-m", "research.quality", "--tasks", "raft_twitter_complaints", "--cv-epochs", "10", "--out", "<out>",
                "--doc", "<out>/results.md"),),
              quality_figures(("raft_twitter_complaints",)), documented_quality(("raft_twitter_complaints",))),
         Step("fpb-prompt-500", "financial_phrasebank prompt-tuning grid, 450 rows, 2 epochs", 39.5,
@@ -234,7 +234,7 @@ def plan() -> list[Step]:
                     "--threads", "2"),),
              sweep_figures(sst), {"chosen on validation: test accuracy": 0.912}),
         Step("sst2-two-models", "the SST-2 ensemble of smollm2's chain and gemma's adapter (equal weights)", 8.0,
-             (("-m", "bench.cross_model", "--member", f"<smollm2>={chain[2]}",
+             (("-m", "research.cross_model", "--member", f"<smollm2>={chain[2]}",
                "--member", "<gemma>=<runs>/gemma-sst2-19000/sst2/pt20-lr0p1",
                "--validation", "<runs>/sst2-chain-4/val_new.tsv", "--test", "<data>/sst2/dev.tsv",
                "--out", "<out>/ensemble.json"),),
@@ -242,7 +242,7 @@ def plan() -> list[Step]:
                                    "test: rows all members get wrong": 47},
              needs=("sst2-chain-4", "gemma-sst2-19000")),
         Step("raft-two-models", "RAFT: smollm2 zero-shot averaged with gemma's SST-2 adapter (no RAFT training)", 3.0,
-             (("-m", "bench.cross_model", "--member", "<smollm2>", "--member",
+             (("-m", "research.cross_model", "--member", "<smollm2>", "--member",
                "<gemma>=<runs>/gemma-sst2-19000/sst2/pt20-lr0p1", "--template", "Tweet: {Tweet text}\nSentiment:",
                "--label-column", "Label", "--verbalizer", '{"1": " negative", "2": " positive"}',
                "--test", "<data>/raft_twitter_complaints/train.csv", "--out", "<out>/ensemble.json"),),
@@ -319,7 +319,7 @@ def fill(argv: tuple[str, ...], ctx: Context, step: Step) -> list[str]:
         filled.append(arg)
     if ctx.quick:
         filled = [QUICK_FLAGS.get(prev, arg) for prev, arg in zip([""] + filled, filled)]
-        if filled[:2] in (["-m", "bench.sweep"], ["-m", "bench.quality"]):
+        if filled[:2] in (["-m", "research.sweep"], ["-m", "research.quality"]):
             filled.append("--quick")
     return [sys.executable, *filled]
 
@@ -338,7 +338,7 @@ def run_step(step: Step, ctx: Context) -> dict:
         capture = step.stdout is not None and i == len(step.commands) - 1
         proc = subprocess.run(command, cwd=REPO, env=env, stdout=subprocess.PIPE if capture else None, text=True)
         if proc.returncode != 0:
-            raise SystemExit(f"bench.reproduce: step {step.name}: `{' '.join(command[1:3])} ...` exited with "
+            raise SystemExit(f"research.reproduce: step {step.name}: `{' '.join(command[1:3])} ...` exited with "
                              f"{proc.returncode}; its output is above, its files in {where}")
         if capture:
             atomic_write_text(where / step.stdout, proc.stdout)
@@ -351,7 +351,7 @@ def run_step(step: Step, ctx: Context) -> dict:
 
 def summary_markdown(done: list[dict]) -> str:
     """The documented figures beside the reproduced ones (every figure a step measured is in summary.json)."""
-    lines = ["# Reproduced numbers (`python -m bench.reproduce`)", "",
+    lines = ["# Reproduced numbers (`python -m research.reproduce`)", "",
              "| step | figure | documented | reproduced | difference |", "| --- | --- | ---: | ---: | ---: |"]
 
     def show(figure: str, value: float) -> str:
@@ -384,7 +384,7 @@ def select(steps: list[Step], only: str | None) -> list[Step]:
     known = {s.name for s in steps}
     unknown = [n for n in names if n not in known]
     if unknown:
-        raise SystemExit(f"bench.reproduce: --only: no step {', '.join(unknown)}; the steps are {', '.join(known)}")
+        raise SystemExit(f"research.reproduce: --only: no step {', '.join(unknown)}; the steps are {', '.join(known)}")
     return [s for s in steps if s.name in names]
 
 
@@ -393,14 +393,14 @@ def check_needs(chosen: list[Step], out: Path) -> None:
     for step in chosen:
         missing = [n for n in step.needs if n not in names and not (out / n / "done.json").exists()]
         if missing:
-            raise SystemExit(f"bench.reproduce: step {step.name} needs {', '.join(missing)} done first "
+            raise SystemExit(f"research.reproduce: step {step.name} needs {', '.join(missing)} done first "
                              f"(in {out}); add them to --only or run them first")
 
 
 def quick_context(out: Path) -> Context:
     """Stand-in SST-2 and RAFT files and a tiny random model saved to disk, for the steps that read files."""
-    from bench.models import tiny_llama
-    from bench.quality import TASKS, _synthetic_rows
+    from research.models import tiny_llama
+    from research.quality import TASKS, _synthetic_rows
 
     data = out / "quick_data"
     (data / "sst2").mkdir(parents=True, exist_ok=True)
@@ -419,14 +419,14 @@ def quick_context(out: Path) -> Context:
                          for i, r in enumerate(_synthetic_rows(TASKS["raft_twitter_complaints"], 12, 1)))
     model_dir = out / "quick_model"
     if not (model_dir / "config.json").exists():
-        base, tokenizer = tiny_llama(0)  # the weights bench's --quick runs build in-process
+        base, tokenizer = tiny_llama(0)  # the weights research's --quick runs build in-process
         base.save_pretrained(model_dir)
         tokenizer.save_pretrained(model_dir)
     return Context(out, data, {"smollm2": str(model_dir), "gemma": str(model_dir)}, quick=True)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m bench.reproduce", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m research.reproduce", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--list", action="store_true", help="print the plan with its time estimate and stop")
     p.add_argument("--only", help="comma-separated step names (see --list)")
@@ -437,7 +437,7 @@ def parse_args(argv=None):
 
 
 def parse_cut_args(argv):
-    p = argparse.ArgumentParser(prog="python -m bench.reproduce cut", description=cut_unseen.__doc__)
+    p = argparse.ArgumentParser(prog="python -m research.reproduce cut", description=cut_unseen.__doc__)
     p.add_argument("--data", required=True, help="SST-2 training TSV")
     p.add_argument("--seen-adapter", action="append", default=[], help="adapter whose training rows are left out")
     p.add_argument("--seen-file", action="append", default=[], help="data file whose rows are left out")
@@ -455,10 +455,10 @@ def main(argv=None) -> int:
         a = parse_cut_args(argv[1:])
         for path in [a.data, *a.seen_adapter, *a.seen_file]:
             if not Path(path).exists():
-                raise SystemExit(f"bench.reproduce cut: {path}: no such file or directory")
+                raise SystemExit(f"research.reproduce cut: {path}: no such file or directory")
         val, train = cut_unseen(Path(a.data), Path(a.out), seen_adapters=a.seen_adapter, seen_files=a.seen_file,
                                 seed=a.seed, val=a.val, train=a.train, dedupe=a.dedupe)
-        print(f"bench.reproduce cut: {val} validation and {train} training rows no earlier run saw -> {a.out}")
+        print(f"research.reproduce cut: {val} validation and {train} training rows no earlier run saw -> {a.out}")
         return 0
     args = parse_args(argv)
     every_step = plan()  # reads docs/results.json once for the documented figures
@@ -466,7 +466,7 @@ def main(argv=None) -> int:
     out = Path(args.out).resolve()  # the steps run with the repository as their working directory
     todo = [s for s in steps if args.force or not (out / s.name / "done.json").exists()]
     total = sum(s.minutes for s in todo)
-    print(f"bench.reproduce: {len(todo)} of {len(steps)} steps to run, about {total / 60:.1f} h on 2 idle CPU cores"
+    print(f"research.reproduce: {len(todo)} of {len(steps)} steps to run, about {total / 60:.1f} h on 2 idle CPU cores"
           + (" (quick mode: minutes)" if args.quick else ""))
     for s in steps:
         state = "to run" if s in todo else "done"
@@ -475,11 +475,11 @@ def main(argv=None) -> int:
         return 0
     check_needs(todo, out)
     if not args.quick and not DATA.exists():
-        raise SystemExit(f"bench.reproduce: {DATA}: no such directory; the steps read the shared data sets there in place")
+        raise SystemExit(f"research.reproduce: {DATA}: no such directory; the steps read the shared data sets there in place")
     ctx = quick_context(out) if args.quick else Context(out, DATA, {"smollm2": "smollm2-135m", "gemma": "gemma3-270m"})
     from tqdm import tqdm
 
-    bar = tqdm(total=round(total, 1), unit="min", desc="bench.reproduce (estimated minutes)",
+    bar = tqdm(total=round(total, 1), unit="min", desc="research.reproduce (estimated minutes)",
                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} min [{elapsed}<{remaining}]")
     for step in todo:
         run_step(step, ctx)
@@ -494,7 +494,7 @@ def main(argv=None) -> int:
     atomic_write_json(out / "summary.json", done)
     atomic_write_text(out / "summary.md", summary)
     print("\n" + summary)
-    print(f"bench.reproduce: wrote {out / 'summary.md'} and summary.json")
+    print(f"research.reproduce: wrote {out / 'summary.md'} and summary.json")
     return 0
 
 

@@ -1,7 +1,7 @@
 """Which adapter ships as a task's ready-made example, and copying it to examples/adapters/.
 
-Several harnesses can offer an adapter for the same task: ``bench.quality`` (its table's best system),
-``bench.sweep`` (the adapter chosen on validation) and recipes run by hand. The rule that keeps them
+Several harnesses can offer an adapter for the same task: ``research.quality`` (its table's best system),
+``research.sweep`` (the adapter chosen on validation) and recipes run by hand. The rule that keeps them
 from overwriting each other: an adapter is exported only if it beats, on the task's fixed held-out
 evaluation (``EVALUATIONS``), every example of that task already shipped, on any base model.
 ``examples/adapters/scores.json`` records each shipped example's score on that evaluation, and

@@ -1,15 +1,15 @@
 """A learning-rate x prompt-length sweep trained as ONE multi-adapter job, then a prompt ensemble.
 
-    .venv/bin/python -m bench.sweep --task financial_phrasebank               # 3 lr x 2 lengths, 2 epochs
-    .venv/bin/python -m bench.sweep --task sst2 --lrs 3e-2,1e-1 --tokens 8,20 --train-limit 2000
-    .venv/bin/python -m bench.sweep --methods prompt_tuning,prefix_tuning --lrs 1e-2,3e-2 --tokens 8
-    .venv/bin/python -m bench.sweep --quick                                   # harness check, tiny model
+    .venv/bin/python -m research.sweep --task financial_phrasebank               # 3 lr x 2 lengths, 2 epochs
+    .venv/bin/python -m research.sweep --task sst2 --lrs 3e-2,1e-1 --tokens 8,20 --train-limit 2000
+    .venv/bin/python -m research.sweep --methods prompt_tuning,prefix_tuning --lrs 1e-2,3e-2 --tokens 8
+    .venv/bin/python -m research.sweep --quick                                   # harness check, tiny model
 
 Every adapter of the sweep trains in the same `softprompt.training.loop.train_jobs` call on one frozen base:
 each optimizer step runs one batch per adapter (same rows, same order) through the model together.
 Selection is honest: a seeded, label-stratified slice of the *training* rows is the validation set;
 the best single adapter and the ensemble members (the top ``--ensemble`` by validation accuracy) are
-chosen on it, and the held-out test rows (the same seeded split as ``bench.quality``) are only scored.
+chosen on it, and the held-out test rows (the same seeded split as ``research.quality``) are only scored.
 The ensemble averages the label probabilities of its members (`softprompt.training.predict.label_probabilities`,
 what ``softprompt predict --adapter A --adapter B`` does).
 
@@ -27,12 +27,12 @@ from pathlib import Path
 
 import torch
 
-if __package__ in (None, ""):  # `python bench/sweep.py`
+if __package__ in (None, ""):  # `python research/sweep.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import harness  # noqa: E402
-from bench.models import TINY, Systems, model_path  # noqa: E402
-from bench.quality import BUDGETS, SEED, TASKS, config_for, examples, is_quick, score_ours, task_rows  # noqa: E402
+from research import harness  # noqa: E402
+from research.models import TINY, Systems, model_path  # noqa: E402
+from research.quality import BUDGETS, SEED, TASKS, config_for, examples, is_quick, score_ours, task_rows  # noqa: E402
 
 
 SHORT = {"prompt_tuning": "pt", "prefix_tuning": "prefix", "p_tuning": "ptune"}
@@ -161,7 +161,7 @@ def plot(result: dict, path: Path) -> None:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m bench.sweep", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m research.sweep", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", default="financial_phrasebank", choices=["financial_phrasebank", "sst2"])
     p.add_argument("--lrs", default="3e-2,1e-1,3e-1", help="comma-separated learning rates")
@@ -178,7 +178,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default="runs/sweep")
     p.add_argument("--export", action="store_true",
                    help="ship the adapter chosen on validation as the task's example in examples/adapters/ if its "
-                        "test accuracy beats every example of the task shipped there (bench.export)")
+                        "test accuracy beats every example of the task shipped there (research.export)")
     return p.parse_args(argv)
 
 
@@ -186,9 +186,9 @@ def _numbers(text: str, kind, flag: str) -> list:
     try:
         values = [kind(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise SystemExit(f"bench.sweep: {flag}: expected comma-separated numbers, got {text!r}")
+        raise SystemExit(f"research.sweep: {flag}: expected comma-separated numbers, got {text!r}")
     if not values or any(v <= 0 for v in values):
-        raise SystemExit(f"bench.sweep: {flag}: expected positive numbers, got {text!r}")
+        raise SystemExit(f"research.sweep: {flag}: expected positive numbers, got {text!r}")
     return values
 
 
@@ -199,7 +199,7 @@ def main(argv=None) -> int:
     lrs, tokens = _numbers(args.lrs, float, "--lrs"), _numbers(args.tokens, int, "--tokens")
     methods = tuple(m.strip().replace("-", "_") for m in args.methods.split(",") if m.strip())
     if not methods or any(m not in SHORT for m in methods):
-        raise SystemExit(f"bench.sweep: --methods: expected some of {', '.join(SHORT)}, got {args.methods!r}")
+        raise SystemExit(f"research.sweep: --methods: expected some of {', '.join(SHORT)}, got {args.methods!r}")
     if args.quick:
         budget = BUDGETS["quick"]
     else:
@@ -209,20 +209,20 @@ def main(argv=None) -> int:
     result = run_sweep(systems, args.task, lrs=lrs, tokens=tokens, budget=budget, val_fraction=args.val_fraction,
                        ensemble=args.ensemble, out=out, methods=methods)
     result["meta"] = {"model": TINY if args.quick else args.model, "machine": harness.machine(args.threads),
-                      "date": time.strftime("%Y-%m-%d"), "command": "python -m bench.sweep " + " ".join(argv or sys.argv[1:])}
+                      "date": time.strftime("%Y-%m-%d"), "command": "python -m research.sweep " + " ".join(argv or sys.argv[1:])}
     where = out / args.task
     where.mkdir(parents=True, exist_ok=True)
     (where / "sweep.json").write_text(json.dumps(result, indent=2) + "\n")
     (where / "sweep.md").write_text(markdown(result))
     plot(result, where / "sweep.png")
     if args.export and not args.quick:
-        from bench.export import export_if_better
+        from research.export import export_if_better
 
         chosen = next(r for r in result["adapters"] if r["name"] == result["selected"])
-        print(f"bench.sweep: {result['selected']}: "
+        print(f"research.sweep: {result['selected']}: "
               + export_if_better(chosen["path"], args.task, args.model, chosen["test_accuracy"]))
     print(markdown(result))
-    print(f"bench.sweep: wrote {where / 'sweep.json'}, sweep.md and sweep.png")
+    print(f"research.sweep: wrote {where / 'sweep.json'}, sweep.md and sweep.png")
     return 0
 
 
