@@ -21,13 +21,20 @@ members disagree on and how many all of them get wrong (the cap on any vote of t
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
+import torch
+
 if __package__ in (None, ""):  # `python research/cross_model.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import softprompt  # noqa: E402
+from softprompt.data import Template, load_rows  # noqa: E402
+from softprompt.fileio import atomic_write_json  # noqa: E402
+from softprompt.training import (adapter_settings, classification_report, fingerprint,  # noqa: E402
+                                 label_probabilities, parse_verbalizer, read_train_fingerprints)
 
 from research import harness  # noqa: E402
 
@@ -43,8 +50,6 @@ def _member(spec: str) -> tuple[str, str | None]:
 def shared_settings(adapters: list[str], given: dict | None = None) -> dict:
     """The template, columns and verbalizer every member was trained with (they must agree); settings
     ``given`` (the command line's) replace what the adapters say, for every member alike."""
-    from softprompt.training.evaluate import adapter_settings
-
     keys = ("template", "text_column", "label_column", "verbalizer")
     given = {k: v for k, v in (given or {}).items() if v is not None}
     if not adapters:
@@ -66,12 +71,6 @@ def shared_settings(adapters: list[str], given: dict | None = None) -> dict:
 def run(members: list[tuple[str, str | None]], splits: dict[str, str], *, given: dict | None = None,
         batch_size: int = 16, log=print) -> dict:
     """Score every split with every member (one base model at a time), then average the probabilities."""
-    import softprompt
-    from softprompt.data import Template, load_rows
-    from softprompt.training.evaluate import fingerprint, read_train_fingerprints
-    from softprompt.training.metrics import classification_report
-    from softprompt.training.predict import label_probabilities
-
     settings = shared_settings([a for _, a in members if a], given)
     render = Template(settings["template"]).render
     verbalizer = {str(k): v for k, v in settings["verbalizer"].items()}
@@ -141,15 +140,9 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    import torch
-
-    from softprompt.fileio import atomic_write_json
-
     args = parse_args(argv)
     harness.quiet()
     torch.set_num_threads(args.threads)
-    from softprompt.training.config import parse_verbalizer
-
     members = [_member(s) for s in args.member]
     given = {"template": args.template, "label_column": args.label_column,
              "verbalizer": parse_verbalizer(args.verbalizer) if args.verbalizer else None}

@@ -86,7 +86,7 @@ def main(argv=None) -> int:
                        "settings": cfg, "machine": harness.machine(cfg["threads"]), "loadavg_start": harness.loadavg(),
                        "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}}
     source = TINY if cfg["model"] in (TINY, "tiny") else model_path(cfg["model"])
-    log(f"research: {result['meta']['mode']} run, model {cfg['model']} ({source}), {cfg['threads']} threads, "
+    log(f"research.run: {result['meta']['mode']} run, model {cfg['model']} ({source}), {cfg['threads']} threads, "
         f"median of {cfg['repeats']} after {cfg['warmup']} warm-up")
     t = time.time()
     systems = Systems.build(source)
@@ -153,7 +153,7 @@ def main(argv=None) -> int:
     (out_dir / "results.md").write_text(markdown)
     log("")
     log(markdown)
-    log(f"research: wrote {out_dir / 'results.json'} and {out_dir / 'results.md'} in {result['meta']['duration_s']:.0f} s")
+    log(f"research.run: wrote {out_dir / 'results.json'} and {out_dir / 'results.md'} in {result['meta']['duration_s']:.0f} s")
     return 0
 
 

@@ -143,30 +143,54 @@ def test_merge_on_a_fresh_checkout_reads_the_numbers_kept_beside_the_doc(quick_q
     assert doc.read_text() == text
 
 
-def test_example_adapters_are_replaced_only_with_export(quick_quality, tmp_path, monkeypatch):
-    # The examples may come from longer sweeps than a standard run: a rerun must not overwrite them unasked.
-    from research import quality
+def test_research_never_writes_into_the_product(quick_quality, tmp_path, capsys):
+    # docs/ and examples/ belong to the product: a research run given a path there refuses it, before any work.
+    from research import quality, sweep
+    from research.paths import EXAMPLES, REPO
+
+    for argv in (["--report-only", "--out", str(REPO / "docs"), "--doc", str(tmp_path / "a.md")],
+                 ["--report-only", "--out", str(tmp_path), "--doc", str(REPO / "docs" / "results.md")],
+                 ["--quick", "--out", str(EXAMPLES), "--tasks", "sst2"]):
+        with pytest.raises(SystemExit, match="belongs to the product"):
+            quality.main(argv)
+    with pytest.raises(SystemExit, match="--out: .* belongs to the product"):
+        sweep.main(["--quick", "--out", str(EXAMPLES)])
+    with pytest.raises(SystemExit):
+        quality.parse_args(["--export"])  # shipping an example is research.export's explicit step, not a flag
+    assert "unrecognized arguments: --export" in capsys.readouterr().err
+
+
+def test_example_adapters_are_replaced_only_with_export_into(quick_quality, tmp_path, capsys):
+    # The examples may come from longer sweeps than a standard run: only `research.export RESULT --into DIR`
+    # writes there; without --into it says what it would ship and writes nothing.
+    from research import export, quality
 
     out, before, _ = quick_quality
     stored = tmp_path / "runs"
     stored.mkdir()
-    (stored / "quality.json").write_text(json.dumps({**before, "meta": {**before["meta"], "budget": "standard"}}))
-    exported = []
-    monkeypatch.setattr(quality, "export_examples", lambda result: exported.append(result["meta"]["budget"]))
+    result = {**before, "meta": {**before["meta"], "budget": "standard", "model": "smollm2-135m"}}
+    (stored / "quality.json").write_text(json.dumps(result))
+    examples = tmp_path / "examples"
+    examples.mkdir()
     assert quality.main(["--report-only", "--out", str(stored), "--doc", str(tmp_path / "a.md")]) == 0
-    assert exported == [] and (tmp_path / "a.md").exists()
-    assert quality.main(["--report-only", "--export", "--out", str(stored), "--doc", str(tmp_path / "b.md")]) == 0
-    assert exported == ["standard"]
+    assert list(examples.iterdir()) == [] and (tmp_path / "a.md").exists()
+    assert export.main([str(stored / "quality.json")]) == 0  # compares with the shipped examples, writes nothing
+    assert capsys.readouterr().out.count("research.export: ") == 3
+    assert export.export_examples(result, examples, dry_run=True) and list(examples.iterdir()) == []
+    assert export.main([str(stored / "quality.json"), "--into", str(examples)]) == 0
+    assert sorted(p.name for p in examples.iterdir()) == sorted(
+        ["financial_phrasebank", "sst2", "raft_twitter_complaints", export.SCORES_FILE])
+    with pytest.raises(SystemExit, match="quick .* run"):  # a harness check's adapters never ship
+        export.main([str(out / "quality.json"), "--into", str(examples)])
 
 
-def test_export_offers_each_task_its_best_adapter_of_the_run(quick_quality, tmp_path, capsys):
-    from research import quality
-    from research.export import shipped_scores
+def test_export_offers_each_task_its_best_adapter_of_the_run(quick_quality, tmp_path):
+    from research.export import export_examples, shipped_scores
 
     _, result, _ = quick_quality
     examples = tmp_path / "examples"
     examples.mkdir()
-    quality.export_examples(result, examples)
+    export_examples(result, examples)
     scores = shipped_scores(examples)
     assert set(scores) == {"financial_phrasebank-tiny-llama", "sst2-tiny-llama", "raft_twitter_complaints-tiny-llama"}
     for task in ("financial_phrasebank", "sst2"):
@@ -177,5 +201,4 @@ def test_export_offers_each_task_its_best_adapter_of_the_run(quick_quality, tmp_
                                                            "metric": "macro_f1", "value": round(raft["macro_f1_pooled"], 4)}
     assert (examples / "sst2-tiny-llama" / "adapter_model.safetensors").exists()
     # the same run offered again replaces nothing: its adapters do not beat themselves
-    quality.export_examples(result, examples)
-    assert capsys.readouterr().out.count(": kept examples/adapters/") == 3
+    assert sum(": kept examples/adapters/" in line for line in export_examples(result, examples)) == 3
