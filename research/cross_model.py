@@ -37,6 +37,7 @@ from softprompt.training import (adapter_settings, classification_report, finger
                                  label_probabilities, parse_verbalizer, read_train_fingerprints)
 
 from research import harness  # noqa: E402
+from research.paths import own_output  # noqa: E402
 
 
 def _member(spec: str) -> tuple[str, str | None]:
@@ -141,6 +142,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    own_output(args.out, "--out", "research.cross_model")
     harness.quiet()
     torch.set_num_threads(args.threads)
     members = [_member(s) for s in args.member]

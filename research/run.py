@@ -21,6 +21,8 @@ if __package__ in (None, ""):  # run as a file: research/run.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     __package__ = "research"
 
+from research.paths import own_output  # noqa: E402  (pathlib only: --help stays fast)
+
 SECTIONS = ("training", "memory", "inference", "mixed", "classification")
 
 PROFILES = {
@@ -54,6 +56,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    own_output(args.out, "--out", "research.run")
     from . import harness
 
     harness.quiet()

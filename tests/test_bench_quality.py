@@ -116,8 +116,8 @@ def test_methods_rerun_one_method_and_keep_the_tasks_other_systems(quick_quality
 def test_merge_on_a_fresh_checkout_reads_the_numbers_kept_beside_the_doc(quick_quality, tmp_path):
     out, before, _ = quick_quality
     assert json.loads((out / "results.json").read_text()) == before  # the doc's numbers travel with it
-    doc = tmp_path / "docs" / "results.md"  # a fresh checkout: the doc and its numbers, no runs/ folder
-    doc.parent.mkdir()
+    doc = tmp_path / "research" / "results" / "quality.md"  # a fresh checkout: the report and its numbers, no runs/
+    doc.parent.mkdir(parents=True)
     shutil.copy(out / "results.md", doc)
     shutil.copy(out / "results.json", doc.with_suffix(".json"))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
