@@ -51,6 +51,7 @@ from research.tasks import (BUDGETS, GENERATION_TOKENS, LR, SEED, TASKS, TOKENS,
 
 # ------------------------------------------------------------------------------------------ softprompt
 def train_ours(systems: Systems, task: Task, budget: dict, method: str, train_rows, out: Path, log, **extra) -> dict:
+    """One softprompt adapter of ``method`` trained on ``train_rows``: its name, path, size and time."""
     config = config_for(task, budget, method, out, **extra)
     spec = config.resolved_adapters()[0]
     job = prepare_job(spec, rows=train_rows, val_rows=[], source=f"{task.name} training rows")
@@ -64,6 +65,7 @@ def train_ours(systems: Systems, task: Task, budget: dict, method: str, train_ro
 
 
 def score_ours(systems: Systems, name: str | None, test, labels, budget) -> dict:
+    """Label-scoring metrics of adapter ``name`` (``None``: the base model, zero-shot) on ``test``."""
     started = time.perf_counter()
     report = evaluate(systems.ours, test, name, labels, "score", compare_base=False, batch_size=16,
                       max_length=budget["max_length"])
@@ -72,6 +74,7 @@ def score_ours(systems: Systems, name: str | None, test, labels, budget) -> dict
 
 # ------------------------------------------------------------------------------------------- the tasks
 def run_classification(systems: Systems, task: Task, budget: dict, out: Path, log) -> dict:
+    """Zero-shot, each softprompt method and PEFT prompt tuning on one task's held-out test rows."""
     train_rows, test_rows, split = task_rows(task, budget, is_quick(budget))
     test = examples(task, test_rows, f"{task.name} test rows")
     labels = list(task.verbalizer.values())

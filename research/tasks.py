@@ -15,8 +15,11 @@ from softprompt.training import TrainConfig, load_config
 
 from research.paths import DATA
 
+
 @dataclasses.dataclass
 class Task:
+    """One reference task: where its rows are, how they render, and the published figures beside it."""
+
     name: str
     kind: str  # "classify" or "generate"
     files: dict  # "data" (split here) or "train"/"test", relative to DATA
@@ -69,6 +72,8 @@ BUDGETS = {
     "full": {"epochs": 3, "train_limit": 6000, "test_limit": None, "max_length": 128, "batch_size": 8, "kfold": 10,
              "cv_epochs": 20, "raft_predict_limit": None, "generation_limit": 1000, "methods": ("prompt_tuning", "prefix_tuning", "p_tuning")},
 }
+
+
 def is_quick(budget: dict) -> bool:
     """The quick (harness-check) budget, also after command-line overrides copied it."""
     return bool(budget.get("quick"))
