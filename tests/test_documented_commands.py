@@ -16,7 +16,8 @@ from softprompt.cli.app import EPILOGS, build_parser
 from softprompt.training.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = [ROOT / "README.md", ROOT / "examples" / "adapters" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+DOCS = [ROOT / "README.md", ROOT / "examples" / "adapters" / "README.md", *sorted((ROOT / "docs").glob("*.md")),
+        ROOT / "research" / "NOTES.md"]
 RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
 COMMAND = re.compile(r"(?:^|[\s(`])(?:\.venv/bin/)?softprompt ([a-z]+(?:[ \t]+[^\s`|#][^`|#\n]*)?)")
 
