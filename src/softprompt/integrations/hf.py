@@ -73,7 +73,6 @@ class TrainableAdapter(nn.Module):
         """Load a saved adapter (with its training state, so reparameterised adapters continue exactly) to train
         further."""
         adapter = load_adapter(model, path, name=name, resume=True)
-        adapter.requires_grad_(True)
         return cls(model, next(n for n, a in model.adapters.items() if a is adapter))
 
     # ------------------------------------------------------------------ what the trainers call
