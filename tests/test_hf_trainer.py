@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from transformers import DataCollatorForSeq2Seq, EarlyStoppingCallback, Trainer, TrainingArguments
 from trl import SFTConfig, SFTTrainer
 
-from softprompt import SoftPromptModel
+from softprompt import SoftPromptError, SoftPromptModel
 from softprompt.integrations.hf import SaveAdapterCallback, TrainableAdapter
 from tiny import save_tiny_checkpoint, tiny_base, tiny_tokenizer
 
@@ -145,6 +145,15 @@ def test_best_adapter_is_reloaded_at_the_end_and_early_stopping_stops(kind, meth
     assert_same_state(trainer.model.state_dict(), first)
     assert not torch.equal(first["adapter." + next(iter(adapter_state(model)))],
                            last["adapter." + next(iter(adapter_state(model)))])
+
+
+def test_what_cannot_work_says_so(tmp_path):
+    # Packed / padding-free rows share one sequence, but every row needs its own prompt.
+    with pytest.raises(SoftPromptError, match="padding-free or packed"):
+        make_trainer("sft", new_model("prompt_tuning"), tmp_path / "packed", max_steps=1, packing=True).train()
+    with pytest.raises(SoftPromptError, match="checkpointing is not supported"):
+        make_trainer("trainer", new_model("prompt_tuning"), tmp_path / "ckpt", max_steps=1,
+                     gradient_checkpointing=True).train()
 
 
 @pytest.mark.parametrize("script", ["train_with_hf_trainer.py", "train_with_trl.py"])
