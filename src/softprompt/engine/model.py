@@ -102,7 +102,8 @@ class SoftPromptModel(nn.Module):
         self.shape = ModelShape.from_config(base.config)
         self.quirks = quirks_for(self.shape.model_type)
         self.adapters = nn.ModuleDict()
-        self._prompt_kv_cache: dict[str, tuple[tuple, list, torch.Tensor]] = {}
+        # name -> (dtype/device key, parameter values, per-layer keys/values, last hidden)
+        self._prompt_kv_cache: dict[str, tuple[tuple, list, list, torch.Tensor]] = {}
 
     # ------------------------------------------------------------------ adapters
     def add_adapter(self, name: str, method: str = "prompt_tuning", *, seed: int | None = None,
@@ -254,10 +255,13 @@ class SoftPromptModel(nn.Module):
         needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
         device_type = self.device.type
         autocast_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-        key = tuple((id(p), p._version) for p in params) + (self.dtype, self.device, autocast_dtype)
+        key = (self.dtype, self.device, autocast_dtype)
         cached = self._prompt_kv_cache.get(name)
-        if not needs_grad and cached is not None and cached[0] == key:
-            return cached[1], cached[2]
+        # Parameters are compared by value, not by version counter: fused optimizers (torch's AdamW(fused=True),
+        # the default of transformers' Trainer) update them in place without bumping it.
+        if (not needs_grad and cached is not None and cached[0] == key and len(cached[1]) == len(params)
+                and all(torch.equal(old, p) for old, p in zip(cached[1], params))):
+            return cached[2], cached[3]
         embeds = adapter.input_embeddings().to(self.dtype)[None]
         n = embeds.shape[1]
         kwargs = {}
@@ -275,7 +279,7 @@ class SoftPromptModel(nn.Module):
         layers = [(layer.keys[0].to(cast), layer.values[0].to(cast)) for layer in out.past_key_values.layers]
         last_hidden = out.last_hidden_state[0, -1]
         if not needs_grad:
-            self._prompt_kv_cache[name] = (key, layers, last_hidden)
+            self._prompt_kv_cache[name] = (key, [p.detach().clone() for p in params], layers, last_hidden)
         return layers, last_hidden
 
     def _batch_prefix(self, names: list[str | None]) -> BatchPrefix | None:
@@ -359,6 +363,17 @@ class SoftPromptModel(nn.Module):
             return SoftPromptOutput(logits=self._logits(hidden))
         labels = labels.to(self.device)
         return self._label_loss(hidden, attention_mask, labels, prefix)
+
+    def text_hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                           adapters: AdapterNames = None) -> torch.Tensor:
+        """Final hidden states ``[batch, seq, hidden]`` of the text after each row's prompt (causal models): what
+        the LM head projects. For integrations that apply the head themselves (TRL's fused LM head)."""
+        if self.shape.is_encoder_decoder:
+            raise SoftPromptError("text_hidden_states: causal models only; encoder-decoder models use forward")
+        input_ids = input_ids.to(self.device)
+        attention_mask = (torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device)).long()
+        prefix = self._batch_prefix(self._row_names(adapters, input_ids.shape[0]))
+        return self._causal_hidden(input_ids, attention_mask, prefix)[0]
 
     def _label_loss(self, hidden, attention_mask, labels, prefix: BatchPrefix | None) -> SoftPromptOutput:
         """Loss over label tokens, projecting only the hidden states that predict a label."""
