@@ -27,7 +27,8 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from softprompt.engine.scoring import LabelScores
-from softprompt.server.batcher import Batcher, Job, Sampling
+from softprompt.server.batcher import Batcher
+from softprompt.server.jobs import Job, Sampling
 from softprompt.server.metrics import Metrics, MetricsMiddleware
 from softprompt.server.openapi import build_openapi
 from softprompt.server.prompting import chat_prompt_ids, encode
@@ -143,12 +144,12 @@ def create_app(model, settings: ServerSettings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        batcher.start()
+        batcher.start_thread()
         registry.attach(batcher)
         try:
             yield
         finally:
-            await asyncio.to_thread(batcher.stop)
+            await asyncio.to_thread(batcher.stop_thread)
 
     app = FastAPI(title="softprompt", summary="Soft prompts on one frozen model, OpenAI-compatible.",
                   lifespan=lifespan)
