@@ -27,6 +27,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from softprompt.engine.scoring import LabelScores
+from softprompt.errors import ConfigError
 from softprompt.server.batcher import Batcher
 from softprompt.server.jobs import Job, Sampling
 from softprompt.server.metrics import Metrics, MetricsMiddleware
@@ -129,8 +130,6 @@ def create_app(model, settings: ServerSettings | None = None) -> FastAPI:
     """
     settings = (settings or ServerSettings()).validate()
     if model.tokenizer is None:
-        from softprompt.errors import ConfigError
-
         raise ConfigError("serving needs a model with a tokenizer")
     base_name = settings.served_model_name or settings.model or model.name_or_path or "base"
     model.eval()
