@@ -27,7 +27,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save
 
-from softprompt.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, read_json, read_tensors
+from softprompt.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, read_peft_config, read_tensors
 from softprompt.errors import SoftPromptError
 from softprompt.fileio import atomic_write_bytes
 from softprompt.methods import PEFT_TYPES
@@ -68,10 +68,8 @@ def prompt_embeddings(source, name: str | None = None) -> tuple[torch.Tensor, di
     folder = Path(source)
     if not folder.is_dir():
         raise SoftPromptError(f"{folder}: no such adapter directory")
-    peft = read_json(folder / CONFIG_FILE)
-    method = PEFT_TYPES.get(peft.get("peft_type"))
-    if method is None:
-        raise SoftPromptError(f"{folder / CONFIG_FILE}: unknown method peft_type={peft.get('peft_type')!r}")
+    peft = read_peft_config(folder / CONFIG_FILE)
+    method = PEFT_TYPES[peft["peft_type"]]
     if method == "prefix_tuning":
         raise SoftPromptError(f"{folder} {PREFIX_MESSAGE}")
     tensors = read_tensors(folder / WEIGHTS_FILE)

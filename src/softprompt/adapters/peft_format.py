@@ -200,7 +200,8 @@ def _state_beyond_table(adapter: SoftPromptMethod, table: torch.Tensor) -> dict[
     return state
 
 
-def _read_peft_config(config_file: Path) -> dict:
+def read_peft_config(config_file: Path) -> dict:
+    """PEFT's ``adapter_config.json``, checked: a JSON object of a known ``peft_type``, without trust_remote_code."""
     peft = read_json(config_file)
     if "trust_remote_code" in json.dumps(peft):
         raise SoftPromptError(f"{config_file}: asks for trust_remote_code, which softprompt never takes from an adapter file")
@@ -220,7 +221,7 @@ def check_adapter_dir(path: str | Path) -> None:
     if not Path(path).expanduser().exists() and is_hub_id(str(path)):
         return
     folder = resolve_adapter_dir(path)
-    _read_peft_config(folder / CONFIG_FILE)
+    read_peft_config(folder / CONFIG_FILE)
     if not (folder / WEIGHTS_FILE).is_file():
         read_tensors(folder / WEIGHTS_FILE)  # raises: the pickle refusal or "missing"
 
@@ -251,7 +252,7 @@ def load_adapter(model, path: str | Path, name: str | None = None, *, resume: bo
 def _read(folder: Path, shape: ModelShape, resume: bool) -> tuple[SoftPromptMethod, dict]:
     """The adapter in ``folder`` (checked against ``shape``) and its ``softprompt.json`` (empty for PEFT's)."""
     config_file = folder / CONFIG_FILE
-    peft = _read_peft_config(config_file)
+    peft = read_peft_config(config_file)
     meta = read_json(folder / META_FILE) if (folder / META_FILE).exists() else {}
     cls = method_class(PEFT_TYPES[peft["peft_type"]])
     _check(config_file, "task_type", peft.get("task_type"), _task_type(shape))
