@@ -34,7 +34,7 @@ import collections
 import logging
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -77,7 +77,7 @@ class _Group:
         self.mergeable = state.mergeable
 
 
-def _held_back(text: str, stops: list[str]) -> int:
+def _held_back(text: str, stops: Sequence[str]) -> int:
     """Length of the longest suffix of ``text`` that could still grow into a stop string.
 
     Only suffixes starting with the stop string's first character can match, so those are the only ones
