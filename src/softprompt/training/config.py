@@ -637,7 +637,7 @@ def _valid_device(device: str) -> bool:
 
 
 def _adapter_name(name, where: str) -> None:
-    from softprompt.engine.model import ADAPTER_NAME
+    from softprompt.engine.adapter_name import ADAPTER_NAME
 
     if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name):
         raise ConfigError(f"{where}: expected 1-64 letters, digits, '_' or '-' (starting with a letter or digit), "
