@@ -6,8 +6,8 @@
                               source="train.csv")
 
 The modules: `rows` (files and hub data sets -> rows of strings; column checks), `templates`,
-`verbalizers`, `examples` (rows -> rendered prompts with label texts), `splits` (train/validation
-and k folds), `demo_tweets` (the VADER demo data set, imported on its own: it needs pip).
+`verbalizers`, `examples` (rows -> rendered prompts with label texts), `splits` (seeded samples,
+train/validation and k folds), `demo_tweets` (the VADER demo data set, imported on its own: it needs pip).
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ from softprompt.data.rows import (
     FORMATS, HUB_PREFIX, MAX_FILE_BYTES, MAX_VALUE_CHARS, Row, column_names, format_name, is_known_encoding,
     load_rows, require_columns,
 )
-from softprompt.data.splits import kfold, train_val_split
+from softprompt.data.splits import kfold, sample_rows, train_val_split
 from softprompt.data.templates import Template, default_template, escape_template_text
 from softprompt.data.verbalizers import Verbalizer, verbalizer_for
 
 __all__ = [
     "FORMATS", "HUB_PREFIX", "MAX_FILE_BYTES", "MAX_VALUE_CHARS", "Row", "load_rows", "format_name",
     "is_known_encoding", "column_names", "require_columns", "default_template", "escape_template_text", "Template",
-    "Verbalizer", "verbalizer_for", "train_val_split", "kfold", "Example", "build_examples",
+    "Verbalizer", "verbalizer_for", "sample_rows", "train_val_split", "kfold", "Example", "build_examples",
 ]

@@ -1,4 +1,4 @@
-"""Seeded train/validation splits and k folds, optionally stratified by a label column."""
+"""Seeded samples, train/validation splits and k folds, optionally stratified by a label column."""
 
 from __future__ import annotations
 
@@ -38,6 +38,23 @@ def _largest_remainder(sizes: Sequence[int], total: int) -> list[int]:
     for g in by_remainder[:total - sum(quotas)]:
         quotas[g] += 1
     return quotas
+
+
+def sample_rows(rows: Sequence[Row], n: int, seed: int, stratify_column: str | None = None,
+                *, source: str = "the data") -> list[Row]:
+    """``n`` rows drawn with ``seed`` (``--max-rows``), in their original order; all rows when ``n`` is not smaller.
+
+    With ``stratify_column`` every label keeps its share of the sample (to within one row), so a file
+    sorted by label still gives a sample of every label rather than its first lines.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ConfigError(f"--max-rows must be a whole number of at least 1, got {n!r}.")
+    if n >= len(rows):
+        return list(rows)
+    groups = _shuffled_groups(rows, seed, stratify_column, source)
+    quotas = _largest_remainder([len(g) for g in groups], n)
+    chosen = {i for group, quota in zip(groups, quotas) for i in group[:quota]}
+    return [r for i, r in enumerate(rows) if i in chosen]
 
 
 def train_val_split(rows: Sequence[Row], val_fraction: float, seed: int, stratify_column: str | None = None,
