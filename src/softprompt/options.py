@@ -26,7 +26,8 @@ from softprompt.errors import ConfigError
 
 def option(default: Any, help: str, **meta: Any) -> Any:
     """A dataclass field carrying its help text. ``default`` may be ``list``/``dict`` (or an instance of
-    one, copied per object) for a mutable default. ``meta``: ``choices``, ``metavar``, ``cli=False``."""
+    one, copied per object) for a mutable default. ``meta``: ``choices``, ``metavar``, ``required``,
+    ``flag``, ``cli=False`` (see `add_arguments`)."""
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help, **meta})
     if default in (list, dict):
@@ -256,7 +257,8 @@ def options_of(cls: type) -> list[Option]:
 def add_arguments(parser: argparse.ArgumentParser, cls: type, *, metavars: Mapping[str, str] | None = None) -> None:
     """One argparse option per field of ``cls`` (not those with ``cli=False``): a bool field is a switch,
     others take a value of the field's type; the default is shown unless the help already tells it.
-    Field metadata may add ``choices``, ``metavar`` (or pass ``metavars``), ``dest`` and ``required``."""
+    Field metadata may add ``choices``, ``metavar`` (or pass ``metavars``), ``required`` and ``flag`` (a
+    spelling other than the field name's)."""
     hints = typing.get_type_hints(cls)
     for f in fields(cls):
         if not f.metadata.get("cli", True):
@@ -268,10 +270,11 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, *, metavars: Mappi
         kind = _kinds(hints[f.name])[0]
         shown = "" if default is None or "default" in help_text else f" (default {default})"
         extra = {"choices": f.metadata["choices"]} if "choices" in f.metadata else {}
-        parser.add_argument(flag(f.name), dest=f.metadata.get("dest", f.name),
+        parser.add_argument(f.metadata.get("flag", flag(f.name)), dest=f.name,
                             type=kind if kind in (int, float) else str, default=default, help=help_text + shown,
                             required=f.metadata.get("required", False),
-                            metavar=(metavars or {}).get(f.name, f.metadata.get("metavar", f.name.upper())), **extra)
+                            metavar=(metavars or {}).get(f.name, f.metadata.get("metavar", None if extra else f.name.upper())),
+                            **extra)
 
 
 __all__ = [
