@@ -270,11 +270,10 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, *, metavars: Mappi
         kind = _kinds(hints[f.name])[0]
         shown = "" if default is None or "default" in help_text else f" (default {default})"
         extra = {"choices": f.metadata["choices"]} if "choices" in f.metadata else {}
+        metavar = (metavars or {}).get(f.name, f.metadata.get("metavar", None if extra else f.name.upper()))
         parser.add_argument(f.metadata.get("flag", flag(f.name)), dest=f.name,
                             type=kind if kind in (int, float) else str, default=default, help=help_text + shown,
-                            required=f.metadata.get("required", False),
-                            metavar=(metavars or {}).get(f.name, f.metadata.get("metavar", None if extra else f.name.upper())),
-                            **extra)
+                            required=f.metadata.get("required", False), metavar=metavar, **extra)
 
 
 __all__ = [

@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for command in SUBCOMMANDS:
         p = sub.add_parser(command.NAME, help=command.HELP, description=command.HELP,
-                           epilog=textwrap.dedent(command.EXAMPLES), formatter_class=argparse.RawDescriptionHelpFormatter)
+                           epilog=textwrap.dedent(command.EXAMPLES),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         command.add_arguments(p)
         p.set_defaults(func=command.run, takes_extra=getattr(command, "TAKES_EXTRA", False))
     return parser

@@ -42,7 +42,6 @@ METHOD_OPTION_TYPES = {name: declared[0][2] | None for name, declared in _METHOD
 _VIRTUAL_TOKENS_DEFAULT = default_of(MethodConfig.__dataclass_fields__["num_virtual_tokens"])
 
 
-
 @dataclass
 class AdapterSettings:
     """What each adapter of a job may set for itself; the job's top level gives the values it inherits."""
@@ -182,7 +181,8 @@ def _check_data_source(view: Any, prefix: str) -> None:
                               f"({view.validation_split!r}); validation numbers would not be held out")
 
 
-def _resolved_method_options(top: AdapterSettings, spec: Any, method: str, prefix: str, several: bool) -> dict[str, Any]:
+def _resolved_method_options(top: AdapterSettings, spec: AdapterSpec, method: str, prefix: str,
+                             several: bool) -> dict[str, Any]:
     """The adapter's own options (which must apply to its method) over the inherited ones that apply;
     checked by the method's config class, the one place that knows their ranges."""
     own, inherited = spec.method_options or {}, top.method_options
@@ -191,7 +191,8 @@ def _resolved_method_options(top: AdapterSettings, spec: Any, method: str, prefi
     for option_name in own:
         methods = METHOD_OPTIONS.get(option_name)
         if methods is None:
-            raise OptionError(prefix + flag(option_name), f"unknown method option{did_you_mean(option_name, METHOD_OPTIONS)}")
+            raise OptionError(prefix + flag(option_name),
+                              f"unknown method option{did_you_mean(option_name, METHOD_OPTIONS)}")
         if method not in methods:
             raise OptionError(prefix + flag(option_name),
                               f"only applies to {flag('method')} {' or '.join(methods)}, not {method}")
@@ -204,7 +205,8 @@ def _resolved_method_options(top: AdapterSettings, spec: Any, method: str, prefi
     return options
 
 
-def resolve_adapter(top: AdapterSettings, spec: Any, prefix: str = "", *, several: bool = False) -> ResolvedAdapter:
+def resolve_adapter(top: AdapterSettings, spec: AdapterSpec, prefix: str = "", *,
+                    several: bool = False) -> ResolvedAdapter:
     """The settings of adapter ``spec`` (an `AdapterSpec`) with what it leaves unset taken from ``top`` (the
     job's `TrainConfig`), every value checked; errors start with ``prefix``. ``several``: the job lists
     adapters, so top-level method options that do not apply to this adapter's method are not inherited

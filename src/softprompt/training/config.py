@@ -126,15 +126,15 @@ class TrainConfig(AdapterSettings):
             check_number(self.max_grad_norm, flag("max_grad_norm"), above=0.0)
         check_choice(self.lr_schedule, flag("lr_schedule"), SCHEDULES)
         check_choice(self.eval_method, flag("eval_method"), EVAL_METHODS)
-        if not any(self.resume is choice for choice in RESUME):
+        if not (isinstance(self.resume, bool) or self.resume == "auto"):
             raise OptionError(flag("resume"), f"expected true, false or auto, got {self.resume!r}")
         if not isinstance(self.output, str) or not self.output.strip():
             raise OptionError(flag("output"), f"expected a directory path, got {self.output!r}")
-        names = [self.name] if not self.adapters else [a.name for a in self.adapters]
         _output_directory(self.output, [self.name] + [a.name for a in self.adapters if isinstance(a.name, str)])
         if self.device is not None and not _valid_device(self.device):
             raise OptionError(flag("device"), f"expected cpu, cuda, cuda:N or mps, got {self.device!r}")
         _adapter_name(self.name, flag("name"))
+        names = [a.name for a in self.adapters] or [self.name]
         for i, spec in enumerate(self.adapters):
             _adapter_name(spec.name, f"adapters[{i}].name")
         duplicate = next((n for n in names if names.count(n) > 1), None)
@@ -163,8 +163,6 @@ def train_options() -> list[Option]:
     first = ("model", "name", "method", "method_options")
     return ([own[name] for name in first] + method_option_listing() +
             [o for name, o in own.items() if name not in first])
-
-
 
 
 # ----------------------------------------------------------------------------------------- loading
