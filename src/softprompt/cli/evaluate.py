@@ -11,10 +11,14 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from softprompt import load
 from softprompt.cli.common import add_adapter_argument, add_model_argument, parse_adapter_specs
 from softprompt.errors import SoftPromptError
 from softprompt.options import add_arguments as add_option_arguments
 from softprompt.options import option
+from softprompt.training.evaluate import METHODS as EVAL_METHODS
+from softprompt.training.evaluate import evaluate_data
+from softprompt.training.metrics import plot_confusion_matrix
 
 NAME = "eval"
 HELP = "Evaluate adapters (and the zero-shot base model) on held-out data."
@@ -38,7 +42,7 @@ class EvalOptions:
     text_column: str | None = option(None, "Text column (default: as trained).")
     label_column: str | None = option(None, "Label column (default: as trained).")
     method: str = option("score", "Label scoring (default), generation exact match, or perplexity.",
-                         choices=("score", "generate", "perplexity"))
+                         choices=EVAL_METHODS)
     data_format: str | None = option(None, "Data format when the extension does not tell: csv, tsv, jsonl, "
                                            "parquet, phrasebank or hf.", flag="--format")
     encoding: str | None = option(None, "Text encoding of the data file (default UTF-8).")
@@ -56,10 +60,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:
-    # The evaluation code is imported when the command runs, after `main` has routed DeepSpeed's logger.
-    from softprompt import load
-    from softprompt.training.evaluate import evaluate_data
-
     if extra:
         raise SoftPromptError(f"unrecognised arguments: {' '.join(extra)}")
     if args.plot and args.method == "perplexity":
@@ -87,8 +87,6 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def _plot_confusion(report, path: str, name: str | None) -> None:
-    from softprompt.training.metrics import plot_confusion_matrix
-
     if report.metrics.get("confusion_matrix") is None:
         raise SoftPromptError("--plot: a confusion matrix needs labelled data evaluated with --method score "
                               "or generate")

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
+from softprompt import load
 from softprompt.cli.common import add_adapter_argument, add_model_argument, parse_adapter_specs
+from softprompt.engine.generation import generate
 
 NAME = "generate"
 HELP = "Generate text with one or more adapters in one mixed batch."
@@ -35,10 +37,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    # The model code is imported when the command runs, after `main` has routed DeepSpeed's logger.
-    from softprompt import load
-    from softprompt.engine.generation import generate
-
     adapters = parse_adapter_specs(args.adapter)
     model = load(args.model, dtype=args.dtype)
     for name, path in adapters.items():

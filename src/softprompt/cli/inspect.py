@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from softprompt import load
 from softprompt.adapters.inspect import format_inspection, inspect_adapter
 
 NAME = "inspect"
@@ -25,12 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    model = None
-    if args.model:
-        # The model code is imported when it is needed, after `main` has routed DeepSpeed's logger.
-        from softprompt import load
-
-        model = load(args.model)
+    model = load(args.model) if args.model else None
     info = inspect_adapter(args.path, model, top_k=args.top_k)
     print(json.dumps(info, indent=2, ensure_ascii=False) if args.json else format_inspection(info))
     return 0

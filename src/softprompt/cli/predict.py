@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 
+from softprompt import load
 from softprompt.cli.common import add_adapter_argument, add_model_argument, parse_adapter_specs
 from softprompt.errors import SoftPromptError
 from softprompt.training.config import parse_verbalizer
+from softprompt.training.predict import predict_file
 
 NAME = "predict"
 HELP = "Predict labels for unlabelled data with an adapter or an ensemble of adapters."
@@ -44,10 +46,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    # The model code is imported when the command runs, after `main` has routed DeepSpeed's logger.
-    from softprompt import load
-    from softprompt.training.predict import predict_file
-
     adapters = parse_adapter_specs(args.adapter)
     verbalizer = parse_verbalizer(args.verbalizer) if args.verbalizer is not None else None
     if args.batch_size < 1:

@@ -9,6 +9,9 @@ from __future__ import annotations
 import argparse
 
 from softprompt.training.config import load_config, train_options
+from softprompt.training.distributed import current
+from softprompt.training.evaluate import cross_validate
+from softprompt.training.loop import train
 
 NAME = "train"
 HELP = "Train one or several adapters on one frozen base model."
@@ -44,21 +47,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:
-    # The training code is imported when the command runs, after `main` has routed DeepSpeed's logger.
-    from softprompt.training.distributed import current
-
     path = extra[0] if extra and not extra[0].startswith("-") else None
     config = load_config(path, overrides=extra[1:] if path else extra)
     main = current().is_main  # under accelerate launch / torchrun only the main process prints
     if config.kfold:
-        from softprompt.training.evaluate import cross_validate
-
         report = cross_validate(config)
         if main:
             print(report.format())
         return 0
-    from softprompt.training.loop import train
-
     result = train(config)
     for name, adapter in result.adapters.items():
         if main:
