@@ -255,25 +255,33 @@ def options_of(cls: type) -> list[Option]:
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls: type, *, metavars: Mapping[str, str] | None = None) -> None:
-    """One argparse option per field of ``cls`` (not those with ``cli=False``): a bool field is a switch,
-    others take a value of the field's type; the default is shown unless the help already tells it.
-    Field metadata may add ``choices``, ``metavar`` (or pass ``metavars``), ``required`` and ``flag`` (a
-    spelling other than the field name's)."""
+    """One argparse argument per field of ``cls`` (not those with ``cli=False``): a bool field is a switch,
+    a list field a repeatable option, others take a value of the field's type; the default is shown
+    unless the help already tells it. Field metadata may add ``choices``, ``metavar`` (or pass
+    ``metavars``), ``required``, ``flag`` (a spelling other than the field name's) and ``positional``
+    (an argument without a flag; a list field takes one or more)."""
     hints = typing.get_type_hints(cls)
     for f in fields(cls):
         if not f.metadata.get("cli", True):
             continue
         default, help_text = default_of(f), f.metadata.get("help", "")
+        kind = _kinds(hints[f.name])[0]
+        many = typing.get_origin(kind) is list
+        extra = {"choices": f.metadata["choices"]} if "choices" in f.metadata else {}
+        if f.metadata.get("positional"):
+            parser.add_argument(f.name, help=help_text or None, metavar=f.metadata.get("metavar"),
+                                **({"nargs": "+"} if many else {}))
+            continue
+        metavar = (metavars or {}).get(f.name, f.metadata.get("metavar", None if extra else f.name.upper()))
         if hints[f.name] is bool:
             parser.add_argument(flag(f.name), action="store_true", default=default, help=help_text)
-            continue
-        kind = _kinds(hints[f.name])[0]
-        shown = "" if default is None or "default" in help_text else f" (default {default})"
-        extra = {"choices": f.metadata["choices"]} if "choices" in f.metadata else {}
-        metavar = (metavars or {}).get(f.name, f.metadata.get("metavar", None if extra else f.name.upper()))
-        parser.add_argument(f.metadata.get("flag", flag(f.name)), dest=f.name,
-                            type=kind if kind in (int, float) else str, default=default, help=help_text + shown,
-                            required=f.metadata.get("required", False), metavar=metavar, **extra)
+        elif many:
+            parser.add_argument(flag(f.name), action="append", default=default, metavar=metavar, help=help_text)
+        else:
+            shown = "" if default is None or "default" in help_text else f" (default {default})"
+            parser.add_argument(f.metadata.get("flag", flag(f.name)), dest=f.name,
+                                type=kind if kind in (int, float) else str, default=default, help=help_text + shown,
+                                required=f.metadata.get("required", False), metavar=metavar, **extra)
 
 
 __all__ = [

@@ -1,22 +1,24 @@
-"""What several subcommands share: the ``--model`` and ``--adapter`` options and reading ``[NAME=]PATH``."""
+"""What several subcommands share: their ``--model`` and ``--adapter`` fields and reading ``[NAME=]PATH``."""
 
 from __future__ import annotations
 
-import argparse
 import os
+from typing import Any
 
 from softprompt.adapters.peft_format import check_adapter_dir
 from softprompt.errors import SoftPromptError
+from softprompt.options import option
 
 
-def add_model_argument(parser: argparse.ArgumentParser, help: str = "Base model: built-in name, local directory "
-                                                                     "or hub id.") -> None:
-    parser.add_argument("--model", required=True, help=help)
+def model_option(help: str = "Base model: built-in name, local directory or hub id.") -> Any:
+    """The ``--model`` field of a subcommand's options (required)."""
+    return option(None, help, required=True)
 
 
-def add_adapter_argument(parser: argparse.ArgumentParser, help: str) -> None:
-    """``--adapter [NAME=]PATH``, repeatable; read the values with `parse_adapter_specs`."""
-    parser.add_argument("--adapter", action="append", default=[], metavar="[NAME=]PATH", help=help)
+def adapter_option(help: str) -> Any:
+    """The ``--adapter [NAME=]PATH`` field (repeatable) of a subcommand's options; read it with
+    `parse_adapter_specs`."""
+    return option(list, help, metavar="[NAME=]PATH")
 
 
 def parse_adapter_specs(specs: list[str]) -> dict[str, str]:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 
 from softprompt.demo import run_demo
+from softprompt.options import add_arguments as add_option_arguments
+from softprompt.options import option
 
 NAME = "demo"
 HELP = "Train and try a soft prompt on a real model, offline, in a few minutes."
@@ -19,15 +22,22 @@ EXAMPLES = """
     """
 
 
+@dataclass
+class DemoOptions:
+    """The options of ``softprompt demo``."""
+
+    model: str = option("smollm2-135m", "Base model (default smollm2-135m).")
+    output: str = option("runs/demo", "Where the adapter is written (default runs/demo).")
+    train_size: int = option(160, "Training tweets (default 160, balanced).")
+    test_size: int = option(200, "Held-out tweets (default 200, balanced).")
+    epochs: int = option(2, "Training epochs (default 2).")
+    lr: float = option(3e-2, "Learning rate (default 3e-2).")
+    num_virtual_tokens: int = option(8, "Virtual tokens (default 8).")
+    seed: int = option(0, "Seed for the split and training (default 0).")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2-135m", help="Base model (default smollm2-135m).")
-    parser.add_argument("--output", default="runs/demo", help="Where the adapter is written (default runs/demo).")
-    parser.add_argument("--train-size", type=int, default=160, help="Training tweets (default 160, balanced).")
-    parser.add_argument("--test-size", type=int, default=200, help="Held-out tweets (default 200, balanced).")
-    parser.add_argument("--epochs", type=int, default=2, help="Training epochs (default 2).")
-    parser.add_argument("--lr", type=float, default=3e-2, help="Learning rate (default 3e-2).")
-    parser.add_argument("--num-virtual-tokens", type=int, default=8, help="Virtual tokens (default 8).")
-    parser.add_argument("--seed", type=int, default=0, help="Seed for the split and training.")
+    add_option_arguments(parser, DemoOptions)
 
 
 def run(args: argparse.Namespace) -> int:

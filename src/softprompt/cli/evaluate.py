@@ -1,7 +1,7 @@
 """``softprompt eval``: adapters (and the zero-shot base model) scored on held-out data.
 
 Its options are the fields of `EvalOptions` (help text beside each), turned into flags by
-`softprompt.options.add_arguments`, as ``softprompt serve``'s are from `ServerSettings`.
+`softprompt.options.add_arguments`, as every subcommand's are.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from softprompt import load
-from softprompt.cli.common import add_adapter_argument, add_model_argument, parse_adapter_specs
+from softprompt.cli.common import adapter_option, model_option, parse_adapter_specs
 from softprompt.errors import SoftPromptError
 from softprompt.options import add_arguments as add_option_arguments
 from softprompt.options import option
@@ -35,8 +35,10 @@ EXAMPLES = """
 
 @dataclass
 class EvalOptions:
-    """The options of ``softprompt eval`` besides --model and --adapter."""
+    """The options of ``softprompt eval``."""
 
+    model: str | None = model_option()
+    adapter: list[str] = adapter_option("Adapter (repeatable).")
     data: str | None = option(None, "Held-out data file (CSV, TSV, JSONL, parquet, phrasebank).", required=True)
     template: str | None = option(None, "Prompt template with {column} fields (default: as trained).")
     text_column: str | None = option(None, "Text column (default: as trained).")
@@ -54,8 +56,6 @@ class EvalOptions:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_argument(parser)
-    add_adapter_argument(parser, "Adapter (repeatable).")
     add_option_arguments(parser, EvalOptions)
 
 

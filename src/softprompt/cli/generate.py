@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass
 
 from softprompt import load
-from softprompt.cli.common import add_adapter_argument, add_model_argument, parse_adapter_specs
+from softprompt.cli.common import adapter_option, model_option, parse_adapter_specs
 from softprompt.engine.generation import generate
+from softprompt.options import add_arguments as add_option_arguments
+from softprompt.options import option
 
 NAME = "generate"
 HELP = "Generate text with one or more adapters in one mixed batch."
@@ -22,18 +25,25 @@ EXAMPLES = """
     """
 
 
+@dataclass
+class GenerateOptions:
+    """The options of ``softprompt generate``."""
+
+    model: str | None = model_option()
+    adapter: list[str] = adapter_option("Adapter to load (repeatable).")
+    base: bool = option(False, "Also generate with the bare base model.")
+    max_new_tokens: int = option(32, "Tokens to generate per prompt (default 32).")
+    temperature: float = option(0.0, "0 = greedy (default); above 0 samples.")
+    top_p: float = option(1.0, "Nucleus sampling mass when sampling (default 1.0).")
+    stop: list[str] | None = option(None, "Stop string (repeatable).")
+    seed: int | None = option(None, "Seed for sampling.")
+    dtype: str | None = option(None, "float32 (default), bfloat16 or float16.")
+    json: bool = option(False, "Print JSON instead of text.")
+    prompts: list[str] = option(list, "", positional=True, metavar="PROMPT")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_argument(parser)
-    add_adapter_argument(parser, "Adapter to load (repeatable).")
-    parser.add_argument("--base", action="store_true", help="Also generate with the bare base model.")
-    parser.add_argument("--max-new-tokens", type=int, default=32, help="Tokens to generate per prompt (default 32).")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); above 0 samples.")
-    parser.add_argument("--top-p", type=float, default=1.0, help="Nucleus sampling mass when sampling.")
-    parser.add_argument("--stop", action="append", help="Stop string (repeatable).")
-    parser.add_argument("--seed", type=int, default=None, help="Seed for sampling.")
-    parser.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16.")
-    parser.add_argument("--json", action="store_true", help="Print JSON instead of text.")
-    parser.add_argument("prompts", nargs="+", metavar="PROMPT")
+    add_option_arguments(parser, GenerateOptions)
 
 
 def run(args: argparse.Namespace) -> int:

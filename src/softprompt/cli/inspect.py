@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass
 
 from softprompt import load
 from softprompt.adapters.inspect import format_inspection, inspect_adapter
+from softprompt.options import add_arguments as add_option_arguments
+from softprompt.options import option
 
 NAME = "inspect"
 HELP = "Show an adapter's method, base model, size and nearest vocabulary tokens."
@@ -18,11 +21,18 @@ EXAMPLES = """
     """
 
 
+@dataclass
+class InspectOptions:
+    """The options of ``softprompt inspect``."""
+
+    path: str = option("", "Adapter directory or hub id.", positional=True)
+    model: str | None = option(None, "Base model to compare virtual tokens with its vocabulary.")
+    top_k: int = option(3, "Nearest tokens shown per virtual token (default 3).")
+    json: bool = option(False, "Print JSON.")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("path", help="Adapter directory or hub id.")
-    parser.add_argument("--model", help="Base model to compare virtual tokens with its vocabulary.")
-    parser.add_argument("--top-k", type=int, default=3, help="Nearest tokens shown per virtual token.")
-    parser.add_argument("--json", action="store_true", help="Print JSON.")
+    add_option_arguments(parser, InspectOptions)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass
 
 from softprompt.models.builtin import list_builtin
+from softprompt.options import add_arguments as add_option_arguments
+from softprompt.options import option
 
 NAME = "models"
 HELP = "List the built-in model names and whether each is cached."
@@ -16,8 +19,15 @@ EXAMPLES = """
     """
 
 
+@dataclass
+class ModelsOptions:
+    """The options of ``softprompt models``."""
+
+    json: bool = option(False, "Print JSON.")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--json", action="store_true", help="Print JSON.")
+    add_option_arguments(parser, ModelsOptions)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 
 from softprompt import load
-from softprompt.cli.common import add_adapter_argument, add_model_argument, parse_adapter_specs
+from softprompt.cli.common import adapter_option, model_option, parse_adapter_specs
 from softprompt.errors import SoftPromptError
+from softprompt.options import add_arguments as add_option_arguments
+from softprompt.options import option
 from softprompt.training.config import parse_verbalizer
 from softprompt.training.predict import predict_file
 
@@ -28,21 +31,29 @@ EXAMPLES = """
     """
 
 
+@dataclass
+class PredictOptions:
+    """The options of ``softprompt predict``."""
+
+    model: str | None = model_option()
+    adapter: list[str] = adapter_option("Adapter (repeatable: several are an ensemble; none: the zero-shot base "
+                                        "model).")
+    data: str | None = option(None, "Data file (CSV, TSV, JSONL, parquet, phrasebank).", required=True)
+    output: str | None = option(None, "CSV file to write (written atomically).", required=True)
+    verbalizer: str | None = option(None, "Raw label -> label text, as '1=complaint,2=no complaint' or a YAML "
+                                          "mapping (keeps leading spaces); default: as trained.",
+                                    metavar="RAW=TEXT,...")
+    id_column: str | None = option(None, "Column copied to the output to identify rows (default: row numbers).")
+    label_name: str = option("Label", "Header of the predicted-label column (default Label).")
+    template: str | None = option(None, "Prompt template with {column} fields (default: as trained).")
+    probabilities: bool = option(False, "Also write p_<label> columns.")
+    data_format: str | None = option(None, "Data format when the extension does not tell.", flag="--format")
+    encoding: str | None = option(None, "Text encoding of the data file (default UTF-8).")
+    batch_size: int = option(16, "Rows per batch (default 16).")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_argument(parser)
-    add_adapter_argument(parser, "Adapter (repeatable: several are an ensemble; none: the zero-shot base model).")
-    parser.add_argument("--data", required=True, help="Data file (CSV, TSV, JSONL, parquet, phrasebank).")
-    parser.add_argument("--output", required=True, help="CSV file to write (written atomically).")
-    parser.add_argument("--verbalizer", metavar="RAW=TEXT,...",
-                        help="Raw label -> label text, as '1=complaint,2=no complaint' or a YAML mapping (keeps "
-                             "leading spaces); default: as trained.")
-    parser.add_argument("--id-column", help="Column copied to the output to identify rows (default: row numbers).")
-    parser.add_argument("--label-name", default="Label", help="Header of the predicted-label column (default Label).")
-    parser.add_argument("--template", help="Prompt template with {column} fields (default: as trained).")
-    parser.add_argument("--probabilities", action="store_true", help="Also write p_<label> columns.")
-    parser.add_argument("--format", dest="data_format", help="Data format when the extension does not tell.")
-    parser.add_argument("--encoding", help="Text encoding of the data file (default UTF-8).")
-    parser.add_argument("--batch-size", type=int, default=16, help="Rows per batch.")
+    add_option_arguments(parser, PredictOptions)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 
 from softprompt.adapters.hub import push_adapter
+from softprompt.options import add_arguments as add_option_arguments
+from softprompt.options import option
 
 NAME = "push"
 HELP = "Upload an adapter to the Hugging Face Hub (PEFT's layout and a model card)."
@@ -21,13 +24,19 @@ EXAMPLES = """
     """
 
 
+@dataclass
+class PushOptions:
+    """The options of ``softprompt push``."""
+
+    path: str = option("", "Adapter directory.", positional=True)
+    repo_id: str = option("", "Hub repo to create or update: 'owner/name'.", positional=True)
+    private: bool = option(False, "Create the repo private (an existing repo keeps its setting).")
+    token: str | None = option(None, "Hub token (default: the one `hf auth login` stored, or $HF_TOKEN).")
+    message: str | None = option(None, "Commit message (default: 'Upload <folder> with softprompt').")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("path", help="Adapter directory.")
-    parser.add_argument("repo_id", help="Hub repo to create or update: 'owner/name'.")
-    parser.add_argument("--private", action="store_true",
-                        help="Create the repo private (an existing repo keeps its setting).")
-    parser.add_argument("--token", help="Hub token (default: the one `hf auth login` stored, or $HF_TOKEN).")
-    parser.add_argument("--message", help="Commit message (default: 'Upload <folder> with softprompt').")
+    add_option_arguments(parser, PushOptions)
 
 
 def run(args: argparse.Namespace) -> int:
