@@ -190,7 +190,10 @@ def test_unknown_adapter_and_bad_names_are_clear_errors():
         model.add_adapter("pt")
     with pytest.raises(SoftPromptError, match="unknown method 'lora'"):
         model.add_adapter("z", method="lora")
-    with pytest.raises(SoftPromptError, match="num_virtual_tokens: expected at least 1"):
+    with pytest.raises(SoftPromptError, match="unknown method 'promt-tuning' \\(did you mean 'prompt_tuning'\\?\\)"):
+        model.add_adapter("z", method="promt-tuning")
+    # one range check (the method config's), worded as the training config's flags are
+    with pytest.raises(SoftPromptError, match="num_virtual_tokens: expected an integer between 1 and 4096, got 0"):
         model.add_adapter("z", num_virtual_tokens=0)
     with pytest.raises(SoftPromptError, match="unknown field"):
         model.add_adapter("z", num_virtual_token=3)

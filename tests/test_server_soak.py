@@ -56,7 +56,7 @@ def test_keep_alive_timeout_is_a_setting_passed_to_uvicorn(tmp_path, monkeypatch
 
     from softprompt.errors import ConfigError
     from softprompt.server import ServerSettings
-    from softprompt.cli.serve import add_serve_arguments, cmd_serve
+    from softprompt.cli.serve import add_arguments as add_serve_arguments, run as cmd_serve
     from tiny import save_tiny_checkpoint
 
     seen = {}

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import codecs
 import csv
-import difflib
 import io
 import json
 import math
@@ -22,6 +21,7 @@ from os import PathLike
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from softprompt.options import did_you_mean
 from softprompt.errors import ConfigError, DataError
 
 Row = dict[str, str]
@@ -305,18 +305,6 @@ def cell_text(value: Any) -> str:
 def column_names(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     """The columns of the first row (every loader gives all rows the same columns)."""
     return list(rows[0]) if rows else []
-
-
-def did_you_mean(name: str, available: Iterable[str]) -> str:
-    """The hint `` (did you mean 'X'?)`` for the closest of ``available`` to ``name``, or ``""``.
-
-    A name that differs only in case or surrounding spaces wins over one that is merely similar.
-    """
-    available = list(available)
-    folded = {a.strip().lower(): a for a in available}
-    close = [folded[name.strip().lower()]] if name.strip().lower() in folded else \
-        difflib.get_close_matches(name, available, n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def require_columns(rows: Sequence[Mapping[str, Any]], columns: Iterable[str], *, source: str) -> None:

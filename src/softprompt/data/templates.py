@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Mapping
 
-from softprompt.data.rows import cell_text, did_you_mean
+from softprompt.data.rows import cell_text
+from softprompt.options import did_you_mean
 from softprompt.errors import ConfigError, DataError
 
 
