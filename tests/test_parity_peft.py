@@ -8,6 +8,7 @@ from peft import PeftModel, PrefixTuningConfig, PromptEncoderConfig, PromptTunin
 
 from softprompt import SoftPromptModel
 from softprompt.engine.generation import GenerationConfig, generate_batch
+
 from tiny import FAMILIES, tiny_base, tiny_tokenizer
 
 METHODS = ["prompt_tuning", "prefix_tuning", "p_tuning"]
