@@ -21,12 +21,18 @@ $py -c "import torch" 2>/dev/null || $py -m pip install -q -c "$pins" "$(grep -E
 $py -m pip install -q -c "$pins" -e ".[serve,dev]"
 $py -m pip install -q -c "$pins" --upgrade transformers
 setup_s=$((SECONDS - start))
+# Test this checkout's package (the editable install points here too; a PYTHONPATH set outside would win over it).
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 
 echo "== newest transformers set (set-up ${setup_s} s):"
 $py - <<'EOF'
 from importlib.metadata import version
+
+import softprompt
+
 print("   " + ", ".join(f"{name} {version(name)}" for name in
       ("transformers", "torch", "peft", "tokenizers", "huggingface_hub", "safetensors", "accelerate")))
+print(f"   softprompt from {softprompt.__file__}")
 EOF
 
 [ $# -gt 0 ] || set -- tests/engine tests/methods tests/adapters tests/server

@@ -1,9 +1,14 @@
 """Engine behaviour: mixed batches, shared prompt caches, padding, label-only logits, training updates."""
 
+import logging
+import warnings
+
 import pytest
 import torch
 
+from softprompt.engine.families import CacheArg
 from softprompt.engine.tokens import pad_batch
+
 from tiny import CAUSAL, FAMILIES, tiny_model
 
 ROWS = [[20, 30, 40, 50, 60, 70, 80], [21, 31, 41], [22, 32, 42, 52, 62], [23, 33, 43, 53]]
@@ -230,3 +235,39 @@ def test_bf16_training_keeps_one_cast_of_the_frozen_weights():
     assert _saved_bf16_weight_copies(model) == per_text_pass
     grads = [p.grad for p in model.get_adapter("pt").parameters()]
     assert grads and all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+
+
+def test_cache_keyword_is_read_from_the_forward_signature():
+    def new_forward(input_ids, cache=None, use_cache=None): ...
+    def old_forward(input_ids, past_key_values=None, use_cache=None): ...
+    assert CacheArg.of(new_forward).kwargs(1) == {"cache": 1}
+    assert CacheArg.of(old_forward).kwargs(1) == {"past_key_values": 1}
+    model = tiny_model("llama")
+    out = model.backbone(input_ids=torch.tensor([[5, 6]]), use_cache=True, **model.cache_arg.kwargs(None))
+    assert model.cache_arg.read(out) is not None
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_no_deprecated_transformers_api_in_forward_generate_and_score(family, monkeypatch):
+    """transformers renames keywords with a FutureWarning (5.25: `past_key_values` -> `cache`, removed in 5.40)
+    and old output fields with a logged deprecation; the engine must use whichever name the installed release
+    has, so none of either appears in anything softprompt runs."""
+    logged = []
+    monkeypatch.setattr(logging.Logger, "warning_once", lambda self, msg, *args, **kw: logged.append(str(msg)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
+        model = with_adapters(family)
+        model.add_adapter("prefix_text", method="prefix_tuning", num_virtual_tokens=3, init="text",
+                          init_text="hi", seed=4)
+        names = ["pt", "prefix", "ptune", "prefix_text"]
+        ids, mask = pad_batch(ROWS, pad=0, side="left")
+        labels = ids.masked_fill(mask == 0, -100)
+        decoder = torch.tensor([[0, 5, 6]] * len(ROWS)) if family == "t5" else None
+        with torch.no_grad():
+            model(ids, mask, adapters=names, decoder_input_ids=decoder)
+        model(ids, mask, adapters=names, labels=labels).loss.backward()
+        model.generate(["hello", "a", "soft", "xyz"], adapters=names, max_new_tokens=3)
+        model.generate(["hello", "a"], adapters=["pt", None], max_new_tokens=3, do_sample=True, top_p=0.9, seed=0)
+        model.score(["hello", "a"], labels=["yes", "no"], adapters=["prefix", "ptune"])
+    assert not [m for m in logged if "deprecat" in m.lower()]

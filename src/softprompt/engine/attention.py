@@ -69,7 +69,8 @@ def grouped_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     # Query head h uses key/value head h // group (transformers' repeat_kv order), so the heads of one group
     # are consecutive and a reshape stacks their queries for one product with that group's keys; the mask
     # rides in as baddbmm's bias, scaling as its alpha (one pass over the scores instead of three).
-    bias = bias[:, :, None].expand(batch, kv_heads, group, queries, keys).reshape(batch * kv_heads, group * queries, keys)
+    bias = bias[:, :, None].expand(batch, kv_heads, group, queries, keys)
+    bias = bias.reshape(batch * kv_heads, group * queries, keys)
     scores = torch.baddbmm(bias, query.reshape(batch * kv_heads, group * queries, dim),
                            key.reshape(batch * kv_heads, keys, dim).transpose(1, 2),
                            alpha=dim ** -0.5 if scaling is None else scaling)

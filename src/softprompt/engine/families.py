@@ -3,11 +3,15 @@
 Everything the engine needs to know about an architecture is read from its config through
 `ModelShape.from_config`; the few things that cannot be read generically live in `FAMILY_QUIRKS`,
 keyed by `config.model_type`. Adding a family means adding a row here, not `if` chains elsewhere.
+`CacheArg` reads, from a model's forward, how that transformers release names the key/value cache.
 """
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from softprompt.errors import SoftPromptError
 
@@ -65,7 +69,7 @@ class ModelShape:
     is_encoder_decoder: bool
 
     @classmethod
-    def from_config(cls, config) -> "ModelShape":
+    def from_config(cls, config) -> ModelShape:
         if hasattr(config, "get_text_config"):
             config = config.get_text_config()
         hidden = _first_attr(config, ("hidden_size", "n_embd", "d_model"))
@@ -103,3 +107,28 @@ class ModelShape:
 def quirks_for(model_type: str) -> FamilyQuirks:
     """The quirks row of a family; unknown decoder-only families get the common defaults."""
     return FAMILY_QUIRKS.get(model_type, FamilyQuirks())
+
+
+@dataclass(frozen=True)
+class CacheArg:
+    """The name a model's forward takes its key/value cache by, and returns it under.
+
+    transformers 5.25 renamed ``past_key_values`` to ``cache`` (keyword and output field); the old keyword still
+    works there with a FutureWarning until 5.40, and older releases (and remote-code models that kept it) know only
+    ``past_key_values``. Read once per model from the forward's signature, never from version numbers.
+    """
+
+    name: str
+
+    @classmethod
+    def of(cls, forward: Callable[..., Any]) -> CacheArg:
+        """The cache name of ``forward`` (a module's bound ``forward``): ``cache`` where its signature has it."""
+        return cls("cache" if "cache" in inspect.signature(forward).parameters else "past_key_values")
+
+    def kwargs(self, cache: Any) -> dict[str, Any]:
+        """Keyword arguments that pass ``cache`` to the forward."""
+        return {self.name: cache}
+
+    def read(self, output: Any) -> Any:
+        """The cache a forward returned in ``output``."""
+        return getattr(output, self.name)

@@ -1,16 +1,17 @@
 """Text generation with per-row adapters.
 
 A small decoding loop over `SoftPromptModel.prefill` / `advance`, which drive the model through
-transformers' public cache objects (``past_key_values``); `softprompt.engine.decode` picks each token
-(transformers' own logits warpers do temperature and top-p/top-k) and decides when a row stops, by the
-rules the server uses too. We keep our own loop because ``model.generate`` cannot take a different soft
-prompt per row, and because rows that finish (end-of-sequence or a stop string) leave the batch.
+transformers' public cache objects (under the keyword `families.CacheArg` reads from the model);
+`softprompt.engine.decode` picks each token (transformers' own logits warpers do temperature and top-p/top-k)
+and decides when a row stops, by the rules the server uses too. We keep our own loop because ``model.generate``
+cannot take a different soft prompt per row, and because rows that finish (end-of-sequence or a stop string)
+leave the batch.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 

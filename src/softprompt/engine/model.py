@@ -14,8 +14,8 @@ self-attention, as PEFT does.
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +27,7 @@ from softprompt.adapters import hub, peft_format
 from softprompt.engine import attention, generation, scoring
 from softprompt.engine.adapter_name import check_adapter_name
 from softprompt.engine.decode import DecodeState
-from softprompt.engine.families import ModelShape, quirks_for
+from softprompt.engine.families import CacheArg, ModelShape, quirks_for
 from softprompt.errors import SoftPromptError
 from softprompt.methods import SoftPromptMethod, method_class
 
@@ -71,6 +71,8 @@ class SoftPromptModel(nn.Module):
         self.name_or_path = name_or_path or getattr(base.config, "_name_or_path", None)
         self.shape = ModelShape.from_config(base.config)
         self.quirks = quirks_for(self.shape.model_type)
+        # The module every cached forward below calls: the whole model for encoder-decoders, else the backbone.
+        self.cache_arg = CacheArg.of((base if self.shape.is_encoder_decoder else self.backbone).forward)
         self.adapters = nn.ModuleDict()
         # name -> (dtype/device key, parameter values, per-layer keys/values, last hidden)
         self._prompt_kv_cache: dict[str, tuple[tuple, list, list, torch.Tensor]] = {}
@@ -137,7 +139,7 @@ class SoftPromptModel(nn.Module):
             raise SoftPromptError(f"unknown adapter {name!r}; loaded adapters: {known}")
         return self.adapters[name]
 
-    def train(self, mode: bool = True) -> "SoftPromptModel":
+    def train(self, mode: bool = True) -> SoftPromptModel:
         # The frozen base stays in eval mode (no dropout): only the adapters train.
         super().train(mode)
         self.base.eval()
@@ -181,14 +183,14 @@ class SoftPromptModel(nn.Module):
         with torch.autocast(self.device.type, enabled=False):
             if self.shape.is_encoder_decoder:
                 cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
-                out = self.base(input_ids=ids, decoder_input_ids=ids, past_key_values=cache, use_cache=True)
-                layers = out.past_key_values.self_attention_cache.layers
+                out = self.base(input_ids=ids, decoder_input_ids=ids, use_cache=True, **self.cache_arg.kwargs(cache))
+                layers = self.cache_arg.read(out).self_attention_cache.layers
             else:
                 kwargs = {"position_ids": torch.arange(ids.shape[1], device=self.device)[None]} \
                     if self.quirks.takes_position_ids else {}
                 out = self.backbone(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True,
-                                    past_key_values=DynamicCache(config=self.base.config), **kwargs)
-                layers = out.past_key_values.layers
+                                    **self.cache_arg.kwargs(DynamicCache(config=self.base.config)), **kwargs)
+                layers = self.cache_arg.read(out).layers
         kv = [(layer.keys[0].float().cpu(), layer.values[0].float().cpu()) for layer in layers]
         if any(k.shape[1] != len(token_ids) for k, _ in kv):
             raise SoftPromptError(f"prefix init from activations: {len(token_ids)} virtual tokens exceed a "
@@ -197,7 +199,8 @@ class SoftPromptModel(nn.Module):
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.base.get_output_embeddings()(hidden)
-        cap = getattr(self.base.config, self.quirks.logit_softcap_attr, None) if self.quirks.logit_softcap_attr else None
+        attr = self.quirks.logit_softcap_attr
+        cap = getattr(self.base.config, attr, None) if attr else None
         if cap:
             logits = torch.tanh(logits / cap) * cap
         return logits
@@ -235,9 +238,10 @@ class SoftPromptModel(nn.Module):
         with torch.autocast(device_type, enabled=False):
             out = self.backbone(inputs_embeds=embeds,
                                 attention_mask=torch.ones(1, n, dtype=torch.long, device=self.device),
-                                past_key_values=DynamicCache(config=self.base.config), use_cache=True, **kwargs)
+                                use_cache=True, **self.cache_arg.kwargs(DynamicCache(config=self.base.config)),
+                                **kwargs)
         cast = autocast_dtype or self.dtype
-        layers = [(layer.keys[0].to(cast), layer.values[0].to(cast)) for layer in out.past_key_values.layers]
+        layers = [(layer.keys[0].to(cast), layer.values[0].to(cast)) for layer in self.cache_arg.read(out).layers]
         last_hidden = out.last_hidden_state[0, -1]
         if not needs_grad:
             self._prompt_kv_cache[name] = (key, [p.detach().clone() for p in params], layers, last_hidden)
@@ -299,9 +303,9 @@ class SoftPromptModel(nn.Module):
         kwargs = {}
         if self.quirks.takes_position_ids:
             kwargs["position_ids"] = prefix_len[:, None] + (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.backbone(input_ids=input_ids, attention_mask=full_mask, past_key_values=cache, use_cache=True,
-                            **kwargs)
-        return out.last_hidden_state, out.past_key_values, full_mask
+        out = self.backbone(input_ids=input_ids, attention_mask=full_mask, use_cache=True,
+                            **self.cache_arg.kwargs(cache), **kwargs)
+        return out.last_hidden_state, self.cache_arg.read(out), full_mask
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 adapters: AdapterNames = None, labels: torch.Tensor | None = None,
@@ -332,7 +336,8 @@ class SoftPromptModel(nn.Module):
         if self.shape.is_encoder_decoder:
             raise SoftPromptError("text_hidden_states: causal models only; encoder-decoder models use forward")
         input_ids = input_ids.to(self.device)
-        attention_mask = (torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device)).long()
+        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device)
+        attention_mask = attention_mask.long()
         prefix = self._batch_prefix(self._row_names(adapters, input_ids.shape[0]))
         return self._causal_hidden(input_ids, attention_mask, prefix)[0]
 
@@ -393,7 +398,7 @@ class SoftPromptModel(nn.Module):
         decoder_input_ids = decoder_input_ids.to(self.device)
         dec_mask = torch.cat([prefix_mask, torch.ones_like(decoder_input_ids)], dim=1)
         out = self.base(inputs_embeds=embeds, attention_mask=enc_mask, decoder_input_ids=decoder_input_ids,
-                        decoder_attention_mask=dec_mask, past_key_values=cache, use_cache=True)
+                        decoder_attention_mask=dec_mask, use_cache=True, **self.cache_arg.kwargs(cache))
         if labels is None:
             return SoftPromptOutput(logits=out.logits)
         labels = labels.to(self.device)
@@ -438,7 +443,7 @@ class SoftPromptModel(nn.Module):
             full_mask = torch.cat([state.attention_mask, token_mask], dim=1)
             out = self.base(encoder_outputs=BaseModelOutput(last_hidden_state=state.encoder_hidden),
                             attention_mask=state.encoder_mask, decoder_input_ids=tokens,
-                            decoder_attention_mask=full_mask, past_key_values=state.cache, use_cache=True)
+                            decoder_attention_mask=full_mask, use_cache=True, **self.cache_arg.kwargs(state.cache))
             logits = out.logits
         else:
             hidden, _, full_mask = self._causal_hidden(tokens, token_mask, None, cache=state.cache,

@@ -7,13 +7,13 @@ Compared with generate-and-match this always returns a valid label and costs one
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
-from softprompt.errors import SoftPromptError
 from softprompt.engine.tokens import encode_texts, pad_batch, pad_id
+from softprompt.errors import SoftPromptError
 
 
 @dataclass
