@@ -34,6 +34,7 @@ from softprompt.server.metrics import Metrics, MetricsMiddleware
 from softprompt.server.openapi import build_openapi
 from softprompt.server.prompting import chat_prompt_ids, encode
 from softprompt.server.registry import AdapterEntry, AdapterRegistry
+from softprompt.server.logprobs import LogprobFormatter
 from softprompt.server.schemas import (APIError, AssistantMessage, ChatChoice, ChatCompletionRequest, ChatCompletionResponse,
                       ClassifyRequest, ClassifyResponse, ClassifyResult, CompletionChoice, CompletionRequest,
                       CompletionResponse, ModelList, Usage, invalid, new_id, now, validation_error)
@@ -138,6 +139,7 @@ def create_app(model, settings: ServerSettings | None = None) -> FastAPI:
     registry.bootstrap()
     batcher = Batcher(model, settings, metrics)
     tokenizer = model.tokenizer
+    formatter = LogprobFormatter(tokenizer)
     vocab = model.base.get_input_embeddings().num_embeddings
     ctx = context_window(model)
 
@@ -269,14 +271,18 @@ def create_app(model, settings: ServerSettings | None = None) -> FastAPI:
     def sse(value: Any) -> str:
         return f"data: {json.dumps(value, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
-    def stream_response(job: Job, chunk, final_chunk, first_chunks: list[dict], prompt_tokens: int,
+    def stream_response(job: Job | None, chunk, final_chunk, first_chunks: list[dict], prompt_tokens: int,
                         include_usage: bool, base: dict) -> StreamingResponse:
+        """Server-sent events: ``first_chunks``, then the job's deltas and finishes (no job: nothing to
+        generate, ``first_chunks`` say it all), usage when asked, and ``[DONE]``."""
+        rows = job.rows if job is not None else 0
+
         async def events():
             finished, completion_tokens = 0, 0
             try:
                 for first in first_chunks:
                     yield sse(first)
-                while finished < job.rows:
+                while finished < rows:
                     event = await job.events.get()
                     if event[0] == "delta":
                         yield sse(chunk(event[1], event[2]))
@@ -288,12 +294,12 @@ def create_app(model, settings: ServerSettings | None = None) -> FastAPI:
                         error = event[1] if isinstance(event[1], APIError) else APIError(500, "internal error")
                         yield sse(error.body())
                         break
-                if include_usage and finished == job.rows:
+                if include_usage and finished == rows:
                     yield sse({**base, "choices": [],
                                "usage": usage(prompt_tokens, completion_tokens).model_dump()})
                 yield "data: [DONE]\n\n"
             finally:
-                if not job.future.done():
+                if job is not None and not job.future.done():
                     job.cancel()
 
         return StreamingResponse(events(), media_type="text/event-stream",
@@ -331,11 +337,17 @@ def create_app(model, settings: ServerSettings | None = None) -> FastAPI:
         req: CompletionRequest = parse(CompletionRequest, await read_json(request))
         req.check_supported()
         entry = registry.resolve(req.model)
-        prompts = req.prompts()
-        limit = min(settings.max_inputs, settings.max_batch_size)
-        if len(prompts) > limit:
-            raise invalid(f"prompt: at most {limit} prompts per request (got {len(prompts)})", param="prompt")
+        prompts, n = req.prompts(), req.choices()
+        if len(prompts) * n > settings.max_inputs:
+            counted = f"{len(prompts)} x n={n}" if n > 1 else str(len(prompts))
+            raise invalid(f"prompt: at most {settings.max_inputs} prompts per request, each of the n choices "
+                          f"counting as one (got {counted}); the server's --max-inputs sets this limit",
+                          param="prompt")
         sampling = sampling_for(req, req.max_tokens)
+        score_prompt = bool(req.echo) and req.logprobs is not None
+        if score_prompt and model.shape.is_encoder_decoder:
+            raise invalid("echo: prompt log-probabilities need a decoder-only model; this one is encoder-decoder",
+                          param="echo")
         texts = [p for p in prompts if isinstance(p, str)]
         encoded = iter(await asyncio.to_thread(encode, tokenizer, texts))
         ids = [next(encoded) if isinstance(p, str) else p for p in prompts]
@@ -343,10 +355,14 @@ def create_app(model, settings: ServerSettings | None = None) -> FastAPI:
             if any(t < 0 or t >= vocab for t in row):
                 raise invalid(f"prompt: token ids must be in [0, {vocab})", param="prompt")
             check_prompt(row, entry, sampling.max_new_tokens)
-        job = Job(asyncio.get_running_loop(), adapter=entry.name if entry else None, prompts=ids,
-                  sampling=sampling, stream=req.stream)
+        echoed = [p if isinstance(p, str) else formatter.text(p) for p in prompts] if req.echo else None
+        job = None
+        if sampling.max_new_tokens or score_prompt:  # else: echo only, nothing for the model to do
+            job = Job(asyncio.get_running_loop(), adapter=entry.name if entry else None, prompts=ids,
+                      sampling=sampling, stream=req.stream, n=n, logprobs=req.logprobs, score_prompt=score_prompt)
         prompt_tokens = sum(len(r) for r in ids)
-        await start_job(job, entry, prompt_tokens)
+        if job is not None:
+            await start_job(job, entry, prompt_tokens)
         rid, created = new_id("cmpl"), now()
         base = {"id": rid, "object": "text_completion", "created": created, "model": req.model,
                 "system_fingerprint": None}
@@ -355,11 +371,27 @@ def create_app(model, settings: ServerSettings | None = None) -> FastAPI:
                 return {**base, "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish}],
                         "usage": None}
 
+            finish = "length" if job is None else None  # max_tokens 0: the echo is the whole answer
+            first = [chunk(i, echoed[i // n], finish) for i in range(len(prompts) * n)] if echoed else []
             include = bool(req.stream_options and req.stream_options.include_usage)
-            return stream_response(job, chunk, lambda i, reason: chunk(i, "", reason), [], prompt_tokens,
+            return stream_response(job, chunk, lambda i, reason: chunk(i, "", reason), first, prompt_tokens,
                                    include, base)
-        results = await wait(job)
-        choices = [CompletionChoice(index=i, text=r.text, finish_reason=r.finish_reason) for i, r in enumerate(results)]
+        results = await wait(job) if job is not None else []  # a scoring job (max_tokens 0) returns none
+
+        def choice(i: int) -> CompletionChoice:
+            prompt = i // n
+            result = results[i] if results else None
+            text = (echoed[prompt] if echoed else "") + (result.text if result else "")
+            logprobs = None
+            if req.logprobs is not None:
+                logprobs = formatter.completion(
+                    prompt_text="" if echoed else formatter.text(ids[prompt]),
+                    prompt=(ids[prompt], job.prompt_scores[prompt]) if score_prompt else None,
+                    generated=job.token_logprobs.get(i, []))
+            return CompletionChoice(index=i, text=text, logprobs=logprobs,
+                                    finish_reason=result.finish_reason if result else "length")
+
+        choices = await asyncio.to_thread(lambda: [choice(i) for i in range(len(prompts) * n)])
         body = CompletionResponse(id=rid, created=created, model=req.model, choices=choices,
                                   usage=usage(prompt_tokens, sum(len(r.token_ids) for r in results)))
         return body.model_dump()
@@ -379,8 +411,13 @@ def create_app(model, settings: ServerSettings | None = None) -> FastAPI:
             raise invalid(f"messages: the model's chat template rejected them ({type(exc).__name__}: {exc})",
                           param="messages") from None
         check_prompt(ids, entry, sampling.max_new_tokens, param="messages")
+        n = req.choices()
+        if n > settings.max_inputs:
+            raise invalid(f"n: at most {settings.max_inputs} choices per request (got {n}); the server's "
+                          "--max-inputs sets this limit", param="n")
         job = Job(asyncio.get_running_loop(), adapter=entry.name if entry else None, prompts=[ids],
-                  sampling=sampling, stream=req.stream)
+                  sampling=sampling, stream=req.stream, n=n,
+                  logprobs=(req.top_logprobs or 0) if req.logprobs else None)
         await start_job(job, entry, len(ids))
         rid, created = new_id("chatcmpl"), now()
         base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": req.model,
@@ -393,13 +430,21 @@ def create_app(model, settings: ServerSettings | None = None) -> FastAPI:
             include = bool(req.stream_options and req.stream_options.include_usage)
             return stream_response(job, lambda i, text: chunk(i, {"content": text}),
                                    lambda i, reason: chunk(i, {}, reason),
-                                   [chunk(0, {"role": "assistant", "content": ""})], len(ids), include, base)
-        result = (await wait(job))[0]
-        body = ChatCompletionResponse(
-            id=rid, created=created, model=req.model,
-            choices=[ChatChoice(index=0, message=AssistantMessage(content=result.text),
-                                finish_reason=result.finish_reason)],
-            usage=usage(len(ids), len(result.token_ids)))
+                                   [chunk(i, {"role": "assistant", "content": ""}) for i in range(n)], len(ids),
+                                   include, base)
+        results = await wait(job)
+
+        def choice(i: int, result) -> ChatChoice:
+            logprobs = None
+            if req.logprobs:
+                # The content's tokens only: an end-of-sequence token drawn last is not part of the message.
+                logprobs = formatter.chat(job.token_logprobs.get(i, [])[:len(result.token_ids)])
+            return ChatChoice(index=i, message=AssistantMessage(content=result.text), logprobs=logprobs,
+                              finish_reason=result.finish_reason)
+
+        choices = await asyncio.to_thread(lambda: [choice(i, r) for i, r in enumerate(results)])
+        body = ChatCompletionResponse(id=rid, created=created, model=req.model, choices=choices,
+                                      usage=usage(len(ids), sum(len(r.token_ids) for r in results)))
         return body.model_dump()
 
     @app.post("/v1/classify")

@@ -18,13 +18,17 @@ queue and awaits futures, so it never blocks on the model. Scheme (continuous ba
   waiting), just not one matrix multiply.
 * **Batch window.** When the thread is idle, the first request waits up to ``batch_window_ms`` for
   others (or until ``max_batch_size`` rows are waiting), so requests arriving together share a prefill.
+* **Large requests.** A job with more rows than free slots (many prompts, or ``n`` choices each) joins in
+  parts as slots free up, first come first served, so a request may be larger than ``max_batch_size``.
 * **Classification** jobs (`/v1/classify`) take no decode slot: they are scored between steps in
-  batches grouped by identical label sets (`scoring.score_ids`).
+  batches grouped by identical label sets (`scoring.score_ids`). So are prompt-scoring jobs (``echo`` with
+  ``max_tokens`` 0, `token_logprobs.prompt_logprobs`), in batches of at most `SCORE_LOGITS` logits.
 
 Tokens are picked and rows ended by the rules `generate` uses (`softprompt.engine.decode`): greedy rows
 are the argmax of the same logits `generate` sees; sampled rows each own a generator seeded from the
-request's ``seed``, so a seeded request returns what ``model.generate([prompt], do_sample=True, seed=seed,
-...)`` returns, whatever else shares its batch.
+request's ``seed`` (plus the choice's index when ``n`` > 1), so a seeded request returns what
+``model.generate([prompt], do_sample=True, seed=seed, ...)`` returns, whatever else shares its batch.
+Log-probabilities (``logprobs``) are those of the same logits, before temperature and top-p/top-k.
 """
 
 from __future__ import annotations
@@ -41,12 +45,16 @@ import torch
 from softprompt.engine.decode import Continuation, DecodeState, StopRule, feed_next, next_tokens
 from softprompt.engine.generation import Generation
 from softprompt.engine.scoring import score_ids
+from softprompt.engine.token_logprobs import TokenLogprob, pick, prompt_logprobs
 from softprompt.engine.tokens import eos_ids, pad_batch, pad_id
 from softprompt.errors import SoftPromptError
 from softprompt.server.jobs import Job
 from softprompt.server.schemas import APIError
 
 log = logging.getLogger("softprompt.server")
+
+# Most logits (rows x positions x vocabulary) one prompt-scoring pass holds: 2**27 float32 values = 512 MiB.
+SCORE_LOGITS = 2**27
 
 
 def _client_gone() -> APIError:
@@ -56,16 +64,17 @@ def _client_gone() -> APIError:
 class _Row(Continuation):
     """A sequence being decoded (model thread only): its tokens and text, and how far it has been streamed."""
 
-    __slots__ = ("job", "choice", "prompt", "rule", "sampler", "emitted")
+    __slots__ = ("job", "choice", "prompt", "rule", "sampler", "emitted", "logprobs")
 
-    def __init__(self, job: Job, choice: int, prompt: list[int], rule: StopRule):
+    def __init__(self, job: Job, row: int, rule: StopRule):
         super().__init__()
         self.job = job
-        self.choice = choice
-        self.prompt = prompt
+        self.choice = row  # choices are numbered prompt by prompt: prompt i, copy j is choice i * n + j
+        self.prompt = job.prompts[row // job.n]
         self.rule = rule
-        self.sampler = job.sampling.sampler()
+        self.sampler = job.sampling.sampler(row % job.n)
         self.emitted = 0  # characters already streamed
+        self.logprobs = [] if job.logprobs is not None else None
 
 
 class _Group:
@@ -220,9 +229,11 @@ class Batcher:
             commands, self._commands = self._commands, []
         for fn, future, loop in commands:
             self._run_command(fn, future, loop)
-        generate, classify = self._admit()
+        generate, classify, score = self._admit()
         if classify:
             self._classify(classify)
+        if score:
+            self._score(score)
         if generate:
             self._prefill(generate)
         if self._groups:
@@ -242,28 +253,33 @@ class Batcher:
         if future is not None:
             loop.call_soon_threadsafe(_set_result, future, result)
 
-    def _admit(self) -> tuple[list[Job], list[Job]]:
-        generate, classify = [], []
+    def _admit(self) -> tuple[list[tuple[Job, int, int]], list[Job], list[Job]]:
+        """Take waiting jobs: generation rows as ``(job, first row, end row)`` up to the free slots, and the
+        classification and prompt-scoring jobs (which take no slot)."""
+        generate, classify, score = [], [], []
         free = self.settings.max_batch_size - self._running_rows
         with self._cv:
             while self._pending:
                 job = self._pending[0]
-                if job.cancelled or job.kind == "classify":
+                if job.cancelled or job.kind != "generate":
                     self._pending.popleft()
-                    self._pending_rows -= job.rows
+                    self._pending_rows -= job.rows - job.admitted
                     if job.cancelled:
                         self._fail(job, _client_gone())
                     else:
-                        classify.append(job)
+                        (classify if job.kind == "classify" else score).append(job)
                     continue
-                if job.rows > free:
+                take = min(free, job.rows - job.admitted)
+                if take <= 0:
                     break  # first come, first served: later generation jobs wait behind it
-                self._pending.popleft()
-                self._pending_rows -= job.rows
-                free -= job.rows
-                generate.append(job)
+                generate.append((job, job.admitted, job.admitted + take))
+                job.admitted += take
+                self._pending_rows -= take
+                free -= take
+                if job.admitted == job.rows:
+                    self._pending.popleft()
             self._set_queue_gauge()
-        return generate, classify
+        return generate, classify, score
 
     def _set_queue_gauge(self) -> None:
         if self.metrics:
@@ -296,10 +312,51 @@ class Batcher:
             for job in group:
                 self._send(job, ("done", [totals[(job, i)] for i in range(job.rows)]))
 
-    # -------------------------------------------------------------- generation
-    def _prefill(self, jobs: list[Job]) -> None:
-        rows = [_Row(job, i, ids, self._stop_rule(job)) for job in jobs for i, ids in enumerate(job.prompts)]
+    # -------------------------------------------------------------- prompt scoring
+    def _score_prompts(self, jobs: list[Job]) -> None:
+        """Fill each job's `Job.prompt_scores`, in batches of at most `SCORE_LOGITS` logits."""
+        rows = [(job, ids) for job in jobs for ids in job.prompts]
+        top = max(job.logprobs or 0 for job in jobs)
+        vocab = self.model.base.get_input_embeddings().num_embeddings
+        scores = []
+        start = 0
+        while start < len(rows):
+            end, longest = start, 0
+            while end < len(rows) and end - start < self.settings.max_batch_size:
+                longest = max(longest, len(rows[end][1]))
+                if end > start and (end + 1 - start) * longest * vocab > SCORE_LOGITS:
+                    break
+                end += 1
+            chunk = rows[start:end]
+            scores += prompt_logprobs(self.model, [r[1] for r in chunk], [r[0].adapter for r in chunk], top)
+            if self.metrics:
+                self.metrics.batch_size.labels(phase="score").observe(len(chunk))
+            start = end
+        at = 0
+        for job in jobs:
+            keep = job.logprobs or 0
+            job.prompt_scores = [[_keep_top(t, keep) for t in row] for row in scores[at:at + len(job.prompts)]]
+            at += len(job.prompts)
+
+    def _score(self, jobs: list[Job]) -> None:
+        """Prompt-scoring jobs (``max_tokens`` 0): no token is generated."""
         try:
+            self._score_prompts(jobs)
+        except Exception as exc:  # noqa: BLE001
+            for job in jobs:
+                self._fail(job, _as_api_error(exc))
+            return
+        for job in jobs:
+            self._send(job, ("done", []))
+
+    # -------------------------------------------------------------- generation
+    def _prefill(self, parts: list[tuple[Job, int, int]]) -> None:
+        jobs = [job for job, _, _ in parts]
+        rows = [_Row(job, i, self._stop_rule(job)) for job, start, end in parts for i in range(start, end)]
+        try:
+            first_parts = [job for job, start, _ in parts if start == 0 and job.score_prompt]
+            if first_parts:
+                self._score_prompts(first_parts)
             ids, mask = pad_batch([r.prompt for r in rows], self.pad, side="left")
             state = self.model.prefill(ids, mask, [r.job.adapter for r in rows])
         except Exception as exc:  # noqa: BLE001
@@ -353,6 +410,8 @@ class Batcher:
                 continue
             # A sampled row draws alone, with its own generator: its tokens do not depend on its batch.
             token = int(greedy[slot] if row.sampler is None else next_tokens(state.logits[slot:slot + 1], row.sampler)[0])
+            if row.logprobs is not None:
+                row.logprobs += pick(state.logits[slot:slot + 1], [token], row.job.logprobs)
             generated += self._add_token(row, token)
             if row.finish is None:
                 keep.append(slot)
@@ -389,6 +448,8 @@ class Batcher:
             self._send(job, ("delta", row.choice, row.text[row.emitted:]))
             row.emitted = len(row.text)
         job.results[row.choice] = result
+        if row.logprobs is not None:
+            job.token_logprobs[row.choice] = row.logprobs
         if job.stream:
             self._send(job, ("finish", row.choice, result))
         if len(job.results) == job.rows:
@@ -433,6 +494,10 @@ class Batcher:
             if future is not None:
                 loop.call_soon_threadsafe(_set_exception, future, error())
         self._flush()
+
+
+def _keep_top(token: TokenLogprob, count: int) -> TokenLogprob:
+    return TokenLogprob(token.token, token.logprob, token.top[:count])
 
 
 def _deliver_all(items) -> None:
