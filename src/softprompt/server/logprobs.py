@@ -27,12 +27,16 @@ class LogprobFormatter:
         """Each token's own text."""
         return self.tokenizer.batch_decode([[t] for t in ids])
 
-    def _alternatives(self, token: TokenLogprob) -> dict[str, float]:
-        ids = [t for t, _ in token.top] + [token.token]
-        texts = self.pieces(ids)
+    def _texts(self, tokens: list[TokenLogprob]) -> dict[int, str]:
+        """id -> text of every token and alternative listed (one tokenizer call for them all)."""
+        ids = sorted({t.token for t in tokens} | {i for t in tokens for i, _ in t.top})
+        return dict(zip(ids, self.pieces(ids)))
+
+    @staticmethod
+    def _alternatives(token: TokenLogprob, texts: dict[int, str]) -> dict[str, float]:
         top: dict[str, float] = {}
-        for text, (_, logprob) in zip(texts, token.top + [(token.token, token.logprob)]):
-            top.setdefault(text, logprob)  # two ids may read the same: keep the likelier (listed first)
+        for i, logprob in token.top + [(token.token, token.logprob)]:
+            top.setdefault(texts[i], logprob)  # two ids may read the same: keep the likelier (listed first)
         return top
 
     def completion(self, prompt_text: str, prompt: tuple[Sequence[int], list[TokenLogprob]] | None,
@@ -43,6 +47,7 @@ class LogprobFormatter:
         ids: list[int] = []
         logprobs: list[float | None] = []
         tops: list[dict[str, float] | None] = []
+        texts = self._texts((prompt[1] if prompt is not None else []) + generated)
         if prompt is not None:
             prompt_ids, scores = prompt
             ids.append(prompt_ids[0])
@@ -51,11 +56,11 @@ class LogprobFormatter:
             for token in scores:
                 ids.append(token.token)
                 logprobs.append(token.logprob)
-                tops.append(self._alternatives(token))
+                tops.append(self._alternatives(token, texts))
         for token in generated:
             ids.append(token.token)
             logprobs.append(token.logprob)
-            tops.append(self._alternatives(token))
+            tops.append(self._alternatives(token, texts))
         tokens = self.pieces(ids)
         offsets, at = [], len(prompt_text)
         for piece in tokens:
@@ -66,10 +71,11 @@ class LogprobFormatter:
     def chat(self, generated: list[TokenLogprob]) -> ChatLogprobs:
         """The ``logprobs`` of a chat choice: each generated token with its ``top_logprobs`` alternatives."""
         content = []
+        texts = self._texts(generated)
         for token in generated:
-            piece = self.pieces([token.token])[0]
-            alternatives = [TopLogprob(token=text, logprob=logprob, bytes=list(text.encode()))
-                            for text, (_, logprob) in zip(self.pieces([t for t, _ in token.top]), token.top)]
+            piece = texts[token.token]
+            alternatives = [TopLogprob(token=texts[i], logprob=logprob, bytes=list(texts[i].encode()))
+                            for i, logprob in token.top]
             content.append(ChatTokenLogprob(token=piece, logprob=token.logprob, bytes=list(piece.encode()),
                                             top_logprobs=alternatives))
         return ChatLogprobs(content=content)
