@@ -12,14 +12,17 @@ import json
 import logging
 
 import pytest
+import transformers
 
-from serving import ServerThread, lively_model
 from softprompt import SoftPromptModel
 from softprompt.server import ServerSettings, create_app
+
+from serving import ServerThread, lively_model
 from tiny import tiny_tokenizer
 
-lm_eval = pytest.importorskip("lm_eval")
-transformers = pytest.importorskip("transformers")
+lm_eval = pytest.importorskip("lm_eval")  # a dev dependency: lm-eval[api]==0.4.13
+TaskManager = pytest.importorskip("lm_eval.tasks").TaskManager
+
 
 TASK = "softprompt_tiny_mc"
 METHODS = {"pt": "prompt_tuning", "prefix": "prefix_tuning"}  # adapter name -> method
@@ -77,8 +80,6 @@ def setup(tmp_path_factory):
 
 
 def evaluate(setup, model: str, model_args: dict) -> dict:
-    from lm_eval.tasks import TaskManager  # noqa: PLC0415 - after importorskip: lm-eval is an optional dev dependency
-
     return lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=[TASK],
                                    task_manager=TaskManager(include_path=setup["tasks"]), log_samples=True,
                                    bootstrap_iters=0, verbosity="WARNING")

@@ -7,8 +7,9 @@ import math
 
 import pytest
 
-from serving import ServerThread, lively_model, offline_model, parse_sse, run_concurrently, save_adapters
 from softprompt.server import ServerSettings, create_app
+
+from serving import ServerThread, lively_model, offline_model, parse_sse, run_concurrently, save_adapters
 
 BASE = "tiny-gpt2"
 ADAPTERS = ["pt", "prefix", "ptune"]
@@ -20,9 +21,8 @@ CONTEXT, CONTINUATION = "Question: is the soup hot?\nAnswer:", " yes, very"
 def env(tmp_path_factory):
     paths = save_adapters(tmp_path_factory.mktemp("openai"))
     settings = ServerSettings(adapters=paths, max_batch_size=4, batch_window_ms=20, max_prompt_tokens=200)
-    with ServerThread(create_app(lively_model(), settings)) as server:
-        with server.client() as client:
-            yield {"server": server, "client": client, "model": offline_model(paths)}
+    with ServerThread(create_app(lively_model(), settings)) as server, server.client() as client:
+        yield {"server": server, "client": client, "model": offline_model(paths)}
 
 
 def adapter_of(name):
@@ -40,7 +40,8 @@ def test_echo_logprobs_score_the_prompt_as_model_score_does_with_mixed_adapters_
     context = tokenizer(CONTEXT)["input_ids"]
     ids = context + tokenizer(CONTINUATION, add_special_tokens=False)["input_ids"]
     names = ADAPTERS + [BASE]
-    bodies = [(("POST", C, {"model": name, "prompt": ids, "echo": True, "logprobs": 3, "max_tokens": 0})) for name in names]
+    bodies = [("POST", C, {"model": name, "prompt": ids, "echo": True, "logprobs": 3, "max_tokens": 0})
+              for name in names]
     responses = run_concurrently(env["server"].url, bodies, concurrency=len(bodies))  # one scoring batch, 4 adapters
     for name, response in zip(names, responses):
         assert response.status_code == 200, response.text

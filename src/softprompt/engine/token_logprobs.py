@@ -8,8 +8,8 @@ adapter a continuation's summed log-probability is what ``model.score(context, [
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 

@@ -22,7 +22,7 @@ queue and awaits futures, so it never blocks on the model. Scheme (continuous ba
   parts as slots free up, first come first served, so a request may be larger than ``max_batch_size``.
 * **Classification** jobs (`/v1/classify`) take no decode slot: they are scored between steps in
   batches grouped by identical label sets (`scoring.score_ids`). So are prompt-scoring jobs (``echo`` with
-  ``max_tokens`` 0, `token_logprobs.prompt_logprobs`), in batches of at most `SCORE_LOGITS` logits.
+  ``max_tokens`` 0); see `softprompt.server.scoring`.
 
 Tokens are picked and rows ended by the rules `generate` uses (`softprompt.engine.decode`): greedy rows
 are the argmax of the same logits `generate` sees; sampled rows each own a generator seeded from the
@@ -44,17 +44,14 @@ import torch
 
 from softprompt.engine.decode import Continuation, DecodeState, StopRule, feed_next, next_tokens
 from softprompt.engine.generation import Generation
-from softprompt.engine.scoring import score_ids
-from softprompt.engine.token_logprobs import TokenLogprob, pick, prompt_logprobs
+from softprompt.engine.token_logprobs import pick
 from softprompt.engine.tokens import eos_ids, pad_batch, pad_id
 from softprompt.errors import SoftPromptError
 from softprompt.server.jobs import Job
 from softprompt.server.schemas import APIError
+from softprompt.server.scoring import classify_jobs, score_prompts
 
 log = logging.getLogger("softprompt.server")
-
-# Most logits (rows x positions x vocabulary) one prompt-scoring pass holds: 2**27 float32 values = 512 MiB.
-SCORE_LOGITS = 2**27
 
 
 def _client_gone() -> APIError:
@@ -285,58 +282,14 @@ class Batcher:
         if self.metrics:
             self.metrics.queue_depth.set(len(self._pending))
 
-    # -------------------------------------------------------------- classification
+    # -------------------------------------------------------------- between decode steps
     def _classify(self, jobs: list[Job]) -> None:
-        by_labels: dict[tuple, list[Job]] = {}
-        for job in jobs:
-            key = (tuple(tuple(c) for c in job.labels), job.normalize)
-            by_labels.setdefault(key, []).append(job)
-        for (candidates, normalize), group in by_labels.items():
-            rows = [(job, i, ids) for job in group for i, ids in enumerate(job.prompts)]
-            totals: dict[tuple[Job, int], list[float]] = {}
-            try:
-                limit = self.settings.max_batch_size
-                for start in range(0, len(rows), limit):
-                    chunk = rows[start:start + limit]
-                    ids, mask = pad_batch([r[2] for r in chunk], self.pad, side="left")
-                    scores = score_ids(self.model, ids, mask, [r[0].adapter for r in chunk],
-                                       [list(c) for c in candidates], normalize=normalize).cpu()
-                    if self.metrics:
-                        self.metrics.batch_size.labels(phase="classify").observe(len(chunk))
-                    for (job, i, _), row in zip(chunk, scores):
-                        totals[(job, i)] = row.tolist()
-            except Exception as exc:  # noqa: BLE001
-                for job in group:
-                    self._fail(job, _as_api_error(exc))
-                continue
-            for job in group:
-                self._send(job, ("done", [totals[(job, i)] for i in range(job.rows)]))
+        for job, outcome in classify_jobs(self.model, jobs, pad=self.pad, max_rows=self.settings.max_batch_size,
+                                          metrics=self.metrics).items():
+            self._send(job, ("error", _as_api_error(outcome)) if isinstance(outcome, Exception) else ("done", outcome))
 
-    # -------------------------------------------------------------- prompt scoring
     def _score_prompts(self, jobs: list[Job]) -> None:
-        """Fill each job's `Job.prompt_scores`, in batches of at most `SCORE_LOGITS` logits."""
-        rows = [(job, ids) for job in jobs for ids in job.prompts]
-        top = max(job.logprobs or 0 for job in jobs)
-        vocab = self.model.base.get_input_embeddings().num_embeddings
-        scores = []
-        start = 0
-        while start < len(rows):
-            end, longest = start, 0
-            while end < len(rows) and end - start < self.settings.max_batch_size:
-                longest = max(longest, len(rows[end][1]))
-                if end > start and (end + 1 - start) * longest * vocab > SCORE_LOGITS:
-                    break
-                end += 1
-            chunk = rows[start:end]
-            scores += prompt_logprobs(self.model, [r[1] for r in chunk], [r[0].adapter for r in chunk], top)
-            if self.metrics:
-                self.metrics.batch_size.labels(phase="score").observe(len(chunk))
-            start = end
-        at = 0
-        for job in jobs:
-            keep = job.logprobs or 0
-            job.prompt_scores = [[_keep_top(t, keep) for t in row] for row in scores[at:at + len(job.prompts)]]
-            at += len(job.prompts)
+        score_prompts(self.model, jobs, max_rows=self.settings.max_batch_size, metrics=self.metrics)
 
     def _score(self, jobs: list[Job]) -> None:
         """Prompt-scoring jobs (``max_tokens`` 0): no token is generated."""
@@ -494,10 +447,6 @@ class Batcher:
             if future is not None:
                 loop.call_soon_threadsafe(_set_exception, future, error())
         self._flush()
-
-
-def _keep_top(token: TokenLogprob, count: int) -> TokenLogprob:
-    return TokenLogprob(token.token, token.logprob, token.top[:count])
 
 
 def _deliver_all(items) -> None:

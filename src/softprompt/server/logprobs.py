@@ -7,7 +7,7 @@ tell whether the chosen token was the most likely one (lm-evaluation-harness' ``
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from softprompt.engine.token_logprobs import TokenLogprob
 from softprompt.server.schemas import ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, TopLogprob
