@@ -315,6 +315,7 @@ class Batcher:
         except Exception as exc:  # noqa: BLE001
             for job in jobs:
                 self._fail(job, _as_api_error(exc))
+                job.cancel()  # rows of it still waiting to join are dropped
             return
         if self.metrics:
             self.metrics.batch_size.labels(phase="prefill").observe(len(rows))
