@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from serving import lively_model
 from softprompt.engine.token_logprobs import prompt_logprobs
 from softprompt.errors import SoftPromptError
+
+from serving import lively_model
 from tiny import CAUSAL
 
 CONTEXTS = ["Review: lovely soup.\nSentiment:", "Hi", "A somewhat longer review of a film, it was fine.\nSentiment:"]
