@@ -236,8 +236,9 @@ def test_official_openai_client_works_unchanged(env):
     assert ranked["data"][0]["label"] == env["model"].score(["x"], labels=["yes", "no"], adapters="pt")[0].label
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="no-such-adapter", prompt="x", max_tokens=2)
-    with pytest.raises(openai.BadRequestError, match="n=1"):
-        client.completions.create(model="pt", prompt="x", max_tokens=2, n=2)
+    assert [c.index for c in client.completions.create(model="pt", prompt="x", max_tokens=2, n=2).choices] == [0, 1]
+    with pytest.raises(openai.BadRequestError, match="best_of"):
+        client.completions.create(model="pt", prompt="x", max_tokens=2, best_of=2)
 
 
 # ---------------------------------------------------------------------------- client mistakes: 4xx, never 5xx
@@ -260,8 +261,12 @@ BAD_REQUESTS = [
     ("stream not bool", C, {**OK, "stream": "yes"}, 400, "stream"),
     ("seed string", C, {**OK, "seed": "1"}, 400, "seed"),
     ("five stops", C, {**OK, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
-    ("n=2", C, {**OK, "n": 2}, 400, "n"),
-    ("logprobs", C, {**OK, "logprobs": 2}, 400, "logprobs"),
+    ("n=0", C, {**OK, "n": 0}, 400, "n"),
+    ("n x prompts over --max-inputs", C, {**OK, "n": 5}, 400, "prompt"),
+    ("logprobs over 5", C, {**OK, "logprobs": 6}, 400, "logprobs"),
+    ("logprobs while streaming", C, {**OK, "logprobs": 1, "stream": True}, 400, "logprobs"),
+    ("max_tokens zero without echo", C, {**OK, "max_tokens": 0, "echo": False}, 400, "max_tokens"),
+    ("best_of", C, {**OK, "best_of": 2}, 400, "best_of"),
     ("unknown field", C, {**OK, "frobnicate": 1}, 400, "frobnicate"),
     ("stream_options without stream", C, {**OK, "stream_options": {"include_usage": True}}, 400, "stream_options"),
     ("empty prompt", C, {"model": "pt", "prompt": ""}, 400, "prompt"),
@@ -274,6 +279,10 @@ BAD_REQUESTS = [
     ("chat empty messages", CHAT, {"model": "pt", "messages": []}, 400, "messages"),
     ("chat bad role", CHAT, {"model": "pt", "messages": [{"role": "wizard", "content": "x"}]}, 400, None),
     ("chat messages string", CHAT, {"model": "pt", "messages": "hi"}, 400, "messages"),
+    ("chat top_logprobs without logprobs", CHAT, {"model": "pt", "messages": [{"role": "user", "content": "x"}],
+                                                  "top_logprobs": 2}, 400, "top_logprobs"),
+    ("chat top_logprobs over 20", CHAT, {"model": "pt", "messages": [{"role": "user", "content": "x"}],
+                                         "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
     ("chat tools", CHAT, {"model": "pt", "messages": [{"role": "user", "content": "x"}], "tools": []}, 400, "tools"),
     ("chat unknown adapter", CHAT, {"model": "ghost", "messages": [{"role": "user", "content": "x"}]}, 404, "model"),
     ("classify duplicate labels", CLS, {"model": "pt", "input": "a", "labels": ["x", "x"]}, 400, "labels"),

@@ -131,3 +131,42 @@ def test_queue_bound_and_stop_fail_waiting_jobs():
     error, depth = asyncio.run(main())
     assert error.status == 503 and error.headers["Retry-After"] == "3" and error.code == "queue_full"
     assert depth == 2
+
+
+def test_a_job_larger_than_the_batch_joins_in_parts_and_n_choices_are_seeded_one_by_one():
+    model = lively_model("gpt2")
+    model.add_adapter("a", method="prompt_tuning", num_virtual_tokens=3, seed=4)
+    prompts = [f"prompt {i}" for i in range(7)]
+    greedy = model.generate(prompts, adapters="a", max_new_tokens=6)
+    sampled = [model.generate(["prompt 0"], adapters=["a"], max_new_tokens=6, do_sample=True, seed=9 + j)[0]
+               for j in range(3)]
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        batcher = Batcher(model, ServerSettings(max_batch_size=3, batch_window_ms=0))
+        batcher.start_thread()
+        try:
+            ids = [_ids(model, p) for p in prompts]
+            big = Job(loop, adapter="a", prompts=ids, sampling=Sampling(max_new_tokens=6))  # 7 rows, 3 slots
+            many = Job(loop, adapter="a", prompts=ids[:1], n=3, sampling=Sampling(max_new_tokens=6, temperature=1.0,
+                                                                                   seed=9))
+            gone = Job(loop, adapter="a", prompts=ids, sampling=Sampling(max_new_tokens=50))
+            after = Job(loop, adapter=None, prompts=ids[:2], sampling=Sampling(max_new_tokens=2))
+            for job in (big, many, gone):
+                batcher.submit(job)
+            big_out = await asyncio.wait_for(big.future, 30)
+            gone.cancel()  # possibly part-admitted: its running rows leave, its waiting rows never join
+            batcher.submit(after)
+            many_out = await asyncio.wait_for(many.future, 30)
+            with pytest.raises(Exception, match="closed"):
+                await asyncio.wait_for(gone.future, 30)
+            after_out = await asyncio.wait_for(after.future, 30)
+            await asyncio.sleep(0.05)
+            return big_out, many_out, after_out, batcher.running_rows, batcher.queue_depth, batcher._pending_rows
+        finally:
+            batcher.stop_thread()
+
+    big_out, many_out, after_out, running, depth, pending_rows = asyncio.run(main())
+    assert [r.text for r in big_out] == greedy
+    assert [r.text for r in many_out] == sampled
+    assert len(after_out) == 2 and (running, depth, pending_rows) == (0, 0, 0)

@@ -29,84 +29,35 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from softprompt.engine.scoring import LabelScores
 from softprompt.errors import ConfigError
 from softprompt.server.batcher import Batcher
+from softprompt.server.body import BodyLimitMiddleware, read_json
 from softprompt.server.jobs import Job, Sampling
+from softprompt.server.logprobs import LogprobFormatter
 from softprompt.server.metrics import Metrics, MetricsMiddleware
 from softprompt.server.openapi import build_openapi
 from softprompt.server.prompting import chat_prompt_ids, encode
 from softprompt.server.registry import AdapterEntry, AdapterRegistry
-from softprompt.server.schemas import (APIError, AssistantMessage, ChatChoice, ChatCompletionRequest, ChatCompletionResponse,
-                      ClassifyRequest, ClassifyResponse, ClassifyResult, CompletionChoice, CompletionRequest,
-                      CompletionResponse, ModelList, Usage, invalid, new_id, now, validation_error)
+from softprompt.server.schemas import (
+    APIError,
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ClassifyRequest,
+    ClassifyResponse,
+    ClassifyResult,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    ModelList,
+    Usage,
+    invalid,
+    new_id,
+    now,
+    validation_error,
+)
 from softprompt.server.settings import ServerSettings
 
 log = logging.getLogger("softprompt.server")
-
-
-class _BodyTooLarge(APIError):
-    pass
-
-
-class BodyLimitMiddleware:
-    """413 for bodies over ``max_bytes``: by Content-Length up front, else while the body streams in."""
-
-    def __init__(self, app, max_bytes: int):
-        self.app = app
-        self.max_bytes = max_bytes
-
-    def _error(self) -> _BodyTooLarge:
-        return _BodyTooLarge(413, f"request body is larger than {self.max_bytes} bytes (--max-body-bytes)",
-                             code="body_too_large")
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None:
-            try:
-                too_large = int(length) > self.max_bytes
-            except ValueError:
-                too_large = False  # the HTTP server rejects malformed lengths itself
-            if too_large:
-                error = self._error()
-                await JSONResponse(error.body(), status_code=413, headers={"Connection": "close"})(scope, receive, send)
-                return
-        seen = 0
-
-        async def limited():
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise self._error()
-            return message
-
-        await self.app(scope, limited, send)
-
-
-def _unpaired_surrogate(value) -> str | None:
-    """Where the first lone surrogate (which no tokenizer accepts) is: the dotted path of the string, or of the
-    object whose key holds it ("" for the top level); None when there is none."""
-    stack = [("", value)]
-    while stack:
-        path, item = stack.pop()
-        if isinstance(item, str):
-            try:
-                item.encode("utf-8")
-            except UnicodeEncodeError:
-                return path
-        elif isinstance(item, dict):
-            for key, child in reversed(list(item.items())):
-                where = f"{path}.{key}" if path else str(key)
-                try:
-                    key.encode("utf-8")
-                except UnicodeEncodeError:
-                    return path
-                stack.append((where, child))
-        elif isinstance(item, list):
-            stack.extend((f"{path}.{i}", child) for i, child in reversed(list(enumerate(item))))
-    return None
 
 
 def context_window(model) -> int | None:
@@ -138,6 +89,7 @@ def create_app(model, settings: ServerSettings | None = None) -> FastAPI:
     registry.bootstrap()
     batcher = Batcher(model, settings, metrics)
     tokenizer = model.tokenizer
+    formatter = LogprobFormatter(tokenizer)
     vocab = model.base.get_input_embeddings().num_embeddings
     ctx = context_window(model)
 
@@ -191,29 +143,6 @@ def create_app(model, settings: ServerSettings | None = None) -> FastAPI:
         return JSONResponse(error.body(), status_code=500)
 
     # ------------------------------------------------------------------ helpers
-    async def read_json(request: Request) -> dict:
-        body = await request.body()
-        if not body:
-            raise invalid("request body is empty; expected a JSON object")
-        try:
-            value = json.loads(body)
-        except UnicodeDecodeError:
-            raise invalid("request body is not UTF-8 JSON") from None
-        except json.JSONDecodeError as exc:
-            raise invalid(f"request body is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})") \
-                from None
-        except RecursionError:
-            raise invalid("request body is nested too deeply") from None
-        except ValueError:  # an integer literal longer than Python reads (4300 digits)
-            raise invalid("request body has a number too long to read (more than 4300 digits)") from None
-        if not isinstance(value, dict):
-            raise invalid(f"request body must be a JSON object, got {type(value).__name__}")
-        bad = _unpaired_surrogate(value)
-        if bad is not None:
-            raise invalid(f"{bad or 'body'}: text contains an unpaired UTF-16 surrogate (a lone \\ud800-\\udfff "
-                          "escape); send valid Unicode", param=bad or None)
-        return value
-
     def parse(cls: type[BaseModel], value: dict):
         try:
             return cls.model_validate(value)
@@ -269,14 +198,18 @@ def create_app(model, settings: ServerSettings | None = None) -> FastAPI:
     def sse(value: Any) -> str:
         return f"data: {json.dumps(value, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
-    def stream_response(job: Job, chunk, final_chunk, first_chunks: list[dict], prompt_tokens: int,
+    def stream_response(job: Job | None, chunk, final_chunk, first_chunks: list[dict], prompt_tokens: int,
                         include_usage: bool, base: dict) -> StreamingResponse:
+        """Server-sent events: ``first_chunks``, then the job's deltas and finishes (no job: nothing to
+        generate, ``first_chunks`` say it all), usage when asked, and ``[DONE]``."""
+        rows = job.rows if job is not None else 0
+
         async def events():
             finished, completion_tokens = 0, 0
             try:
                 for first in first_chunks:
                     yield sse(first)
-                while finished < job.rows:
+                while finished < rows:
                     event = await job.events.get()
                     if event[0] == "delta":
                         yield sse(chunk(event[1], event[2]))
@@ -288,12 +221,12 @@ def create_app(model, settings: ServerSettings | None = None) -> FastAPI:
                         error = event[1] if isinstance(event[1], APIError) else APIError(500, "internal error")
                         yield sse(error.body())
                         break
-                if include_usage and finished == job.rows:
+                if include_usage and finished == rows:
                     yield sse({**base, "choices": [],
                                "usage": usage(prompt_tokens, completion_tokens).model_dump()})
                 yield "data: [DONE]\n\n"
             finally:
-                if not job.future.done():
+                if job is not None and not job.future.done():
                     job.cancel()
 
         return StreamingResponse(events(), media_type="text/event-stream",
@@ -331,11 +264,17 @@ def create_app(model, settings: ServerSettings | None = None) -> FastAPI:
         req: CompletionRequest = parse(CompletionRequest, await read_json(request))
         req.check_supported()
         entry = registry.resolve(req.model)
-        prompts = req.prompts()
-        limit = min(settings.max_inputs, settings.max_batch_size)
-        if len(prompts) > limit:
-            raise invalid(f"prompt: at most {limit} prompts per request (got {len(prompts)})", param="prompt")
+        prompts, n = req.prompts(), req.choices()
+        if len(prompts) * n > settings.max_inputs:
+            counted = f"{len(prompts)} x n={n}" if n > 1 else str(len(prompts))
+            raise invalid(f"prompt: at most {settings.max_inputs} prompts per request, each of the n choices "
+                          f"counting as one (got {counted}); the server's --max-inputs sets this limit",
+                          param="prompt")
         sampling = sampling_for(req, req.max_tokens)
+        score_prompt = bool(req.echo) and req.logprobs is not None
+        if score_prompt and model.shape.is_encoder_decoder:
+            raise invalid("echo: prompt log-probabilities need a decoder-only model; this one is encoder-decoder",
+                          param="echo")
         texts = [p for p in prompts if isinstance(p, str)]
         encoded = iter(await asyncio.to_thread(encode, tokenizer, texts))
         ids = [next(encoded) if isinstance(p, str) else p for p in prompts]
@@ -343,10 +282,14 @@ def create_app(model, settings: ServerSettings | None = None) -> FastAPI:
             if any(t < 0 or t >= vocab for t in row):
                 raise invalid(f"prompt: token ids must be in [0, {vocab})", param="prompt")
             check_prompt(row, entry, sampling.max_new_tokens)
-        job = Job(asyncio.get_running_loop(), adapter=entry.name if entry else None, prompts=ids,
-                  sampling=sampling, stream=req.stream)
+        echoed = [p if isinstance(p, str) else formatter.text(p) for p in prompts] if req.echo else None
+        job = None
+        if sampling.max_new_tokens or score_prompt:  # else: echo only, nothing for the model to do
+            job = Job(asyncio.get_running_loop(), adapter=entry.name if entry else None, prompts=ids,
+                      sampling=sampling, stream=req.stream, n=n, logprobs=req.logprobs, score_prompt=score_prompt)
         prompt_tokens = sum(len(r) for r in ids)
-        await start_job(job, entry, prompt_tokens)
+        if job is not None:
+            await start_job(job, entry, prompt_tokens)
         rid, created = new_id("cmpl"), now()
         base = {"id": rid, "object": "text_completion", "created": created, "model": req.model,
                 "system_fingerprint": None}
@@ -355,11 +298,27 @@ def create_app(model, settings: ServerSettings | None = None) -> FastAPI:
                 return {**base, "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish}],
                         "usage": None}
 
+            finish = "length" if job is None else None  # max_tokens 0: the echo is the whole answer
+            first = [chunk(i, echoed[i // n], finish) for i in range(len(prompts) * n)] if echoed else []
             include = bool(req.stream_options and req.stream_options.include_usage)
-            return stream_response(job, chunk, lambda i, reason: chunk(i, "", reason), [], prompt_tokens,
+            return stream_response(job, chunk, lambda i, reason: chunk(i, "", reason), first, prompt_tokens,
                                    include, base)
-        results = await wait(job)
-        choices = [CompletionChoice(index=i, text=r.text, finish_reason=r.finish_reason) for i, r in enumerate(results)]
+        results = await wait(job) if job is not None else []  # a scoring job (max_tokens 0) returns none
+
+        def choice(i: int) -> CompletionChoice:
+            prompt = i // n
+            result = results[i] if results else None
+            text = (echoed[prompt] if echoed else "") + (result.text if result else "")
+            logprobs = None
+            if req.logprobs is not None:
+                logprobs = formatter.completion(
+                    prompt_text="" if echoed else formatter.text(ids[prompt]),
+                    prompt=(ids[prompt], job.prompt_scores[prompt]) if score_prompt else None,
+                    generated=job.token_logprobs.get(i, []))
+            return CompletionChoice(index=i, text=text, logprobs=logprobs,
+                                    finish_reason=result.finish_reason if result else "length")
+
+        choices = await asyncio.to_thread(lambda: [choice(i) for i in range(len(prompts) * n)])
         body = CompletionResponse(id=rid, created=created, model=req.model, choices=choices,
                                   usage=usage(prompt_tokens, sum(len(r.token_ids) for r in results)))
         return body.model_dump()
@@ -375,12 +334,17 @@ def create_app(model, settings: ServerSettings | None = None) -> FastAPI:
                     for m in req.messages]
         try:
             ids = await asyncio.to_thread(chat_prompt_ids, tokenizer, messages)
-        except Exception as exc:  # noqa: BLE001 - a chat template refusing the conversation is a client error
+        except Exception as exc:
             raise invalid(f"messages: the model's chat template rejected them ({type(exc).__name__}: {exc})",
                           param="messages") from None
         check_prompt(ids, entry, sampling.max_new_tokens, param="messages")
+        n = req.choices()
+        if n > settings.max_inputs:
+            raise invalid(f"n: at most {settings.max_inputs} choices per request (got {n}); the server's "
+                          "--max-inputs sets this limit", param="n")
         job = Job(asyncio.get_running_loop(), adapter=entry.name if entry else None, prompts=[ids],
-                  sampling=sampling, stream=req.stream)
+                  sampling=sampling, stream=req.stream, n=n,
+                  logprobs=(req.top_logprobs or 0) if req.logprobs else None)
         await start_job(job, entry, len(ids))
         rid, created = new_id("chatcmpl"), now()
         base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": req.model,
@@ -393,13 +357,21 @@ def create_app(model, settings: ServerSettings | None = None) -> FastAPI:
             include = bool(req.stream_options and req.stream_options.include_usage)
             return stream_response(job, lambda i, text: chunk(i, {"content": text}),
                                    lambda i, reason: chunk(i, {}, reason),
-                                   [chunk(0, {"role": "assistant", "content": ""})], len(ids), include, base)
-        result = (await wait(job))[0]
-        body = ChatCompletionResponse(
-            id=rid, created=created, model=req.model,
-            choices=[ChatChoice(index=0, message=AssistantMessage(content=result.text),
-                                finish_reason=result.finish_reason)],
-            usage=usage(len(ids), len(result.token_ids)))
+                                   [chunk(i, {"role": "assistant", "content": ""}) for i in range(n)], len(ids),
+                                   include, base)
+        results = await wait(job)
+
+        def choice(i: int, result) -> ChatChoice:
+            logprobs = None
+            if req.logprobs:
+                # The content's tokens only: an end-of-sequence token drawn last is not part of the message.
+                logprobs = formatter.chat(job.token_logprobs.get(i, [])[:len(result.token_ids)])
+            return ChatChoice(index=i, message=AssistantMessage(content=result.text), logprobs=logprobs,
+                              finish_reason=result.finish_reason)
+
+        choices = await asyncio.to_thread(lambda: [choice(i, r) for i, r in enumerate(results)])
+        body = ChatCompletionResponse(id=rid, created=created, model=req.model, choices=choices,
+                                      usage=usage(len(ids), sum(len(r.token_ids) for r in results)))
         return body.model_dump()
 
     @app.post("/v1/classify")

@@ -18,13 +18,17 @@ queue and awaits futures, so it never blocks on the model. Scheme (continuous ba
   waiting), just not one matrix multiply.
 * **Batch window.** When the thread is idle, the first request waits up to ``batch_window_ms`` for
   others (or until ``max_batch_size`` rows are waiting), so requests arriving together share a prefill.
+* **Large requests.** A job with more rows than free slots (many prompts, or ``n`` choices each) joins in
+  parts as slots free up, first come first served, so a request may be larger than ``max_batch_size``.
 * **Classification** jobs (`/v1/classify`) take no decode slot: they are scored between steps in
-  batches grouped by identical label sets (`scoring.score_ids`).
+  batches grouped by identical label sets (`scoring.score_ids`). So are prompt-scoring jobs (``echo`` with
+  ``max_tokens`` 0); see `softprompt.server.scoring`.
 
 Tokens are picked and rows ended by the rules `generate` uses (`softprompt.engine.decode`): greedy rows
 are the argmax of the same logits `generate` sees; sampled rows each own a generator seeded from the
-request's ``seed``, so a seeded request returns what ``model.generate([prompt], do_sample=True, seed=seed,
-...)`` returns, whatever else shares its batch.
+request's ``seed`` (plus the choice's index when ``n`` > 1), so a seeded request returns what
+``model.generate([prompt], do_sample=True, seed=seed, ...)`` returns, whatever else shares its batch.
+Log-probabilities (``logprobs``) are those of the same logits, before temperature and top-p/top-k.
 """
 
 from __future__ import annotations
@@ -40,11 +44,12 @@ import torch
 
 from softprompt.engine.decode import Continuation, DecodeState, StopRule, feed_next, next_tokens
 from softprompt.engine.generation import Generation
-from softprompt.engine.scoring import score_ids
+from softprompt.engine.token_logprobs import pick
 from softprompt.engine.tokens import eos_ids, pad_batch, pad_id
 from softprompt.errors import SoftPromptError
 from softprompt.server.jobs import Job
 from softprompt.server.schemas import APIError
+from softprompt.server.scoring import classify_jobs, score_prompts
 
 log = logging.getLogger("softprompt.server")
 
@@ -56,16 +61,17 @@ def _client_gone() -> APIError:
 class _Row(Continuation):
     """A sequence being decoded (model thread only): its tokens and text, and how far it has been streamed."""
 
-    __slots__ = ("job", "choice", "prompt", "rule", "sampler", "emitted")
+    __slots__ = ("job", "choice", "prompt", "rule", "sampler", "emitted", "logprobs")
 
-    def __init__(self, job: Job, choice: int, prompt: list[int], rule: StopRule):
+    def __init__(self, job: Job, row: int, rule: StopRule):
         super().__init__()
         self.job = job
-        self.choice = choice
-        self.prompt = prompt
+        self.choice = row  # choices are numbered prompt by prompt: prompt i, copy j is choice i * n + j
+        self.prompt = job.prompts[row // job.n]
         self.rule = rule
-        self.sampler = job.sampling.sampler()
+        self.sampler = job.sampling.sampler(row % job.n)
         self.emitted = 0  # characters already streamed
+        self.logprobs = [] if job.logprobs is not None else None
 
 
 class _Group:
@@ -220,9 +226,11 @@ class Batcher:
             commands, self._commands = self._commands, []
         for fn, future, loop in commands:
             self._run_command(fn, future, loop)
-        generate, classify = self._admit()
+        generate, classify, score = self._admit()
         if classify:
             self._classify(classify)
+        if score:
+            self._score(score)
         if generate:
             self._prefill(generate)
         if self._groups:
@@ -242,69 +250,72 @@ class Batcher:
         if future is not None:
             loop.call_soon_threadsafe(_set_result, future, result)
 
-    def _admit(self) -> tuple[list[Job], list[Job]]:
-        generate, classify = [], []
+    def _admit(self) -> tuple[list[tuple[Job, int, int]], list[Job], list[Job]]:
+        """Take waiting jobs: generation rows as ``(job, first row, end row)`` up to the free slots, and the
+        classification and prompt-scoring jobs (which take no slot)."""
+        generate, classify, score = [], [], []
         free = self.settings.max_batch_size - self._running_rows
         with self._cv:
             while self._pending:
                 job = self._pending[0]
-                if job.cancelled or job.kind == "classify":
+                if job.cancelled or job.kind != "generate":
                     self._pending.popleft()
-                    self._pending_rows -= job.rows
+                    self._pending_rows -= job.rows - job.admitted
                     if job.cancelled:
                         self._fail(job, _client_gone())
                     else:
-                        classify.append(job)
+                        (classify if job.kind == "classify" else score).append(job)
                     continue
-                if job.rows > free:
+                take = min(free, job.rows - job.admitted)
+                if take <= 0:
                     break  # first come, first served: later generation jobs wait behind it
-                self._pending.popleft()
-                self._pending_rows -= job.rows
-                free -= job.rows
-                generate.append(job)
+                generate.append((job, job.admitted, job.admitted + take))
+                job.admitted += take
+                self._pending_rows -= take
+                free -= take
+                if job.admitted == job.rows:
+                    self._pending.popleft()
             self._set_queue_gauge()
-        return generate, classify
+        return generate, classify, score
 
     def _set_queue_gauge(self) -> None:
         if self.metrics:
             self.metrics.queue_depth.set(len(self._pending))
 
-    # -------------------------------------------------------------- classification
+    # -------------------------------------------------------------- between decode steps
     def _classify(self, jobs: list[Job]) -> None:
-        by_labels: dict[tuple, list[Job]] = {}
+        for job, outcome in classify_jobs(self.model, jobs, pad=self.pad, max_rows=self.settings.max_batch_size,
+                                          metrics=self.metrics).items():
+            self._send(job, ("error", _as_api_error(outcome)) if isinstance(outcome, Exception) else ("done", outcome))
+
+    def _score_prompts(self, jobs: list[Job]) -> None:
+        score_prompts(self.model, jobs, max_rows=self.settings.max_batch_size, metrics=self.metrics)
+
+    def _score(self, jobs: list[Job]) -> None:
+        """Prompt-scoring jobs (``max_tokens`` 0): no token is generated."""
+        try:
+            self._score_prompts(jobs)
+        except Exception as exc:  # noqa: BLE001
+            for job in jobs:
+                self._fail(job, _as_api_error(exc))
+            return
         for job in jobs:
-            key = (tuple(tuple(c) for c in job.labels), job.normalize)
-            by_labels.setdefault(key, []).append(job)
-        for (candidates, normalize), group in by_labels.items():
-            rows = [(job, i, ids) for job in group for i, ids in enumerate(job.prompts)]
-            totals: dict[tuple[Job, int], list[float]] = {}
-            try:
-                limit = self.settings.max_batch_size
-                for start in range(0, len(rows), limit):
-                    chunk = rows[start:start + limit]
-                    ids, mask = pad_batch([r[2] for r in chunk], self.pad, side="left")
-                    scores = score_ids(self.model, ids, mask, [r[0].adapter for r in chunk],
-                                       [list(c) for c in candidates], normalize=normalize).cpu()
-                    if self.metrics:
-                        self.metrics.batch_size.labels(phase="classify").observe(len(chunk))
-                    for (job, i, _), row in zip(chunk, scores):
-                        totals[(job, i)] = row.tolist()
-            except Exception as exc:  # noqa: BLE001
-                for job in group:
-                    self._fail(job, _as_api_error(exc))
-                continue
-            for job in group:
-                self._send(job, ("done", [totals[(job, i)] for i in range(job.rows)]))
+            self._send(job, ("done", []))
 
     # -------------------------------------------------------------- generation
-    def _prefill(self, jobs: list[Job]) -> None:
-        rows = [_Row(job, i, ids, self._stop_rule(job)) for job in jobs for i, ids in enumerate(job.prompts)]
+    def _prefill(self, parts: list[tuple[Job, int, int]]) -> None:
+        jobs = [job for job, _, _ in parts]
+        rows = [_Row(job, i, self._stop_rule(job)) for job, start, end in parts for i in range(start, end)]
         try:
+            first_parts = [job for job, start, _ in parts if start == 0 and job.score_prompt]
+            if first_parts:
+                self._score_prompts(first_parts)
             ids, mask = pad_batch([r.prompt for r in rows], self.pad, side="left")
             state = self.model.prefill(ids, mask, [r.job.adapter for r in rows])
         except Exception as exc:  # noqa: BLE001
             for job in jobs:
                 self._fail(job, _as_api_error(exc))
+                job.cancel()  # rows of it still waiting to join are dropped
             return
         if self.metrics:
             self.metrics.batch_size.labels(phase="prefill").observe(len(rows))
@@ -353,6 +364,8 @@ class Batcher:
                 continue
             # A sampled row draws alone, with its own generator: its tokens do not depend on its batch.
             token = int(greedy[slot] if row.sampler is None else next_tokens(state.logits[slot:slot + 1], row.sampler)[0])
+            if row.logprobs is not None:
+                row.logprobs += pick(state.logits[slot:slot + 1], [token], row.job.logprobs)
             generated += self._add_token(row, token)
             if row.finish is None:
                 keep.append(slot)
@@ -389,6 +402,8 @@ class Batcher:
             self._send(job, ("delta", row.choice, row.text[row.emitted:]))
             row.emitted = len(row.text)
         job.results[row.choice] = result
+        if row.logprobs is not None:
+            job.token_logprobs[row.choice] = row.logprobs
         if job.stream:
             self._send(job, ("finish", row.choice, result))
         if len(job.results) == job.rows:

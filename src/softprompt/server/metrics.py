@@ -8,7 +8,7 @@ path, so unknown paths cannot blow up label cardinality.
 | --- | --- | --- | --- |
 | ``softprompt_requests_total`` | counter | route, method, status | finished HTTP requests |
 | ``softprompt_request_latency_seconds`` | histogram | route | request start to last byte (streams included) |
-| ``softprompt_batch_size`` | histogram | phase (prefill, decode, classify) | rows per model call |
+| ``softprompt_batch_size`` | histogram | phase (prefill, decode, classify, score) | rows per model call |
 | ``softprompt_queue_depth`` | gauge | | requests waiting for a batch slot |
 | ``softprompt_running_rows`` | gauge | | sequences in the running batch |
 | ``softprompt_adapters_resident`` | gauge | | adapters in memory |

@@ -4,7 +4,7 @@ The handlers read their JSON bodies themselves (so a bad body gets one clear 400
 OpenAI's error shape, instead of FastAPI's 422), so FastAPI cannot see the request models. This module
 fills the document in: each body's JSON schema (from the pydantic models in `schemas.py`, tightened
 with this server's limits: ``max_tokens`` up to ``--max-tokens-limit``, at most ``--max-inputs``
-prompts, ``--max-labels`` labels, OpenAI options only at their neutral values), every status a route
+prompts and choices, ``--max-labels`` labels, OpenAI options not implemented only at their neutral values), every status a route
 can answer with and its body (errors in OpenAI's shape), streaming as ``text/event-stream``, and the
 bearer token of the admin routes. The fuzz tests (`tests/test_server_fuzz.py`) generate requests from
 this document and check every response against it.
@@ -18,7 +18,7 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
 from softprompt.engine.adapter_name import ADAPTER_NAME
-from softprompt.server.schemas import (MAX_STOP, MAX_STOP_CHARS, ChatCompletionRequest, ChatCompletionResponse, ClassifyRequest, ClassifyResponse,
+from softprompt.server.schemas import (MAX_LOGPROBS, MAX_N, MAX_STOP, MAX_STOP_CHARS, MAX_TOP_LOGPROBS, ChatCompletionRequest, ChatCompletionResponse, ClassifyRequest, ClassifyResponse,
                       CompletionRequest, CompletionResponse, ModelCard, ModelList)
 
 ERROR = {
@@ -77,7 +77,9 @@ def _sampling(props: dict, settings) -> None:
     props["max_tokens"] = _nullable({"type": "integer", "minimum": 1, "maximum": settings.max_tokens_limit})
     text = {"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS}
     props["stop"] = _nullable(text, {"type": "array", "items": text, "maxItems": MAX_STOP})
-    props["n"] = _nullable({"const": 1, "description": "Only n=1 is supported."})
+    props["n"] = _nullable({"type": "integer", "minimum": 1, "maximum": min(MAX_N, settings.max_inputs),
+                            "description": "Choices per prompt; prompts x n is at most --max-inputs. With a seed, "
+                                           "choice i samples from seed + i."})
     for name in ("presence_penalty", "frequency_penalty"):
         props[name] = _nullable({"const": 0, "description": "Not supported: only the neutral 0."})
     props["logit_bias"] = _nullable({"type": "object", "maxProperties": 0, "description": "Not supported: empty."})
@@ -95,24 +97,29 @@ def build_openapi(app, settings) -> dict:
     props = completion["properties"]
     _sampling(props, settings)
     ids = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}}
-    most = min(settings.max_inputs, settings.max_batch_size)
+    most = settings.max_inputs  # larger than --max-batch-size: decoded in parts
     props["prompt"] = {"anyOf": [{"type": "string", "minLength": 1},
                                  {"type": "array", "minItems": 1, "maxItems": most,
                                   "items": {"type": "string", "minLength": 1}},
                                  ids,
                                  {"type": "array", "minItems": 1, "maxItems": most, "items": ids}],
                        "description": "A string, a list of strings, a list of token ids, or a list of token-id lists."}
-    props["echo"] = _nullable({"const": False})
+    props["max_tokens"] = _nullable({"type": "integer", "minimum": 0, "maximum": settings.max_tokens_limit,
+                                     "description": "0 only with echo=true: score the prompt, generate nothing."})
+    props["echo"] = _nullable({"type": "boolean", "description": "Return the prompt before the completion."})
     props["best_of"] = _nullable({"const": 1})
-    props["logprobs"] = {"type": "null", "default": None, "description": "Not supported."}
+    props["logprobs"] = _nullable({"type": "integer", "minimum": 0, "maximum": MAX_LOGPROBS,
+                                   "description": "Log-probability of each token and of this many alternatives "
+                                                  "(with echo: of the prompt's tokens too). Not with stream."})
     props["suffix"] = {"type": "null", "default": None, "description": "Not supported."}
 
     chat = _add_model(components, ChatCompletionRequest)
     props = chat["properties"]
     _sampling(props, settings)
     props["max_completion_tokens"] = props["max_tokens"]
-    props["logprobs"] = _nullable({"const": False})
-    props["top_logprobs"] = _nullable({"const": 0})
+    props["logprobs"] = _nullable({"type": "boolean", "description": "Log-probability of each token. Not with stream."})
+    props["top_logprobs"] = _nullable({"type": "integer", "minimum": 0, "maximum": MAX_TOP_LOGPROBS,
+                                       "description": "Alternatives per token; needs logprobs=true."})
     props["response_format"] = _nullable({"type": "object", "required": ["type"], "additionalProperties": False,
                                           "properties": {"type": {"const": "text"}}})
     props["tool_choice"] = _nullable({"const": "none"})

@@ -5,9 +5,10 @@ gets a 400 that names the field, in OpenAI's error shape::
 
     {"error": {"message": "...", "type": "invalid_request_error", "param": "max_tokens", "code": null}}
 
-OpenAI options that would change the output but are not implemented (logprobs, echo, penalties,
-logit_bias, n > 1, best_of > 1, suffix, tools) are accepted only with their neutral value, so a client
-that sends the defaults explicitly works and one that relies on them gets a clear 400.
+OpenAI options that would change the output but are not implemented (penalties, logit_bias, best_of > 1,
+suffix, tools) are accepted only with their neutral value, so a client that sends the defaults explicitly
+works and one that relies on them gets a clear 400. ``echo``, ``logprobs`` (``top_logprobs`` on chat) and
+``n`` are implemented.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ from pydantic_core import PydanticCustomError
 MAX_STOP = 4  # OpenAI's limit on stop sequences
 MAX_STOP_CHARS = 256  # longest stop sequence: streaming compares the text's tail with each one at every token
 MAX_SEED = 2**63 - 1
+MAX_LOGPROBS = 5  # most alternatives per token on /v1/completions (OpenAI's limit)
+MAX_TOP_LOGPROBS = 20  # most alternatives per token on /v1/chat/completions (OpenAI's limit)
+MAX_N = 128  # most choices per prompt (OpenAI's limit); rows also count against --max-inputs
 
 
 # ---------------------------------------------------------------------------- errors
@@ -92,7 +96,7 @@ class _SamplingRequest(_Request):
     top_k: int | None = Field(None, ge=0)  # extension (as vLLM); 0 = off
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=-(2**63), le=MAX_SEED)
-    n: int | None = None
+    n: int | None = Field(None, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float | None = None
@@ -121,7 +125,6 @@ class _SamplingRequest(_Request):
 
     def neutral_checks(self) -> list[tuple[str, bool]]:
         return [
-            ("n", self.n in (None, 1)),
             ("presence_penalty", not self.presence_penalty),
             ("frequency_penalty", not self.frequency_penalty),
             ("logit_bias", not self.logit_bias),
@@ -131,21 +134,23 @@ class _SamplingRequest(_Request):
         for name, ok in self.neutral_checks():
             if not ok:
                 value = getattr(self, name)
-                if name == "n":
-                    raise invalid(f"n: only n=1 is supported (got {value}); send separate requests, with "
-                                  "different seeds when sampling", param="n")
                 raise invalid(f"{name}: not supported by this server (got {value!r}); leave it unset", param=name)
         if self.stream_options is not None and not self.stream:
             raise invalid("stream_options: only allowed with stream=true", param="stream_options")
+
+    def choices(self) -> int:
+        """Choices per prompt (``n``)."""
+        return self.n or 1
 
 
 class CompletionRequest(_SamplingRequest):
     """POST /v1/completions. ``prompt``: a string, a list of strings, token ids, or a list of token-id lists."""
 
     prompt: Any
+    max_tokens: int | None = Field(None, ge=0)  # 0: only with echo (score the prompt, generate nothing)
     echo: bool | None = None
     best_of: int | None = None
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     suffix: str | None = None
 
     @field_validator("prompt", mode="before")
@@ -173,9 +178,16 @@ class CompletionRequest(_SamplingRequest):
 
     def neutral_checks(self) -> list[tuple[str, bool]]:
         return super().neutral_checks() + [
-            ("echo", not self.echo), ("best_of", self.best_of in (None, 1)),
-            ("logprobs", self.logprobs is None), ("suffix", self.suffix is None),
+            ("best_of", self.best_of in (None, 1)), ("suffix", self.suffix is None),
         ]
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.max_tokens == 0 and not self.echo:
+            raise invalid("max_tokens: 0 is only allowed with echo=true (to score the prompt); give at least 1",
+                          param="max_tokens")
+        if self.stream and self.logprobs is not None:
+            raise invalid("logprobs: not supported with stream=true; send stream=false", param="logprobs")
 
 
 class ContentPart(_Request):
@@ -200,7 +212,7 @@ class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     response_format: dict[str, Any] | None = None
     tool_choice: str | None = None
     parallel_tool_calls: bool | None = None
@@ -208,7 +220,6 @@ class ChatCompletionRequest(_SamplingRequest):
     def neutral_checks(self) -> list[tuple[str, bool]]:
         fmt = self.response_format
         return super().neutral_checks() + [
-            ("logprobs", not self.logprobs), ("top_logprobs", not self.top_logprobs),
             ("response_format", fmt is None or fmt == {"type": "text"}),
             ("tool_choice", self.tool_choice in (None, "none")),
         ]
@@ -218,6 +229,10 @@ class ChatCompletionRequest(_SamplingRequest):
         if self.max_tokens is not None and self.max_completion_tokens is not None \
                 and self.max_tokens != self.max_completion_tokens:
             raise invalid("max_tokens and max_completion_tokens disagree; give one of them", param="max_tokens")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise invalid("top_logprobs: only allowed with logprobs=true", param="top_logprobs")
+        if self.stream and self.logprobs:
+            raise invalid("logprobs: not supported with stream=true; send stream=false", param="logprobs")
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -267,10 +282,20 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy logprobs: per token its text, log-probability (None for a prompt's first token, which
+    nothing precedes), the most likely tokens there (text -> log-probability), and where its text starts."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None
 
 
@@ -290,10 +315,25 @@ class AssistantMessage(BaseModel):
     refusal: None = None
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None  # the token's UTF-8 bytes
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None
+    refusal: None = None
+
+
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: Literal["stop", "length"]
 
 

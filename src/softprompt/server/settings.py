@@ -68,7 +68,9 @@ class ServerSettings:
     default_max_tokens: int = _opt(16, "max_tokens used when a request omits it (OpenAI's completions default).")
     max_body_bytes: int = _opt(1_000_000, "Largest request body accepted, in bytes (larger: 413).")
     max_inputs: int = _opt(
-        16, "Most prompts in one completions request, and most texts in one classify request.")
+        64, "Most prompts in one completions request (each of n choices counting as one), most choices in one "
+            "chat request, and most texts in one classify request. Requests larger than --max-batch-size are "
+            "decoded in parts as slots free up.")
     max_labels: int = _opt(64, "Most candidate labels in one classify request.")
 
     # ----------------------------------------------------------------- admin
