@@ -68,7 +68,7 @@ def run(members: list[tuple[str, str | None]], splits: dict[str, str], *, given:
     """Score every split with every member (one base model at a time), then average the probabilities."""
     import softprompt
     from softprompt.data import Template, load_rows
-    from softprompt.training.evaluate import fingerprint, read_train_fingerprints
+    from softprompt.data.heldout import fingerprint, read_train_fingerprints
     from softprompt.training.metrics import classification_report
     from softprompt.training.predict import label_probabilities
 

@@ -169,7 +169,7 @@ def config_for(task: Task, budget: dict, method: str, out: Path, **extra):
 
 # ------------------------------------------------------------------------------------------ softprompt
 def train_ours(systems: Systems, task: Task, budget: dict, method: str, train_rows, out: Path, log, **extra) -> dict:
-    from softprompt.training.loop import prepare_job, train_jobs
+    from softprompt.training import prepare_job, train_jobs
 
     config = config_for(task, budget, method, out, **extra)
     spec = config.resolved_adapters()[0]
@@ -202,7 +202,7 @@ def train_peft(systems: Systems, name: str, items, config, log) -> float:
     from transformers import get_scheduler
 
     from softprompt.engine.tokens import pad_id
-    from softprompt.training.loop import collate, epoch_groups
+    from softprompt.training import collate, epoch_groups
 
     model = systems.peft_for(name)
     params = systems.peft_params(name)
@@ -268,7 +268,7 @@ def score_peft(systems: Systems, name: str, test, labels, budget) -> dict:
 @torch.no_grad()
 def peft_loss(systems: Systems, name: str, items, batch_size: int = 16) -> tuple[float, int]:
     from softprompt.engine.tokens import pad_id
-    from softprompt.training.loop import collate
+    from softprompt.training import collate
 
     model, total, tokens = systems.peft_for(name), 0.0, 0
     for s in range(0, len(items), batch_size):
@@ -281,7 +281,7 @@ def peft_loss(systems: Systems, name: str, items, batch_size: int = 16) -> tuple
 
 # ------------------------------------------------------------------------------------------- the tasks
 def run_classification(systems: Systems, task: Task, budget: dict, out: Path, log) -> dict:
-    from softprompt.training.loop import encode_examples
+    from softprompt.training import encode_examples
 
     train_rows, test_rows, split = task_rows(task, budget, is_quick(budget))
     test = examples(task, test_rows, f"{task.name} test rows")
@@ -313,7 +313,7 @@ def run_classification(systems: Systems, task: Task, budget: dict, out: Path, lo
 
 def run_raft(systems: Systems, task: Task, budget: dict, out: Path, log, predictions: Path | None) -> dict:
     """k-fold cross-validation on the 50 labelled tweets, then one adapter on all 50 predicts the test set."""
-    from softprompt.training.evaluate import cross_validate
+    from softprompt.training import cross_validate
     from softprompt.training.predict import predict_file
 
     from softprompt.data import load_rows
@@ -360,7 +360,7 @@ def run_raft(systems: Systems, task: Task, budget: dict, out: Path, log, predict
     # the submission: one adapter trained on all labelled rows, label scoring on the unlabelled test tweets
     final = config_for(task, budget, "prompt_tuning", out / task.name / "final", data=str(data),
                        epochs=budget["cv_epochs"], val_fraction=0.0, name="final")
-    from softprompt.training.loop import prepare_job, train_jobs
+    from softprompt.training import prepare_job, train_jobs
 
     job = prepare_job(final.resolved_adapters()[0], rows=rows, val_rows=[], source=str(data))
     trained = train_jobs(final, systems.ours, [job], progress=True)
@@ -390,7 +390,7 @@ def run_raft(systems: Systems, task: Task, budget: dict, out: Path, log, predict
 def run_generation(systems: Systems, tasks: list[Task], budget: dict, out: Path, log) -> dict:
     """Both adapters trained in ONE softprompt job (mixed batches), PEFT one at a time; held-out perplexity."""
     from softprompt.training.evaluate import example_loss
-    from softprompt.training.loop import encode_examples, prepare_job, train_jobs
+    from softprompt.training import encode_examples, prepare_job, train_jobs
 
     quick = is_quick(budget)
     limit = {**budget, "train_limit": budget["generation_limit"], "test_limit": budget["test_limit"] or 100}

@@ -267,7 +267,7 @@ def cut_unseen(data: Path, out: Path, *, seen_adapters: list[str], seen_files: l
     """Rows of ``data`` whose rendered text no listed adapter trained on and no listed file holds, shuffled
     (seeded); the first ``val`` to ``val_new.tsv``, the next ``train`` (else the rest) to ``train_new.tsv``."""
     from softprompt.data import Template, load_rows
-    from softprompt.training.evaluate import fingerprint, read_train_fingerprints
+    from softprompt.data.heldout import fingerprint, read_train_fingerprints
     from softprompt.fileio import atomic_write_text
 
     render = Template(SST2_TEMPLATE).render

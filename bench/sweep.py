@@ -5,7 +5,7 @@
     .venv/bin/python -m bench.sweep --methods prompt_tuning,prefix_tuning --lrs 1e-2,3e-2 --tokens 8
     .venv/bin/python -m bench.sweep --quick                                   # harness check, tiny model
 
-Every adapter of the sweep trains in the same `softprompt.training.loop.train_jobs` call on one frozen base:
+Every adapter of the sweep trains in the same `softprompt.training.train_jobs` call on one frozen base:
 each optimizer step runs one batch per adapter (same rows, same order) through the model together.
 Selection is honest: a seeded, label-stratified slice of the *training* rows is the validation set;
 the best single adapter and the ensemble members (the top ``--ensemble`` by validation accuracy) are
@@ -49,7 +49,7 @@ def run_sweep(systems: Systems, task_name: str, *, lrs: list[float], tokens: lis
     from softprompt.data import train_val_split
     from softprompt.training.metrics import classification_report
     from softprompt.training.predict import label_probabilities
-    from softprompt.training.loop import prepare_job, train_jobs
+    from softprompt.training import prepare_job, train_jobs
 
     task = TASKS[task_name]
     quick = is_quick(budget)

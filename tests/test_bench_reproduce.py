@@ -54,7 +54,7 @@ def test_the_summary_sets_each_documented_number_beside_its_rerun(quick_run):
 
 def test_the_sst2_chain_never_trains_or_validates_on_a_row_an_earlier_link_saw(quick_run):
     from softprompt.data import Template, load_rows
-    from softprompt.training.evaluate import fingerprint, read_train_fingerprints
+    from softprompt.data.heldout import fingerprint, read_train_fingerprints
 
     out, _, _ = quick_run
     render = Template(reproduce.SST2_TEMPLATE).render

@@ -24,7 +24,7 @@ def cmd_train(args, extra: list[str]) -> int:
 
     main = current().is_main  # under accelerate launch / torchrun only the main process prints
     if config.kfold:
-        from softprompt.training.evaluate import cross_validate
+        from softprompt.training.cross_validate import cross_validate
 
         report = cross_validate(config)
         if main:

@@ -60,11 +60,13 @@ from softprompt.training import distributed
 from softprompt.training.config import ResolvedAdapter, TrainConfig, flag, save_resolved
 from softprompt.data import Example, Verbalizer, build_examples, train_val_split
 from softprompt.errors import ConfigError, DataError, SoftPromptError
-from softprompt.training.evaluate import evaluate, example_loss, fingerprint, read_train_fingerprints
+from softprompt.training.evaluate import evaluate, example_loss
+from softprompt.data.heldout import fingerprint, read_train_fingerprints
+from softprompt.training.batches import Encoded, collate, encode_examples, epoch_groups
 from softprompt.fileio import atomic_write_text, recover_directory
 from softprompt.training.metrics import perplexity, plot_loss_curve
 from softprompt.adapters.peft_format import load_adapter, read_training_state
-from softprompt.engine.tokens import pad_batch, pad_id
+from softprompt.engine.tokens import pad_id
 
 METRICS_FILE = "metrics.jsonl"
 LOSS_PNG = "loss_curve.png"
@@ -143,60 +145,6 @@ def prepare_job(spec: ResolvedAdapter, *, rows: list[dict] | None = None, val_ro
                       inherited)
 
 
-@dataclass
-class Encoded:
-    """One tokenised example. Causal: ``labels`` align with ``input_ids``; seq2seq: decoder targets."""
-
-    input_ids: list[int]
-    labels: list[int]
-    adapter: str | None
-
-
-def encode_example(tokenizer, example: Example, *, seq2seq: bool, max_length: int) -> tuple[list[int], list[int]]:
-    """``(input_ids, labels)`` of one example (see the module docstring). Long prompts keep their end."""
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    prompt = tokenizer(example.text)["input_ids"]  # with special tokens, as scoring and generation do
-    if example.target is None:
-        if seq2seq:
-            raise ConfigError(f"{flag('label_column')}: encoder-decoder models learn to write a label text; "
-                              f"language modelling without a label column needs a causal model")
-        ids = (prompt + eos)[:max_length]
-        labels = list(ids)
-        if ids and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id:
-            labels[0] = -100  # nothing predicts the beginning-of-sequence token
-        return ids, labels
-    target = tokenizer(example.target, add_special_tokens=False)["input_ids"] + eos
-    if seq2seq:
-        return prompt[-max_length:], target[:max_length]
-    target = target[: max_length - 1]  # at least one prompt token stays
-    room = max_length - len(target)
-    if len(prompt) > room:
-        prompt = prompt[-room:]
-    return prompt + target, [-100] * len(prompt) + target
-
-
-def encode_examples(model, examples: Sequence[Example], adapter: str | None, max_length: int) -> list[Encoded]:
-    seq2seq = model.shape.is_encoder_decoder
-    return [Encoded(*encode_example(model.tokenizer, e, seq2seq=seq2seq, max_length=max_length), adapter)
-            for e in examples]
-
-
-def collate(items: Sequence[Encoded], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list]:
-    """Right-padded ``(input_ids, attention_mask, labels, adapter per row)`` of a batch."""
-    ids, mask = pad_batch([it.input_ids for it in items], pad, side="right")
-    labels, _ = pad_batch([it.labels for it in items], -100, side="right")
-    return ids, mask, labels, [it.adapter for it in items]
-
-
-def epoch_groups(items: Sequence[Encoded], epoch: int, seed: int, batch_size: int,
-                 grad_accum: int) -> list[list[list[Encoded]]]:
-    """The epoch's optimizer steps: groups of ``grad_accum`` batches, in a seeded order of all rows."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    order = torch.randperm(len(items), generator=generator).tolist()
-    batches = [[items[i] for i in order[s:s + batch_size]] for s in range(0, len(order), batch_size)]
-    return [batches[s:s + grad_accum] for s in range(0, len(batches), grad_accum)]
-
-
 # ========================================================================================= results
 
 
@@ -259,11 +207,11 @@ def train(config: TrainConfig, model=None, *, on_step: Callable[[StepInfo], None
 
     ``model``: a `SoftPromptModel` to train on (default: ``softprompt.load(config.model)``); its base
     weights are never changed. ``on_step`` is called after every optimizer step (and after the latest
-    state was saved, when it was). Cross-validation (``kfold``) is `softprompt.training.evaluate.cross_validate`.
+    state was saved, when it was). Cross-validation (``kfold``) is `softprompt.training.cross_validate`.
     """
     config = dataclasses.replace(config, adapters=[dataclasses.replace(a) for a in config.adapters]).validate()
     if config.kfold is not None:
-        raise ConfigError(f"{flag('kfold')}: cross-validation is softprompt.training.evaluate.cross_validate "
+        raise ConfigError(f"{flag('kfold')}: cross-validation is softprompt.training.cross_validate "
                           f"(the CLI runs it when --kfold is given)")
     jobs = [prepare_job(spec) for spec in config.resolved_adapters()]
     model = model if model is not None else load_model(config)
@@ -743,6 +691,6 @@ def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
 
 __all__ = [
     "train", "train_jobs", "prepare_job", "TrainingInterrupted", "AdapterJob", "AdapterResult", "TrainResult", "StepInfo",
-    "encode_example", "encode_examples", "collate", "epoch_groups", "validate", "load_model", "METRICS_FILE",
+    "validate", "load_model", "METRICS_FILE",
     "LOSS_PNG",
 ]
