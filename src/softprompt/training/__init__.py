@@ -7,7 +7,8 @@ from softprompt.training.batches import collate, encode_examples, epoch_groups
 from softprompt.training.config import TrainConfig, load_config, parse_verbalizer
 from softprompt.training.cross_validate import CrossValidationReport, cross_validate
 from softprompt.training.evaluate import adapter_settings, evaluate, example_loss, prompt_budget
-from softprompt.training.loop import prepare_job, train, train_jobs
+from softprompt.training.jobs import prepare_job
+from softprompt.training.loop import train, train_jobs
 from softprompt.training.metrics import classification_report
 from softprompt.training.predict import label_probabilities, predict_file
 

@@ -21,8 +21,9 @@ from softprompt.fileio import atomic_write_json
 from softprompt.training import distributed
 from softprompt.training.config import TrainConfig, flag
 from softprompt.training.evaluate import EvalReport, evaluate
-from softprompt.training.loop import load_model, prepare_job, stop_at_step_boundary_on_signals, train_jobs
+from softprompt.training.loop import load_model, prepare_job, train_jobs
 from softprompt.training.metrics import classification_report
+from softprompt.training.signals import stop_at_step_boundary_on_signals
 
 CV_REPORT_FILE = "cv_report.json"
 
