@@ -37,7 +37,8 @@ from softprompt.training.batches import collate, encode_examples
 from softprompt.training.config import flag
 from softprompt.training.metrics import classification_report, format_report, perplexity
 
-METHODS = ("score", "generate", "perplexity")
+#: How `evaluate` can judge an adapter (``softprompt eval --method``).
+EVAL_METHODS = ("score", "generate", "perplexity")
 
 
 # ======================================================================================== settings
@@ -126,8 +127,8 @@ def evaluate(model, examples: Sequence[Example], adapter: str | None, labels: Se
     see `read_train_fingerprints`; matching examples are dropped. With ``compare_base`` the report's
     ``base`` holds the zero-shot base model on the same examples.
     """
-    if method not in METHODS:
-        raise ConfigError(f"{flag('eval_method')}: expected one of {', '.join(METHODS)}, got {method!r}")
+    if method not in EVAL_METHODS:
+        raise ConfigError(f"{flag('eval_method')}: expected one of {', '.join(EVAL_METHODS)}, got {method!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"{flag('batch_size')}: expected an integer of at least 1, got {batch_size!r}")
     examples = list(examples)
@@ -265,6 +266,6 @@ def evaluate_data(model, adapter: str | None, data: str | Path, *, adapter_dir: 
 
 
 __all__ = [
-    "METHODS", "EvalReport", "evaluate", "evaluate_data", "example_loss", "adapter_settings", "prompt_budget",
+    "EVAL_METHODS", "EvalReport", "evaluate", "evaluate_data", "example_loss", "adapter_settings", "prompt_budget",
     "normalize_text",
 ]
