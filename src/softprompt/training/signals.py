@@ -29,17 +29,29 @@ def stop_requested() -> bool:
     return _STOP.is_set()
 
 
+def _ours(sig: signal.Signals) -> bool:
+    """Whether the loop may take over ``sig``: it has its default action, or it is SIGINT and ignored.
+
+    A shell without job control (a script, ``sh -c``, a CI step) starts a background command
+    (``softprompt train ... &``, with or without ``nohup``) with SIGINT ignored, and Python keeps an
+    inherited ignore. That is no choice of the user's, who still expects ``kill -INT`` to save and stop.
+    An ignored SIGTERM or a handler set in Python is someone else's choice and stays.
+    """
+    handler = signal.getsignal(sig)
+    return handler is _DEFAULTS[sig] or (sig == signal.SIGINT and handler is signal.SIG_IGN)
+
+
 @contextlib.contextmanager
 def stop_at_step_boundary_on_signals() -> Iterator[None]:
     """Within this block SIGINT and SIGTERM set the stop flag (in the main thread of a single process).
 
-    The first signal puts the handler that was there back, so a second one acts at once; on leaving,
-    each signal gets back the handler it had. Signals someone else already handles are left alone.
+    The first signal puts the default action back, so a second one acts at once; on leaving, each
+    signal gets back the handler it had. Signals someone else already handles are left alone.
     """
     if threading.current_thread() is not threading.main_thread() or distributed.launched_world_size() > 1:
         yield  # not ours to change: another thread, or several processes
         return
-    previous = {sig: signal.getsignal(sig) for sig, default in _DEFAULTS.items() if signal.getsignal(sig) is default}
+    previous = {sig: signal.getsignal(sig) for sig in _DEFAULTS if _ours(sig)}
 
     def on_signal(signum, frame):
         _STOP.set()
