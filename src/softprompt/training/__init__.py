@@ -13,8 +13,24 @@ from softprompt.training.metrics import classification_report
 from softprompt.training.predict import label_probabilities, predict_file
 
 __all__ = [
-    "TrainConfig", "load_config", "parse_verbalizer", "adapter_settings", "cross_validate", "CrossValidationReport",
-    "evaluate", "example_loss", "fingerprint", "prompt_budget", "read_train_fingerprints", "collate",
-    "encode_examples", "epoch_groups", "prepare_job", "train", "train_jobs", "classification_report",
-    "label_probabilities", "predict_file",
+    "CrossValidationReport",
+    "TrainConfig",
+    "adapter_settings",
+    "classification_report",
+    "collate",
+    "cross_validate",
+    "encode_examples",
+    "epoch_groups",
+    "evaluate",
+    "example_loss",
+    "fingerprint",
+    "label_probabilities",
+    "load_config",
+    "parse_verbalizer",
+    "predict_file",
+    "prepare_job",
+    "prompt_budget",
+    "read_train_fingerprints",
+    "train",
+    "train_jobs",
 ]

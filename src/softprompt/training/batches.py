@@ -11,8 +11,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -77,4 +77,4 @@ def epoch_groups(items: Sequence[Encoded], epoch: int, seed: int, batch_size: in
     return [batches[s:s + grad_accum] for s in range(0, len(batches), grad_accum)]
 
 
-__all__ = ["Encoded", "encode_example", "encode_examples", "collate", "epoch_groups"]
+__all__ = ["Encoded", "collate", "encode_example", "encode_examples", "epoch_groups"]

@@ -14,9 +14,9 @@ import contextlib
 import dataclasses
 import json
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -75,7 +75,7 @@ class MetricsLog:
 
     def truncate(self, lines: int) -> None:
         """Keep the first ``lines`` records (those a checkpoint knew about)."""
-        records = []
+        records: list[dict] = []
         if self.path.is_file():
             for line in self.path.read_text(encoding="utf-8").splitlines():
                 if len(records) == lines:
@@ -201,7 +201,8 @@ def read_checkpoints(config: TrainConfig, output: Path, names: list[str],
 def restore(saved: dict, model, jobs: list[AdapterJob], optimizer: torch.optim.Optimizer, scheduler,
             log: MetricsLog) -> LoopState:
     """Optimizer, scheduler, loop state, metrics log and RNG states from the checkpoints (`read_checkpoints`)."""
-    optimizer_state = {"state": {}, "param_groups": []}
+    slots: dict[int, dict[str, torch.Tensor]] = {}
+    groups: list[dict] = []
     index = 0
     for job in jobs:
         tensors, meta = saved[job.name]
@@ -212,9 +213,9 @@ def restore(saved: dict, model, jobs: list[AdapterJob], optimizer: torch.optim.O
         for key, value in tensors.items():
             if key.startswith("optimizer."):
                 param, _, slot = key[len("optimizer."):].rpartition(".")
-                optimizer_state["state"].setdefault(by_name[param], {})[slot] = value
-        optimizer_state["param_groups"].append({**meta["optimizer_group"], "params": ids})
-    optimizer.load_state_dict(optimizer_state)
+                slots.setdefault(by_name[param], {})[slot] = value
+        groups.append({**meta["optimizer_group"], "params": ids})
+    optimizer.load_state_dict({"state": slots, "param_groups": groups})
     tensors, meta = saved[jobs[0].name]
     scheduler.load_state_dict(meta["scheduler"])
     state = LoopState(**meta["state"])
@@ -248,6 +249,14 @@ def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
 
 
 __all__ = [
-    "METRICS_FILE", "LOSS_PNG", "LAST", "RESUMABLE_CHANGES", "LoopState", "MetricsLog", "save_best", "save_latest",
-    "read_checkpoints", "restore",
+    "LAST",
+    "LOSS_PNG",
+    "METRICS_FILE",
+    "RESUMABLE_CHANGES",
+    "LoopState",
+    "MetricsLog",
+    "read_checkpoints",
+    "restore",
+    "save_best",
+    "save_latest",
 ]

@@ -22,9 +22,9 @@ k-fold cross-validation, which trains, is `softprompt.training.cross_validate`.
 from __future__ import annotations
 
 import re
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Collection, Sequence
 
 import torch
 
@@ -80,7 +80,7 @@ class EvalReport:
     predictions: list[str] = field(default_factory=list)  # per example: predicted label / generated text
     dropped_training_rows: int = 0  # examples dropped because their text was trained on
     checked_training_rows: bool = False  # whether the adapter's training texts were known (and dropped)
-    base: "EvalReport | None" = None  # the zero-shot base model on the same examples
+    base: EvalReport | None = None  # the zero-shot base model on the same examples
 
     def get(self, key: str, default=None):
         return self.metrics.get(key, default)
@@ -266,6 +266,12 @@ def evaluate_data(model, adapter: str | None, data: str | Path, *, adapter_dir: 
 
 
 __all__ = [
-    "EVAL_METHODS", "EvalReport", "evaluate", "evaluate_data", "example_loss", "adapter_settings", "prompt_budget",
+    "EVAL_METHODS",
+    "EvalReport",
+    "adapter_settings",
+    "evaluate",
+    "evaluate_data",
+    "example_loss",
     "normalize_text",
+    "prompt_budget",
 ]

@@ -43,9 +43,10 @@ import dataclasses
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, NoReturn
+from typing import NoReturn
 
 import numpy as np
 import torch
@@ -58,8 +59,16 @@ from softprompt.errors import ConfigError, SoftPromptError
 from softprompt.models.loading import load
 from softprompt.training import distributed
 from softprompt.training.batches import Encoded, collate, encode_examples, epoch_groups
-from softprompt.training.checkpoint import (LAST, METRICS_FILE, LoopState, MetricsLog, read_checkpoints, restore,
-                                            save_best, save_latest)
+from softprompt.training.checkpoint import (
+    LAST,
+    METRICS_FILE,
+    LoopState,
+    MetricsLog,
+    read_checkpoints,
+    restore,
+    save_best,
+    save_latest,
+)
 from softprompt.training.config import TrainConfig, flag, save_resolved
 from softprompt.training.evaluate import evaluate, example_loss
 from softprompt.training.jobs import AdapterJob, prepare_job
@@ -425,6 +434,16 @@ def _score(metrics: dict, job: AdapterJob) -> tuple:
 
 
 __all__ = [
-    "train", "train_jobs", "Trainer", "prepare_job", "TrainingInterrupted", "AdapterJob", "AdapterResult",
-    "TrainResult", "StepInfo", "validation_metrics", "load_model", "default_device",
+    "AdapterJob",
+    "AdapterResult",
+    "StepInfo",
+    "TrainResult",
+    "Trainer",
+    "TrainingInterrupted",
+    "default_device",
+    "load_model",
+    "prepare_job",
+    "train",
+    "train_jobs",
+    "validation_metrics",
 ]

@@ -12,7 +12,8 @@ from __future__ import annotations
 import io
 import math
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from softprompt.errors import ConfigError, DataError
 from softprompt.fileio import atomic_write_bytes

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
-from typing import Iterator
+from collections.abc import Iterator
 
 from softprompt.training import distributed
 
@@ -68,4 +68,4 @@ def stop_at_step_boundary_on_signals() -> Iterator[None]:
         _STOP.clear()
 
 
-__all__ = ["TrainingInterrupted", "stop_requested", "stop_at_step_boundary_on_signals"]
+__all__ = ["TrainingInterrupted", "stop_at_step_boundary_on_signals", "stop_requested"]
