@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Set up a virtual environment in .venv with softprompt installed (editable).
-#   bash scripts/setup.sh          # runtime dependencies
-#   bash scripts/setup.sh --dev    # plus test dependencies (peft, openai, hypothesis, ...)
+#   bash scripts/setup.sh          # runtime dependencies, serving included (softprompt serve)
+#   bash scripts/setup.sh --dev    # plus test and lint dependencies (peft, openai, hypothesis, ruff, mypy, ...)
 # torch is pinned to the local CPU build first, and the constraints file keeps any later
 # install from pulling another torch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-extra=""
-[ "${1:-}" = "--dev" ] && extra="[dev]"
+extra="[serve]"
+[ "${1:-}" = "--dev" ] && extra="[serve,dev]"
 [ -x .venv/bin/python ] || python3 -m venv .venv
 py=.venv/bin/python
 $py -m pip install -q --upgrade pip >/dev/null

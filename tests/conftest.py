@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-# Tests import the tiny-model helpers as a plain module, and the benchmark harnesses (`bench`, a
+# Tests import the tiny-model helpers as a plain module, and the research harnesses (`research`, a
 # top-level package of the repository, not installed).
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))

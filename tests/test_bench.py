@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
-    proc = subprocess.run([sys.executable, "-m", "bench.run", "--quick", "--out", str(out)], cwd=ROOT, env=env,
+    proc = subprocess.run([sys.executable, "-m", "research.run", "--quick", "--out", str(out)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads((out / "results.json").read_text()), (out / "results.md").read_text()
@@ -88,7 +88,7 @@ def test_inference_rows(quick_run):
 
 
 def test_paired_ratio_interval_narrows_with_rounds_and_is_reproducible():
-    from bench.harness import paired_ratio, paired_ratio_ci
+    from research.harness import paired_ratio, paired_ratio_ci
 
     import random
 
@@ -145,8 +145,8 @@ def test_targets_and_report(quick_run):
 
 
 def test_attention_alternatives_are_exact_and_the_table_prints(capsys):
-    """bench.attention: the exact ways to attend to a prefix agree with the masked call; no mask does not."""
-    from bench import attention
+    """research.attention: the exact ways to attend to a prefix agree with the masked call; no mask does not."""
+    from research import attention
 
     calls = attention.variants(batch=2, heads=6, length=8, prefix=4, head_dim=16, kv_heads=2)
     errors = attention.check_exact(calls)

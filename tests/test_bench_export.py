@@ -1,12 +1,15 @@
-"""bench/export.py: an adapter becomes a task's shipped example only if it beats every example of the task
-already shipped, on the task's fixed evaluation; the copy names its base and never lands half-written."""
+"""research/export.py: an adapter becomes a task's shipped example only if it beats every example of the task
+already shipped, on the task's fixed evaluation; the copy names its base and never lands half-written; and it
+is the one research command that writes into examples/, only when given --into."""
 
 import json
 from pathlib import Path
 
 import pytest
 
-from bench.export import EVALUATIONS, SCORES_FILE, export_if_better, folder_name, shipped_scores
+from research import export
+from research.export import EVALUATIONS, SCORES_FILE, Candidate, candidates, export_if_better, folder_name, shipped_scores
+from research.paths import REPO, own_output
 
 
 def trained_adapter(where: Path, tag: str) -> Path:
@@ -84,3 +87,33 @@ def test_a_task_without_a_fixed_evaluation_is_not_exported(examples, tmp_path):
 def test_every_evaluation_names_a_metric_the_harnesses_report():
     assert {e.metric for e in EVALUATIONS.values()} <= {"accuracy", "macro_f1"}
     assert folder_name("sst2", "smollm2-135m") == "sst2" and folder_name("sst2", "gemma3-270m") == "sst2-gemma3-270m"
+
+
+def test_a_dry_run_says_what_would_ship_and_writes_nothing(examples, tmp_path):
+    message = export_if_better(trained_adapter(tmp_path / "a", "x"), "sst2", "smollm2-135m", 0.9, examples, dry_run=True)
+    assert message.startswith("sst2: would export") and f"--into {examples}" in message
+    assert list(examples.iterdir()) == []
+
+
+def test_a_sweep_offers_the_adapter_chosen_on_validation_and_ships_it_only_into_the_folder_named(examples, tmp_path):
+    chosen, other = trained_adapter(tmp_path / "pt8", "chosen"), trained_adapter(tmp_path / "pt20", "other")
+    sweep = {"task": "sst2", "selected": "pt8", "meta": {"model": "gemma3-270m"},
+             "adapters": [{"name": "pt8", "path": str(chosen), "test_accuracy": 0.8},  # chosen on validation,
+                          {"name": "pt20", "path": str(other), "test_accuracy": 0.9}]}  # not the best on test
+    assert candidates(sweep) == [Candidate("sst2", "gemma3-270m", str(chosen), 0.8)]
+    result = tmp_path / "sweep.json"
+    result.write_text(json.dumps(sweep))
+    assert export.main([str(result), "--into", str(examples)]) == 0
+    assert (examples / "sst2-gemma3-270m" / "adapter_model.safetensors").read_bytes() == b"chosen"
+    gone = {**sweep, "adapters": [{"name": "pt8", "path": str(tmp_path / "deleted"), "test_accuracy": 0.95}]}
+    assert export.export_examples(gone, examples) == [f"sst2: not exported ({tmp_path / 'deleted'} is gone)"]
+    with pytest.raises(SystemExit, match="no such file"):
+        export.main([str(tmp_path / "missing.json")])
+
+
+def test_research_outputs_stay_out_of_the_product(tmp_path):
+    assert own_output(tmp_path / "runs", "--out", "research.x") == tmp_path / "runs"
+    assert own_output("runs/quality", "--out", "research.x") == Path("runs/quality")
+    for inside in ("docs", "docs/results.md", "examples/adapters", "src/softprompt", "results"):
+        with pytest.raises(SystemExit, match=f"research.x: --doc: .*{inside.split('/')[0]}/, which belongs to the product"):
+            own_output(REPO / inside, "--doc", "research.x")

@@ -1,4 +1,4 @@
-"""bench/reproduce.py (one command for every number of docs/results.md) and bench/cross_model.py, in quick
+"""research/reproduce.py (one command for every measured number the docs quote) and research/cross_model.py, in quick
 mode: every step's documented command lines run on a tiny random model and stand-in rows. It checks the
 plan itself (each step measures the figures it documents, the SST-2 chain's cuts never reuse a row, a
 finished step is not redone, missing inputs and failing commands are one clear error), not quality."""
@@ -13,18 +13,18 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bench import cross_model, reproduce
+from research import cross_model, reproduce, reproduce_plan
 
 ROOT = Path(__file__).resolve().parents[1]
-QUALITY_STEPS = {"quality", "quality-raft"}  # bench.quality --quick has its own test (test_bench_quality.py)
+QUALITY_STEPS = {"quality", "quality-raft"}  # research.quality --quick has its own test (test_bench_quality.py)
 
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("reproduce")
-    steps = [s.name for s in reproduce.plan() if s.name not in QUALITY_STEPS]
+    steps = [s.name for s in reproduce_plan.plan() if s.name not in QUALITY_STEPS]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "bench.reproduce", "--quick", "--out", str(out),
+    proc = subprocess.run([sys.executable, "-m", "research.reproduce", "--quick", "--out", str(out),
                            "--only", ",".join(steps)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, steps, proc.stdout
@@ -49,15 +49,15 @@ def test_the_summary_sets_each_documented_number_beside_its_rerun(quick_run):
     table = (out / "summary.md").read_text()
     assert f"| sst2-chain-4 | dev accuracy | 90.8% | {chain4['reproduced']['dev accuracy']:.1%} |" in table
     assert "| fpb-prefix-e4 | chosen on validation: test accuracy | 97.8% |" in table
-    assert "quick mode" in table and "bench.reproduce: wrote" in stdout
+    assert "quick mode" in table and "research.reproduce: wrote" in stdout
 
 
 def test_the_sst2_chain_never_trains_or_validates_on_a_row_an_earlier_link_saw(quick_run):
     from softprompt.data import Template, load_rows
-    from softprompt.data.heldout import fingerprint, read_train_fingerprints
+    from softprompt.training import fingerprint, read_train_fingerprints
 
     out, _, _ = quick_run
-    render = Template(reproduce.SST2_TEMPLATE).render
+    render = Template(reproduce_plan.SST2_TEMPLATE).render
 
     def texts(path):
         return {fingerprint(render(r)) for r in load_rows(path)}
@@ -108,7 +108,7 @@ def test_a_finished_step_is_not_run_again(quick_run, capsys):
 def test_the_plan_lists_every_step_with_its_estimate(capsys):
     assert reproduce.main(["--list", "--out", "/nonexistent/reproduce"]) == 0
     shown = capsys.readouterr().out
-    steps = reproduce.plan()
+    steps = reproduce_plan.plan()
     assert f"{sum(s.minutes for s in steps) / 60:.1f} h on 2 idle CPU cores" in shown
     for step in steps:
         assert step.name in shown and step.what in shown
@@ -123,7 +123,7 @@ def test_unknown_steps_and_missing_inputs_are_one_clear_error(tmp_path):
 
 
 def test_a_failing_command_stops_the_run_and_leaves_the_step_unfinished(tmp_path):
-    step = reproduce.Step("broken", "a command that fails", 1.0, (("-c", "import sys; sys.exit(3)"),),
+    step = reproduce_plan.Step("broken", "a command that fails", 1.0, (("-c", "import sys; sys.exit(3)"),),
                           measure=lambda out: {})
     ctx = reproduce.Context(tmp_path, tmp_path, {}, quick=False)
     with pytest.raises(SystemExit, match="step broken: .* exited with 3"):
@@ -139,7 +139,7 @@ def test_cut_is_seeded_and_leaves_out_seen_rows_and_duplicates(tmp_path):
     seen.write_text("sentence\tlabel\nsentence 0\t0\nsentence 1\t1\n")
 
     def cut(name, **kw):
-        n = reproduce.cut_unseen(data, tmp_path / name, seen_adapters=[], seen_files=[str(seen)], seed=3, val=4, **kw)
+        n = reproduce_plan.cut_unseen(data, tmp_path / name, seen_adapters=[], seen_files=[str(seen)], seed=3, val=4, **kw)
         read = [list(csv.reader(open(tmp_path / name / f, newline=""), delimiter="\t"))[1:]
                 for f in ("val_new.tsv", "train_new.tsv")]
         return n, read
@@ -155,7 +155,7 @@ def test_cut_is_seeded_and_leaves_out_seen_rows_and_duplicates(tmp_path):
 def test_the_cross_model_ensemble_averages_members_and_drops_rows_they_trained_on(quick_run, tmp_path):
     import softprompt
     from softprompt.data import load_rows
-    from softprompt.training.predict import label_probabilities
+    from softprompt.training import label_probabilities
 
     out, _, _ = quick_run
     done = json.loads((out / "sst2-two-models" / "ensemble.json").read_text())
@@ -174,7 +174,7 @@ def test_the_cross_model_ensemble_averages_members_and_drops_rows_they_trained_o
     model = softprompt.load(model_dir)
     model.load_adapter(a, name="a")
     model.load_adapter(b, name="b")
-    texts = [reproduce.SST2_TEMPLATE.format(sentence=r["sentence"]) for r in dev]
+    texts = [reproduce_plan.SST2_TEMPLATE.format(sentence=r["sentence"]) for r in dev]
     labels = [" negative", " positive"]
     both = label_probabilities(model, texts, labels, ["a", "b"])  # one base model: predict's own average
     gold = [labels[int(r["label"])] for r in dev]

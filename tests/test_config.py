@@ -1,5 +1,7 @@
 """Training configs: YAML + overrides, validation messages that name the flag or the key and file."""
 
+import dataclasses
+
 import pytest
 import yaml
 
@@ -132,3 +134,65 @@ def test_options_cover_every_field_with_help():
     with pytest.raises(ConfigError, match="--lr: expects a value"):
         parse_override_words(["--lr"])
     assert apply_overrides(TrainConfig(), {"bf16": "yes"}).bf16 is True
+
+
+def test_method_options_nest_under_method_options_and_flat_keys_and_flags_map_onto_them(tmp_path):
+    nested = write_yaml(tmp_path / "nested.yaml", {**BASE, "method": "prefix_tuning",
+                                                   "method_options": {"num_virtual_tokens": 4, "init": "random"}})
+    flat = write_yaml(tmp_path / "flat.yaml", {**BASE, "method": "prefix-tuning", "num_virtual_tokens": 4,
+                                               "init": "random"})
+    assert load_config(nested) == load_config(flat)
+    config = load_config(flat, ["--prefix-projection", "--encoder-hidden-size", "16", "--init", "null"])
+    assert config.method_options == {"num_virtual_tokens": 4, "prefix_projection": True, "encoder_hidden_size": 16}
+    config = load_config(flat, ["--method-options", "{num_virtual_tokens: 6}", "--no-prefix-projection"])
+    assert config.method_options == {"num_virtual_tokens": 6, "init": "random", "prefix_projection": False}
+    assert load_config(save_resolved(config, tmp_path)) == config
+    with pytest.raises(ConfigError, match=r"nested\.yaml: key 'prefix_projecton': unknown method option "
+                                          r"\(did you mean 'prefix_projection'\?\)"):
+        load_config(write_yaml(tmp_path / "nested.yaml", {**BASE, "method_options": {"prefix_projecton": True}}))
+    with pytest.raises(ConfigError, match=r"flat\.yaml: key 'encoder_num_layers': expected an integer, got 'two'"):
+        load_config(write_yaml(tmp_path / "flat.yaml", {**BASE, "encoder_num_layers": "two"}))
+    with pytest.raises(ConfigError, match=r"--encoder-dropout: expected a number below 1\.0, got 1\.5"):
+        load_config(None, {**BASE, "method": "p_tuning", "encoder_dropout": 1.5})
+    multi = load_config(None, {**BASE, "init_text": "Classify:", "adapters": [
+        {"name": "a", "method": "p_tuning", "method_options": {"encoder_type": "lstm"}},
+        {"name": "b", "method_options": {"num_virtual_tokens": 2}}]})
+    a, b = multi.resolved_adapters()
+    assert a.method_options == {"num_virtual_tokens": 8, "encoder_type": "lstm"}  # init_text is not p_tuning's
+    assert b.method_options == {"num_virtual_tokens": 2, "init_text": "Classify:"}
+
+
+def test_every_method_config_field_is_a_train_option_with_help():
+    from softprompt.methods import METHOD_OPTIONS, METHODS
+    from softprompt.training.config import train_options
+
+    declared = {f.name for cls in METHODS.values() for f in dataclasses.fields(cls.config_class)}
+    assert set(METHOD_OPTIONS) == declared
+    options = {o.name: o for o in train_options()}
+    assert declared <= set(options) and set(TrainConfig.__dataclass_fields__) <= set(options)
+    assert all(o.help and o.flag == "--" + o.name.replace("_", "-") for o in options.values())
+    assert options["prefix_projection"].help.startswith("prefix_tuning: ")
+    assert options["encoder_type"].choices == ("mlp", "lstm")
+
+
+def test_method_names_take_dashes_and_typos_get_a_suggestion():
+    assert load_config(None, {**BASE, "method": "P-Tuning"}).method == "p_tuning"
+    with pytest.raises(ConfigError, match=r"--method: expected one of prompt_tuning, prefix_tuning, p_tuning, got "
+                                          r"'prefix-tunning' \(did you mean 'prefix_tuning'\?\)"):
+        load_config(None, {**BASE, "method": "prefix-tunning"})
+    with pytest.raises(ConfigError, match=r"adapters\[0\] \(a\): --method: .* \(did you mean 'p_tuning'\?\)"):
+        load_config(None, {**BASE, "adapters": [{"name": "a", "method": "ptuning"}]})
+
+
+def test_resume_auto_continues_only_when_a_checkpoint_exists(tmp_path):
+    words = ["--output", str(tmp_path / "run"), "--resume", "auto"]
+    assert parse_override_words(["--resume", "auto", "--resume"]) == {"resume": True}
+    assert parse_override_words(words[2:]) == {"resume": "auto"}
+    assert load_config(None, {**BASE}, validate=True).resume is False
+    assert load_config(None, [*["--" + k.replace("_", "-") + "=" + v for k, v in BASE.items()], *words]).resume is False
+    (tmp_path / "run" / "default" / "checkpoints" / "last").mkdir(parents=True)
+    config = load_config(None, {**BASE, "output": str(tmp_path / "run"), "resume": "auto"})
+    assert config.resume is True
+    assert load_config(None, {**BASE, "resume": "true"}).resume is True
+    with pytest.raises(ConfigError, match=r"--resume: expected true, false or auto, got 'sometimes'"):
+        load_config(None, {**BASE, "resume": "sometimes"})

@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from softprompt.data import (
-    Example, Template, Verbalizer, build_examples, column_names, escape_template_text, kfold, load_rows,
-    require_columns, train_val_split,
+    Example, Template, Verbalizer, build_examples, column_names, default_template, escape_template_text, kfold,
+    load_rows, require_columns, sample_rows, train_val_split, verbalizer_for,
 )
 from softprompt.errors import ConfigError, DataError, SoftPromptError
 
@@ -265,6 +265,11 @@ def test_template_with_spaces_in_column_names():
     assert template.render(ROWS[0]) == "Tweet text : a Label : "
 
 
+def test_default_template_is_the_text_column_alone():
+    assert default_template("Tweet text") == "{Tweet text}"
+    assert Template(default_template("Tweet text")).render(ROWS[0]) == "a"
+
+
 def test_template_escaped_braces_and_repeated_fields():
     template = Template("{{json}} {a} and {a}{ b } }}")
     assert template.fields == ("a", " b ")
@@ -368,6 +373,15 @@ def test_verbalizer_to_raw_unknown_and_empty_label_in_rows():
         Verbalizer.from_rows([{"Label": "1"}, {"Label": " "}], "Label", source="d.csv")
 
 
+def test_verbalizer_for_uses_the_mapping_else_the_labels_in_the_rows():
+    rows = [{"Label": "2"}, {"Label": "10"}, {"Label": "1"}]
+    assert verbalizer_for({"1": "yes", "2": "no"}, rows, "Label", source="d.csv") == Verbalizer({"1": "yes", "2": "no"})
+    for empty in (None, {}):
+        assert verbalizer_for(empty, rows, "Label", source="d.csv").raws == ["1", "2", "10"]
+    with pytest.raises(DataError, match=r"d\.csv has no column 'label' \(did you mean 'Label'\?\)"):
+        verbalizer_for(None, rows, "label", source="d.csv")
+
+
 # ------------------------------------------------------------------------------------------- splits
 
 
@@ -419,6 +433,43 @@ def test_train_val_split_errors():
 def test_train_val_split_keeps_one_row_on_each_side():
     train, val = train_val_split(labelled_rows({"a": 3}), 0.01, seed=0)
     assert (len(train), len(val)) == (2, 1)
+
+
+def test_sample_rows_stratified_keeps_label_shares_of_a_file_sorted_by_label():
+    rows = labelled_rows({"neutral": 139, "positive": 57, "negative": 30})
+    sample = sample_rows(rows, 50, seed=0, stratify_column="label")
+    assert len(sample) == 50 and len(set(ids(sample))) == 50
+    counts = Counter(row["label"] for row in sample)
+    for label, total in Counter(row["label"] for row in rows).items():
+        assert abs(counts[label] - total * 50 / 226) <= 1
+    assert ids(sample) == sorted(ids(sample), key=int)  # original order kept
+    assert all(row in rows for row in sample)
+
+
+def test_sample_rows_is_seeded():
+    rows = labelled_rows({"a": 40, "b": 60})
+    for stratify in (None, "label"):
+        sample = ids(sample_rows(rows, 30, seed=3, stratify_column=stratify))
+        assert ids(sample_rows(rows, 30, seed=3, stratify_column=stratify)) == sample
+        assert ids(sample_rows(rows, 30, seed=4, stratify_column=stratify)) != sample
+    assert len(sample_rows(rows, 30, seed=3)) == 30
+
+
+@pytest.mark.parametrize("n", [5, 6, 1000])
+def test_sample_rows_of_at_least_all_rows_returns_all(n):
+    rows = labelled_rows({"a": 2, "b": 3})
+    assert sample_rows(rows, n, seed=0, stratify_column="label") == rows
+
+
+@pytest.mark.parametrize("n", [0, -3, 2.5, True, "10"])
+def test_sample_rows_bad_count_names_max_rows(n):
+    with pytest.raises(ConfigError, match=rf"--max-rows must be a whole number of at least 1, got {n!r}"):
+        sample_rows(labelled_rows({"a": 5}), n, seed=0)
+
+
+def test_sample_rows_names_a_missing_label_column():
+    with pytest.raises(DataError, match="train.csv has no column 'Label'"):
+        sample_rows(labelled_rows({"a": 5}), 2, seed=0, stratify_column="Label", source="train.csv")
 
 
 @pytest.mark.parametrize("stratify", [None, "label"])

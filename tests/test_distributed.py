@@ -730,7 +730,7 @@ def run(model, sharded):
     out.loss.backward()
     model.eval()
     with torch.no_grad():
-        state = model.start(ids, torch.ones_like(ids), ["pt", "px", None, "pt"])
+        state = model.prefill(ids, torch.ones_like(ids), ["pt", "px", None, "pt"])
         logits = model.advance(state, ids[:, :2])
         text = model.generate(["abc", "xyz"], adapters="px", max_new_tokens=4)
     return [out.loss.detach(), *[p.grad for p in model.adapters.parameters()], state.logits, logits], text

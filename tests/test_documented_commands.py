@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 
 from softprompt.cli.app import EPILOGS, build_parser
-from softprompt.training.config import TrainConfig
+from softprompt.training.config import train_options
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = [ROOT / "README.md", ROOT / "examples" / "adapters" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+DOCS = [ROOT / "README.md", ROOT / "examples" / "adapters" / "README.md", *sorted((ROOT / "docs").glob("*.md")),
+        ROOT / "research" / "NOTES.md"]
 RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
 COMMAND = re.compile(r"(?:^|[\s(`])(?:\.venv/bin/)?softprompt ([a-z]+(?:[ \t]+[^\s`|#][^`|#\n]*)?)")
 
@@ -54,7 +55,7 @@ def documented_commands() -> list[tuple[str, str, bool]]:
 COMMANDS = documented_commands()
 PARSER = build_parser()
 SUBPARSERS = next(a for a in PARSER._actions if isinstance(a, argparse._SubParsersAction)).choices
-TRAIN_FLAGS = {o.flag for o in TrainConfig.options()}
+TRAIN_FLAGS = {o.flag for o in train_options()}
 
 
 def _tokens(command: str) -> list[str]:

@@ -47,8 +47,8 @@ def test_every_example_adapter_is_listed_in_the_readme():
 
 
 def test_every_example_adapter_records_the_score_its_readme_row_quotes():
-    # bench.export compares new adapters with these scores before replacing an example
-    from bench.export import EVALUATIONS, folder_name, shipped_scores
+    # research.export compares new adapters with these scores before replacing an example
+    from research.export import EVALUATIONS, folder_name, shipped_scores
 
     scores = shipped_scores(EXAMPLES)
     assert set(scores) == {folder.name for folder in FOLDERS}

@@ -79,7 +79,7 @@ def test_prompt_embeds_reproduce_the_served_next_token_logits(model, name):
     assert embeds.shape == (n + len(ids), 32)
     with torch.no_grad():
         plain = model.base(inputs_embeds=embeds[None]).logits[0, -1]
-        served = model.start(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), [name]).logits[0]
+        served = model.prefill(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), [name]).logits[0]
     assert torch.allclose(plain, served, atol=1e-4)
     payload = encode_for_vllm(embeds)
     assert torch.equal(torch.load(io.BytesIO(base64.b64decode(payload)), weights_only=True), embeds)

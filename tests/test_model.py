@@ -102,6 +102,25 @@ def test_prompt_cache_is_invalidated_when_the_adapter_changes():
     torch.testing.assert_close(after, fresh)
 
 
+def test_prompt_cache_sees_a_fused_optimizer_step():
+    # Fused AdamW (transformers' Trainer default) updates parameters without bumping their version counter.
+    model = with_adapters("llama")
+    params = list(model.adapters["ptune"].parameters())
+    with torch.no_grad():
+        before = model(torch.tensor([ROWS[0]]), adapters="ptune").logits
+    for p in params:
+        p.grad = torch.ones_like(p)
+    versions = [p._version for p in params]
+    torch.optim.AdamW(params, lr=0.1, fused=True).step()
+    assert [p._version for p in params] == versions  # the case this guards against
+    with torch.no_grad():
+        after = model(torch.tensor([ROWS[0]]), adapters="ptune").logits
+        model._prompt_kv_cache.clear()
+        fresh = model(torch.tensor([ROWS[0]]), adapters="ptune").logits
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, fresh)
+
+
 @pytest.mark.parametrize("family", CAUSAL)
 def test_left_padding_never_separates_prompt_and_text(family):
     """PEFT issue 1093: left padding must not change what a row sees (positions and neighbours)."""
@@ -171,7 +190,10 @@ def test_unknown_adapter_and_bad_names_are_clear_errors():
         model.add_adapter("pt")
     with pytest.raises(SoftPromptError, match="unknown method 'lora'"):
         model.add_adapter("z", method="lora")
-    with pytest.raises(SoftPromptError, match="num_virtual_tokens: expected at least 1"):
+    with pytest.raises(SoftPromptError, match="unknown method 'promt-tuning' \\(did you mean 'prompt_tuning'\\?\\)"):
+        model.add_adapter("z", method="promt-tuning")
+    # one range check (the method config's), worded as the training config's flags are
+    with pytest.raises(SoftPromptError, match="num_virtual_tokens: expected an integer between 1 and 4096, got 0"):
         model.add_adapter("z", num_virtual_tokens=0)
     with pytest.raises(SoftPromptError, match="unknown field"):
         model.add_adapter("z", num_virtual_token=3)

@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from softprompt.training.config import TrainConfig, parse_override_words
-from softprompt.data import (Template, Verbalizer, _parse_template, escape_template_text, kfold, load_rows,
-                             train_val_split)
+from softprompt.data import Template, Verbalizer, escape_template_text, kfold, load_rows, train_val_split
+from softprompt.data.templates import _parse_template
 from softprompt.errors import ConfigError, DataError
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -90,7 +90,8 @@ def test_results_recipes_start_from_a_shipped_adapter_of_their_base_model():
         saved = json.loads((REPO / config.init_from / "softprompt.json").read_text())
         assert saved["base_model"] == config.model, path.name
         assert saved["config"]["method"] == config.method, path.name
-        assert saved["config"]["num_virtual_tokens"] == config.num_virtual_tokens, path.name
+        (spec,) = config.resolved_adapters()
+        assert saved["config"]["num_virtual_tokens"] == spec.method_options["num_virtual_tokens"], path.name
 
 
 @pytest.mark.parametrize("path", OFFLINE + RESULTS, ids=lambda p: f"{p.parent.name}/{p.name}")

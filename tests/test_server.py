@@ -479,8 +479,8 @@ def test_least_recently_used_adapter_is_evicted_but_never_one_in_use(tmp_path):
 def test_serve_loads_the_model_and_adapters_and_runs_uvicorn(tmp_path, monkeypatch):
     import uvicorn
 
-    from softprompt.cli.app import parse_adapter_specs
-    from softprompt.cli.serve import add_serve_arguments, cmd_serve
+    from softprompt.cli.common import parse_adapter_specs
+    from softprompt.cli.serve import add_arguments as add_serve_arguments, run as cmd_serve
     from tiny import save_tiny_checkpoint
 
     checkpoint = save_tiny_checkpoint("gpt2", tmp_path / "model")

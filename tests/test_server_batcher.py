@@ -9,7 +9,8 @@ import asyncio
 import pytest
 
 from serving import lively_model
-from softprompt.server.batcher import Batcher, Job, Sampling
+from softprompt.server.batcher import Batcher
+from softprompt.server.jobs import Job, Sampling
 from softprompt.server.settings import ServerSettings
 from softprompt.engine.tokens import encode_texts
 
@@ -42,7 +43,7 @@ def test_rows_joining_mid_decode_equal_offline(family):
     async def main():
         loop = asyncio.get_running_loop()
         batcher = Batcher(model, ServerSettings(max_batch_size=8, batch_window_ms=0))
-        batcher.start()
+        batcher.start_thread()
         try:
             text, adapter, n = first
             lead = Job(loop, adapter=adapter, prompts=[_ids(model, text)], sampling=Sampling(max_new_tokens=n))
@@ -56,7 +57,7 @@ def test_rows_joining_mid_decode_equal_offline(family):
             results[first[0]] = (await asyncio.wait_for(lead.future, 30))[0]
             return results, dict(batcher.stats)
         finally:
-            batcher.stop()
+            batcher.stop_thread()
 
     results, stats = asyncio.run(main())
     for text, want in expected.items():
@@ -78,7 +79,7 @@ def test_multi_prompt_job_sampling_stop_and_cancel():
     async def main():
         loop = asyncio.get_running_loop()
         batcher = Batcher(model, ServerSettings(max_batch_size=4, batch_window_ms=1))
-        batcher.start()
+        batcher.start_thread()
         try:
             ids = [_ids(model, p) for p in prompts]
             g = Job(loop, adapter="a", prompts=ids, sampling=Sampling(max_new_tokens=10))
@@ -100,7 +101,7 @@ def test_multi_prompt_job_sampling_stop_and_cancel():
                     streamed.append(event[2])
             return out, "".join(streamed), batcher.running_rows
         finally:
-            batcher.stop()
+            batcher.stop_thread()
 
     (g, s, cut), streamed, running = asyncio.run(main())
     assert [r.text for r in g] == [r.text for r in greedy]

@@ -1,10 +1,10 @@
-"""Short soak of the real server process on loopback (the quick form of ``python -m bench.soak``).
+"""Short soak of the real server process on loopback (the quick form of ``python -m research.soak``).
 
 `softprompt serve` runs as a child process on 127.0.0.1 (free port) with 6 adapters of all three methods
 and room for only 4 in memory (so adapters are evicted and reloaded throughout). 24 concurrent clients
 send mixed completions, streams, chats and classifications over all adapters and the base model for a
 bounded time. Then a second server with ``--max-batch-size 1 --max-queue 4`` takes a burst of 40 long
-requests. Full form (several minutes): ``.venv/bin/python -m bench.soak --minutes 5``.
+requests. Full form (several minutes): ``.venv/bin/python -m research.soak --minutes 5``.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # `bench` is a top-level package of the repository, not installed
+if str(ROOT) not in sys.path:  # `research` is a top-level package of the repository, not installed
     sys.path.insert(0, str(ROOT))
 
-from bench import soak  # noqa: E402
+from research import soak  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def test_keep_alive_timeout_is_a_setting_passed_to_uvicorn(tmp_path, monkeypatch
 
     from softprompt.errors import ConfigError
     from softprompt.server import ServerSettings
-    from softprompt.cli.serve import add_serve_arguments, cmd_serve
+    from softprompt.cli.serve import add_arguments as add_serve_arguments, run as cmd_serve
     from tiny import save_tiny_checkpoint
 
     seen = {}

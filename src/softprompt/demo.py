@@ -7,7 +7,6 @@ held-out tweets, by label scoring; the adapter is saved (PEFT layout) and used t
 
 from __future__ import annotations
 
-import argparse
 import random
 import time
 from pathlib import Path
@@ -18,17 +17,6 @@ from tqdm import tqdm
 TEMPLATE = "Tweet: {text}\nSentiment (positive or negative): "
 LABELS = ["positive", "negative"]
 INIT_TEXT = "Classify the sentiment of the tweet as positive or negative:"
-
-
-def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2-135m", help="Base model (default smollm2-135m).")
-    parser.add_argument("--output", default="runs/demo", help="Where the adapter is written (default runs/demo).")
-    parser.add_argument("--train-size", type=int, default=160, help="Training tweets (default 160, balanced).")
-    parser.add_argument("--test-size", type=int, default=200, help="Held-out tweets (default 200, balanced).")
-    parser.add_argument("--epochs", type=int, default=2, help="Training epochs (default 2).")
-    parser.add_argument("--lr", type=float, default=3e-2, help="Learning rate (default 3e-2).")
-    parser.add_argument("--num-virtual-tokens", type=int, default=8, help="Virtual tokens (default 8).")
-    parser.add_argument("--seed", type=int, default=0, help="Seed for the split and training.")
 
 
 def balanced_split(rows: list[dict], train_size: int, test_size: int, seed: int) -> tuple[list, list]:
@@ -112,8 +100,3 @@ def run_demo(model_name: str = "smollm2-135m", output: str = "runs/demo", *, tra
     print(f"done in {time.time() - started:.0f} s")
     return {"zero_shot_accuracy": zero_shot, "tuned_accuracy": tuned, "adapter": str(out)}
 
-
-def cmd_demo(args) -> int:
-    run_demo(args.model, args.output, train_size=args.train_size, test_size=args.test_size, epochs=args.epochs,
-             lr=args.lr, num_virtual_tokens=args.num_virtual_tokens, seed=args.seed)
-    return 0

@@ -33,6 +33,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` (parents created): a temporary sibling, fsynced, renamed over it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -50,14 +51,17 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """`atomic_write_bytes` of ``text`` as UTF-8."""
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def atomic_write_json(path: str | os.PathLike, value) -> None:
+    """`atomic_write_text` of ``value`` as indented JSON with sorted keys (unknown types as their str)."""
     atomic_write_text(path, json.dumps(value, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def atomic_write_yaml(path: str | os.PathLike, value) -> None:
+    """`atomic_write_text` of ``value`` as YAML, keys in the order given."""
     atomic_write_text(path, yaml.safe_dump(value, sort_keys=False, allow_unicode=True))
 
 
@@ -138,6 +142,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def sha256_file(path: str | os.PathLike) -> str:
+    """The SHA-256 hex digest of the file at ``path``, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

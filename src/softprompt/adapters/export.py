@@ -24,10 +24,13 @@ import io
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save
 
+from softprompt.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, read_peft_config, read_tensors
 from softprompt.errors import SoftPromptError
 from softprompt.fileio import atomic_write_bytes
+from softprompt.methods import PEFT_TYPES
 from softprompt.models.loading import DTYPES
 
 FORMAT = "softprompt-prompt-embeds/1"
@@ -62,16 +65,11 @@ def prompt_embeddings(source, name: str | None = None) -> tuple[torch.Tensor, di
             table = adapter.input_embeddings().detach().float().cpu().contiguous()
         info = {"method": adapter.config.method, "base_model": str(source.name_or_path or "")}
         return table, info
-    from softprompt.methods import PEFT_TYPES
-    from softprompt.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, read_json, read_tensors
-
     folder = Path(source)
     if not folder.is_dir():
         raise SoftPromptError(f"{folder}: no such adapter directory")
-    peft = read_json(folder / CONFIG_FILE)
-    method = PEFT_TYPES.get(peft.get("peft_type"))
-    if method is None:
-        raise SoftPromptError(f"{folder / CONFIG_FILE}: unknown method peft_type={peft.get('peft_type')!r}")
+    peft = read_peft_config(folder / CONFIG_FILE)
+    method = PEFT_TYPES[peft["peft_type"]]
     if method == "prefix_tuning":
         raise SoftPromptError(f"{folder} {PREFIX_MESSAGE}")
     tensors = read_tensors(folder / WEIGHTS_FILE)
@@ -145,8 +143,6 @@ def encode_for_vllm(embeds: torch.Tensor) -> str:
 
 def read_metadata(path: str | Path) -> dict:
     """The metadata of an exported ``.safetensors`` file (for checks and tooling)."""
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as f:
         return dict(f.metadata() or {})
 

@@ -14,9 +14,14 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import huggingface_hub  # HfApi is looked up at call time, so a stand-in can replace it (the tests do)
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+from softprompt.adapters.peft_format import (CONFIG_FILE, META_FILE, STATE_FILE, STATE_META_FILE, WEIGHTS_FILE,
+                                             check_adapter_dir, is_hub_id, read_json, read_training_state,
+                                             verify_checksum)
 from softprompt.errors import SoftPromptError
-from softprompt.adapters.peft_format import (CONFIG_FILE, META_FILE, STATE_FILE, STATE_META_FILE, WEIGHTS_FILE, check_adapter_dir,
-                          is_hub_id, read_json, read_training_state, verify_checksum)
+from softprompt.models.names import BUILTIN_HUB_IDS, hub_id_for
 
 CARD_FILE = "README.md"
 UPLOADED = (CONFIG_FILE, WEIGHTS_FILE, META_FILE, STATE_FILE, STATE_META_FILE, "loss_curve.png")
@@ -24,8 +29,6 @@ UPLOADED = (CONFIG_FILE, WEIGHTS_FILE, META_FILE, STATE_FILE, STATE_META_FILE, "
 
 def model_card(path: str | Path) -> str:
     """A hub model card for the adapter in ``path``: metadata the hub indexes, then how to use it."""
-    from softprompt.models.names import BUILTIN_HUB_IDS, hub_id_for
-
     folder = Path(path)
     peft = read_json(folder / CONFIG_FILE)
     meta = read_json(folder / META_FILE) if (folder / META_FILE).exists() else {}
@@ -65,9 +68,6 @@ def push_adapter(path: str | Path, repo_id: str, *, private: bool = False, token
                  commit_message: str | None = None, api=None) -> str:
     """Upload the adapter directory ``path`` to the hub repo ``repo_id`` (created if missing); returns the
     commit URL. The files are checked (config, checksums) before anything is sent."""
-    from huggingface_hub import HfApi
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
     try:
         validate_repo_id(repo_id)
     except HFValidationError:
@@ -80,7 +80,7 @@ def push_adapter(path: str | Path, repo_id: str, *, private: bool = False, token
     meta = read_json(folder / META_FILE) if (folder / META_FILE).exists() else {}
     for file in (WEIGHTS_FILE, STATE_FILE):
         verify_checksum(folder, file, meta)  # never publish a file that changed since it was saved
-    api = api or HfApi(token=token)
+    api = api or huggingface_hub.HfApi(token=token)
     with tempfile.TemporaryDirectory(prefix="softprompt-push-") as staging:
         for name in UPLOADED:
             if (folder / name).is_file():

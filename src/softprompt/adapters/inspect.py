@@ -7,14 +7,13 @@ from pathlib import Path
 import torch
 
 from softprompt.adapters.peft_format import (CONFIG_FILE, META_FILE, PEFT_TYPES, WEIGHTS_FILE, read_json, read_tensors,
-                          resolve_adapter_dir, verify_checksum)
+                                             resolve_adapter_dir, verify_checksum)
+from softprompt.errors import SoftPromptError
 
 
 def inspect_adapter(path: str | Path, model=None, *, top_k: int = 3) -> dict:
     """Summarise an adapter. With ``model`` (a SoftPromptModel of its base), list for each virtual token
     the vocabulary tokens whose input embeddings are closest (cosine similarity); input methods only."""
-    from softprompt.errors import SoftPromptError
-
     folder = resolve_adapter_dir(path)  # a local directory, or a hub id's files as load_adapter fetches them
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise SoftPromptError(f"--top-k: expected an integer of at least 1, got {top_k!r}")

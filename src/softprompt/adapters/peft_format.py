@@ -18,15 +18,17 @@ import json
 import shutil
 from pathlib import Path
 
+import huggingface_hub  # snapshot_download is looked up at call time, so a stand-in can replace it (the tests do)
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from softprompt import __version__
-from softprompt.models.names import hub_id_for
+from softprompt.engine.families import ModelShape
 from softprompt.errors import AdapterMismatchError, SoftPromptError
 from softprompt.fileio import atomic_directory, atomic_write_json, recover_directory, sha256_file
 from softprompt.methods import PEFT_TYPES, SoftPromptMethod, method_class
+from softprompt.models.names import hub_id_for
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -37,8 +39,8 @@ MAX_JSON_BYTES = 16 * 1024**2  # adapter JSON files are a few KiB; a bigger one 
 PICKLE_FILES = ("adapter_model.bin", "pytorch_model.bin", "adapter_model.pt", "adapter_model.pth")
 
 
-def _task_type(model) -> str:
-    return "SEQ_2_SEQ_LM" if model.shape.is_encoder_decoder else "CAUSAL_LM"
+def _task_type(shape: ModelShape) -> str:
+    return "SEQ_2_SEQ_LM" if shape.is_encoder_decoder else "CAUSAL_LM"
 
 
 def peft_config(model, adapter: SoftPromptMethod) -> dict:
@@ -47,7 +49,7 @@ def peft_config(model, adapter: SoftPromptMethod) -> dict:
     kv = adapter.adds == "kv"
     config = {
         "peft_type": adapter.config.peft_type,
-        "task_type": _task_type(model),
+        "task_type": _task_type(shape),
         "base_model_name_or_path": hub_id_for(model.name_or_path),
         "num_virtual_tokens": adapter.num_virtual_tokens,
         "token_dim": shape.prefix_token_dim if kv else shape.hidden_size,
@@ -124,9 +126,7 @@ def resolve_adapter_dir(path: str | Path) -> Path:
     text = str(path)
     if is_hub_id(text):
         try:
-            from huggingface_hub import snapshot_download
-
-            return Path(snapshot_download(text, allow_patterns=[CONFIG_FILE, WEIGHTS_FILE, META_FILE, STATE_FILE,
+            return Path(huggingface_hub.snapshot_download(text, allow_patterns=[CONFIG_FILE, WEIGHTS_FILE, META_FILE, STATE_FILE,
                                                                 STATE_META_FILE]))
         except Exception as exc:  # network, auth or missing repo: one clear message
             raise SoftPromptError(f"adapter {text!r}: no such local directory, and the hub download failed ({exc.__class__.__name__})") from None
@@ -200,7 +200,8 @@ def _state_beyond_table(adapter: SoftPromptMethod, table: torch.Tensor) -> dict[
     return state
 
 
-def _read_peft_config(config_file: Path) -> dict:
+def read_peft_config(config_file: Path) -> dict:
+    """PEFT's ``adapter_config.json``, checked: a JSON object of a known ``peft_type``, without trust_remote_code."""
     peft = read_json(config_file)
     if "trust_remote_code" in json.dumps(peft):
         raise SoftPromptError(f"{config_file}: asks for trust_remote_code, which softprompt never takes from an adapter file")
@@ -220,23 +221,41 @@ def check_adapter_dir(path: str | Path) -> None:
     if not Path(path).expanduser().exists() and is_hub_id(str(path)):
         return
     folder = resolve_adapter_dir(path)
-    _read_peft_config(folder / CONFIG_FILE)
+    read_peft_config(folder / CONFIG_FILE)
     if not (folder / WEIGHTS_FILE).is_file():
         read_tensors(folder / WEIGHTS_FILE)  # raises: the pickle refusal or "missing"
 
 
-def load_adapter(model, path: str | Path, name: str | None = None, *, resume: bool = False) -> SoftPromptMethod:
-    """Load an adapter directory (ours or PEFT's) into ``model`` under ``name``.
+def read_adapter(path: str | Path, shape: ModelShape, *, resume: bool = False) -> SoftPromptMethod:
+    """Read an adapter directory (ours or PEFT's; a hub id is downloaded) and check it fits a model of ``shape``.
 
-    ``resume=True`` also restores reparameterisation weights from the training state, so training can
-    continue exactly; otherwise the adapter is the materialised table PEFT would use.
+    No model is needed and nothing is registered anywhere, so this is safe on any thread (the server reads
+    adapters on a worker thread while the model keeps decoding). The adapter is on the CPU. ``resume=True``
+    also restores reparameterisation weights from the training state, so training can continue exactly;
+    otherwise the adapter is the materialised table PEFT would use.
     """
+    return _read(resolve_adapter_dir(path), shape, resume)[0]
+
+
+def load_adapter(model, path: str | Path, name: str | None = None, *, resume: bool = False) -> SoftPromptMethod:
+    """`read_adapter` for ``model`` and register it under ``name`` (default: the name it was saved under, else
+    the directory's name), replacing an adapter of that name. Returns it, on the model's device."""
     folder = resolve_adapter_dir(path)
+    adapter, meta = _read(folder, model.shape, resume)
+    name = name or meta.get("name") or folder.name
+    if name in model.adapters:
+        model.remove_adapter(name)
+    model.check_new_name(name)
+    return model.register(name, adapter)
+
+
+def _read(folder: Path, shape: ModelShape, resume: bool) -> tuple[SoftPromptMethod, dict]:
+    """The adapter in ``folder`` (checked against ``shape``) and its ``softprompt.json`` (empty for PEFT's)."""
     config_file = folder / CONFIG_FILE
-    peft = _read_peft_config(config_file)
+    peft = read_peft_config(config_file)
     meta = read_json(folder / META_FILE) if (folder / META_FILE).exists() else {}
     cls = method_class(PEFT_TYPES[peft["peft_type"]])
-    _check(config_file, "task_type", peft.get("task_type"), _task_type(model))
+    _check(config_file, "task_type", peft.get("task_type"), _task_type(shape))
     try:
         fields = cls.config_from_peft(peft)
         n = int(peft["num_virtual_tokens"])
@@ -250,7 +269,6 @@ def load_adapter(model, path: str | Path, name: str | None = None, *, resume: bo
             config = cls.config_class.from_dict(fields, source=str(config_file))
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise SoftPromptError(f"{config_file}: missing or malformed field ({exc})") from None
-    shape = model.shape
     kv = cls.adds == "kv"
     base = meta.get("base_model") or peft.get("base_model_name_or_path")  # named in a mismatch error
     base = base if isinstance(base, str) and base else None
@@ -286,11 +304,7 @@ def load_adapter(model, path: str | Path, name: str | None = None, *, resume: bo
                 fresh = cls(config, shape)
                 fresh.load_training_state(own)
                 adapter = fresh
-    name = name or meta.get("name") or folder.name
-    if name in model.adapters:
-        model.remove_adapter(name)
-    model.check_new_name(name)
-    return model.register(name, adapter)
+    return adapter, meta
 
 
 def read_training_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:

@@ -1,4 +1,4 @@
-"""The `softprompt` command line: one parser (`app.py`), one module per group of subcommands."""
+"""The `softprompt` command line: one parser (`app.py`), one module per subcommand, shared options in `common.py`."""
 
 from softprompt.cli.app import build_parser, main
 

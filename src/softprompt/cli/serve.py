@@ -1,47 +1,49 @@
-"""``softprompt serve``: flags built from `ServerSettings`, and the command that calls `serve`.
+"""``softprompt serve``: flags built from the fields of `ServeOptions` and `ServerSettings`, and the command
+that calls `serve`.
 
-`softprompt.cli` imports `add_serve_arguments` and `cmd_serve` from here; nothing heavy is imported
-until the command runs.
+`softprompt.server` imports its serving extras (FastAPI, uvicorn) only when serving starts, so the
+parser builds without them.
 """
 
 from __future__ import annotations
 
 import argparse
-from dataclasses import fields
+from dataclasses import dataclass, fields
 
-from softprompt.server.settings import ServerSettings
+from softprompt.cli.common import adapter_option, model_option, parse_adapter_specs
+from softprompt.options import add_arguments as add_option_arguments
+from softprompt.server import ServerSettings, serve
 
-_TYPES = {"int": int, "float": float, "str": str, "str | None": str}
-_METAVARS = {"retry_after_s": "SECONDS", "keep_alive_s": "SECONDS", "adapter_wait_s": "SECONDS", "batch_window_ms": "MS",
-             "max_resident_adapters": "N", "max_queue": "N", "max_inputs": "N", "max_labels": "N",
+NAME = "serve"
+HELP = "Serve the base model and adapters over an OpenAI-compatible HTTP API."
+EXAMPLES = """
+    examples:
+      softprompt serve --model smollm2-135m --adapter quotes=runs/quotes --adapter prompts=runs/prompts
+      softprompt serve --model smollm2-135m --adapter-dir runs/adapters --port 8080
+    """
+#: How --help names the value of each `ServerSettings` flag.
+_METAVARS = {"retry_after_s": "SECONDS", "keep_alive_s": "SECONDS", "adapter_wait_s": "SECONDS",
+             "batch_window_ms": "MS", "max_resident_adapters": "N", "max_queue": "N", "max_inputs": "N", "max_labels": "N",
              "max_batch_size": "N", "max_prompt_tokens": "TOKENS", "max_tokens_limit": "TOKENS",
              "default_max_tokens": "TOKENS", "max_body_bytes": "BYTES", "served_model_name": "NAME",
              "adapter_dir": "DIR", "admin_token": "TOKEN", "log_level": "LEVEL"}
 
 
-def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="Base model: built-in name, local checkpoint directory or hub id.")
-    parser.add_argument("--adapter", action="append", default=[], metavar="[NAME=]PATH",
-                        help="Adapter to serve (repeatable); NAME defaults to the directory name. Clients name it "
-                             "in the 'model' field.")
-    for f in fields(ServerSettings):
-        if not f.metadata.get("cli", True):
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        help_text = f.metadata.get("help", "")
-        if f.type in ("bool", bool):
-            parser.add_argument(flag, action="store_true", default=f.default, help=help_text)
-            continue
-        kind = _TYPES.get(str(f.type), str)
-        shown = "" if f.default is None else f" (default {f.default})"
-        parser.add_argument(flag, type=kind, default=f.default, metavar=_METAVARS.get(f.name, f.name.upper()),
-                            help=help_text + shown if "default" not in help_text else help_text)
+@dataclass
+class ServeOptions:
+    """The options of ``softprompt serve`` that are not `ServerSettings` fields."""
+
+    model: str | None = model_option("Base model: built-in name, local checkpoint directory or hub id.")
+    adapter: list[str] = adapter_option("Adapter to serve (repeatable); NAME defaults to the directory name. "
+                                        "Clients name it in the 'model' field.")
 
 
-def cmd_serve(args) -> int:
-    from softprompt.cli.app import parse_adapter_specs
-    from softprompt.server import serve
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_option_arguments(parser, ServeOptions)
+    add_option_arguments(parser, ServerSettings, metavars=_METAVARS)
 
+
+def run(args: argparse.Namespace) -> int:
     options = {f.name: getattr(args, f.name) for f in fields(ServerSettings)
                if f.metadata.get("cli", True) and hasattr(args, f.name)}
     host, port = options.pop("host"), options.pop("port")

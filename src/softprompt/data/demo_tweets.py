@@ -15,18 +15,18 @@ left in the text (``&amp;``, ``&lt;``...) are unescaped.
 
 from __future__ import annotations
 
+import hashlib
 import html
 import os
 import shlex
 import shutil
-import sys
 import tarfile
 import tempfile
-import uuid
 from pathlib import Path
 
-from softprompt.models import builtin as _bm
 from softprompt.errors import SoftPromptError
+from softprompt.fileio import atomic_write_bytes
+from softprompt.models import pypi
 
 VADER_REQUIREMENT = "vaderSentiment==3.3.2"
 #: The archive inside the sdist, and the file inside that archive.
@@ -68,12 +68,11 @@ def parse_tweets(text: str, min_abs_rating: float = POLAR_THRESHOLD) -> list[dic
 
 def vader_tweets_path(cache_dir: str | os.PathLike | None = None) -> Path:
     """Where the extracted ``tweets_GroundTruth.txt`` is kept: ``<cache>/data/vader_tweets_GroundTruth.txt``."""
-    return _bm._cache_root(cache_dir) / "data" / CACHE_NAME
+    return pypi.cache_root(cache_dir) / "data" / CACHE_NAME
 
 
-def _download_command(dest: Path) -> list[str]:
-    return [sys.executable, "-m", "pip", "download", VADER_REQUIREMENT, "--no-deps", "--no-binary", ":all:",
-            "-d", str(dest)]
+def _download_args(dest: Path) -> list[str]:
+    return ["download", VADER_REQUIREMENT, "--no-deps", "--no-binary", ":all:", "-d", str(dest)]
 
 
 def _extract_tweets(sdist: Path) -> bytes:
@@ -93,17 +92,15 @@ def _extract_tweets(sdist: Path) -> bytes:
 
 
 def _fetch(target: Path, *, progress: bool) -> None:
-    import hashlib
-
-    data_dir = _bm._mkdir(target.parent)
+    data_dir = pypi.make_cache_dir(target.parent)
     tmp = Path(tempfile.mkdtemp(prefix=".vader-", dir=data_dir))
     try:
-        _bm._say(progress, f"softprompt: downloading {VADER_REQUIREMENT} (source, 2.4 MB) from PyPI for its tweets")
-        code, err = _bm._run_pip(_download_command(tmp)[3:], progress=False)
+        pypi.say(progress, f"softprompt: downloading {VADER_REQUIREMENT} (source, 2.4 MB) from PyPI for its tweets")
+        code, err = pypi.run_pip(_download_args(tmp), progress=False)
         sdists = sorted(tmp.glob("*.tar.gz"))
         if code != 0 or not sdists:
-            manual = " ".join(shlex.quote(a) for a in _download_command(Path("DIR")))
-            why = _bm._pip_failure(code, err) if code != 0 else "pip saved no .tar.gz"
+            manual = " ".join(shlex.quote(a) for a in pypi.pip_command(*_download_args(Path("DIR"))))
+            why = pypi.pip_failure(code, err) if code != 0 else "pip saved no .tar.gz"
             raise SoftPromptError(
                 f"the demo tweets come from the PyPI source package {VADER_REQUIREMENT}, and fetching it failed "
                 f"({why}). Run this where PyPI is reachable: {manual} ; then extract {TWEETS_MEMBER} from "
@@ -112,9 +109,7 @@ def _fetch(target: Path, *, progress: bool) -> None:
         digest = hashlib.sha256(data).hexdigest()
         if digest != TWEETS_SHA256:
             raise SoftPromptError(f"{sdists[0].name}: {TWEETS_MEMBER} has SHA-256 {digest}, expected {TWEETS_SHA256}")
-        part = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}")
-        part.write_bytes(data)
-        os.replace(part, target)  # atomic: readers see the old file or the whole new one
+        atomic_write_bytes(target, data)  # readers see the old file or the whole new one
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -129,8 +124,6 @@ def load_vader_tweets(cache_dir: str | os.PathLike | None = None, *, min_abs_rat
     837 negative, in file order. Raises :class:`SoftPromptError` (with the command to run by hand)
     when the package cannot be fetched.
     """
-    import hashlib
-
     target = vader_tweets_path(cache_dir)
     try:
         data = target.read_bytes()

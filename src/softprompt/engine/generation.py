@@ -1,9 +1,10 @@
 """Text generation with per-row adapters.
 
-A small decoding loop over `SoftPromptModel.start` / `advance`, which drive the model through
-transformers' public cache objects (``past_key_values``); transformers' own logits warpers do
-temperature and top-p/top-k. We keep our own loop because ``model.generate`` cannot take a different
-soft prompt per row, and because rows that finish (end-of-sequence or a stop string) leave the batch.
+A small decoding loop over `SoftPromptModel.prefill` / `advance`, which drive the model through
+transformers' public cache objects (``past_key_values``); `softprompt.engine.decode` picks each token
+(transformers' own logits warpers do temperature and top-p/top-k) and decides when a row stops, by the
+rules the server uses too. We keep our own loop because ``model.generate`` cannot take a different soft
+prompt per row, and because rows that finish (end-of-sequence or a stop string) leave the batch.
 """
 
 from __future__ import annotations
@@ -12,10 +13,10 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
-from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from softprompt.errors import SoftPromptError
+from softprompt.engine.decode import Continuation, StopRule, feed_next, make_sampler, next_tokens
 from softprompt.engine.tokens import encode_texts, eos_ids
+from softprompt.errors import SoftPromptError
 
 
 @dataclass
@@ -48,73 +49,30 @@ class Generation:
     prompt_tokens: int = 0
 
 
-def _warpers(cfg: GenerationConfig) -> LogitsProcessorList:
-    procs = LogitsProcessorList()
-    if cfg.temperature != 1.0:
-        procs.append(TemperatureLogitsWarper(cfg.temperature))
-    if cfg.top_k:
-        procs.append(TopKLogitsWarper(cfg.top_k))
-    if cfg.top_p < 1.0:
-        procs.append(TopPLogitsWarper(cfg.top_p))
-    return procs
-
-
 def generate_batch(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, adapters, cfg: GenerationConfig,
                    on_token=None) -> list[Generation]:
     """Decode new tokens for every row. ``on_token(row, token_id)`` is called as tokens appear (streaming)."""
     cfg.validate()
     tokenizer = model.tokenizer
-    stops = eos_ids(tokenizer, model.base) if tokenizer is not None else set()
-    generator = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
-    warpers = _warpers(cfg) if cfg.do_sample else None
-    batch = input_ids.shape[0]
-    outputs: list[list[int]] = [[] for _ in range(batch)]
-    reasons = ["length"] * batch
-    texts = [""] * batch
-    active = list(range(batch))
-    state = model.start(input_ids, attention_mask, adapters)
-    for step in range(cfg.max_new_tokens):
-        logits = state.logits
-        if cfg.do_sample:
-            probs = torch.softmax(warpers(None, logits).float(), -1).cpu()
-            greedy = logits.argmax(-1).cpu()
-            # A vanishing temperature (e.g. 1e-300) overflows to inf/nan: such rows decode greedily.
-            broken = ~torch.isfinite(probs).all(-1) | (cfg.temperature < 1e-6)
-            probs[broken] = torch.nn.functional.one_hot(greedy[broken], probs.shape[-1]).to(probs.dtype)
-            next_tokens = torch.multinomial(probs, 1, generator=generator)[:, 0]
-        else:
-            next_tokens = logits.argmax(-1).cpu()
-        keep = []
+    rule = StopRule(tokenizer, frozenset(eos_ids(tokenizer, model.base)) if tokenizer is not None else frozenset(),
+                    cfg.max_new_tokens, tuple(cfg.stop))
+    # One generator draws for the whole batch, so a seeded call returns the same rows every time.
+    sampler = make_sampler(cfg.temperature, cfg.top_p, cfg.top_k, cfg.seed) if cfg.do_sample else None
+    rows = [Continuation() for _ in range(input_ids.shape[0])]
+    active = list(range(len(rows)))  # the state's rows, by index into ``rows``
+    state = model.prefill(input_ids, attention_mask, adapters)
+    while True:
+        tokens = next_tokens(state.logits, sampler)
         for slot, row in enumerate(active):
-            token = int(next_tokens[slot])
-            if token in stops:
-                reasons[row] = "stop"
-                continue
-            outputs[row].append(token)
-            if on_token is not None:
+            token = int(tokens[slot])
+            if rule.add(rows[row], token) and on_token is not None:
                 on_token(row, token)
-            if cfg.stop:
-                texts[row] = tokenizer.decode(outputs[row], skip_special_tokens=True)
-                if any(s in texts[row] for s in cfg.stop):
-                    reasons[row] = "stop"
-                    continue
-            keep.append(slot)
-        if not keep or step == cfg.max_new_tokens - 1:
+        keep = [slot for slot, row in enumerate(active) if rows[row].finish is None]
+        if not keep:
             break
-        if len(keep) < len(active):
-            index = torch.tensor(keep, device=state.logits.device)
-            state.select(index)
-            next_tokens = next_tokens[keep]
-            active = [active[k] for k in keep]
-        state.logits = model.advance(state, next_tokens[:, None])[:, -1]
-    results = []
-    for row in range(batch):
-        text = tokenizer.decode(outputs[row], skip_special_tokens=True) if tokenizer is not None else ""
-        for s in cfg.stop:
-            if s in text:
-                text = text[: text.index(s)]
-        results.append(Generation(text, outputs[row], reasons[row], int(attention_mask[row].sum())))
-    return results
+        active = [active[k] for k in keep]
+        feed_next(model, state, keep, tokens[keep])
+    return [Generation(row.text, row.tokens, row.finish, int(attention_mask[i].sum())) for i, row in enumerate(rows)]
 
 
 def generate(model, prompts: str | Sequence[str], adapters=None, *, return_details: bool = False,

@@ -13,7 +13,7 @@ self-attention, as PEFT does.
 
 from __future__ import annotations
 
-import re
+import tempfile
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -23,12 +23,14 @@ from torch import nn
 from transformers import DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import BaseModelOutput
 
-from softprompt.engine import attention
-from softprompt.errors import SoftPromptError
+from softprompt.adapters import hub, peft_format
+from softprompt.engine import attention, generation, scoring
+from softprompt.engine.adapter_name import check_adapter_name
+from softprompt.engine.decode import DecodeState
 from softprompt.engine.families import ModelShape, quirks_for
+from softprompt.errors import SoftPromptError
 from softprompt.methods import SoftPromptMethod, method_class
 
-ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$")
 AdapterNames = Sequence[str | None] | str | None
 
 
@@ -54,38 +56,6 @@ class BatchPrefix:
     has_last_hidden: torch.Tensor  # [batch] bool
 
 
-@dataclass
-class DecodeState:
-    """Everything needed to continue a batch by more tokens: the public transformers cache plus masks."""
-
-    cache: DynamicCache | EncoderDecoderCache
-    attention_mask: torch.Tensor  # [batch, past]: prefix + text (+ generated) mask
-    next_position: torch.Tensor  # [batch] position id of the next token (causal models)
-    logits: torch.Tensor  # [batch, vocab] next-token logits
-    encoder_hidden: torch.Tensor | None = None  # encoder-decoder only
-    encoder_mask: torch.Tensor | None = None
-
-    def select(self, rows: torch.Tensor) -> None:
-        """Keep only ``rows`` (finished rows leave a running batch)."""
-        self.cache.batch_select_indices(rows)
-        self.attention_mask = self.attention_mask[rows]
-        self.next_position = self.next_position[rows]
-        self.logits = self.logits[rows]
-        if self.encoder_hidden is not None:
-            self.encoder_hidden = self.encoder_hidden[rows]
-            self.encoder_mask = self.encoder_mask[rows]
-
-    def repeat(self, times: int) -> None:
-        """Repeat every row ``times`` times, consecutively (one copy per candidate label)."""
-        self.cache.batch_repeat_interleave(times)
-        self.attention_mask = self.attention_mask.repeat_interleave(times, 0)
-        self.next_position = self.next_position.repeat_interleave(times, 0)
-        self.logits = self.logits.repeat_interleave(times, 0)
-        if self.encoder_hidden is not None:
-            self.encoder_hidden = self.encoder_hidden.repeat_interleave(times, 0)
-            self.encoder_mask = self.encoder_mask.repeat_interleave(times, 0)
-
-
 class SoftPromptModel(nn.Module):
     """A frozen base model with named soft-prompt adapters, chosen per row."""
 
@@ -102,7 +72,8 @@ class SoftPromptModel(nn.Module):
         self.shape = ModelShape.from_config(base.config)
         self.quirks = quirks_for(self.shape.model_type)
         self.adapters = nn.ModuleDict()
-        self._prompt_kv_cache: dict[str, tuple[tuple, list, torch.Tensor]] = {}
+        # name -> (dtype/device key, parameter values, per-layer keys/values, last hidden)
+        self._prompt_kv_cache: dict[str, tuple[tuple, list, list, torch.Tensor]] = {}
 
     # ------------------------------------------------------------------ adapters
     def add_adapter(self, name: str, method: str = "prompt_tuning", *, seed: int | None = None,
@@ -126,10 +97,9 @@ class SoftPromptModel(nn.Module):
 
     def check_new_name(self, name: str) -> None:
         """Raise `SoftPromptError` unless ``name`` is a valid adapter name not in use yet."""
-        if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name):
-            raise SoftPromptError(
-                f"adapter name {name!r}: expected 1-64 letters, digits, '_' or '-', starting with a letter or digit"
-            )
+        problem = check_adapter_name(name)
+        if problem:
+            raise SoftPromptError(problem)
         if name in self.adapters:
             raise SoftPromptError(f"adapter name {name!r} is already in use; remove it first or pick another name")
 
@@ -140,30 +110,22 @@ class SoftPromptModel(nn.Module):
 
     def load_adapter(self, path: str, name: str | None = None) -> SoftPromptMethod:
         """Load an adapter in PEFT's file layout (a local directory or a hub id)."""
-        from softprompt.adapters.peft_format import load_adapter
-
-        return load_adapter(self, path, name=name)
+        return peft_format.load_adapter(self, path, name=name)
 
     def save_adapter(self, name: str, path: str, *, training_state: dict | None = None,
                      training_meta: dict | None = None) -> None:
         """Save an adapter in PEFT's file layout (plus softprompt's training-state files)."""
-        from softprompt.adapters.peft_format import save_adapter
-
-        save_adapter(self, name, path, training_state=training_state, training_meta=training_meta)
+        peft_format.save_adapter(self, name, path, training_state=training_state, training_meta=training_meta)
 
     def push_adapter(self, name: str, repo_id: str, *, private: bool = False, token: str | None = None,
                      commit_message: str | None = None) -> str:
         """Upload an adapter to the Hugging Face Hub (PEFT's layout and a model card); returns the commit URL.
         An adapter saved by training (with its template and verbalizer) is better pushed from its directory:
         ``softprompt.adapters.hub.push_adapter(path, repo_id)``."""
-        import tempfile
-
-        from softprompt.adapters.hub import push_adapter
-
         with tempfile.TemporaryDirectory(prefix="softprompt-save-") as tmp:
             folder = f"{tmp}/{name}"
             self.save_adapter(name, folder)
-            return push_adapter(folder, repo_id, private=private, token=token, commit_message=commit_message)
+            return hub.push_adapter(folder, repo_id, private=private, token=token, commit_message=commit_message)
 
     def adapter_names(self) -> list[str]:
         return list(self.adapters.keys())
@@ -254,10 +216,13 @@ class SoftPromptModel(nn.Module):
         needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
         device_type = self.device.type
         autocast_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-        key = tuple((id(p), p._version) for p in params) + (self.dtype, self.device, autocast_dtype)
+        key = (self.dtype, self.device, autocast_dtype)
         cached = self._prompt_kv_cache.get(name)
-        if not needs_grad and cached is not None and cached[0] == key:
-            return cached[1], cached[2]
+        # Parameters are compared by value, not by version counter: fused optimizers (torch's AdamW(fused=True),
+        # the default of transformers' Trainer) update them in place without bumping it.
+        if (not needs_grad and cached is not None and cached[0] == key and len(cached[1]) == len(params)
+                and all(torch.equal(old, p) for old, p in zip(cached[1], params))):
+            return cached[2], cached[3]
         embeds = adapter.input_embeddings().to(self.dtype)[None]
         n = embeds.shape[1]
         kwargs = {}
@@ -275,7 +240,7 @@ class SoftPromptModel(nn.Module):
         layers = [(layer.keys[0].to(cast), layer.values[0].to(cast)) for layer in out.past_key_values.layers]
         last_hidden = out.last_hidden_state[0, -1]
         if not needs_grad:
-            self._prompt_kv_cache[name] = (key, layers, last_hidden)
+            self._prompt_kv_cache[name] = (key, [p.detach().clone() for p in params], layers, last_hidden)
         return layers, last_hidden
 
     def _batch_prefix(self, names: list[str | None]) -> BatchPrefix | None:
@@ -360,6 +325,17 @@ class SoftPromptModel(nn.Module):
         labels = labels.to(self.device)
         return self._label_loss(hidden, attention_mask, labels, prefix)
 
+    def text_hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                           adapters: AdapterNames = None) -> torch.Tensor:
+        """Final hidden states ``[batch, seq, hidden]`` of the text after each row's prompt (causal models): what
+        the LM head projects. For integrations that apply the head themselves (TRL's fused LM head)."""
+        if self.shape.is_encoder_decoder:
+            raise SoftPromptError("text_hidden_states: causal models only; encoder-decoder models use forward")
+        input_ids = input_ids.to(self.device)
+        attention_mask = (torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device)).long()
+        prefix = self._batch_prefix(self._row_names(adapters, input_ids.shape[0]))
+        return self._causal_hidden(input_ids, attention_mask, prefix)[0]
+
     def _label_loss(self, hidden, attention_mask, labels, prefix: BatchPrefix | None) -> SoftPromptOutput:
         """Loss over label tokens, projecting only the hidden states that predict a label."""
         batch, length = labels.shape
@@ -428,8 +404,9 @@ class SoftPromptModel(nn.Module):
 
     # ------------------------------------------------------------------ decoding primitives
     @torch.no_grad()
-    def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, adapters: AdapterNames) -> DecodeState:
-        """Prefill: run prompts and text once; the state continues with `advance`."""
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, adapters: AdapterNames) -> DecodeState:
+        """Run each row's prompt and text once; the returned state holds the next-token logits and continues
+        with `advance` (see `softprompt.engine.decode`)."""
         input_ids = input_ids.to(self.device)
         attention_mask = attention_mask.to(self.device).long()
         names = self._row_names(adapters, input_ids.shape[0])
@@ -474,12 +451,8 @@ class SoftPromptModel(nn.Module):
     # ------------------------------------------------------------------ user-level API
     def generate(self, prompts, adapters: AdapterNames = None, **options) -> list[str]:
         """Generate text per row (greedy by default). See `softprompt.engine.generation.generate`."""
-        from softprompt.engine.generation import generate
-
-        return generate(self, prompts, adapters=adapters, **options)
+        return generation.generate(self, prompts, adapters=adapters, **options)
 
     def score(self, texts, labels: Sequence[str], adapters: AdapterNames = None, **options):
         """Rank candidate label strings by log-likelihood per row. See `softprompt.engine.scoring.score`."""
-        from softprompt.engine.scoring import score
-
-        return score(self, texts, labels=labels, adapters=adapters, **options)
+        return scoring.score(self, texts, labels=labels, adapters=adapters, **options)

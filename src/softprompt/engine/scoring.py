@@ -34,7 +34,7 @@ def score_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, adap
         raise SoftPromptError(f"normalize: expected 'sum' or 'mean', got {normalize!r}")
     if any(len(c) == 0 for c in candidates):
         raise SoftPromptError("labels: a candidate label tokenises to no tokens")
-    state = model.start(input_ids, attention_mask, adapters)
+    state = model.prefill(input_ids, attention_mask, adapters)
     batch, count = input_ids.shape[0], len(candidates)
     first = torch.log_softmax(state.logits, -1)  # [batch, vocab]: predicts each candidate's first token
     cand_ids, cand_mask = pad_batch(candidates, pad_id(model.tokenizer) if model.tokenizer else 0, side="right")

@@ -6,6 +6,8 @@ from typing import Sequence
 
 import torch
 
+from softprompt.errors import SoftPromptError
+
 
 def pad_id(tokenizer) -> int:
     """The id used for padding: the pad token, else end-of-sequence, else 0 (pads are always masked)."""
@@ -37,8 +39,6 @@ def encode_texts(tokenizer, texts: Sequence[str], *, side: str = "left", max_len
         rows = [r[-max_length:] for r in rows]
     for text, row in zip(texts, rows):
         if not row:
-            from softprompt.errors import SoftPromptError
-
             raise SoftPromptError(f"input text {text!r} tokenises to no tokens; give at least one character")
     return pad_batch(rows, pad_id(tokenizer), side)
 

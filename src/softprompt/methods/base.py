@@ -15,34 +15,33 @@ vectors); `training_state()` additionally keeps reparameterisation weights so tr
 from __future__ import annotations
 
 import math
-from dataclasses import MISSING, asdict, dataclass, field, fields
-from typing import Any, ClassVar, Literal
+from dataclasses import asdict, dataclass, fields
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
 
-from softprompt.errors import ConfigError
 from softprompt.engine.families import ModelShape
-
-
-def help_field(default: Any, help: str, **kwargs) -> Any:
-    """A dataclass field carrying its help text (shown by the CLI and in error messages)."""
-    if callable(default) and not isinstance(default, (int, float, str, bool)):
-        return field(default_factory=default, metadata={"help": help, **kwargs})
-    return field(default=default, metadata={"help": help, **kwargs})
+from softprompt.errors import ConfigError
+from softprompt.options import check_int, option
 
 
 @dataclass
 class MethodConfig:
-    """Fields every method shares. Subclasses add their own and extend `validate`."""
+    """Fields every method shares. Subclasses add their own and extend `validate`.
+
+    Each field is declared once, here or in a method's subclass, with its help text: the training
+    config, its YAML keys and the ``softprompt train`` flags (``init_text`` -> ``--init-text``) all come
+    from these fields, and `validate` is the one check of their values. Errors are `OptionError`s
+    naming the field, so a caller can re-spell it as its user wrote it (a flag, an adapter's key)."""
 
     method: ClassVar[str] = ""
     peft_type: ClassVar[str] = ""
 
-    num_virtual_tokens: int = help_field(8, "Number of virtual tokens the adapter adds.")
+    num_virtual_tokens: int = option(8, "Number of virtual tokens the adapter adds.")
 
     def validate(self) -> None:
-        check_int(self, "num_virtual_tokens", minimum=1, maximum=4096)
+        check_int(self.num_virtual_tokens, "num_virtual_tokens", minimum=1, maximum=4096)
 
     def to_dict(self) -> dict:
         return {"method": self.method, **asdict(self)}
@@ -60,36 +59,12 @@ class MethodConfig:
         config.validate()
         return config
 
-    @classmethod
-    def field_help(cls) -> dict[str, str]:
-        return {f.name: f.metadata.get("help", "") for f in fields(cls)}
-
-    @classmethod
-    def defaults(cls) -> dict[str, Any]:
-        return {f.name: f.default for f in fields(cls) if f.default is not MISSING}
-
-
-def check_int(config: Any, name: str, *, minimum: int | None = None, maximum: int | None = None) -> None:
-    value = getattr(config, name)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{name}: expected an integer, got {value!r}")
-    if minimum is not None and value < minimum:
-        raise ConfigError(f"{name}: expected at least {minimum}, got {value}")
-    if maximum is not None and value > maximum:
-        raise ConfigError(f"{name}: expected at most {maximum}, got {value}")
-
 
 def repeat_to(token_ids: list[int], n: int) -> list[int]:
     """``token_ids`` repeated or cut to ``n`` (PEFT's TEXT init of prompt tuning)."""
     if not token_ids:
         raise ValueError("init text tokenised to no tokens")
     return (token_ids * math.ceil(n / len(token_ids)))[:n]
-
-
-def check_choice(config: Any, name: str, choices: tuple[str, ...]) -> None:
-    value = getattr(config, name)
-    if value not in choices:
-        raise ConfigError(f"{name}: expected one of {', '.join(choices)}, got {value!r}")
 
 
 class SoftPromptMethod(nn.Module):
@@ -143,6 +118,3 @@ class SoftPromptMethod(nn.Module):
 
     def load_training_state(self, state: dict[str, torch.Tensor]) -> None:
         self.load_state_dict(state)
-
-    def num_trainable_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters() if p.requires_grad)

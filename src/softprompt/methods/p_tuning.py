@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from softprompt.engine.families import ModelShape
-from softprompt.methods.base import MethodConfig, SoftPromptMethod, check_choice, check_int, help_field
+from softprompt.methods.base import MethodConfig, SoftPromptMethod
+from softprompt.options import check_choice, check_int, check_number, option
 
 ENCODERS = ("mlp", "lstm")
 
@@ -23,23 +24,21 @@ class PTuningConfig(MethodConfig):
     method = "p_tuning"
     peft_type = "P_TUNING"
 
-    encoder_type: str = help_field("mlp", "Prompt encoder: mlp (3 layers) or lstm (bidirectional LSTM + MLP).")
-    encoder_hidden_size: int | None = help_field(None, "Hidden width of the prompt encoder (default: model width).")
-    encoder_num_layers: int = help_field(2, "LSTM layers (the MLP always has 3 layers, as PEFT).")
-    encoder_dropout: float = help_field(0.0, "Dropout between LSTM layers.")
+    encoder_type: str = option("mlp", "Prompt encoder: mlp (3 layers) or lstm (bidirectional LSTM + MLP).",
+                               choices=ENCODERS)
+    encoder_hidden_size: int | None = option(None, "Hidden width of the prompt encoder (default: model width).")
+    encoder_num_layers: int = option(2, "LSTM layers (the MLP always has 3 layers, as PEFT).")
+    encoder_dropout: float = option(0.0, "Dropout between LSTM layers.")
 
     def validate(self) -> None:
         super().validate()
         if isinstance(self.encoder_type, str):
             self.encoder_type = self.encoder_type.lower()
-        check_choice(self, "encoder_type", ENCODERS)
+        check_choice(self.encoder_type, "encoder_type", ENCODERS)
         if self.encoder_hidden_size is not None:
-            check_int(self, "encoder_hidden_size", minimum=1, maximum=1 << 16)
-        check_int(self, "encoder_num_layers", minimum=1, maximum=16)
-        if not isinstance(self.encoder_dropout, (int, float)) or not 0.0 <= self.encoder_dropout < 1.0:
-            from softprompt.errors import ConfigError
-
-            raise ConfigError(f"encoder_dropout: expected a number in [0, 1), got {self.encoder_dropout!r}")
+            check_int(self.encoder_hidden_size, "encoder_hidden_size", minimum=1, maximum=1 << 16)
+        check_int(self.encoder_num_layers, "encoder_num_layers", minimum=1, maximum=16)
+        check_number(self.encoder_dropout, "encoder_dropout", minimum=0.0, below=1.0)
 
 
 class PTuning(SoftPromptMethod):

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from softprompt.engine.families import ModelShape
-from softprompt.methods.base import MethodConfig, SoftPromptMethod, check_choice, help_field, repeat_to
+from softprompt.methods.base import MethodConfig, SoftPromptMethod, repeat_to
+from softprompt.options import OptionError, check_choice, option
 
 INITS = ("text", "sample_vocab", "random")
 
@@ -24,23 +25,20 @@ class PromptTuningConfig(MethodConfig):
     method = "prompt_tuning"
     peft_type = "PROMPT_TUNING"
 
-    init: str = help_field(
+    init: str = option(
         "auto",
-        "How to initialise the virtual tokens: text (embeddings of --init-text), sample_vocab "
-        "(embeddings of random vocabulary tokens), random (N(0, 1), as PEFT's RANDOM), or auto "
-        "(text when init_text is given, else sample_vocab).",
-    )
-    init_text: str | None = help_field(None, "Text whose token embeddings initialise the prompt.")
+        "How to start the virtual tokens: text (embeddings of init_text), sample_vocab (embeddings of random "
+        "vocabulary tokens), random (N(0, 1), as PEFT's RANDOM), or auto (text when init_text is given, else "
+        "sample_vocab).", choices=(*INITS, "auto"))
+    init_text: str | None = option(None, "Text whose token embeddings start the prompt (repeated or cut to fit).")
 
     def validate(self) -> None:
         super().validate()
         if self.init == "auto":
             self.init = "text" if self.init_text else "sample_vocab"
-        check_choice(self, "init", INITS)
+        check_choice(self.init, "init", INITS)
         if self.init == "text" and not self.init_text:
-            from softprompt.errors import ConfigError
-
-            raise ConfigError("init_text: required when init is 'text' (the text whose embeddings start the prompt)")
+            raise OptionError("init_text", "required when init is 'text' (the text whose embeddings start the prompt)")
 
 
 def init_from_text(word_embeddings: nn.Module, token_ids: list[int], n: int) -> torch.Tensor:

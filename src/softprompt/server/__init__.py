@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from softprompt.errors import SoftPromptError
+from softprompt.models import loading
 from softprompt.server.settings import ADMIN_TOKEN_ENV, ServerSettings
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -38,6 +39,7 @@ def _require_serving_extras() -> None:
 def create_app(model, settings: ServerSettings | None = None) -> "FastAPI":
     """The FastAPI app for a loaded `SoftPromptModel` (see `softprompt.server.app.create_app`)."""
     _require_serving_extras()
+    # The app needs fastapi, a serving extra: imported once `_require_serving_extras` has checked it is there.
     from softprompt.server.app import create_app as _create_app
 
     return _create_app(model, settings)
@@ -54,11 +56,9 @@ def serve(model_name: str, adapters: dict[str, str] | None = None, adapter_dir: 
     settings = ServerSettings(model=model_name, adapters=dict(adapters or {}), adapter_dir=adapter_dir, host=host,
                               port=port, **options).validate()
     _require_serving_extras()
-    import uvicorn
+    import uvicorn  # a serving extra: imported once `_require_serving_extras` has checked it is there
 
-    from softprompt.models.loading import load
-
-    model = load(model_name, dtype=settings.dtype, device=settings.device)
+    model = loading.load(model_name, dtype=settings.dtype, device=settings.device)
     app = create_app(model, settings)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                 timeout_keep_alive=settings.keep_alive_s, timeout_graceful_shutdown=30)

@@ -27,7 +27,9 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from softprompt.engine.scoring import LabelScores
-from softprompt.server.batcher import Batcher, Job, Sampling
+from softprompt.errors import ConfigError
+from softprompt.server.batcher import Batcher
+from softprompt.server.jobs import Job, Sampling
 from softprompt.server.metrics import Metrics, MetricsMiddleware
 from softprompt.server.openapi import build_openapi
 from softprompt.server.prompting import chat_prompt_ids, encode
@@ -128,8 +130,6 @@ def create_app(model, settings: ServerSettings | None = None) -> FastAPI:
     """
     settings = (settings or ServerSettings()).validate()
     if model.tokenizer is None:
-        from softprompt.errors import ConfigError
-
         raise ConfigError("serving needs a model with a tokenizer")
     base_name = settings.served_model_name or settings.model or model.name_or_path or "base"
     model.eval()
@@ -143,12 +143,12 @@ def create_app(model, settings: ServerSettings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        batcher.start()
+        batcher.start_thread()
         registry.attach(batcher)
         try:
             yield
         finally:
-            await asyncio.to_thread(batcher.stop)
+            await asyncio.to_thread(batcher.stop_thread)
 
     app = FastAPI(title="softprompt", summary="Soft prompts on one frozen model, OpenAI-compatible.",
                   lifespan=lifespan)

@@ -6,13 +6,13 @@ queue and awaits futures, so it never blocks on the model. Scheme (continuous ba
 * **Waves.** The model thread loops over *steps*. At each step it first runs queued control commands
   (adapter registration and eviction, submitted by the registry), then admits waiting jobs in arrival
   order while the running rows stay within ``max_batch_size``, prefills the admitted rows in one mixed
-  batch (`SoftPromptModel.start`, one adapter per row, any mix of methods), merges them into the running
+  batch (`SoftPromptModel.prefill`, one adapter per row, any mix of methods), merges them into the running
   batch, and decodes one token for every running row (`SoftPromptModel.advance`).
 * **Joining and leaving.** Rows that finish (end of sequence, a stop string, max_tokens, or a client that
   went away) leave at once through `DecodeState.select`; new rows join at the next step. Joining merges
-  key/value caches: the shorter cache is left-padded with masked zeros, which changes nothing because
-  every row carries its own position ids and attention mask (the same mechanism that lets one batch mix
-  prompt lengths). Leading columns that no remaining row attends to are trimmed.
+  key/value caches (`DecodeState.merge`): the shorter cache is left-padded with masked zeros, which changes
+  nothing because every row carries its own position ids and attention mask (the same mechanism that lets
+  one batch mix prompt lengths). Leading columns that no remaining row attends to are trimmed.
 * **Fallback.** Caches that cannot be merged this way (sliding-window layers, encoder-decoder models)
   run as separate groups, each advanced once per step: still continuous (new rows start without
   waiting), just not one matrix multiply.
@@ -21,9 +21,10 @@ queue and awaits futures, so it never blocks on the model. Scheme (continuous ba
 * **Classification** jobs (`/v1/classify`) take no decode slot: they are scored between steps in
   batches grouped by identical label sets (`scoring.score_ids`).
 
-Greedy rows are the argmax of the same logits `generate` sees; sampled rows each own a generator
-seeded from the request's ``seed``, so a seeded request returns what
-``model.generate([prompt], do_sample=True, seed=seed, ...)`` returns, whatever else shares its batch.
+Tokens are picked and rows ended by the rules `generate` uses (`softprompt.engine.decode`): greedy rows
+are the argmax of the same logits `generate` sees; sampled rows each own a generator seeded from the
+request's ``seed``, so a seeded request returns what ``model.generate([prompt], do_sample=True, seed=seed,
+...)`` returns, whatever else shares its batch.
 """
 
 from __future__ import annotations
@@ -31,159 +32,52 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import os
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
-import torch.nn.functional as F
-from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 
-from softprompt.errors import SoftPromptError
-from softprompt.engine.generation import Generation, GenerationConfig, _warpers
+from softprompt.engine.decode import Continuation, DecodeState, StopRule, feed_next, next_tokens
+from softprompt.engine.generation import Generation
 from softprompt.engine.scoring import score_ids
 from softprompt.engine.tokens import eos_ids, pad_batch, pad_id
+from softprompt.errors import SoftPromptError
+from softprompt.server.jobs import Job
 from softprompt.server.schemas import APIError
 
 log = logging.getLogger("softprompt.server")
-
-
-# Temperatures below this decode greedily (their limit): dividing logits by a denormal such as 1e-311
-# overflows to inf, and softmax then gives NaN probabilities.
-MIN_SAMPLING_TEMPERATURE = 1e-6
 
 
 def _client_gone() -> APIError:
     return APIError(499, "the client closed the connection", code="client_closed")
 
 
-# ---------------------------------------------------------------------------- jobs
-@dataclass
-class Sampling:
-    """Decoding options of one request (already validated)."""
+class _Row(Continuation):
+    """A sequence being decoded (model thread only): its tokens and text, and how far it has been streamed."""
 
-    max_new_tokens: int
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
+    __slots__ = ("job", "choice", "prompt", "rule", "sampler", "emitted")
 
-    @property
-    def do_sample(self) -> bool:
-        return self.temperature >= MIN_SAMPLING_TEMPERATURE and self.top_p > 0
-
-
-class Job:
-    """One request: generation rows (one per prompt) or a classification, created on the event loop."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, *, adapter: str | None, prompts: list[list[int]],
-                 sampling: Sampling | None = None, stream: bool = False,
-                 labels: list[list[int]] | None = None, label_names: list[str] | None = None,
-                 normalize: str = "sum"):
-        self.loop = loop
-        self.adapter = adapter
-        self.prompts = prompts
-        self.sampling = sampling
-        self.stream = stream
-        self.labels = labels
-        self.label_names = label_names
-        self.normalize = normalize
-        self.kind = "classify" if labels is not None else "generate"
-        self.future: asyncio.Future = loop.create_future()
-        self.events: asyncio.Queue | None = asyncio.Queue() if stream else None
-        self.cancelled = False  # set from the event loop; read by the model thread
-        self.enqueued = time.monotonic()
-        self._results: dict[int, Generation] = {}  # model thread only
-
-    @property
-    def rows(self) -> int:
-        return len(self.prompts)
-
-    def cancel(self) -> None:
-        """The client went away: the model thread drops the job's rows at its next step."""
-        self.cancelled = True
-
-    # called on the event loop
-    def _deliver(self, events: list[tuple]) -> None:
-        for event in events:
-            if event[0] == "done":
-                if not self.future.done():
-                    self.future.set_result(event[1])
-            elif event[0] == "error":
-                if not self.future.done():
-                    self.future.set_exception(event[1])
-                    self.future.exception()  # retrieved: a job nobody awaits any more must not warn
-            if self.events is not None:
-                self.events.put_nowait(event)
-
-
-class _Row:
-    """A sequence being decoded (model thread only)."""
-
-    __slots__ = ("job", "choice", "prompt", "tokens", "text", "emitted", "finish", "generator", "warpers")
-
-    def __init__(self, job: Job, choice: int, prompt: list[int]):
+    def __init__(self, job: Job, choice: int, prompt: list[int], rule: StopRule):
+        super().__init__()
         self.job = job
         self.choice = choice
         self.prompt = prompt
-        self.tokens: list[int] = []
-        self.text = ""
+        self.rule = rule
+        self.sampler = job.sampling.sampler()
         self.emitted = 0  # characters already streamed
-        self.finish: str | None = None
-        s = job.sampling
-        self.generator = None
-        self.warpers = None
-        if s.do_sample:
-            seed = s.seed if s.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
-            self.generator = torch.Generator().manual_seed(seed)
-            self.warpers = _warpers(GenerationConfig(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k))
 
 
 class _Group:
     """Rows sharing one decode state."""
 
-    def __init__(self, state, rows: list[_Row]):
+    def __init__(self, state: DecodeState, rows: list[_Row]):
         self.state = state
         self.rows = rows
-        self.mergeable = _mergeable(state)
+        self.mergeable = state.mergeable
 
 
-def _mergeable(state) -> bool:
-    if state.encoder_hidden is not None or not isinstance(state.cache, DynamicCache) or not state.cache.layers:
-        return False
-    width = state.attention_mask.shape[1]
-    return all(type(layer) is DynamicLayer and layer.is_initialized and layer.keys.dim() == 4
-               and layer.keys.shape[-2] == width for layer in state.cache.layers)
-
-
-def _merge(a, b) -> None:
-    """Append the rows of state ``b`` to state ``a`` (both `_mergeable`), left-padding the shorter cache."""
-    wa, wb = a.attention_mask.shape[1], b.attention_mask.shape[1]
-    width = max(wa, wb)
-    for x, y in zip(a.cache.layers, b.cache.layers):
-        x.keys = torch.cat([F.pad(x.keys, (0, 0, width - wa, 0)), F.pad(y.keys, (0, 0, width - wb, 0))])
-        x.values = torch.cat([F.pad(x.values, (0, 0, width - wa, 0)), F.pad(y.values, (0, 0, width - wb, 0))])
-    a.attention_mask = torch.cat([F.pad(a.attention_mask, (width - wa, 0)), F.pad(b.attention_mask, (width - wb, 0))])
-    a.next_position = torch.cat([a.next_position, b.next_position])
-    a.logits = torch.cat([a.logits, b.logits])
-
-
-def _trim(state) -> None:
-    """Drop leading cache columns that no remaining row attends to."""
-    live = state.attention_mask.any(0)
-    first = int(live.to(torch.int8).argmax()) if bool(live.any()) else 0
-    if first > 0:
-        for layer in state.cache.layers:
-            layer.keys = layer.keys[:, :, first:]
-            layer.values = layer.values[:, :, first:]
-        state.attention_mask = state.attention_mask[:, first:]
-
-
-def _held_back(text: str, stops: list[str]) -> int:
+def _held_back(text: str, stops: Sequence[str]) -> int:
     """Length of the longest suffix of ``text`` that could still grow into a stop string.
 
     Only suffixes starting with the stop string's first character can match, so those are the only ones
@@ -213,7 +107,7 @@ class Batcher:
         self.settings = settings
         self.metrics = metrics
         self.tokenizer = model.tokenizer
-        self.stops = eos_ids(model.tokenizer, model.base) if model.tokenizer is not None else set()
+        self.eos = frozenset(eos_ids(model.tokenizer, model.base)) if model.tokenizer is not None else frozenset()
         self.pad = pad_id(model.tokenizer) if model.tokenizer is not None else 0
         self._cv = threading.Condition()
         self._pending: collections.deque[Job] = collections.deque()
@@ -228,13 +122,15 @@ class Batcher:
         self.stats = {"merged": 0, "separate": 0}
 
     # -------------------------------------------------------------- event-loop side
-    def start(self) -> None:
+    def start_thread(self) -> None:
+        """Start the model thread (again, after `stop_thread`)."""
         if self._thread is None or not self._thread.is_alive():
             self._stopping = False
             self._thread = threading.Thread(target=self._run, name="softprompt-model", daemon=True)
             self._thread.start()
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop_thread(self, timeout: float = 10.0) -> None:
+        """Stop the model thread: what is queued or running fails with a 503."""
         with self._cv:
             self._stopping = True
             self._cv.notify_all()
@@ -402,10 +298,10 @@ class Batcher:
 
     # -------------------------------------------------------------- generation
     def _prefill(self, jobs: list[Job]) -> None:
-        rows = [_Row(job, i, ids) for job in jobs for i, ids in enumerate(job.prompts)]
+        rows = [_Row(job, i, ids, self._stop_rule(job)) for job in jobs for i, ids in enumerate(job.prompts)]
         try:
             ids, mask = pad_batch([r.prompt for r in rows], self.pad, side="left")
-            state = self.model.start(ids, mask, [r.job.adapter for r in rows])
+            state = self.model.prefill(ids, mask, [r.job.adapter for r in rows])
         except Exception as exc:  # noqa: BLE001
             for job in jobs:
                 self._fail(job, _as_api_error(exc))
@@ -416,7 +312,7 @@ class Batcher:
         self._running_rows += len(rows)
         target = next((g for g in self._groups if g.mergeable), None) if group.mergeable else None
         if target is not None:
-            _merge(target.state, group.state)
+            target.state.merge(group.state)
             target.rows.extend(group.rows)
             self.stats["merged"] += 1
         else:
@@ -442,10 +338,12 @@ class Batcher:
         if self.metrics and not self._groups:
             self.metrics.running_rows.set(0)
 
+    def _stop_rule(self, job: Job) -> StopRule:
+        return StopRule(self.tokenizer, self.eos, job.sampling.max_new_tokens, tuple(job.sampling.stop))
+
     def _step_group(self, group: _Group) -> bool:
         state = group.state
-        logits = state.logits
-        greedy = logits.argmax(-1).cpu()
+        greedy = next_tokens(state.logits, None)
         keep: list[int] = []
         generated = 0
         for slot, row in enumerate(group.rows):
@@ -453,81 +351,48 @@ class Batcher:
                 row.finish = "cancelled"
                 self._fail(row.job, _client_gone())  # resolves the job, which unpins its adapter
                 continue
-            if row.warpers is not None:
-                probs = torch.softmax(row.warpers(None, logits[slot:slot + 1]), -1).cpu()
-                if bool(torch.isfinite(probs).all()):
-                    token = int(torch.multinomial(probs, 1, generator=row.generator)[0, 0])
-                else:  # non-finite logits (e.g. a float16 overflow): the row's greedy token, never a crash
-                    token = int(greedy[slot])
-            else:
-                token = int(greedy[slot])
-            self._advance_row(row, token)
-            generated += token not in self.stops
+            # A sampled row draws alone, with its own generator: its tokens do not depend on its batch.
+            token = int(greedy[slot] if row.sampler is None else next_tokens(state.logits[slot:slot + 1], row.sampler)[0])
+            generated += self._add_token(row, token)
             if row.finish is None:
                 keep.append(slot)
         if self.metrics and generated:
             self.metrics.tokens.labels(kind="completion").inc(generated)
-        finished = len(group.rows) - len(keep)
-        self._running_rows -= finished
+        self._running_rows -= len(group.rows) - len(keep)
         if not keep:
             return False
-        if finished:
-            index = torch.tensor(keep, device=state.logits.device)
-            state.select(index)
-            group.rows = [group.rows[k] for k in keep]
-            if group.mergeable:
-                _trim(state)
+        group.rows = [group.rows[k] for k in keep]
         tokens = torch.tensor([row.tokens[-1] for row in group.rows], dtype=torch.long)
-        state.logits = self.model.advance(state, tokens[:, None])[:, -1]
+        feed_next(self.model, state, keep, tokens, trim=group.mergeable)
         return True
 
-    def _advance_row(self, row: _Row, token: int) -> None:
-        """Add one token to a row (the rules of `generation.generate_batch`) and emit what is due."""
-        job, sampling = row.job, row.job.sampling
-        cut = False
-        if token in self.stops:
-            row.finish = "stop"
-        else:
-            row.tokens.append(token)
-            if sampling.stop or job.stream:
-                row.text = self._decode(row.tokens)
-                cuts = [row.text.index(s) for s in sampling.stop if s in row.text]
-                if cuts:
-                    row.text = row.text[:min(cuts)]
-                    row.finish = "stop"
-                    cut = True
-            if row.finish is None and len(row.tokens) >= sampling.max_new_tokens:
-                row.finish = "length"
+    def _add_token(self, row: _Row, token: int) -> bool:
+        """Add one token to a row (`StopRule`, as `generate` does) and emit what is due; whether it was kept."""
+        job = row.job
+        kept = row.rule.add(row, token, track_text=job.stream)
         if row.finish is not None:
-            self._finish_row(row, cut)
+            self._finish_row(row)
         elif job.stream:
             end = len(row.text)
             while end > row.emitted and row.text[end - 1] == "\ufffd":  # an incomplete UTF-8 character
                 end -= 1
-            end -= _held_back(row.text[:end], sampling.stop)
+            end -= _held_back(row.text[:end], row.rule.stop)
             if end > row.emitted:
                 self._send(job, ("delta", row.choice, row.text[row.emitted:end]))
                 row.emitted = end
+        return kept
 
-    def _decode(self, tokens: list[int]) -> str:
-        return self.tokenizer.decode(tokens, skip_special_tokens=True) if self.tokenizer is not None else ""
-
-    def _finish_row(self, row: _Row, cut: bool) -> None:
+    def _finish_row(self, row: _Row) -> None:
         job = row.job
-        if not cut:
-            row.text = self._decode(row.tokens)
-            cuts = [row.text.index(s) for s in job.sampling.stop if s in row.text]
-            if cuts:
-                row.text = row.text[:min(cuts)]
         result = Generation(row.text, list(row.tokens), row.finish, len(row.prompt))
         if job.stream and len(row.text) > row.emitted:
             self._send(job, ("delta", row.choice, row.text[row.emitted:]))
             row.emitted = len(row.text)
-        job._results[row.choice] = result
+        job.results[row.choice] = result
         if job.stream:
             self._send(job, ("finish", row.choice, result))
-        if len(job._results) == job.rows:
-            self._send(job, ("done", [job._results[i] for i in range(job.rows)]))
+        if len(job.results) == job.rows:
+            self._send(job, ("done", [job.results[i] for i in range(job.rows)]))
 
     # -------------------------------------------------------------- delivery
     def _send(self, job: Job, event: tuple) -> None:
@@ -572,7 +437,7 @@ class Batcher:
 
 def _deliver_all(items) -> None:
     for job, events in items:
-        job._deliver(events)
+        job.deliver(events)
 
 
 def _set_result(future: asyncio.Future, value) -> None:

@@ -17,9 +17,9 @@ from typing import Any
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
+from softprompt.engine.adapter_name import ADAPTER_NAME
 from softprompt.server.schemas import (MAX_STOP, MAX_STOP_CHARS, ChatCompletionRequest, ChatCompletionResponse, ClassifyRequest, ClassifyResponse,
                       CompletionRequest, CompletionResponse, ModelCard, ModelList)
-from softprompt.server.settings import ADAPTER_NAME
 
 ERROR = {
     "type": "object",

@@ -10,8 +10,8 @@
   to be released (at most ``adapter_wait_s``, then 503).
 * **Loading never stalls other adapters**: files are read and checked on a worker thread; only the
   final registration (a dictionary insert) runs on the model thread, between two decoding steps.
-* **Admin names** are resolved strictly inside ``adapter_dir``: the name must match
-  ``^[A-Za-z0-9][A-Za-z0-9_\\-]{0,63}$`` and its resolved path (symlinks followed) must stay inside.
+* **Admin names** are resolved strictly inside ``adapter_dir``: the name must be a valid adapter name
+  (`softprompt.engine.adapter_name`) and its resolved path (symlinks followed) must stay inside.
 
 All registry state is touched only from the event loop (and at start, before serving).
 """
@@ -24,10 +24,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from softprompt.adapters.peft_format import CONFIG_FILE, read_adapter
+from softprompt.engine.adapter_name import check_adapter_name
 from softprompt.errors import ConfigError, SoftPromptError
-from softprompt.adapters.peft_format import CONFIG_FILE, load_adapter
 from softprompt.server.schemas import APIError, ModelCard
-from softprompt.server.settings import ADAPTER_NAME
 
 log = logging.getLogger("softprompt.server")
 
@@ -46,34 +46,12 @@ class AdapterEntry:
     created: int = field(default_factory=lambda: int(time.time()))
 
 
-class _Capture:
-    """Stands in for the model while `peft_format.load_adapter` reads files, so nothing touches the live model."""
-
-    def __init__(self, model):
-        self.shape = model.shape
-        self.name_or_path = model.name_or_path
-        self.device = model.device
-        self.adapters: dict = {}
-        self.captured = None
-
-    def check_new_name(self, name: str) -> None:
-        if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name):
-            raise SoftPromptError(f"adapter name {name!r}: expected 1-64 letters, digits, '_' or '-', "
-                                  "starting with a letter or digit")
-
-    def register(self, name, adapter):
-        adapter.to(self.device)
-        adapter.requires_grad_(False)
-        adapter.eval()
-        self.captured = adapter
-        return adapter
-
-
-def read_adapter(model, path: str, name: str):
-    """Read and check an adapter directory for ``model`` without registering it (thread-safe)."""
-    capture = _Capture(model)
-    load_adapter(capture, path, name=name)
-    return capture.captured
+def read_frozen(model, path: str):
+    """Read and check an adapter directory for ``model`` (`read_adapter`: nothing touches the live model, so
+    any thread may) and make it ready to serve: frozen, in eval mode, on the model's device, so that
+    registering it on the model thread is only a dictionary insert."""
+    adapter = read_adapter(path, model.shape)
+    return adapter.to(model.device).requires_grad_(False).eval()
 
 
 def install(model, name: str, adapter) -> None:
@@ -116,7 +94,7 @@ class AdapterRegistry:
         if self.adapter_dir is not None:
             given = {n for n, _, _ in candidates} | set(self.entries)
             for child in sorted(self.adapter_dir.iterdir()):
-                if child.name in given or not ADAPTER_NAME.fullmatch(child.name) or not (child / CONFIG_FILE).is_file():
+                if child.name in given or check_adapter_name(child.name) or not (child / CONFIG_FILE).is_file():
                     continue
                 if not self._inside(child):
                     log.warning("adapter dir: %s resolves outside %s; skipped", child.name, self.adapter_dir)
@@ -128,7 +106,7 @@ class AdapterRegistry:
         for name, path, explicit in candidates:
             self._check_not_base(name, ConfigError)
             try:
-                adapter = read_adapter(self.model, path, name)
+                adapter = read_frozen(self.model, path)
             except SoftPromptError as exc:
                 if explicit:
                     raise
@@ -225,7 +203,7 @@ class AdapterRegistry:
             entry.loading = loop.create_future()
             try:
                 if adapter is None:
-                    adapter = await asyncio.to_thread(read_adapter, self.model, entry.path, entry.name)
+                    adapter = await asyncio.to_thread(read_frozen, self.model, entry.path)
                 await self._on_model_thread(install, self.model, entry.name, adapter)
             except BaseException as exc:
                 error = exc if isinstance(exc, APIError) else APIError(
@@ -313,9 +291,9 @@ class AdapterRegistry:
 
     def admin_path(self, name: str) -> Path:
         """``<adapter_dir>/<name>``, refusing bad names and anything that resolves outside the directory."""
-        if not ADAPTER_NAME.fullmatch(name):
-            raise APIError(400, f"adapter name {name[:80]!r}: expected 1-64 letters, digits, '_' or '-', starting "
-                                "with a letter or digit (names only, never paths)", param="name")
+        problem = check_adapter_name(name)
+        if problem:
+            raise APIError(400, f"{problem} (names only, never paths)", param="name")
         if self.adapter_dir is None:
             raise APIError(400, "the server was started without --adapter-dir; nothing can be loaded by name")
         path = self.adapter_dir / name
@@ -331,7 +309,7 @@ class AdapterRegistry:
         path = self.admin_path(name)
         self._check_not_base(name, lambda msg: APIError(400, msg, param="name"))
         try:
-            adapter = await asyncio.to_thread(read_adapter, self.model, str(path), name)
+            adapter = await asyncio.to_thread(read_frozen, self.model, str(path))
         except SoftPromptError as exc:
             raise APIError(400, f"adapter {name!r} could not be loaded: {exc}", code="adapter_invalid") from None
         entry = self.entries.get(name)
@@ -365,9 +343,9 @@ class AdapterRegistry:
         return entry
 
     async def admin_unload(self, name: str) -> None:
-        if not ADAPTER_NAME.fullmatch(name):
-            raise APIError(400, f"adapter name {name[:80]!r}: expected 1-64 letters, digits, '_' or '-'",
-                           param="name")
+        problem = check_adapter_name(name)
+        if problem:
+            raise APIError(400, problem, param="name")
         entry = self.entries.get(name)
         if entry is None:
             raise APIError(404, f"no adapter named {name!r} is registered", param="name", code="model_not_found")

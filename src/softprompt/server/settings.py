@@ -8,15 +8,14 @@ flag is the field name with dashes (``max_batch_size`` -> ``--max-batch-size``).
 from __future__ import annotations
 
 import os
-import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from softprompt.engine.adapter_name import check_adapter_name
 from softprompt.errors import ConfigError
 
 ADMIN_TOKEN_ENV = "SOFTPROMPT_ADMIN_TOKEN"
-ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$")
 
 
 def _opt(default: Any, help: str, **meta) -> Any:
@@ -109,9 +108,9 @@ class ServerSettings:
         if not isinstance(self.adapters, dict):
             raise ConfigError(f"adapters: expected a mapping NAME -> PATH, got {type(self.adapters).__name__}")
         for name in self.adapters:
-            if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name):
-                raise ConfigError(f"--adapter {name!r}: adapter names are 1-64 letters, digits, '_' or '-', "
-                                  "starting with a letter or digit")
+            problem = check_adapter_name(name)
+            if problem:
+                raise ConfigError(f"--adapter: {problem}")
         if self.served_model_name is not None and not self.served_model_name.strip():
             raise ConfigError("--served-model-name: expected a non-empty name")
         if self.adapter_dir is not None and not Path(self.adapter_dir).expanduser().is_dir():
@@ -125,15 +124,6 @@ class ServerSettings:
             if self.adapter_dir is None:
                 raise ConfigError("--enable-admin needs --adapter-dir: the admin endpoints load names from there only")
         return self
-
-    @classmethod
-    def options(cls) -> list[tuple[str, Any, str, bool]]:
-        """(field name, default, help, exposed as a flag) for every option (the CLI builds flags from these)."""
-        out = []
-        for f in fields(cls):
-            default = f.default if not callable(f.default_factory) else f.default_factory()  # type: ignore[misc]
-            out.append((f.name, default, f.metadata.get("help", ""), f.metadata.get("cli", True)))
-        return out
 
 
 def _flag(name: str) -> str:

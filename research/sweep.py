@@ -1,20 +1,21 @@
 """A learning-rate x prompt-length sweep trained as ONE multi-adapter job, then a prompt ensemble.
 
-    .venv/bin/python -m bench.sweep --task financial_phrasebank               # 3 lr x 2 lengths, 2 epochs
-    .venv/bin/python -m bench.sweep --task sst2 --lrs 3e-2,1e-1 --tokens 8,20 --train-limit 2000
-    .venv/bin/python -m bench.sweep --methods prompt_tuning,prefix_tuning --lrs 1e-2,3e-2 --tokens 8
-    .venv/bin/python -m bench.sweep --quick                                   # harness check, tiny model
+    .venv/bin/python -m research.sweep --task financial_phrasebank               # 3 lr x 2 lengths, 2 epochs
+    .venv/bin/python -m research.sweep --task sst2 --lrs 3e-2,1e-1 --tokens 8,20 --train-limit 2000
+    .venv/bin/python -m research.sweep --methods prompt_tuning,prefix_tuning --lrs 1e-2,3e-2 --tokens 8
+    .venv/bin/python -m research.sweep --quick                                   # harness check, tiny model
 
 Every adapter of the sweep trains in the same `softprompt.training.train_jobs` call on one frozen base:
 each optimizer step runs one batch per adapter (same rows, same order) through the model together.
 Selection is honest: a seeded, label-stratified slice of the *training* rows is the validation set;
 the best single adapter and the ensemble members (the top ``--ensemble`` by validation accuracy) are
-chosen on it, and the held-out test rows (the same seeded split as ``bench.quality``) are only scored.
-The ensemble averages the label probabilities of its members (`softprompt.training.predict.label_probabilities`,
+chosen on it, and the held-out test rows (the same seeded split as ``research.quality``) are only scored.
+The ensemble averages the label probabilities of its members (`softprompt.training.label_probabilities`,
 what ``softprompt predict --adapter A --adapter B`` does).
 
 Writes ``<out>/<task>/sweep.json``, ``sweep.md`` (the table) and ``sweep.png`` (test accuracy per
-adapter, validation accuracy beside it).
+adapter, validation accuracy beside it), never into ``docs/`` or ``examples/``: ``python -m research.export
+<out>/<task>/sweep.json --into examples/adapters`` ships the chosen adapter if it beats the shipped examples.
 """
 
 from __future__ import annotations
@@ -27,12 +28,17 @@ from pathlib import Path
 
 import torch
 
-if __package__ in (None, ""):  # `python bench/sweep.py`
+if __package__ in (None, ""):  # `python research/sweep.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import harness  # noqa: E402
-from bench.models import TINY, Systems, model_path  # noqa: E402
-from bench.quality import BUDGETS, SEED, TASKS, config_for, examples, is_quick, score_ours, task_rows  # noqa: E402
+from softprompt.data import train_val_split  # noqa: E402
+from softprompt.training import classification_report, label_probabilities, prepare_job, prompt_budget, train_jobs  # noqa: E402
+
+from research import harness  # noqa: E402
+from research.models import TINY, Systems, model_path  # noqa: E402
+from research.paths import own_output  # noqa: E402
+from research.quality import score_ours  # noqa: E402
+from research.tasks import BUDGETS, SEED, TASKS, config_for, examples, is_quick, task_rows  # noqa: E402
 
 
 SHORT = {"prompt_tuning": "pt", "prefix_tuning": "prefix", "p_tuning": "ptune"}
@@ -46,11 +52,6 @@ def run_sweep(systems: Systems, task_name: str, *, lrs: list[float], tokens: lis
               val_fraction: float, ensemble: int, out: Path, log=print,
               methods: tuple[str, ...] = ("prompt_tuning",)) -> dict:
     """Train every (method, lr, tokens) adapter in one job; score each and the ensembles."""
-    from softprompt.data import train_val_split
-    from softprompt.training.metrics import classification_report
-    from softprompt.training.predict import label_probabilities
-    from softprompt.training import prepare_job, train_jobs
-
     task = TASKS[task_name]
     quick = is_quick(budget)
     train_rows, test_rows, split = task_rows(task, budget, quick)
@@ -109,8 +110,6 @@ def run_sweep(systems: Systems, task_name: str, *, lrs: list[float], tokens: lis
 
 
 def _room(systems: Systems, labels, budget) -> int | None:
-    from softprompt.training.evaluate import prompt_budget
-
     return prompt_budget(systems.ours, labels, budget["max_length"])
 
 
@@ -135,7 +134,7 @@ def markdown(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
+    import matplotlib  # only here: the backend must be chosen before pyplot loads, and only plots need it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -161,7 +160,7 @@ def plot(result: dict, path: Path) -> None:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m bench.sweep", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m research.sweep", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", default="financial_phrasebank", choices=["financial_phrasebank", "sst2"])
     p.add_argument("--lrs", default="3e-2,1e-1,3e-1", help="comma-separated learning rates")
@@ -176,9 +175,6 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="tiny random model and stand-in rows: checks the harness")
     p.add_argument("--out", default="runs/sweep")
-    p.add_argument("--export", action="store_true",
-                   help="ship the adapter chosen on validation as the task's example in examples/adapters/ if its "
-                        "test accuracy beats every example of the task shipped there (bench.export)")
     return p.parse_args(argv)
 
 
@@ -186,20 +182,21 @@ def _numbers(text: str, kind, flag: str) -> list:
     try:
         values = [kind(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise SystemExit(f"bench.sweep: {flag}: expected comma-separated numbers, got {text!r}")
+        raise SystemExit(f"research.sweep: {flag}: expected comma-separated numbers, got {text!r}")
     if not values or any(v <= 0 for v in values):
-        raise SystemExit(f"bench.sweep: {flag}: expected positive numbers, got {text!r}")
+        raise SystemExit(f"research.sweep: {flag}: expected positive numbers, got {text!r}")
     return values
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    own_output(args.out, "--out", "research.sweep")
     harness.quiet()
     torch.set_num_threads(args.threads)
     lrs, tokens = _numbers(args.lrs, float, "--lrs"), _numbers(args.tokens, int, "--tokens")
     methods = tuple(m.strip().replace("-", "_") for m in args.methods.split(",") if m.strip())
     if not methods or any(m not in SHORT for m in methods):
-        raise SystemExit(f"bench.sweep: --methods: expected some of {', '.join(SHORT)}, got {args.methods!r}")
+        raise SystemExit(f"research.sweep: --methods: expected some of {', '.join(SHORT)}, got {args.methods!r}")
     if args.quick:
         budget = BUDGETS["quick"]
     else:
@@ -209,20 +206,14 @@ def main(argv=None) -> int:
     result = run_sweep(systems, args.task, lrs=lrs, tokens=tokens, budget=budget, val_fraction=args.val_fraction,
                        ensemble=args.ensemble, out=out, methods=methods)
     result["meta"] = {"model": TINY if args.quick else args.model, "machine": harness.machine(args.threads),
-                      "date": time.strftime("%Y-%m-%d"), "command": "python -m bench.sweep " + " ".join(argv or sys.argv[1:])}
+                      "date": time.strftime("%Y-%m-%d"), "command": "python -m research.sweep " + " ".join(argv or sys.argv[1:])}
     where = out / args.task
     where.mkdir(parents=True, exist_ok=True)
     (where / "sweep.json").write_text(json.dumps(result, indent=2) + "\n")
     (where / "sweep.md").write_text(markdown(result))
     plot(result, where / "sweep.png")
-    if args.export and not args.quick:
-        from bench.export import export_if_better
-
-        chosen = next(r for r in result["adapters"] if r["name"] == result["selected"])
-        print(f"bench.sweep: {result['selected']}: "
-              + export_if_better(chosen["path"], args.task, args.model, chosen["test_accuracy"]))
     print(markdown(result))
-    print(f"bench.sweep: wrote {where / 'sweep.json'}, sweep.md and sweep.png")
+    print(f"research.sweep: wrote {where / 'sweep.json'}, sweep.md and sweep.png")
     return 0
 
 

@@ -1,9 +1,9 @@
 """What attending to a soft prompt costs in PyTorch's CPU attention kernel, what softprompt does instead,
 and what would not help.
 
-    .venv/bin/python -m bench.attention                 # smollm2-135m's shapes: 8 rows x 64 tokens, 9/3 heads
-    .venv/bin/python -m bench.attention --prefix 8 --threads 2
-    .venv/bin/python -m bench.attention --sweep         # masked kernel vs grouped products over text lengths
+    .venv/bin/python -m research.attention                 # smollm2-135m's shapes: 8 rows x 64 tokens, 9/3 heads
+    .venv/bin/python -m research.attention --prefix 8 --threads 2
+    .venv/bin/python -m research.attention --sweep         # masked kernel vs grouped products over text lengths
 
 A prompt-tuned forward attends 64 text queries to n prefix keys plus the 64 causal text keys, which
 needs an explicit mask: SDPA's ``is_causal`` aligns the causal triangle to the top left, wrong as soon
@@ -33,7 +33,7 @@ from pathlib import Path
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    __package__ = "bench"
+    __package__ = "research"
 
 
 def variants(batch: int, heads: int, length: int, prefix: int, head_dim: int, seed: int = 0,
@@ -103,7 +103,7 @@ def best_times(calls: dict, rounds: int, per_round: int = 10) -> dict[str, float
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.attention", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m research.attention", description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--heads", type=int, default=9, help="query heads (smollm2-135m: 9)")
     p.add_argument("--kv-heads", type=int, default=3, help="key/value heads (smollm2-135m: 3)")

@@ -1,4 +1,4 @@
-"""Soak run of the HTTP server on loopback: ``python -m bench.soak [--minutes 5] [--clients 48] [--json out.json]``.
+"""Soak run of the HTTP server on loopback: ``python -m research.soak [--minutes 5] [--clients 48] [--json out.json]``.
 
 What it does, with nothing but this machine:
 
@@ -405,7 +405,7 @@ def check_burst(report: dict) -> list[str]:
 
 # ------------------------------------------------------------------------------------------ command line
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m research.soak", description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=5.0, help="Length of the soak phase (default 5).")
     parser.add_argument("--seconds", type=float, default=None, help="Length in seconds (overrides --minutes).")
     parser.add_argument("--clients", type=int, default=48, help="Concurrent clients (default 48).")

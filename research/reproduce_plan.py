@@ -1,43 +1,26 @@
-"""Reproduce every measured number of docs/results.md from scratch, in one command, with a time estimate.
+"""The plan of ``research.reproduce``: its steps, what each reproduces, and how each measures its figures.
 
-    .venv/bin/python -m bench.reproduce --list                 # the plan: steps, what each reproduces, minutes
-    .venv/bin/python -m bench.reproduce                        # all of it (about 11 hours on 2 CPU cores)
-    .venv/bin/python -m bench.reproduce --only fpb-prefix-e4   # one step (and nothing it needs is redone)
-    .venv/bin/python -m bench.reproduce --quick                # every step on a tiny random model: checks the plan
-
-Each step runs the command lines docs/results.md quotes (`bench.quality`, `bench.sweep`, `softprompt train
---init-from` and `--kfold`, `softprompt eval` and `predict`, `bench.cross_model`) as child processes, in order, into
-``<out>/<step>/``, then reads what they wrote and sets it beside the number the docs report. A step that
-finished is not run again (its ``done.json``), so an interrupted run picks up where it stopped; ``--force``
-redoes the named steps. The estimate is what each step took when the docs' numbers were measured (2 idle
-cores, AMD EPYC); an overall bar shows the minutes done against the estimate and the time left.
-
-Writes ``<out>/summary.md`` and ``summary.json``: step, figure, documented, reproduced, difference.
-Training is seeded and runs on CPU, so a rerun on the same thread count lands on the same adapters up to
-float summation order; the one-off experiments in docs/results.md's "what helped" list (calibration,
-templates, self-training, thresholds) are scripts of a session, not steps here, and say so there.
+Each ``Step`` holds the command lines the docs quote (``research.quality``, ``research.sweep``, ``softprompt
+train --init-from`` and ``--kfold``, ``softprompt eval`` and ``predict``, ``research.cross_model``), the minutes
+it took when the documented numbers were measured, the documented figures and a function that reads the
+same figures back from what the step wrote. ``cut_unseen`` recovers the SST-2 chain's data cuts.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
-import os
 import random
-import shlex
-import subprocess
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-if __package__ in (None, ""):  # `python bench/reproduce.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from softprompt.data import Template, load_rows
+from softprompt.fileio import atomic_write_text
+from softprompt.training import fingerprint, read_train_fingerprints
 
-from bench.quality import DATA, REPO  # noqa: E402
+from research.paths import REPO, RESULTS
 
 SST2_TEMPLATE = "Review: {sentence}\nSentiment:"
 SST2_VERBALIZER = '{"0": " negative", "1": " positive"}'
@@ -46,11 +29,11 @@ SST2_VERBALIZER = '{"0": " negative", "1": " positive"}'
 @dataclass(frozen=True)
 class Step:
     name: str
-    what: str  # the part of docs/results.md it reproduces
+    what: str  # the part of the docs (results.md, research/NOTES.md) it reproduces
     minutes: float  # measured when the documented numbers were made (2 idle cores)
     commands: tuple[tuple[str, ...], ...]  # argv after the Python interpreter; <out>, <data>, <smollm2>... filled in
     measure: Callable[[Path], dict[str, float]]  # the step's output dir -> figure -> value
-    documented: dict[str, float] = field(default_factory=dict)  # figure -> the value docs/results.md reports
+    documented: dict[str, float] = field(default_factory=dict)  # figure -> the value the docs report
     needs: tuple[str, ...] = ()  # steps whose outputs it reads
     stdout: str | None = None  # file (in the step dir) that takes the last command's standard output
 
@@ -100,8 +83,8 @@ def flatten_quality(result: dict, tasks: tuple[str, ...]) -> dict[str, float]:
 
 
 def documented_quality(tasks: tuple[str, ...]) -> dict[str, float]:
-    """The numbers behind docs/results.md's tables (kept beside it in docs/results.json)."""
-    path = REPO / "docs" / "results.json"
+    """The numbers behind the quality tables the docs quote (research/results/quality.json)."""
+    path = RESULTS / "quality.json"
     return flatten_quality(json.loads(path.read_text()), tasks) if path.exists() else {}
 
 
@@ -118,8 +101,6 @@ def cross_model_figures(out: Path) -> dict[str, float]:
 
 
 def raft_transfer_figures(out: Path) -> dict[str, float]:
-    from softprompt.data import load_rows
-
     def labels_by_id(path: Path) -> dict[str, str]:  # a `softprompt predict` file: ID,Label
         return {r["ID"]: r["Label"] for r in load_rows(path)}
 
@@ -149,13 +130,13 @@ def raft_transfer(*flags: str) -> tuple[str, ...]:
 
 
 def sweep(out_task: str, *flags: str) -> tuple[str, ...]:
-    return ("-m", "bench.sweep", "--task", out_task, *flags, "--out", "<out>")
+    return ("-m", "research.sweep", "--task", out_task, *flags, "--out", "<out>")
 
 
 def sst2_chain_step(n: int, start: str, seen_adapters: tuple[str, ...], seen_files: tuple[str, ...], seed: int,
                     train: int | None, dedupe: bool, minutes: float, dev: float, what: str) -> Step:
     """One link of the SST-2 chain: cut rows no earlier run saw, continue the adapter on them, score dev."""
-    cut = ["-m", "bench.reproduce", "cut", "--data", "<data>/sst2/train.tsv", "--seed", str(seed), "--val", "1000",
+    cut = ["-m", "research.reproduce", "cut", "--data", "<data>/sst2/train.tsv", "--seed", str(seed), "--val", "1000",
            "--out", "<out>"] + (["--train", str(train)] if train else []) + (["--dedupe"] if dedupe else [])
     for a in seen_adapters:
         cut += ["--seen-adapter", a]
@@ -183,11 +164,11 @@ def plan() -> list[Step]:
     return [
         Step("quality", "the financial_phrasebank, SST-2 and generation tables (standard budget: 600 rows, 1 epoch; "
              "PEFT beside softprompt)", 150.0,
-             (("-m", "bench.quality", "--tasks", ",".join(quality_tasks), "--threads", "1", "--out", "<out>",
-               "--doc", "<out>/results.md"),), quality_figures(quality_tasks), documented_quality(quality_tasks)),
+             (("-m", "research.quality", "--tasks", ",".join(quality_tasks), "--threads", "1", "--out", "<out>",
+               "--doc", "<out>/quality.md"),), quality_figures(quality_tasks), documented_quality(quality_tasks)),
         Step("quality-raft", "the RAFT table (10-fold CV, 10 epochs per fold) and its test-tweet predictions", 20.0,
-             (("-m", "bench.quality", "--tasks", "raft_twitter_complaints", "--cv-epochs", "10", "--out", "<out>",
-               "--doc", "<out>/results.md"),),
+             (("-m", "research.quality", "--tasks", "raft_twitter_complaints", "--cv-epochs", "10", "--out", "<out>",
+               "--doc", "<out>/quality.md"),),
              quality_figures(("raft_twitter_complaints",)), documented_quality(("raft_twitter_complaints",))),
         Step("fpb-prompt-500", "financial_phrasebank prompt-tuning grid, 450 rows, 2 epochs", 39.5,
              (sweep(fpb, "--lrs", "3e-2,1e-1", "--tokens", "8,20", "--train-limit", "500", "--threads", "1"),),
@@ -234,7 +215,7 @@ def plan() -> list[Step]:
                     "--threads", "2"),),
              sweep_figures(sst), {"chosen on validation: test accuracy": 0.912}),
         Step("sst2-two-models", "the SST-2 ensemble of smollm2's chain and gemma's adapter (equal weights)", 8.0,
-             (("-m", "bench.cross_model", "--member", f"<smollm2>={chain[2]}",
+             (("-m", "research.cross_model", "--member", f"<smollm2>={chain[2]}",
                "--member", "<gemma>=<runs>/gemma-sst2-19000/sst2/pt20-lr0p1",
                "--validation", "<runs>/sst2-chain-4/val_new.tsv", "--test", "<data>/sst2/dev.tsv",
                "--out", "<out>/ensemble.json"),),
@@ -242,7 +223,7 @@ def plan() -> list[Step]:
                                    "test: rows all members get wrong": 47},
              needs=("sst2-chain-4", "gemma-sst2-19000")),
         Step("raft-two-models", "RAFT: smollm2 zero-shot averaged with gemma's SST-2 adapter (no RAFT training)", 3.0,
-             (("-m", "bench.cross_model", "--member", "<smollm2>", "--member",
+             (("-m", "research.cross_model", "--member", "<smollm2>", "--member",
                "<gemma>=<runs>/gemma-sst2-19000/sst2/pt20-lr0p1", "--template", "Tweet: {Tweet text}\nSentiment:",
                "--label-column", "Label", "--verbalizer", '{"1": " negative", "2": " positive"}',
                "--test", "<data>/raft_twitter_complaints/train.csv", "--out", "<out>/ensemble.json"),),
@@ -266,10 +247,6 @@ def cut_unseen(data: Path, out: Path, *, seen_adapters: list[str], seen_files: l
                train: int | None, dedupe: bool) -> tuple[int, int]:
     """Rows of ``data`` whose rendered text no listed adapter trained on and no listed file holds, shuffled
     (seeded); the first ``val`` to ``val_new.tsv``, the next ``train`` (else the rest) to ``train_new.tsv``."""
-    from softprompt.data import Template, load_rows
-    from softprompt.data.heldout import fingerprint, read_train_fingerprints
-    from softprompt.fileio import atomic_write_text
-
     render = Template(SST2_TEMPLATE).render
     seen: set[int] = set()
     for adapter in seen_adapters:
@@ -294,209 +271,3 @@ def cut_unseen(data: Path, out: Path, *, seen_adapters: list[str], seen_files: l
         writer.writerows({"sentence": r["sentence"], "label": r["label"]} for r in rows)
         atomic_write_text(out / name, buffer.getvalue())
     return len(parts["val_new.tsv"]), len(parts["train_new.tsv"])
-
-
-# ----------------------------------------------------------------------------------------- the runner
-@dataclass
-class Context:
-    out: Path  # the run's root: <out>/<step>/ per step
-    data: Path  # ../shared/data, or stand-in files in quick mode
-    models: dict[str, str]  # <smollm2>, <gemma> -> a built-in name, or a tiny model directory in quick mode
-    quick: bool = False
-
-
-# Quick mode keeps every command line but shrinks the flags that set how much is done.
-QUICK_FLAGS = {"--val": "6", "--train": "24", "--max-length": "48", "--batch-size": "4", "--log-every": "1"}
-
-
-def fill(argv: tuple[str, ...], ctx: Context, step: Step) -> list[str]:
-    subs = {"<out>": str(ctx.out / step.name), "<runs>": str(ctx.out), "<data>": str(ctx.data),
-            **{f"<{k}>": v for k, v in ctx.models.items()}}
-    filled = []
-    for arg in argv:
-        for key, value in subs.items():
-            arg = arg.replace(key, value)
-        filled.append(arg)
-    if ctx.quick:
-        filled = [QUICK_FLAGS.get(prev, arg) for prev, arg in zip([""] + filled, filled)]
-        if filled[:2] in (["-m", "bench.sweep"], ["-m", "bench.quality"]):
-            filled.append("--quick")
-    return [sys.executable, *filled]
-
-
-def run_step(step: Step, ctx: Context) -> dict:
-    """Run a step's command lines in order (stopping at the first that fails), then measure its outputs."""
-    from softprompt.fileio import atomic_write_json, atomic_write_text
-
-    where = ctx.out / step.name
-    where.mkdir(parents=True, exist_ok=True)
-    started = time.time()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    for i, argv in enumerate(step.commands):
-        command = fill(argv, ctx, step)
-        print(f"\n[{step.name}] $ python {shlex.join(command[1:])}", flush=True)
-        capture = step.stdout is not None and i == len(step.commands) - 1
-        proc = subprocess.run(command, cwd=REPO, env=env, stdout=subprocess.PIPE if capture else None, text=True)
-        if proc.returncode != 0:
-            raise SystemExit(f"bench.reproduce: step {step.name}: `{' '.join(command[1:3])} ...` exited with "
-                             f"{proc.returncode}; its output is above, its files in {where}")
-        if capture:
-            atomic_write_text(where / step.stdout, proc.stdout)
-    reproduced = step.measure(where)
-    done = {"step": step.name, "what": step.what, "minutes": (time.time() - started) / 60, "date": time.strftime("%Y-%m-%d"),
-            "quick": ctx.quick, "documented": step.documented, "reproduced": reproduced}
-    atomic_write_json(where / "done.json", done)
-    return done
-
-
-def summary_markdown(done: list[dict]) -> str:
-    """The documented figures beside the reproduced ones (every figure a step measured is in summary.json)."""
-    lines = ["# Reproduced numbers (`python -m bench.reproduce`)", "",
-             "| step | figure | documented | reproduced | difference |", "| --- | --- | ---: | ---: | ---: |"]
-
-    def show(figure: str, value: float) -> str:
-        if isinstance(value, int) or "perplexity" in figure:
-            return f"{value:g}"
-        return f"{value:.3f}" if "macro" in figure else f"{value:.1%}"
-
-    for d in done:
-        for figure, was in d["documented"].items():
-            value = d["reproduced"].get(figure)
-            if value is None:
-                lines.append(f"| {d['step']} | {figure} | {show(figure, was)} | not measured | |")
-                continue
-            diff = value - was
-            if isinstance(was, int) or "perplexity" in figure:
-                gap = "same" if abs(diff) < 5e-3 else f"{diff:+.2f}"
-            else:
-                gap = "same" if abs(diff) < 5e-4 else f"{diff * 100:+.1f} points"
-            lines.append(f"| {d['step']} | {figure} | {show(figure, was)} | {show(figure, value)} | {gap} |")
-    minutes = sum(d["minutes"] for d in done)
-    quick = " (quick mode: a tiny random model, so the figures are not the documented ones)" if any(
-        d["quick"] for d in done) else ""
-    return "\n".join(lines) + f"\n\n{len(done)} steps, {minutes:.1f} min{quick}.\n"
-
-
-def select(steps: list[Step], only: str | None) -> list[Step]:
-    if not only:
-        return steps
-    names = [n.strip() for n in only.split(",") if n.strip()]
-    known = {s.name for s in steps}
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise SystemExit(f"bench.reproduce: --only: no step {', '.join(unknown)}; the steps are {', '.join(known)}")
-    return [s for s in steps if s.name in names]
-
-
-def check_needs(chosen: list[Step], out: Path) -> None:
-    names = {s.name for s in chosen}
-    for step in chosen:
-        missing = [n for n in step.needs if n not in names and not (out / n / "done.json").exists()]
-        if missing:
-            raise SystemExit(f"bench.reproduce: step {step.name} needs {', '.join(missing)} done first "
-                             f"(in {out}); add them to --only or run them first")
-
-
-def quick_context(out: Path) -> Context:
-    """Stand-in SST-2 and RAFT files and a tiny random model saved to disk, for the steps that read files."""
-    from bench.models import tiny_llama
-    from bench.quality import TASKS, _synthetic_rows
-
-    data = out / "quick_data"
-    (data / "sst2").mkdir(parents=True, exist_ok=True)
-    rows = _synthetic_rows(TASKS["sst2"], 120, 0)
-    for name, part in (("train.tsv", rows[:96]), ("dev.tsv", rows[96:])):
-        (data / "sst2" / name).write_text("sentence\tlabel\n" + "".join(f"{r['sentence']}\t{r['label']}\n" for r in part))
-    (data / "raft_twitter_complaints").mkdir(exist_ok=True)
-    with open(data / "raft_twitter_complaints" / "train.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, ["Tweet text", "Label"])
-        writer.writeheader()
-        writer.writerows(_synthetic_rows(TASKS["raft_twitter_complaints"], 20, 0))
-    with open(data / "raft_twitter_complaints" / "test_unlabeled.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, ["Tweet text", "ID"])
-        writer.writeheader()
-        writer.writerows({"Tweet text": r["Tweet text"], "ID": 50 + i}
-                         for i, r in enumerate(_synthetic_rows(TASKS["raft_twitter_complaints"], 12, 1)))
-    model_dir = out / "quick_model"
-    if not (model_dir / "config.json").exists():
-        base, tokenizer = tiny_llama(0)  # the weights bench's --quick runs build in-process
-        base.save_pretrained(model_dir)
-        tokenizer.save_pretrained(model_dir)
-    return Context(out, data, {"smollm2": str(model_dir), "gemma": str(model_dir)}, quick=True)
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m bench.reproduce", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--list", action="store_true", help="print the plan with its time estimate and stop")
-    p.add_argument("--only", help="comma-separated step names (see --list)")
-    p.add_argument("--force", action="store_true", help="rerun steps that already finished")
-    p.add_argument("--out", default="runs/reproduce", help="root of every step's output")
-    p.add_argument("--quick", action="store_true", help="every step on a tiny random model and stand-in rows")
-    return p.parse_args(argv)
-
-
-def parse_cut_args(argv):
-    p = argparse.ArgumentParser(prog="python -m bench.reproduce cut", description=cut_unseen.__doc__)
-    p.add_argument("--data", required=True, help="SST-2 training TSV")
-    p.add_argument("--seen-adapter", action="append", default=[], help="adapter whose training rows are left out")
-    p.add_argument("--seen-file", action="append", default=[], help="data file whose rows are left out")
-    p.add_argument("--seed", type=int, required=True)
-    p.add_argument("--val", type=int, required=True, help="validation rows")
-    p.add_argument("--train", type=int, default=None, help="training rows (default: all the rest)")
-    p.add_argument("--dedupe", action="store_true", help="keep one row per distinct text")
-    p.add_argument("--out", required=True)
-    return p.parse_args(argv)
-
-
-def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["cut"]:
-        a = parse_cut_args(argv[1:])
-        for path in [a.data, *a.seen_adapter, *a.seen_file]:
-            if not Path(path).exists():
-                raise SystemExit(f"bench.reproduce cut: {path}: no such file or directory")
-        val, train = cut_unseen(Path(a.data), Path(a.out), seen_adapters=a.seen_adapter, seen_files=a.seen_file,
-                                seed=a.seed, val=a.val, train=a.train, dedupe=a.dedupe)
-        print(f"bench.reproduce cut: {val} validation and {train} training rows no earlier run saw -> {a.out}")
-        return 0
-    args = parse_args(argv)
-    every_step = plan()  # reads docs/results.json once for the documented figures
-    steps = select(every_step, args.only)
-    out = Path(args.out).resolve()  # the steps run with the repository as their working directory
-    todo = [s for s in steps if args.force or not (out / s.name / "done.json").exists()]
-    total = sum(s.minutes for s in todo)
-    print(f"bench.reproduce: {len(todo)} of {len(steps)} steps to run, about {total / 60:.1f} h on 2 idle CPU cores"
-          + (" (quick mode: minutes)" if args.quick else ""))
-    for s in steps:
-        state = "to run" if s in todo else "done"
-        print(f"  {s.name:<19} {s.minutes:6.1f} min  {state:<6}  {s.what}")
-    if args.list:
-        return 0
-    check_needs(todo, out)
-    if not args.quick and not DATA.exists():
-        raise SystemExit(f"bench.reproduce: {DATA}: no such directory; the steps read the shared data sets there in place")
-    ctx = quick_context(out) if args.quick else Context(out, DATA, {"smollm2": "smollm2-135m", "gemma": "gemma3-270m"})
-    from tqdm import tqdm
-
-    bar = tqdm(total=round(total, 1), unit="min", desc="bench.reproduce (estimated minutes)",
-               bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} min [{elapsed}<{remaining}]")
-    for step in todo:
-        run_step(step, ctx)
-        bar.update(step.minutes)
-    bar.close()
-    # Every finished step of the plan, also those of earlier invocations (--only runs part of it).
-    done = [json.loads((out / s.name / "done.json").read_text()) for s in every_step
-            if (out / s.name / "done.json").exists()]
-    from softprompt.fileio import atomic_write_json, atomic_write_text
-
-    summary = summary_markdown(done)
-    atomic_write_json(out / "summary.json", done)
-    atomic_write_text(out / "summary.md", summary)
-    print("\n" + summary)
-    print(f"bench.reproduce: wrote {out / 'summary.md'} and summary.json")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

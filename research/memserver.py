@@ -1,7 +1,7 @@
-"""A small fork server for the peak-memory measurements: ``python -m bench.memserver``.
+"""A small fork server for the peak-memory measurements: ``python -m research.memserver``.
 
 It imports the libraries once and runs no compute itself. For each JSON spec read from stdin it forks
-a child, which loads the model, measures (`bench.training.measure_memory`) and writes the result back;
+a child, which loads the model, measures (`research.training.measure_memory`) and writes the result back;
 so every measurement runs in a fresh process whose memory history holds nothing but its own config,
 without paying the library imports each time. One result line per spec, prefixed with ``MARK``.
 """
@@ -74,7 +74,7 @@ class MemoryServer:
     def __enter__(self) -> "MemoryServer":
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
-        self.proc = subprocess.Popen([sys.executable, "-m", "bench.memserver"], cwd=REPO, env=env, text=True,
+        self.proc = subprocess.Popen([sys.executable, "-m", "research.memserver"], cwd=REPO, env=env, text=True,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         return self
 

@@ -1,6 +1,6 @@
 """An ensemble of classification adapters trained on DIFFERENT base models: label probabilities averaged.
 
-    .venv/bin/python -m bench.cross_model \\
+    .venv/bin/python -m research.cross_model \\
         --member smollm2-135m=runs/reproduce/sst2-chain-4/out/default \\
         --member gemma3-270m=runs/reproduce/gemma-sst2-19000/sst2/pt20-lr0p1 \\
         --validation runs/reproduce/sst2-chain-4/val_new.tsv --test ../shared/data/sst2/dev.tsv \\
@@ -21,21 +21,29 @@ members disagree on and how many all of them get wrong (the cap on any vote of t
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # `python bench/cross_model.py`
+import torch
+
+if __package__ in (None, ""):  # `python research/cross_model.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import harness  # noqa: E402
+import softprompt  # noqa: E402
+from softprompt.data import Template, load_rows  # noqa: E402
+from softprompt.fileio import atomic_write_json  # noqa: E402
+from softprompt.training import (adapter_settings, classification_report, fingerprint,  # noqa: E402
+                                 label_probabilities, parse_verbalizer, read_train_fingerprints)
+
+from research import harness  # noqa: E402
+from research.paths import own_output  # noqa: E402
 
 
 def _member(spec: str) -> tuple[str, str | None]:
     model, sep, adapter = spec.partition("=")
     if not model or (sep and not adapter):
-        raise SystemExit(f"bench.cross_model: --member: expected MODEL=ADAPTER_DIR (or MODEL alone: the zero-shot "
+        raise SystemExit(f"research.cross_model: --member: expected MODEL=ADAPTER_DIR (or MODEL alone: the zero-shot "
                          f"base model), got {spec!r}")
     return model, adapter or None
 
@@ -43,22 +51,20 @@ def _member(spec: str) -> tuple[str, str | None]:
 def shared_settings(adapters: list[str], given: dict | None = None) -> dict:
     """The template, columns and verbalizer every member was trained with (they must agree); settings
     ``given`` (the command line's) replace what the adapters say, for every member alike."""
-    from softprompt.training.evaluate import adapter_settings
-
     keys = ("template", "text_column", "label_column", "verbalizer")
     given = {k: v for k, v in (given or {}).items() if v is not None}
     if not adapters:
         if set(given) >= {"template", "label_column", "verbalizer"}:
             return given
-        raise SystemExit("bench.cross_model: no member has an adapter to read the template from; "
+        raise SystemExit("research.cross_model: no member has an adapter to read the template from; "
                          "give --template, --label-column and --verbalizer")
     settings = [{**{k: adapter_settings(a).get(k) for k in keys}, **given} for a in adapters]
     for adapter, s in zip(adapters, settings):
         if not s["template"] or not s["verbalizer"]:
-            raise SystemExit(f"bench.cross_model: {adapter}: no template/verbalizer in its training state "
+            raise SystemExit(f"research.cross_model: {adapter}: no template/verbalizer in its training state "
                              "(was it trained by softprompt on a classification task?)")
         if s != settings[0]:
-            raise SystemExit(f"bench.cross_model: {adapter}: renders the data differently from {adapters[0]} "
+            raise SystemExit(f"research.cross_model: {adapter}: renders the data differently from {adapters[0]} "
                              f"({s} vs {settings[0]}); the ensemble needs one template and verbalizer")
     return settings[0]
 
@@ -66,12 +72,6 @@ def shared_settings(adapters: list[str], given: dict | None = None) -> dict:
 def run(members: list[tuple[str, str | None]], splits: dict[str, str], *, given: dict | None = None,
         batch_size: int = 16, log=print) -> dict:
     """Score every split with every member (one base model at a time), then average the probabilities."""
-    import softprompt
-    from softprompt.data import Template, load_rows
-    from softprompt.data.heldout import fingerprint, read_train_fingerprints
-    from softprompt.training.metrics import classification_report
-    from softprompt.training.predict import label_probabilities
-
     settings = shared_settings([a for _, a in members if a], given)
     render = Template(settings["template"]).render
     verbalizer = {str(k): v for k, v in settings["verbalizer"].items()}
@@ -93,7 +93,7 @@ def run(members: list[tuple[str, str | None]], splits: dict[str, str], *, given:
         for split, d in data.items():
             probs[split][f"{i}"] = label_probabilities(model, d["texts"], labels, ["member" if adapter else None],
                                                        batch_size=batch_size, progress=True)
-        log(f"bench.cross_model: member {i} ({model_name}) scored in {time.perf_counter() - started:.0f} s")
+        log(f"research.cross_model: member {i} ({model_name}) scored in {time.perf_counter() - started:.0f} s")
         del model
     result = {"members": [{"model": m, "adapter": a} for m, a in members], "labels": labels,
               "weights": "equal", "splits": {}}
@@ -116,14 +116,14 @@ def run(members: list[tuple[str, str | None]], splits: dict[str, str], *, given:
         }
         s = result["splits"][split]
         shown = ", ".join(f"{m['accuracy']:.1%}" for m in s["members"])
-        log(f"bench.cross_model: {split}: members {shown}; ensemble {s['ensemble']['accuracy']:.1%} "
+        log(f"research.cross_model: {split}: members {shown}; ensemble {s['ensemble']['accuracy']:.1%} "
             f"(macro-F1 {s['ensemble']['macro_f1']:.3f}) on {s['rows']} rows; disagree {s['disagree']}, "
             f"all wrong {s['all_wrong']}")
     return result
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m bench.cross_model", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m research.cross_model", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--member", action="append", required=True, metavar="MODEL[=ADAPTER_DIR]",
                    help="a base model (built-in name or directory) and an adapter trained on it, or the base "
@@ -141,28 +141,23 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    import torch
-
-    from softprompt.fileio import atomic_write_json
-
     args = parse_args(argv)
+    own_output(args.out, "--out", "research.cross_model")
     harness.quiet()
     torch.set_num_threads(args.threads)
-    from softprompt.training.config import parse_verbalizer
-
     members = [_member(s) for s in args.member]
     given = {"template": args.template, "label_column": args.label_column,
              "verbalizer": parse_verbalizer(args.verbalizer) if args.verbalizer else None}
     for path in [args.validation, args.test] + [a for _, a in members if a]:
         if path and not Path(path).exists():
-            raise SystemExit(f"bench.cross_model: {path}: no such file or directory")
+            raise SystemExit(f"research.cross_model: {path}: no such file or directory")
     splits = {"validation": args.validation, "test": args.test} if args.validation else {"test": args.test}
     result = run(members, splits, given=given, batch_size=args.batch_size)
     result["meta"] = {"date": time.strftime("%Y-%m-%d"), "machine": harness.machine(args.threads),
-                      "command": "python -m bench.cross_model " + " ".join(argv or sys.argv[1:])}
+                      "command": "python -m research.cross_model " + " ".join(argv or sys.argv[1:])}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(Path(args.out), result)
-    print(f"bench.cross_model: wrote {args.out}")
+    print(f"research.cross_model: wrote {args.out}")
     return 0
 
 

@@ -1,9 +1,9 @@
 """Where the time goes: torch.profiler over one path of the benchmark.
 
-    .venv/bin/python -m bench.profile train --system softprompt --method prompt_tuning --tokens 8 --dtype fp32
-    .venv/bin/python -m bench.profile train --system peft
-    .venv/bin/python -m bench.profile generate --system softprompt
-    .venv/bin/python -m bench.profile mixed --adapters 16
+    .venv/bin/python -m research.profile train --system softprompt --method prompt_tuning --tokens 8 --dtype fp32
+    .venv/bin/python -m research.profile train --system peft
+    .venv/bin/python -m research.profile generate --system softprompt
+    .venv/bin/python -m research.profile mixed --adapters 16
 
 Prints the operators with the most self CPU time (and their share of the profiled wall time), and
 writes the full table to ``--out`` (default runs/bench/profile-<path>-<system>.txt).
@@ -18,11 +18,11 @@ from pathlib import Path
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    __package__ = "bench"
+    __package__ = "research"
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m research.profile", description=__doc__.split("\n\n")[0])
     p.add_argument("path", choices=["train", "forward", "generate", "mixed"])
     p.add_argument("--system", choices=["softprompt", "peft", "bare"], default="softprompt")
     p.add_argument("--model", default="smollm2-135m")

@@ -8,8 +8,12 @@ that stops it; transformers/PEFT get ``min_new_tokens``), so each system does th
 from __future__ import annotations
 
 import contextlib
+import random
 
 import torch
+
+from softprompt.engine.generation import GenerationConfig, generate, generate_batch
+from softprompt.engine.tokens import encode_texts, pad_batch, pad_id
 
 from . import data, harness
 from .models import Systems
@@ -27,8 +31,6 @@ def no_eos(model):
 
 
 def ours_generate(model, ids, mask, adapters, new_tokens: int) -> list[list[int]]:
-    from softprompt.engine.generation import GenerationConfig, generate_batch
-
     with no_eos(model):
         out = generate_batch(model, ids, mask, adapters, GenerationConfig(max_new_tokens=new_tokens))
     return [g.token_ids for g in out]
@@ -43,8 +45,6 @@ def hf_generate(model, ids, mask, new_tokens: int, pad_id: int) -> list[list[int
 
 
 def _pad_id(tokenizer) -> int:
-    from softprompt.engine.tokens import pad_id
-
     return pad_id(tokenizer)
 
 
@@ -134,8 +134,6 @@ def run_mixed(systems: Systems, prompts: list[str], *, counts=(1, 4, 16), batch_
     PEFT: one adapter active at a time, so requests are grouped by adapter (``set_adapter``, then the
     group in batches of up to ``batch_size``), the best it can do for a stream of mixed requests.
     """
-    from softprompt.engine.tokens import encode_texts
-
     tok, pad = systems.tokenizer, _pad_id(systems.tokenizer)
     names = [f"mix{i:02d}" for i in range(max(counts))]
     for i, name in enumerate(names):
@@ -201,10 +199,6 @@ def run_mixed(systems: Systems, prompts: list[str], *, counts=(1, 4, 16), batch_
 def train_classifier(systems: Systems, name: str, train: list[data.Example], *, steps: int, batch: int, lr: float,
                      seed: int = 0, log=print) -> list[float]:
     """Prompt-tune ``name`` on labelled examples (loss on the label token only), with softprompt."""
-    import random
-
-    from softprompt.engine.tokens import pad_batch
-
     tok, model = systems.tokenizer, systems.ours
     rng = random.Random(seed)
     pool = [ex for ex in train if len(ex.text) < 200]
@@ -234,8 +228,6 @@ def train_classifier(systems: Systems, name: str, train: list[data.Example], *, 
 def run_classification(systems: Systems, train, dev, *, examples: int, batch_size: int, train_steps: int,
                        repeats: int, warmup: int, log=print) -> dict:
     """Label scoring (`model.score`) vs generate-and-match on the same adapter and the same labelled examples."""
-    from softprompt.engine.generation import generate
-
     name = "cls"
     systems.add(name, "prompt_tuning", 8, peft=False, init_text=data.INIT_TEXT)
     losses = train_classifier(systems, name, train, steps=train_steps, batch=8, lr=3e-2, log=log) if train_steps else []

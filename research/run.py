@@ -1,8 +1,8 @@
 """Benchmarks against PEFT, side by side in one run.
 
-    .venv/bin/python -m bench.run                 # full run on smollm2-135m (about 10 minutes on 2 cores)
-    .venv/bin/python -m bench.run --quick         # harness check on a tiny random Llama (seconds)
-    .venv/bin/python -m bench.run --out DIR       # where results.json and results.md go (default runs/bench)
+    .venv/bin/python -m research.run                 # full run on smollm2-135m (about 10 minutes on 2 cores)
+    .venv/bin/python -m research.run --quick         # harness check on a tiny random Llama (seconds)
+    .venv/bin/python -m research.run --out DIR       # where results.json and results.md go (default runs/bench)
 
 Sections: training (step time and peak memory, softprompt vs PEFT), inference (soft-prompt overhead
 over the bare model, and vs PEFT), mixed (mixed-adapter batches and a mixed request stream vs PEFT),
@@ -17,9 +17,11 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a file: bench/run.py
+if __package__ in (None, ""):  # run as a file: research/run.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    __package__ = "bench"
+    __package__ = "research"
+
+from research.paths import own_output  # noqa: E402  (pathlib only: --help stays fast)
 
 SECTIONS = ("training", "memory", "inference", "mixed", "classification")
 
@@ -36,7 +38,7 @@ PROFILES = {
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m research.run", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny random model, few repeats: checks the harness")
     p.add_argument("--out", default="runs/bench", help="output directory (default: runs/bench)")
@@ -54,6 +56,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    own_output(args.out, "--out", "research.run")
     from . import harness
 
     harness.quiet()
@@ -82,11 +85,11 @@ def main(argv=None) -> int:
         print(msg, flush=True)
 
     started = time.time()
-    result = {"meta": {"mode": "quick" if args.quick else "full", "command": " ".join(["python -m bench.run", *(argv if argv is not None else sys.argv[1:])]),
+    result = {"meta": {"mode": "quick" if args.quick else "full", "command": " ".join(["python -m research.run", *(argv if argv is not None else sys.argv[1:])]),
                        "settings": cfg, "machine": harness.machine(cfg["threads"]), "loadavg_start": harness.loadavg(),
                        "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}}
     source = TINY if cfg["model"] in (TINY, "tiny") else model_path(cfg["model"])
-    log(f"bench: {result['meta']['mode']} run, model {cfg['model']} ({source}), {cfg['threads']} threads, "
+    log(f"research.run: {result['meta']['mode']} run, model {cfg['model']} ({source}), {cfg['threads']} threads, "
         f"median of {cfg['repeats']} after {cfg['warmup']} warm-up")
     t = time.time()
     systems = Systems.build(source)
@@ -153,7 +156,7 @@ def main(argv=None) -> int:
     (out_dir / "results.md").write_text(markdown)
     log("")
     log(markdown)
-    log(f"bench: wrote {out_dir / 'results.json'} and {out_dir / 'results.md'} in {result['meta']['duration_s']:.0f} s")
+    log(f"research.run: wrote {out_dir / 'results.json'} and {out_dir / 'results.md'} in {result['meta']['duration_s']:.0f} s")
     return 0
 
 

@@ -45,7 +45,7 @@ def quiet() -> None:
         pass
 
 
-CONTENTION_LIMIT: float | None = None  # set by bench.run (full mode: 0.10)
+CONTENTION_LIMIT: float | None = None  # set by research.run (full mode: 0.10)
 STATS = {"rounds": 0, "discarded_rounds": 0, "worst_foreign_share": 0.0}
 
 

@@ -63,7 +63,7 @@ def load_sst2(require: bool) -> tuple[list[Example], list[Example], str]:
     folder = sst2_dir()
     if folder is None:
         if require:
-            raise SystemExit("bench: SST-2 not found (set SOFTPROMPT_BENCH_DATA to a folder with train.tsv and "
+            raise SystemExit("research: SST-2 not found (set SOFTPROMPT_BENCH_DATA to a folder with train.tsv and "
                              "dev.tsv, or run with --quick)")
         return synthetic(400, 0), synthetic(200, 1), "synthetic (SST-2 not found)"
     return read_tsv(folder / "train.tsv"), read_tsv(folder / "dev.tsv"), str(folder)

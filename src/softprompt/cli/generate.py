@@ -1,0 +1,67 @@
+"""``softprompt generate``: every prompt with every adapter given (and the bare model), in one mixed batch."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+
+from softprompt import load
+from softprompt.cli.common import adapter_option, model_option, parse_adapter_specs
+from softprompt.engine.generation import generate
+from softprompt.options import add_arguments as add_option_arguments
+from softprompt.options import option
+
+NAME = "generate"
+HELP = "Generate text with one or more adapters in one mixed batch."
+EXAMPLES = """
+    Every prompt is generated with every adapter given (and with the bare model with --base),
+    all in one mixed batch.
+
+    examples:
+      softprompt generate --model smollm2-135m --adapter quotes=runs/quotes "Write a quote about rain:"
+      softprompt generate --model smollm2-135m --adapter a=runs/a --adapter b=runs/b --base \\
+          --max-new-tokens 20 --json "Hello" "Tell me a joke"
+    """
+
+
+@dataclass
+class GenerateOptions:
+    """The options of ``softprompt generate``."""
+
+    model: str | None = model_option()
+    adapter: list[str] = adapter_option("Adapter to load (repeatable).")
+    base: bool = option(False, "Also generate with the bare base model.")
+    max_new_tokens: int = option(32, "Tokens to generate per prompt (default 32).")
+    temperature: float = option(0.0, "0 = greedy (default); above 0 samples.")
+    top_p: float = option(1.0, "Nucleus sampling mass when sampling (default 1.0).")
+    stop: list[str] | None = option(None, "Stop string (repeatable).")
+    seed: int | None = option(None, "Seed for sampling.")
+    dtype: str | None = option(None, "float32 (default), bfloat16 or float16.")
+    json: bool = option(False, "Print JSON instead of text.")
+    prompts: list[str] = option(list, "", positional=True, metavar="PROMPT")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_option_arguments(parser, GenerateOptions)
+
+
+def run(args: argparse.Namespace) -> int:
+    adapters = parse_adapter_specs(args.adapter)
+    model = load(args.model, dtype=args.dtype)
+    for name, path in adapters.items():
+        model.load_adapter(path, name=name)
+    columns: list[str | None] = list(adapters) + ([None] if args.base or not adapters else [])
+    prompts = [p for p in args.prompts for _ in columns]
+    names = [c for _ in args.prompts for c in columns]
+    results = generate(model, prompts, adapters=names, return_details=True, max_new_tokens=args.max_new_tokens,
+                       do_sample=args.temperature > 0, temperature=args.temperature or 1.0, top_p=args.top_p,
+                       stop=args.stop or (), seed=args.seed)
+    rows = [{"prompt": p, "adapter": n, "text": r.text, "finish_reason": r.finish_reason}
+            for p, n, r in zip(prompts, names, results)]
+    if args.json:
+        print(json.dumps(rows, indent=2, ensure_ascii=False))
+    else:
+        for row in rows:
+            print(f"[{row['adapter'] or 'base'}] {row['prompt']}{row['text']}")
+    return 0

@@ -1,0 +1,46 @@
+"""Examples: rows rendered through a template, with their labels mapped through a verbalizer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from softprompt.data.rows import Row, column_names, require_columns
+from softprompt.data.templates import Template
+from softprompt.data.verbalizers import Verbalizer
+from softprompt.errors import ConfigError, DataError
+
+
+@dataclass(frozen=True)
+class Example:
+    """One rendered prompt; ``target`` is the label text, or None for unlabelled data."""
+
+    text: str
+    target: str | None
+    row: dict
+
+
+def build_examples(rows: Sequence[Row], template: Template | str, label_column: str | None = None,
+                   verbalizer: Verbalizer | None = None, *, source: str) -> list[Example]:
+    """Render every row through ``template``; map ``label_column`` through ``verbalizer`` when given.
+
+    Without a verbalizer the labels found in the data are used as they are.
+    """
+    template = template if isinstance(template, Template) else Template(template)
+    if not rows:
+        raise DataError(f"{source} has no rows; expected at least one example.")
+    if not template.fields:
+        raise ConfigError(f"template {template.text!r} uses no column, so every example would be the same text; "
+                          f"add a field such as {{text}}.")
+    template.validate(column_names(rows), source=source)
+    require_columns(rows, template.fields, source=source)
+    if label_column is None:
+        if verbalizer is not None:
+            raise ConfigError("a verbalizer was given without a label column; pass --label-column too.")
+        return [Example(template.render(row), None, row) for row in rows]
+    if verbalizer is None:
+        verbalizer = Verbalizer.from_rows(rows, label_column, source=source)
+    require_columns(rows, [label_column], source=source)
+    return [Example(template.render(row),
+                    verbalizer.to_text(row[label_column], row_index=i, source=source, column=label_column), row)
+            for i, row in enumerate(rows)]
