@@ -66,9 +66,12 @@ def logged_steps(output: Path) -> int:
     return sum(1 for line in lines if line.endswith("}") and '"type": "train"' in line)
 
 
-def start(argv: list[str], log: Path, command=None) -> subprocess.Popen:
+def start(argv: list[str], log: Path, command=None, sigint=signal.SIG_DFL) -> subprocess.Popen:
+    """The command in a child process, whose SIGINT starts as ``sigint`` (SIG_DFL: as from a terminal;
+    SIG_IGN: as a shell without job control starts ``cmd &``), whatever this test process inherited."""
     with open(log, "wb") as err:
-        return subprocess.Popen((command or SOFTPROMPT) + argv, stdout=subprocess.DEVNULL, stderr=err, env=ENV)
+        return subprocess.Popen((command or SOFTPROMPT) + argv, stdout=subprocess.DEVNULL, stderr=err, env=ENV,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, sigint))
 
 
 def wait_until(proc: subprocess.Popen, ready, log: Path, what: str, timeout: float = 120.0) -> None:
@@ -103,6 +106,15 @@ def assert_same_run(expected: Path, actual: Path) -> None:
     strip = lambda path: [{k: v for k, v in json.loads(line).items() if k != "seconds"}  # noqa: E731
                           for line in (path / "metrics.jsonl").read_text().splitlines()]
     assert strip(actual) == strip(expected)
+
+
+@pytest.fixture
+def own_signals():
+    """Handlers a test sets for SIGINT and SIGTERM are this test's only: the suite gets its own back."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
 
 
 @pytest.fixture(scope="module")
@@ -226,15 +238,31 @@ def test_ctrl_c_saves_the_latest_state_exits_130_and_resume_is_bit_identical(run
     assert_same_run(run.reference, out)
 
 
+def test_ctrl_c_reaches_a_run_started_in_the_background_by_a_script(run, tmp_path):
+    """``softprompt train ... &`` (or ``nohup``) in a script starts with SIGINT ignored; ``kill -INT`` still saves
+    at a step boundary and stops."""
+    out = tmp_path / "background"
+    log = tmp_path / "background.log"
+    proc = start(train_argv(run, out), log, sigint=signal.SIG_IGN)
+    wait_until(proc, lambda: logged_steps(out) >= 3, log, "kill -INT")
+    assert kill(proc, signal.SIGINT) == 130
+    message, = error_lines(log.read_text())
+    step = checkpoint_step(out)
+    assert message == (f"softprompt train: interrupted; stopped after step {step}; the latest state is saved in "
+                       f"{out / 'default' / 'checkpoints' / 'last'}; continue with --resume")
+    assert 3 <= step < TOTAL_STEPS and step == logged_steps(out)
+
+
 @pytest.mark.parametrize("signum, default, step", [
     (signal.SIGINT, signal.default_int_handler, 5),  # Ctrl-C
     (signal.SIGTERM, signal.SIG_DFL, 4),  # `kill PID`, what job schedulers send before SIGKILL
 ], ids=["SIGINT", "SIGTERM"])
-def test_a_signal_in_process_saves_at_a_step_boundary(run, tmp_path, signum, default, step):
+def test_a_signal_in_process_saves_at_a_step_boundary(run, tmp_path, signum, default, step, own_signals):
     """The same through the library: a signal arriving mid-step is deferred to the end of the step."""
     from softprompt.training.config import load_config
     from softprompt.training.loop import TrainingInterrupted, train
 
+    signal.signal(signum, default)  # as a process started from a terminal has it, whatever this one inherited
     out = tmp_path / "lib"
     config = load_config(None, train_argv(run, out)[1:])
 
@@ -249,6 +277,26 @@ def test_a_signal_in_process_saves_at_a_step_boundary(run, tmp_path, signum, def
     resumed = train(load_config(None, train_argv(run, out, "--resume")[1:]), progress=False)
     assert resumed.steps == TOTAL_STEPS
     assert_same_run(run.reference, out)
+
+
+def test_an_inherited_ignored_sigint_is_taken_over_and_an_ignored_sigterm_left_alone(run, tmp_path, own_signals):
+    """A process started with SIGINT ignored (``cmd &`` in a script) still stops on it; an ignored SIGTERM is
+    someone's choice and stays ignored. Both are given back ignored."""
+    from softprompt.training.config import load_config
+    from softprompt.training.loop import TrainingInterrupted, train
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    out = tmp_path / "ignored"
+
+    def on_step(info):
+        if info.step in (2, 3):
+            os.kill(os.getpid(), signal.SIGTERM if info.step == 2 else signal.SIGINT)
+
+    with pytest.raises(TrainingInterrupted, match="stopped after step 3"):
+        train(load_config(None, train_argv(run, out)[1:]), on_step=on_step, progress=False)
+    assert checkpoint_step(out) == 3
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN and signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
 
 
 def test_half_written_metrics_line_after_the_checkpoint_does_not_stop_resume(run, tmp_path):

@@ -212,6 +212,7 @@ CRASH = '''
 import os, sys
 import softprompt.training.loop as train_module
 from softprompt import cli
+from softprompt.cli import train as cli_train
 
 original, crash_at = train_module.train, int(os.environ["SOFTPROMPT_TEST_CRASH_AT"])
 
@@ -223,7 +224,7 @@ def train(config, model=None, *, on_step=None, progress=True):
             os._exit(17)
     return original(config, model, on_step=stop, progress=progress)
 
-train_module.train = train
+train_module.train = cli_train.train = train  # cli.train imported it at the top: patch its name too
 sys.exit(cli.main(sys.argv[1:]))
 '''
 
@@ -522,6 +523,7 @@ import os, sys
 from torch.distributed.tensor import DTensor
 import softprompt.training.loop as train_module
 from softprompt import cli
+from softprompt.cli import train as cli_train
 from softprompt.training import distributed
 
 original_shard_base, crash_at = distributed.Distributed.shard_base, int(os.environ.get("SOFTPROMPT_TEST_CRASH_AT", 0))
@@ -558,7 +560,7 @@ def train(config, model=None, *, on_step=None, progress=True):
             os._exit(17)
     return original_train(config, model, on_step=stop if crash_at else None, progress=progress)
 
-train_module.train = train
+train_module.train = cli_train.train = train  # cli.train imported it at the top: patch its name too
 sys.exit(cli.main(sys.argv[1:]))
 '''
 

@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from softprompt.training.config import load_config
 from softprompt.data import Example
 from softprompt.errors import DataError
-from softprompt.training.evaluate import (cross_validate, evaluate, evaluate_data, example_loss, fingerprint, normalize_text,
-                                 read_train_fingerprints)
+from softprompt.data.heldout import fingerprint, read_train_fingerprints
+from softprompt.training.cross_validate import cross_validate
+from softprompt.training.evaluate import evaluate, evaluate_data, example_loss, normalize_text
 from softprompt.engine.scoring import LabelScores
 from softprompt.training.loop import train
 from tiny import tiny_model, tiny_tokenizer

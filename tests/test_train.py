@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 from softprompt.training.config import load_config
 from softprompt.data import Example
 from softprompt.errors import ConfigError
-from softprompt.training.loop import Encoded, encode_example, epoch_groups, train
+from softprompt.training.batches import Encoded, encode_example, epoch_groups
+from softprompt.training.loop import train
 from tiny import tiny_model
 
 

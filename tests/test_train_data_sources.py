@@ -7,7 +7,8 @@ import pytest
 
 from softprompt.training.config import load_config
 from softprompt.errors import ConfigError
-from softprompt.training.loop import prepare_job, train
+from softprompt.training.jobs import prepare_job
+from softprompt.training.loop import train
 from test_train import toy_rows, write_csv
 from tiny import tiny_model
 

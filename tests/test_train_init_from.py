@@ -10,8 +10,9 @@ from softprompt.cli import main
 from softprompt.training.config import load_config
 from softprompt.errors import ConfigError
 from softprompt.adapters.peft_format import STATE_FILE
-from softprompt.training.evaluate import fingerprint, read_train_fingerprints
-from softprompt.training.loop import prepare_job, train
+from softprompt.data.heldout import fingerprint, read_train_fingerprints
+from softprompt.training.jobs import prepare_job
+from softprompt.training.loop import train
 from test_train import records, toy_rows, write_csv
 from tiny import save_tiny_checkpoint, tiny_model
 

@@ -48,9 +48,8 @@ def train_prompt(model, rows: list[dict], name: str, *, epochs: int, lr: float, 
     import csv
     import io
 
-    from softprompt.training.config import load_config
     from softprompt.fileio import atomic_write_text
-    from softprompt.training.loop import prepare_job, train_jobs
+    from softprompt.training import load_config, prepare_job, train_jobs
 
     # The training tweets go next to the adapter, so `softprompt train --data <output>/train.csv` reruns it.
     data = Path(output) / "train.csv"

@@ -16,8 +16,7 @@ from softprompt.cli.common import adapter_option, model_option, parse_adapter_sp
 from softprompt.errors import SoftPromptError
 from softprompt.options import add_arguments as add_option_arguments
 from softprompt.options import option
-from softprompt.training.evaluate import METHODS as EVAL_METHODS
-from softprompt.training.evaluate import evaluate_data
+from softprompt.training.evaluate import EVAL_METHODS, evaluate_data
 from softprompt.training.metrics import plot_confusion_matrix
 
 NAME = "eval"

@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 
 from softprompt.training.config import load_config, train_options
+from softprompt.training.cross_validate import cross_validate
 from softprompt.training.distributed import current
-from softprompt.training.evaluate import cross_validate
 from softprompt.training.loop import train
 
 NAME = "train"

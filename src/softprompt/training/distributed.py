@@ -38,11 +38,13 @@ AdamW) and the gradient all-reduce stay softprompt's; DeepSpeed's engine is not 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import datetime
 import functools
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -284,7 +286,8 @@ def launched_world_size() -> int:
     try:
         return int(os.environ.get("WORLD_SIZE", "1"))
     except ValueError:
-        raise ConfigError(f"WORLD_SIZE: expected a whole number of processes, got {os.environ['WORLD_SIZE']!r}")
+        raise ConfigError(f"WORLD_SIZE: expected a whole number of processes, "
+                          f"got {os.environ['WORLD_SIZE']!r}") from None
 
 
 def fsdp_units(model) -> list[nn.Module | list[nn.Module]]:
@@ -308,8 +311,8 @@ def fsdp_units(model) -> list[nn.Module | list[nn.Module]]:
             blocks = base.get_submodule(path)
         except AttributeError:
             raise ConfigError(f"--model: model type {kind!r} has no module {path!r} ({type(base).__name__}), where "
-                              f"softprompt.engine.families.FAMILY_QUIRKS says its transformer blocks are; FSDP cannot shard "
-                              f"it, use configs/accelerate/ddp_multi_gpu.yaml") from None
+                              f"softprompt.engine.families.FAMILY_QUIRKS says its transformer blocks are; FSDP cannot "
+                              f"shard it, use configs/accelerate/ddp_multi_gpu.yaml") from None
         units.extend(blocks)
     embedding = base.get_input_embeddings()
     tied = [m for m in base.modules() if getattr(m, "weight", None) is embedding.weight]
@@ -413,10 +416,8 @@ def _shut_down(accelerator, wait_s: float = 60.0) -> None:
     leaving on an error, whose partner never arrives, still exits and lets the launcher stop the others."""
     dist = torch.distributed
     if dist.is_initialized() and dist.get_backend() == "gloo":
-        try:
+        with contextlib.suppress(RuntimeError):  # the other process left first (or failed): nothing to wait for
             dist.monitored_barrier(timeout=datetime.timedelta(seconds=wait_s))
-        except RuntimeError:
-            pass  # the other process left first (or failed): nothing to wait for
     accelerator.end_training()
 
 

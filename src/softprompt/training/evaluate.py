@@ -1,4 +1,4 @@
-"""Evaluate soft prompts on held-out data, beside the zero-shot base model; k-fold cross-validation.
+"""Evaluate soft prompts on held-out data, beside the zero-shot base model.
 
 * `evaluate` runs one adapter and, in the same mixed batches, the bare base model (adapter None) on
   the same examples, and returns an `EvalReport`:
@@ -12,49 +12,36 @@
 
   Classification numbers come from `softprompt.training.metrics.classification_report`.
 * Held-out means held-out: given the fingerprints of the adapter's training texts (saved with every
-  adapter that `softprompt.training.loop` writes; `read_train_fingerprints`), examples whose text was trained on
-  are dropped and counted in ``dropped_training_rows``; if nothing is left it is an error.
-* `cross_validate` trains one adapter per fold, all k in ONE job on one base model (mixed batches), and
-  reports each fold's held-out accuracy and macro-F1 and their mean and standard deviation.
+  adapter that `softprompt.training.loop` writes; `softprompt.data.heldout.read_train_fingerprints`),
+  examples whose text was trained on are dropped and counted in ``dropped_training_rows``; if nothing
+  is left it is an error.
+
+k-fold cross-validation, which trains, is `softprompt.training.cross_validate`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import re
-import statistics
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Collection, Sequence
 
 import torch
 
-from softprompt.training.config import TrainConfig, flag
-from softprompt.data import Example, Verbalizer, build_examples, kfold, load_rows
+from softprompt.adapters.peft_format import read_training_state
+from softprompt.data import Example, Verbalizer, build_examples, load_rows
+from softprompt.data.heldout import fingerprint, read_train_fingerprints
+from softprompt.engine.tokens import pad_id
 from softprompt.errors import ConfigError, DataError
-from softprompt.fileio import atomic_write_json
+from softprompt.training.batches import collate, encode_examples
+from softprompt.training.config import flag
 from softprompt.training.metrics import classification_report, format_report, perplexity
 
-METHODS = ("score", "generate", "perplexity")
-CV_REPORT_FILE = "cv_report.json"
+#: How `evaluate` can judge an adapter (``softprompt eval --method``).
+EVAL_METHODS = ("score", "generate", "perplexity")
 
 
-# ===================================================================================== held-out rows
-
-
-def fingerprint(text: str) -> int:
-    """A 64-bit fingerprint of an example's rendered text (what training data is remembered by)."""
-    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "little", signed=True)
-
-
-def read_train_fingerprints(adapter_dir: str | Path) -> set[int]:
-    """The fingerprints of the texts an adapter was trained on (empty if it was not trained here)."""
-    from softprompt.adapters.peft_format import read_training_state
-
-    tensors, _ = read_training_state(adapter_dir)
-    prints = tensors.get("data.train_fingerprints")
-    return set(prints.tolist()) if prints is not None else set()
+# ======================================================================================== settings
 
 
 def adapter_settings(adapter_dir: str | Path) -> dict:
@@ -63,8 +50,6 @@ def adapter_settings(adapter_dir: str | Path) -> dict:
     Empty for adapters trained elsewhere (e.g. by PEFT). Keys: ``template``, ``text_column``,
     ``label_column``, ``verbalizer``, ``labels`` (label texts), ``max_length``.
     """
-    from softprompt.adapters.peft_format import read_training_state
-
     _, meta = read_training_state(adapter_dir)
     data = meta.get("data") or {}
     keys = ("template", "text_column", "label_column", "verbalizer")
@@ -95,7 +80,7 @@ class EvalReport:
     predictions: list[str] = field(default_factory=list)  # per example: predicted label / generated text
     dropped_training_rows: int = 0  # examples dropped because their text was trained on
     checked_training_rows: bool = False  # whether the adapter's training texts were known (and dropped)
-    base: "EvalReport | None" = None  # the zero-shot base model on the same examples
+    base: EvalReport | None = None  # the zero-shot base model on the same examples
 
     def get(self, key: str, default=None):
         return self.metrics.get(key, default)
@@ -142,8 +127,8 @@ def evaluate(model, examples: Sequence[Example], adapter: str | None, labels: Se
     see `read_train_fingerprints`; matching examples are dropped. With ``compare_base`` the report's
     ``base`` holds the zero-shot base model on the same examples.
     """
-    if method not in METHODS:
-        raise ConfigError(f"{flag('eval_method')}: expected one of {', '.join(METHODS)}, got {method!r}")
+    if method not in EVAL_METHODS:
+        raise ConfigError(f"{flag('eval_method')}: expected one of {', '.join(EVAL_METHODS)}, got {method!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"{flag('batch_size')}: expected an integer of at least 1, got {batch_size!r}")
     examples = list(examples)
@@ -233,9 +218,6 @@ def example_loss(model, examples: Sequence[Example], adapter: str | None, *, bat
 
     Labelled examples score their label text (+ eos); unlabelled ones their whole text.
     """
-    from softprompt.engine.tokens import pad_id
-    from softprompt.training.loop import collate, encode_examples
-
     items = encode_examples(model, examples, adapter, max_length)
     total, tokens = 0.0, 0
     with torch.no_grad():
@@ -283,102 +265,13 @@ def evaluate_data(model, adapter: str | None, data: str | Path, *, adapter_dir: 
                     max_length=max_length or saved.get("max_length"), train_fingerprints=prints)
 
 
-# ================================================================================= cross-validation
-
-
-@dataclass
-class CrossValidationReport:
-    k: int
-    folds: list[EvalReport]  # fold i's adapter on fold i's held-out rows (with the zero-shot base beside it)
-    summary: dict[str, dict[str, float]]  # metric -> {"mean", "std"}; "base_" metrics for the zero-shot model
-    output: Path
-    # Classification only: one report over every held-out prediction of every fold ("adapter", "base").
-    # With folds of a few rows, a per-fold macro-F1 jumps by whole classes and its mean is biased low;
-    # the pooled figure is what a test set of the same rows would give (RAFT scores the whole test set).
-    pooled: dict[str, dict] | None = None
-
-    def to_dict(self) -> dict:
-        return {"k": self.k, "summary": self.summary, "pooled": self.pooled,
-                "folds": [f.to_dict() for f in self.folds]}
-
-    def format(self) -> str:
-        lines = [f"{self.k}-fold cross-validation (held-out fold of each adapter)"]
-        for i, fold in enumerate(self.folds, 1):
-            shown = ", ".join(f"{k} {fold.metrics[k]:.4f}" for k in _summary_keys(fold))
-            lines.append(f"  fold {i}: n = {fold.n}, {shown}")
-        for key, value in self.summary.items():
-            lines.append(f"{key:<16} {value['mean']:.4f} ± {value['std']:.4f}")
-        if self.pooled:
-            ours, base = self.pooled["adapter"], self.pooled["base"]
-            lines.append(f"pooled over all {ours['n']} held-out rows: accuracy {ours['accuracy']:.4f}, "
-                         f"macro_f1 {ours['macro_f1']:.4f} (zero-shot {base['accuracy']:.4f}, {base['macro_f1']:.4f})")
-        return "\n".join(lines) + "\n"
-
-
-def _summary_keys(report: EvalReport) -> list[str]:
-    return ["accuracy", "macro_f1"] if "accuracy" in report.metrics else ["loss", "perplexity"]
-
-
-def cross_validate(config: TrainConfig, k: int | None = None, *, model=None, progress: bool = True,
-                   on_step=None) -> CrossValidationReport:
-    """Train one adapter per fold of ``config.data`` in one job and report held-out mean ± std.
-
-    Fold i's adapter (``<name>-fold<i>``) trains on the other folds (its best epoch chosen on a
-    ``val_fraction`` split of them) and is evaluated on fold i, beside the zero-shot base model. The
-    standard deviation is the sample standard deviation over folds. ``output/cv_report.json`` holds
-    the report.
-    """
-    from softprompt.training.loop import stop_at_step_boundary_on_signals, load_model, prepare_job, train_jobs
-
-    config = dataclasses.replace(config, adapters=[dataclasses.replace(a) for a in config.adapters])
-    if k is not None:
-        config.kfold = k
-    if config.kfold is None:
-        raise ConfigError(f"{flag('kfold')}: give the number of folds (an integer of at least 2)")
-    config.validate()
-    spec = config.resolved_adapters()[0]
-    rows = spec.load_train_rows()
-    verbalizer = None
-    if spec.label_column is not None:
-        verbalizer = Verbalizer(spec.verbalizer) if spec.verbalizer else \
-            Verbalizer.from_rows(rows, spec.label_column, source=spec.data)
-    rendered = build_examples(rows, spec.template, spec.label_column, verbalizer, source=spec.data)
-    jobs, tests = [], []
-    for i, (train_rows, test_rows) in enumerate(kfold(rows, config.kfold, spec.seed, spec.label_column,
-                                                      source=spec.data), 1):
-        fold_spec = dataclasses.replace(spec, name=f"{spec.name}-fold{i}")
-        jobs.append(prepare_job(fold_spec, rows=train_rows, verbalizer=verbalizer,
-                                source=f"{spec.data} (fold {i} training rows)"))
-        in_test = {id(r) for r in test_rows}
-        tests.append([e for e in rendered if id(e.row) in in_test])
-    model = model if model is not None else load_model(config)
-    with stop_at_step_boundary_on_signals():  # Ctrl-C / SIGTERM: save, then stop (resumable)
-        result = train_jobs(config, model, jobs, on_step=on_step, progress=progress)
-    folds, truth = [], []
-    for job, test in zip(jobs, tests):
-        seen = {fingerprint(e.text) for e in job.train + job.val}
-        folds.append(evaluate(result.model, test, job.name, job.labels, config.eval_method, compare_base=True,
-                              batch_size=config.batch_size, max_length=config.max_length, train_fingerprints=seen))
-        truth += [e.target for e in test if fingerprint(e.text) not in seen]  # the rows evaluate kept
-    pooled = None
-    if "accuracy" in folds[0].metrics:
-        labels = folds[0].metrics["labels"]
-        pooled = {who: classification_report(truth, [p for f in folds for p in pick(f).predictions], labels)
-                  for who, pick in (("adapter", lambda f: f), ("base", lambda f: f.base))}
-    summary = {}
-    for key in _summary_keys(folds[0]):
-        for prefix, values in (("", [f.metrics[key] for f in folds]), ("base_", [f.base.metrics[key] for f in folds])):
-            summary[prefix + key] = {"mean": statistics.fmean(values),
-                                     "std": statistics.stdev(values) if len(values) > 1 else 0.0}
-    report = CrossValidationReport(config.kfold, folds, summary, Path(config.output), pooled)
-    from softprompt.training.distributed import current
-
-    if current().is_main:  # under accelerate launch / torchrun only the main process writes files
-        atomic_write_json(Path(config.output) / CV_REPORT_FILE, report.to_dict())
-    return report
-
-
 __all__ = [
-    "METHODS", "EvalReport", "evaluate", "evaluate_data", "example_loss", "cross_validate", "CrossValidationReport",
-    "fingerprint", "read_train_fingerprints", "adapter_settings", "normalize_text",
+    "EVAL_METHODS",
+    "EvalReport",
+    "adapter_settings",
+    "evaluate",
+    "evaluate_data",
+    "example_loss",
+    "normalize_text",
+    "prompt_budget",
 ]

@@ -12,7 +12,8 @@ from __future__ import annotations
 import io
 import math
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from softprompt.errors import ConfigError, DataError
 from softprompt.fileio import atomic_write_bytes
@@ -115,6 +116,7 @@ def perplexity(total_nll: float, n_tokens: int) -> float:
 
 
 def _new_figure(width: float, height: float):
+    # matplotlib is imported when a plot is drawn: it costs over half a second, and most commands draw none.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -131,7 +133,7 @@ def _save_png(fig, path: str | os.PathLike) -> None:
 
 def plot_confusion_matrix(report: dict, path: str | os.PathLike) -> None:
     """A PNG heat map of the report's confusion matrix, each cell annotated with its count."""
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import MaxNLocator  # when drawn, as in _new_figure
 
     labels, matrix = list(report["labels"]), report["confusion_matrix"]
     side = max(3.5, 1.0 + 0.9 * len(labels))

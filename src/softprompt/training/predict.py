@@ -13,16 +13,16 @@ from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from softprompt.data import Template, Verbalizer, column_names, load_rows, require_columns
 from softprompt.errors import ConfigError
-from softprompt.training.evaluate import adapter_settings, prompt_budget
 from softprompt.fileio import atomic_write_text
+from softprompt.training.evaluate import adapter_settings, prompt_budget
 
 
 def label_probabilities(model, texts: Sequence[str], labels: Sequence[str], adapters: Sequence[str | None], *,

@@ -1,0 +1,84 @@
+"""The adapters of a training job, each with its rendered training and held-out validation examples."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from softprompt.data import Example, Verbalizer, build_examples, train_val_split
+from softprompt.data.heldout import fingerprint, read_train_fingerprints
+from softprompt.errors import DataError
+from softprompt.training.config import ResolvedAdapter
+
+
+@dataclass
+class AdapterJob:
+    """One adapter of a job: its resolved settings and its rendered examples."""
+
+    spec: ResolvedAdapter
+    train: list[Example]
+    val: list[Example]  # held out: no validation text occurs in `train`
+    labels: list[str] | None  # label texts (classification), None for language modelling
+    dropped_val_rows: int = 0  # validation rows dropped because their text also occurs in training rows
+    # Training texts of the adapter this one starts from (``init_from``): this adapter learnt them too,
+    # so they are never validation rows and its saved fingerprints include them.
+    inherited_fingerprints: frozenset[int] = frozenset()
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def train_fingerprints(self) -> set[int]:
+        """The fingerprints of every text this adapter learnt (saved with it, so evaluation stays held-out)."""
+        return {fingerprint(e.text) for e in self.train} | self.inherited_fingerprints
+
+
+def prepare_job(spec: ResolvedAdapter, *, rows: list[dict] | None = None, val_rows: list[dict] | None = None,
+                verbalizer: Verbalizer | None = None, source: str | None = None) -> AdapterJob:
+    """Load and render one adapter's data.
+
+    By default rows come from ``spec.data`` and validation rows from ``spec.validation_data`` or a
+    seeded (label-stratified) ``spec.val_fraction`` split. ``rows``/``val_rows`` pass rows directly
+    (cross-validation folds); then ``val_rows=None`` still splits ``rows`` by ``spec.val_fraction``.
+    """
+    source = source or spec.data
+    if rows is None:
+        rows = spec.load_train_rows()
+        if val_rows is None:
+            val_rows = spec.load_validation_rows()
+    rows = list(rows)
+    split_here = val_rows is None  # validation rows are cut from `rows` (or there are none)
+    if split_here:
+        val_rows = (train_val_split(rows, spec.val_fraction, spec.seed, spec.label_column, source=source)[1]
+                    if spec.val_fraction > 0 else [])
+    else:
+        val_rows = list(val_rows)
+    if spec.label_column is not None and verbalizer is None:
+        verbalizer = (Verbalizer(spec.verbalizer) if spec.verbalizer else  # else: the labels the data has
+                      Verbalizer.from_rows(rows + ([] if split_here else val_rows), spec.label_column, source=source))
+    # Render all rows of a file at once, so that error messages count rows as the file does.
+    rendered = build_examples(rows, spec.template, spec.label_column, verbalizer, source=source)
+    if split_here:
+        in_val = {id(r) for r in val_rows}
+        train = [e for e in rendered if id(e.row) not in in_val]
+        val = [e for e in rendered if id(e.row) in in_val]
+    else:
+        train = rendered
+        val = build_examples(val_rows, spec.template, spec.label_column, verbalizer,
+                             source=spec.validation_data or f"{source} (validation rows)") if val_rows else []
+    if not train:
+        raise DataError(f"{source}: no training rows are left after holding out validation rows")
+    # Held-out means held-out: a validation text that is also a training text is dropped, including
+    # the texts the ``init_from`` adapter was trained on.
+    start = Path(spec.init_from).expanduser() if spec.init_from else None  # as load_adapter resolves it
+    inherited = frozenset(read_train_fingerprints(start)) if start is not None and start.is_dir() else frozenset()
+    seen = {fingerprint(e.text) for e in train} | inherited
+    kept = [e for e in val if fingerprint(e.text) not in seen]
+    if val and not kept:
+        raise DataError(f"{spec.validation_data or source}: every validation row also occurs in the training rows; "
+                        f"there is nothing held-out to validate on")
+    return AdapterJob(spec, train, kept, verbalizer.texts if verbalizer is not None else None, len(val) - len(kept),
+                      inherited)
+
+
+__all__ = ["AdapterJob", "prepare_job"]
