@@ -309,6 +309,26 @@ def test_half_written_metrics_line_after_the_checkpoint_does_not_stop_resume(run
     assert all(json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines())
 
 
+def test_a_checkpoint_saved_with_flat_method_options_resumes(run, tmp_path, capsys):
+    """Runs saved before method options were nested (``num_virtual_tokens: 3`` at the top of the saved config)
+    resume: the saved config is read in today's layout, so it differs from this run in nothing."""
+    out = tmp_path / "flat"
+    argv = train_argv(run, out, "--epochs", "1")
+    assert main(argv) == 0
+    state_file = out / LAST / "training_state.json"
+    state = json.loads(state_file.read_text())
+    nested = state["config"].pop("method_options")
+    assert nested["num_virtual_tokens"] == 3
+    state["config"].update(nested)
+    state_file.write_text(json.dumps(state))
+    assert main(argv + ["--resume"]) == 0
+    state["config"]["num_virtual_tokens"] = 4  # a real change is still refused
+    state_file.write_text(json.dumps(state))
+    capsys.readouterr()
+    assert main(argv + ["--resume"]) == 2
+    assert "the config differs from the run being resumed" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------------ corrupt files
 
 

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from softprompt.data import FORMATS, HUB_PREFIX, Template, format_name, is_known_encoding, load_rows
+from softprompt.data import (FORMATS, HUB_PREFIX, Template, default_template, format_name, is_known_encoding,
+                             load_rows)
 from softprompt.errors import ConfigError
 from softprompt.methods import METHOD_OPTIONS, METHODS, MethodConfig, normalize_method, suggest_method
 from softprompt.options import (Option, OptionError, check_int, check_number, default_of, did_you_mean, flag, option,
@@ -230,7 +231,7 @@ def resolve_adapter(top: AdapterSettings, spec: AdapterSpec, prefix: str = "", *
     view.label_column = view.label_column or None
     if not view.text_column and not view.template:
         raise ConfigError(f"{prefix}{flag('text_column')}: required when no {flag('template')} is given")
-    view.template = view.template if view.template else "{" + view.text_column + "}"
+    view.template = view.template if view.template else default_template(view.text_column)
     try:
         Template(view.template)
     except ConfigError as exc:

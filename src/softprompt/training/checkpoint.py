@@ -26,13 +26,12 @@ from softprompt.data.heldout import TRAIN_FINGERPRINTS
 from softprompt.errors import ConfigError
 from softprompt.fileio import atomic_write_text, recover_directory
 from softprompt.training import distributed
-from softprompt.training.config import TrainConfig, flag
+from softprompt.training.config import CHECKPOINT, TrainConfig, flag
 from softprompt.training.jobs import AdapterJob
 from softprompt.training.metrics import plot_loss_curve
 
 METRICS_FILE = "metrics.jsonl"
 LOSS_PNG = "loss_curve.png"
-LAST = Path("checkpoints") / "last"
 #: Config fields that may differ between a run and the run that resumes it (they do not change the result).
 RESUMABLE_CHANGES = ("resume", "device", "save_every", "model")
 
@@ -156,10 +155,19 @@ def save_latest(model, jobs: list[AdapterJob], optimizer: torch.optim.Optimizer,
                 tensors[f"optimizer.{name}.{key}"] = value.detach().cpu().clone()
         meta = {**shared, "adapter": job.name, "optimizer_group": {k: v for k, v in group.items() if k != "params"}}
         with _saving(model):
-            model.save_adapter(job.name, output / job.name / LAST, training_state=tensors, training_meta=meta)
+            model.save_adapter(job.name, output / job.name / CHECKPOINT, training_state=tensors, training_meta=meta)
 
 
 # ============================================================================================ resuming
+
+
+def _in_current_layout(saved: dict) -> dict:
+    """A saved config as today's `TrainConfig.to_dict` writes it (runs saved before method options were nested kept
+    them flat), so that only real changes count as differences."""
+    try:
+        return TrainConfig.from_dict(saved, source="checkpoint config").to_dict()
+    except ConfigError:
+        return saved
 
 
 def read_checkpoints(config: TrainConfig, output: Path, names: list[str],
@@ -168,11 +176,11 @@ def read_checkpoints(config: TrainConfig, output: Path, names: list[str],
     dist = dist or distributed.Distributed()
     if dist.is_main:
         for name in names:
-            recover_directory(output / name / LAST)  # a save that a crash interrupted midway
+            recover_directory(output / name / CHECKPOINT)  # a save that a crash interrupted midway
     dist.barrier()
     saved = {}
     for name in names:
-        path = output / name / LAST
+        path = output / name / CHECKPOINT
         if not (path / "training_state.json").is_file():
             raise ConfigError(f"{flag('resume')}: no checkpoint to resume at {path}; train without --resume first")
         saved[name] = read_training_state(path)
@@ -185,7 +193,7 @@ def read_checkpoints(config: TrainConfig, output: Path, names: list[str],
         raise ConfigError(f"{flag('resume')}: the run being resumed trained on {processes} process(es), this one "
                           f"on {dist.world_size}; launch {processes} (accelerate launch --num_processes {processes}) "
                           f"to resume")
-    previous = next(iter(saved.values()))[1]["config"]
+    previous = _in_current_layout(next(iter(saved.values()))[1]["config"])
     current = config.to_dict()
     changed = [k for k in current if k not in RESUMABLE_CHANGES and previous.get(k) != current[k]]
     if changed:
@@ -249,7 +257,6 @@ def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
 
 
 __all__ = [
-    "LAST",
     "LOSS_PNG",
     "METRICS_FILE",
     "RESUMABLE_CHANGES",

@@ -49,7 +49,7 @@ from softprompt.training.adapter_config import (METHOD_OPTION_TYPES, AdapterSett
 CONFIG_FILE = "config.yaml"
 MAX_CONFIG_BYTES = 1024**2  # a config is a few hundred bytes; anything near this is not a config
 SCHEDULES = ("linear", "cosine", "constant")
-EVAL_METHODS = ("score", "generate")
+VALIDATION_METHODS = ("score", "generate")  # how training validates labelled rows
 RESUME = (False, True, "auto")
 #: Where each adapter's latest training state is saved, under ``<output>/<adapter>/``.
 CHECKPOINT = Path("checkpoints") / "last"
@@ -81,7 +81,7 @@ class TrainConfig(AdapterSettings):
                "that checkpoint exists, else start fresh.", choices=RESUME)
     eval_every: int = option(1, "Validate every this many epochs (and after the last).")
     eval_method: str = option("score", "Validation of labelled data: score (rank the label texts) or generate "
-                                       "(exact match of generated text).", choices=EVAL_METHODS)
+                                       "(exact match of generated text).", choices=VALIDATION_METHODS)
     eval_zero_shot: bool = option(True, "Also validate the bare base model once, to report beside the adapter.")
     early_stopping_patience: int | None = option(
         None, "Stop an adapter after this many validations without improvement (default: off).")
@@ -126,7 +126,7 @@ class TrainConfig(AdapterSettings):
         if self.max_grad_norm is not None:
             check_number(self.max_grad_norm, flag("max_grad_norm"), above=0.0)
         check_choice(self.lr_schedule, flag("lr_schedule"), SCHEDULES)
-        check_choice(self.eval_method, flag("eval_method"), EVAL_METHODS)
+        check_choice(self.eval_method, flag("eval_method"), VALIDATION_METHODS)
         if not (isinstance(self.resume, bool) or self.resume == "auto"):
             raise OptionError(flag("resume"), f"expected true, false or auto, got {self.resume!r}")
         if not isinstance(self.output, str) or not self.output.strip():
@@ -377,7 +377,7 @@ def _adapter_name(name: Any, where: str) -> None:
 
 
 __all__ = [
-    "CONFIG_FILE", "SCHEDULES", "EVAL_METHODS", "CHECKPOINT", "TrainConfig", "AdapterSettings", "AdapterSpec",
+    "CONFIG_FILE", "SCHEDULES", "VALIDATION_METHODS", "CHECKPOINT", "TrainConfig", "AdapterSettings", "AdapterSpec",
     "ResolvedAdapter", "Option", "load_config", "read_yaml", "apply_overrides", "parse_override_words",
     "parse_verbalizer", "save_resolved", "train_options", "flag",
 ]

@@ -14,7 +14,7 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from softprompt.data import Verbalizer, build_examples, kfold
+from softprompt.data import build_examples, kfold, verbalizer_for
 from softprompt.data.heldout import fingerprint
 from softprompt.errors import ConfigError
 from softprompt.fileio import atomic_write_json
@@ -80,8 +80,7 @@ def cross_validate(config: TrainConfig, k: int | None = None, *, model=None, pro
     rows = spec.load_train_rows()
     verbalizer = None
     if spec.label_column is not None:
-        verbalizer = Verbalizer(spec.verbalizer) if spec.verbalizer else \
-            Verbalizer.from_rows(rows, spec.label_column, source=spec.data)
+        verbalizer = verbalizer_for(spec.verbalizer, rows, spec.label_column, source=spec.data)
     rendered = build_examples(rows, spec.template, spec.label_column, verbalizer, source=spec.data)
     jobs, tests = [], []
     for i, (train_rows, test_rows) in enumerate(kfold(rows, config.kfold, spec.seed, spec.label_column,

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from softprompt.adapters.peft_format import read_training_state
-from softprompt.data import Example, Verbalizer, build_examples, load_rows
+from softprompt.data import Example, build_examples, default_template, load_rows, verbalizer_for
 from softprompt.data.heldout import fingerprint, read_train_fingerprints
 from softprompt.engine.tokens import pad_id
 from softprompt.errors import ConfigError, DataError
@@ -247,13 +247,13 @@ def evaluate_data(model, adapter: str | None, data: str | Path, *, adapter_dir: 
     """
     saved = adapter_settings(adapter_dir) if adapter_dir else {}
     text_column = text_column or saved.get("text_column") or "text"
-    template = template or saved.get("template") or "{" + text_column + "}"
+    template = template or saved.get("template") or default_template(text_column)
     label_column = label_column if label_column is not None else saved.get("label_column")
     verbalizer = verbalizer or saved.get("verbalizer")
     rows = load_rows(data, format=data_format, split=split, encoding=encoding)
     verb = None
     if label_column:
-        verb = Verbalizer(verbalizer) if verbalizer else Verbalizer.from_rows(rows, label_column, source=str(data))
+        verb = verbalizer_for(verbalizer, rows, label_column, source=str(data))
     examples = build_examples(rows, template, label_column or None, verb, source=str(data))
     labels = verb.texts if verb is not None else None
     if labels and saved.get("labels") and not verbalizer:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from softprompt.data import Example, Verbalizer, build_examples, train_val_split
+from softprompt.data import Example, Verbalizer, build_examples, train_val_split, verbalizer_for
 from softprompt.data.heldout import fingerprint, read_train_fingerprints
 from softprompt.errors import DataError
 from softprompt.training.config import ResolvedAdapter
@@ -54,8 +54,8 @@ def prepare_job(spec: ResolvedAdapter, *, rows: list[dict] | None = None, val_ro
     else:
         val_rows = list(val_rows)
     if spec.label_column is not None and verbalizer is None:
-        verbalizer = (Verbalizer(spec.verbalizer) if spec.verbalizer else  # else: the labels the data has
-                      Verbalizer.from_rows(rows + ([] if split_here else val_rows), spec.label_column, source=source))
+        verbalizer = verbalizer_for(spec.verbalizer, rows + ([] if split_here else val_rows), spec.label_column,
+                                    source=source)
     # Render all rows of a file at once, so that error messages count rows as the file does.
     rendered = build_examples(rows, spec.template, spec.label_column, verbalizer, source=source)
     if split_here:

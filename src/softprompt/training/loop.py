@@ -60,7 +60,6 @@ from softprompt.models.loading import load
 from softprompt.training import distributed
 from softprompt.training.batches import Encoded, collate, encode_examples, epoch_groups
 from softprompt.training.checkpoint import (
-    LAST,
     METRICS_FILE,
     LoopState,
     MetricsLog,
@@ -69,7 +68,7 @@ from softprompt.training.checkpoint import (
     save_best,
     save_latest,
 )
-from softprompt.training.config import TrainConfig, flag, save_resolved
+from softprompt.training.config import CHECKPOINT, TrainConfig, flag, save_resolved
 from softprompt.training.evaluate import evaluate, example_loss
 from softprompt.training.jobs import AdapterJob, prepare_job
 from softprompt.training.metrics import perplexity
@@ -186,7 +185,7 @@ class Trainer:
         if config.resume:
             saved = read_checkpoints(config, self.output, self.names, dist)
             for job in jobs:  # the adapters, reparameterisation included, as they were
-                load_adapter(model, self.output / job.name / LAST, name=job.name, resume=True)
+                load_adapter(model, self.output / job.name / CHECKPOINT, name=job.name, resume=True)
         dist.shard_base(model)  # FSDP only; after the adapters were initialised from the whole embedding table
         if dist.is_main:  # only the main process writes files, and only once every check has passed
             self.output.mkdir(parents=True, exist_ok=True)
@@ -313,7 +312,7 @@ class Trainer:
         self._save_latest()
         self.bar.close()
         raise TrainingInterrupted(f"stopped after step {self.state.step}; the latest state is saved in "
-                                  f"{self.output / self.names[0] / LAST}; continue with --resume")
+                                  f"{self.output / self.names[0] / CHECKPOINT}; continue with --resume")
 
     def validate_and_save(self) -> None:
         """Validate every active adapter, keep the best, count patience, save the latest state."""

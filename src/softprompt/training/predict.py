@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from softprompt.data import Template, Verbalizer, column_names, load_rows, require_columns
+from softprompt.data import Template, Verbalizer, column_names, default_template, load_rows, require_columns
 from softprompt.errors import ConfigError
 from softprompt.fileio import atomic_write_text
 from softprompt.training.evaluate import adapter_settings, prompt_budget
@@ -63,7 +63,7 @@ def predict_file(model, adapters: dict[str, str | Path], data: str | Path, outpu
                           "zero-shot with the base model")
     settings = {name: adapter_settings(path) for name, path in adapters.items()}
     first = next(iter(settings.values()), {})
-    template = template or first.get("template") or "{" + (text_column or first.get("text_column") or "text") + "}"
+    template = template or first.get("template") or default_template(text_column or first.get("text_column") or "text")
     mapping = verbalizer or first.get("verbalizer")
     labels = list(mapping.values()) if mapping else first.get("labels")
     if not labels:
