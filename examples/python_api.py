@@ -1,6 +1,6 @@
 """The Python API end to end on a tiny random GPT-2 (no download): train two adapters, mix them in one batch.
 
-    .venv/bin/python examples/python_api.py
+.venv/bin/python examples/python_api.py
 """
 
 import tempfile
@@ -25,8 +25,11 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
 
 torch.manual_seed(0)
 tokenizer = byte_tokenizer()
-base = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=len(tokenizer), eos_token_id=1,
-                                  bos_token_id=1, initializer_range=0.5))
+base = GPT2LMHeadModel(
+    GPT2Config(
+        n_layer=2, n_embd=64, n_head=4, vocab_size=len(tokenizer), eos_token_id=1, bos_token_id=1, initializer_range=0.5
+    )
+)
 model = SoftPromptModel(base, tokenizer)
 model.add_adapter("yes", method="prompt_tuning", num_virtual_tokens=16, seed=0)
 model.add_adapter("no", method="prefix_tuning", num_virtual_tokens=4, seed=0)

@@ -30,8 +30,13 @@ def main() -> None:
     args = parser.parse_args()
 
     model = softprompt.load(args.model)
-    model.add_adapter("sentiment", method="prompt_tuning", num_virtual_tokens=8, seed=0,
-                      init_text="Classify the sentiment of the tweet:")
+    model.add_adapter(
+        "sentiment",
+        method="prompt_tuning",
+        num_virtual_tokens=8,
+        seed=0,
+        init_text="Classify the sentiment of the tweet:",
+    )
     tokenizer = model.tokenizer
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -47,13 +52,29 @@ def main() -> None:
 
     every = max(1, args.max_steps // 6)
     training_args = TrainingArguments(
-        output_dir=f"{args.output}/checkpoints", max_steps=args.max_steps, per_device_train_batch_size=8,
-        learning_rate=3e-2, logging_steps=every, eval_strategy="steps", eval_steps=every, save_steps=every,
-        save_total_limit=2, load_best_model_at_end=True, metric_for_best_model="eval_loss", report_to=[], seed=0)
+        output_dir=f"{args.output}/checkpoints",
+        max_steps=args.max_steps,
+        per_device_train_batch_size=8,
+        learning_rate=3e-2,
+        logging_steps=every,
+        eval_strategy="steps",
+        eval_steps=every,
+        save_steps=every,
+        save_total_limit=2,
+        load_best_model_at_end=True,
+        metric_for_best_model="eval_loss",
+        report_to=[],
+        seed=0,
+    )
     trainable = TrainableAdapter(model, "sentiment")
-    trainer = Trainer(model=trainable, args=training_args, train_dataset=data["train"], eval_dataset=data["test"],
-                      data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100),
-                      callbacks=[SaveAdapterCallback(), EarlyStoppingCallback(early_stopping_patience=3)])
+    trainer = Trainer(
+        model=trainable,
+        args=training_args,
+        train_dataset=data["train"],
+        eval_dataset=data["test"],
+        data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100),
+        callbacks=[SaveAdapterCallback(), EarlyStoppingCallback(early_stopping_patience=3)],
+    )
     trainer.train(resume_from_checkpoint=args.resume or None)
 
     trainable.save_pretrained(f"{args.output}/adapter")  # the best adapter: load_best_model_at_end reloaded it

@@ -31,25 +31,49 @@ def main() -> None:
     args = parser.parse_args()
 
     model = softprompt.load(args.model)
-    model.add_adapter("sentiment", method="prompt_tuning", num_virtual_tokens=8, seed=0,
-                      init_text="Classify the sentiment of the tweet:")
+    model.add_adapter(
+        "sentiment",
+        method="prompt_tuning",
+        num_virtual_tokens=8,
+        seed=0,
+        init_text="Classify the sentiment of the tweet:",
+    )
 
     data = load_dataset("json", data_files=str(DATA), split="train").train_test_split(test_size=0.25, seed=0)
-    data = data.map(lambda row: {"prompt": TEMPLATE.format(text=row["text"]), "completion": " " + row["label"]},
-                    remove_columns=["text", "label"])
+    data = data.map(
+        lambda row: {"prompt": TEMPLATE.format(text=row["text"]), "completion": " " + row["label"]},
+        remove_columns=["text", "label"],
+    )
 
     every = max(1, args.max_steps // 6)
     config = SFTConfig(
-        output_dir=f"{args.output}/checkpoints", max_steps=args.max_steps, per_device_train_batch_size=8,
-        learning_rate=3e-2, logging_steps=every, eval_strategy="steps", eval_steps=every, save_steps=every,
-        save_total_limit=2, load_best_model_at_end=True, metric_for_best_model="eval_loss", report_to=[], seed=0,
+        output_dir=f"{args.output}/checkpoints",
+        max_steps=args.max_steps,
+        per_device_train_batch_size=8,
+        learning_rate=3e-2,
+        logging_steps=every,
+        eval_strategy="steps",
+        eval_steps=every,
+        save_steps=every,
+        save_total_limit=2,
+        load_best_model_at_end=True,
+        metric_for_best_model="eval_loss",
+        report_to=[],
+        seed=0,
         # SFTConfig's own defaults: bf16 (a GPU's; refused on a CPU) and activation checkpointing, which transformers
         # skips anyway for the frozen base, kept in eval mode.
-        bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(), gradient_checkpointing=False)
+        bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
+        gradient_checkpointing=False,
+    )
     trainable = TrainableAdapter(model, "sentiment")
-    trainer = SFTTrainer(model=trainable, args=config, train_dataset=data["train"], eval_dataset=data["test"],
-                         processing_class=model.tokenizer,
-                         callbacks=[SaveAdapterCallback(), EarlyStoppingCallback(early_stopping_patience=3)])
+    trainer = SFTTrainer(
+        model=trainable,
+        args=config,
+        train_dataset=data["train"],
+        eval_dataset=data["test"],
+        processing_class=model.tokenizer,
+        callbacks=[SaveAdapterCallback(), EarlyStoppingCallback(early_stopping_patience=3)],
+    )
     trainer.train(resume_from_checkpoint=args.resume or None)
 
     trainable.save_pretrained(f"{args.output}/adapter")  # the best adapter: load_best_model_at_end reloaded it

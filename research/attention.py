@@ -36,8 +36,9 @@ if __package__ in (None, ""):
     __package__ = "research"
 
 
-def variants(batch: int, heads: int, length: int, prefix: int, head_dim: int, seed: int = 0,
-             kv_heads: int | None = None) -> dict:
+def variants(
+    batch: int, heads: int, length: int, prefix: int, head_dim: int, seed: int = 0, kv_heads: int | None = None
+) -> dict:
     """``{name: zero-argument call}`` over one set of random tensors; ``bare`` has no prefix keys."""
     import torch
     import torch.nn.functional as F
@@ -69,9 +70,11 @@ def variants(batch: int, heads: int, length: int, prefix: int, head_dim: int, se
     return {
         # transformers' bare causal call: no mask, so SDPA's own grouped-query path (no repeat_kv)
         "bare (text keys only, is_causal)": lambda: F.scaled_dot_product_attention(
-            q, k_grouped[:, :, prefix:], v_grouped[:, :, prefix:], is_causal=True, enable_gqa=group > 1),
-        "masked": lambda: F.scaled_dot_product_attention(q, repeat_kv(k_grouped, group), repeat_kv(v_grouped, group),
-                                                         attn_mask=mask),
+            q, k_grouped[:, :, prefix:], v_grouped[:, :, prefix:], is_causal=True, enable_gqa=group > 1
+        ),
+        "masked": lambda: F.scaled_dot_product_attention(
+            q, repeat_kv(k_grouped, group), repeat_kv(v_grouped, group), attn_mask=mask
+        ),
         "grouped (softprompt)": lambda: grouped_attention(q, k_grouped, v_grouped, mask),
         "unmasked": lambda: F.scaled_dot_product_attention(q, k, v),
         "split": split,
@@ -112,8 +115,9 @@ def main(argv=None) -> int:
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=20)
-    p.add_argument("--sweep", action="store_true",
-                   help="masked kernel vs grouped products for 1 and --batch rows over --lengths")
+    p.add_argument(
+        "--sweep", action="store_true", help="masked kernel vs grouped products for 1 and --batch rows over --lengths"
+    )
     p.add_argument("--lengths", default="16,32,64,128,256", help="--sweep: text lengths (comma-separated)")
     args = p.parse_args(argv)
     if args.kv_heads < 1 or args.heads % args.kv_heads:
@@ -128,9 +132,11 @@ def main(argv=None) -> int:
     errors = check_exact(calls)
     times = best_times(calls, args.rounds)
     bare = times["bare (text keys only, is_causal)"]
-    print(f"SDPA on CPU, {args.threads} thread(s): {args.batch} rows x {args.heads}/{args.kv_heads} heads x "
-          f"{args.length} queries, "
-          f"{args.prefix} prefix keys, head_dim {args.head_dim}; torch {torch.__version__}\n")
+    print(
+        f"SDPA on CPU, {args.threads} thread(s): {args.batch} rows x {args.heads}/{args.kv_heads} heads x "
+        f"{args.length} queries, "
+        f"{args.prefix} prefix keys, head_dim {args.head_dim}; torch {torch.__version__}\n"
+    )
     print("| call | us per layer call | vs bare | max difference from masked |")
     print("| --- | ---: | ---: | ---: |")
     for name, t in times.items():
@@ -145,9 +151,11 @@ def sweep(args, lengths: list[int]) -> int:
 
     from softprompt.engine.attention import GROUPED_MAX_QUERIES
 
-    print(f"SDPA on CPU, {args.threads} thread(s), {args.heads}/{args.kv_heads} heads, {args.prefix} prefix keys, "
-          f"head_dim {args.head_dim}; torch {torch.__version__}; softprompt groups calls of up to "
-          f"{GROUPED_MAX_QUERIES} queries\n")
+    print(
+        f"SDPA on CPU, {args.threads} thread(s), {args.heads}/{args.kv_heads} heads, {args.prefix} prefix keys, "
+        f"head_dim {args.head_dim}; torch {torch.__version__}; softprompt groups calls of up to "
+        f"{GROUPED_MAX_QUERIES} queries\n"
+    )
     print("| rows | text tokens | bare us | masked us | grouped us | grouped / masked |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: |")
     for batch in sorted({1, args.batch}):
@@ -156,8 +164,10 @@ def sweep(args, lengths: list[int]) -> int:
             calls = {k: calls[k] for k in ("bare (text keys only, is_causal)", "masked", "grouped (softprompt)")}
             t = best_times(calls, args.rounds, per_round=max(1, 2_000_000 // (batch * args.heads * length * length)))
             bare, masked, grouped = t.values()
-            print(f"| {batch} | {length} | {bare * 1e6:.0f} | {masked * 1e6:.0f} | {grouped * 1e6:.0f} | "
-                  f"{grouped / masked:.2f} |")
+            print(
+                f"| {batch} | {length} | {bare * 1e6:.0f} | {masked * 1e6:.0f} | {grouped * 1e6:.0f} | "
+                f"{grouped / masked:.2f} |"
+            )
     return 0
 
 

@@ -22,8 +22,11 @@ INIT_TEXT = "Classify the sentiment of the movie review as positive or negative.
 
 
 def sst2_dir() -> Path | None:
-    candidates = [os.environ.get("SOFTPROMPT_BENCH_DATA"), REPO.parent / "shared" / "data" / "sst2",
-                  "/work/shared/data/sst2"]
+    candidates = [
+        os.environ.get("SOFTPROMPT_BENCH_DATA"),
+        REPO.parent / "shared" / "data" / "sst2",
+        "/work/shared/data/sst2",
+    ]
     for c in candidates:
         if c and (Path(c) / "dev.tsv").is_file() and (Path(c) / "train.tsv").is_file():
             return Path(c)
@@ -44,8 +47,10 @@ def read_tsv(path: Path) -> list[Example]:
         return [Example(row[s].strip(), int(row[l])) for row in reader if row]
 
 
-_WORDS = {1: "good great fine lovely superb charming warm funny".split(),
-          0: "bad dull awful boring weak messy flat tedious".split()}
+_WORDS = {
+    1: ["good", "great", "fine", "lovely", "superb", "charming", "warm", "funny"],
+    0: ["bad", "dull", "awful", "boring", "weak", "messy", "flat", "tedious"],
+}
 
 
 def synthetic(n: int, seed: int) -> list[Example]:
@@ -63,8 +68,10 @@ def load_sst2(require: bool) -> tuple[list[Example], list[Example], str]:
     folder = sst2_dir()
     if folder is None:
         if require:
-            raise SystemExit("research: SST-2 not found (set SOFTPROMPT_BENCH_DATA to a folder with train.tsv and "
-                             "dev.tsv, or run with --quick)")
+            raise SystemExit(
+                "research: SST-2 not found (set SOFTPROMPT_BENCH_DATA to a folder with train.tsv and "
+                "dev.tsv, or run with --quick)"
+            )
         return synthetic(400, 0), synthetic(200, 1), "synthetic (SST-2 not found)"
     return read_tsv(folder / "train.tsv"), read_tsv(folder / "dev.tsv"), str(folder)
 
@@ -73,8 +80,9 @@ def prompt(example: Example) -> str:
     return TEMPLATE.format(text=example.text)
 
 
-def fixed_length_batch(tokenizer, examples: list[Example], rows: int, length: int, label_tokens: int,
-                       seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def fixed_length_batch(
+    tokenizer, examples: list[Example], rows: int, length: int, label_tokens: int, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``rows`` real rows of exactly ``length`` tokens (no padding): review text, then the template's end and
     the label word; loss on the last ``label_tokens`` tokens only, as in a classification fine-tune."""
     rng = random.Random(seed)

@@ -29,11 +29,10 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python research/export.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from softprompt.fileio import atomic_directory, atomic_write_json  # noqa: E402
-from softprompt.models.names import hub_id_for  # noqa: E402
-
-from research.models import TINY  # noqa: E402
-from research.paths import EXAMPLES  # noqa: E402
+from research.models import TINY
+from research.paths import EXAMPLES
+from softprompt.fileio import atomic_directory, atomic_write_json
+from softprompt.models.names import hub_id_for
 
 SCORES_FILE = "scores.json"
 DEFAULT_BASE = "smollm2-135m"
@@ -47,17 +46,20 @@ class Evaluation:
 
 
 EVALUATIONS = {
-    "financial_phrasebank": Evaluation("accuracy", "accuracy",
-                                       "the 226 test rows of the seeded (42) stratified 90/10 split of Sentences_AllAgree"),
+    "financial_phrasebank": Evaluation(
+        "accuracy", "accuracy", "the 226 test rows of the seeded (42) stratified 90/10 split of Sentences_AllAgree"
+    ),
     "sst2": Evaluation("accuracy", "accuracy", "sst2/dev.tsv (872 rows)"),
-    "raft_twitter_complaints": Evaluation("macro_f1", "macro-F1",
-                                          "10-fold cross-validation (seed 42) over the 50 labelled tweets, pooled"),
+    "raft_twitter_complaints": Evaluation(
+        "macro_f1", "macro-F1", "10-fold cross-validation (seed 42) over the 50 labelled tweets, pooled"
+    ),
 }
 
 
 @dataclass(frozen=True)
 class Candidate:
     """An adapter a run offers as its task's example, with its score on the task's evaluation."""
+
     task: str
     model: str
     path: str
@@ -77,13 +79,17 @@ def shipped_scores(examples: Path = EXAMPLES) -> dict[str, dict]:
 def best_shipped(task: str, examples: Path = EXAMPLES) -> tuple[str, float] | None:
     """The shipped example of ``task`` with the highest score, as ``(folder, score)``."""
     metric = EVALUATIONS[task].metric
-    ranked = [(entry["value"], folder) for folder, entry in shipped_scores(examples).items()
-              if entry["task"] == task and entry["metric"] == metric]
+    ranked = [
+        (entry["value"], folder)
+        for folder, entry in shipped_scores(examples).items()
+        if entry["task"] == task and entry["metric"] == metric
+    ]
     return (max(ranked)[1], max(ranked)[0]) if ranked else None
 
 
-def export_if_better(path: str | Path, task: str, model: str, score: float, examples: Path = EXAMPLES,
-                     dry_run: bool = False) -> str:
+def export_if_better(
+    path: str | Path, task: str, model: str, score: float, examples: Path = EXAMPLES, dry_run: bool = False
+) -> str:
     """Ship the adapter at ``path`` as ``task``'s example if ``score`` (on ``EVALUATIONS[task]``) beats every
     shipped example of the task; returns what was done (with ``dry_run``: what would be), in a line for the log."""
     if task not in EVALUATIONS:
@@ -92,19 +98,25 @@ def export_if_better(path: str | Path, task: str, model: str, score: float, exam
     score = round(score, 4)  # as scores.json keeps it, so an adapter never "beats" its own recorded score
     best = best_shipped(task, examples)
     if best is not None and best[1] >= score:
-        return (f"{task}: kept examples/adapters/{best[0]}/ ({evaluation.label} {best[1]:.4g} on {evaluation.on}); "
-                f"this adapter scored {score:.4g}")
+        return (
+            f"{task}: kept examples/adapters/{best[0]}/ ({evaluation.label} {best[1]:.4g} on {evaluation.on}); "
+            f"this adapter scored {score:.4g}"
+        )
     folder = folder_name(task, model)
     was = f"examples/adapters/{best[0]}/ at {best[1]:.4g}" if best else "no example"
     if dry_run:
-        return (f"{task}: would export {path} to {examples / folder} ({evaluation.label} {score:.4g}, was {was}); "
-                f"run again with --into {examples} to ship it")
+        return (
+            f"{task}: would export {path} to {examples / folder} ({evaluation.label} {score:.4g}, was {was}); "
+            f"run again with --into {examples} to ship it"
+        )
     target = copy_adapter(path, examples / folder, model)
     scores = shipped_scores(examples)
     scores[folder] = {"task": task, "base_model": model, "metric": evaluation.metric, "value": score}
     atomic_write_json(examples / SCORES_FILE, scores)
-    return (f"{task}: exported to {target} ({evaluation.label} {score:.4g}, was {was}); "
-            f"give it a row in {examples / 'README.md'}")
+    return (
+        f"{task}: exported to {target} ({evaluation.label} {score:.4g}, was {was}); "
+        f"give it a row in {examples / 'README.md'}"
+    )
 
 
 def copy_adapter(path: str | Path, target: Path, model: str) -> Path:
@@ -141,11 +153,17 @@ def candidates(result: dict) -> list[Candidate]:
         if name not in EVALUATIONS:
             continue  # generation has no example adapters
         if "final_adapter" in task:  # RAFT: the adapter trained on all rows, scored by its cross-validation
-            offered.append(Candidate(name, model, task["final_adapter"],
-                                     task["systems"]["softprompt prompt tuning"]["macro_f1_pooled"]))
+            offered.append(
+                Candidate(
+                    name, model, task["final_adapter"], task["systems"]["softprompt prompt tuning"]["macro_f1_pooled"]
+                )
+            )
             continue
-        ranked = [(r["accuracy"], r["path"]) for k, r in task["systems"].items()
-                  if k.startswith("softprompt") and r.get("path")]
+        ranked = [
+            (r["accuracy"], r["path"])
+            for k, r in task["systems"].items()
+            if k.startswith("softprompt") and r.get("path")
+        ]
         if ranked:
             score, path = max(ranked)
             offered.append(Candidate(name, model, path, score))
@@ -164,12 +182,19 @@ def export_examples(result: dict, examples: Path = EXAMPLES, dry_run: bool = Fal
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m research.export", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p = argparse.ArgumentParser(
+        prog="python -m research.export",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     p.add_argument("result", help="a run's quality.json (research.quality) or sweep.json (research.sweep)")
-    p.add_argument("--into", default=None,
-                   help="the examples folder to ship into (examples/adapters); without it nothing is written and "
-                        "the command says what it would ship, compared with the examples in examples/adapters")
+    p.add_argument(
+        "--into",
+        default=None,
+        help="the examples folder to ship into (examples/adapters); without it nothing is written and "
+        "the command says what it would ship, compared with the examples in examples/adapters",
+    )
     return p.parse_args(argv)
 
 

@@ -21,8 +21,8 @@ import random
 import statistics
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -124,8 +124,9 @@ def paired_ratio(a: list[float], b: list[float]) -> float:
     return statistics.median(_round_ratios(a, b))
 
 
-def paired_ratio_ci(a: list[float], b: list[float], *, level: float = 0.95, resamples: int = 2000,
-                    seed: int = 0) -> tuple[float, float]:
+def paired_ratio_ci(
+    a: list[float], b: list[float], *, level: float = 0.95, resamples: int = 2000, seed: int = 0
+) -> tuple[float, float]:
     """Bootstrap interval of `paired_ratio`: resample the rounds (with replacement), take each resample's
     median per-round ratio, report the central ``level`` share. Seeded, so a results file reproduces it."""
     ratios = _round_ratios(a, b)
@@ -212,8 +213,9 @@ def cpu_flags() -> list[str]:
 
 def git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                             timeout=10)
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10
+        )
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None

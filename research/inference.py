@@ -39,9 +39,16 @@ def ours_generate(model, ids, mask, adapters, new_tokens: int) -> list[list[int]
 def hf_generate(model, ids, mask, new_tokens: int, pad_id: int) -> list[list[int]]:
     """transformers' (or PEFT's) generate, greedy, exactly ``new_tokens`` tokens."""
     with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                             do_sample=False, pad_token_id=pad_id, num_beams=1)
-    return out[:, ids.shape[1]:].tolist()
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=pad_id,
+            num_beams=1,
+        )
+    return out[:, ids.shape[1] :].tolist()
 
 
 def _pad_id(tokenizer) -> int:
@@ -49,8 +56,18 @@ def _pad_id(tokenizer) -> int:
 
 
 # ------------------------------------------------------------------------------------------ section 2
-def run_overhead(systems: Systems, ids, mask, *, sizes=(8, 20), new_tokens: int, repeats: int, warmup: int,
-                 forward_repeats: int | None = None, log=print) -> list[dict]:
+def run_overhead(
+    systems: Systems,
+    ids,
+    mask,
+    *,
+    sizes=(8, 20),
+    new_tokens: int,
+    repeats: int,
+    warmup: int,
+    forward_repeats: int | None = None,
+    log=print,
+) -> list[dict]:
     """Forward and greedy generation: bare base model vs softprompt (no adapter / prompt-tuned) vs PEFT.
 
     ``forward_repeats`` (default ``repeats``): rounds of the forward comparison, whose overhead of a few
@@ -70,23 +87,28 @@ def run_overhead(systems: Systems, ids, mask, *, sizes=(8, 20), new_tokens: int,
         def call():
             peft_models[n].set_adapter(names[n])  # both adapters live in one PeftModel
             return fn(peft_models[n])
+
         return call
 
     rows = []
     # Forward: logits of every text position (what a scoring/reranking forward returns).
-    fwd = {"bare": lambda: base(input_ids=ids, attention_mask=mask).logits,
-           "softprompt_none": lambda: ours(ids, mask, adapters=None).logits}
+    fwd = {
+        "bare": lambda: base(input_ids=ids, attention_mask=mask).logits,
+        "softprompt_none": lambda: ours(ids, mask, adapters=None).logits,
+    }
     for n in sizes:
-        fwd[f"softprompt_pt{n}"] = (lambda n=n: ours(ids, mask, adapters=names[n]).logits)
+        fwd[f"softprompt_pt{n}"] = lambda n=n: ours(ids, mask, adapters=names[n]).logits
         fwd[f"peft_pt{n}"] = peft_call(n, lambda m: m(input_ids=ids, attention_mask=mask).logits)
     with torch.no_grad():
         times = harness.interleaved(fwd, repeats=forward_repeats or repeats, warmup=warmup)
     rows += _overhead_rows("forward", times, sizes, log)
 
-    gen = {"bare": lambda: hf_generate(base, ids, mask, new_tokens, pad),
-           "softprompt_none": lambda: ours_generate(ours, ids, mask, None, new_tokens)}
+    gen = {
+        "bare": lambda: hf_generate(base, ids, mask, new_tokens, pad),
+        "softprompt_none": lambda: ours_generate(ours, ids, mask, None, new_tokens),
+    }
     for n in sizes:
-        gen[f"softprompt_pt{n}"] = (lambda n=n: ours_generate(ours, ids, mask, names[n], new_tokens))
+        gen[f"softprompt_pt{n}"] = lambda n=n: ours_generate(ours, ids, mask, names[n], new_tokens)
         gen[f"peft_pt{n}"] = peft_call(n, lambda m: hf_generate(m, ids, mask, new_tokens, pad))
     times = harness.interleaved(gen, repeats=repeats, warmup=warmup)
     gen_rows = _overhead_rows(f"generate {new_tokens} tokens", times, sizes, log)
@@ -104,30 +126,52 @@ def _overhead_rows(task, times, sizes, log) -> list[dict]:
     out = []
     for n in sizes:
         sp, peft = ms[f"softprompt_pt{n}"], ms[f"peft_pt{n}"]
-        row = {"task": task, "num_virtual_tokens": n, "bare_ms": ms["bare"], "softprompt_none_ms": ms["softprompt_none"],
-               "softprompt_ms": sp, "peft_ms": peft,
-               # Overheads and ratios pair the calls of each round (see harness.paired_ratio).
-               "overhead_vs_bare": harness.paired_ratio(times[f"softprompt_pt{n}"], times["bare"]) - 1,
-               "overhead_vs_bare_ci95": [x - 1 for x in harness.paired_ratio_ci(times[f"softprompt_pt{n}"],
-                                                                                times["bare"])],
-               "overhead_vs_softprompt_none": harness.paired_ratio(times[f"softprompt_pt{n}"],
-                                                                   times["softprompt_none"]) - 1,
-               "peft_overhead_vs_bare": harness.paired_ratio(times[f"peft_pt{n}"], times["bare"]) - 1,
-               "ratio_vs_peft": harness.paired_ratio(times[f"softprompt_pt{n}"], times[f"peft_pt{n}"]),
-               "overhead_vs_bare_of_medians": harness.ratio(sp, ms["bare"]) - 1,
-               "runs_ms": {k: [t * 1000 for t in v] for k, v in times.items()
-                           if k in ("bare", "softprompt_none") or k.endswith(f"pt{n}")}}
+        row = {
+            "task": task,
+            "num_virtual_tokens": n,
+            "bare_ms": ms["bare"],
+            "softprompt_none_ms": ms["softprompt_none"],
+            "softprompt_ms": sp,
+            "peft_ms": peft,
+            # Overheads and ratios pair the calls of each round (see harness.paired_ratio).
+            "overhead_vs_bare": harness.paired_ratio(times[f"softprompt_pt{n}"], times["bare"]) - 1,
+            "overhead_vs_bare_ci95": [
+                x - 1 for x in harness.paired_ratio_ci(times[f"softprompt_pt{n}"], times["bare"])
+            ],
+            "overhead_vs_softprompt_none": harness.paired_ratio(times[f"softprompt_pt{n}"], times["softprompt_none"])
+            - 1,
+            "peft_overhead_vs_bare": harness.paired_ratio(times[f"peft_pt{n}"], times["bare"]) - 1,
+            "ratio_vs_peft": harness.paired_ratio(times[f"softprompt_pt{n}"], times[f"peft_pt{n}"]),
+            "overhead_vs_bare_of_medians": harness.ratio(sp, ms["bare"]) - 1,
+            "runs_ms": {
+                k: [t * 1000 for t in v]
+                for k, v in times.items()
+                if k in ("bare", "softprompt_none") or k.endswith(f"pt{n}")
+            },
+        }
         out.append(row)
-        log(f"  {task:>20} pt{n}: bare {ms['bare']:7.1f}  softprompt(none) {ms['softprompt_none']:7.1f}  "
+        log(
+            f"  {task:>20} pt{n}: bare {ms['bare']:7.1f}  softprompt(none) {ms['softprompt_none']:7.1f}  "
             f"softprompt {sp:7.1f}  peft {peft:7.1f} ms  overhead vs bare {row['overhead_vs_bare']:+.1%} "
             f"(95% CI {row['overhead_vs_bare_ci95'][0]:+.1%} to {row['overhead_vs_bare_ci95'][1]:+.1%})  "
-            f"vs peft {row['ratio_vs_peft']:.2f}")
+            f"vs peft {row['ratio_vs_peft']:.2f}"
+        )
     return out
 
 
 # ------------------------------------------------------------------------------------------ section 3
-def run_mixed(systems: Systems, prompts: list[str], *, counts=(1, 4, 16), batch_size: int, new_tokens: int,
-              num_virtual_tokens: int = 8, repeats: int, warmup: int, log=print) -> dict:
+def run_mixed(
+    systems: Systems,
+    prompts: list[str],
+    *,
+    counts=(1, 4, 16),
+    batch_size: int,
+    new_tokens: int,
+    num_virtual_tokens: int = 8,
+    repeats: int,
+    warmup: int,
+    log=print,
+) -> dict:
     """A request stream whose requests name 1, 4 or 16 adapters (round robin, so every batch mixes them all).
 
     softprompt: consecutive batches of ``batch_size`` requests, whatever their adapters, one call each.
@@ -145,13 +189,13 @@ def run_mixed(systems: Systems, prompts: list[str], *, counts=(1, 4, 16), batch_
         assigned = [names[i % k] for i in range(len(prompts))]
         ours_batches = []
         for s in range(0, len(prompts), batch_size):
-            ids, mask = encode_texts(tok, prompts[s:s + batch_size], side="left")
-            ours_batches.append((ids, mask, assigned[s:s + batch_size]))
+            ids, mask = encode_texts(tok, prompts[s : s + batch_size], side="left")
+            ours_batches.append((ids, mask, assigned[s : s + batch_size]))
         peft_batches = []
         for name in dict.fromkeys(assigned):
             group = [p for p, a in zip(prompts, assigned) if a == name]
             for s in range(0, len(group), batch_size):
-                ids, mask = encode_texts(tok, group[s:s + batch_size], side="left")
+                ids, mask = encode_texts(tok, group[s : s + batch_size], side="left")
                 peft_batches.append((name, ids, mask))
         plans[k] = (ours_batches, peft_batches)
 
@@ -165,6 +209,7 @@ def run_mixed(systems: Systems, prompts: list[str], *, counts=(1, 4, 16), batch_
                 peft_model.set_adapter(name)
                 out.append(hf_generate(peft_model, ids, mask, new_tokens, pad))
             return out
+
         return serve
 
     fns = {}
@@ -178,26 +223,51 @@ def run_mixed(systems: Systems, prompts: list[str], *, counts=(1, 4, 16), batch_
     for k in counts:
         ours_ms, peft_ms = harness.median_ms(times[f"softprompt_{k}"]), harness.median_ms(times[f"peft_{k}"])
         ours_tps, peft_tps = tokens / (ours_ms / 1000), tokens / (peft_ms / 1000)
-        rows.append({"adapters": k, "softprompt_ms": ours_ms, "peft_ms": peft_ms,
-                     "softprompt_tokens_per_s": ours_tps, "peft_tokens_per_s": peft_tps,
-                     # Throughput ratios pair the calls of each round, as the inference overheads do: the
-                     # same stream's calls drift by tens of percent over the minutes a section takes.
-                     "softprompt_vs_single": harness.paired_ratio(times[f"softprompt_{counts[0]}"],
-                                                                  times[f"softprompt_{k}"]),
-                     "speedup_vs_peft": harness.paired_ratio(times[f"peft_{k}"], times[f"softprompt_{k}"]),
-                     "softprompt_vs_single_of_medians": ours_tps / single,
-                     "speedup_vs_peft_of_medians": ours_tps / peft_tps,
-                     "peft_calls": len(plans[k][1]), "softprompt_calls": len(plans[k][0]),
-                     "runs_ms": {s: [t * 1000 for t in times[f"{s}_{k}"]] for s in ("softprompt", "peft")}})
-        log(f"  mixed {k:>2} adapters: softprompt {ours_tps:7.1f} tok/s ({rows[-1]['softprompt_vs_single']:.0%} of "
-            f"single)  peft {peft_tps:7.1f} tok/s in {len(plans[k][1])} calls  speedup {rows[-1]['speedup_vs_peft']:.2f}x")
-    return {"requests": len(prompts), "batch_size": batch_size, "new_tokens": new_tokens,
-            "num_virtual_tokens": num_virtual_tokens, "rows": rows}
+        rows.append(
+            {
+                "adapters": k,
+                "softprompt_ms": ours_ms,
+                "peft_ms": peft_ms,
+                "softprompt_tokens_per_s": ours_tps,
+                "peft_tokens_per_s": peft_tps,
+                # Throughput ratios pair the calls of each round, as the inference overheads do: the
+                # same stream's calls drift by tens of percent over the minutes a section takes.
+                "softprompt_vs_single": harness.paired_ratio(
+                    times[f"softprompt_{counts[0]}"], times[f"softprompt_{k}"]
+                ),
+                "speedup_vs_peft": harness.paired_ratio(times[f"peft_{k}"], times[f"softprompt_{k}"]),
+                "softprompt_vs_single_of_medians": ours_tps / single,
+                "speedup_vs_peft_of_medians": ours_tps / peft_tps,
+                "peft_calls": len(plans[k][1]),
+                "softprompt_calls": len(plans[k][0]),
+                "runs_ms": {s: [t * 1000 for t in times[f"{s}_{k}"]] for s in ("softprompt", "peft")},
+            }
+        )
+        log(
+            f"  mixed {k:>2} adapters: softprompt {ours_tps:7.1f} tok/s ({rows[-1]['softprompt_vs_single']:.0%} of "
+            f"single)  peft {peft_tps:7.1f} tok/s in {len(plans[k][1])} calls  speedup {rows[-1]['speedup_vs_peft']:.2f}x"
+        )
+    return {
+        "requests": len(prompts),
+        "batch_size": batch_size,
+        "new_tokens": new_tokens,
+        "num_virtual_tokens": num_virtual_tokens,
+        "rows": rows,
+    }
 
 
 # ------------------------------------------------------------------------------------------ section 4
-def train_classifier(systems: Systems, name: str, train: list[data.Example], *, steps: int, batch: int, lr: float,
-                     seed: int = 0, log=print) -> list[float]:
+def train_classifier(
+    systems: Systems,
+    name: str,
+    train: list[data.Example],
+    *,
+    steps: int,
+    batch: int,
+    lr: float,
+    seed: int = 0,
+    log=print,
+) -> list[float]:
     """Prompt-tune ``name`` on labelled examples (loss on the label token only), with softprompt."""
     tok, model = systems.tokenizer, systems.ours
     rng = random.Random(seed)
@@ -220,13 +290,25 @@ def train_classifier(systems: Systems, name: str, train: list[data.Example], *, 
         optimizer.step()
         losses.append(float(loss.detach()))
     model.eval()
-    log(f"  trained {name!r}: {steps} steps, loss {sum(losses[:5]) / min(5, len(losses)):.3f} -> "
-        f"{sum(losses[-5:]) / min(5, len(losses)):.3f}")
+    log(
+        f"  trained {name!r}: {steps} steps, loss {sum(losses[:5]) / min(5, len(losses)):.3f} -> "
+        f"{sum(losses[-5:]) / min(5, len(losses)):.3f}"
+    )
     return losses
 
 
-def run_classification(systems: Systems, train, dev, *, examples: int, batch_size: int, train_steps: int,
-                       repeats: int, warmup: int, log=print) -> dict:
+def run_classification(
+    systems: Systems,
+    train,
+    dev,
+    *,
+    examples: int,
+    batch_size: int,
+    train_steps: int,
+    repeats: int,
+    warmup: int,
+    log=print,
+) -> dict:
     """Label scoring (`model.score`) vs generate-and-match on the same adapter and the same labelled examples."""
     name = "cls"
     systems.add(name, "prompt_tuning", 8, peft=False, init_text=data.INIT_TEXT)
@@ -241,13 +323,13 @@ def run_classification(systems: Systems, train, dev, *, examples: int, batch_siz
     def scoring():
         preds = []
         for s in range(0, len(texts), batch_size):
-            preds += [r.label for r in model.score(texts[s:s + batch_size], labels=labels, adapters=name)]
+            preds += [r.label for r in model.score(texts[s : s + batch_size], labels=labels, adapters=name)]
         return preds
 
     def generate_match():
         preds = []
         for s in range(0, len(texts), batch_size):
-            outs = generate(model, texts[s:s + batch_size], adapters=name, max_new_tokens=gen_tokens)
+            outs = generate(model, texts[s : s + batch_size], adapters=name, max_new_tokens=gen_tokens)
             for out in outs:
                 words = out.strip().split()
                 first = words[0].strip(".,:;!\"'").lower() if words else ""
@@ -260,16 +342,32 @@ def run_classification(systems: Systems, train, dev, *, examples: int, batch_siz
         preds = fn()
         gold = [data.LABELS[ex.label] for ex in dev]
         per100 = harness.median_ms(times[method]) * 100 / len(dev)
-        rows.append({"method": method, "ms_per_100": per100,
-                     "accuracy": sum(p == g for p, g in zip(preds, gold)) / len(dev),
-                     "invalid": sum(p is None for p in preds), "runs_ms": [t * 1000 for t in times[method]],
-                     "predictions": preds})
+        rows.append(
+            {
+                "method": method,
+                "ms_per_100": per100,
+                "accuracy": sum(p == g for p, g in zip(preds, gold)) / len(dev),
+                "invalid": sum(p is None for p in preds),
+                "runs_ms": [t * 1000 for t in times[method]],
+                "predictions": preds,
+            }
+        )
     agree = sum(a == b for a, b in zip(rows[0]["predictions"], rows[1]["predictions"])) / len(dev)
     for r in rows:
         r.pop("predictions")
-        log(f"  classify {r['method']:>14}: {r['ms_per_100']:8.1f} ms / 100 examples  accuracy {r['accuracy']:.1%}  "
-            f"invalid {r['invalid']}")
-    return {"examples": len(dev), "batch_size": batch_size, "labels": labels, "generate_tokens": gen_tokens,
-            "train_steps": train_steps, "train_loss_first": losses[0] if losses else None,
-            "train_loss_last": losses[-1] if losses else None, "predictions_agree": agree,
-            "generate_vs_score": harness.ratio(rows[1]["ms_per_100"], rows[0]["ms_per_100"]), "rows": rows}
+        log(
+            f"  classify {r['method']:>14}: {r['ms_per_100']:8.1f} ms / 100 examples  accuracy {r['accuracy']:.1%}  "
+            f"invalid {r['invalid']}"
+        )
+    return {
+        "examples": len(dev),
+        "batch_size": batch_size,
+        "labels": labels,
+        "generate_tokens": gen_tokens,
+        "train_steps": train_steps,
+        "train_loss_first": losses[0] if losses else None,
+        "train_loss_last": losses[-1] if losses else None,
+        "predictions_agree": agree,
+        "generate_vs_score": harness.ratio(rows[1]["ms_per_100"], rows[0]["ms_per_100"]),
+        "rows": rows,
+    }

@@ -24,11 +24,11 @@ def _child(spec: dict, fd: int) -> None:
         from .training import measure_memory
 
         result = {"ok": measure_memory(spec)}
-    except BaseException:  # noqa: BLE001 - reported to the parent, which raises
+    except BaseException:
         result = {"error": traceback.format_exc()}
     data = json.dumps(result).encode()
     while data:
-        data = data[os.write(fd, data):]
+        data = data[os.write(fd, data) :]
     os.close(fd)
 
 
@@ -38,10 +38,10 @@ def serve() -> None:
     harness.quiet()
     # The imports every child shares, done once here: torch, transformers (and its Llama classes), peft.
     import peft  # noqa: F401
-    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM  # noqa: F401
 
     import softprompt  # noqa: F401
+
     from . import training  # noqa: F401
 
     for line in sys.stdin:
@@ -71,11 +71,17 @@ def serve() -> None:
 class MemoryServer:
     """Parent side: ``with MemoryServer() as server: server.measure(spec)``."""
 
-    def __enter__(self) -> "MemoryServer":
+    def __enter__(self) -> MemoryServer:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
-        self.proc = subprocess.Popen([sys.executable, "-m", "research.memserver"], cwd=REPO, env=env, text=True,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "research.memserver"],
+            cwd=REPO,
+            env=env,
+            text=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
         return self
 
     def measure(self, spec: dict) -> dict:
@@ -83,7 +89,7 @@ class MemoryServer:
         self.proc.stdin.flush()
         for line in self.proc.stdout:
             if line.startswith(MARK):
-                result = json.loads(line[len(MARK):])
+                result = json.loads(line[len(MARK) :])
                 if "error" in result:
                     raise RuntimeError(f"memory measurement failed for {spec.get('system')}: {result['error']}")
                 return result["ok"]

@@ -20,7 +20,7 @@ PEFT_TYPES = {"prompt_tuning": "prompt", "p_tuning": "prompt", "prefix_tuning": 
 
 
 # ------------------------------------------------------------------------------------------ tiny model
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _byte_tokenizer_json() -> str:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
@@ -38,12 +38,25 @@ def tiny_llama(seed: int = 0):
     from tokenizers import Tokenizer
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_byte_tokenizer_json()),
-                                        pad_token="<pad>", eos_token="<eos>", bos_token="<bos>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_byte_tokenizer_json()),
+        pad_token="<pad>",
+        eos_token="<eos>",
+        bos_token="<bos>",
+    )
     torch.manual_seed(seed)
-    config = LlamaConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=512, vocab_size=len(tokenizer),
-                         pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    config = LlamaConfig(
+        num_hidden_layers=2,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        vocab_size=len(tokenizer),
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+    )
     base = LlamaForCausalLM(config).eval()
     return base, tokenizer
 
@@ -81,14 +94,23 @@ class Systems:
     _tmp: tempfile.TemporaryDirectory = field(default_factory=lambda: tempfile.TemporaryDirectory(prefix="spbench-"))
 
     @classmethod
-    def build(cls, source: str) -> "Systems":
+    def build(cls, source: str) -> Systems:
         from softprompt import SoftPromptModel
 
         base, tokenizer = load_base(source)
         return cls(base, tokenizer, SoftPromptModel(base, tokenizer, name_or_path=source))
 
-    def add(self, name: str, method: str, num_virtual_tokens: int, *, peft: bool = True, trainable: bool = False,
-            seed: int = 0, **config) -> None:
+    def add(
+        self,
+        name: str,
+        method: str,
+        num_virtual_tokens: int,
+        *,
+        peft: bool = True,
+        trainable: bool = False,
+        seed: int = 0,
+        **config,
+    ) -> None:
         """Add adapter ``name`` to softprompt and (``peft``) the same weights to PEFT under the same name."""
         self.ours.add_adapter(name, method=method, num_virtual_tokens=num_virtual_tokens, seed=seed, **config)
         if peft:

@@ -13,7 +13,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"  # the shared data sets, read in place
 RESULTS = REPO / "research" / "results"  # research's committed output: the numbers the docs quote
-EXAMPLES = REPO / "examples" / "adapters"  # the shipped examples: read to compare, written only by research.export --into
+EXAMPLES = (
+    REPO / "examples" / "adapters"
+)  # the shipped examples: read to compare, written only by research.export --into
 PRODUCT = (REPO / "docs", REPO / "examples", REPO / "src", REPO / "results")
 
 
@@ -22,7 +24,9 @@ def own_output(path: str | Path, flag: str, program: str) -> Path:
     resolved = Path(path).resolve()
     for folder in PRODUCT:
         if resolved == folder or resolved.is_relative_to(folder):
-            raise SystemExit(f"{program}: {flag}: {path} is inside {folder.relative_to(REPO)}/, which belongs to the "
-                             f"product; research writes under runs/ or research/results/ (ship an adapter with "
-                             f"`python -m research.export RESULT --into examples/adapters`)")
+            raise SystemExit(
+                f"{program}: {flag}: {path} is inside {folder.relative_to(REPO)}/, which belongs to the "
+                f"product; research writes under runs/ or research/results/ (ship an adapter with "
+                f"`python -m research.export RESULT --into examples/adapters`)"
+            )
     return Path(path)

@@ -14,11 +14,10 @@ import torch
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from softprompt.engine.tokens import pad_batch, pad_id
-from softprompt.training import classification_report, collate, epoch_groups, prompt_budget
-
 from research.models import Systems
 from research.tasks import reported_metrics
+from softprompt.engine.tokens import pad_batch, pad_id
+from softprompt.training import classification_report, collate, epoch_groups, prompt_budget
 
 
 def train_peft(systems: Systems, name: str, items, config, log) -> float:
@@ -27,8 +26,9 @@ def train_peft(systems: Systems, name: str, items, config, log) -> float:
     params = systems.peft_params(name)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     steps = config.epochs * math.ceil(len(items) / config.batch_size)
-    scheduler = get_scheduler(config.lr_schedule, optimizer, num_warmup_steps=math.ceil(config.warmup_ratio * steps),
-                              num_training_steps=steps)
+    scheduler = get_scheduler(
+        config.lr_schedule, optimizer, num_warmup_steps=math.ceil(config.warmup_ratio * steps), num_training_steps=steps
+    )
     model.train()
     started = time.perf_counter()
     bar = tqdm(total=steps, desc=f"train PEFT {name}", unit="step")
@@ -50,8 +50,9 @@ def train_peft(systems: Systems, name: str, items, config, log) -> float:
 
 
 @torch.no_grad()
-def peft_label_scores(systems: Systems, name: str, texts: list[str], labels: list[str], max_length: int,
-                      batch_size: int = 16) -> list[list[float]]:
+def peft_label_scores(
+    systems: Systems, name: str, texts: list[str], labels: list[str], max_length: int, batch_size: int = 16
+) -> list[list[float]]:
     """Sum log-likelihood of each label text after each prompt, through PEFT's forward."""
     tok, model = systems.tokenizer, systems.peft_for(name)
     cands = [tok(label, add_special_tokens=False)["input_ids"] for label in labels]
@@ -59,13 +60,13 @@ def peft_label_scores(systems: Systems, name: str, texts: list[str], labels: lis
     seqs = [(tok(t)["input_ids"][-room:], c) for t in texts for c in cands]
     out = []
     for s in range(0, len(seqs), batch_size):
-        chunk = seqs[s:s + batch_size]
+        chunk = seqs[s : s + batch_size]
         ids, mask = pad_batch([p + c for p, c in chunk], pad_id(tok), side="right")
         logits = model(input_ids=ids, attention_mask=mask).logits
-        logits = logits[:, logits.shape[1] - ids.shape[1]:].float().log_softmax(-1)
+        logits = logits[:, logits.shape[1] - ids.shape[1] :].float().log_softmax(-1)
         for row, (p, c) in enumerate(chunk):
             out.append(sum(float(logits[row, len(p) - 1 + j, t]) for j, t in enumerate(c)))
-    return [out[i * len(cands):(i + 1) * len(cands)] for i in range(len(texts))]
+    return [out[i * len(cands) : (i + 1) * len(cands)] for i in range(len(texts))]
 
 
 def score_peft(systems: Systems, name: str, test, labels, budget) -> dict:
@@ -82,9 +83,8 @@ def peft_loss(systems: Systems, name: str, items, batch_size: int = 16) -> tuple
     """``(summed negative log-likelihood, tokens)`` of the encoded ``items`` through PEFT's forward."""
     model, total, tokens = systems.peft_for(name), 0.0, 0
     for s in range(0, len(items), batch_size):
-        ids, mask, labels, _ = collate(items[s:s + batch_size], pad_id(systems.tokenizer))
+        ids, mask, labels, _ = collate(items[s : s + batch_size], pad_id(systems.tokenizer))
         count = int((labels[:, 1:] != -100).sum())
         total += float(model(input_ids=ids, attention_mask=mask, labels=labels).loss) * count
         tokens += count
     return total, tokens
-

@@ -97,19 +97,26 @@ def main(argv=None) -> int:
     events = prof.key_averages()
     total_self = sum(e.self_cpu_time_total for e in events) / 1e6
     label = f"{args.path} / {args.system} / {args.method} {args.tokens} / {args.dtype}"
-    lines = [f"profile: {label}: {plain * 1000:.1f} ms per call unprofiled, {wall / args.steps * 1000:.1f} ms under "
-             f"the profiler (which inflates small operators), {args.steps} calls, {args.threads} threads", ""]
+    lines = [
+        f"profile: {label}: {plain * 1000:.1f} ms per call unprofiled, {wall / args.steps * 1000:.1f} ms under "
+        f"the profiler (which inflates small operators), {args.steps} calls, {args.threads} threads",
+        "",
+    ]
     for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[: args.top]:
         share = e.self_cpu_time_total / 1e6 / wall
-        lines.append(f"  {share:6.1%}  {e.self_cpu_time_total / 1e3 / args.steps:9.1f} ms/call  {e.count // args.steps:6d} calls  {e.key}")
+        lines.append(
+            f"  {share:6.1%}  {e.self_cpu_time_total / 1e3 / args.steps:9.1f} ms/call  {e.count // args.steps:6d} calls  {e.key}"
+        )
     lines.append(f"  (sum of self CPU time {total_self / wall:.0%} of wall)")
     mm = [e for e in events if e.key in ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul") and e.flops]
     flops = sum(e.flops for e in mm)
     mm_s = sum(e.self_cpu_time_total for e in mm) / 1e6
     if mm_s:
-        lines.append(f"  matrix products: {flops / args.steps / 1e9:.1f} GFLOP per call, {mm_s / wall:.0%} of wall, "
-                     f"{flops / mm_s / 1e9:.0f} GFLOP/s while in them (profiled); "
-                     f"{flops / args.steps / plain / 1e9:.0f} GFLOP/s over the unprofiled call")
+        lines.append(
+            f"  matrix products: {flops / args.steps / 1e9:.1f} GFLOP per call, {mm_s / wall:.0%} of wall, "
+            f"{flops / mm_s / 1e9:.0f} GFLOP/s while in them (profiled); "
+            f"{flops / args.steps / plain / 1e9:.0f} GFLOP/s over the unprofiled call"
+        )
     text = "\n".join(lines)
     print(text)
     out = Path(args.out or f"runs/bench/profile-{args.path}-{args.system}.txt")

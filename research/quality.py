@@ -36,17 +36,36 @@ import torch
 if __package__ in (None, ""):  # `python research/quality.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from softprompt.data import load_rows  # noqa: E402
-from softprompt.training import (cross_validate, encode_examples, evaluate, example_loss, predict_file,  # noqa: E402
-                                 prepare_job, train_jobs)
-
-from research import harness  # noqa: E402
-from research.models import TINY, Systems, model_path  # noqa: E402
-from research.paths import DATA, own_output  # noqa: E402
-from research.peft_baseline import peft_loss, score_peft, train_peft  # noqa: E402
-from research.quality_report import doc_numbers, previous_result, write_doc  # noqa: E402
-from research.tasks import (BUDGETS, GENERATION_TOKENS, LR, SEED, TASKS, TOKENS, Task, config_for,  # noqa: E402
-                            examples, is_quick, reported_metrics, synthetic_rows, task_rows)
+from research import harness
+from research.models import TINY, Systems, model_path
+from research.paths import DATA, own_output
+from research.peft_baseline import peft_loss, score_peft, train_peft
+from research.quality_report import doc_numbers, previous_result, write_doc
+from research.tasks import (
+    BUDGETS,
+    GENERATION_TOKENS,
+    LR,
+    SEED,
+    TASKS,
+    TOKENS,
+    Task,
+    config_for,
+    examples,
+    is_quick,
+    reported_metrics,
+    synthetic_rows,
+    task_rows,
+)
+from softprompt.data import load_rows
+from softprompt.training import (
+    cross_validate,
+    encode_examples,
+    evaluate,
+    example_loss,
+    predict_file,
+    prepare_job,
+    train_jobs,
+)
 
 
 # ------------------------------------------------------------------------------------------ softprompt
@@ -60,15 +79,21 @@ def train_ours(systems: Systems, task: Task, budget: dict, method: str, train_ro
     seconds = time.perf_counter() - started
     path = result.adapters[spec.name].path
     log(f"  softprompt {method}: {seconds:.0f} s")
-    return {"name": spec.name, "seconds": seconds, "path": str(path),
-            "adapter_bytes": (Path(path) / "adapter_model.safetensors").stat().st_size, "config": config}
+    return {
+        "name": spec.name,
+        "seconds": seconds,
+        "path": str(path),
+        "adapter_bytes": (Path(path) / "adapter_model.safetensors").stat().st_size,
+        "config": config,
+    }
 
 
 def score_ours(systems: Systems, name: str | None, test, labels, budget) -> dict:
     """Label-scoring metrics of adapter ``name`` (``None``: the base model, zero-shot) on ``test``."""
     started = time.perf_counter()
-    report = evaluate(systems.ours, test, name, labels, "score", compare_base=False, batch_size=16,
-                      max_length=budget["max_length"])
+    report = evaluate(
+        systems.ours, test, name, labels, "score", compare_base=False, batch_size=16, max_length=budget["max_length"]
+    )
     return {**reported_metrics(report.metrics), "eval_seconds": time.perf_counter() - started}
 
 
@@ -80,25 +105,40 @@ def run_classification(systems: Systems, task: Task, budget: dict, out: Path, lo
     labels = list(task.verbalizer.values())
     result = {"task": task.name, "split": split, "systems": {}, "anchors": [list(a) for a in task.anchors]}
     log(f"[{task.name}] {split}")
-    result["systems"]["zero-shot"] = {**score_ours(systems, None, test, labels, budget), "seconds": 0.0,
-                                      "adapter_bytes": 0}
+    result["systems"]["zero-shot"] = {
+        **score_ours(systems, None, test, labels, budget),
+        "seconds": 0.0,
+        "adapter_bytes": 0,
+    }
     for method in budget["methods"]:
         trained = train_ours(systems, task, budget, method, train_rows, out / task.name, log)
         scores = score_ours(systems, trained["name"], test, labels, budget)
         result["systems"][f"softprompt {method.replace('_', ' ')}"] = {
-            **scores, "seconds": trained["seconds"], "adapter_bytes": trained["adapter_bytes"],
-            "path": trained["path"]}
+            **scores,
+            "seconds": trained["seconds"],
+            "adapter_bytes": trained["adapter_bytes"],
+            "path": trained["path"],
+        }
         if method == "prompt_tuning":  # PEFT from the same initial weights, same rows, order and steps
             config = trained["config"]
             peft_name = f"peft-{task.name}"
-            systems.add(peft_name, "prompt_tuning", TOKENS[method], peft=True, trainable=True, seed=SEED,
-                        **({"init_text": task.init_text} if task.init_text else {}))
+            systems.add(
+                peft_name,
+                "prompt_tuning",
+                TOKENS[method],
+                peft=True,
+                trainable=True,
+                seed=SEED,
+                **({"init_text": task.init_text} if task.init_text else {}),
+            )
             # same seed and init text: PEFT's prompt starts from softprompt's initial weights
             items = encode_examples(systems.ours, examples(task, train_rows, "train"), None, config.max_length)
             seconds = train_peft(systems, peft_name, items, config, log)
-            result["systems"]["PEFT prompt tuning"] = {**score_peft(systems, peft_name, test, labels, budget),
-                                                       "seconds": seconds,
-                                                       "adapter_bytes": trained["adapter_bytes"]}
+            result["systems"]["PEFT prompt tuning"] = {
+                **score_peft(systems, peft_name, test, labels, budget),
+                "seconds": seconds,
+                "adapter_bytes": trained["adapter_bytes"],
+            }
         log("  " + ", ".join(f"{k}: {v['accuracy']:.3f}" for k, v in result["systems"].items()))
     return result
 
@@ -118,38 +158,72 @@ def run_raft(systems: Systems, task: Task, budget: dict, out: Path, log, predict
             writer = csv.DictWriter(f, list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
-    result = {"task": task.name, "split": f"{budget['kfold']}-fold cross-validation over the {len(rows)} "
-                                          f"labelled rows (seed {SEED})", "systems": {},
-              "anchors": [list(a) for a in task.anchors]}
-    config = config_for(task, budget, "prompt_tuning", out / task.name / "cv", data=str(data),
-                        epochs=budget["cv_epochs"], val_fraction=0.0, name="pt")
+    result = {
+        "task": task.name,
+        "split": f"{budget['kfold']}-fold cross-validation over the {len(rows)} labelled rows (seed {SEED})",
+        "systems": {},
+        "anchors": [list(a) for a in task.anchors],
+    }
+    config = config_for(
+        task,
+        budget,
+        "prompt_tuning",
+        out / task.name / "cv",
+        data=str(data),
+        epochs=budget["cv_epochs"],
+        val_fraction=0.0,
+        name="pt",
+    )
     started = time.perf_counter()
     cv = cross_validate(config, budget["kfold"], model=systems.ours, progress=True)
     seconds = time.perf_counter() - started
     for fold in [n for n in list(systems.ours.adapters) if n.startswith("pt-fold")]:
         systems.ours.remove_adapter(fold)  # free the fold adapters before the final one
     s, pooled = cv.summary, cv.pooled
-    result["systems"]["zero-shot"] = {"accuracy": s["base_accuracy"]["mean"], "accuracy_std": s["base_accuracy"]["std"],
-                                      "macro_f1": s["base_macro_f1"]["mean"], "macro_f1_std": s["base_macro_f1"]["std"],
-                                      "accuracy_pooled": pooled["base"]["accuracy"],
-                                      "macro_f1_pooled": pooled["base"]["macro_f1"],
-                                      "seconds": 0.0, "adapter_bytes": 0, "n": len(rows)}
+    result["systems"]["zero-shot"] = {
+        "accuracy": s["base_accuracy"]["mean"],
+        "accuracy_std": s["base_accuracy"]["std"],
+        "macro_f1": s["base_macro_f1"]["mean"],
+        "macro_f1_std": s["base_macro_f1"]["std"],
+        "accuracy_pooled": pooled["base"]["accuracy"],
+        "macro_f1_pooled": pooled["base"]["macro_f1"],
+        "seconds": 0.0,
+        "adapter_bytes": 0,
+        "n": len(rows),
+    }
     result["systems"]["softprompt prompt tuning"] = {
-        "accuracy": s["accuracy"]["mean"], "accuracy_std": s["accuracy"]["std"], "macro_f1": s["macro_f1"]["mean"],
-        "macro_f1_std": s["macro_f1"]["std"], "accuracy_pooled": pooled["adapter"]["accuracy"],
-        "macro_f1_pooled": pooled["adapter"]["macro_f1"], "seconds": seconds / budget["kfold"], "n": len(rows),
-        "adapter_bytes": None}
-    log(f"  CV macro-F1 {s['macro_f1']['mean']:.3f} ± {s['macro_f1']['std']:.3f}, pooled "
+        "accuracy": s["accuracy"]["mean"],
+        "accuracy_std": s["accuracy"]["std"],
+        "macro_f1": s["macro_f1"]["mean"],
+        "macro_f1_std": s["macro_f1"]["std"],
+        "accuracy_pooled": pooled["adapter"]["accuracy"],
+        "macro_f1_pooled": pooled["adapter"]["macro_f1"],
+        "seconds": seconds / budget["kfold"],
+        "n": len(rows),
+        "adapter_bytes": None,
+    }
+    log(
+        f"  CV macro-F1 {s['macro_f1']['mean']:.3f} ± {s['macro_f1']['std']:.3f}, pooled "
         f"{pooled['adapter']['macro_f1']:.3f} (zero-shot {s['base_macro_f1']['mean']:.3f}, pooled "
-        f"{pooled['base']['macro_f1']:.3f})")
+        f"{pooled['base']['macro_f1']:.3f})"
+    )
     # the submission: one adapter trained on all labelled rows, label scoring on the unlabelled test tweets
-    final = config_for(task, budget, "prompt_tuning", out / task.name / "final", data=str(data),
-                       epochs=budget["cv_epochs"], val_fraction=0.0, name="final")
+    final = config_for(
+        task,
+        budget,
+        "prompt_tuning",
+        out / task.name / "final",
+        data=str(data),
+        epochs=budget["cv_epochs"],
+        val_fraction=0.0,
+        name="final",
+    )
     job = prepare_job(final.resolved_adapters()[0], rows=rows, val_rows=[], source=str(data))
     trained = train_jobs(final, systems.ours, [job], progress=True)
     path = trained.adapters["final"].path
-    result["systems"]["softprompt prompt tuning"]["adapter_bytes"] = \
+    result["systems"]["softprompt prompt tuning"]["adapter_bytes"] = (
         (Path(path) / "adapter_model.safetensors").stat().st_size
+    )
     result["final_adapter"] = str(path)
     test = DATA / "raft_twitter_complaints" / "test_unlabeled.csv"
     if predictions is not None and test.exists():
@@ -157,15 +231,26 @@ def run_raft(systems: Systems, task: Task, budget: dict, out: Path, log, predict
         source = test
         if limit:
             source = out / "raft_test_sample.csv"
-            source.write_text("".join(test.read_text(encoding="utf-8").splitlines(keepends=True)[:limit + 1]))
+            source.write_text("".join(test.read_text(encoding="utf-8").splitlines(keepends=True)[: limit + 1]))
         # The submission comes from whichever system cross-validated better (pooled macro-F1 on the
         # labelled rows): with a good template the zero-shot base model can beat 45 training tweets.
         zero_shot = pooled["base"]["macro_f1"] > pooled["adapter"]["macro_f1"]
         started = time.perf_counter()  # the final adapter was trained with the same template and verbalizer
-        predict_file(systems.ours, {} if zero_shot else {"final": path}, source, predictions, id_column="ID",
-                     label_name="Label", template=task.template, verbalizer=task.verbalizer)
-        result["predictions"] = {"path": str(predictions), "seconds": time.perf_counter() - started,
-                                 "system": "zero-shot" if zero_shot else "softprompt prompt tuning"}
+        predict_file(
+            systems.ours,
+            {} if zero_shot else {"final": path},
+            source,
+            predictions,
+            id_column="ID",
+            label_name="Label",
+            template=task.template,
+            verbalizer=task.verbalizer,
+        )
+        result["predictions"] = {
+            "path": str(predictions),
+            "seconds": time.perf_counter() - started,
+            "system": "zero-shot" if zero_shot else "softprompt prompt tuning",
+        }
         log(f"  wrote {predictions} ({result['predictions']['system']})")
     return result
 
@@ -175,10 +260,19 @@ def run_generation(systems: Systems, tasks: list[Task], budget: dict, out: Path,
     quick = is_quick(budget)
     limit = {**budget, "train_limit": budget["generation_limit"], "test_limit": budget["test_limit"] or 100}
     split, jobs, tests, trains = {}, [], {}, {}
-    config = config_for(tasks[0], limit, "prompt_tuning", out / "generation", lr=1e-2,
-                        adapters=[{"name": t.name, "data": str(DATA / t.files["data"]), "template": t.template}
-                                  for t in tasks], label_column=None, verbalizer=None, init="sample_vocab",
-                        num_virtual_tokens=GENERATION_TOKENS, init_text=None)
+    config = config_for(
+        tasks[0],
+        limit,
+        "prompt_tuning",
+        out / "generation",
+        lr=1e-2,
+        adapters=[{"name": t.name, "data": str(DATA / t.files["data"]), "template": t.template} for t in tasks],
+        label_column=None,
+        verbalizer=None,
+        init="sample_vocab",
+        num_virtual_tokens=GENERATION_TOKENS,
+        init_text=None,
+    )
     for task, spec in zip(tasks, config.resolved_adapters()):
         train_rows, test_rows, split[task.name] = task_rows(task, limit, quick)
         jobs.append(prepare_job(spec, rows=train_rows, val_rows=[], source=task.name))
@@ -194,8 +288,9 @@ def run_generation(systems: Systems, tasks: list[Task], budget: dict, out: Path,
             nll, n = example_loss(systems.ours, tests[task.name], adapter, max_length=limit["max_length"])
             row[who] = {"loss": nll / n, "perplexity": math.exp(nll / n), "tokens": n}
         peft_name = f"peft-{task.name}"
-        systems.add(peft_name, "prompt_tuning", GENERATION_TOKENS, peft=True, trainable=True, seed=SEED,
-                    init="sample_vocab")
+        systems.add(
+            peft_name, "prompt_tuning", GENERATION_TOKENS, peft=True, trainable=True, seed=SEED, init="sample_vocab"
+        )
         items = encode_examples(systems.ours, trains[task.name], None, limit["max_length"])
         peft_config = dataclasses.replace(config, lr=1e-2)
         seconds = train_peft(systems, peft_name, items, peft_config, log)
@@ -208,34 +303,51 @@ def run_generation(systems: Systems, tasks: list[Task], budget: dict, out: Path,
     prompts = ["I want you to act as a motivational coach. ", "There are two nice things that should matter to you:"]
     names = [t.name for t in tasks]
     batch = [(p, a) for p in prompts for a in [None] + names]  # every adapter and the base model in ONE batch
-    texts = systems.ours.generate([p for p, _ in batch], adapters=[a for _, a in batch], max_new_tokens=30,
-                                  stop=["\n\n"])
+    texts = systems.ours.generate(
+        [p for p, _ in batch], adapters=[a for _, a in batch], max_new_tokens=30, stop=["\n\n"]
+    )
     result["samples"] = [{"prompt": p, "adapter": a or "base model", "text": t} for (p, a), t in zip(batch, texts)]
     return result
 
 
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m research.quality", description=__doc__.split("\n\n")[0])
-    p.add_argument("--tasks", default="financial_phrasebank,sst2,raft_twitter_complaints,generation",
-                   help="Comma-separated: financial_phrasebank, sst2, raft_twitter_complaints, generation.")
+    p.add_argument(
+        "--tasks",
+        default="financial_phrasebank,sst2,raft_twitter_complaints,generation",
+        help="Comma-separated: financial_phrasebank, sst2, raft_twitter_complaints, generation.",
+    )
     p.add_argument("--budget", choices=["standard", "full"], default="standard")
     p.add_argument("--quick", action="store_true", help="Harness check on a tiny random model, a few rows.")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--out", default="runs/quality", help="Directory for quality.json and the adapters.")
-    p.add_argument("--doc", default=None, help="Write the markdown tables here, their numbers beside them (the runs the docs quote: "
-                        "research/results/quality.md).")
+    p.add_argument(
+        "--doc",
+        default=None,
+        help="Write the markdown tables here, their numbers beside them (the runs the docs quote: "
+        "research/results/quality.md).",
+    )
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--cv-epochs", type=int, default=None,
-                   help="Override the budget's epochs per cross-validation fold (RAFT).")
-    p.add_argument("--merge", action="store_true",
-                   help="Keep the other tasks of an existing <out>/quality.json, or of the numbers kept beside "
-                        "--doc (each task records its own budget).")
-    p.add_argument("--methods", default=None,
-                   help="Comma-separated softprompt methods to train (default: the budget's three). With --merge, "
-                        "a task's other systems are kept from the existing quality.json.")
-    p.add_argument("--report-only", action="store_true",
-                   help="Only rewrite --doc from <out>/quality.json (or the numbers kept beside --doc).")
+    p.add_argument(
+        "--cv-epochs", type=int, default=None, help="Override the budget's epochs per cross-validation fold (RAFT)."
+    )
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="Keep the other tasks of an existing <out>/quality.json, or of the numbers kept beside "
+        "--doc (each task records its own budget).",
+    )
+    p.add_argument(
+        "--methods",
+        default=None,
+        help="Comma-separated softprompt methods to train (default: the budget's three). With --merge, "
+        "a task's other systems are kept from the existing quality.json.",
+    )
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="Only rewrite --doc from <out>/quality.json (or the numbers kept beside --doc).",
+    )
     return p.parse_args(argv)
 
 
@@ -247,8 +359,11 @@ def main(argv=None) -> int:
     if args.report_only:
         source = previous_result(Path(args.out), args.doc)
         if source is None:
-            raise SystemExit(f"research.quality: --report-only: no {Path(args.out) / 'quality.json'}"
-                             + (f" or {doc_numbers(args.doc)}" if args.doc else "") + " to report from")
+            raise SystemExit(
+                f"research.quality: --report-only: no {Path(args.out) / 'quality.json'}"
+                + (f" or {doc_numbers(args.doc)}" if args.doc else "")
+                + " to report from"
+            )
         result = json.loads(source.read_text())
         if args.doc:
             write_doc(args.doc, result)
@@ -275,18 +390,31 @@ def main(argv=None) -> int:
     systems = Systems.build(source)
     wanted = [t.strip() for t in args.tasks.split(",") if t.strip()]
     started = time.time()
-    result = {"meta": {"budget": "quick" if args.quick else args.budget, "model": TINY if args.quick else args.model,
-                       "machine": harness.machine(args.threads), "date": time.strftime("%Y-%m-%d"),
-                       "lr": LR, "virtual_tokens": TOKENS, "seed": SEED}, "tasks": {}}
+    result = {
+        "meta": {
+            "budget": "quick" if args.quick else args.budget,
+            "model": TINY if args.quick else args.model,
+            "machine": harness.machine(args.threads),
+            "date": time.strftime("%Y-%m-%d"),
+            "lr": LR,
+            "virtual_tokens": TOKENS,
+            "seed": SEED,
+        },
+        "tasks": {},
+    }
     merge_from = previous_result(out, args.doc) if args.merge else None
     if merge_from is not None:
         previous = json.loads(merge_from.read_text())
         if previous["meta"]["model"] != result["meta"]["model"]:
-            raise SystemExit(f"research.quality: --merge: {merge_from} is for {previous['meta']['model']}, "
-                             f"not {result['meta']['model']}")
+            raise SystemExit(
+                f"research.quality: --merge: {merge_from} is for {previous['meta']['model']}, "
+                f"not {result['meta']['model']}"
+            )
         result["tasks"] = {k: v for k, v in previous["tasks"].items() if k not in wanted}
         kept_systems = {k: v for k, v in previous["tasks"].items() if k in wanted} if args.methods else {}
-        result["meta"]["merged_seconds"] = previous["meta"].get("seconds", 0.0) + previous["meta"].get("merged_seconds", 0.0)
+        result["meta"]["merged_seconds"] = previous["meta"].get("seconds", 0.0) + previous["meta"].get(
+            "merged_seconds", 0.0
+        )
     else:
         kept_systems = {}
     predictions = out / "raft_twitter_complaints_predictions.csv"
@@ -294,15 +422,20 @@ def main(argv=None) -> int:
         task_started = time.time()
         if name == "generation":
             result["tasks"]["generation"] = run_generation(
-                systems, [TASKS["chatgpt_prompts"], TASKS["english_quotes"]], budget, out, print)
+                systems, [TASKS["chatgpt_prompts"], TASKS["english_quotes"]], budget, out, print
+            )
         elif name == "raft_twitter_complaints":
             result["tasks"][name] = run_raft(systems, TASKS[name], budget, out, print, predictions)
         elif name in TASKS:
             result["tasks"][name] = run_classification(systems, TASKS[name], budget, out, print)
         else:
             raise SystemExit(f"research.quality: --tasks: unknown task {name!r}")
-        result["tasks"][name]["run"] = {"budget": result["meta"]["budget"], "overrides": overrides,
-                                        "date": result["meta"]["date"], "minutes": (time.time() - task_started) / 60}
+        result["tasks"][name]["run"] = {
+            "budget": result["meta"]["budget"],
+            "overrides": overrides,
+            "date": result["meta"]["date"],
+            "minutes": (time.time() - task_started) / 60,
+        }
         if name in kept_systems and "systems" in kept_systems[name]:
             # Only some methods were rerun: the task's other systems stay, with the run they came from.
             old = kept_systems[name]

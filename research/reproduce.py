@@ -37,12 +37,11 @@ from tqdm import tqdm
 if __package__ in (None, ""):  # `python research/reproduce.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from softprompt.fileio import atomic_write_json, atomic_write_text  # noqa: E402
-
-from research.models import tiny_llama  # noqa: E402
-from research.paths import DATA, REPO, own_output  # noqa: E402
-from research.reproduce_plan import Step, cut_unseen, plan  # noqa: E402
-from research.tasks import TASKS, synthetic_rows  # noqa: E402
+from research.models import tiny_llama
+from research.paths import DATA, REPO, own_output
+from research.reproduce_plan import Step, cut_unseen, plan
+from research.tasks import TASKS, synthetic_rows
+from softprompt.fileio import atomic_write_json, atomic_write_text
 
 
 # ----------------------------------------------------------------------------------------- the runner
@@ -59,8 +58,12 @@ QUICK_FLAGS = {"--val": "6", "--train": "24", "--max-length": "48", "--batch-siz
 
 
 def fill(argv: tuple[str, ...], ctx: Context, step: Step) -> list[str]:
-    subs = {"<out>": str(ctx.out / step.name), "<runs>": str(ctx.out), "<data>": str(ctx.data),
-            **{f"<{k}>": v for k, v in ctx.models.items()}}
+    subs = {
+        "<out>": str(ctx.out / step.name),
+        "<runs>": str(ctx.out),
+        "<data>": str(ctx.data),
+        **{f"<{k}>": v for k, v in ctx.models.items()},
+    }
     filled = []
     for arg in argv:
         for key, value in subs.items():
@@ -85,21 +88,34 @@ def run_step(step: Step, ctx: Context) -> dict:
         capture = step.stdout is not None and i == len(step.commands) - 1
         proc = subprocess.run(command, cwd=REPO, env=env, stdout=subprocess.PIPE if capture else None, text=True)
         if proc.returncode != 0:
-            raise SystemExit(f"research.reproduce: step {step.name}: `{' '.join(command[1:3])} ...` exited with "
-                             f"{proc.returncode}; its output is above, its files in {where}")
+            raise SystemExit(
+                f"research.reproduce: step {step.name}: `{' '.join(command[1:3])} ...` exited with "
+                f"{proc.returncode}; its output is above, its files in {where}"
+            )
         if capture:
             atomic_write_text(where / step.stdout, proc.stdout)
     reproduced = step.measure(where)
-    done = {"step": step.name, "what": step.what, "minutes": (time.time() - started) / 60, "date": time.strftime("%Y-%m-%d"),
-            "quick": ctx.quick, "documented": step.documented, "reproduced": reproduced}
+    done = {
+        "step": step.name,
+        "what": step.what,
+        "minutes": (time.time() - started) / 60,
+        "date": time.strftime("%Y-%m-%d"),
+        "quick": ctx.quick,
+        "documented": step.documented,
+        "reproduced": reproduced,
+    }
     atomic_write_json(where / "done.json", done)
     return done
 
 
 def summary_markdown(done: list[dict]) -> str:
     """The documented figures beside the reproduced ones (every figure a step measured is in summary.json)."""
-    lines = ["# Reproduced numbers (`python -m research.reproduce`)", "",
-             "| step | figure | documented | reproduced | difference |", "| --- | --- | ---: | ---: | ---: |"]
+    lines = [
+        "# Reproduced numbers (`python -m research.reproduce`)",
+        "",
+        "| step | figure | documented | reproduced | difference |",
+        "| --- | --- | ---: | ---: | ---: |",
+    ]
 
     def show(figure: str, value: float) -> str:
         if isinstance(value, int) or "perplexity" in figure:
@@ -119,8 +135,11 @@ def summary_markdown(done: list[dict]) -> str:
                 gap = "same" if abs(diff) < 5e-4 else f"{diff * 100:+.1f} points"
             lines.append(f"| {d['step']} | {figure} | {show(figure, was)} | {show(figure, value)} | {gap} |")
     minutes = sum(d["minutes"] for d in done)
-    quick = " (quick mode: a tiny random model, so the figures are not the documented ones)" if any(
-        d["quick"] for d in done) else ""
+    quick = (
+        " (quick mode: a tiny random model, so the figures are not the documented ones)"
+        if any(d["quick"] for d in done)
+        else ""
+    )
     return "\n".join(lines) + f"\n\n{len(done)} steps, {minutes:.1f} min{quick}.\n"
 
 
@@ -140,8 +159,10 @@ def check_needs(chosen: list[Step], out: Path) -> None:
     for step in chosen:
         missing = [n for n in step.needs if n not in names and not (out / n / "done.json").exists()]
         if missing:
-            raise SystemExit(f"research.reproduce: step {step.name} needs {', '.join(missing)} done first "
-                             f"(in {out}); add them to --only or run them first")
+            raise SystemExit(
+                f"research.reproduce: step {step.name} needs {', '.join(missing)} done first "
+                f"(in {out}); add them to --only or run them first"
+            )
 
 
 def quick_context(out: Path) -> Context:
@@ -150,7 +171,9 @@ def quick_context(out: Path) -> Context:
     (data / "sst2").mkdir(parents=True, exist_ok=True)
     rows = synthetic_rows(TASKS["sst2"], 120, 0)
     for name, part in (("train.tsv", rows[:96]), ("dev.tsv", rows[96:])):
-        (data / "sst2" / name).write_text("sentence\tlabel\n" + "".join(f"{r['sentence']}\t{r['label']}\n" for r in part))
+        (data / "sst2" / name).write_text(
+            "sentence\tlabel\n" + "".join(f"{r['sentence']}\t{r['label']}\n" for r in part)
+        )
     (data / "raft_twitter_complaints").mkdir(exist_ok=True)
     with open(data / "raft_twitter_complaints" / "train.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, ["Tweet text", "Label"])
@@ -159,8 +182,10 @@ def quick_context(out: Path) -> Context:
     with open(data / "raft_twitter_complaints" / "test_unlabeled.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, ["Tweet text", "ID"])
         writer.writeheader()
-        writer.writerows({"Tweet text": r["Tweet text"], "ID": 50 + i}
-                         for i, r in enumerate(synthetic_rows(TASKS["raft_twitter_complaints"], 12, 1)))
+        writer.writerows(
+            {"Tweet text": r["Tweet text"], "ID": 50 + i}
+            for i, r in enumerate(synthetic_rows(TASKS["raft_twitter_complaints"], 12, 1))
+        )
     model_dir = out / "quick_model"
     if not (model_dir / "config.json").exists():
         base, tokenizer = tiny_llama(0)  # the weights research's --quick runs build in-process
@@ -170,8 +195,12 @@ def quick_context(out: Path) -> Context:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m research.reproduce", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p = argparse.ArgumentParser(
+        prog="python -m research.reproduce",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     p.add_argument("--list", action="store_true", help="print the plan with its time estimate and stop")
     p.add_argument("--only", help="comma-separated step names (see --list)")
     p.add_argument("--force", action="store_true", help="rerun steps that already finished")
@@ -200,8 +229,16 @@ def main(argv=None) -> int:
         for path in [a.data, *a.seen_adapter, *a.seen_file]:
             if not Path(path).exists():
                 raise SystemExit(f"research.reproduce cut: {path}: no such file or directory")
-        val, train = cut_unseen(Path(a.data), Path(a.out), seen_adapters=a.seen_adapter, seen_files=a.seen_file,
-                                seed=a.seed, val=a.val, train=a.train, dedupe=a.dedupe)
+        val, train = cut_unseen(
+            Path(a.data),
+            Path(a.out),
+            seen_adapters=a.seen_adapter,
+            seen_files=a.seen_file,
+            seed=a.seed,
+            val=a.val,
+            train=a.train,
+            dedupe=a.dedupe,
+        )
         print(f"research.reproduce cut: {val} validation and {train} training rows no earlier run saw -> {a.out}")
         return 0
     args = parse_args(argv)
@@ -211,8 +248,10 @@ def main(argv=None) -> int:
     out = own_output(args.out, "--out", "research.reproduce").resolve()
     todo = [s for s in steps if args.force or not (out / s.name / "done.json").exists()]
     total = sum(s.minutes for s in todo)
-    print(f"research.reproduce: {len(todo)} of {len(steps)} steps to run, about {total / 60:.1f} h on 2 idle CPU cores"
-          + (" (quick mode: minutes)" if args.quick else ""))
+    print(
+        f"research.reproduce: {len(todo)} of {len(steps)} steps to run, about {total / 60:.1f} h on 2 idle CPU cores"
+        + (" (quick mode: minutes)" if args.quick else "")
+    )
     for s in steps:
         state = "to run" if s in todo else "done"
         print(f"  {s.name:<19} {s.minutes:6.1f} min  {state:<6}  {s.what}")
@@ -220,17 +259,26 @@ def main(argv=None) -> int:
         return 0
     check_needs(todo, out)
     if not args.quick and not DATA.exists():
-        raise SystemExit(f"research.reproduce: {DATA}: no such directory; the steps read the shared data sets there in place")
+        raise SystemExit(
+            f"research.reproduce: {DATA}: no such directory; the steps read the shared data sets there in place"
+        )
     ctx = quick_context(out) if args.quick else Context(out, DATA, {"smollm2": "smollm2-135m", "gemma": "gemma3-270m"})
-    bar = tqdm(total=round(total, 1), unit="min", desc="research.reproduce (estimated minutes)",
-               bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} min [{elapsed}<{remaining}]")
+    bar = tqdm(
+        total=round(total, 1),
+        unit="min",
+        desc="research.reproduce (estimated minutes)",
+        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} min [{elapsed}<{remaining}]",
+    )
     for step in todo:
         run_step(step, ctx)
         bar.update(step.minutes)
     bar.close()
     # Every finished step of the plan, also those of earlier invocations (--only runs part of it).
-    done = [json.loads((out / s.name / "done.json").read_text()) for s in every_step
-            if (out / s.name / "done.json").exists()]
+    done = [
+        json.loads((out / s.name / "done.json").read_text())
+        for s in every_step
+        if (out / s.name / "done.json").exists()
+    ]
     summary = summary_markdown(done)
     atomic_write_json(out / "summary.json", done)
     atomic_write_text(out / "summary.md", summary)

@@ -21,7 +21,7 @@ if __package__ in (None, ""):  # run as a file: research/run.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     __package__ = "research"
 
-from research.paths import own_output  # noqa: E402  (pathlib only: --help stays fast)
+from research.paths import own_output
 
 SECTIONS = ("training", "memory", "inference", "mixed", "classification")
 
@@ -30,27 +30,71 @@ PROFILES = {
     # classification figures, whose single runs take several seconds each; inference_repeats: of the
     # inference overheads, a few percent that only many paired rounds resolve on a noisy VM (forward_repeats:
     # of the forward's, whose rounds are a third as long as generation's; 11 rounds left +-2 points).
-    "full": dict(model="smollm2-135m", repeats=5, slow_repeats=3, inference_repeats=11, forward_repeats=31, warmup=1, rows=8, length=64, label_tokens=3, new_tokens=10,
-                 memory_steps=2, threads=2, mixed_requests=16, mixed_batch=16, cls_examples=100, cls_batch=25, cls_train_steps=30),
-    "quick": dict(model="tiny-llama", repeats=3, slow_repeats=3, inference_repeats=3, forward_repeats=3, warmup=1, rows=8, length=64, label_tokens=3, new_tokens=10,
-                  memory_steps=1, threads=1, mixed_requests=16, mixed_batch=16, cls_examples=20, cls_batch=10, cls_train_steps=3),
+    "full": dict(
+        model="smollm2-135m",
+        repeats=5,
+        slow_repeats=3,
+        inference_repeats=11,
+        forward_repeats=31,
+        warmup=1,
+        rows=8,
+        length=64,
+        label_tokens=3,
+        new_tokens=10,
+        memory_steps=2,
+        threads=2,
+        mixed_requests=16,
+        mixed_batch=16,
+        cls_examples=100,
+        cls_batch=25,
+        cls_train_steps=30,
+    ),
+    "quick": dict(
+        model="tiny-llama",
+        repeats=3,
+        slow_repeats=3,
+        inference_repeats=3,
+        forward_repeats=3,
+        warmup=1,
+        rows=8,
+        length=64,
+        label_tokens=3,
+        new_tokens=10,
+        memory_steps=1,
+        threads=1,
+        mixed_requests=16,
+        mixed_batch=16,
+        cls_examples=20,
+        cls_batch=10,
+        cls_train_steps=3,
+    ),
 }
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m research.run", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m research.run",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--quick", action="store_true", help="tiny random model, few repeats: checks the harness")
     p.add_argument("--out", default="runs/bench", help="output directory (default: runs/bench)")
     p.add_argument("--model", help="built-in name or checkpoint directory (default: smollm2-135m; quick: tiny)")
-    p.add_argument("--threads", type=int,
-                   help="torch.set_num_threads for every measurement (default 2; quick: 1, robust on a busy CI box)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="torch.set_num_threads for every measurement (default 2; quick: 1, robust on a busy CI box)",
+    )
     p.add_argument("--repeats", type=int, help="timed runs per figure (median reported)")
     p.add_argument("--warmup", type=int, help="untimed runs before the timed ones")
-    p.add_argument("--no-retry", action="store_true",
-                   help="keep rounds during which other processes used the CPU (default: rerun them, full mode)")
-    p.add_argument("--sections", default=",".join(SECTIONS),
-                   help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)")
+    p.add_argument(
+        "--no-retry",
+        action="store_true",
+        help="keep rounds during which other processes used the CPU (default: rerun them, full mode)",
+    )
+    p.add_argument(
+        "--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)"
+    )
     return p.parse_args(argv)
 
 
@@ -85,16 +129,29 @@ def main(argv=None) -> int:
         print(msg, flush=True)
 
     started = time.time()
-    result = {"meta": {"mode": "quick" if args.quick else "full", "command": " ".join(["python -m research.run", *(argv if argv is not None else sys.argv[1:])]),
-                       "settings": cfg, "machine": harness.machine(cfg["threads"]), "loadavg_start": harness.loadavg(),
-                       "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}}
+    result = {
+        "meta": {
+            "mode": "quick" if args.quick else "full",
+            "command": " ".join(["python -m research.run", *(argv if argv is not None else sys.argv[1:])]),
+            "settings": cfg,
+            "machine": harness.machine(cfg["threads"]),
+            "loadavg_start": harness.loadavg(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        }
+    }
     source = TINY if cfg["model"] in (TINY, "tiny") else model_path(cfg["model"])
-    log(f"research.run: {result['meta']['mode']} run, model {cfg['model']} ({source}), {cfg['threads']} threads, "
-        f"median of {cfg['repeats']} after {cfg['warmup']} warm-up")
+    log(
+        f"research.run: {result['meta']['mode']} run, model {cfg['model']} ({source}), {cfg['threads']} threads, "
+        f"median of {cfg['repeats']} after {cfg['warmup']} warm-up"
+    )
     t = time.time()
     systems = Systems.build(source)
-    result["meta"]["model"] = {"name": cfg["model"], "path": source, "load_s": time.time() - t,
-                               **describe_model(systems.base)}
+    result["meta"]["model"] = {
+        "name": cfg["model"],
+        "path": source,
+        "load_s": time.time() - t,
+        **describe_model(systems.base),
+    }
     train, dev, where = data.load_sst2(require=not args.quick)
     result["meta"]["data"] = where
     batch = data.fixed_length_batch(systems.tokenizer, train, cfg["rows"], cfg["length"], cfg["label_tokens"])
@@ -107,9 +164,13 @@ def main(argv=None) -> int:
         contention[section] = harness.reset_stats()
 
     if "training" in sections or "memory" in sections:
-        result["training"] = {"rows_per_batch": cfg["rows"], "tokens_per_row": cfg["length"],
-                              "label_tokens": cfg["label_tokens"], "optimizer": f"AdamW(lr={training.LR})",
-                              "rows": []}
+        result["training"] = {
+            "rows_per_batch": cfg["rows"],
+            "tokens_per_row": cfg["length"],
+            "label_tokens": cfg["label_tokens"],
+            "optimizer": f"AdamW(lr={training.LR})",
+            "rows": [],
+        }
     if "training" in sections:
         log("training step (forward + backward + AdamW on the adapter):")
         t = time.time()
@@ -127,36 +188,58 @@ def main(argv=None) -> int:
         log(f"inference ({cfg['rows']} rows x {cfg['length']} tokens):")
         t = time.time()
         ids, mask, _ = batch
-        result["inference"] = {"rows_per_batch": cfg["rows"], "tokens_per_row": cfg["length"],
-                               "new_tokens": cfg["new_tokens"],
-                               "rows": inference.run_overhead(systems, ids, mask, new_tokens=cfg["new_tokens"],
-                                                              forward_repeats=cfg["forward_repeats"],
-                                                              **dict(timing, repeats=cfg["inference_repeats"]))}
+        result["inference"] = {
+            "rows_per_batch": cfg["rows"],
+            "tokens_per_row": cfg["length"],
+            "new_tokens": cfg["new_tokens"],
+            "rows": inference.run_overhead(
+                systems,
+                ids,
+                mask,
+                new_tokens=cfg["new_tokens"],
+                forward_repeats=cfg["forward_repeats"],
+                **dict(timing, repeats=cfg["inference_repeats"]),
+            ),
+        }
         done("inference", t)
     if "mixed" in sections:
         log("mixed adapters (request stream):")
         t = time.time()
-        prompts = [data.prompt(ex) for ex in dev[200:200 + cfg["mixed_requests"]]]
-        result["mixed"] = inference.run_mixed(systems, prompts, batch_size=cfg["mixed_batch"],
-                                              new_tokens=cfg["new_tokens"], **slow_timing)
+        prompts = [data.prompt(ex) for ex in dev[200 : 200 + cfg["mixed_requests"]]]
+        result["mixed"] = inference.run_mixed(
+            systems, prompts, batch_size=cfg["mixed_batch"], new_tokens=cfg["new_tokens"], **slow_timing
+        )
         done("mixed", t)
     if "classification" in sections:
         log("classification (label scoring vs generate-and-match):")
         t = time.time()
         result["classification"] = inference.run_classification(
-            systems, train, dev, examples=cfg["cls_examples"], batch_size=cfg["cls_batch"],
-            train_steps=cfg["cls_train_steps"], **slow_timing)
+            systems,
+            train,
+            dev,
+            examples=cfg["cls_examples"],
+            batch_size=cfg["cls_batch"],
+            train_steps=cfg["cls_train_steps"],
+            **slow_timing,
+        )
         done("classification", t)
 
     result["targets"] = report.targets(result)
-    result["meta"].update(duration_s=time.time() - started, section_s=section_s, contention=contention,
-                          contention_limit=harness.CONTENTION_LIMIT, loadavg_end=harness.loadavg())
+    result["meta"].update(
+        duration_s=time.time() - started,
+        section_s=section_s,
+        contention=contention,
+        contention_limit=harness.CONTENTION_LIMIT,
+        loadavg_end=harness.loadavg(),
+    )
     (out_dir / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     markdown = report.markdown(result)
     (out_dir / "results.md").write_text(markdown)
     log("")
     log(markdown)
-    log(f"research.run: wrote {out_dir / 'results.json'} and {out_dir / 'results.md'} in {result['meta']['duration_s']:.0f} s")
+    log(
+        f"research.run: wrote {out_dir / 'results.json'} and {out_dir / 'results.md'} in {result['meta']['duration_s']:.0f} s"
+    )
     return 0
 
 
@@ -168,8 +251,13 @@ def _merge_memory(rows: list[dict], memory: list[dict]) -> None:
         if row is None:
             row = {"method": key[0], "num_virtual_tokens": key[1], "dtype": key[2]}
             rows.append(row)
-        row.update(softprompt_peak_mib=m["softprompt"]["step_peak_mib"], peft_peak_mib=m["peft"]["step_peak_mib"],
-                   memory_ratio=m["ratio"], softprompt_memory=m["softprompt"], peft_memory=m["peft"])
+        row.update(
+            softprompt_peak_mib=m["softprompt"]["step_peak_mib"],
+            peft_peak_mib=m["peft"]["step_peak_mib"],
+            memory_ratio=m["ratio"],
+            softprompt_memory=m["softprompt"],
+            peft_memory=m["peft"],
+        )
 
 
 if __name__ == "__main__":

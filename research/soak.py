@@ -37,8 +37,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = [("prompt_tuning", {"num_virtual_tokens": 4}), ("prefix_tuning", {"num_virtual_tokens": 3}),
-           ("p_tuning", {"num_virtual_tokens": 5})]
+METHODS = [
+    ("prompt_tuning", {"num_virtual_tokens": 4}),
+    ("prefix_tuning", {"num_virtual_tokens": 3}),
+    ("p_tuning", {"num_virtual_tokens": 5}),
+]
 PROMPTS = [f"Soak prompt {i}: {'lorem ipsum ' * (i % 5)}the end" for i in range(40)]
 LABELS = [["yes", "no"], ["positive", "negative", "neutral"]]
 KEEPALIVE_S = 2.0  # client-side idle expiry, below the server's --keep-alive-s (default 5)
@@ -86,14 +89,28 @@ class ServerProcess:
     """``softprompt serve`` in a child process on 127.0.0.1 and a free port; waits until /health is ok."""
 
     def __init__(self, checkpoint: Path, adapter_dir: Path, *options: str, log_path: Path | None = None):
-        self.args = [sys.executable, "-m", "softprompt.cli", "serve", "--model", str(checkpoint),
-                     "--adapter-dir", str(adapter_dir), "--served-model-name", "base", "--host", "127.0.0.1",
-                     "--log-level", "warning", *options]
+        self.args = [
+            sys.executable,
+            "-m",
+            "softprompt.cli",
+            "serve",
+            "--model",
+            str(checkpoint),
+            "--adapter-dir",
+            str(adapter_dir),
+            "--served-model-name",
+            "base",
+            "--host",
+            "127.0.0.1",
+            "--log-level",
+            "warning",
+            *options,
+        ]
         self.log_path = log_path or Path(tempfile.mkstemp(prefix="soak-server-", suffix=".log")[1])
         self.proc: subprocess.Popen | None = None
         self.url = ""
 
-    def __enter__(self) -> "ServerProcess":
+    def __enter__(self) -> ServerProcess:
         import httpx
 
         env = dict(os.environ)
@@ -103,8 +120,9 @@ class ServerProcess:
             port = free_port()
             self.url = f"http://127.0.0.1:{port}"
             self._log = open(self.log_path, "wb")
-            self.proc = subprocess.Popen([*self.args, "--port", str(port)], cwd=REPO, env=env,
-                                         stdout=self._log, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(
+                [*self.args, "--port", str(port)], cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT
+            )
             deadline = time.monotonic() + 120
             while self.proc.poll() is None and time.monotonic() < deadline:
                 try:
@@ -165,8 +183,16 @@ def _request(rng: random.Random, models: list[str]) -> tuple[str, str, dict]:
         return kind, "/v1/classify", {"model": model, "input": inputs, "labels": rng.choice(LABELS)}
     sampling = {"max_tokens": rng.randint(2, 12), "temperature": rng.choice([0, 0, 0.7]), "seed": rng.randint(0, 99)}
     if kind == "chat":
-        return kind, "/v1/chat/completions", {"model": model, "messages": [{"role": "user", "content": prompt}],
-                                              "stream": rng.random() < 0.3, **sampling}
+        return (
+            kind,
+            "/v1/chat/completions",
+            {
+                "model": model,
+                "messages": [{"role": "user", "content": prompt}],
+                "stream": rng.random() < 0.3,
+                **sampling,
+            },
+        )
     prompts = prompt if rng.random() < 0.8 else rng.sample(PROMPTS, 2)
     return kind, "/v1/completions", {"model": model, "prompt": prompts, "stream": kind == "stream", **sampling}
 
@@ -179,9 +205,10 @@ def _check(kind: str, body: dict, response) -> str | None:
         blocks = [b.strip() for b in response.text.split("\n\n") if b.strip()]
         if not blocks or blocks[-1] != "data: [DONE]":
             return "stream did not end with [DONE]"
-        events = [json.loads(b[len("data: "):]) for b in blocks[:-1]]
-        if any("error" in e for e in events) or not any(c.get("finish_reason") for e in events
-                                                          for c in e.get("choices", [])):
+        events = [json.loads(b[len("data: ") :]) for b in blocks[:-1]]
+        if any("error" in e for e in events) or not any(
+            c.get("finish_reason") for e in events for c in e.get("choices", [])
+        ):
             return "stream without a finish_reason, or with an error event"
         return None
     data = response.json()
@@ -197,8 +224,9 @@ def _check(kind: str, body: dict, response) -> str | None:
     return None
 
 
-async def run_load(url: str, models: list[str], *, clients: int, seconds: float, max_requests: int | None,
-                   seed: int = 0, on_tick=None) -> Tally:
+async def run_load(
+    url: str, models: list[str], *, clients: int, seconds: float, max_requests: int | None, seed: int = 0, on_tick=None
+) -> Tally:
     """``clients`` concurrent clients until ``seconds`` pass or ``max_requests`` are sent; every answer is checked."""
     import httpx
 
@@ -210,6 +238,7 @@ async def run_load(url: str, models: list[str], *, clients: int, seconds: float,
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients, keepalive_expiry=KEEPALIVE_S)
 
     async with httpx.AsyncClient(base_url=url, trust_env=False, timeout=60, limits=limits) as client:
+
         async def worker(index: int):
             rng = random.Random(seed * 1000 + index)
             while time.monotonic() < deadline and (max_requests is None or tally.requests < max_requests):
@@ -252,13 +281,27 @@ def _percentile(values: list[float], q: float) -> float:
 def _metric(text: str, name: str, **labels) -> float:
     from prometheus_client.parser import text_string_to_metric_families
 
-    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
-               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+    return sum(
+        s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+    )
 
 
 # ------------------------------------------------------------------------------------------ the two phases
-def soak(checkpoint: Path, adapter_dir: Path, names: list[str], *, seconds: float, clients: int,
-         warmup_s: float, max_requests: int | None = None, resident: int | None = None, log=print) -> dict:
+def soak(
+    checkpoint: Path,
+    adapter_dir: Path,
+    names: list[str],
+    *,
+    seconds: float,
+    clients: int,
+    warmup_s: float,
+    max_requests: int | None = None,
+    resident: int | None = None,
+    log=print,
+) -> dict:
     """Phase 2: the mixed load against one server; returns the report (see `check_soak`)."""
     import httpx
 
@@ -269,8 +312,7 @@ def soak(checkpoint: Path, adapter_dir: Path, names: list[str], *, seconds: floa
         samples: list[tuple[float, int]] = []
         started = time.monotonic()
         # Warm-up: the same load for warmup_s; RSS is measured from its end (allocator pools, caches filled).
-        warm = asyncio.run(run_load(server.url, models, clients=clients, seconds=warmup_s, max_requests=None,
-                                    seed=1))
+        warm = asyncio.run(run_load(server.url, models, clients=clients, seconds=warmup_s, max_requests=None, seed=1))
         rss_start = server.rss()
         samples.append((0.0, rss_start))
         log(f"warm-up: {warm.requests} requests, {warm.error_count} errors, RSS {rss_start / 2**20:.1f} MiB")
@@ -281,12 +323,17 @@ def soak(checkpoint: Path, adapter_dir: Path, names: list[str], *, seconds: floa
             samples.append((now - started - warmup_s, server.rss()))
             if now - last_log[0] >= 30:
                 last_log[0] = now
-                log(f"  {now - started - warmup_s:6.0f} s: {tally.requests} requests, {tally.error_count} errors, "
-                    f"RSS {samples[-1][1] / 2**20:.1f} MiB")
+                log(
+                    f"  {now - started - warmup_s:6.0f} s: {tally.requests} requests, {tally.error_count} errors, "
+                    f"RSS {samples[-1][1] / 2**20:.1f} MiB"
+                )
 
         t0 = time.monotonic()
-        tally = asyncio.run(run_load(server.url, models, clients=clients, seconds=seconds, max_requests=max_requests,
-                                     seed=2, on_tick=on_tick))
+        tally = asyncio.run(
+            run_load(
+                server.url, models, clients=clients, seconds=seconds, max_requests=max_requests, seed=2, on_tick=on_tick
+            )
+        )
         duration = time.monotonic() - t0
         time.sleep(0.5)  # let the server settle the last responses before the final sample
         rss_end = server.rss()
@@ -298,21 +345,33 @@ def soak(checkpoint: Path, adapter_dir: Path, names: list[str], *, seconds: floa
         log_tail = server.log_tail()
     errors_in_log = [line for line in log_tail.splitlines() if "Traceback" in line or "ERROR" in line]
     return {
-        "phase": "soak", "seconds": round(duration, 1), "clients": clients, "adapters": len(names),
-        "max_resident_adapters": resident, "requests": tally.requests, "ok": tally.ok, "errors": tally.error_count,
-        "error_samples": tally.errors, "warmup_requests": warm.requests, "warmup_errors": warm.error_count,
-        "by_kind": tally.by_kind, "by_status": {str(k): v for k, v in tally.by_status.items()},
+        "phase": "soak",
+        "seconds": round(duration, 1),
+        "clients": clients,
+        "adapters": len(names),
+        "max_resident_adapters": resident,
+        "requests": tally.requests,
+        "ok": tally.ok,
+        "errors": tally.error_count,
+        "error_samples": tally.errors,
+        "warmup_requests": warm.requests,
+        "warmup_errors": warm.error_count,
+        "by_kind": tally.by_kind,
+        "by_status": {str(k): v for k, v in tally.by_status.items()},
         "requests_per_s": round(tally.requests / duration, 1),
         "latency_p50_s": round(_percentile(tally.latencies, 0.5), 4),
         "latency_p99_s": round(_percentile(tally.latencies, 0.99), 4),
-        "rss_start_mib": round(rss_start / 2**20, 1), "rss_end_mib": round(rss_end / 2**20, 1),
+        "rss_start_mib": round(rss_start / 2**20, 1),
+        "rss_end_mib": round(rss_end / 2**20, 1),
         "rss_max_mib": round(max(r for _, r in samples) / 2**20, 1),
         "rss_growth": round(rss_end / rss_start - 1, 4),
         "rss_samples_mib": [(round(t, 1), round(r / 2**20, 1)) for t, r in samples],
         "adapter_loads": _metric(metrics, "softprompt_adapter_loads_total"),
         "adapter_evictions": _metric(metrics, "softprompt_adapter_evictions_total"),
         "server_5xx": sum(_metric(metrics, "softprompt_requests_total", status=str(s)) for s in range(500, 600)),
-        "health_after": health, "server_alive": alive, "server_log_errors": errors_in_log[:5],
+        "health_after": health,
+        "server_alive": alive,
+        "server_log_errors": errors_in_log[:5],
     }
 
 
@@ -326,8 +385,10 @@ def check_soak(report: dict, rss_tolerance: float = RSS_TOLERANCE) -> list[str]:
     if report["server_5xx"]:
         problems.append(f"the server counted {report['server_5xx']} 5xx responses")
     if report["rss_growth"] > rss_tolerance:
-        problems.append(f"RSS grew {report['rss_growth']:.1%} (from {report['rss_start_mib']} to "
-                        f"{report['rss_end_mib']} MiB), above {rss_tolerance:.0%}")
+        problems.append(
+            f"RSS grew {report['rss_growth']:.1%} (from {report['rss_start_mib']} to "
+            f"{report['rss_end_mib']} MiB), above {rss_tolerance:.0%}"
+        )
     if report["adapter_evictions"] < 1:
         problems.append("no adapter was evicted: the residency limit was not exercised")
     health = report["health_after"]
@@ -338,18 +399,36 @@ def check_soak(report: dict, rss_tolerance: float = RSS_TOLERANCE) -> list[str]:
     return problems
 
 
-def queue_burst(checkpoint: Path, adapter_dir: Path, names: list[str], *, max_queue: int = 4, burst: int = 40,
-                max_tokens: int = 60, retry_after: int = 3) -> dict:
+def queue_burst(
+    checkpoint: Path,
+    adapter_dir: Path,
+    names: list[str],
+    *,
+    max_queue: int = 4,
+    burst: int = 40,
+    max_tokens: int = 60,
+    retry_after: int = 3,
+) -> dict:
     """Phase 3: more concurrent long requests than batch + queue can hold; returns the report (see `check_burst`)."""
     import httpx
 
-    options = ["--max-batch-size", "1", "--max-queue", str(max_queue), "--retry-after-s", str(retry_after),
-               "--batch-window-ms", "0"]
+    options = [
+        "--max-batch-size",
+        "1",
+        "--max-queue",
+        str(max_queue),
+        "--retry-after-s",
+        str(retry_after),
+        "--batch-window-ms",
+        "0",
+    ]
     with ServerProcess(checkpoint, adapter_dir, *options) as server:
+
         async def main():
             depths: list[int] = []
-            limits = httpx.Limits(max_connections=burst + 2, max_keepalive_connections=burst + 2,
-                                  keepalive_expiry=KEEPALIVE_S)
+            limits = httpx.Limits(
+                max_connections=burst + 2, max_keepalive_connections=burst + 2, keepalive_expiry=KEEPALIVE_S
+            )
             async with httpx.AsyncClient(base_url=server.url, trust_env=False, timeout=120, limits=limits) as client:
                 done = asyncio.Event()
 
@@ -359,8 +438,12 @@ def queue_burst(checkpoint: Path, adapter_dir: Path, names: list[str], *, max_qu
                         await asyncio.sleep(0.005)
 
                 async def one(i: int):
-                    body = {"model": names[i % len(names)], "prompt": PROMPTS[i % len(PROMPTS)],
-                            "max_tokens": max_tokens, "temperature": 0}
+                    body = {
+                        "model": names[i % len(names)],
+                        "prompt": PROMPTS[i % len(PROMPTS)],
+                        "max_tokens": max_tokens,
+                        "temperature": 0,
+                    }
                     return await client.post("/v1/completions", json=body)
 
                 poller = asyncio.create_task(poll())
@@ -368,19 +451,25 @@ def queue_burst(checkpoint: Path, adapter_dir: Path, names: list[str], *, max_qu
                 done.set()
                 await poller
                 metrics = (await client.get("/metrics")).text
-                after = await client.post("/v1/completions", json={"model": names[0], "prompt": "after", "max_tokens": 2})
+                after = await client.post(
+                    "/v1/completions", json={"model": names[0], "prompt": "after", "max_tokens": 2}
+                )
             return responses, depths, metrics, after
 
         responses, depths, metrics, after = asyncio.run(main())
     statuses = [r.status_code for r in responses]
     rejected = [r for r in responses if r.status_code == 503]
     return {
-        "phase": "queue_burst", "max_queue": max_queue, "burst": burst,
-        "ok": statuses.count(200), "rejected": len(rejected),
+        "phase": "queue_burst",
+        "max_queue": max_queue,
+        "burst": burst,
+        "ok": statuses.count(200),
+        "rejected": len(rejected),
         "other_statuses": sorted(s for s in statuses if s not in (200, 503)),
         "rejected_have_retry_after": all(r.headers.get("Retry-After") == str(retry_after) for r in rejected),
         "rejected_codes": sorted({r.json()["error"]["code"] for r in rejected}),
-        "max_queue_depth_seen": max(depths, default=0), "depth_polls": len(depths),
+        "max_queue_depth_seen": max(depths, default=0),
+        "depth_polls": len(depths),
         "queue_full_metric": _metric(metrics, "softprompt_rejected_total", reason="queue_full"),
         "status_after_burst": after.status_code,
     }
@@ -425,8 +514,16 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="softprompt-soak-") as tmp:
         checkpoint, adapter_dir, names = prepare(Path(tmp), args.adapters)
         print(f"soak: {seconds:.0f} s, {args.clients} clients, {len(names)} adapters", flush=True)
-        report = soak(checkpoint, adapter_dir, names, seconds=seconds, clients=args.clients, warmup_s=args.warmup,
-                      max_requests=args.max_requests, log=lambda m: print(m, flush=True))
+        report = soak(
+            checkpoint,
+            adapter_dir,
+            names,
+            seconds=seconds,
+            clients=args.clients,
+            warmup_s=args.warmup,
+            max_requests=args.max_requests,
+            log=lambda m: print(m, flush=True),
+        )
         reports.append(report)
         problems += check_soak(report, args.rss_tolerance)
         if not args.skip_burst:

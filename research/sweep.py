@@ -31,15 +31,13 @@ import torch
 if __package__ in (None, ""):  # `python research/sweep.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from softprompt.data import train_val_split  # noqa: E402
-from softprompt.training import classification_report, label_probabilities, prepare_job, prompt_budget, train_jobs  # noqa: E402
-
-from research import harness  # noqa: E402
-from research.models import TINY, Systems, model_path  # noqa: E402
-from research.paths import own_output  # noqa: E402
-from research.quality import score_ours  # noqa: E402
-from research.tasks import BUDGETS, SEED, TASKS, config_for, examples, is_quick, task_rows  # noqa: E402
-
+from research import harness
+from research.models import TINY, Systems, model_path
+from research.paths import own_output
+from research.quality import score_ours
+from research.tasks import BUDGETS, SEED, TASKS, config_for, examples, is_quick, task_rows
+from softprompt.data import train_val_split
+from softprompt.training import classification_report, label_probabilities, prepare_job, prompt_budget, train_jobs
 
 SHORT = {"prompt_tuning": "pt", "prefix_tuning": "prefix", "p_tuning": "ptune"}
 
@@ -48,24 +46,37 @@ def adapter_name(lr: float, tokens: int, method: str = "prompt_tuning") -> str:
     return f"{SHORT[method]}{tokens}-lr{lr:g}".replace(".", "p")  # adapter names allow no dots
 
 
-def run_sweep(systems: Systems, task_name: str, *, lrs: list[float], tokens: list[int], budget: dict,
-              val_fraction: float, ensemble: int, out: Path, log=print,
-              methods: tuple[str, ...] = ("prompt_tuning",)) -> dict:
+def run_sweep(
+    systems: Systems,
+    task_name: str,
+    *,
+    lrs: list[float],
+    tokens: list[int],
+    budget: dict,
+    val_fraction: float,
+    ensemble: int,
+    out: Path,
+    log=print,
+    methods: tuple[str, ...] = ("prompt_tuning",),
+) -> dict:
     """Train every (method, lr, tokens) adapter in one job; score each and the ensembles."""
     task = TASKS[task_name]
     quick = is_quick(budget)
     train_rows, test_rows, split = task_rows(task, budget, quick)
-    fit_rows, val_rows = train_val_split(train_rows, val_fraction, SEED, task.label_column, source=f"{task.name} training rows")
+    fit_rows, val_rows = train_val_split(
+        train_rows, val_fraction, SEED, task.label_column, source=f"{task.name} training rows"
+    )
     labels = list(task.verbalizer.values())
     test = examples(task, test_rows, f"{task.name} test rows")
     val = examples(task, val_rows, f"{task.name} validation rows")
     grid = [(m, lr, n) for m in methods for n in tokens for lr in lrs]
     adapters = [{"name": adapter_name(lr, n, m), "method": m, "lr": lr, "num_virtual_tokens": n} for m, lr, n in grid]
     config = config_for(task, budget, methods[0], out / task.name, adapters=adapters, name=None)
-    jobs = [prepare_job(spec, rows=fit_rows, val_rows=val_rows, source=f"{task.name} training rows")
-            for spec in config.resolved_adapters()]
-    log(f"[{task.name}] {split}; {len(fit_rows)} rows fit, {len(val_rows)} validate; "
-        f"{len(jobs)} adapters in one job")
+    jobs = [
+        prepare_job(spec, rows=fit_rows, val_rows=val_rows, source=f"{task.name} training rows")
+        for spec in config.resolved_adapters()
+    ]
+    log(f"[{task.name}] {split}; {len(fit_rows)} rows fit, {len(val_rows)} validate; {len(jobs)} adapters in one job")
     started = time.perf_counter()
     trained = train_jobs(config, systems.ours, jobs, progress=True)
     seconds = time.perf_counter() - started
@@ -73,10 +84,19 @@ def run_sweep(systems: Systems, task_name: str, *, lrs: list[float], tokens: lis
     for (method, lr, n), spec in zip(grid, config.resolved_adapters()):
         val_scores = score_ours(systems, spec.name, val, labels, budget)
         test_scores = score_ours(systems, spec.name, test, labels, budget)
-        rows.append({"name": spec.name, "method": method, "lr": lr, "num_virtual_tokens": n,
-                     "val_accuracy": val_scores["accuracy"], "val_macro_f1": val_scores["macro_f1"],
-                     "test_accuracy": test_scores["accuracy"], "test_macro_f1": test_scores["macro_f1"],
-                     "path": str(trained.adapters[spec.name].path)})
+        rows.append(
+            {
+                "name": spec.name,
+                "method": method,
+                "lr": lr,
+                "num_virtual_tokens": n,
+                "val_accuracy": val_scores["accuracy"],
+                "val_macro_f1": val_scores["macro_f1"],
+                "test_accuracy": test_scores["accuracy"],
+                "test_macro_f1": test_scores["macro_f1"],
+                "path": str(trained.adapters[spec.name].path),
+            }
+        )
         log(f"  {spec.name}: validation {val_scores['accuracy']:.3f}, test {test_scores['accuracy']:.3f}")
     # Ties on validation accuracy go to the better validation macro-F1, then to the order of the grid.
     ranked = sorted(rows, key=lambda r: (-r["val_accuracy"], -r["val_macro_f1"]))
@@ -87,26 +107,44 @@ def run_sweep(systems: Systems, task_name: str, *, lrs: list[float], tokens: lis
     def ensemble_of(members: list[dict]) -> dict:
         for m in members:
             if m["name"] not in member_probs:
-                member_probs[m["name"]] = label_probabilities(systems.ours, texts, labels, [m["name"]],
-                                                              max_input_tokens=_room(systems, labels, budget))
+                member_probs[m["name"]] = label_probabilities(
+                    systems.ours, texts, labels, [m["name"]], max_input_tokens=_room(systems, labels, budget)
+                )
         # The average of the members' probabilities, as `label_probabilities` over all of them gives it.
-        probs = [[sum(member_probs[m["name"]][i][j] for m in members) / len(members) for j in range(len(labels))]
-                 for i in range(len(texts))]
+        probs = [
+            [sum(member_probs[m["name"]][i][j] for m in members) / len(members) for j in range(len(labels))]
+            for i in range(len(texts))
+        ]
         preds = [labels[max(range(len(labels)), key=p.__getitem__)] for p in probs]
         report = classification_report(targets, preds, labels)
-        return {"members": [m["name"] for m in members], "test_accuracy": report["accuracy"],
-                "test_macro_f1": report["macro_f1"]}
+        return {
+            "members": [m["name"] for m in members],
+            "test_accuracy": report["accuracy"],
+            "test_macro_f1": report["macro_f1"],
+        }
 
-    ensembles = {f"top {min(ensemble, len(ranked))} by validation": ensemble_of(ranked[:ensemble]),
-                 "all": ensemble_of(rows)}
+    ensembles = {
+        f"top {min(ensemble, len(ranked))} by validation": ensemble_of(ranked[:ensemble]),
+        "all": ensemble_of(rows),
+    }
     for key, e in ensembles.items():
         log(f"  ensemble {key}: test {e['test_accuracy']:.3f}")
     zero = score_ours(systems, None, test, labels, budget)
-    return {"task": task.name, "split": split, "fit_rows": len(fit_rows), "val_rows": len(val_rows),
-            "test_rows": len(test), "epochs": budget["epochs"], "batch_size": budget["batch_size"],
-            "steps": trained.steps, "train_seconds": seconds, "zero_shot": {"test_accuracy": zero["accuracy"],
-                                                                           "test_macro_f1": zero["macro_f1"]},
-            "adapters": rows, "selected": ranked[0]["name"], "ensembles": ensembles}
+    return {
+        "task": task.name,
+        "split": split,
+        "fit_rows": len(fit_rows),
+        "val_rows": len(val_rows),
+        "test_rows": len(test),
+        "epochs": budget["epochs"],
+        "batch_size": budget["batch_size"],
+        "steps": trained.steps,
+        "train_seconds": seconds,
+        "zero_shot": {"test_accuracy": zero["accuracy"], "test_macro_f1": zero["macro_f1"]},
+        "adapters": rows,
+        "selected": ranked[0]["name"],
+        "ensembles": ensembles,
+    }
 
 
 def _room(systems: Systems, labels, budget) -> int | None:
@@ -115,21 +153,29 @@ def _room(systems: Systems, labels, budget) -> int | None:
 
 def markdown(result: dict) -> str:
     methods = sorted({r.get("method", "prompt_tuning") for r in result["adapters"]})
-    lines = [f"### Sweep on {result['task']}: {len(result['adapters'])} adapters in one job "
-             f"({', '.join(m.replace('_', ' ') for m in methods)})",
-             "", f"{result['split']}; {result['fit_rows']} rows to fit, {result['val_rows']} held out of them to "
-             f"choose; {result['epochs']} epochs of batches of {result['batch_size']}, {result['steps']} steps, "
-             f"{result['train_seconds'] / 60:.1f} min for the whole job. Zero-shot test accuracy "
-             f"{result['zero_shot']['test_accuracy']:.1%}.", "",
-             "| adapter | lr | virtual tokens | validation accuracy | test accuracy | test macro-F1 |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        f"### Sweep on {result['task']}: {len(result['adapters'])} adapters in one job "
+        f"({', '.join(m.replace('_', ' ') for m in methods)})",
+        "",
+        f"{result['split']}; {result['fit_rows']} rows to fit, {result['val_rows']} held out of them to "
+        f"choose; {result['epochs']} epochs of batches of {result['batch_size']}, {result['steps']} steps, "
+        f"{result['train_seconds'] / 60:.1f} min for the whole job. Zero-shot test accuracy "
+        f"{result['zero_shot']['test_accuracy']:.1%}.",
+        "",
+        "| adapter | lr | virtual tokens | validation accuracy | test accuracy | test macro-F1 |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for r in result["adapters"]:
         mark = " (chosen)" if r["name"] == result["selected"] else ""
-        lines.append(f"| {r['name']}{mark} | {r['lr']:g} | {r['num_virtual_tokens']} | {r['val_accuracy']:.1%} | "
-                     f"{r['test_accuracy']:.1%} | {r['test_macro_f1']:.3f} |")
+        lines.append(
+            f"| {r['name']}{mark} | {r['lr']:g} | {r['num_virtual_tokens']} | {r['val_accuracy']:.1%} | "
+            f"{r['test_accuracy']:.1%} | {r['test_macro_f1']:.3f} |"
+        )
     for key, e in result["ensembles"].items():
-        lines.append(f"| ensemble, {key} ({', '.join(e['members'])}) | | | | {e['test_accuracy']:.1%} | "
-                     f"{e['test_macro_f1']:.3f} |")
+        lines.append(
+            f"| ensemble, {key} ({', '.join(e['members'])}) | | | | {e['test_accuracy']:.1%} | "
+            f"{e['test_macro_f1']:.3f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -160,13 +206,19 @@ def plot(result: dict, path: Path) -> None:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m research.sweep", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m research.sweep",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--task", default="financial_phrasebank", choices=["financial_phrasebank", "sst2"])
     p.add_argument("--lrs", default="3e-2,1e-1,3e-1", help="comma-separated learning rates")
     p.add_argument("--tokens", default="8,20", help="comma-separated prompt lengths (virtual tokens)")
-    p.add_argument("--methods", default="prompt_tuning",
-                   help="comma-separated methods (prompt_tuning, prefix_tuning, p_tuning), each with every lr and length")
+    p.add_argument(
+        "--methods",
+        default="prompt_tuning",
+        help="comma-separated methods (prompt_tuning, prefix_tuning, p_tuning), each with every lr and length",
+    )
     p.add_argument("--train-limit", type=int, default=1000, help="training rows sampled (seeded) from the split")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of the training rows that choose")
@@ -203,10 +255,23 @@ def main(argv=None) -> int:
         budget = {**BUDGETS["standard"], "epochs": args.epochs, "train_limit": args.train_limit}
     out = Path(args.out)
     systems = Systems.build(TINY if args.quick else model_path(args.model))
-    result = run_sweep(systems, args.task, lrs=lrs, tokens=tokens, budget=budget, val_fraction=args.val_fraction,
-                       ensemble=args.ensemble, out=out, methods=methods)
-    result["meta"] = {"model": TINY if args.quick else args.model, "machine": harness.machine(args.threads),
-                      "date": time.strftime("%Y-%m-%d"), "command": "python -m research.sweep " + " ".join(argv or sys.argv[1:])}
+    result = run_sweep(
+        systems,
+        args.task,
+        lrs=lrs,
+        tokens=tokens,
+        budget=budget,
+        val_fraction=args.val_fraction,
+        ensemble=args.ensemble,
+        out=out,
+        methods=methods,
+    )
+    result["meta"] = {
+        "model": TINY if args.quick else args.model,
+        "machine": harness.machine(args.threads),
+        "date": time.strftime("%Y-%m-%d"),
+        "command": "python -m research.sweep " + " ".join(argv or sys.argv[1:]),
+    }
     where = out / args.task
     where.mkdir(parents=True, exist_ok=True)
     (where / "sweep.json").write_text(json.dumps(result, indent=2) + "\n")

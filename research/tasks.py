@@ -10,10 +10,9 @@ import dataclasses
 import random
 from pathlib import Path
 
+from research.paths import DATA
 from softprompt.data import Verbalizer, build_examples, load_rows, train_val_split
 from softprompt.training import TrainConfig, load_config
-
-from research.paths import DATA
 
 
 @dataclasses.dataclass
@@ -35,42 +34,98 @@ class Task:
 
 TASKS = {
     "financial_phrasebank": Task(
-        "financial_phrasebank", "classify", {"data": "financial_phrasebank/Sentences_AllAgree.txt"},
-        "Sentence: {sentence}\nSentiment:", ("sentence",), "label",
+        "financial_phrasebank",
+        "classify",
+        {"data": "financial_phrasebank/Sentences_AllAgree.txt"},
+        "Sentence: {sentence}\nSentiment:",
+        ("sentence",),
+        "label",
         {"negative": " negative", "neutral": " neutral", "positive": " positive"},
         "Classify the sentiment of the financial news sentence as negative, neutral or positive.",
-        anchors=(("PEFT prefix tuning, t5-large (random 90/10)", "96.9% accuracy"),
-                 ("PEFT LoRA, mt0-large (random 90/10)", "97.4% accuracy"))),
+        anchors=(
+            ("PEFT prefix tuning, t5-large (random 90/10)", "96.9% accuracy"),
+            ("PEFT LoRA, mt0-large (random 90/10)", "97.4% accuracy"),
+        ),
+    ),
     "sst2": Task(
-        "sst2", "classify", {"train": "sst2/train.tsv", "test": "sst2/dev.tsv"},
-        "Review: {sentence}\nSentiment:", ("sentence",), "label", {"0": " negative", "1": " positive"},
+        "sst2",
+        "classify",
+        {"train": "sst2/train.tsv", "test": "sst2/dev.tsv"},
+        "Review: {sentence}\nSentiment:",
+        ("sentence",),
+        "label",
+        {"0": " negative", "1": " positive"},
         "Classify the sentiment of the movie review as positive or negative.",
-        anchors=(("Google's released prompt, T5 1.1 base (dev)", "95.07% accuracy"),)),
+        anchors=(("Google's released prompt, T5 1.1 base (dev)", "95.07% accuracy"),),
+    ),
     "raft_twitter_complaints": Task(
-        "raft_twitter_complaints", "classify", {"data": "raft_twitter_complaints/train.csv"},
+        "raft_twitter_complaints",
+        "classify",
+        {"data": "raft_twitter_complaints/train.csv"},
         # A sentiment cue, not PEFT's "Label : complaint / no complaint": the base model already knows that
         # complaints read negative (zero-shot macro-F1 0.80 on the 50 rows, against 0.25; research/NOTES.md).
-        "Tweet: {Tweet text}\nSentiment:", ("Tweet text",), "Label", {"1": " negative", "2": " positive"},
-        "Classify the sentiment of the tweet as negative or positive.", kfold=10,
-        anchors=(("human (RAFT test)", "0.897 macro-F1"), ("Flan-T5 (RAFT test)", "0.892 macro-F1"),
-                 ("PEFT LoRA, T0-3B (RAFT test)", "0.863 macro-F1"), ("GPT-2 in-context (RAFT test)", "0.723 macro-F1"))),
-    "chatgpt_prompts": Task("chatgpt_prompts", "generate", {"data": "awesome_chatgpt_prompts/prompts.csv"},
-                            "{prompt}", ("prompt",)),
-    "english_quotes": Task("english_quotes", "generate", {"data": "english_quotes/quotes.jsonl"}, "{quote}",
-                           ("quote",)),
+        "Tweet: {Tweet text}\nSentiment:",
+        ("Tweet text",),
+        "Label",
+        {"1": " negative", "2": " positive"},
+        "Classify the sentiment of the tweet as negative or positive.",
+        kfold=10,
+        anchors=(
+            ("human (RAFT test)", "0.897 macro-F1"),
+            ("Flan-T5 (RAFT test)", "0.892 macro-F1"),
+            ("PEFT LoRA, T0-3B (RAFT test)", "0.863 macro-F1"),
+            ("GPT-2 in-context (RAFT test)", "0.723 macro-F1"),
+        ),
+    ),
+    "chatgpt_prompts": Task(
+        "chatgpt_prompts", "generate", {"data": "awesome_chatgpt_prompts/prompts.csv"}, "{prompt}", ("prompt",)
+    ),
+    "english_quotes": Task(
+        "english_quotes", "generate", {"data": "english_quotes/quotes.jsonl"}, "{quote}", ("quote",)
+    ),
 }
 
 # Per budget: how much data each system sees, and model settings. "standard" fits in about an hour on
 # 2 idle cores for every task together (a 135M model trains at 1-2 s per step of 8 rows there);
 # "full" follows the reference recipes more closely and takes several hours.
 BUDGETS = {
-    "quick": {"quick": True, "epochs": 1, "train_limit": 24, "test_limit": 12, "max_length": 48, "batch_size": 4, "kfold": 2,
-              "cv_epochs": 1, "raft_predict_limit": 8, "generation_limit": 24, "methods": ("prompt_tuning", "prefix_tuning", "p_tuning")},
-    "standard": {"epochs": 1, "train_limit": 600, "test_limit": None, "max_length": 96, "batch_size": 8,
-                 "kfold": 10, "cv_epochs": 4, "raft_predict_limit": None, "generation_limit": 200,
-                 "methods": ("prompt_tuning", "prefix_tuning", "p_tuning")},
-    "full": {"epochs": 3, "train_limit": 6000, "test_limit": None, "max_length": 128, "batch_size": 8, "kfold": 10,
-             "cv_epochs": 20, "raft_predict_limit": None, "generation_limit": 1000, "methods": ("prompt_tuning", "prefix_tuning", "p_tuning")},
+    "quick": {
+        "quick": True,
+        "epochs": 1,
+        "train_limit": 24,
+        "test_limit": 12,
+        "max_length": 48,
+        "batch_size": 4,
+        "kfold": 2,
+        "cv_epochs": 1,
+        "raft_predict_limit": 8,
+        "generation_limit": 24,
+        "methods": ("prompt_tuning", "prefix_tuning", "p_tuning"),
+    },
+    "standard": {
+        "epochs": 1,
+        "train_limit": 600,
+        "test_limit": None,
+        "max_length": 96,
+        "batch_size": 8,
+        "kfold": 10,
+        "cv_epochs": 4,
+        "raft_predict_limit": None,
+        "generation_limit": 200,
+        "methods": ("prompt_tuning", "prefix_tuning", "p_tuning"),
+    },
+    "full": {
+        "epochs": 3,
+        "train_limit": 6000,
+        "test_limit": None,
+        "max_length": 128,
+        "batch_size": 8,
+        "kfold": 10,
+        "cv_epochs": 20,
+        "raft_predict_limit": None,
+        "generation_limit": 1000,
+        "methods": ("prompt_tuning", "prefix_tuning", "p_tuning"),
+    },
 }
 
 
@@ -90,9 +145,14 @@ def synthetic_rows(task: Task, n: int, seed: int) -> list[dict]:
     """Stand-in rows with the task's columns (quick mode without ../shared/data)."""
     rng = random.Random(seed)
     labels = list(task.verbalizer or {"": ""})
-    words = "market profit loss rain sun good bad late flight cat tree river".split()
-    return [{**{c: " ".join(rng.choice(words) for _ in range(6)) for c in task.text_columns},
-             **({task.label_column: labels[i % len(labels)]} if task.label_column else {})} for i in range(n)]
+    words = ["market", "profit", "loss", "rain", "sun", "good", "bad", "late", "flight", "cat", "tree", "river"]
+    return [
+        {
+            **{c: " ".join(rng.choice(words) for _ in range(6)) for c in task.text_columns},
+            **({task.label_column: labels[i % len(labels)]} if task.label_column else {}),
+        }
+        for i in range(n)
+    ]
 
 
 def task_rows(task: Task, budget: dict, quick: bool) -> tuple[list[dict], list[dict], str]:
@@ -102,12 +162,14 @@ def task_rows(task: Task, budget: dict, quick: bool) -> tuple[list[dict], list[d
         if not quick:
             raise SystemExit(f"research: {task.name} needs {', '.join(map(str, paths.values()))}")
         rows = synthetic_rows(task, budget["train_limit"] + budget["test_limit"], SEED)
-        return rows[:budget["train_limit"]], rows[budget["train_limit"]:], "synthetic stand-in rows"
+        return rows[: budget["train_limit"]], rows[budget["train_limit"] :], "synthetic stand-in rows"
     if "data" in paths:
         rows = load_rows(paths["data"])
         train, test = train_val_split(rows, task.test_fraction, SEED, task.label_column, source=str(paths["data"]))
-        how = (f"seeded stratified {1 - task.test_fraction:.0%}/{task.test_fraction:.0%} split of "
-               f"{task.files['data']} (seed {SEED}): {len(train)} train / {len(test)} test rows")
+        how = (
+            f"seeded stratified {1 - task.test_fraction:.0%}/{task.test_fraction:.0%} split of "
+            f"{task.files['data']} (seed {SEED}): {len(train)} train / {len(test)} test rows"
+        )
     else:
         train, test = load_rows(paths["train"]), load_rows(paths["test"])
         how = f"{task.files['train']} ({len(train)} rows) / {task.files['test']} ({len(test)} rows)"
@@ -115,7 +177,7 @@ def task_rows(task: Task, budget: dict, quick: bool) -> tuple[list[dict], list[d
         train = random.Random(SEED).sample(train, budget["train_limit"])
         how += f"; training on a seeded sample of {budget['train_limit']} training rows"
     if budget["test_limit"] and len(test) > budget["test_limit"]:
-        test = test[:budget["test_limit"]]
+        test = test[: budget["test_limit"]]
         how += f"; first {budget['test_limit']} test rows"
     return train, test, how
 
@@ -128,18 +190,31 @@ def examples(task: Task, rows: list[dict], source: str):
 
 def config_for(task: Task, budget: dict, method: str, out: Path, **extra) -> TrainConfig:
     """A training config for one method on the task under the budget; ``extra`` overrides any field."""
-    values = {"model": "research", "data": str(DATA / next(iter(task.files.values()))), "template": task.template,
-              "label_column": task.label_column, "verbalizer": task.verbalizer, "method": method,
-              "num_virtual_tokens": TOKENS[method], "lr": LR[method], "epochs": budget["epochs"],
-              "batch_size": budget["batch_size"], "max_length": budget["max_length"], "warmup_ratio": 0.06,
-              "seed": SEED, "output": str(out), "eval_zero_shot": False, "val_fraction": 0.0,
-              "log_every": 5, "name": f"{task.name}-{method.replace('_', '-')}"}
+    values = {
+        "model": "research",
+        "data": str(DATA / next(iter(task.files.values()))),
+        "template": task.template,
+        "label_column": task.label_column,
+        "verbalizer": task.verbalizer,
+        "method": method,
+        "num_virtual_tokens": TOKENS[method],
+        "lr": LR[method],
+        "epochs": budget["epochs"],
+        "batch_size": budget["batch_size"],
+        "max_length": budget["max_length"],
+        "warmup_ratio": 0.06,
+        "seed": SEED,
+        "output": str(out),
+        "eval_zero_shot": False,
+        "val_fraction": 0.0,
+        "log_every": 5,
+        "name": f"{task.name}-{method.replace('_', '-')}",
+    }
     if method in ("prompt_tuning", "prefix_tuning") and task.init_text:
         # Prompt tuning starts from the text's embeddings, prefix tuning from its keys/values.
         values.update(init="text", init_text=task.init_text)
     values.update(extra)
     return load_config(None, {k: v for k, v in values.items() if v is not None})
-
 
 
 def reported_metrics(metrics: dict) -> dict:

@@ -48,6 +48,7 @@ def make_step(system: str, systems: Systems, name: str, batch, dtype: str):
 
         def forward():
             return model(input_ids=ids, attention_mask=mask, labels=labels).loss
+
     optimizer = torch.optim.AdamW(params, lr=LR)
     bf16 = dtype == "bf16"
 
@@ -72,16 +73,26 @@ def run(systems: Systems, batch, *, repeats: int, warmup: int, configs=CONFIGS, 
             first = {s: fn() for s, fn in steps.items()}  # first step: also checks both compute the same loss
             times = harness.interleaved(steps, repeats=repeats, warmup=max(warmup - 1, 0))
             ours, theirs = harness.median_ms(times["softprompt"]), harness.median_ms(times["peft"])
-            rows.append({
-                "method": method, "num_virtual_tokens": n, "dtype": dtype,
-                "softprompt_ms": ours, "peft_ms": theirs, "ratio": harness.ratio(ours, theirs),
-                "softprompt_runs_ms": [t * 1000 for t in times["softprompt"]],
-                "peft_runs_ms": [t * 1000 for t in times["peft"]],
-                "softprompt_spread": harness.spread(times["softprompt"]), "peft_spread": harness.spread(times["peft"]),
-                "first_loss_softprompt": first["softprompt"], "first_loss_peft": first["peft"],
-            })
-            log(f"  train {tag(method, n):>8} {dtype}: softprompt {ours:8.1f} ms  peft {theirs:8.1f} ms  "
-                f"ratio {rows[-1]['ratio']:.2f}  (first loss {first['softprompt']:.4f} vs {first['peft']:.4f})")
+            rows.append(
+                {
+                    "method": method,
+                    "num_virtual_tokens": n,
+                    "dtype": dtype,
+                    "softprompt_ms": ours,
+                    "peft_ms": theirs,
+                    "ratio": harness.ratio(ours, theirs),
+                    "softprompt_runs_ms": [t * 1000 for t in times["softprompt"]],
+                    "peft_runs_ms": [t * 1000 for t in times["peft"]],
+                    "softprompt_spread": harness.spread(times["softprompt"]),
+                    "peft_spread": harness.spread(times["peft"]),
+                    "first_loss_softprompt": first["softprompt"],
+                    "first_loss_peft": first["peft"],
+                }
+            )
+            log(
+                f"  train {tag(method, n):>8} {dtype}: softprompt {ours:8.1f} ms  peft {theirs:8.1f} ms  "
+                f"ratio {rows[-1]['ratio']:.2f}  (first loss {first['softprompt']:.4f} vs {first['peft']:.4f})"
+            )
             gc.collect()
     return rows
 
@@ -92,8 +103,7 @@ def measure_memory(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     systems = Systems.build(spec["source"])
     name = "mem"
-    systems.add(name, spec["method"], spec["num_virtual_tokens"], peft=spec["system"] == "peft",
-                trainable=True, seed=0)
+    systems.add(name, spec["method"], spec["num_virtual_tokens"], peft=spec["system"] == "peft", trainable=True, seed=0)
     batch = tuple(torch.tensor(x) for x in spec["batch"])
     step = make_step(spec["system"], systems, name, batch, spec["dtype"])
     step()  # warm-up: one-time library set-up and the optimizer's state are not a step's peak
@@ -108,7 +118,9 @@ def measure_memory(spec: dict) -> dict:
     return {"baseline_mib": baseline / 1024, "peak_mib": peak / 1024, "step_peak_mib": (peak - baseline) / 1024}
 
 
-def run_memory(source: str, batch, *, threads: int, steps: int, configs=CONFIGS, dtypes=DTYPES, log=print) -> list[dict]:
+def run_memory(
+    source: str, batch, *, threads: int, steps: int, configs=CONFIGS, dtypes=DTYPES, log=print
+) -> list[dict]:
     """Peak memory per (config, dtype, system), each in its own fresh process (one at a time)."""
     from .memserver import MemoryServer
 
@@ -124,10 +136,20 @@ def run_memory(source: str, batch, *, threads: int, steps: int, configs=CONFIGS,
 def _memory_row(server, source, plain, method, n, dtype, threads, steps, log) -> dict:
     row = {"method": method, "num_virtual_tokens": n, "dtype": dtype}
     for system in ("softprompt", "peft"):
-        spec = {"source": source, "method": method, "num_virtual_tokens": n, "dtype": dtype,
-                "system": system, "threads": threads, "steps": steps, "batch": plain}
+        spec = {
+            "source": source,
+            "method": method,
+            "num_virtual_tokens": n,
+            "dtype": dtype,
+            "system": system,
+            "threads": threads,
+            "steps": steps,
+            "batch": plain,
+        }
         row[system] = server.measure(spec)
     row["ratio"] = harness.ratio(row["softprompt"]["step_peak_mib"], row["peft"]["step_peak_mib"])
-    log(f"  memory {tag(method, n):>8} {dtype}: softprompt {row['softprompt']['step_peak_mib']:7.1f} MiB  "
-        f"peft {row['peft']['step_peak_mib']:7.1f} MiB  ratio {row['ratio']:.2f}")
+    log(
+        f"  memory {tag(method, n):>8} {dtype}: softprompt {row['softprompt']['step_peak_mib']:7.1f} MiB  "
+        f"peft {row['peft']['step_peak_mib']:7.1f} MiB  ratio {row['ratio']:.2f}"
+    )
     return row

@@ -7,19 +7,25 @@ import torch.nn.functional as F
 from softprompt import SoftPromptModel
 from softprompt.engine import attention
 from softprompt.engine.tokens import pad_batch
+
 from tiny import CAUSAL, tiny_base, tiny_model, tiny_tokenizer
 
 
 def sdpa_reference(q, k, v, mask, scaling=None):
     group = q.shape[1] // k.shape[1]
-    return F.scaled_dot_product_attention(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1),
-                                          attn_mask=mask, scale=scaling)
+    return F.scaled_dot_product_attention(
+        q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), attn_mask=mask, scale=scaling
+    )
 
 
 def random_qkv(batch=3, heads=6, kv_heads=2, queries=5, keys=9, dim=8, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(batch, heads, queries, dim, generator=g), torch.randn(batch, kv_heads, keys, dim, generator=g),
-            torch.randn(batch, kv_heads, keys, dim, generator=g), g)
+    return (
+        torch.randn(batch, heads, queries, dim, generator=g),
+        torch.randn(batch, kv_heads, keys, dim, generator=g),
+        torch.randn(batch, kv_heads, keys, dim, generator=g),
+        g,
+    )
 
 
 @pytest.mark.parametrize("kv_heads", [1, 2, 3, 6])
@@ -36,9 +42,12 @@ def test_grouped_attention_equals_sdpa_with_bool_masks_including_rows_that_see_n
 
 def test_grouped_attention_equals_sdpa_with_additive_float_masks_broadcast_over_the_batch():
     q, k, v, g = random_qkv()
-    mask = torch.zeros(1, 1, 5, 9).masked_fill(torch.rand(1, 1, 5, 9, generator=g) > 0.5, torch.finfo(torch.float32).min)
-    torch.testing.assert_close(attention.grouped_attention(q, k, v, mask), sdpa_reference(q, k, v, mask),
-                               atol=1e-6, rtol=1e-5)
+    mask = torch.zeros(1, 1, 5, 9).masked_fill(
+        torch.rand(1, 1, 5, 9, generator=g) > 0.5, torch.finfo(torch.float32).min
+    )
+    torch.testing.assert_close(
+        attention.grouped_attention(q, k, v, mask), sdpa_reference(q, k, v, mask), atol=1e-6, rtol=1e-5
+    )
 
 
 def test_only_short_masked_fp32_inference_calls_take_the_grouped_path():
@@ -62,12 +71,13 @@ def test_only_short_masked_fp32_inference_calls_take_the_grouped_path():
         assert attention.uses_grouped_path(q, k.clone().requires_grad_(), v, mask)
     big = torch.randn(64, 6, 64, 8)
     big_keys = torch.randn(64, 2, 256, 8)
-    assert 64 * 6 * 64 * 256 > attention.GROUPED_MAX_SCORES
+    assert attention.GROUPED_MAX_SCORES < 64 * 6 * 64 * 256
     assert not attention.uses_grouped_path(big, big_keys, big_keys, torch.ones(64, 1, 64, 256, dtype=torch.bool))
 
 
-@pytest.mark.parametrize("family, installed", [("llama", True), ("gemma3", True), ("gpt2", True),
-                                               ("t5", True), ("bloom", False)])
+@pytest.mark.parametrize(
+    "family, installed", [("llama", True), ("gemma3", True), ("gpt2", True), ("t5", True), ("bloom", False)]
+)
 def test_install_routes_interface_models_and_leaves_the_rest(family, installed):
     model = tiny_model(family)
     assert model.grouped_attention is installed

@@ -18,8 +18,14 @@ ROOT = Path(__file__).resolve().parents[1]
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
-    proc = subprocess.run([sys.executable, "-m", "research.run", "--quick", "--out", str(out)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "research.run", "--quick", "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads((out / "results.json").read_text()), (out / "results.md").read_text()
 
@@ -45,8 +51,11 @@ def test_every_section_is_there(quick_run):
 def test_training_rows(quick_run):
     rows = quick_run[0]["training"]["rows"]
     configs = {(r["method"], r["num_virtual_tokens"], r["dtype"]) for r in rows}
-    assert configs == {(m, n, d) for m, n in [("prompt_tuning", 8), ("prompt_tuning", 20), ("prefix_tuning", 20)]
-                       for d in ("fp32", "bf16")}
+    assert configs == {
+        (m, n, d)
+        for m, n in [("prompt_tuning", 8), ("prompt_tuning", 20), ("prefix_tuning", 20)]
+        for d in ("fp32", "bf16")
+    }
     for r in rows:
         for key in ("softprompt_ms", "peft_ms", "ratio", "softprompt_peak_mib", "peft_peak_mib", "memory_ratio"):
             assert positive(r[key]), (key, r)
@@ -88,9 +97,9 @@ def test_inference_rows(quick_run):
 
 
 def test_paired_ratio_interval_narrows_with_rounds_and_is_reproducible():
-    from research.harness import paired_ratio, paired_ratio_ci
-
     import random
+
+    from research.harness import paired_ratio, paired_ratio_ci
 
     rng = random.Random(1)
     base = [1.0 + rng.random() for _ in range(200)]  # slow drift across rounds, cancelled by pairing
@@ -116,8 +125,9 @@ def test_mixed_rows(quick_run):
         assert close(r["speedup_vs_peft"], statistics.median(p / o for p, o in zip(runs["peft"], runs["softprompt"])))
         assert close(r["softprompt_vs_single"], statistics.median(s / o for s, o in zip(single, runs["softprompt"])))
         assert close(r["speedup_vs_peft_of_medians"], r["softprompt_tokens_per_s"] / r["peft_tokens_per_s"])
-        assert close(r["softprompt_vs_single_of_medians"],
-                     r["softprompt_tokens_per_s"] / rows[1]["softprompt_tokens_per_s"])
+        assert close(
+            r["softprompt_vs_single_of_medians"], r["softprompt_tokens_per_s"] / rows[1]["softprompt_tokens_per_s"]
+        )
         assert r["peft_calls"] == k  # PEFT runs one group per adapter
     assert rows[1]["softprompt_vs_single"] == 1.0
 
@@ -139,8 +149,13 @@ def test_targets_and_report(quick_run):
     assert len(names) == 4
     for t in result["targets"]:
         assert isinstance(t["met"], bool) and math.isfinite(t["value"])
-    for heading in ("## 1. Training step", "## 2. Inference", "## 3. Mixed adapters", "## 4. Classification cost",
-                    "## Targets"):
+    for heading in (
+        "## 1. Training step",
+        "## 2. Inference",
+        "## 3. Mixed adapters",
+        "## 4. Classification cost",
+        "## Targets",
+    ):
         assert heading in markdown
 
 
@@ -152,14 +167,59 @@ def test_attention_alternatives_are_exact_and_the_table_prints(capsys):
     errors = attention.check_exact(calls)
     assert "grouped (softprompt)" in errors and max(errors.values()) < 1e-5
     assert float((calls["unmasked"]() - calls["masked"]()).abs().max()) > 1e-3
-    assert attention.main(["--batch", "2", "--heads", "3", "--kv-heads", "1", "--length", "8", "--prefix", "4",
-                           "--head-dim", "16", "--threads", "1", "--rounds", "2"]) == 0
+    assert (
+        attention.main(
+            [
+                "--batch",
+                "2",
+                "--heads",
+                "3",
+                "--kv-heads",
+                "1",
+                "--length",
+                "8",
+                "--prefix",
+                "4",
+                "--head-dim",
+                "16",
+                "--threads",
+                "1",
+                "--rounds",
+                "2",
+            ]
+        )
+        == 0
+    )
     table = capsys.readouterr().out
     assert "| masked |" in table and "| padded queries |" in table and "| grouped (softprompt) |" in table
     assert "1.00x" in table
-    assert attention.main(["--sweep", "--lengths", "4,8", "--batch", "2", "--heads", "3", "--kv-heads", "1",
-                           "--prefix", "4", "--head-dim", "16", "--threads", "1", "--rounds", "1"]) == 0
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")]
+    assert (
+        attention.main(
+            [
+                "--sweep",
+                "--lengths",
+                "4,8",
+                "--batch",
+                "2",
+                "--heads",
+                "3",
+                "--kv-heads",
+                "1",
+                "--prefix",
+                "4",
+                "--head-dim",
+                "16",
+                "--threads",
+                "1",
+                "--rounds",
+                "1",
+            ]
+        )
+        == 0
+    )
+    rows = [
+        line for line in capsys.readouterr().out.splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")
+    ]
     assert len(rows) == 4  # 1 and 2 rows x 2 lengths
     with pytest.raises(SystemExit) as exit_info:
         attention.main(["--heads", "9", "--kv-heads", "2"])

@@ -8,7 +8,15 @@ from pathlib import Path
 import pytest
 
 from research import export
-from research.export import EVALUATIONS, SCORES_FILE, Candidate, candidates, export_if_better, folder_name, shipped_scores
+from research.export import (
+    EVALUATIONS,
+    SCORES_FILE,
+    Candidate,
+    candidates,
+    export_if_better,
+    folder_name,
+    shipped_scores,
+)
 from research.paths import REPO, own_output
 
 
@@ -16,8 +24,9 @@ def trained_adapter(where: Path, tag: str) -> Path:
     """The files copy_adapter rewrites (the weights are opaque to it), plus a checkpoint it must leave out."""
     where.mkdir(parents=True)
     (where / "softprompt.json").write_text(json.dumps({"base_model": "/cache/some/path", "tag": tag}))
-    (where / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/cache/some/path",
-                                                           "peft_type": "PROMPT_TUNING"}))
+    (where / "adapter_config.json").write_text(
+        json.dumps({"base_model_name_or_path": "/cache/some/path", "peft_type": "PROMPT_TUNING"})
+    )
     (where / "adapter_model.safetensors").write_bytes(tag.encode())
     (where / "checkpoints" / "last").mkdir(parents=True)
     (where / "checkpoints" / "last" / "optimizer.safetensors").write_bytes(b"x")
@@ -40,8 +49,9 @@ def test_first_adapter_of_a_task_is_exported_with_its_base_named(examples, tmp_p
     peft = json.loads((target / "adapter_config.json").read_text())
     assert peft["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert not (target / "checkpoints").exists() and (target / "adapter_model.safetensors").read_bytes() == b"first"
-    assert shipped_scores(examples) == {"sst2": {"task": "sst2", "base_model": "smollm2-135m",
-                                                 "metric": "accuracy", "value": 0.9}}
+    assert shipped_scores(examples) == {
+        "sst2": {"task": "sst2", "base_model": "smollm2-135m", "metric": "accuracy", "value": 0.9}
+    }
     assert sorted(p.name for p in examples.iterdir()) == sorted(["sst2", SCORES_FILE])  # no staging folder left
 
 
@@ -49,8 +59,9 @@ def test_a_worse_or_equal_adapter_keeps_the_shipped_example(examples, tmp_path):
     export_if_better(trained_adapter(tmp_path / "a", "shipped"), "sst2", "gemma3-270m", 0.91, examples)
     before = shipped_scores(examples)
     for score in (0.91, 0.80):
-        message = export_if_better(trained_adapter(tmp_path / f"b{score}", "worse"), "sst2", "smollm2-135m",
-                                   score, examples)
+        message = export_if_better(
+            trained_adapter(tmp_path / f"b{score}", "worse"), "sst2", "smollm2-135m", score, examples
+        )
         assert message.startswith("sst2: kept examples/adapters/sst2-gemma3-270m/")
     # a smollm2 adapter that does not beat the gemma example is not shipped beside it either
     assert not (examples / "sst2").exists() and shipped_scores(examples) == before
@@ -90,16 +101,24 @@ def test_every_evaluation_names_a_metric_the_harnesses_report():
 
 
 def test_a_dry_run_says_what_would_ship_and_writes_nothing(examples, tmp_path):
-    message = export_if_better(trained_adapter(tmp_path / "a", "x"), "sst2", "smollm2-135m", 0.9, examples, dry_run=True)
+    message = export_if_better(
+        trained_adapter(tmp_path / "a", "x"), "sst2", "smollm2-135m", 0.9, examples, dry_run=True
+    )
     assert message.startswith("sst2: would export") and f"--into {examples}" in message
     assert list(examples.iterdir()) == []
 
 
 def test_a_sweep_offers_the_adapter_chosen_on_validation_and_ships_it_only_into_the_folder_named(examples, tmp_path):
     chosen, other = trained_adapter(tmp_path / "pt8", "chosen"), trained_adapter(tmp_path / "pt20", "other")
-    sweep = {"task": "sst2", "selected": "pt8", "meta": {"model": "gemma3-270m"},
-             "adapters": [{"name": "pt8", "path": str(chosen), "test_accuracy": 0.8},  # chosen on validation,
-                          {"name": "pt20", "path": str(other), "test_accuracy": 0.9}]}  # not the best on test
+    sweep = {
+        "task": "sst2",
+        "selected": "pt8",
+        "meta": {"model": "gemma3-270m"},
+        "adapters": [
+            {"name": "pt8", "path": str(chosen), "test_accuracy": 0.8},  # chosen on validation,
+            {"name": "pt20", "path": str(other), "test_accuracy": 0.9},
+        ],
+    }  # not the best on test
     assert candidates(sweep) == [Candidate("sst2", "gemma3-270m", str(chosen), 0.8)]
     result = tmp_path / "sweep.json"
     result.write_text(json.dumps(sweep))
@@ -115,5 +134,7 @@ def test_research_outputs_stay_out_of_the_product(tmp_path):
     assert own_output(tmp_path / "runs", "--out", "research.x") == tmp_path / "runs"
     assert own_output("runs/quality", "--out", "research.x") == Path("runs/quality")
     for inside in ("docs", "docs/results.md", "examples/adapters", "src/softprompt", "results"):
-        with pytest.raises(SystemExit, match=f"research.x: --doc: .*{inside.split('/')[0]}/, which belongs to the product"):
+        with pytest.raises(
+            SystemExit, match=f"research.x: --doc: .*{inside.split('/')[0]}/, which belongs to the product"
+        ):
             own_output(REPO / inside, "--doc", "research.x")

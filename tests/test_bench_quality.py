@@ -21,9 +21,25 @@ ROOT = Path(__file__).resolve().parents[1]
 def quick_quality(tmp_path_factory):
     out = tmp_path_factory.mktemp("quality")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "research.quality", "--quick", "--threads", "1", "--out", str(out),
-                           "--doc", str(out / "results.md")], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=900)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "research.quality",
+            "--quick",
+            "--threads",
+            "1",
+            "--out",
+            str(out),
+            "--doc",
+            str(out / "results.md"),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, json.loads((out / "quality.json").read_text()), (out / "results.md").read_text()
 
@@ -32,8 +48,13 @@ def test_every_classification_task_reports_every_system(quick_quality):
     _, result, doc = quick_quality
     for task in ("financial_phrasebank", "sst2"):
         systems = result["tasks"][task]["systems"]
-        assert set(systems) == {"zero-shot", "softprompt prompt tuning", "softprompt prefix tuning",
-                                "softprompt p tuning", "PEFT prompt tuning"}
+        assert set(systems) == {
+            "zero-shot",
+            "softprompt prompt tuning",
+            "softprompt prefix tuning",
+            "softprompt p tuning",
+            "PEFT prompt tuning",
+        }
         for name, r in systems.items():
             assert 0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["macro_f1"] <= 1.0
             matrix = r["confusion_matrix"]
@@ -52,15 +73,20 @@ def test_raft_cross_validation_and_submission_file(quick_quality):
     assert 0.0 <= tuned["macro_f1"] <= 1.0 and tuned["macro_f1_std"] >= 0.0
     # pooled over both folds' held-out rows: accuracy equals the fold mean (equal folds), shown in the table
     assert tuned["accuracy_pooled"] == pytest.approx(tuned["accuracy"]) and 0.0 <= tuned["macro_f1_pooled"] <= 1.0
-    assert f"| softprompt prompt tuning | {tuned['accuracy']:.1%} ± {tuned['accuracy_std']:.1%} " \
-           f"(pooled {tuned['accuracy_pooled']:.1%})" in doc
+    assert (
+        f"| softprompt prompt tuning | {tuned['accuracy']:.1%} ± {tuned['accuracy_std']:.1%} "
+        f"(pooled {tuned['accuracy_pooled']:.1%})" in doc
+    )
     if "predictions" in raft:  # the unlabelled test tweets are in ../shared/data
         with open(raft["predictions"]["path"], newline="") as f:
             rows = list(csv.reader(f))
         assert rows[0] == ["ID", "Label"] and len(rows) == 1 + 8
         assert {r[1] for r in rows[1:]} <= {"1", "2"}
-        better = "zero-shot" if raft["systems"]["zero-shot"]["macro_f1_pooled"] > tuned["macro_f1_pooled"] \
+        better = (
+            "zero-shot"
+            if raft["systems"]["zero-shot"]["macro_f1_pooled"] > tuned["macro_f1_pooled"]
             else "softprompt prompt tuning"
+        )
         assert raft["predictions"]["system"] == better and f"predicted by the {better} system" in doc
 
 
@@ -78,10 +104,30 @@ def test_generation_reports_perplexity_and_one_mixed_batch_of_samples(quick_qual
 def test_merge_reruns_one_task_with_its_own_budget_and_keeps_the_others(quick_quality):
     out, before, _ = quick_quality
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "research.quality", "--quick", "--threads", "1", "--out", str(out),
-                           "--tasks", "raft_twitter_complaints", "--cv-epochs", "2", "--merge",
-                           "--doc", str(out / "merged.md")], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=900)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "research.quality",
+            "--quick",
+            "--threads",
+            "1",
+            "--out",
+            str(out),
+            "--tasks",
+            "raft_twitter_complaints",
+            "--cv-epochs",
+            "2",
+            "--merge",
+            "--doc",
+            str(out / "merged.md"),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     after = json.loads((out / "quality.json").read_text())
     assert set(after["tasks"]) == set(before["tasks"])
@@ -96,10 +142,30 @@ def test_methods_rerun_one_method_and_keep_the_tasks_other_systems(quick_quality
     out, _, _ = quick_quality
     before = json.loads((out / "quality.json").read_text())
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "research.quality", "--quick", "--threads", "1", "--out", str(out),
-                           "--tasks", "sst2", "--methods", "prefix-tuning", "--merge",
-                           "--doc", str(out / "methods.md")], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=900)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "research.quality",
+            "--quick",
+            "--threads",
+            "1",
+            "--out",
+            str(out),
+            "--tasks",
+            "sst2",
+            "--methods",
+            "prefix-tuning",
+            "--merge",
+            "--doc",
+            str(out / "methods.md"),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     after = json.loads((out / "quality.json").read_text())["tasks"]["sst2"]
     old = before["tasks"]["sst2"]
@@ -108,8 +174,14 @@ def test_methods_rerun_one_method_and_keep_the_tasks_other_systems(quick_quality
         assert after["systems"][name] == old["systems"][name]  # kept, not rerun
     assert after["run"]["overrides"] == {"methods": "prefix_tuning"} and after["run"]["kept_from"] == old["run"]["date"]
     assert "the other systems are from the run of" in (out / "methods.md").read_text()
-    bad = subprocess.run([sys.executable, "-m", "research.quality", "--quick", "--out", str(out), "--methods", "lora"],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    bad = subprocess.run(
+        [sys.executable, "-m", "research.quality", "--quick", "--out", str(out), "--methods", "lora"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert bad.returncode != 0 and "--methods: expected some of prompt_tuning" in bad.stderr
 
 
@@ -121,10 +193,28 @@ def test_merge_on_a_fresh_checkout_reads_the_numbers_kept_beside_the_doc(quick_q
     shutil.copy(out / "results.md", doc)
     shutil.copy(out / "results.json", doc.with_suffix(".json"))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "research.quality", "--quick", "--threads", "1",
-                           "--out", str(tmp_path / "fresh_runs"), "--tasks", "raft_twitter_complaints", "--merge",
-                           "--doc", str(doc)], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=900)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "research.quality",
+            "--quick",
+            "--threads",
+            "1",
+            "--out",
+            str(tmp_path / "fresh_runs"),
+            "--tasks",
+            "raft_twitter_complaints",
+            "--merge",
+            "--doc",
+            str(doc),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     after = json.loads(doc.with_suffix(".json").read_text())
     assert set(after["tasks"]) == set(before["tasks"])
@@ -133,12 +223,30 @@ def test_merge_on_a_fresh_checkout_reads_the_numbers_kept_beside_the_doc(quick_q
     text = doc.read_text()
     assert all(f"## {name}" in text for name in ("financial_phrasebank", "sst2", "raft_twitter_complaints"))
     phrasebank = text.split("## financial_phrasebank", 1)[1].split("## ", 1)[0]
-    assert phrasebank.index("| zero-shot |") < phrasebank.index("| softprompt prompt tuning |") \
-        < phrasebank.index("| PEFT prompt tuning |") < phrasebank.index("| softprompt p tuning |")
+    assert (
+        phrasebank.index("| zero-shot |")
+        < phrasebank.index("| softprompt prompt tuning |")
+        < phrasebank.index("| PEFT prompt tuning |")
+        < phrasebank.index("| softprompt p tuning |")
+    )
     # the report is rebuilt from the numbers beside it, unchanged (rows keep their fixed order)
-    proc = subprocess.run([sys.executable, "-m", "research.quality", "--report-only",
-                           "--out", str(tmp_path / "no_runs"), "--doc", str(doc)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "research.quality",
+            "--report-only",
+            "--out",
+            str(tmp_path / "no_runs"),
+            "--doc",
+            str(doc),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert doc.read_text() == text
 
@@ -148,9 +256,11 @@ def test_research_never_writes_into_the_product(quick_quality, tmp_path, capsys)
     from research import quality, sweep
     from research.paths import EXAMPLES, REPO
 
-    for argv in (["--report-only", "--out", str(REPO / "docs"), "--doc", str(tmp_path / "a.md")],
-                 ["--report-only", "--out", str(tmp_path), "--doc", str(REPO / "docs" / "results.md")],
-                 ["--quick", "--out", str(EXAMPLES), "--tasks", "sst2"]):
+    for argv in (
+        ["--report-only", "--out", str(REPO / "docs"), "--doc", str(tmp_path / "a.md")],
+        ["--report-only", "--out", str(tmp_path), "--doc", str(REPO / "docs" / "results.md")],
+        ["--quick", "--out", str(EXAMPLES), "--tasks", "sst2"],
+    ):
         with pytest.raises(SystemExit, match="belongs to the product"):
             quality.main(argv)
     with pytest.raises(SystemExit, match="--out: .* belongs to the product"):
@@ -179,7 +289,8 @@ def test_example_adapters_are_replaced_only_with_export_into(quick_quality, tmp_
     assert export.export_examples(result, examples, dry_run=True) and list(examples.iterdir()) == []
     assert export.main([str(stored / "quality.json"), "--into", str(examples)]) == 0
     assert sorted(p.name for p in examples.iterdir()) == sorted(
-        ["financial_phrasebank", "sst2", "raft_twitter_complaints", export.SCORES_FILE])
+        ["financial_phrasebank", "sst2", "raft_twitter_complaints", export.SCORES_FILE]
+    )
     with pytest.raises(SystemExit, match="quick .* run"):  # a harness check's adapters never ship
         export.main([str(out / "quality.json"), "--into", str(examples)])
 
@@ -197,8 +308,12 @@ def test_export_offers_each_task_its_best_adapter_of_the_run(quick_quality, tmp_
         best = max(r["accuracy"] for k, r in result["tasks"][task]["systems"].items() if k.startswith("softprompt"))
         assert scores[f"{task}-tiny-llama"]["value"] == round(best, 4)
     raft = result["tasks"]["raft_twitter_complaints"]["systems"]["softprompt prompt tuning"]
-    assert scores["raft_twitter_complaints-tiny-llama"] == {"task": "raft_twitter_complaints", "base_model": "tiny-llama",
-                                                           "metric": "macro_f1", "value": round(raft["macro_f1_pooled"], 4)}
+    assert scores["raft_twitter_complaints-tiny-llama"] == {
+        "task": "raft_twitter_complaints",
+        "base_model": "tiny-llama",
+        "metric": "macro_f1",
+        "value": round(raft["macro_f1_pooled"], 4),
+    }
     assert (examples / "sst2-tiny-llama" / "adapter_model.safetensors").exists()
     # the same run offered again replaces nothing: its adapters do not beat themselves
     assert sum(": kept examples/adapters/" in line for line in export_examples(result, examples)) == 3

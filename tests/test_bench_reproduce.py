@@ -24,8 +24,14 @@ def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("reproduce")
     steps = [s.name for s in reproduce_plan.plan() if s.name not in QUALITY_STEPS]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "research.reproduce", "--quick", "--out", str(out),
-                           "--only", ",".join(steps)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-m", "research.reproduce", "--quick", "--out", str(out), "--only", ",".join(steps)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, steps, proc.stdout
 
@@ -123,8 +129,9 @@ def test_unknown_steps_and_missing_inputs_are_one_clear_error(tmp_path):
 
 
 def test_a_failing_command_stops_the_run_and_leaves_the_step_unfinished(tmp_path):
-    step = reproduce_plan.Step("broken", "a command that fails", 1.0, (("-c", "import sys; sys.exit(3)"),),
-                          measure=lambda out: {})
+    step = reproduce_plan.Step(
+        "broken", "a command that fails", 1.0, (("-c", "import sys; sys.exit(3)"),), measure=lambda out: {}
+    )
     ctx = reproduce.Context(tmp_path, tmp_path, {}, quick=False)
     with pytest.raises(SystemExit, match="step broken: .* exited with 3"):
         reproduce.run_step(step, ctx)
@@ -139,9 +146,13 @@ def test_cut_is_seeded_and_leaves_out_seen_rows_and_duplicates(tmp_path):
     seen.write_text("sentence\tlabel\nsentence 0\t0\nsentence 1\t1\n")
 
     def cut(name, **kw):
-        n = reproduce_plan.cut_unseen(data, tmp_path / name, seen_adapters=[], seen_files=[str(seen)], seed=3, val=4, **kw)
-        read = [list(csv.reader(open(tmp_path / name / f, newline=""), delimiter="\t"))[1:]
-                for f in ("val_new.tsv", "train_new.tsv")]
+        n = reproduce_plan.cut_unseen(
+            data, tmp_path / name, seen_adapters=[], seen_files=[str(seen)], seed=3, val=4, **kw
+        )
+        read = [
+            list(csv.reader(open(tmp_path / name / f, newline=""), delimiter="\t"))[1:]
+            for f in ("val_new.tsv", "train_new.tsv")
+        ]
         return n, read
 
     (n_val, n_train), (val, train) = cut("a", train=None, dedupe=True)

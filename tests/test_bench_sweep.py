@@ -16,8 +16,7 @@ from research.tasks import BUDGETS
 @pytest.fixture(scope="module")
 def quick_sweep(tmp_path_factory):
     out = tmp_path_factory.mktemp("sweep")
-    argv = ["--quick", "--threads", "1", "--lrs", "1e-2,1e-1", "--tokens", "2,4", "--ensemble", "1",
-            "--out", str(out)]
+    argv = ["--quick", "--threads", "1", "--lrs", "1e-2,1e-1", "--tokens", "2,4", "--ensemble", "1", "--out", str(out)]
     threads = torch.get_num_threads()
     try:
         assert sweep.main(argv) == 0
@@ -59,11 +58,22 @@ def test_ensemble_averages_member_probabilities(tmp_path, one_thread):
 
     systems = Systems.build(TINY)
     # Two methods in one job: the ensemble then mixes a prompt-tuned and a prefix-tuned adapter.
-    result = sweep.run_sweep(systems, "financial_phrasebank", lrs=[1e-1], tokens=[2], budget=BUDGETS["quick"],
-                             val_fraction=0.2, ensemble=2, out=tmp_path, log=lambda *_: None,
-                             methods=("prompt_tuning", "prefix_tuning"))
-    peft_types = {r["name"]: json.loads((Path(r["path"]) / "adapter_config.json").read_text())["peft_type"]
-                  for r in result["adapters"]}
+    result = sweep.run_sweep(
+        systems,
+        "financial_phrasebank",
+        lrs=[1e-1],
+        tokens=[2],
+        budget=BUDGETS["quick"],
+        val_fraction=0.2,
+        ensemble=2,
+        out=tmp_path,
+        log=lambda *_: None,
+        methods=("prompt_tuning", "prefix_tuning"),
+    )
+    peft_types = {
+        r["name"]: json.loads((Path(r["path"]) / "adapter_config.json").read_text())["peft_type"]
+        for r in result["adapters"]
+    }
     assert peft_types == {"pt2-lr0p1": "PROMPT_TUNING", "prefix2-lr0p1": "PREFIX_TUNING"}
     from research.tasks import TASKS, examples, task_rows
 
@@ -75,8 +85,9 @@ def test_ensemble_averages_member_probabilities(tmp_path, one_thread):
     room = sweep._room(systems, labels, BUDGETS["quick"])
     total = torch.zeros(len(test), len(labels), dtype=torch.float64)
     for name in names:
-        scored = systems.ours.score([e.text for e in test], labels=labels, adapters=[name] * len(test),
-                                    max_input_tokens=room)
+        scored = systems.ours.score(
+            [e.text for e in test], labels=labels, adapters=[name] * len(test), max_input_tokens=room
+        )
         total += torch.tensor([[s.scores[label] for label in labels] for s in scored], dtype=torch.float64).softmax(-1)
     preds = [labels[i] for i in total.argmax(-1).tolist()]
     expected = classification_report([e.target for e in test], preds, labels)

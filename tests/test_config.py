@@ -5,8 +5,8 @@ import dataclasses
 import pytest
 import yaml
 
-from softprompt.training.config import TrainConfig, apply_overrides, load_config, parse_override_words, save_resolved
 from softprompt.errors import ConfigError
+from softprompt.training.config import TrainConfig, apply_overrides, load_config, parse_override_words, save_resolved
 
 
 def write_yaml(path, value) -> str:
@@ -62,45 +62,72 @@ def test_wrong_type_names_key_and_file(tmp_path):
         load_config(tmp_path / "missing.yaml")
 
 
-@pytest.mark.parametrize("override, message", [
-    ({"lr": 0}, "--lr: expected a number above 0"),
-    ({"batch_size": 0}, "--batch-size: expected an integer of at least 1, got 0"),
-    ({"grad_accum": -1}, "--grad-accum: expected an integer of at least 1"),
-    ({"warmup_ratio": 1.5}, "--warmup-ratio: expected a number below 1"),
-    ({"val_fraction": 1.0}, "--val-fraction: expected a number below 1"),
-    ({"lr_schedule": "step"}, "--lr-schedule: expected one of linear, cosine, constant, got 'step'"),
-    ({"method": "lora"}, "--method: expected one of prompt_tuning, prefix_tuning, p_tuning"),
-    ({"num_virtual_tokens": 0}, "--num-virtual-tokens: expected an integer between 1 and 4096"),
-    ({"kfold": 1}, "--kfold: expected an integer of at least 2"),
-    ({"early_stopping_patience": 0}, "--early-stopping-patience: expected an integer of at least 1"),
-    ({"device": "gpu"}, "--device: expected cpu, cuda, cuda:N or mps"),
-    ({"data": None}, "--data: required"),
-    ({"template": "Tweet: {text"}, "--template: template 'Tweet: {text'"),
-    ({"validation_data": "train.csv"}, "--validation-data: is the same file as --data"),
-    ({"label_column": None, "verbalizer": {"1": "a"}}, "--verbalizer: needs --label-column"),
-    ({"init_text": "hello", "method": "p_tuning"}, "--init-text: only applies to --method prompt_tuning or prefix_tuning, not p_tuning"),
-    ({"method": "prefix_tuning", "init": "sample_vocab", "prefix_projection": True},
-     "--init: 'sample_vocab' needs prefix_projection: false"),
-    ({"method": "prefix_tuning", "init": "text"}, "--init-text: required when init is 'text'"),
-    ({"method": "p_tuning", "encoder_type": "gru"}, "--encoder-type: expected one of mlp, lstm"),
-    ({"init": "text"}, "--init-text: required when init is 'text'"),
-    ({"name": "no spaces"}, "--name: expected 1-64 letters"),
-    ({"adapters": [{"name": "a"}, {"name": "a"}]}, "--adapters: the adapter name 'a' is given twice"),
-    ({"adapters": [{"name": "a", "lr": -1.0}]}, r"adapters\[0\] \(a\): --lr: expected a number above 0"),
-    ({"adapters": [{"name": "a", "method": "prompt_tuning", "prefix_projection": True}]},
-     r"adapters\[0\] \(a\): --prefix-projection: only applies to --method prefix_tuning"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"lr": 0}, "--lr: expected a number above 0"),
+        ({"batch_size": 0}, "--batch-size: expected an integer of at least 1, got 0"),
+        ({"grad_accum": -1}, "--grad-accum: expected an integer of at least 1"),
+        ({"warmup_ratio": 1.5}, "--warmup-ratio: expected a number below 1"),
+        ({"val_fraction": 1.0}, "--val-fraction: expected a number below 1"),
+        ({"lr_schedule": "step"}, "--lr-schedule: expected one of linear, cosine, constant, got 'step'"),
+        ({"method": "lora"}, "--method: expected one of prompt_tuning, prefix_tuning, p_tuning"),
+        ({"num_virtual_tokens": 0}, "--num-virtual-tokens: expected an integer between 1 and 4096"),
+        ({"kfold": 1}, "--kfold: expected an integer of at least 2"),
+        ({"early_stopping_patience": 0}, "--early-stopping-patience: expected an integer of at least 1"),
+        ({"device": "gpu"}, "--device: expected cpu, cuda, cuda:N or mps"),
+        ({"data": None}, "--data: required"),
+        ({"template": "Tweet: {text"}, "--template: template 'Tweet: {text'"),
+        ({"validation_data": "train.csv"}, "--validation-data: is the same file as --data"),
+        ({"label_column": None, "verbalizer": {"1": "a"}}, "--verbalizer: needs --label-column"),
+        (
+            {"init_text": "hello", "method": "p_tuning"},
+            "--init-text: only applies to --method prompt_tuning or prefix_tuning, not p_tuning",
+        ),
+        (
+            {"method": "prefix_tuning", "init": "sample_vocab", "prefix_projection": True},
+            "--init: 'sample_vocab' needs prefix_projection: false",
+        ),
+        ({"method": "prefix_tuning", "init": "text"}, "--init-text: required when init is 'text'"),
+        ({"method": "p_tuning", "encoder_type": "gru"}, "--encoder-type: expected one of mlp, lstm"),
+        ({"init": "text"}, "--init-text: required when init is 'text'"),
+        ({"name": "no spaces"}, "--name: expected 1-64 letters"),
+        ({"adapters": [{"name": "a"}, {"name": "a"}]}, "--adapters: the adapter name 'a' is given twice"),
+        ({"adapters": [{"name": "a", "lr": -1.0}]}, r"adapters\[0\] \(a\): --lr: expected a number above 0"),
+        (
+            {"adapters": [{"name": "a", "method": "prompt_tuning", "prefix_projection": True}]},
+            r"adapters\[0\] \(a\): --prefix-projection: only applies to --method prefix_tuning",
+        ),
+    ],
+)
 def test_validation_names_the_flag(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, {k: v for k, v in {**BASE, **override}.items() if v is not None})
 
 
 def test_adapters_inherit_and_override():
-    config = load_config(None, {**BASE, "method": "prompt-tuning", "init_text": "Classify:", "lr": 0.1,
-                                "num_virtual_tokens": 6, "adapters": [
-                                    {"name": "a"},
-                                    {"name": "b", "data": "b.csv", "method": "prefix_tuning", "lr": 0.5,
-                                     "prefix_projection": True, "num_virtual_tokens": 3, "label_column": ""}]})
+    config = load_config(
+        None,
+        {
+            **BASE,
+            "method": "prompt-tuning",
+            "init_text": "Classify:",
+            "lr": 0.1,
+            "num_virtual_tokens": 6,
+            "adapters": [
+                {"name": "a"},
+                {
+                    "name": "b",
+                    "data": "b.csv",
+                    "method": "prefix_tuning",
+                    "lr": 0.5,
+                    "prefix_projection": True,
+                    "num_virtual_tokens": 3,
+                    "label_column": "",
+                },
+            ],
+        },
+    )
     a, b = config.resolved_adapters()
     assert (a.name, a.data, a.method, a.lr, a.label_column) == ("a", "train.csv", "prompt_tuning", 0.1, "label")
     assert a.method_options == {"num_virtual_tokens": 6, "init_text": "Classify:"}
@@ -114,8 +141,11 @@ def test_adapters_inherit_and_override():
 
 
 def test_save_resolved_round_trips(tmp_path):
-    config = load_config(None, {**BASE, "lr": 0.2, "verbalizer": {"1": "yes", "2": "no"}, "kfold": 5,
-                                "adapters": [{"name": "x", "lr": 0.3}]}, validate=False)
+    config = load_config(
+        None,
+        {**BASE, "lr": 0.2, "verbalizer": {"1": "yes", "2": "no"}, "kfold": 5, "adapters": [{"name": "x", "lr": 0.3}]},
+        validate=False,
+    )
     path = save_resolved(config, tmp_path)
     assert path == tmp_path / "config.yaml"
     assert load_config(path, validate=False) == config
@@ -128,8 +158,11 @@ def test_options_cover_every_field_with_help():
     assert all(o.help for o in options)
     by_name = {o.name: o for o in options}
     assert by_name["batch_size"].flag == "--batch-size" and by_name["batch_size"].type == "int"
-    assert by_name["max_steps"].type == "int or null" and by_name["lr_schedule"].choices == ("linear", "cosine",
-                                                                                             "constant")
+    assert by_name["max_steps"].type == "int or null" and by_name["lr_schedule"].choices == (
+        "linear",
+        "cosine",
+        "constant",
+    )
     assert parse_override_words(["--resume", "--lr", "1"]) == {"resume": True, "lr": "1"}
     with pytest.raises(ConfigError, match="--lr: expects a value"):
         parse_override_words(["--lr"])
@@ -137,26 +170,40 @@ def test_options_cover_every_field_with_help():
 
 
 def test_method_options_nest_under_method_options_and_flat_keys_and_flags_map_onto_them(tmp_path):
-    nested = write_yaml(tmp_path / "nested.yaml", {**BASE, "method": "prefix_tuning",
-                                                   "method_options": {"num_virtual_tokens": 4, "init": "random"}})
-    flat = write_yaml(tmp_path / "flat.yaml", {**BASE, "method": "prefix-tuning", "num_virtual_tokens": 4,
-                                               "init": "random"})
+    nested = write_yaml(
+        tmp_path / "nested.yaml",
+        {**BASE, "method": "prefix_tuning", "method_options": {"num_virtual_tokens": 4, "init": "random"}},
+    )
+    flat = write_yaml(
+        tmp_path / "flat.yaml", {**BASE, "method": "prefix-tuning", "num_virtual_tokens": 4, "init": "random"}
+    )
     assert load_config(nested) == load_config(flat)
     config = load_config(flat, ["--prefix-projection", "--encoder-hidden-size", "16", "--init", "null"])
     assert config.method_options == {"num_virtual_tokens": 4, "prefix_projection": True, "encoder_hidden_size": 16}
     config = load_config(flat, ["--method-options", "{num_virtual_tokens: 6}", "--no-prefix-projection"])
     assert config.method_options == {"num_virtual_tokens": 6, "init": "random", "prefix_projection": False}
     assert load_config(save_resolved(config, tmp_path)) == config
-    with pytest.raises(ConfigError, match=r"nested\.yaml: key 'prefix_projecton': unknown method option "
-                                          r"\(did you mean 'prefix_projection'\?\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"nested\.yaml: key 'prefix_projecton': unknown method option "
+        r"\(did you mean 'prefix_projection'\?\)",
+    ):
         load_config(write_yaml(tmp_path / "nested.yaml", {**BASE, "method_options": {"prefix_projecton": True}}))
     with pytest.raises(ConfigError, match=r"flat\.yaml: key 'encoder_num_layers': expected an integer, got 'two'"):
         load_config(write_yaml(tmp_path / "flat.yaml", {**BASE, "encoder_num_layers": "two"}))
     with pytest.raises(ConfigError, match=r"--encoder-dropout: expected a number below 1\.0, got 1\.5"):
         load_config(None, {**BASE, "method": "p_tuning", "encoder_dropout": 1.5})
-    multi = load_config(None, {**BASE, "init_text": "Classify:", "adapters": [
-        {"name": "a", "method": "p_tuning", "method_options": {"encoder_type": "lstm"}},
-        {"name": "b", "method_options": {"num_virtual_tokens": 2}}]})
+    multi = load_config(
+        None,
+        {
+            **BASE,
+            "init_text": "Classify:",
+            "adapters": [
+                {"name": "a", "method": "p_tuning", "method_options": {"encoder_type": "lstm"}},
+                {"name": "b", "method_options": {"num_virtual_tokens": 2}},
+            ],
+        },
+    )
     a, b = multi.resolved_adapters()
     assert a.method_options == {"num_virtual_tokens": 8, "encoder_type": "lstm"}  # init_text is not p_tuning's
     assert b.method_options == {"num_virtual_tokens": 2, "init_text": "Classify:"}
@@ -177,8 +224,11 @@ def test_every_method_config_field_is_a_train_option_with_help():
 
 def test_method_names_take_dashes_and_typos_get_a_suggestion():
     assert load_config(None, {**BASE, "method": "P-Tuning"}).method == "p_tuning"
-    with pytest.raises(ConfigError, match=r"--method: expected one of prompt_tuning, prefix_tuning, p_tuning, got "
-                                          r"'prefix-tunning' \(did you mean 'prefix_tuning'\?\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"--method: expected one of prompt_tuning, prefix_tuning, p_tuning, got "
+        r"'prefix-tunning' \(did you mean 'prefix_tuning'\?\)",
+    ):
         load_config(None, {**BASE, "method": "prefix-tunning"})
     with pytest.raises(ConfigError, match=r"adapters\[0\] \(a\): --method: .* \(did you mean 'p_tuning'\?\)"):
         load_config(None, {**BASE, "adapters": [{"name": "a", "method": "ptuning"}]})

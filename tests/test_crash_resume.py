@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file
 
 from softprompt.cli import main
+
 from tiny import save_tiny_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -43,11 +44,46 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS
 
 def train_argv(run, output, *extra) -> list[str]:
     # p-tuning with an LSTM and dropout: the RNG state matters, so an inexact resume would show.
-    return ["train", "--model", run.model, "--data", run.data, "--label-column", "label", "--method", "p-tuning",
-            "--encoder-type", "lstm", "--encoder-dropout", "0.3", "--encoder-hidden-size", "8",
-            "--num-virtual-tokens", "3", "--epochs", str(EPOCHS), "--batch-size", "4", "--lr", "0.05",
-            "--warmup-ratio", "0.1", "--lr-schedule", "cosine", "--weight-decay", "0.01", "--val-fraction", "0.25",
-            "--log-every", "1", "--seed", "3", "--output", str(output), *extra]
+    return [
+        "train",
+        "--model",
+        run.model,
+        "--data",
+        run.data,
+        "--label-column",
+        "label",
+        "--method",
+        "p-tuning",
+        "--encoder-type",
+        "lstm",
+        "--encoder-dropout",
+        "0.3",
+        "--encoder-hidden-size",
+        "8",
+        "--num-virtual-tokens",
+        "3",
+        "--epochs",
+        str(EPOCHS),
+        "--batch-size",
+        "4",
+        "--lr",
+        "0.05",
+        "--warmup-ratio",
+        "0.1",
+        "--lr-schedule",
+        "cosine",
+        "--weight-decay",
+        "0.01",
+        "--val-fraction",
+        "0.25",
+        "--log-every",
+        "1",
+        "--seed",
+        "3",
+        "--output",
+        str(output),
+        *extra,
+    ]
 
 
 def checkpoint_step(output: Path) -> int | None:
@@ -70,15 +106,22 @@ def start(argv: list[str], log: Path, command=None, sigint=signal.SIG_DFL) -> su
     """The command in a child process, whose SIGINT starts as ``sigint`` (SIG_DFL: as from a terminal;
     SIG_IGN: as a shell without job control starts ``cmd &``), whatever this test process inherited."""
     with open(log, "wb") as err:
-        return subprocess.Popen((command or SOFTPROMPT) + argv, stdout=subprocess.DEVNULL, stderr=err, env=ENV,
-                                preexec_fn=lambda: signal.signal(signal.SIGINT, sigint))
+        return subprocess.Popen(
+            (command or SOFTPROMPT) + argv,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            env=ENV,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, sigint),
+        )
 
 
 def wait_until(proc: subprocess.Popen, ready, log: Path, what: str, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while not ready():
         if proc.poll() is not None:
-            pytest.fail(f"{what}: the run ended (rc {proc.returncode}) before the kill point:\n{log.read_text()[-2000:]}")
+            pytest.fail(
+                f"{what}: the run ended (rc {proc.returncode}) before the kill point:\n{log.read_text()[-2000:]}"
+            )
         if time.monotonic() > deadline:
             proc.kill()
             pytest.fail(f"{what}: timed out waiting for the kill point")
@@ -103,8 +146,10 @@ def assert_same_run(expected: Path, actual: Path) -> None:
             assert a.keys() == b.keys(), f"{sub / name}: different tensors {sorted(a)} vs {sorted(b)}"
             for key in a:
                 assert torch.equal(a[key], b[key]), f"{sub / name}: tensor {key!r} differs from the uninterrupted run"
-    strip = lambda path: [{k: v for k, v in json.loads(line).items() if k != "seconds"}  # noqa: E731
-                          for line in (path / "metrics.jsonl").read_text().splitlines()]
+    strip = lambda path: [
+        {k: v for k, v in json.loads(line).items() if k != "seconds"}  # noqa: E731
+        for line in (path / "metrics.jsonl").read_text().splitlines()
+    ]
     assert strip(actual) == strip(expected)
 
 
@@ -164,7 +209,7 @@ def test_sigkill_at_several_points_then_resume_gives_the_uninterrupted_adapter_b
 
 
 # A process that SIGKILLs itself at one precise moment of a directory save (fault injection).
-KILLER = r'''
+KILLER = r"""
 import os, signal, sys
 import softprompt.fileio as fileio
 from softprompt.cli import main
@@ -196,7 +241,7 @@ elif mode == "between-renames":  # no atomic exchange: the old directory moved a
                 die()
     os.replace = patched
 sys.exit(main(sys.argv[3:]))
-'''
+"""
 
 
 @pytest.mark.parametrize("mode", ["between-renames"])
@@ -226,10 +271,12 @@ def test_ctrl_c_saves_the_latest_state_exits_130_and_resume_is_bit_identical(run
     assert kill(proc, signal.SIGINT) == 130
     err = log.read_text()
     assert "Traceback" not in err
-    message, = error_lines(err)
+    (message,) = error_lines(err)
     step = checkpoint_step(out)
-    assert message == (f"softprompt train: interrupted; stopped after step {step}; the latest state is saved in "
-                       f"{out / 'default' / 'checkpoints' / 'last'}; continue with --resume")
+    assert message == (
+        f"softprompt train: interrupted; stopped after step {step}; the latest state is saved in "
+        f"{out / 'default' / 'checkpoints' / 'last'}; continue with --resume"
+    )
     assert 3 <= step < TOTAL_STEPS and step == logged_steps(out)  # saved where it stopped, not at an epoch end
     capsys.readouterr()
     assert main(["inspect", str(out / LAST), "--json"]) == 0  # the checkpoint loads
@@ -246,17 +293,23 @@ def test_ctrl_c_reaches_a_run_started_in_the_background_by_a_script(run, tmp_pat
     proc = start(train_argv(run, out), log, sigint=signal.SIG_IGN)
     wait_until(proc, lambda: logged_steps(out) >= 3, log, "kill -INT")
     assert kill(proc, signal.SIGINT) == 130
-    message, = error_lines(log.read_text())
+    (message,) = error_lines(log.read_text())
     step = checkpoint_step(out)
-    assert message == (f"softprompt train: interrupted; stopped after step {step}; the latest state is saved in "
-                       f"{out / 'default' / 'checkpoints' / 'last'}; continue with --resume")
+    assert message == (
+        f"softprompt train: interrupted; stopped after step {step}; the latest state is saved in "
+        f"{out / 'default' / 'checkpoints' / 'last'}; continue with --resume"
+    )
     assert 3 <= step < TOTAL_STEPS and step == logged_steps(out)
 
 
-@pytest.mark.parametrize("signum, default, step", [
-    (signal.SIGINT, signal.default_int_handler, 5),  # Ctrl-C
-    (signal.SIGTERM, signal.SIG_DFL, 4),  # `kill PID`, what job schedulers send before SIGKILL
-], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize(
+    "signum, default, step",
+    [
+        (signal.SIGINT, signal.default_int_handler, 5),  # Ctrl-C
+        (signal.SIGTERM, signal.SIG_DFL, 4),  # `kill PID`, what job schedulers send before SIGKILL
+    ],
+    ids=["SIGINT", "SIGTERM"],
+)
 def test_a_signal_in_process_saves_at_a_step_boundary(run, tmp_path, signum, default, step, own_signals):
     """The same through the library: a signal arriving mid-step is deferred to the end of the step."""
     from softprompt.training.config import load_config
@@ -355,15 +408,18 @@ def finished(run):
     return out, argv
 
 
-@pytest.mark.parametrize("file, damage, expected", [
-    (LAST / "adapter_model.safetensors", _flip_byte, "checksum does not match softprompt.json"),
-    (LAST / "adapter_model.safetensors", _truncate, "checksum does not match softprompt.json"),
-    (LAST / "training_state.safetensors", _flip_byte, "checksum does not match softprompt.json"),
-    (LAST / "training_state.safetensors", _truncate, "checksum does not match softprompt.json"),
-    (LAST / "training_state.json", _truncate, "not valid JSON"),
-    (LAST / "softprompt.json", _truncate, "not valid JSON"),
-    (LAST / "adapter_config.json", lambda p: p.write_bytes(b"\x00\xff" * 10), "not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "file, damage, expected",
+    [
+        (LAST / "adapter_model.safetensors", _flip_byte, "checksum does not match softprompt.json"),
+        (LAST / "adapter_model.safetensors", _truncate, "checksum does not match softprompt.json"),
+        (LAST / "training_state.safetensors", _flip_byte, "checksum does not match softprompt.json"),
+        (LAST / "training_state.safetensors", _truncate, "checksum does not match softprompt.json"),
+        (LAST / "training_state.json", _truncate, "not valid JSON"),
+        (LAST / "softprompt.json", _truncate, "not valid JSON"),
+        (LAST / "adapter_config.json", lambda p: p.write_bytes(b"\x00\xff" * 10), "not valid JSON"),
+    ],
+)
 def test_resume_from_a_corrupt_checkpoint_names_the_file(finished, file, damage, expected, capsys):
     out, argv = finished
     path = out / file
@@ -380,24 +436,30 @@ def test_resume_from_a_corrupt_checkpoint_names_the_file(finished, file, damage,
     assert main(argv + ["--resume"]) == 0  # intact again: resumes (the run is finished, nothing to do)
 
 
-@pytest.mark.parametrize("damage, without_checksum, expected", [
-    (_flip_byte, False, "checksum does not match softprompt.json"),
-    (_truncate, False, "checksum does not match softprompt.json"),
-    (_truncate, True, "not a readable safetensors file"),
-    (_bad_header, True, "not a readable safetensors file"),
-])
+@pytest.mark.parametrize(
+    "damage, without_checksum, expected",
+    [
+        (_flip_byte, False, "checksum does not match softprompt.json"),
+        (_truncate, False, "checksum does not match softprompt.json"),
+        (_truncate, True, "not a readable safetensors file"),
+        (_bad_header, True, "not a readable safetensors file"),
+    ],
+)
 @pytest.mark.parametrize("command", ["inspect", "eval", "generate"])
-def test_corrupt_adapter_is_named_by_every_command(finished, run, damage, without_checksum, expected, command,
-                                                   tmp_path, capsys):
+def test_corrupt_adapter_is_named_by_every_command(
+    finished, run, damage, without_checksum, expected, command, tmp_path, capsys
+):
     out, _ = finished
     adapter = tmp_path / "adapter"
     shutil.copytree(out / "default", adapter, ignore=shutil.ignore_patterns("checkpoints", "*.png"))
     if without_checksum:  # a PEFT adapter has no softprompt.json: the safetensors header must catch it
         (adapter / "softprompt.json").unlink()
     damage(adapter / "adapter_model.safetensors")
-    argv = {"inspect": ["inspect", str(adapter)],
-            "eval": ["eval", "--model", run.model, "--adapter", str(adapter), "--data", run.data],
-            "generate": ["generate", "--model", run.model, "--adapter", str(adapter), "hello"]}[command]
+    argv = {
+        "inspect": ["inspect", str(adapter)],
+        "eval": ["eval", "--model", run.model, "--adapter", str(adapter), "--data", run.data],
+        "generate": ["generate", "--model", run.model, "--adapter", str(adapter), "hello"],
+    }[command]
     capsys.readouterr()
     assert main(argv) == 2
     err = error_lines(capsys.readouterr().err)

@@ -14,8 +14,19 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from softprompt.data import (
-    Example, Template, Verbalizer, build_examples, column_names, default_template, escape_template_text, kfold,
-    load_rows, require_columns, sample_rows, train_val_split, verbalizer_for,
+    Example,
+    Template,
+    Verbalizer,
+    build_examples,
+    column_names,
+    default_template,
+    escape_template_text,
+    kfold,
+    load_rows,
+    require_columns,
+    sample_rows,
+    train_val_split,
+    verbalizer_for,
 )
 from softprompt.errors import ConfigError, DataError, SoftPromptError
 
@@ -31,27 +42,34 @@ def write(path: Path, content: str | bytes, encoding: str = "utf-8") -> Path:
 
 
 def test_csv_quoting_spaces_in_header_and_bom(tmp_path):
-    path = write(tmp_path / "tweets.csv",
-                 '\ufeffTweet text,ID,Label\r\n"hello, world",0,1\r\n"two\nlines ""quoted""",1,2\r\n\r\n')
+    path = write(
+        tmp_path / "tweets.csv",
+        '\ufeffTweet text,ID,Label\r\n"hello, world",0,1\r\n"two\nlines ""quoted""",1,2\r\n\r\n',
+    )
     rows = load_rows(path)
-    assert rows == [{"Tweet text": "hello, world", "ID": "0", "Label": "1"},
-                    {"Tweet text": 'two\nlines "quoted"', "ID": "1", "Label": "2"}]
+    assert rows == [
+        {"Tweet text": "hello, world", "ID": "0", "Label": "1"},
+        {"Tweet text": 'two\nlines "quoted"', "ID": "1", "Label": "2"},
+    ]
     assert column_names(rows) == ["Tweet text", "ID", "Label"]
 
 
 def test_tsv_reads_quotes_literally_and_keeps_trailing_spaces(tmp_path):
     path = write(tmp_path / "dev.tsv", 'sentence\tlabel\nit \'s "great" \t1\n"unbalanced\t0\n')
-    assert load_rows(path) == [{"sentence": 'it \'s "great" ', "label": "1"},
-                               {"sentence": '"unbalanced', "label": "0"}]
+    assert load_rows(path) == [{"sentence": 'it \'s "great" ', "label": "1"}, {"sentence": '"unbalanced', "label": "0"}]
 
 
 def test_jsonl_values_become_strings_and_blank_lines_are_skipped(tmp_path):
-    lines = [{"text": "a", "label": 1, "ok": True, "tags": ["x", "ü"], "score": 0.5, "note": None},
-             {"text": "b", "label": 2, "ok": False, "tags": [], "score": 2.0, "note": "n"}]
+    lines = [
+        {"text": "a", "label": 1, "ok": True, "tags": ["x", "ü"], "score": 0.5, "note": None},
+        {"text": "b", "label": 2, "ok": False, "tags": [], "score": 2.0, "note": "n"},
+    ]
     path = write(tmp_path / "d.jsonl", "\n".join(json.dumps(x) for x in lines) + "\n\n  \n")
     rows = load_rows(path)
-    assert rows == [{"text": "a", "label": "1", "ok": "true", "tags": '["x", "ü"]', "score": "0.5", "note": ""},
-                    {"text": "b", "label": "2", "ok": "false", "tags": "[]", "score": "2.0", "note": "n"}]
+    assert rows == [
+        {"text": "a", "label": "1", "ok": "true", "tags": '["x", "ü"]', "score": "0.5", "note": ""},
+        {"text": "b", "label": "2", "ok": "false", "tags": "[]", "score": "2.0", "note": "n"},
+    ]
 
 
 def test_parquet(tmp_path):
@@ -59,16 +77,17 @@ def test_parquet(tmp_path):
     pytest.importorskip("pyarrow")
     path = tmp_path / "d.parquet"
     pd.DataFrame({"text": ["a", "b", None], "label": [1, 0, 1]}).to_parquet(path)
-    assert load_rows(path) == [{"text": "a", "label": "1"}, {"text": "b", "label": "0"},
-                               {"text": "", "label": "1"}]
+    assert load_rows(path) == [{"text": "a", "label": "1"}, {"text": "b", "label": "0"}, {"text": "", "label": "1"}]
 
 
 def test_phrasebank_latin1_crlf_and_last_at(tmp_path):
     body = "Sepp\u00e4l\u00e4 's sales rose .@positive\r\nuser@example.com wrote@neutral\r\n"
     path = write(tmp_path / "Sentences.txt", body, encoding="latin-1")
     rows = load_rows(path)
-    assert rows == [{"sentence": "Sepp\u00e4l\u00e4 's sales rose .", "label": "positive"},
-                    {"sentence": "user@example.com wrote", "label": "neutral"}]
+    assert rows == [
+        {"sentence": "Sepp\u00e4l\u00e4 's sales rose .", "label": "positive"},
+        {"sentence": "user@example.com wrote", "label": "neutral"},
+    ]
 
 
 def test_phrasebank_in_utf8_is_not_mojibake(tmp_path):
@@ -123,8 +142,11 @@ def test_missing_file(tmp_path):
 
 
 def test_missing_file_that_looks_like_a_hub_name_suggests_hf_prefix():
-    with pytest.raises(DataError, match=r"ought/raft: no such file \(for a Hugging Face data set write "
-                                        r"hf:ought/raft\)"):
+    with pytest.raises(
+        DataError,
+        match=r"ought/raft: no such file \(for a Hugging Face data set write "
+        r"hf:ought/raft\)",
+    ):
         load_rows("ought/raft")
 
 
@@ -245,8 +267,9 @@ def test_require_columns_names_missing_column_and_available_ones():
     require_columns(ROWS, ["Tweet text", "Label"], source="train.csv")
     with pytest.raises(DataError) as e:
         require_columns(ROWS, ["label"], source="train.csv")
-    assert str(e.value) == ("train.csv has no column 'label' (did you mean 'Label'?); available columns: "
-                            "'Tweet text', 'ID', 'Label'.")
+    assert str(e.value) == (
+        "train.csv has no column 'label' (did you mean 'Label'?); available columns: 'Tweet text', 'ID', 'Label'."
+    )
 
 
 def test_require_columns_checks_every_row_and_empty_data():
@@ -278,12 +301,15 @@ def test_template_escaped_braces_and_repeated_fields():
     assert Template("x {n}").render({"n": 3}) == "x 3"
 
 
-@pytest.mark.parametrize("text, message", [
-    ("Label: {label", r"the '\{' at character 8 is never closed"),
-    ("{a {b}", r"the '\{' at character 1 is never closed"),
-    ("a } b", r"the '\}' at character 3 closes nothing"),
-    ("x {}", r"the '\{\}' at character 3 names no column"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("Label: {label", r"the '\{' at character 8 is never closed"),
+        ("{a {b}", r"the '\{' at character 1 is never closed"),
+        ("a } b", r"the '\}' at character 3 closes nothing"),
+        ("x {}", r"the '\{\}' at character 3 names no column"),
+    ],
+)
 def test_template_syntax_errors(text, message):
     with pytest.raises(ConfigError, match=message) as e:
         Template(text)
@@ -295,8 +321,10 @@ def test_template_validate_names_template_column_and_source():
     template.validate(["text", "Label"], source="d.csv")
     with pytest.raises(ConfigError) as e:
         template.validate(["Tweet text", "ID", "Label"], source="train.csv")
-    assert str(e.value) == ("template 'Tweet: {text} / {Label}' uses column 'text' that train.csv lacks; "
-                            "available columns: 'Tweet text', 'ID', 'Label'.")
+    assert str(e.value) == (
+        "template 'Tweet: {text} / {Label}' uses column 'text' that train.csv lacks; "
+        "available columns: 'Tweet text', 'ID', 'Label'."
+    )
 
 
 def test_template_render_missing_column():
@@ -307,8 +335,7 @@ def test_template_render_missing_column():
 FIELD_NAMES = st.text(st.characters(blacklist_characters="{}"), min_size=1, max_size=10)
 
 
-@given(st.lists(st.tuples(st.text(max_size=10), FIELD_NAMES), max_size=5), st.text(max_size=10),
-       st.data())
+@given(st.lists(st.tuples(st.text(max_size=10), FIELD_NAMES), max_size=5), st.text(max_size=10), st.data())
 def test_template_render_round_trips(segments, tail, data):
     text = "".join(escape_template_text(literal) + "{" + name + "}" for literal, name in segments)
     text += escape_template_text(tail)
@@ -349,18 +376,23 @@ def test_verbalizer_unknown_label_names_file_row_column_value_and_allowed():
     verbalizer = Verbalizer({"1": "complaint", "2": "no complaint"})
     with pytest.raises(DataError) as e:
         verbalizer.to_text("3", row_index=4, source="train.csv", column="Label")
-    assert str(e.value) == ("train.csv, row 5, column 'Label': label '3' is not one of the expected labels: "
-                            "'1' (complaint), '2' (no complaint).")
+    assert str(e.value) == (
+        "train.csv, row 5, column 'Label': label '3' is not one of the expected labels: "
+        "'1' (complaint), '2' (no complaint)."
+    )
     with pytest.raises(DataError, match=r"^label 'x' is not one of the expected labels: 'a', 'b'\.$"):
         Verbalizer.from_labels(["a", "b"]).to_text("x")
 
 
-@pytest.mark.parametrize("mapping, message", [
-    ({}, "needs at least one label"),
-    ({"1": "yes", "2": "yes"}, r"labels '1' and '2' both map to 'yes'"),
-    ({"1": ""}, r"label '1' maps to ''"),
-    ({1: "a", "1": "b"}, r"label '1' is given twice"),
-])
+@pytest.mark.parametrize(
+    "mapping, message",
+    [
+        ({}, "needs at least one label"),
+        ({"1": "yes", "2": "yes"}, r"labels '1' and '2' both map to 'yes'"),
+        ({"1": ""}, r"label '1' maps to ''"),
+        ({1: "a", "1": "b"}, r"label '1' is given twice"),
+    ],
+)
 def test_verbalizer_config_errors(mapping, message):
     with pytest.raises(ConfigError, match=message):
         Verbalizer(mapping)
@@ -495,8 +527,11 @@ def test_kfold_uneven_sizes_differ_by_at_most_one():
 
 @pytest.mark.parametrize("k", [1, 0, 6, 2.5])
 def test_kfold_bad_k(k):
-    with pytest.raises(ConfigError, match=rf"k must be an integer between 2 and the number of rows of the data "
-                                          rf"\(5\), got {k}"):
+    with pytest.raises(
+        ConfigError,
+        match=rf"k must be an integer between 2 and the number of rows of the data "
+        rf"\(5\), got {k}",
+    ):
         kfold(labelled_rows({"a": 5}), k, seed=0)
 
 
@@ -507,8 +542,10 @@ def test_build_examples_labelled_and_unlabelled():
     template = Template("Tweet text : {Tweet text} Label : ")
     verbalizer = Verbalizer({"1": "complaint", "2": "no complaint"})
     examples = build_examples(ROWS, template, "Label", verbalizer, source="train.csv")
-    assert examples == [Example("Tweet text : a Label : ", "complaint", ROWS[0]),
-                        Example("Tweet text : b Label : ", "no complaint", ROWS[1])]
+    assert examples == [
+        Example("Tweet text : a Label : ", "complaint", ROWS[0]),
+        Example("Tweet text : b Label : ", "no complaint", ROWS[1]),
+    ]
     unlabelled = build_examples(ROWS, "{Tweet text}!", source="test.csv")
     assert [(e.text, e.target) for e in unlabelled] == [("a!", None), ("b!", None)]
     identity = build_examples(ROWS, template, "Label", source="train.csv")
@@ -535,8 +572,7 @@ def test_build_examples_errors():
 # No surrogates: they cannot be written as UTF-8. Header names need a visible character and must not
 # start with a BOM (which the loader strips on purpose).
 TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=12)
-NAMES = st.lists(TEXT.filter(lambda s: s.strip() and not s.startswith("\ufeff")), min_size=1, max_size=4,
-                 unique=True)
+NAMES = st.lists(TEXT.filter(lambda s: s.strip() and not s.startswith("\ufeff")), min_size=1, max_size=4, unique=True)
 
 
 TSV_TEXT = TEXT.filter(lambda s: not set(s) & set("\t\r\n"))
@@ -544,9 +580,12 @@ TSV_TEXT = TEXT.filter(lambda s: not set(s) & set("\t\r\n"))
 
 def table(values=TEXT, names=NAMES):
     """(header, rows as value lists); rows are built as dicts by the test, in header order."""
-    return names.flatmap(lambda header: st.tuples(
-        st.just(header), st.lists(st.lists(values, min_size=len(header), max_size=len(header)),
-                                  min_size=1, max_size=6)))
+    return names.flatmap(
+        lambda header: st.tuples(
+            st.just(header),
+            st.lists(st.lists(values, min_size=len(header), max_size=len(header)), min_size=1, max_size=6),
+        )
+    )
 
 
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture], max_examples=80)
@@ -579,9 +618,13 @@ def test_tsv_round_trip(tmp_path, header_and_values):
 
 
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture], max_examples=80)
-@given(st.lists(TEXT, max_size=4, unique=True).flatmap(
-    lambda keys: st.lists(st.fixed_dictionaries({k: TEXT for k in keys}), min_size=1, max_size=6)),
-    st.booleans(), st.sampled_from(["\n", "\r\n"]))
+@given(
+    st.lists(TEXT, max_size=4, unique=True).flatmap(
+        lambda keys: st.lists(st.fixed_dictionaries({k: TEXT for k in keys}), min_size=1, max_size=6)
+    ),
+    st.booleans(),
+    st.sampled_from(["\n", "\r\n"]),
+)
 def test_jsonl_round_trip(tmp_path, rows, ascii_only, newline):
     path = tmp_path / "p.jsonl"
     path.write_bytes(newline.join(json.dumps(row, ensure_ascii=ascii_only) for row in rows).encode("utf-8"))
@@ -605,6 +648,11 @@ def test_shared_data_files():
     assert len(tweets) == 50
     assert column_names(tweets) == ["Tweet text", "ID", "Label"]
     assert Counter(row["Label"] for row in tweets) == {"2": 33, "1": 17}
-    examples = build_examples(tweets, "Tweet text : {Tweet text} Label : ", "Label",
-                              Verbalizer({"1": "complaint", "2": "no complaint"}), source="train.csv")
+    examples = build_examples(
+        tweets,
+        "Tweet text : {Tweet text} Label : ",
+        "Label",
+        Verbalizer({"1": "complaint", "2": "no complaint"}),
+        source="train.csv",
+    )
     assert Counter(e.target for e in examples) == {"no complaint": 33, "complaint": 17}

@@ -22,6 +22,7 @@ import yaml
 from safetensors.torch import load_file
 
 from softprompt.training.distributed import Distributed
+
 from tiny import save_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,8 +42,13 @@ if not torch.distributed.is_available() or not torch.distributed.is_gloo_availab
 
 def toy_rows(n: int, seed: int, labels=("A", "B")) -> list[dict]:
     rng = random.Random(seed)
-    return [{"text": "".join(rng.choice("xyz" if i % 2 == 0 else "abc") for _ in range(rng.randint(4, 8))),
-             "label": labels[i % 2]} for i in range(n)]
+    return [
+        {
+            "text": "".join(rng.choice("xyz" if i % 2 == 0 else "abc") for _ in range(rng.randint(4, 8))),
+            "label": labels[i % 2],
+        }
+        for i in range(n)
+    ]
 
 
 def write_csv(path: Path, rows: list[dict]) -> str:
@@ -54,16 +60,27 @@ def write_csv(path: Path, rows: list[dict]) -> str:
 
 
 def clean_env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-           and not k.startswith("ACCELERATE_")}
-    return {**env, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
-            "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1", **extra}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+        and not k.startswith("ACCELERATE_")
+    }
+    return {
+        **env,
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONUNBUFFERED": "1",
+        **extra,
+    }
 
 
 def run(cmd: list[str], *, env: dict | None = None, ok: bool = True) -> subprocess.CompletedProcess:
-    done = subprocess.run([str(c) for c in cmd], cwd=ROOT, env=env or clean_env(), capture_output=True, text=True,
-                          timeout=240)
+    done = subprocess.run(
+        [str(c) for c in cmd], cwd=ROOT, env=env or clean_env(), capture_output=True, text=True, timeout=240
+    )
     if ok and done.returncode != 0:
         raise AssertionError(f"{cmd} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
     return done
@@ -73,8 +90,9 @@ def one_process(args: list[str], **kw) -> subprocess.CompletedProcess:
     return run([SOFTPROMPT, "train", *args], **kw)
 
 
-def two_processes(args: list[str], *, script: list | None = None, config: Path = GLOO,
-                  **kw) -> subprocess.CompletedProcess:
+def two_processes(
+    args: list[str], *, script: list | None = None, config: Path = GLOO, **kw
+) -> subprocess.CompletedProcess:
     """``accelerate launch --config_file configs/accelerate/cpu_gloo_2proc.yaml`` of the CLI (or of ``script``)."""
     program = script or ["--no_python", SOFTPROMPT, "train"]
     return run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, *program, *args], **kw)
@@ -126,7 +144,7 @@ def test_shards_are_disjoint_contiguous_and_cover_the_batch():
 
 # ------------------------------------------------------- 1 process vs 2 processes (+ who writes files)
 
-AUDIT_HOOK = '''
+AUDIT_HOOK = """
 import os, sys
 if os.environ.get("RANK") is not None and os.environ.get("SOFTPROMPT_AUDIT_DIR"):
     _watch = os.path.realpath(os.environ["SOFTPROMPT_AUDIT_WATCH"])
@@ -147,7 +165,7 @@ if os.environ.get("RANK") is not None and os.environ.get("SOFTPROMPT_AUDIT_DIR")
             _log.write(event + " " + os.fsdecode(path) + "\\n")
             _log.flush()
     sys.addaudithook(_hook)
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -155,9 +173,32 @@ def single_and_pair(tmp_path_factory, model_dir):
     """The same job in 1 process and in 2 (each rank's file writes under the output recorded by an audit hook)."""
     tmp = tmp_path_factory.mktemp("pair")
     data = write_csv(tmp / "toy.csv", toy_rows(30, seed=0))
-    args = ["--model", model_dir, "--data", data, "--label-column", "label", "--method", "prefix_tuning",
-            "--num-virtual-tokens", "4", "--epochs", "2", "--batch-size", "5", "--lr", "0.02", "--val-fraction", "0.2",
-            "--eval-every", "1", "--log-every", "1", "--seed", "0"]
+    args = [
+        "--model",
+        model_dir,
+        "--data",
+        data,
+        "--label-column",
+        "label",
+        "--method",
+        "prefix_tuning",
+        "--num-virtual-tokens",
+        "4",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "5",
+        "--lr",
+        "0.02",
+        "--val-fraction",
+        "0.2",
+        "--eval-every",
+        "1",
+        "--log-every",
+        "1",
+        "--seed",
+        "0",
+    ]
     one_process([*args, "--output", tmp / "one"])
     hooks, audit = tmp / "hooks", tmp / "audit"
     hooks.mkdir()
@@ -177,8 +218,13 @@ def test_two_processes_give_the_one_process_adapter(single_and_pair):
     assert max_diff(a, tensors_of_init(one)) > 100 * TOLERANCE  # while training moved the adapter far more
     last_a = load_file(one / "default" / "checkpoints" / "last" / "training_state.safetensors")
     last_b = load_file(two / "default" / "checkpoints" / "last" / "training_state.safetensors")
-    assert max_diff({k: v for k, v in last_a.items() if k.startswith(("adapter.", "optimizer."))},
-                    {k: v for k, v in last_b.items() if k.startswith(("adapter.", "optimizer."))}) < TOLERANCE
+    assert (
+        max_diff(
+            {k: v for k, v in last_a.items() if k.startswith(("adapter.", "optimizer."))},
+            {k: v for k, v in last_b.items() if k.startswith(("adapter.", "optimizer."))},
+        )
+        < TOLERANCE
+    )
     losses_one, losses_two = train_losses(one), train_losses(two)
     assert len(losses_one) == len(losses_two) == 10  # 24 training rows, global batches of 5: 5 steps an epoch
     assert max(abs(x - y) for x, y in zip(losses_one, losses_two)) < TOLERANCE
@@ -208,7 +254,7 @@ def test_only_rank_0_writes_files(single_and_pair):
 
 # ------------------------------------------------------------------------------------------- resume
 
-CRASH = '''
+CRASH = """
 import os, sys
 import softprompt.training.loop as train_module
 from softprompt import cli
@@ -226,26 +272,43 @@ def train(config, model=None, *, on_step=None, progress=True):
 
 train_module.train = cli_train.train = train  # cli.train imported it at the top: patch its name too
 sys.exit(cli.main(sys.argv[1:]))
-'''
+"""
 
 
 def test_interrupted_two_process_run_resumes_to_the_uninterrupted_result(tmp_path, model_dir):
     a = write_csv(tmp_path / "a.csv", toy_rows(22, seed=1))
     b = write_csv(tmp_path / "b.csv", toy_rows(15, seed=2, labels=("yes", "no")))
     config = {  # P-tuning with LSTM dropout: the random state must survive the interruption on both ranks
-        "model": model_dir, "data": a, "label_column": "label", "method": "p_tuning", "encoder_type": "lstm",
-        "encoder_num_layers": 2, "encoder_dropout": 0.3, "encoder_hidden_size": 8, "num_virtual_tokens": 3,
-        "epochs": 2, "batch_size": 5, "grad_accum": 2, "lr": 0.05, "warmup_ratio": 0.2, "lr_schedule": "cosine",
-        "val_fraction": 0.2, "log_every": 1, "save_every": 2, "seed": 3,
-        "adapters": [{"name": "ptune"}, {"name": "pt", "data": b, "method": "prompt_tuning", "lr": 0.1}]}
+        "model": model_dir,
+        "data": a,
+        "label_column": "label",
+        "method": "p_tuning",
+        "encoder_type": "lstm",
+        "encoder_num_layers": 2,
+        "encoder_dropout": 0.3,
+        "encoder_hidden_size": 8,
+        "num_virtual_tokens": 3,
+        "epochs": 2,
+        "batch_size": 5,
+        "grad_accum": 2,
+        "lr": 0.05,
+        "warmup_ratio": 0.2,
+        "lr_schedule": "cosine",
+        "val_fraction": 0.2,
+        "log_every": 1,
+        "save_every": 2,
+        "seed": 3,
+        "adapters": [{"name": "ptune"}, {"name": "pt", "data": b, "method": "prompt_tuning", "lr": 0.1}],
+    }
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(config))
     two_processes([path, "--output", tmp_path / "full"])
     crash = tmp_path / "crash.py"
     crash.write_text(CRASH)
     cut = tmp_path / "cut"
-    done = two_processes([path, "--output", cut], script=[crash, "train"], ok=False,
-                         env=clean_env(SOFTPROMPT_TEST_CRASH_AT="5"))
+    done = two_processes(
+        [path, "--output", cut], script=[crash, "train"], ok=False, env=clean_env(SOFTPROMPT_TEST_CRASH_AT="5")
+    )
     assert done.returncode != 0, done.stderr[-4000:]
     assert "crashing at step 5 on rank 0" in done.stdout and "crashing at step 5 on rank 1" in done.stdout
     assert checkpoint_meta(cut, "pt")["state"]["step"] == 4  # saved at step 4; step 5 is lost and redone
@@ -257,8 +320,9 @@ def test_interrupted_two_process_run_resumes_to_the_uninterrupted_result(tmp_pat
     full_steps = checkpoint_meta(tmp_path / "full", "pt")["state"]["step"]
     assert checkpoint_meta(cut, "pt")["state"]["step"] == full_steps == 2 * 3  # 3 optimizer steps an epoch
     for name in ("ptune", "pt"):  # same number of processes: bit-identical, as resume is in one process
-        assert (tmp_path / "full" / name / "adapter_model.safetensors").read_bytes() == \
-            (cut / name / "adapter_model.safetensors").read_bytes(), name
+        assert (tmp_path / "full" / name / "adapter_model.safetensors").read_bytes() == (
+            cut / name / "adapter_model.safetensors"
+        ).read_bytes(), name
         full_state = load_file(tmp_path / "full" / name / "checkpoints" / "last" / "training_state.safetensors")
         cut_state = load_file(cut / name / "checkpoints" / "last" / "training_state.safetensors")
         assert full_state.keys() == cut_state.keys()
@@ -272,12 +336,24 @@ def test_interrupted_two_process_run_resumes_to_the_uninterrupted_result(tmp_pat
 def test_multi_adapter_job_in_two_processes_equals_one_process(tmp_path, model_dir):
     a = write_csv(tmp_path / "a.csv", toy_rows(19, seed=4))
     b = write_csv(tmp_path / "b.csv", toy_rows(14, seed=5, labels=("yes", "no")))
-    config = {"model": model_dir, "label_column": "label", "epochs": 2, "batch_size": 7, "grad_accum": 2,
-              "lr_schedule": "linear", "warmup_ratio": 0.1, "val_fraction": 0.2, "log_every": 1, "seed": 1,
-              "weight_decay": 0.01, "max_grad_norm": 1.0,
-              "adapters": [{"name": "pt", "data": a, "method": "prompt_tuning", "num_virtual_tokens": 3, "lr": 0.03},
-                           {"name": "prefix", "data": b, "method": "prefix_tuning", "num_virtual_tokens": 2,
-                            "lr": 0.01}]}
+    config = {
+        "model": model_dir,
+        "label_column": "label",
+        "epochs": 2,
+        "batch_size": 7,
+        "grad_accum": 2,
+        "lr_schedule": "linear",
+        "warmup_ratio": 0.1,
+        "val_fraction": 0.2,
+        "log_every": 1,
+        "seed": 1,
+        "weight_decay": 0.01,
+        "max_grad_norm": 1.0,
+        "adapters": [
+            {"name": "pt", "data": a, "method": "prompt_tuning", "num_virtual_tokens": 3, "lr": 0.03},
+            {"name": "prefix", "data": b, "method": "prefix_tuning", "num_virtual_tokens": 2, "lr": 0.01},
+        ],
+    }
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(config))
     one_process([path, "--output", tmp_path / "one"])
@@ -320,8 +396,14 @@ def test_processes_leave_together_and_a_failing_one_is_reported_not_waited_for(t
 
 def test_shipped_accelerate_configs_parse_and_say_what_they_are():
     shipped = {p.name: yaml.safe_load(p.read_text()) for p in CONFIGS.glob("*.yaml")}
-    assert set(shipped) == {"ddp_multi_gpu.yaml", "fsdp.yaml", "deepspeed_zero3.yaml", "cpu_gloo_2proc.yaml",
-                            "cpu_gloo_fsdp_2proc.yaml", "cpu_gloo_deepspeed_2proc.yaml"}
+    assert set(shipped) == {
+        "ddp_multi_gpu.yaml",
+        "fsdp.yaml",
+        "deepspeed_zero3.yaml",
+        "cpu_gloo_2proc.yaml",
+        "cpu_gloo_fsdp_2proc.yaml",
+        "cpu_gloo_deepspeed_2proc.yaml",
+    }
     for name, config in shipped.items():
         assert config["compute_environment"] == "LOCAL_MACHINE", name
         assert config["num_machines"] >= 1 and config["machine_rank"] == 0, name
@@ -351,8 +433,6 @@ def test_shipped_accelerate_configs_parse_and_say_what_they_are():
         assert load_config_from_file(str(CONFIGS / name)).distributed_type.name == shipped[name]["distributed_type"]
 
 
-
-
 class FakeAccelerator:  # what accelerate builds in each process of a GPU launch (needs GPUs to build for real)
     kind = "FSDP"
     plugin = None
@@ -371,8 +451,15 @@ class FakeAccelerator:  # what accelerate builds in each process of a GPU launch
 
 def fsdp_plugin(**changes) -> SimpleNamespace:
     """The fields of accelerate's FullyShardedDataParallelPlugin that softprompt reads, as fsdp.yaml sets them."""
-    return SimpleNamespace(**{"fsdp_version": 2, "reshard_after_forward": True, "cpu_offload": None,
-                              "activation_checkpointing": False, **changes})
+    return SimpleNamespace(
+        **{
+            "fsdp_version": 2,
+            "reshard_after_forward": True,
+            "cpu_offload": None,
+            "activation_checkpointing": False,
+            **changes,
+        }
+    )
 
 
 @pytest.fixture
@@ -394,9 +481,17 @@ def launched(monkeypatch):
 
 def ds_plugin(**changes) -> SimpleNamespace:
     """What softprompt reads of accelerate's DeepSpeedPlugin (its DeepSpeed config) for deepspeed_zero3.yaml."""
-    config = {"train_batch_size": "auto", "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
-              "zero_optimization": {"stage": 3, "offload_param": {"device": "none"},
-                                    "offload_optimizer": {"device": "none"}, "stage3_prefetch_bucket_size": "auto"}}
+    config = {
+        "train_batch_size": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "zero_optimization": {
+            "stage": 3,
+            "offload_param": {"device": "none"},
+            "offload_optimizer": {"device": "none"},
+            "stage3_prefetch_bucket_size": "auto",
+        },
+    }
     for key, value in changes.items():
         (config["zero_optimization"] if key in config["zero_optimization"] else config)[key] = value
     return SimpleNamespace(deepspeed_config=config)
@@ -423,17 +518,21 @@ def test_a_deepspeed_launch_partitions_the_base_with_the_configs_zero_section(la
     assert launched().world_size == 1 and launched().accelerator is None and not launched().shards_base
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({"stage": 2}, r"deepspeed_config\.zero_stage: 2 .*set 3.*ddp_multi_gpu\.yaml"),
-    ({"offload_param": {"device": "cpu"}}, r"deepspeed_config\.offload_param_device: cpu .*set it to none"),
-    ({"offload_optimizer": {"device": "nvme"}}, r"deepspeed_config\.offload_optimizer_device: nvme"),
-    ({"gradient_accumulation_steps": 4}, r"deepspeed_config\.gradient_accumulation_steps: 4 .*--grad-accum"),
-    ({"gradient_clipping": 1.0}, r"deepspeed_config\.gradient_clipping: 1\.0 .*--max-grad-norm"),
-    ({"optimizer": {"type": "AdamW"}}, r"deepspeed_config_file: its 'optimizer' section"),
-    ({"bf16": {"enabled": True}}, r"deepspeed_config_file: bf16\.enabled .*--bf16"),
-])
-def test_deepspeed_settings_softprompt_cannot_honour_are_refused_naming_the_field(launched, monkeypatch, changes,
-                                                                                  message):
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"stage": 2}, r"deepspeed_config\.zero_stage: 2 .*set 3.*ddp_multi_gpu\.yaml"),
+        ({"offload_param": {"device": "cpu"}}, r"deepspeed_config\.offload_param_device: cpu .*set it to none"),
+        ({"offload_optimizer": {"device": "nvme"}}, r"deepspeed_config\.offload_optimizer_device: nvme"),
+        ({"gradient_accumulation_steps": 4}, r"deepspeed_config\.gradient_accumulation_steps: 4 .*--grad-accum"),
+        ({"gradient_clipping": 1.0}, r"deepspeed_config\.gradient_clipping: 1\.0 .*--max-grad-norm"),
+        ({"optimizer": {"type": "AdamW"}}, r"deepspeed_config_file: its 'optimizer' section"),
+        ({"bf16": {"enabled": True}}, r"deepspeed_config_file: bf16\.enabled .*--bf16"),
+    ],
+)
+def test_deepspeed_settings_softprompt_cannot_honour_are_refused_naming_the_field(
+    launched, monkeypatch, changes, message
+):
     from softprompt.errors import ConfigError
 
     monkeypatch.setattr(FakeAccelerator, "kind", "DEEPSPEED")
@@ -442,11 +541,14 @@ def test_deepspeed_settings_softprompt_cannot_honour_are_refused_naming_the_fiel
         launched()
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({"fsdp_version": 1}, r"fsdp_config\.fsdp_version: 1 .*fsdp_version: 2"),
-    ({"cpu_offload": SimpleNamespace(offload_params=True)}, r"fsdp_config\.fsdp_offload_params: true"),
-    ({"activation_checkpointing": True}, r"fsdp_config\.fsdp_activation_checkpointing: true"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"fsdp_version": 1}, r"fsdp_config\.fsdp_version: 1 .*fsdp_version: 2"),
+        ({"cpu_offload": SimpleNamespace(offload_params=True)}, r"fsdp_config\.fsdp_offload_params: true"),
+        ({"activation_checkpointing": True}, r"fsdp_config\.fsdp_activation_checkpointing: true"),
+    ],
+)
 def test_fsdp_settings_softprompt_cannot_honour_are_refused_naming_the_field(launched, monkeypatch, changes, message):
     from softprompt.errors import ConfigError
 
@@ -476,9 +578,9 @@ def test_an_fsdp_launch_shards_the_base_with_the_configs_reshard_setting(launche
 
 
 def test_fsdp_units_are_the_blocks_the_called_modules_and_one_unit_per_embedding_matrix():
-    from tiny import tiny_model
-
     from softprompt.training.distributed import fsdp_units
+
+    from tiny import tiny_model
 
     llama = tiny_model("llama")  # untied: embedding and head are separate units
     units = fsdp_units(llama)
@@ -493,17 +595,18 @@ def test_fsdp_units_are_the_blocks_the_called_modules_and_one_unit_per_embedding
     t5 = tiny_model("t5")  # shared matrix: shared, both stacks' embed_tokens and the head, in one unit
     units = fsdp_units(t5)
     assert units[:4] == [*t5.base.encoder.block, *t5.base.decoder.block]
-    assert {id(m) for m in units[4]} == {id(m) for m in (t5.base.shared, t5.base.encoder.embed_tokens,
-                                                         t5.base.decoder.embed_tokens, t5.base.lm_head)}
+    assert {id(m) for m in units[4]} == {
+        id(m) for m in (t5.base.shared, t5.base.encoder.embed_tokens, t5.base.decoder.embed_tokens, t5.base.lm_head)
+    }
     assert units[5] is t5.base.encoder and len(units) == 6  # the encoder is called alone when decoding
 
 
 def test_a_family_without_known_blocks_cannot_be_sharded_and_says_so():
-    from tiny import tiny_model
-
-    from softprompt.training.distributed import fsdp_units
-    from softprompt.errors import ConfigError
     from softprompt.engine.families import FamilyQuirks
+    from softprompt.errors import ConfigError
+    from softprompt.training.distributed import fsdp_units
+
+    from tiny import tiny_model
 
     model = tiny_model("llama")
     model.quirks = FamilyQuirks()  # what an unknown family gets
@@ -518,7 +621,7 @@ def test_a_family_without_known_blocks_cannot_be_sharded_and_says_so():
 
 # Starts the unchanged CLI after wrapping `Distributed.shard_base`, to print what each process holds of the
 # base once it is sharded (FSDP: DTensors; ZeRO-3: DeepSpeed's flat partition `ds_tensor` of an emptied weight) (and, with SOFTPROMPT_TEST_CRASH_AT, kills every process at that step, as CRASH).
-FSDP_PROBE = '''
+FSDP_PROBE = """
 import os, sys
 from torch.distributed.tensor import DTensor
 import softprompt.training.loop as train_module
@@ -562,7 +665,7 @@ def train(config, model=None, *, on_step=None, progress=True):
 
 train_module.train = cli_train.train = train  # cli.train imported it at the top: patch its name too
 sys.exit(cli.main(sys.argv[1:]))
-'''
+"""
 
 
 def shards(done: subprocess.CompletedProcess) -> dict[int, dict[str, int]]:
@@ -590,8 +693,9 @@ def assert_half_of_the_base_per_process(done: subprocess.CompletedProcess, tied:
 
 
 def tied_llama_checkpoint(path: Path) -> str:
-    from tiny import tiny_base, tiny_tokenizer
     from transformers import LlamaForCausalLM
+
+    from tiny import tiny_base, tiny_tokenizer
 
     config = tiny_base("llama").config
     config.tie_word_embeddings = True
@@ -604,15 +708,33 @@ def tied_llama_checkpoint(path: Path) -> str:
 
 
 FSDP_JOB = {  # text-initialised prompt tuning (reads the embedding table) + prefix tuning, mixed batches
-    "label_column": "label", "epochs": 2, "batch_size": 5, "grad_accum": 1, "lr_schedule": "linear",
-    "val_fraction": 0.2, "log_every": 1, "save_every": 2, "seed": 2, "eval_every": 1,
-    "adapters": [{"name": "pt", "method": "prompt_tuning", "num_virtual_tokens": 3, "init": "text",
-                  "init_text": "classify this", "lr": 0.05},
-                 {"name": "prefix", "method": "prefix_tuning", "num_virtual_tokens": 2, "lr": 0.02}]}
+    "label_column": "label",
+    "epochs": 2,
+    "batch_size": 5,
+    "grad_accum": 1,
+    "lr_schedule": "linear",
+    "val_fraction": 0.2,
+    "log_every": 1,
+    "save_every": 2,
+    "seed": 2,
+    "eval_every": 1,
+    "adapters": [
+        {
+            "name": "pt",
+            "method": "prompt_tuning",
+            "num_virtual_tokens": 3,
+            "init": "text",
+            "init_text": "classify this",
+            "lr": 0.05,
+        },
+        {"name": "prefix", "method": "prefix_tuning", "num_virtual_tokens": 2, "lr": 0.02},
+    ],
+}
 
 
-def fsdp_pair(tmp: Path, model: str, rows: int = 16,
-              config: Path = GLOO_FSDP) -> tuple[Path, Path, Path, subprocess.CompletedProcess]:
+def fsdp_pair(
+    tmp: Path, model: str, rows: int = 16, config: Path = GLOO_FSDP
+) -> tuple[Path, Path, Path, subprocess.CompletedProcess]:
     """One FSDP (or ZeRO-3: ``config``) job (`FSDP_JOB` on ``model``) in 1 process and sharded over 2 (through
     FSDP_PROBE)."""
     a = write_csv(tmp / "a.csv", toy_rows(rows, seed=6))
@@ -642,8 +764,9 @@ def assert_same_training(one: Path, two: Path) -> None:
     assert max(abs(x - y) for x, y in zip(losses_one, losses_two)) < TOLERANCE
     # validation ran over the sharded base too (zero-shot and every epoch), with the one-process numbers
     evals_one, evals_two = eval_records(one), eval_records(two)
-    assert [(r["model"], r["adapter"], r["step"]) for r in evals_one] == \
-        [(r["model"], r["adapter"], r["step"]) for r in evals_two]
+    assert [(r["model"], r["adapter"], r["step"]) for r in evals_one] == [
+        (r["model"], r["adapter"], r["step"]) for r in evals_two
+    ]
     assert sum(r["model"] == "base" for r in evals_two) == 2 and len(evals_two) == 6
     for x, y in zip(evals_one, evals_two):
         assert abs(x["val_loss"] - y["val_loss"]) < TOLERANCE and x["accuracy"] == y["accuracy"], (x, y)
@@ -655,8 +778,9 @@ def assert_training_moved_the_prompt(one, two) -> None:
     from softprompt import load
 
     fresh = load(str(one.parent / "tiny-llama"), device="cpu")
-    fresh.add_adapter("pt", method="prompt_tuning", num_virtual_tokens=3, init="text", init_text="classify this",
-                      seed=2)
+    fresh.add_adapter(
+        "pt", method="prompt_tuning", num_virtual_tokens=3, init="text", init_text="classify this", seed=2
+    )
     moved = (tensors(two / "pt")["prompt_embeddings"] - fresh.adapters["pt"].materialized().detach()).abs().max()
     assert moved > 100 * TOLERANCE  # training moved the prompt far more than the tolerance
 
@@ -666,15 +790,21 @@ def assert_interrupted_run_resumes_bit_identically(pair, config) -> None:
     path, _, full, _ = pair
     cut = full.parent / "cut"
     probe = full.parent / "probe.py"
-    done = two_processes([path, "--output", cut], script=[probe, "train"], config=config, ok=False,
-                         env=clean_env(SOFTPROMPT_TEST_CRASH_AT="5"))
+    done = two_processes(
+        [path, "--output", cut],
+        script=[probe, "train"],
+        config=config,
+        ok=False,
+        env=clean_env(SOFTPROMPT_TEST_CRASH_AT="5"),
+    )
     assert done.returncode != 0 and "crashing at step 5 on rank 1" in done.stdout, done.stderr[-4000:]
     assert checkpoint_meta(cut, "pt")["state"]["step"] == 4  # saved at step 4; step 5 is lost and redone
     two_processes([path, "--output", cut, "--resume"], script=[probe, "train"], config=config)
     assert checkpoint_meta(cut, "pt")["state"]["step"] == checkpoint_meta(full, "pt")["state"]["step"]
     for name in ("pt", "prefix"):  # the same number of processes: bit-identical
-        assert (full / name / "adapter_model.safetensors").read_bytes() == \
-            (cut / name / "adapter_model.safetensors").read_bytes(), name
+        assert (full / name / "adapter_model.safetensors").read_bytes() == (
+            cut / name / "adapter_model.safetensors"
+        ).read_bytes(), name
     assert train_losses(cut) == train_losses(full)
 
 
@@ -704,12 +834,14 @@ def test_fsdp_with_tied_embeddings_gives_the_one_process_adapters(tmp_path):
     assert_same_training(one, two)
     # 10 + 11 training rows in global batches of 5: each epoch ends with a batch of one row, so rank 0's
     # slice is empty there and it runs only the loss-free rows (the all-gathers must still match rank 1's)
-    trained = sum(len(load_file(two / name / "training_state.safetensors")["data.train_fingerprints"])
-                  for name in ("pt", "prefix"))
+    trained = sum(
+        len(load_file(two / name / "training_state.safetensors")["data.train_fingerprints"])
+        for name in ("pt", "prefix")
+    )
     assert trained == 21 and checkpoint_meta(two, "pt")["state"]["step"] == 2 * 5
 
 
-FAMILY_SCRIPT = '''
+FAMILY_SCRIPT = """
 import sys
 import torch
 from tiny import FAMILIES, tiny_model
@@ -744,7 +876,7 @@ for family in FAMILIES:
     sys.stdout.write("FAMILY %s rank=%d diff=%.3g same_text=%d%s" % (family, dist.rank, diff, text == sharded_text,
                                                                      chr(10)))
     sys.stdout.flush()
-'''
+"""
 
 
 @pytest.mark.parametrize("config", [GLOO_FSDP, GLOO_ZERO3], ids=["fsdp", "zero3"])

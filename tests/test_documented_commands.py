@@ -16,8 +16,12 @@ from softprompt.cli.app import EPILOGS, build_parser
 from softprompt.training.config import train_options
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = [ROOT / "README.md", ROOT / "examples" / "adapters" / "README.md", *sorted((ROOT / "docs").glob("*.md")),
-        ROOT / "research" / "NOTES.md"]
+DOCS = [
+    ROOT / "README.md",
+    ROOT / "examples" / "adapters" / "README.md",
+    *sorted((ROOT / "docs").glob("*.md")),
+    ROOT / "research" / "NOTES.md",
+]
 RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
 COMMAND = re.compile(r"(?:^|[\s(`])(?:\.venv/bin/)?softprompt ([a-z]+(?:[ \t]+[^\s`|#][^`|#\n]*)?)")
 
@@ -40,16 +44,20 @@ def documented_commands() -> list[tuple[str, str, bool]]:
         for inline in re.findall(r"`((?:\.venv/bin/)?softprompt [a-z][^`]*)`", text.replace("\n", " ")):
             found.append((where, inline.split("softprompt ", 1)[1], False))
     for path in RECIPES:
-        comments = "\n".join(line.strip()[1:].strip() for line in path.read_text(encoding="utf-8").splitlines()
-                             if line.strip().startswith("#"))
+        comments = "\n".join(
+            line.strip()[1:].strip()
+            for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip().startswith("#")
+        )
         for line in _joined(comments).splitlines():
             found += [(str(path.relative_to(ROOT)), m, False) for m in COMMAND.findall(line)]
     for name, epilog in EPILOGS.items():
         for line in _joined(epilog).splitlines():
             if line.strip().startswith("softprompt "):
                 found.append((f"softprompt {name} --help", line.strip().split("softprompt ", 1)[1], True))
-    return [(where, command, complete) for where, command, complete in found
-            if re.match(r"[a-z]+(\s|$)", command)]  # not a quoted message ("softprompt train: interrupted")
+    return [
+        (where, command, complete) for where, command, complete in found if re.match(r"[a-z]+(\s|$)", command)
+    ]  # not a quoted message ("softprompt train: interrupted")
 
 
 COMMANDS = documented_commands()

@@ -10,16 +10,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from softprompt.training.config import load_config
 from softprompt.data import Example
-from softprompt.errors import DataError
 from softprompt.data.heldout import fingerprint, read_train_fingerprints
+from softprompt.engine.scoring import LabelScores
+from softprompt.errors import DataError
+from softprompt.training.config import load_config
 from softprompt.training.cross_validate import cross_validate
 from softprompt.training.evaluate import evaluate, evaluate_data, example_loss, normalize_text
-from softprompt.engine.scoring import LabelScores
 from softprompt.training.loop import train
-from tiny import tiny_model, tiny_tokenizer
 
+from tiny import tiny_model, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -76,8 +76,9 @@ def test_report_numbers_by_hand():
 
 def test_generation_exact_match_after_normalisation():
     generated = [" a. ", "A\n", "The answer is A", "maybe", "b", "B!"]
-    report = evaluate(scripted(generated, ["A"] * 6), EXAMPLES, "tuned", ["A", "B"], method="generate",
-                      compare_base=False)
+    report = evaluate(
+        scripted(generated, ["A"] * 6), EXAMPLES, "tuned", ["A", "B"], method="generate", compare_base=False
+    )
     # rows 0, 1 match A; row 2 is not an exact match, row 3 is no label at all; rows 4, 5 match B
     assert report.metrics["accuracy"] == pytest.approx(4 / 6)
     assert report.metrics["invalid_predictions"] == 2
@@ -93,8 +94,13 @@ def test_training_rows_are_never_reported_as_held_out():
     assert report.metrics["n"] == 4 and report.base.metrics["n"] == 4
     assert report.metrics["accuracy"] == pytest.approx(2 / 4)  # rows 1, 2 right; 3, 5 wrong
     with pytest.raises(DataError, match="was in the adapter's training data"):
-        evaluate(scripted(TUNED, TUNED), EXAMPLES, "tuned", ["A", "B"],
-                 train_fingerprints={fingerprint(e.text) for e in EXAMPLES})
+        evaluate(
+            scripted(TUNED, TUNED),
+            EXAMPLES,
+            "tuned",
+            ["A", "B"],
+            train_fingerprints={fingerprint(e.text) for e in EXAMPLES},
+        )
 
 
 def test_perplexity_of_unlabelled_text_matches_a_direct_computation():
@@ -122,8 +128,13 @@ def test_perplexity_of_unlabelled_text_matches_a_direct_computation():
 
 def toy_csv(path, n, seed=0):
     rng = random.Random(seed)
-    rows = [{"text": "".join(rng.choice("xyz" if i % 2 == 0 else "abc") for _ in range(rng.randint(4, 8))),
-             "label": "A" if i % 2 == 0 else "B"} for i in range(n)]
+    rows = [
+        {
+            "text": "".join(rng.choice("xyz" if i % 2 == 0 else "abc") for _ in range(rng.randint(4, 8))),
+            "label": "A" if i % 2 == 0 else "B",
+        }
+        for i in range(n)
+    ]
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, ["text", "label"])
         writer.writeheader()
@@ -133,9 +144,19 @@ def toy_csv(path, n, seed=0):
 
 def test_evaluate_data_uses_the_adapters_settings_and_drops_its_training_rows(tmp_path):
     data = toy_csv(tmp_path / "train.csv", 24)
-    config = load_config(None, {"data": data, "label_column": "label", "template": "{text} =", "epochs": 1,
-                                "method": "prefix_tuning", "num_virtual_tokens": 2, "val_fraction": 0.25,
-                                "output": str(tmp_path / "out")})
+    config = load_config(
+        None,
+        {
+            "data": data,
+            "label_column": "label",
+            "template": "{text} =",
+            "epochs": 1,
+            "method": "prefix_tuning",
+            "num_virtual_tokens": 2,
+            "val_fraction": 0.25,
+            "output": str(tmp_path / "out"),
+        },
+    )
     model = tiny_model("gpt2")
     train(config, model=model, progress=False)
     adapter_dir = tmp_path / "out" / "default"
@@ -151,10 +172,24 @@ def test_evaluate_data_uses_the_adapters_settings_and_drops_its_training_rows(tm
 def test_cross_validate_trains_all_folds_in_one_job(tmp_path):
     data = toy_csv(tmp_path / "toy.csv", 36)
     # init random: lr 1.0 is tuned to PEFT's N(0, 1) start on this random-weight model.
-    config = load_config(None, {"data": data, "label_column": "label", "method": "prefix_tuning", "init": "random",
-                                "num_virtual_tokens": 4, "lr": 1.0, "lr_schedule": "constant", "epochs": 10,
-                                "batch_size": 8, "val_fraction": 0.2, "eval_every": 2, "eval_zero_shot": False,
-                                "output": str(tmp_path / "cv")})
+    config = load_config(
+        None,
+        {
+            "data": data,
+            "label_column": "label",
+            "method": "prefix_tuning",
+            "init": "random",
+            "num_virtual_tokens": 4,
+            "lr": 1.0,
+            "lr_schedule": "constant",
+            "epochs": 10,
+            "batch_size": 8,
+            "val_fraction": 0.2,
+            "eval_every": 2,
+            "eval_zero_shot": False,
+            "output": str(tmp_path / "cv"),
+        },
+    )
     model = tiny_model("bloom")
     calls = []
     report = cross_validate(config, k=3, model=model, progress=False, on_step=lambda info: calls.append(info.lr))
@@ -166,7 +201,8 @@ def test_cross_validate_trains_all_folds_in_one_job(tmp_path):
     assert report.summary["accuracy"]["mean"] == pytest.approx(statistics.fmean(accuracies))
     assert report.summary["accuracy"]["std"] == pytest.approx(statistics.stdev(accuracies))
     assert report.summary["base_accuracy"]["mean"] == pytest.approx(
-        statistics.fmean(f.base.metrics["accuracy"] for f in report.folds))
+        statistics.fmean(f.base.metrics["accuracy"] for f in report.folds)
+    )
     assert report.summary["accuracy"]["mean"] > report.summary["base_accuracy"]["mean"] + 0.3
     # pooled: one report over every held-out prediction; with equal folds its accuracy is the fold mean
     pooled = report.pooled["adapter"]
@@ -187,10 +223,21 @@ def test_cross_validation_interrupted_by_a_signal_saves_and_resumes_to_the_same_
     from softprompt.training.loop import TrainingInterrupted
 
     data = toy_csv(tmp_path / "toy.csv", 24)
-    values = {"data": data, "label_column": "label", "method": "prompt_tuning", "num_virtual_tokens": 2,
-              "lr": 0.3, "epochs": 3, "batch_size": 8, "val_fraction": 0.0, "eval_zero_shot": False, "seed": 1}
-    reference = cross_validate(load_config(None, {**values, "output": str(tmp_path / "ref")}), k=2,
-                               model=tiny_model("gpt2"), progress=False)
+    values = {
+        "data": data,
+        "label_column": "label",
+        "method": "prompt_tuning",
+        "num_virtual_tokens": 2,
+        "lr": 0.3,
+        "epochs": 3,
+        "batch_size": 8,
+        "val_fraction": 0.0,
+        "eval_zero_shot": False,
+        "seed": 1,
+    }
+    reference = cross_validate(
+        load_config(None, {**values, "output": str(tmp_path / "ref")}), k=2, model=tiny_model("gpt2"), progress=False
+    )
 
     def on_step(info):
         if info.step == 2:
@@ -198,9 +245,11 @@ def test_cross_validation_interrupted_by_a_signal_saves_and_resumes_to_the_same_
 
     out = str(tmp_path / "cv")
     with pytest.raises(TrainingInterrupted, match="stopped after step 2"):
-        cross_validate(load_config(None, {**values, "output": out}), k=2, model=tiny_model("gpt2"), progress=False,
-                       on_step=on_step)
-    resumed = cross_validate(load_config(None, {**values, "output": out, "resume": True}), k=2,
-                             model=tiny_model("gpt2"), progress=False)
+        cross_validate(
+            load_config(None, {**values, "output": out}), k=2, model=tiny_model("gpt2"), progress=False, on_step=on_step
+        )
+    resumed = cross_validate(
+        load_config(None, {**values, "output": out, "resume": True}), k=2, model=tiny_model("gpt2"), progress=False
+    )
     assert resumed.summary == reference.summary
     assert [f.predictions for f in resumed.folds] == [f.predictions for f in reference.folds]

@@ -5,11 +5,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import Gemma3TextConfig, Gemma3ForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
 
 from softprompt import SoftPromptModel
+from softprompt.adapters.peft_format import (
+    META_FILE,
+    STATE_FILE,
+    WEIGHTS_FILE,
+    read_json,
+    read_training_state,
+    verify_checksum,
+)
 from softprompt.data import Template
-from softprompt.adapters.peft_format import META_FILE, STATE_FILE, WEIGHTS_FILE, read_json, read_training_state, verify_checksum
+
 from tiny import tiny_tokenizer
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "adapters"
@@ -21,15 +29,32 @@ def built_in_shaped(name: str) -> SoftPromptModel:
     64-wide MLP: the adapters' checks compare shapes, and the real model needs a download."""
     torch.manual_seed(0)
     if name == "smollm2-135m":
-        config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=64, num_hidden_layers=30,
-                             num_attention_heads=9, num_key_value_heads=3, head_dim=64, tie_word_embeddings=True,
-                             max_position_embeddings=512)
+        config = LlamaConfig(
+            vocab_size=49152,
+            hidden_size=576,
+            intermediate_size=64,
+            num_hidden_layers=30,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            head_dim=64,
+            tie_word_embeddings=True,
+            max_position_embeddings=512,
+        )
         base = LlamaForCausalLM(config)
     else:
         assert name == "gemma3-270m", name
-        config = Gemma3TextConfig(vocab_size=262144, hidden_size=640, intermediate_size=64, num_hidden_layers=18,
-                                  num_attention_heads=4, num_key_value_heads=1, head_dim=256,
-                                  tie_word_embeddings=True, max_position_embeddings=512, sliding_window=512)
+        config = Gemma3TextConfig(
+            vocab_size=262144,
+            hidden_size=640,
+            intermediate_size=64,
+            num_hidden_layers=18,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=256,
+            tie_word_embeddings=True,
+            max_position_embeddings=512,
+            sliding_window=512,
+        )
         base = Gemma3ForCausalLM(config)
     return SoftPromptModel(base.eval().requires_grad_(False), tiny_tokenizer(), name_or_path=name)
 
@@ -52,8 +77,11 @@ def test_every_example_adapter_records_the_score_its_readme_row_quotes():
 
     scores = shipped_scores(EXAMPLES)
     assert set(scores) == {folder.name for folder in FOLDERS}
-    rows = {line.split("|")[1].strip(): line for line in (EXAMPLES / "README.md").read_text().splitlines()
-            if line.startswith("| `")}
+    rows = {
+        line.split("|")[1].strip(): line
+        for line in (EXAMPLES / "README.md").read_text().splitlines()
+        if line.startswith("| `")
+    }
     for name, entry in scores.items():
         assert entry["metric"] == EVALUATIONS[entry["task"]].metric, name
         assert read_json(EXAMPLES / name / META_FILE)["base_model"] == entry["base_model"], name

@@ -7,10 +7,17 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from serving import lively_model
 from softprompt import SoftPromptError
-from softprompt.adapters.export import (FORMAT, build_prompt_embeds, encode_for_vllm, export_prompt_embeddings,
-                               prompt_embeddings, read_metadata)
+from softprompt.adapters.export import (
+    FORMAT,
+    build_prompt_embeds,
+    encode_for_vllm,
+    export_prompt_embeddings,
+    prompt_embeddings,
+    read_metadata,
+)
+
+from serving import lively_model
 from tiny import tiny_model
 
 

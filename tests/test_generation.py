@@ -1,11 +1,11 @@
 """Generation options: greedy default, sampling, stop strings, eos, limits."""
 
 import pytest
-import torch
 
 from softprompt import SoftPromptError
 from softprompt.engine.generation import GenerationConfig, generate_batch
 from softprompt.engine.tokens import encode_texts
+
 from tiny import tiny_model
 
 
@@ -38,8 +38,9 @@ def test_sampling_is_seeded_and_differs_from_greedy(model):
 @pytest.mark.parametrize("temperature", [2.2e-311, 1e-30, 1e-7])
 def test_a_vanishing_temperature_samples_the_greedy_tokens(model, temperature):
     greedy = model.generate(["hello", "good morning"], adapters="a", max_new_tokens=6)
-    sampled = model.generate(["hello", "good morning"], adapters="a", max_new_tokens=6, do_sample=True,
-                             temperature=temperature, seed=0)
+    sampled = model.generate(
+        ["hello", "good morning"], adapters="a", max_new_tokens=6, do_sample=True, temperature=temperature, seed=0
+    )
     assert sampled == greedy
 
 
@@ -73,13 +74,26 @@ def test_eos_token_ends_generation(model):
 def test_streaming_callback_sees_every_token(model):
     ids, mask = encode_texts(model.tokenizer, ["hi", "there"])
     seen = {0: [], 1: []}
-    out = generate_batch(model, ids, mask, ["a", None], GenerationConfig(max_new_tokens=6),
-                         on_token=lambda row, tok: seen[row].append(tok))
+    out = generate_batch(
+        model,
+        ids,
+        mask,
+        ["a", None],
+        GenerationConfig(max_new_tokens=6),
+        on_token=lambda row, tok: seen[row].append(tok),
+    )
     assert [seen[0], seen[1]] == [out[0].token_ids, out[1].token_ids]
 
 
-@pytest.mark.parametrize("bad, field", [(dict(max_new_tokens=0), "max_new_tokens"), (dict(temperature=0.0), "temperature"),
-                                        (dict(top_p=1.5), "top_p"), (dict(top_k=-1), "top_k")])
+@pytest.mark.parametrize(
+    "bad, field",
+    [
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(temperature=0.0), "temperature"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(top_k=-1), "top_k"),
+    ],
+)
 def test_bad_generation_options_name_the_option(model, bad, field):
     with pytest.raises(SoftPromptError, match=field):
         model.generate(["x"], adapters="a", **bad)

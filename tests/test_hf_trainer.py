@@ -17,6 +17,7 @@ from trl import SFTConfig, SFTTrainer
 
 from softprompt import SoftPromptError, SoftPromptModel
 from softprompt.integrations.hf import SaveAdapterCallback, TrainableAdapter
+
 from tiny import save_tiny_checkpoint, tiny_base, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,19 +60,39 @@ def tokenized(tokenizer) -> Dataset:
 
 
 def make_trainer(kind: str, model: SoftPromptModel, out: Path, callbacks=(), **options):
-    settings = dict(output_dir=str(out), per_device_train_batch_size=4, learning_rate=0.1, logging_steps=1,
-                    report_to=[], use_cpu=True, disable_tqdm=True, seed=0, save_strategy="steps")
+    settings = dict(
+        output_dir=str(out),
+        per_device_train_batch_size=4,
+        learning_rate=0.1,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        save_strategy="steps",
+    )
     settings.update(options)
     trainable = TrainableAdapter(model, "a")
     callbacks = [SaveAdapterCallback(), *callbacks]
     if kind == "trainer":
         data = tokenized(model.tokenizer)
-        return Trainer(model=trainable, args=TrainingArguments(**settings), train_dataset=data,
-                       eval_dataset=data, data_collator=DataCollatorForSeq2Seq(model.tokenizer, label_pad_token_id=-100),
-                       callbacks=callbacks)
+        return Trainer(
+            model=trainable,
+            args=TrainingArguments(**settings),
+            train_dataset=data,
+            eval_dataset=data,
+            data_collator=DataCollatorForSeq2Seq(model.tokenizer, label_pad_token_id=-100),
+            callbacks=callbacks,
+        )
     data = Dataset.from_list([{"prompt": p, "completion": c} for p, c in PAIRS * 2])
-    return SFTTrainer(model=trainable, args=SFTConfig(**settings, gradient_checkpointing=False), train_dataset=data,
-                      eval_dataset=data, processing_class=model.tokenizer, callbacks=callbacks)
+    return SFTTrainer(
+        model=trainable,
+        args=SFTConfig(**settings, gradient_checkpointing=False),
+        train_dataset=data,
+        eval_dataset=data,
+        processing_class=model.tokenizer,
+        callbacks=callbacks,
+    )
 
 
 def adapter_state(model: SoftPromptModel) -> dict[str, torch.Tensor]:
@@ -125,7 +146,8 @@ def test_a_checkpoint_resumes_to_the_same_adapter(kind, method, tmp_path):
 
     resumed = new_model(method)
     make_trainer(kind, resumed, tmp_path / "resumed", max_steps=4, save_steps=2).train(
-        resume_from_checkpoint=str(checkpoint))
+        resume_from_checkpoint=str(checkpoint)
+    )
     assert_same_state(adapter_state(resumed), adapter_state(straight))
 
 
@@ -134,17 +156,28 @@ def test_best_adapter_is_reloaded_at_the_end_and_early_stopping_stops(kind, meth
     # "Best" is the highest eval loss here, so the best checkpoint is the first one and training, whose loss
     # falls, gets worse at once: early stopping ends it after one more evaluation.
     model = new_model(method)
-    trainer = make_trainer(kind, model, tmp_path / "run", callbacks=[EarlyStoppingCallback(early_stopping_patience=1)],
-                           max_steps=6, save_steps=1, eval_strategy="steps", eval_steps=1, load_best_model_at_end=True,
-                           metric_for_best_model="eval_loss", greater_is_better=True)
+    trainer = make_trainer(
+        kind,
+        model,
+        tmp_path / "run",
+        callbacks=[EarlyStoppingCallback(early_stopping_patience=1)],
+        max_steps=6,
+        save_steps=1,
+        eval_strategy="steps",
+        eval_steps=1,
+        load_best_model_at_end=True,
+        metric_for_best_model="eval_loss",
+        greater_is_better=True,
+    )
     trainer.train()
     assert trainer.state.global_step == 2
     assert Path(trainer.state.best_model_checkpoint).name == "checkpoint-1"
     first = load_file(str(tmp_path / "run" / "checkpoint-1" / "model.safetensors"))
     last = load_file(str(tmp_path / "run" / "checkpoint-2" / "model.safetensors"))
     assert_same_state(trainer.model.state_dict(), first)
-    assert not torch.equal(first["adapter." + next(iter(adapter_state(model)))],
-                           last["adapter." + next(iter(adapter_state(model)))])
+    assert not torch.equal(
+        first["adapter." + next(iter(adapter_state(model)))], last["adapter." + next(iter(adapter_state(model)))]
+    )
 
 
 def test_what_cannot_work_says_so(tmp_path):
@@ -152,16 +185,31 @@ def test_what_cannot_work_says_so(tmp_path):
     with pytest.raises(SoftPromptError, match="padding-free or packed"):
         make_trainer("sft", new_model("prompt_tuning"), tmp_path / "packed", max_steps=1, packing=True).train()
     with pytest.raises(SoftPromptError, match="checkpointing is not supported"):
-        make_trainer("trainer", new_model("prompt_tuning"), tmp_path / "ckpt", max_steps=1,
-                     gradient_checkpointing=True).train()
+        make_trainer(
+            "trainer", new_model("prompt_tuning"), tmp_path / "ckpt", max_steps=1, gradient_checkpointing=True
+        ).train()
 
 
 @pytest.mark.parametrize("script", ["train_with_hf_trainer.py", "train_with_trl.py"])
 def test_examples_run_on_a_local_checkpoint(script, tmp_path):
     checkpoint = save_tiny_checkpoint("llama", tmp_path / "tiny")
     out = tmp_path / "out"
-    subprocess.run([sys.executable, str(ROOT / "examples" / script), "--model", checkpoint, "--output", str(out),
-                    "--max-steps", "2"], check=True, capture_output=True, text=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "examples" / script),
+            "--model",
+            checkpoint,
+            "--output",
+            str(out),
+            "--max-steps",
+            "2",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     model = SoftPromptModel(tiny_base("llama"), tiny_tokenizer())
     model.load_adapter(str(out / "adapter"), name="sentiment")
     assert model.get_adapter("sentiment").num_virtual_tokens == 8

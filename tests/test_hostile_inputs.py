@@ -16,19 +16,20 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable
 
 import pytest
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from softprompt import SoftPromptModel
-from softprompt.cli import main
-from softprompt.training.config import MAX_CONFIG_BYTES
-from softprompt.data import MAX_FILE_BYTES
 from softprompt.adapters.peft_format import MAX_JSON_BYTES
+from softprompt.cli import main
+from softprompt.data import MAX_FILE_BYTES
+from softprompt.training.config import MAX_CONFIG_BYTES
+
 from tiny import save_tiny_checkpoint, tiny_model, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -43,20 +44,45 @@ def env(tmp_path_factory, one_thread):
     with open(e.data, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["text", "label"])
-        writer.writerows([[("abc" if i % 2 else "xyz") * (1 + i % 3) + str(i), "A" if i % 2 else "B"] for i in range(24)])
+        writer.writerows(
+            [[("abc" if i % 2 else "xyz") * (1 + i % 3) + str(i), "A" if i % 2 else "B"] for i in range(24)]
+        )
     model = tiny_model("gpt2")
     model.add_adapter("a", method="prompt_tuning", num_virtual_tokens=3, seed=0)
     e.adapter = tmp / "adapter"
     model.save_adapter("a", e.adapter)
-    for name, config in [("wide", GPT2Config(n_layer=2, n_embd=48, n_head=4, vocab_size=259, bos_token_id=2, eos_token_id=1)),  # other width
-                         ("vocab", GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=300, bos_token_id=2, eos_token_id=1))]:  # other vocabulary
+    for name, config in [
+        (
+            "wide",
+            GPT2Config(n_layer=2, n_embd=48, n_head=4, vocab_size=259, bos_token_id=2, eos_token_id=1),
+        ),  # other width
+        ("vocab", GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=300, bos_token_id=2, eos_token_id=1)),
+    ]:  # other vocabulary
         other = SoftPromptModel(GPT2LMHeadModel(config), tiny_tokenizer(), name_or_path=f"other-{name}")
         other.add_adapter(name, method="prompt_tuning", num_virtual_tokens=3, seed=0)
         other.save_adapter(name, tmp / name)
         setattr(e, name, tmp / name)
     e.run = tmp / "run"  # a finished run that failed runs must leave alone
-    assert main(["train", "--model", e.model, "--data", e.data, "--label-column", "label", "--epochs", "1",
-                 "--num-virtual-tokens", "2", "--output", str(e.run)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                e.model,
+                "--data",
+                e.data,
+                "--label-column",
+                "label",
+                "--epochs",
+                "1",
+                "--num-virtual-tokens",
+                "2",
+                "--output",
+                str(e.run),
+            ]
+        )
+        == 0
+    )
     return e
 
 
@@ -64,8 +90,22 @@ def env(tmp_path_factory, one_thread):
 
 
 def train(e, t, *extra, data=None) -> list[str]:
-    return ["train", "--model", e.model, "--data", str(data or e.data), "--label-column", "label", "--epochs", "1",
-            "--num-virtual-tokens", "2", "--output", str(t / "run"), *extra]
+    return [
+        "train",
+        "--model",
+        e.model,
+        "--data",
+        str(data or e.data),
+        "--label-column",
+        "label",
+        "--epochs",
+        "1",
+        "--num-virtual-tokens",
+        "2",
+        "--output",
+        str(t / "run"),
+        *extra,
+    ]
 
 
 def write(path: Path, content: str | bytes) -> Path:
@@ -120,8 +160,18 @@ def generate(e, adapter) -> list[str]:
 
 
 def evaluate(e, adapter, *extra) -> list[str]:
-    return ["eval", "--model", e.model, "--adapter", f"x={adapter}", "--data", e.data, "--label-column", "label",
-            *extra]
+    return [
+        "eval",
+        "--model",
+        e.model,
+        "--adapter",
+        f"x={adapter}",
+        "--data",
+        e.data,
+        "--label-column",
+        "label",
+        *extra,
+    ]
 
 
 def nothing_executed(e, t) -> None:
@@ -137,139 +187,314 @@ class Case:
 
 
 def _yaml_python_tag(e, t):
-    return ["train", config_file(t, f'model: !!python/object/apply:builtins.open ["{t / "executed"}", "w"]\n'),
-            "--data", e.data, "--output", str(t / "run")]
+    return [
+        "train",
+        config_file(t, f'model: !!python/object/apply:builtins.open ["{t / "executed"}", "w"]\n'),
+        "--data",
+        e.data,
+        "--output",
+        str(t / "run"),
+    ]
 
 
 CASES = [
     # ---------------------------------------------------------------- flags
-    Case("flag-wrong-type", lambda e, t: train(e, t, "--batch-size", "abc"),
-         ("--batch-size", "expected an integer", "'abc'")),
+    Case(
+        "flag-wrong-type",
+        lambda e, t: train(e, t, "--batch-size", "abc"),
+        ("--batch-size", "expected an integer", "'abc'"),
+    ),
     Case("flag-missing-value", lambda e, t: train(e, t, "--lr"), ("--lr", "expects a value")),
-    Case("flag-unknown-did-you-mean", lambda e, t: train(e, t, "--epoch", "2"),
-         ("--epoch", "unknown option", "did you mean 'epochs'")),
+    Case(
+        "flag-unknown-did-you-mean",
+        lambda e, t: train(e, t, "--epoch", "2"),
+        ("--epoch", "unknown option", "did you mean 'epochs'"),
+    ),
     Case("flag-out-of-range", lambda e, t: train(e, t, "--val-fraction", "1.5"), ("--val-fraction", "below 1", "1.5")),
-    Case("flag-bad-choice", lambda e, t: train(e, t, "--lr-schedule", "exponential"),
-         ("--lr-schedule", "linear, cosine, constant", "'exponential'")),
+    Case(
+        "flag-bad-choice",
+        lambda e, t: train(e, t, "--lr-schedule", "exponential"),
+        ("--lr-schedule", "linear, cosine, constant", "'exponential'"),
+    ),
     Case("flag-bool-garbage", lambda e, t: train(e, t, "--bf16", "maybe"), ("--bf16", "true or false", "'maybe'")),
     Case("flag-unknown-method", lambda e, t: train(e, t, "--method", "lora"), ("--method", "prompt_tuning", "'lora'")),
-    Case("flag-stray-word", lambda e, t: ["train", config_file(t, f"data: {e.data}\n"), "stray"],
-         ("'stray'", "expected an option")),
-    Case("generate-int-flag-not-a-number", lambda e, t: generate(e, e.adapter) + ["--max-new-tokens", "many"],
-         ("--max-new-tokens", "invalid int value", "'many'")),
-    Case("generate-negative-temperature", lambda e, t: generate(e, e.adapter) + ["--temperature", "-1"],
-         ("temperature", "above 0", "-1")),
+    Case(
+        "flag-stray-word",
+        lambda e, t: ["train", config_file(t, f"data: {e.data}\n"), "stray"],
+        ("'stray'", "expected an option"),
+    ),
+    Case(
+        "generate-int-flag-not-a-number",
+        lambda e, t: generate(e, e.adapter) + ["--max-new-tokens", "many"],
+        ("--max-new-tokens", "invalid int value", "'many'"),
+    ),
+    Case(
+        "generate-negative-temperature",
+        lambda e, t: generate(e, e.adapter) + ["--temperature", "-1"],
+        ("temperature", "above 0", "-1"),
+    ),
     Case("generate-unknown-dtype", lambda e, t: generate(e, e.adapter) + ["--dtype", "float8"], ("--dtype", "float8")),
-    Case("inspect-top-k-zero", lambda e, t: ["inspect", str(e.adapter), "--model", e.model, "--top-k", "0"],
-         ("--top-k", "at least 1", "0")),
-    Case("eval-without-adapter", lambda e, t: ["eval", "--model", e.model, "--data", e.data],
-         ("--adapter", "at least one adapter")),
-    Case("eval-batch-size-zero", lambda e, t: evaluate(e, e.adapter, "--batch-size", "0"), ("--batch-size", "at least 1")),
-    Case("eval-unknown-flag", lambda e, t: evaluate(e, e.adapter, "--shots", "3"), ("unrecognised arguments", "--shots")),
-    Case("adapter-spec-without-name", lambda e, t: generate(e, e.adapter)[:3] + ["--adapter", f"={e.adapter}", "hi"],
-         ("--adapter", "NAME=PATH")),
-    Case("model-missing-directory", lambda e, t: ["generate", "--model", str(t / "no-model"), "hi"],
-         ("--model", "no-model", "no such local directory")),
+    Case(
+        "inspect-top-k-zero",
+        lambda e, t: ["inspect", str(e.adapter), "--model", e.model, "--top-k", "0"],
+        ("--top-k", "at least 1", "0"),
+    ),
+    Case(
+        "eval-without-adapter",
+        lambda e, t: ["eval", "--model", e.model, "--data", e.data],
+        ("--adapter", "at least one adapter"),
+    ),
+    Case(
+        "eval-batch-size-zero", lambda e, t: evaluate(e, e.adapter, "--batch-size", "0"), ("--batch-size", "at least 1")
+    ),
+    Case(
+        "eval-unknown-flag", lambda e, t: evaluate(e, e.adapter, "--shots", "3"), ("unrecognised arguments", "--shots")
+    ),
+    Case(
+        "adapter-spec-without-name",
+        lambda e, t: generate(e, e.adapter)[:3] + ["--adapter", f"={e.adapter}", "hi"],
+        ("--adapter", "NAME=PATH"),
+    ),
+    Case(
+        "model-missing-directory",
+        lambda e, t: ["generate", "--model", str(t / "no-model"), "hi"],
+        ("--model", "no-model", "no such local directory"),
+    ),
     # ---------------------------------------------------------------- config files
     Case("yaml-python-tag", _yaml_python_tag, ("{t}/run.yaml", "not a readable YAML file"), nothing_executed),
-    Case("config-unknown-key", lambda e, t: ["train", config_file(t, f"data: {e.data}\nlrr: 0.1\n")],
-         ("{t}/run.yaml", "unknown key 'lrr'", "did you mean 'lr'")),
-    Case("config-wrong-type", lambda e, t: ["train", config_file(t, f"data: {e.data}\nepochs: three\n")],
-         ("{t}/run.yaml", "'epochs'", "expected an integer", "'three'")),
-    Case("config-top-level-list", lambda e, t: ["train", config_file(t, "- lr\n- epochs\n")],
-         ("{t}/run.yaml", "expected a mapping")),
-    Case("config-missing-field", lambda e, t: ["train", config_file(t, "label_column: label\n"), "--model", e.model,
-                                               "--output", str(t / "run")], ("--data", "required")),
-    Case("config-adapters-not-mappings", lambda e, t: ["train", config_file(t, f"data: {e.data}\nadapters: [1, 2]\n")],
-         ("{t}/run.yaml", "adapters", "item 0")),
-    Case("config-verbalizer-wrong-type", lambda e, t: ["train", config_file(t, f"data: {e.data}\nverbalizer: [a, b]\n")],
-         ("{t}/run.yaml", "'verbalizer'", "mapping")),
-    Case("config-is-a-directory", lambda e, t: ["train", str((t / "cfg.yaml").mkdir() or t / "cfg.yaml")],
-         ("{t}/cfg.yaml", "is a directory", "YAML config file")),
+    Case(
+        "config-unknown-key",
+        lambda e, t: ["train", config_file(t, f"data: {e.data}\nlrr: 0.1\n")],
+        ("{t}/run.yaml", "unknown key 'lrr'", "did you mean 'lr'"),
+    ),
+    Case(
+        "config-wrong-type",
+        lambda e, t: ["train", config_file(t, f"data: {e.data}\nepochs: three\n")],
+        ("{t}/run.yaml", "'epochs'", "expected an integer", "'three'"),
+    ),
+    Case(
+        "config-top-level-list",
+        lambda e, t: ["train", config_file(t, "- lr\n- epochs\n")],
+        ("{t}/run.yaml", "expected a mapping"),
+    ),
+    Case(
+        "config-missing-field",
+        lambda e, t: ["train", config_file(t, "label_column: label\n"), "--model", e.model, "--output", str(t / "run")],
+        ("--data", "required"),
+    ),
+    Case(
+        "config-adapters-not-mappings",
+        lambda e, t: ["train", config_file(t, f"data: {e.data}\nadapters: [1, 2]\n")],
+        ("{t}/run.yaml", "adapters", "item 0"),
+    ),
+    Case(
+        "config-verbalizer-wrong-type",
+        lambda e, t: ["train", config_file(t, f"data: {e.data}\nverbalizer: [a, b]\n")],
+        ("{t}/run.yaml", "'verbalizer'", "mapping"),
+    ),
+    Case(
+        "config-is-a-directory",
+        lambda e, t: ["train", str((t / "cfg.yaml").mkdir() or t / "cfg.yaml")],
+        ("{t}/cfg.yaml", "is a directory", "YAML config file"),
+    ),
     Case("config-missing", lambda e, t: ["train", str(t / "absent.yaml")], ("{t}/absent.yaml", "no such config file")),
-    Case("config-undecodable", lambda e, t: ["train", str(write(t / "run.yaml", b"lr: \xff\xfe\x00\n"))],
-         ("{t}/run.yaml", "not a readable YAML file")),
-    Case("config-huge", lambda e, t: ["train", str(sparse(t / "run.yaml", MAX_CONFIG_BYTES + 1))],
-         ("{t}/run.yaml", "a config file is at most")),
-    Case("config-symlink-to-device", lambda e, t: ["train", str((t / "run.yaml").symlink_to("/dev/zero") or t / "run.yaml")],
-         ("{t}/run.yaml", "not a regular file")),
+    Case(
+        "config-undecodable",
+        lambda e, t: ["train", str(write(t / "run.yaml", b"lr: \xff\xfe\x00\n"))],
+        ("{t}/run.yaml", "not a readable YAML file"),
+    ),
+    Case(
+        "config-huge",
+        lambda e, t: ["train", str(sparse(t / "run.yaml", MAX_CONFIG_BYTES + 1))],
+        ("{t}/run.yaml", "a config file is at most"),
+    ),
+    Case(
+        "config-symlink-to-device",
+        lambda e, t: ["train", str((t / "run.yaml").symlink_to("/dev/zero") or t / "run.yaml")],
+        ("{t}/run.yaml", "not a regular file"),
+    ),
     # ---------------------------------------------------------------- data files
     Case("data-missing", lambda e, t: train(e, t, data=t / "nope.csv"), ("{t}/nope.csv", "no such file")),
-    Case("data-is-a-directory", lambda e, t: train(e, t, data=(t / "d.csv").mkdir() or t / "d.csv"),
-         ("{t}/d.csv", "is a directory")),
+    Case(
+        "data-is-a-directory",
+        lambda e, t: train(e, t, data=(t / "d.csv").mkdir() or t / "d.csv"),
+        ("{t}/d.csv", "is a directory"),
+    ),
     Case("data-empty", lambda e, t: train(e, t, data=write(t / "empty.csv", "")), ("{t}/empty.csv", "is empty")),
-    Case("data-undecodable", lambda e, t: train(e, t, data=write(t / "bad.csv", b"text,label\ncaf\xe9,A\nok,B\n")),
-         ("{t}/bad.csv", "byte 0xe9", "line 2", "--encoding")),
-    Case("data-binary-file", lambda e, t: train(e, t, data=write(t / "img.csv", b"\x89PNG\r\n\x1a\n" + bytes(range(256)))),
-         ("{t}/img.csv", "not valid UTF-8")),
-    Case("data-label-column-absent", lambda e, t: train(e, t, "--label-column", "lable"),
-         ("train.csv", "no column 'lable'", "did you mean 'label'")),
-    Case("data-template-names-absent-column", lambda e, t: train(e, t, "--template", "Tweet: {txt} =>"),
-         ("template", "'txt'", "train.csv")),
-    Case("data-template-without-column", lambda e, t: train(e, t, "--template", "constant text"),
-         ("template", "uses no column")),
-    Case("data-label-outside-verbalizer", lambda e, t: train(e, t, "--verbalizer", "A=yes"),
-         ("train.csv", "column 'label'", "label 'B'", "not one of the expected labels")),
-    Case("data-empty-label", lambda e, t: train(e, t, data=write(t / "l.csv", "text,label\nabc,A\nxyz,\n")),
-         ("{t}/l.csv", "row 2", "label is empty")),
-    Case("data-single-10mb-line", lambda e, t: train(e, t, data=write(t / "big.csv", "text,label\n" + "a" * 10_000_000 + ",A\nb,B\n")),
-         ("{t}/big.csv", "row 1", "'text'", "10,000,000 characters", "limit")),
-    Case("data-over-size-limit", lambda e, t: train(e, t, data=sparse(t / "huge.csv", MAX_FILE_BYTES + 1)),
-         ("{t}/huge.csv", "limit for a data file")),
-    Case("data-symlink-to-device", lambda e, t: train(e, t, data=(t / "z.csv").symlink_to("/dev/zero") or t / "z.csv"),
-         ("{t}/z.csv", "not a regular file")),
-    Case("data-jsonl-line-not-object", lambda e, t: train(e, t, data=write(t / "d.jsonl", '["text", "A"]\n')),
-         ("{t}/d.jsonl", "line 1", "JSON object")),
-    Case("data-ragged-csv", lambda e, t: train(e, t, data=write(t / "r.csv", "text,label\nabc,A\na,b,B\n")),
-         ("{t}/r.csv", "row 2", "3 fields")),
-    Case("data-unclosed-quote", lambda e, t: train(e, t, data=write(t / "q.csv", 'text,label\n"abc,A\nxyz,B\n')),
-         ("{t}/q.csv", "malformed CSV")),
-    Case("data-unknown-extension", lambda e, t: train(e, t, data=write(t / "data.xlsx", "x")),
-         ("{t}/data.xlsx", "'.xlsx'", "--format")),
+    Case(
+        "data-undecodable",
+        lambda e, t: train(e, t, data=write(t / "bad.csv", b"text,label\ncaf\xe9,A\nok,B\n")),
+        ("{t}/bad.csv", "byte 0xe9", "line 2", "--encoding"),
+    ),
+    Case(
+        "data-binary-file",
+        lambda e, t: train(e, t, data=write(t / "img.csv", b"\x89PNG\r\n\x1a\n" + bytes(range(256)))),
+        ("{t}/img.csv", "not valid UTF-8"),
+    ),
+    Case(
+        "data-label-column-absent",
+        lambda e, t: train(e, t, "--label-column", "lable"),
+        ("train.csv", "no column 'lable'", "did you mean 'label'"),
+    ),
+    Case(
+        "data-template-names-absent-column",
+        lambda e, t: train(e, t, "--template", "Tweet: {txt} =>"),
+        ("template", "'txt'", "train.csv"),
+    ),
+    Case(
+        "data-template-without-column",
+        lambda e, t: train(e, t, "--template", "constant text"),
+        ("template", "uses no column"),
+    ),
+    Case(
+        "data-label-outside-verbalizer",
+        lambda e, t: train(e, t, "--verbalizer", "A=yes"),
+        ("train.csv", "column 'label'", "label 'B'", "not one of the expected labels"),
+    ),
+    Case(
+        "data-empty-label",
+        lambda e, t: train(e, t, data=write(t / "l.csv", "text,label\nabc,A\nxyz,\n")),
+        ("{t}/l.csv", "row 2", "label is empty"),
+    ),
+    Case(
+        "data-single-10mb-line",
+        lambda e, t: train(e, t, data=write(t / "big.csv", "text,label\n" + "a" * 10_000_000 + ",A\nb,B\n")),
+        ("{t}/big.csv", "row 1", "'text'", "10,000,000 characters", "limit"),
+    ),
+    Case(
+        "data-over-size-limit",
+        lambda e, t: train(e, t, data=sparse(t / "huge.csv", MAX_FILE_BYTES + 1)),
+        ("{t}/huge.csv", "limit for a data file"),
+    ),
+    Case(
+        "data-symlink-to-device",
+        lambda e, t: train(e, t, data=(t / "z.csv").symlink_to("/dev/zero") or t / "z.csv"),
+        ("{t}/z.csv", "not a regular file"),
+    ),
+    Case(
+        "data-jsonl-line-not-object",
+        lambda e, t: train(e, t, data=write(t / "d.jsonl", '["text", "A"]\n')),
+        ("{t}/d.jsonl", "line 1", "JSON object"),
+    ),
+    Case(
+        "data-ragged-csv",
+        lambda e, t: train(e, t, data=write(t / "r.csv", "text,label\nabc,A\na,b,B\n")),
+        ("{t}/r.csv", "row 2", "3 fields"),
+    ),
+    Case(
+        "data-unclosed-quote",
+        lambda e, t: train(e, t, data=write(t / "q.csv", 'text,label\n"abc,A\nxyz,B\n')),
+        ("{t}/q.csv", "malformed CSV"),
+    ),
+    Case(
+        "data-unknown-extension",
+        lambda e, t: train(e, t, data=write(t / "data.xlsx", "x")),
+        ("{t}/data.xlsx", "'.xlsx'", "--format"),
+    ),
     # ---------------------------------------------------------------- output
-    Case("output-is-a-file", lambda e, t: train(e, t, "--output", str(write(t / "out", "keep me"))),
-         ("--output", "{t}/out", "exists and is not a directory"),
-         lambda e, t: (t / "out").read_text() == "keep me" or pytest.fail("the file was changed")),
-    Case("output-parent-is-a-file", lambda e, t: train(e, t, "--output", str(write(t / "out", "keep me") / "run")),
-         ("--output", "{t}/out", "is not a directory")),
-    Case("output-adapter-directory-is-a-file", lambda e, t: train(e, t, "--output", str(t / "o")) if write(
-        t / "o" / "default", "keep me") else None, ("--output", "{t}/o/default", "exists and is not a directory")),
-    Case("resume-with-another-config", lambda e, t: train(e, t, "--resume", "--lr", "0.5"), ("--resume", "--lr", "0.5")),
-    Case("early-stopping-without-validation-rows",
-         lambda e, t: train(e, t, "--val-fraction", "0", "--early-stopping-patience", "2"),
-         ("--early-stopping-patience", "no validation rows")),
+    Case(
+        "output-is-a-file",
+        lambda e, t: train(e, t, "--output", str(write(t / "out", "keep me"))),
+        ("--output", "{t}/out", "exists and is not a directory"),
+        lambda e, t: (t / "out").read_text() == "keep me" or pytest.fail("the file was changed"),
+    ),
+    Case(
+        "output-parent-is-a-file",
+        lambda e, t: train(e, t, "--output", str(write(t / "out", "keep me") / "run")),
+        ("--output", "{t}/out", "is not a directory"),
+    ),
+    Case(
+        "output-adapter-directory-is-a-file",
+        lambda e, t: train(e, t, "--output", str(t / "o")) if write(t / "o" / "default", "keep me") else None,
+        ("--output", "{t}/o/default", "exists and is not a directory"),
+    ),
+    Case(
+        "resume-with-another-config", lambda e, t: train(e, t, "--resume", "--lr", "0.5"), ("--resume", "--lr", "0.5")
+    ),
+    Case(
+        "early-stopping-without-validation-rows",
+        lambda e, t: train(e, t, "--val-fraction", "0", "--early-stopping-patience", "2"),
+        ("--early-stopping-patience", "no validation rows"),
+    ),
     # ---------------------------------------------------------------- adapter files
-    Case("adapter-for-a-wider-model", lambda e, t: generate(e, e.wide),
-         ("adapter_config.json", "token width", "48", "this model has 32")),
-    Case("adapter-for-another-vocabulary", lambda e, t: evaluate(e, e.vocab),
-         ("softprompt.json", "vocabulary size", "300", "this model has 259")),
-    Case("adapter-truncated-safetensors", lambda e, t: ["inspect", str(_truncated(e, t))],
-         ("{t}/adapter/adapter_model.safetensors", "truncated or corrupt")),
-    Case("adapter-trust-remote-code", lambda e, t: generate(e, _edited(e, t, auto_map={"x": "y"}, trust_remote_code=True)),
-         ("{t}/adapter/adapter_config.json", "trust_remote_code")),
-    Case("adapter-pickled-bin-only", lambda e, t: generate(e, pickled_adapter(e, t, "adapter_model.bin")),
-         ("{t}/adapter/adapter_model.bin", "pickled weights are never loaded", "safetensors"), nothing_executed),
-    Case("adapter-pickled-pt-only", lambda e, t: ["inspect", str(pickled_adapter(e, t, "adapter_model.pt"))],
-         ("{t}/adapter/adapter_model.pt", "pickled weights are never loaded"), nothing_executed),
-    Case("adapter-path-is-a-file", lambda e, t: evaluate(e, write(t / "adapter.json", "{}")),
-         ("{t}/adapter.json", "got a file")),
+    Case(
+        "adapter-for-a-wider-model",
+        lambda e, t: generate(e, e.wide),
+        ("adapter_config.json", "token width", "48", "this model has 32"),
+    ),
+    Case(
+        "adapter-for-another-vocabulary",
+        lambda e, t: evaluate(e, e.vocab),
+        ("softprompt.json", "vocabulary size", "300", "this model has 259"),
+    ),
+    Case(
+        "adapter-truncated-safetensors",
+        lambda e, t: ["inspect", str(_truncated(e, t))],
+        ("{t}/adapter/adapter_model.safetensors", "truncated or corrupt"),
+    ),
+    Case(
+        "adapter-trust-remote-code",
+        lambda e, t: generate(e, _edited(e, t, auto_map={"x": "y"}, trust_remote_code=True)),
+        ("{t}/adapter/adapter_config.json", "trust_remote_code"),
+    ),
+    Case(
+        "adapter-pickled-bin-only",
+        lambda e, t: generate(e, pickled_adapter(e, t, "adapter_model.bin")),
+        ("{t}/adapter/adapter_model.bin", "pickled weights are never loaded", "safetensors"),
+        nothing_executed,
+    ),
+    Case(
+        "adapter-pickled-pt-only",
+        lambda e, t: ["inspect", str(pickled_adapter(e, t, "adapter_model.pt"))],
+        ("{t}/adapter/adapter_model.pt", "pickled weights are never loaded"),
+        nothing_executed,
+    ),
+    Case(
+        "adapter-path-is-a-file",
+        lambda e, t: evaluate(e, write(t / "adapter.json", "{}")),
+        ("{t}/adapter.json", "got a file"),
+    ),
     Case("adapter-missing", lambda e, t: generate(e, t / "gone"), ("{t}/gone", "no such adapter directory")),
-    Case("adapter-config-is-a-directory", lambda e, t: ["inspect", str(_config_replaced_by_directory(e, t))],
-         ("{t}/adapter/adapter_config.json", "is a directory")),
-    Case("adapter-config-wrong-type", lambda e, t: generate(e, _edited(e, t, num_virtual_tokens="many")),
-         ("{t}/adapter/adapter_config.json", "malformed")),
-    Case("adapter-config-json-array", lambda e, t: ["inspect", str(_config_text(e, t, b"[1, 2]"))],
-         ("{t}/adapter/adapter_config.json", "expected a JSON object")),
-    Case("adapter-config-empty", lambda e, t: generate(e, _config_text(e, t, b"")),
-         ("{t}/adapter/adapter_config.json", "not valid JSON")),
-    Case("adapter-config-huge", lambda e, t: ["inspect", str(_huge_config(e, t))],
-         ("{t}/adapter/adapter_config.json", "too large")),
-    Case("adapter-meta-config-not-an-object", lambda e, t: generate(e, _meta_edited(e, t, config=5)),
-         ("{t}/adapter/softprompt.json", "'config' must be a JSON object")),
-    Case("adapter-weights-symlink-to-device", lambda e, t: generate(e, _weights_to_device(e, t)),
-         ("{t}/adapter/adapter_model.safetensors",)),
-    Case("adapter-weights-is-a-directory", lambda e, t: ["inspect", str(_weights_directory(e, t))],
-         ("{t}/adapter/adapter_model.safetensors", "is a directory")),
+    Case(
+        "adapter-config-is-a-directory",
+        lambda e, t: ["inspect", str(_config_replaced_by_directory(e, t))],
+        ("{t}/adapter/adapter_config.json", "is a directory"),
+    ),
+    Case(
+        "adapter-config-wrong-type",
+        lambda e, t: generate(e, _edited(e, t, num_virtual_tokens="many")),
+        ("{t}/adapter/adapter_config.json", "malformed"),
+    ),
+    Case(
+        "adapter-config-json-array",
+        lambda e, t: ["inspect", str(_config_text(e, t, b"[1, 2]"))],
+        ("{t}/adapter/adapter_config.json", "expected a JSON object"),
+    ),
+    Case(
+        "adapter-config-empty",
+        lambda e, t: generate(e, _config_text(e, t, b"")),
+        ("{t}/adapter/adapter_config.json", "not valid JSON"),
+    ),
+    Case(
+        "adapter-config-huge",
+        lambda e, t: ["inspect", str(_huge_config(e, t))],
+        ("{t}/adapter/adapter_config.json", "too large"),
+    ),
+    Case(
+        "adapter-meta-config-not-an-object",
+        lambda e, t: generate(e, _meta_edited(e, t, config=5)),
+        ("{t}/adapter/softprompt.json", "'config' must be a JSON object"),
+    ),
+    Case(
+        "adapter-weights-symlink-to-device",
+        lambda e, t: generate(e, _weights_to_device(e, t)),
+        ("{t}/adapter/adapter_model.safetensors",),
+    ),
+    Case(
+        "adapter-weights-is-a-directory",
+        lambda e, t: ["inspect", str(_weights_directory(e, t))],
+        ("{t}/adapter/adapter_model.safetensors", "is a directory"),
+    ),
 ]
 
 
@@ -382,8 +607,9 @@ def test_a_real_process_prints_no_traceback(case_id, env, tmp_path):
     case = next(c for c in CASES if c.id == case_id)
     argv = [str(word) for word in case.build(env, tmp_path)]
     script = Path(sys.executable).with_name("softprompt")
-    proc = subprocess.run([str(script), *argv], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [str(script), *argv], capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert proc.returncode == 2 and proc.stdout == ""
     line = one_error_line(proc.stderr)
     assert all(fragment.replace("{t}", str(tmp_path)) in line for fragment in case.expect), line
@@ -402,7 +628,9 @@ def test_symlinks_in_the_output_are_replaced_or_kept_never_written_through(env, 
         (out / name).symlink_to(write(victims / name, f"victim {name}"))
     (victims / "tree").mkdir()
     write(victims / "tree" / "secret", "victim tree")
-    (out / "default" / "notes").symlink_to(victims / "tree")  # saving the adapter keeps other files: not this one's target
+    (out / "default" / "notes").symlink_to(
+        victims / "tree"
+    )  # saving the adapter keeps other files: not this one's target
     before = snapshot(victims)
     assert main(train(env, tmp_path, "--output", str(out))) == 0
     assert snapshot(victims) == before

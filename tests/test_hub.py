@@ -14,16 +14,26 @@ import pytest
 import torch
 
 from softprompt import SoftPromptError
+from softprompt.adapters.hub import model_card, push_adapter
 from softprompt.cli import main
 from softprompt.training.evaluate import adapter_settings
-from softprompt.adapters.hub import model_card, push_adapter
+
 from tiny import save_tiny_checkpoint, tiny_model
 
-TRAINING_META = {"data": {"template": "Text: {text}\nLabel:", "text_column": "text", "label_column": "label",
-                          "verbalizer": {"0": " no", "1": " yes"}, "data": "/home/me/private/tweets.csv",
-                          "validation_data": "hf:owner/tweets", "init_from": "owner/start-adapter"},
-                 "labels": [" no", " yes"], "max_length": 32,
-                 "metrics": {"accuracy": 0.75, "macro_f1": 0.7, "n": 8}}
+TRAINING_META = {
+    "data": {
+        "template": "Text: {text}\nLabel:",
+        "text_column": "text",
+        "label_column": "label",
+        "verbalizer": {"0": " no", "1": " yes"},
+        "data": "/home/me/private/tweets.csv",
+        "validation_data": "hf:owner/tweets",
+        "init_from": "owner/start-adapter",
+    },
+    "labels": [" no", " yes"],
+    "max_length": 32,
+    "metrics": {"accuracy": 0.75, "macro_f1": 0.7, "n": 8},
+}
 
 
 class FakeHub:
@@ -80,8 +90,16 @@ def test_push_uploads_the_peft_files_records_and_a_card_but_not_checkpoints(trai
     assert url == "https://huggingface.co/someone/tiny-sentiment/commit/abc123"
     assert hub.created == [("someone/tiny-sentiment", True, True)]
     uploaded = sorted(p.name for p in (hub.root / "someone" / "tiny-sentiment").iterdir())
-    assert uploaded == sorted(["adapter_config.json", "adapter_model.safetensors", "softprompt.json",
-                               "training_state.json", "training_state.safetensors", "README.md"])
+    assert uploaded == sorted(
+        [
+            "adapter_config.json",
+            "adapter_model.safetensors",
+            "softprompt.json",
+            "training_state.json",
+            "training_state.safetensors",
+            "README.md",
+        ]
+    )
     state = json.loads((hub.root / "someone" / "tiny-sentiment" / "training_state.json").read_text())
     assert state["data"]["data"] == "tweets.csv" and state["data"]["validation_data"] == "hf:owner/tweets"
     assert state["data"]["init_from"] == "owner/start-adapter"
@@ -112,8 +130,9 @@ def test_eval_of_a_hub_id_needs_no_template(trained, hub, tmp_path, capsys):
     checkpoint = save_tiny_checkpoint("gpt2", tmp_path / "model")
     data = tmp_path / "held_out.csv"
     data.write_text("text,label\ngood day,1\nbad day,0\nfine,1\n")
-    assert main(["eval", "--model", checkpoint, "--adapter", "someone/tiny-sentiment", "--data", str(data),
-                 "--json"]) == 0
+    assert (
+        main(["eval", "--model", checkpoint, "--adapter", "someone/tiny-sentiment", "--data", str(data), "--json"]) == 0
+    )
     (report,) = json.loads(capsys.readouterr().out).values()
     # all three rows scored with the pushed template and label texts, none given on the command line
     assert report["n"] == 3 and report["metrics"]["labels"] == [" no", " yes"]

@@ -13,11 +13,12 @@ import time
 import huggingface_hub
 import pytest
 import torch
-from tiny import save_tiny_checkpoint
 
 import softprompt
 from softprompt.errors import SoftPromptError
 from softprompt.models import loading
+
+from tiny import save_tiny_checkpoint
 
 
 @pytest.fixture
@@ -52,14 +53,22 @@ def hub_calls(monkeypatch) -> list[str]:
     return calls
 
 
-@pytest.mark.parametrize("typo, meant", [("smollm2", "smollm2-135m"), ("SmolLM2-135M", "smollm2-135m"),
-                                         ("gemma3", "gemma3-270m"), ("gemma-3-270m", "gemma3-270m")])
+@pytest.mark.parametrize(
+    "typo, meant",
+    [
+        ("smollm2", "smollm2-135m"),
+        ("SmolLM2-135M", "smollm2-135m"),
+        ("gemma3", "gemma3-270m"),
+        ("gemma-3-270m", "gemma3-270m"),
+    ],
+)
 def test_a_typo_of_a_built_in_name_is_suggested_without_asking_the_hub(typo, meant, lookups, hub_calls):
     start = time.monotonic()
     with pytest.raises(SoftPromptError) as e:
         softprompt.load(typo)
-    assert str(e.value) == (f"--model {typo!r}: not a built-in model, local directory or hub id; "
-                            f"did you mean {meant!r}?")
+    assert str(e.value) == (
+        f"--model {typo!r}: not a built-in model, local directory or hub id; did you mean {meant!r}?"
+    )
     assert time.monotonic() - start < 1
     assert hub_calls == [] and lookups == []
 
@@ -84,8 +93,10 @@ def test_an_unreachable_hub_fails_at_once_on_one_line(name, lookups, tmp_path, m
     with pytest.raises(SoftPromptError) as e:
         softprompt.load(name)
     assert time.monotonic() - start < 5  # huggingface_hub's own retries take about half a minute
-    assert str(e.value) == (f"--model {name!r}: not a built-in model (smollm2-135m, gemma3-270m), local directory "
-                            "or cached hub model, and the Hugging Face hub (https://huggingface.co) is not reachable")
+    assert str(e.value) == (
+        f"--model {name!r}: not a built-in model (smollm2-135m, gemma3-270m), local directory "
+        "or cached hub model, and the Hugging Face hub (https://huggingface.co) is not reachable"
+    )
     assert set(lookups) == {"huggingface.co"}  # the probe asked, once and without retries (they sleep 1+2+4+8 s)
 
 

@@ -10,7 +10,11 @@ from hypothesis import strategies as st
 
 from softprompt.errors import ConfigError, DataError
 from softprompt.training.metrics import (
-    classification_report, format_report, perplexity, plot_confusion_matrix, plot_loss_curve,
+    classification_report,
+    format_report,
+    perplexity,
+    plot_confusion_matrix,
+    plot_loss_curve,
 )
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -61,13 +65,16 @@ def test_predictions_outside_labels_count_as_wrong():
     assert "predictions outside the label set: 1" in format_report(report)
 
 
-@pytest.mark.parametrize("args, error, message", [
-    ((["a"], ["a", "b"], ["a", "b"]), DataError, "1 true labels but 2 predictions"),
-    (([], [], ["a"]), DataError, "no examples to score"),
-    ((["a", "q"], ["a", "a"], ["a"]), DataError, r"example 2 has true label 'q', which is not one of 'a'"),
-    ((["a"], ["a"], []), ConfigError, "labels is empty"),
-    ((["a"], ["a"], ["a", "b", "a"]), ConfigError, "label 'a' is listed twice"),
-])
+@pytest.mark.parametrize(
+    "args, error, message",
+    [
+        ((["a"], ["a", "b"], ["a", "b"]), DataError, "1 true labels but 2 predictions"),
+        (([], [], ["a"]), DataError, "no examples to score"),
+        ((["a", "q"], ["a", "a"], ["a"]), DataError, r"example 2 has true label 'q', which is not one of 'a'"),
+        ((["a"], ["a"], []), ConfigError, "labels is empty"),
+        ((["a"], ["a"], ["a", "b", "a"]), ConfigError, "label 'a' is listed twice"),
+    ],
+)
 def test_report_errors(args, error, message):
     with pytest.raises(error, match=message):
         classification_report(*args)
@@ -82,15 +89,19 @@ def test_format_report_table_and_matrix():
     assert any(line.split() == ["macro", "avg", "0.6667", "0.7222", "0.6556", "6"] for line in lines)
     start = lines.index("confusion matrix (rows = true, columns = predicted)")
     assert lines[start + 1].split() == ["true", "\\", "predicted", "a", "b", "c"]
-    assert [line.split() for line in lines[start + 2:start + 5]] == [
-        ["a", "2", "1", "0"], ["b", "0", "1", "1"], ["c", "0", "0", "1"]]
+    assert [line.split() for line in lines[start + 2 : start + 5]] == [
+        ["a", "2", "1", "0"],
+        ["b", "0", "1", "1"],
+        ["c", "0", "0", "1"],
+    ]
 
 
 def test_format_report_aligns_long_labels():
-    report = classification_report(["no complaint", "complaint"], ["no complaint", "no complaint"],
-                                   ["complaint", "no complaint"])
+    report = classification_report(
+        ["no complaint", "complaint"], ["no complaint", "no complaint"], ["complaint", "no complaint"]
+    )
     lines = format_report(report).splitlines()
-    matrix = lines[lines.index("confusion matrix (rows = true, columns = predicted)") + 1:]
+    matrix = lines[lines.index("confusion matrix (rows = true, columns = predicted)") + 1 :]
     assert len({len(line) for line in matrix}) == 1  # a rectangular block
     assert matrix[1].split() == ["complaint", "0", "1"]
 

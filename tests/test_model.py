@@ -32,8 +32,9 @@ def test_mixed_batch_rows_equal_rows_alone(family, side):
     with torch.no_grad():
         together = model(ids, mask, adapters=NAMES, decoder_input_ids=decoder).logits
         for i, (row, name) in enumerate(zip(ROWS, NAMES)):
-            alone = model(torch.tensor([row]), adapters=name,
-                          decoder_input_ids=None if decoder is None else decoder[:1]).logits[0]
+            alone = model(
+                torch.tensor([row]), adapters=name, decoder_input_ids=None if decoder is None else decoder[:1]
+            ).logits[0]
             got = together[i] if family == "t5" else together[i][mask[i] == 1]
             torch.testing.assert_close(got, alone, atol=1e-5, rtol=1e-4)
 
@@ -67,7 +68,7 @@ def test_one_adapter_batch_broadcasts_its_prefix_and_matches_the_general_path(fa
         out = model(rows_ids, rows_mask, adapters=names, labels=rows_labels)
         out.loss.backward()
         with torch.no_grad():
-            logits = model(rows_ids, rows_mask, adapters=names).logits[:len(ROWS)][mask == 1]
+            logits = model(rows_ids, rows_mask, adapters=names).logits[: len(ROWS)][mask == 1]
         results.append((logits, out.loss.detach(), [p.grad.clone() for p in model.adapters[name].parameters()]))
     (logits_a, loss_a, grads_a), (logits_b, loss_b, grads_b) = results
     torch.testing.assert_close(logits_a, logits_b, atol=1e-5, rtol=1e-4)
@@ -81,7 +82,8 @@ def test_prompt_keys_values_are_computed_once_and_reused(family):
     model = with_adapters(family)
     calls = []
     hook = model.backbone.register_forward_pre_hook(
-        lambda mod, args, kwargs: calls.append(kwargs.get("inputs_embeds") is not None), with_kwargs=True)
+        lambda mod, args, kwargs: calls.append(kwargs.get("inputs_embeds") is not None), with_kwargs=True
+    )
     with torch.no_grad():
         first = model.generate(["one", "two"], adapters=["pt", "ptune"], max_new_tokens=3)
         prompt_runs = sum(calls)
@@ -169,7 +171,7 @@ def test_mixed_batch_training_updates_each_adapter_only_from_its_rows(family):
     total = out.label_logits.shape[0]  # tokens that carried loss in the mixed batch
     for i, name in [(0, "pt"), (1, "prefix")]:
         model.zero_grad()
-        own = model(ids[i:i + 1], mask[i:i + 1], adapters=[name], labels=labels[i:i + 1])
+        own = model(ids[i : i + 1], mask[i : i + 1], adapters=[name], labels=labels[i : i + 1])
         (own.loss * own.label_logits.shape[0] / total).backward()
         for mixed, alone in zip(grads[name], model.adapters[name].parameters()):
             torch.testing.assert_close(mixed, alone.grad, atol=1e-6, rtol=1e-4)
@@ -217,9 +219,8 @@ def _saved_bf16_weight_copies(model, labels_row=(5, 6, 7)) -> int:
 
     ids = torch.tensor([[20, 30, 40, 50, 60, 70, 80, 90, 100]])
     labels = torch.full_like(ids, -100)
-    labels[0, -len(labels_row):] = torch.tensor(labels_row)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
-            torch.autocast("cpu", dtype=torch.bfloat16):
+    labels[0, -len(labels_row) :] = torch.tensor(labels_row)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
         loss = model(ids, adapters="pt", labels=labels).loss
     loss.backward()
     return sum(1 for dtype, numel in saved if dtype == torch.bfloat16 and numel == weight.numel())
@@ -240,6 +241,7 @@ def test_bf16_training_keeps_one_cast_of_the_frozen_weights():
 def test_cache_keyword_is_read_from_the_forward_signature():
     def new_forward(input_ids, cache=None, use_cache=None): ...
     def old_forward(input_ids, past_key_values=None, use_cache=None): ...
+
     assert CacheArg.of(new_forward).kwargs(1) == {"cache": 1}
     assert CacheArg.of(old_forward).kwargs(1) == {"past_key_values": 1}
     model = tiny_model("llama")
@@ -258,8 +260,9 @@ def test_no_deprecated_transformers_api_in_forward_generate_and_score(family, mo
         warnings.simplefilter("error", FutureWarning)
         warnings.simplefilter("error", DeprecationWarning)
         model = with_adapters(family)
-        model.add_adapter("prefix_text", method="prefix_tuning", num_virtual_tokens=3, init="text",
-                          init_text="hi", seed=4)
+        model.add_adapter(
+            "prefix_text", method="prefix_tuning", num_virtual_tokens=3, init="text", init_text="hi", seed=4
+        )
         names = ["pt", "prefix", "ptune", "prefix_text"]
         ids, mask = pad_batch(ROWS, pad=0, side="left")
         labels = ids.masked_fill(mask == 0, -100)

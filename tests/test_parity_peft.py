@@ -83,8 +83,9 @@ def peft_greedy(peft_model, seq2seq: bool, new: int) -> list[list[int]]:
         for _ in range(new):
             if seq2seq:
                 start = torch.full((batch, 1), peft_model.base_model.config.decoder_start_token_id)
-                logits = peft_model(input_ids=INPUT, attention_mask=MASK,
-                                    decoder_input_ids=torch.cat([start, tokens], dim=1)).logits
+                logits = peft_model(
+                    input_ids=INPUT, attention_mask=MASK, decoder_input_ids=torch.cat([start, tokens], dim=1)
+                ).logits
             else:
                 ids = torch.cat([INPUT, tokens], dim=1)
                 logits = peft_model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits

@@ -15,10 +15,10 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from softprompt.training.config import TrainConfig, parse_override_words
 from softprompt.data import Template, Verbalizer, escape_template_text, kfold, load_rows, train_val_split
 from softprompt.data.templates import _parse_template
 from softprompt.errors import ConfigError, DataError
+from softprompt.training.config import TrainConfig, parse_override_words
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -72,8 +72,10 @@ def test_the_fields_found_are_exactly_the_columns_required(text, data):
 
 
 @SETTINGS
-@given(st.text(max_size=30), st.text(st.characters(blacklist_characters="{}", blacklist_categories=("Cs",)),
-                                     min_size=1, max_size=8))
+@given(
+    st.text(max_size=30),
+    st.text(st.characters(blacklist_characters="{}", blacklist_categories=("Cs",)), min_size=1, max_size=8),
+)
 def test_escaped_text_around_a_field_renders_the_text_literally(text, column):
     template = Template(escape_template_text(text) + "{" + column + "}" + escape_template_text(text))
     assert template.fields == (column,)
@@ -83,8 +85,9 @@ def test_escaped_text_around_a_field_renders_the_text_literally(text, column):
 # --------------------------------------------------------------------------------------- data files
 
 CELL = st.text(st.characters(blacklist_categories=("Cs",)), max_size=12)
-HEADER = st.lists(st.text(st.characters(whitelist_categories=("L", "N")), min_size=1, max_size=6), min_size=1,
-                  max_size=4, unique=True)
+HEADER = st.lists(
+    st.text(st.characters(whitelist_categories=("L", "N")), min_size=1, max_size=6), min_size=1, max_size=4, unique=True
+)
 
 
 def rows_for(header):
@@ -108,13 +111,16 @@ def test_csv_and_jsonl_give_the_same_rows_for_any_unicode_values(tmp_path, table
     assert load_rows(tmp_path / "t.jsonl") == rows
     tsv_safe = all(not set(v) & set("\t\r\n") for r in rows for v in r.values())
     if tsv_safe and all("".join(r.values()) or len(header) > 1 for r in rows):  # TSV has no quoting at all
-        (tmp_path / "t.tsv").write_text("\n".join("\t".join(r[h] for h in header) for r in [dict(zip(header, header))]
-                                                  + rows) + "\n", encoding="utf-8")
+        (tmp_path / "t.tsv").write_text(
+            "\n".join("\t".join(r[h] for h in header) for r in [dict(zip(header, header))] + rows) + "\n",
+            encoding="utf-8",
+        )
         assert load_rows(tmp_path / "t.tsv") == rows
 
 
-PHRASE_SENTENCE = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\r\n\ufeff\x00"),
-                          min_size=1, max_size=20).filter(lambda s: s.strip())
+PHRASE_SENTENCE = st.text(
+    st.characters(blacklist_categories=("Cs",), blacklist_characters="\r\n\ufeff\x00"), min_size=1, max_size=20
+).filter(lambda s: s.strip())
 PHRASE_LABEL = st.text("abcdefghijklmnopqrstuvwxyz-_0123456789", min_size=1, max_size=8)
 
 
@@ -142,8 +148,10 @@ def test_arbitrary_bytes_load_or_raise_a_data_error_naming_the_file(tmp_path, co
 
 # ---------------------------------------------------------------------------------------- verbalizer
 
-LABELS = st.one_of(st.sampled_from(["nan", "NaN", "inf", "-inf", "1", "2", "10", "1e3", "-0", "0", " 3", "b", "A"]),
-                   st.text(max_size=4)).filter(str.strip)
+LABELS = st.one_of(
+    st.sampled_from(["nan", "NaN", "inf", "-inf", "1", "2", "10", "1e3", "-0", "0", " 3", "b", "A"]),
+    st.text(max_size=4),
+).filter(str.strip)
 
 
 @SETTINGS
@@ -166,7 +174,10 @@ def test_label_order_is_the_same_whatever_order_the_rows_come_in(labels, rng):
 
 
 @SETTINGS
-@given(st.dictionaries(st.text(max_size=5), st.text(max_size=6).filter(str.strip), min_size=1, max_size=6), st.text(max_size=5))
+@given(
+    st.dictionaries(st.text(max_size=5), st.text(max_size=6).filter(str.strip), min_size=1, max_size=6),
+    st.text(max_size=5),
+)
 def test_verbalizer_maps_both_ways_or_refuses_clashing_texts(mapping, stranger):
     if len(set(mapping.values())) < len(mapping):
         with pytest.raises(ConfigError, match="both map to"):
@@ -212,8 +223,15 @@ def test_override_words_parse_back_to_what_was_written(case):
 
 
 @SETTINGS
-@given(st.lists(st.one_of(st.sampled_from(["--lr", "--bf16", "--no-bf16", "--epochs=3", "--lrr", "--no-lr", "3", "--"]),
-                          st.text(max_size=6)), max_size=6))
+@given(
+    st.lists(
+        st.one_of(
+            st.sampled_from(["--lr", "--bf16", "--no-bf16", "--epochs=3", "--lrr", "--no-lr", "3", "--"]),
+            st.text(max_size=6),
+        ),
+        max_size=6,
+    )
+)
 def test_any_words_parse_or_raise_a_config_error_naming_the_word(words):
     try:
         out = parse_override_words(words)
@@ -226,7 +244,8 @@ def test_any_words_parse_or_raise_a_config_error_naming_the_word(words):
 # ------------------------------------------------------------------------------------------- splits
 
 SPLIT_ROWS = st.lists(st.sampled_from(["a", "b", "c"]), min_size=2, max_size=40).map(
-    lambda labels: [{"id": str(i), "label": label} for i, label in enumerate(labels)])
+    lambda labels: [{"id": str(i), "label": label} for i, label in enumerate(labels)]
+)
 
 
 def ids(rows) -> list[int]:

@@ -9,6 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from softprompt import AdapterMismatchError, SoftPromptError
 from softprompt.adapters.peft_format import load_adapter, read_training_state
+
 from tiny import tiny_model
 
 
@@ -16,16 +17,22 @@ from tiny import tiny_model
 def saved(tmp_path):
     model = tiny_model("gpt2")
     model.add_adapter("a", method="prefix_tuning", num_virtual_tokens=4, prefix_projection=True, seed=0)
-    model.save_adapter("a", tmp_path / "a", training_state={"optimizer.step": torch.tensor(7)},
-                       training_meta={"step": 7})
+    model.save_adapter(
+        "a", tmp_path / "a", training_state={"optimizer.step": torch.tensor(7)}, training_meta={"step": 7}
+    )
     return model, tmp_path / "a"
 
 
 def test_round_trip_gives_identical_outputs_and_small_files(saved):
     model, path = saved
     names = sorted(p.name for p in path.iterdir())
-    assert names == ["adapter_config.json", "adapter_model.safetensors", "softprompt.json",
-                     "training_state.json", "training_state.safetensors"]
+    assert names == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "softprompt.json",
+        "training_state.json",
+        "training_state.safetensors",
+    ]
     assert (path / "adapter_model.safetensors").stat().st_size < 64 * 1024
     other = tiny_model("gpt2")
     other.load_adapter(str(path), name="b")
@@ -72,15 +79,22 @@ def test_saving_keeps_other_files_in_the_directory(saved):
 
 def test_adapter_for_another_base_model_names_the_mismatch(saved, tmp_path):
     _, path = saved
-    from tiny import tiny_base, tiny_tokenizer
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from softprompt import SoftPromptModel
 
-    wider = SoftPromptModel(GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=48, n_head=4, vocab_size=259)), tiny_tokenizer())
-    with pytest.raises(AdapterMismatchError, match=r"adapter_config.json: .*token width \(token_dim\) 32, this model has 48"):
+    from tiny import tiny_base, tiny_tokenizer
+
+    wider = SoftPromptModel(
+        GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=48, n_head=4, vocab_size=259)), tiny_tokenizer()
+    )
+    with pytest.raises(
+        AdapterMismatchError, match=r"adapter_config.json: .*token width \(token_dim\) 32, this model has 48"
+    ):
         wider.load_adapter(str(path))
-    deeper = SoftPromptModel(GPT2LMHeadModel(GPT2Config(n_layer=3, n_embd=32, n_head=4, vocab_size=259)), tiny_tokenizer())
+    deeper = SoftPromptModel(
+        GPT2LMHeadModel(GPT2Config(n_layer=3, n_embd=32, n_head=4, vocab_size=259)), tiny_tokenizer()
+    )
     with pytest.raises(AdapterMismatchError, match=r"layers \(num_layers\) 2, this model has 3"):
         deeper.load_adapter(str(path))
     t5 = SoftPromptModel(tiny_base("t5"), tiny_tokenizer())
@@ -101,23 +115,44 @@ def _edit_config(path, **changes):
     (path / "adapter_config.json").write_text(json.dumps(config))
 
 
-@pytest.mark.parametrize("breakage, message", [
-    (lambda p: _edit_config(p, peft_type="LORA"), "unknown method peft_type='LORA'"),
-    (lambda p: (p / "adapter_config.json").unlink(), "adapter_config.json: missing"),
-    (lambda p: (p / "adapter_config.json").write_text("{not json"), "adapter_config.json: not valid JSON"),
-    (lambda p: (p / "adapter_config.json").write_bytes(b"\xff\xfe\x00"), "not valid JSON"),
-    (lambda p: _edit_config(p, tokenizer_kwargs={"trust_remote_code": True}), "trust_remote_code"),
-    (lambda p: (p / "adapter_model.safetensors").unlink(), "adapter_model.safetensors: missing"),
-    (lambda p: (p / "adapter_model.safetensors").write_bytes(
-        (p / "adapter_model.safetensors").read_bytes()[:40]), "checksum does not match"),
-    (lambda p: ((p / "softprompt.json").unlink(), (p / "adapter_model.safetensors").write_bytes(
-        (p / "adapter_model.safetensors").read_bytes()[:40])), "truncated or corrupt"),
-    (lambda p: ((p / "softprompt.json").unlink(), save_file({"other": torch.zeros(2)}, str(p / "adapter_model.safetensors"))),
-     "no 'prompt_embeddings' tensor"),
-    (lambda p: ((p / "softprompt.json").unlink(), save_file({"prompt_embeddings": torch.zeros(3, 5)},
-                                                           str(p / "adapter_model.safetensors"))),
-     "prompt_embeddings shape"),
-])
+@pytest.mark.parametrize(
+    "breakage, message",
+    [
+        (lambda p: _edit_config(p, peft_type="LORA"), "unknown method peft_type='LORA'"),
+        (lambda p: (p / "adapter_config.json").unlink(), "adapter_config.json: missing"),
+        (lambda p: (p / "adapter_config.json").write_text("{not json"), "adapter_config.json: not valid JSON"),
+        (lambda p: (p / "adapter_config.json").write_bytes(b"\xff\xfe\x00"), "not valid JSON"),
+        (lambda p: _edit_config(p, tokenizer_kwargs={"trust_remote_code": True}), "trust_remote_code"),
+        (lambda p: (p / "adapter_model.safetensors").unlink(), "adapter_model.safetensors: missing"),
+        (
+            lambda p: (p / "adapter_model.safetensors").write_bytes(
+                (p / "adapter_model.safetensors").read_bytes()[:40]
+            ),
+            "checksum does not match",
+        ),
+        (
+            lambda p: (
+                (p / "softprompt.json").unlink(),
+                (p / "adapter_model.safetensors").write_bytes((p / "adapter_model.safetensors").read_bytes()[:40]),
+            ),
+            "truncated or corrupt",
+        ),
+        (
+            lambda p: (
+                (p / "softprompt.json").unlink(),
+                save_file({"other": torch.zeros(2)}, str(p / "adapter_model.safetensors")),
+            ),
+            "no 'prompt_embeddings' tensor",
+        ),
+        (
+            lambda p: (
+                (p / "softprompt.json").unlink(),
+                save_file({"prompt_embeddings": torch.zeros(3, 5)}, str(p / "adapter_model.safetensors")),
+            ),
+            "prompt_embeddings shape",
+        ),
+    ],
+)
 def test_broken_adapter_files_give_one_clear_error(saved, breakage, message):
     _, path = saved
     breakage(path)
@@ -153,8 +188,15 @@ def test_missing_directory_and_file_instead_of_directory(tmp_path):
 
 def test_p_tuning_lstm_dropout_never_leaks_into_the_saved_table():
     model = tiny_model("gpt2")
-    adapter = model.add_adapter("p", method="p_tuning", num_virtual_tokens=4, encoder_type="lstm",
-                                encoder_num_layers=2, encoder_dropout=0.5, seed=0)
+    adapter = model.add_adapter(
+        "p",
+        method="p_tuning",
+        num_virtual_tokens=4,
+        encoder_type="lstm",
+        encoder_num_layers=2,
+        encoder_dropout=0.5,
+        seed=0,
+    )
     adapter.train()
     first, second = adapter.materialized(), adapter.materialized()
     torch.testing.assert_close(first, second)

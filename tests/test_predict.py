@@ -7,6 +7,7 @@ import pytest
 from softprompt.cli import main
 from softprompt.training.predict import label_probabilities
 from test_train import toy_rows, write_csv
+
 from tiny import save_tiny_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -16,16 +17,49 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("predict")
     model_dir = save_tiny_checkpoint("bloom", tmp / "model")
-    rows = [{"ID": str(100 + i), "text": r["text"], "label": "1" if r["label"] == "A" else "2"}
-            for i, r in enumerate(toy_rows(96, seed=3))]
+    rows = [
+        {"ID": str(100 + i), "text": r["text"], "label": "1" if r["label"] == "A" else "2"}
+        for i, r in enumerate(toy_rows(96, seed=3))
+    ]
     write_csv(tmp / "train.csv", rows[:64])
     write_csv(tmp / "test.csv", [{"ID": r["ID"], "text": r["text"]} for r in rows[64:]])
     for name, seed in (("a", 0), ("b", 1)):
-        assert main(["train", "--model", model_dir, "--data", str(tmp / "train.csv"), "--label-column", "label",
-                     "--verbalizer", "1=A,2=B", "--method", "prefix-tuning", "--init", "random",
-                     "--num-virtual-tokens", "4", "--lr", "1.0", "--lr-schedule", "constant", "--epochs", "8",
-                     "--val-fraction", "0.25", "--seed", str(seed), "--name", name,
-                     "--output", str(tmp / "runs")]) == 0
+        assert (
+            main(
+                [
+                    "train",
+                    "--model",
+                    model_dir,
+                    "--data",
+                    str(tmp / "train.csv"),
+                    "--label-column",
+                    "label",
+                    "--verbalizer",
+                    "1=A,2=B",
+                    "--method",
+                    "prefix-tuning",
+                    "--init",
+                    "random",
+                    "--num-virtual-tokens",
+                    "4",
+                    "--lr",
+                    "1.0",
+                    "--lr-schedule",
+                    "constant",
+                    "--epochs",
+                    "8",
+                    "--val-fraction",
+                    "0.25",
+                    "--seed",
+                    str(seed),
+                    "--name",
+                    name,
+                    "--output",
+                    str(tmp / "runs"),
+                ]
+            )
+            == 0
+        )
     return tmp, model_dir, {r["ID"]: r["label"] for r in rows[64:]}
 
 
@@ -37,8 +71,24 @@ def read(path):
 def test_predictions_use_the_id_column_and_raw_labels(trained, capsys):
     tmp, model_dir, truth = trained
     out = tmp / "preds.csv"
-    assert main(["predict", "--model", model_dir, "--adapter", str(tmp / "runs" / "a"), "--data",
-                 str(tmp / "test.csv"), "--id-column", "ID", "--output", str(out)]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--model",
+                model_dir,
+                "--adapter",
+                str(tmp / "runs" / "a"),
+                "--data",
+                str(tmp / "test.csv"),
+                "--id-column",
+                "ID",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     rows = read(out)
     assert list(rows[0]) == ["ID", "Label"]
     assert [r["ID"] for r in rows] == list(truth)
@@ -52,9 +102,25 @@ def test_an_ensemble_averages_each_adapters_label_probabilities(trained):
 
     tmp, model_dir, truth = trained
     out = tmp / "ensemble.csv"
-    assert main(["predict", "--model", model_dir, "--adapter", f"a={tmp / 'runs' / 'a'}", "--adapter",
-                 f"b={tmp / 'runs' / 'b'}", "--data", str(tmp / "test.csv"), "--output", str(out),
-                 "--probabilities"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--model",
+                model_dir,
+                "--adapter",
+                f"a={tmp / 'runs' / 'a'}",
+                "--adapter",
+                f"b={tmp / 'runs' / 'b'}",
+                "--data",
+                str(tmp / "test.csv"),
+                "--output",
+                str(out),
+                "--probabilities",
+            ]
+        )
+        == 0
+    )
     rows = read(out)
     assert list(rows[0]) == ["row", "Label", "p_A", "p_B"]
     model = softprompt.load(model_dir)
@@ -72,14 +138,46 @@ def test_an_ensemble_averages_each_adapters_label_probabilities(trained):
 def test_predict_mistakes_are_one_line(trained, capsys):
     tmp, model_dir, _ = trained
     out = tmp / "never.csv"
-    assert main(["predict", "--model", model_dir, "--adapter", str(tmp / "runs" / "a"), "--data",
-                 str(tmp / "test.csv"), "--id-column", "Id", "--output", str(out)]) == 2
+    assert (
+        main(
+            [
+                "predict",
+                "--model",
+                model_dir,
+                "--adapter",
+                str(tmp / "runs" / "a"),
+                "--data",
+                str(tmp / "test.csv"),
+                "--id-column",
+                "Id",
+                "--output",
+                str(out),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "'Id'" in err and "ID" in err and "Traceback" not in err and not out.exists()
     assert main(["predict", "--model", model_dir, "--data", str(tmp / "test.csv"), "--output", str(out)]) == 2
     assert "--adapter" in capsys.readouterr().err
-    assert main(["predict", "--model", model_dir, "--data", str(tmp / "test.csv"), "--output", str(out),
-                 "--template", "{text} =", "--verbalizer", "1A2B"]) == 2
+    assert (
+        main(
+            [
+                "predict",
+                "--model",
+                model_dir,
+                "--data",
+                str(tmp / "test.csv"),
+                "--output",
+                str(out),
+                "--template",
+                "{text} =",
+                "--verbalizer",
+                "1A2B",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "--verbalizer" in err and "RAW=TEXT" in err and not out.exists()
 
@@ -89,9 +187,27 @@ def test_without_an_adapter_the_zero_shot_base_model_predicts(trained):
 
     tmp, model_dir, truth = trained
     out = tmp / "zero_shot.csv"
-    assert main(["predict", "--model", model_dir, "--data", str(tmp / "test.csv"), "--id-column", "ID",
-                 "--template", "{text} =", "--verbalizer", '{1: " A", 2: " B"}', "--probabilities",
-                 "--output", str(out)]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--model",
+                model_dir,
+                "--data",
+                str(tmp / "test.csv"),
+                "--id-column",
+                "ID",
+                "--template",
+                "{text} =",
+                "--verbalizer",
+                '{1: " A", 2: " B"}',
+                "--probabilities",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     rows = read(out)
     assert list(rows[0]) == ["ID", "Label", "p_A", "p_B"] and [r["ID"] for r in rows] == list(truth)
     model = softprompt.load(model_dir)

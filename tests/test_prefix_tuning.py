@@ -5,6 +5,7 @@ import torch
 
 from softprompt.errors import ConfigError
 from softprompt.methods.prefix_tuning import layer_rows
+
 from tiny import CAUSAL, tiny_model
 
 TEXT = "classify the sentiment"
@@ -70,4 +71,6 @@ def test_default_start_is_real_activations_unless_the_projection_mlp_is_used():
     model = tiny_model("llama")
     assert model.add_adapter("plain", method="prefix_tuning").config.init == "sample_vocab"
     assert model.add_adapter("texted", method="prefix_tuning", init_text=TEXT).config.init == "text"
-    assert model.add_adapter("mlp", method="prefix_tuning", init_text=TEXT, prefix_projection=True).config.init == "random"
+    assert (
+        model.add_adapter("mlp", method="prefix_tuning", init_text=TEXT, prefix_projection=True).config.init == "random"
+    )

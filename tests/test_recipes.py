@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from softprompt.training.config import load_config
 from softprompt.data import Template
+from softprompt.training.config import load_config
 from softprompt.training.loop import train
+
 from tiny import tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,8 +24,19 @@ RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))
 HUB = sorted((REPO / "recipes").glob("*.yaml"))
 OFFLINE = sorted((REPO / "recipes" / "offline").glob("*.yaml"))
 RESULTS = sorted((REPO / "recipes" / "results").glob("*.yaml"))
-SHARED_SETTINGS = ("method", "num_virtual_tokens", "init", "init_text", "lr", "epochs", "batch_size",
-                   "val_fraction", "label_column", "verbalizer", "seed")
+SHARED_SETTINGS = (
+    "method",
+    "num_virtual_tokens",
+    "init",
+    "init_text",
+    "lr",
+    "epochs",
+    "batch_size",
+    "val_fraction",
+    "label_column",
+    "verbalizer",
+    "seed",
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -65,8 +77,10 @@ def test_offline_twin_keeps_the_reference_settings(name):
 def _stand_in(path: Path, columns: list[str], label_column: str | None, labels: list[str], tmp: Path) -> Path:
     """A small data file shaped like ``path`` (its format and columns), for a checkout without the data."""
     out = tmp / path.name
-    rows = [{c: (labels[i % len(labels)] if c == label_column else f"sample {c} text number {i}") for c in columns}
-            for i in range(40)]
+    rows = [
+        {c: (labels[i % len(labels)] if c == label_column else f"sample {c} text number {i}") for c in columns}
+        for i in range(40)
+    ]
     if path.suffix == ".txt":  # financial_phrasebank: sentence@label
         out.write_text("".join(f"{r['sentence']}@{r['label']}\n" for r in rows))
     elif path.suffix == ".jsonl":
@@ -98,8 +112,13 @@ def test_results_recipes_start_from_a_shipped_adapter_of_their_base_model():
 def test_offline_recipe_trains_one_step_on_a_tiny_model(path, tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)  # the recipes' data paths are relative to the repository root
     raw = yaml.safe_load(path.read_text())
-    overrides = {"output": str(tmp_path / "out"), "max_steps": 1, "batch_size": 4, "eval_zero_shot": False,
-                 "max_length": 64}
+    overrides = {
+        "output": str(tmp_path / "out"),
+        "max_steps": 1,
+        "batch_size": 4,
+        "eval_zero_shot": False,
+        "max_length": 64,
+    }
     if raw.pop("init_from", None):  # a real model's adapter does not fit the tiny model (checked above instead)
         path = tmp_path / path.name
         path.write_text(yaml.safe_dump(raw))
@@ -112,8 +131,9 @@ def test_offline_recipe_trains_one_step_on_a_tiny_model(path, tmp_path, monkeypa
             columns = sorted(set(Template(spec.template).fields) | ({spec.label_column} - {None}))
             if Path(spec.data).suffix == ".txt":
                 columns = ["sentence", "label"]
-            moved.append({**entry, "data": str(_stand_in(Path(spec.data), columns, spec.label_column, labels,
-                                                           tmp_path))})
+            moved.append(
+                {**entry, "data": str(_stand_in(Path(spec.data), columns, spec.label_column, labels, tmp_path))}
+            )
         overrides.update({"adapters": moved} if raw.get("adapters") else {"data": moved[0]["data"]})
         config = load_config(path, overrides)
     result = train(config, model=tiny_model("llama"), progress=False)

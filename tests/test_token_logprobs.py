@@ -27,7 +27,7 @@ def test_prompt_logprobs_of_a_continuation_equal_model_score_in_a_mixed_batch(fa
     for context, adapter, ids, row in zip(CONTEXTS, adapters, prompts, scored):
         assert [t.token for t in row] == ids[1:] and all(len(t.top) == 2 for t in row)
         want = model.score([context], [LABEL], adapters=adapter)[0].scores[LABEL]
-        assert sum(t.logprob for t in row[-len(label):]) == pytest.approx(want, abs=1e-4)
+        assert sum(t.logprob for t in row[-len(label) :]) == pytest.approx(want, abs=1e-4)
     assert scored[-1] == []  # a one-token prompt: nothing to score
 
 

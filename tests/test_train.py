@@ -8,13 +8,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from softprompt.training.config import load_config
 from softprompt.data import Example
 from softprompt.errors import ConfigError
 from softprompt.training.batches import Encoded, encode_example, epoch_groups
+from softprompt.training.config import load_config
 from softprompt.training.loop import train
-from tiny import tiny_model
 
+from tiny import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -49,10 +49,25 @@ def records(output) -> list[dict]:
 def toy_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("toy")
     data = write_csv(tmp / "toy.csv", toy_rows(64))
-    config = load_config(None, {
-        "data": data, "label_column": "label", "method": "prefix_tuning", "init": "random", "num_virtual_tokens": 4, "lr": 1.0,
-        "lr_schedule": "constant", "epochs": 8, "batch_size": 8, "val_fraction": 0.25, "eval_every": 2,
-        "log_every": 1, "output": str(tmp / "out"), "seed": 0})
+    config = load_config(
+        None,
+        {
+            "data": data,
+            "label_column": "label",
+            "method": "prefix_tuning",
+            "init": "random",
+            "num_virtual_tokens": 4,
+            "lr": 1.0,
+            "lr_schedule": "constant",
+            "epochs": 8,
+            "batch_size": 8,
+            "val_fraction": 0.25,
+            "eval_every": 2,
+            "log_every": 1,
+            "output": str(tmp / "out"),
+            "seed": 0,
+        },
+    )
     # init random: lr 1.0 and the step count are tuned to PEFT's N(0, 1) start on this random-weight model.
     model = tiny_model("bloom")
     base_before = {k: v.clone() for k, v in model.base.state_dict().items()}
@@ -81,9 +96,12 @@ def test_only_adapter_parameters_change(toy_run):
     assert after.keys() == base_before.keys()
     assert all(torch.equal(after[k], base_before[k]) for k in base_before)
     assert torch.equal(model.adapters["probe"].embedding, probe_before)  # another adapter on the model: untouched
-    assert not torch.equal(model.adapters["default"].materialized(),
-                           tiny_model("bloom").add_adapter("x", method="prefix_tuning", num_virtual_tokens=4,
-                                                           init="random", seed=0).materialized())  # it moved
+    assert not torch.equal(
+        model.adapters["default"].materialized(),
+        tiny_model("bloom")
+        .add_adapter("x", method="prefix_tuning", num_virtual_tokens=4, init="random", seed=0)
+        .materialized(),
+    )  # it moved
 
 
 def test_files_written(toy_run):
@@ -99,8 +117,13 @@ def test_files_written(toy_run):
     reloaded = load_config(out / "config.yaml")
     assert reloaded.lr == 1.0 and reloaded.model == "tiny-bloom" and reloaded.data == config.data
     evals = [r for r in records(out) if r["type"] == "eval"]
-    assert [(r["model"], r["epoch"]) for r in evals] == [("base", 0), ("adapter", 2), ("adapter", 4),
-                                                        ("adapter", 6), ("adapter", 8)]
+    assert [(r["model"], r["epoch"]) for r in evals] == [
+        ("base", 0),
+        ("adapter", 2),
+        ("adapter", 4),
+        ("adapter", 6),
+        ("adapter", 8),
+    ]
     # the saved best adapter is the one with the best validation accuracy, and the model now holds it
     meta = json.loads((best / "training_state.json").read_text())
     assert meta["metrics"]["accuracy"] == max(r["accuracy"] for r in evals if r["model"] == "adapter")
@@ -114,13 +137,31 @@ def test_files_written(toy_run):
 def resume_config(tmp_path, output, **extra):
     a = write_csv(tmp_path / "a.csv", toy_rows(20, seed=1))
     b = write_csv(tmp_path / "b.csv", toy_rows(16, seed=2, labels=("yes", "no")))
-    return load_config(None, {
-        "data": a, "label_column": "label", "method": "p_tuning", "encoder_type": "lstm", "encoder_dropout": 0.3,
-        "encoder_hidden_size": 8, "num_virtual_tokens": 3, "epochs": 3, "batch_size": 4, "grad_accum": 2,
-        "lr": 0.05, "warmup_ratio": 0.2, "lr_schedule": "cosine", "weight_decay": 0.01, "val_fraction": 0.25,
-        "log_every": 1, "output": str(output), "seed": 3,
-        "adapters": [{"name": "ptune"}, {"name": "pt", "data": b, "method": "prompt_tuning", "lr": 0.1}],
-        **extra})
+    return load_config(
+        None,
+        {
+            "data": a,
+            "label_column": "label",
+            "method": "p_tuning",
+            "encoder_type": "lstm",
+            "encoder_dropout": 0.3,
+            "encoder_hidden_size": 8,
+            "num_virtual_tokens": 3,
+            "epochs": 3,
+            "batch_size": 4,
+            "grad_accum": 2,
+            "lr": 0.05,
+            "warmup_ratio": 0.2,
+            "lr_schedule": "cosine",
+            "weight_decay": 0.01,
+            "val_fraction": 0.25,
+            "log_every": 1,
+            "output": str(output),
+            "seed": 3,
+            "adapters": [{"name": "ptune"}, {"name": "pt", "data": b, "method": "prompt_tuning", "lr": 0.1}],
+            **extra,
+        },
+    )
 
 
 class Interrupt(Exception):
@@ -135,17 +176,23 @@ def test_resume_after_interruption_is_bit_identical(tmp_path):
         def on_step(info):
             if info.step == step:
                 raise Interrupt
+
         return on_step
 
     out = tmp_path / "cut"
     with pytest.raises(Interrupt):  # the latest state is saved every 2 steps: step 7 is lost and redone
-        train(resume_config(tmp_path, out, save_every=2), model=tiny_model("llama"), on_step=crash_at(7),
-              progress=False)
+        train(
+            resume_config(tmp_path, out, save_every=2), model=tiny_model("llama"), on_step=crash_at(7), progress=False
+        )
     last = json.loads((out / "pt" / "checkpoints" / "last" / "training_state.json").read_text())
     assert (last["state"]["step"], last["state"]["epoch"], last["state"]["group"]) == (6, 1, 2)  # mid-epoch
     with pytest.raises(Interrupt):  # interrupted again, after resuming
-        train(resume_config(tmp_path, out, save_every=2, resume=True), model=tiny_model("llama"),
-              on_step=crash_at(11), progress=False)
+        train(
+            resume_config(tmp_path, out, save_every=2, resume=True),
+            model=tiny_model("llama"),
+            on_step=crash_at(11),
+            progress=False,
+        )
     resumed = train(resume_config(tmp_path, out, resume=True), model=tiny_model("llama"), progress=False)
     assert resumed.steps == full.steps
     for name in ("ptune", "pt"):
@@ -154,8 +201,9 @@ def test_resume_after_interruption_is_bit_identical(tmp_path):
             b = load_file(out / name / f"{sub}training_state.safetensors")
             assert a.keys() == b.keys()
             assert all(torch.equal(a[k], b[k]) for k in a), (name, sub)
-        assert (tmp_path / "full" / name / "adapter_model.safetensors").read_bytes() == \
-            (out / name / "adapter_model.safetensors").read_bytes()
+        assert (tmp_path / "full" / name / "adapter_model.safetensors").read_bytes() == (
+            out / name / "adapter_model.safetensors"
+        ).read_bytes()
     strip = lambda rs: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]  # noqa: E731
     assert strip(records(out)) == strip(records(tmp_path / "full"))
 
@@ -167,8 +215,11 @@ def test_resume_with_another_config_names_the_flag(tmp_path):
     with pytest.raises(ConfigError, match="--lr"):
         train(changed, model=tiny_model("gpt2"), progress=False)
     with pytest.raises(ConfigError, match="--resume: no checkpoint"):
-        train(resume_config(tmp_path, tmp_path / "empty", adapters=[], resume=True), model=tiny_model("gpt2"),
-              progress=False)
+        train(
+            resume_config(tmp_path, tmp_path / "empty", adapters=[], resume=True),
+            model=tiny_model("gpt2"),
+            progress=False,
+        )
 
 
 # -------------------------------------------------------------------------------------- multi-adapter
@@ -178,11 +229,22 @@ def test_two_adapters_each_learn_only_from_their_own_rows(tmp_path):
     texts = [row["text"] for row in toy_rows(40, seed=5)]
     yes = write_csv(tmp_path / "yes.csv", [{"text": t, "label": "Y"} for t in texts])
     no = write_csv(tmp_path / "no.csv", [{"text": t, "label": "N"} for t in texts])  # same texts, other answer
-    config = load_config(None, {
-        "label_column": "label", "verbalizer": {"Y": "Y", "N": "N"}, "epochs": 3, "batch_size": 8,
-        "val_fraction": 0.2, "lr_schedule": "constant", "log_every": 1, "output": str(tmp_path / "out"),
-        "method": "prefix_tuning", "num_virtual_tokens": 4,
-        "adapters": [{"name": "say-yes", "data": yes, "lr": 1.0}, {"name": "say-no", "data": no, "lr": 0.5}]})
+    config = load_config(
+        None,
+        {
+            "label_column": "label",
+            "verbalizer": {"Y": "Y", "N": "N"},
+            "epochs": 3,
+            "batch_size": 8,
+            "val_fraction": 0.2,
+            "lr_schedule": "constant",
+            "log_every": 1,
+            "output": str(tmp_path / "out"),
+            "method": "prefix_tuning",
+            "num_virtual_tokens": 4,
+            "adapters": [{"name": "say-yes", "data": yes, "lr": 1.0}, {"name": "say-no", "data": no, "lr": 0.5}],
+        },
+    )
     model = tiny_model("bloom")
     result = train(config, model=model, progress=False)
     zero_shot = [result.adapters[n].zero_shot["accuracy"] for n in ("say-yes", "say-no")]
@@ -219,10 +281,23 @@ def test_early_stopping_triggers(tmp_path):
     data = write_csv(tmp_path / "train.csv", rows)
     flipped = [{"text": r["text"], "label": "B" if r["label"] == "A" else "A"} for r in toy_rows(8, seed=8)]
     val = write_csv(tmp_path / "val.csv", flipped)  # the opposite rule: validation gets worse as training goes
-    config = load_config(None, {
-        "data": data, "validation_data": val, "label_column": "label", "method": "prefix_tuning",
-        "num_virtual_tokens": 4, "lr": 0.3, "lr_schedule": "constant", "epochs": 20, "batch_size": 8,
-        "early_stopping_patience": 2, "output": str(tmp_path / "out"), "eval_zero_shot": False})
+    config = load_config(
+        None,
+        {
+            "data": data,
+            "validation_data": val,
+            "label_column": "label",
+            "method": "prefix_tuning",
+            "num_virtual_tokens": 4,
+            "lr": 0.3,
+            "lr_schedule": "constant",
+            "epochs": 20,
+            "batch_size": 8,
+            "early_stopping_patience": 2,
+            "output": str(tmp_path / "out"),
+            "eval_zero_shot": False,
+        },
+    )
     result = train(config, model=tiny_model("gpt2"), progress=False)
     assert result.adapters["default"].stopped_early
     assert result.epochs < 20
@@ -239,9 +314,20 @@ def test_early_stopping_triggers(tmp_path):
 def test_language_modelling_without_labels(tmp_path):
     rows = [{"text": "the cat sat on the mat " * 2}] * 1 + [{"text": f"the cat sat on mat {i}"} for i in range(15)]
     data = write_csv(tmp_path / "lm.csv", rows)
-    config = load_config(None, {"data": data, "epochs": 4, "batch_size": 4, "lr": 0.3, "lr_schedule": "constant",
-                                "val_fraction": 0.25, "output": str(tmp_path / "out"), "num_virtual_tokens": 4,
-                                "method": "prefix_tuning"})
+    config = load_config(
+        None,
+        {
+            "data": data,
+            "epochs": 4,
+            "batch_size": 4,
+            "lr": 0.3,
+            "lr_schedule": "constant",
+            "val_fraction": 0.25,
+            "output": str(tmp_path / "out"),
+            "num_virtual_tokens": 4,
+            "method": "prefix_tuning",
+        },
+    )
     result = train(config, model=tiny_model("bloom"), progress=False)
     best, zero_shot = result.adapters["default"].best, result.adapters["default"].zero_shot
     assert "accuracy" not in best
@@ -250,8 +336,19 @@ def test_language_modelling_without_labels(tmp_path):
 
 def test_seq2seq_and_bf16(tmp_path):
     data = write_csv(tmp_path / "toy.csv", toy_rows(16))
-    config = load_config(None, {"data": data, "label_column": "label", "epochs": 2, "batch_size": 4, "bf16": True,
-                                "val_fraction": 0.25, "output": str(tmp_path / "out"), "log_every": 1})
+    config = load_config(
+        None,
+        {
+            "data": data,
+            "label_column": "label",
+            "epochs": 2,
+            "batch_size": 4,
+            "bf16": True,
+            "val_fraction": 0.25,
+            "output": str(tmp_path / "out"),
+            "log_every": 1,
+        },
+    )
     result = train(config, model=tiny_model("t5"), progress=False)
     losses = [r["loss"] for r in records(result.output) if r["type"] == "train"]
     assert len(losses) == 6 and all(0 < loss < 20 for loss in losses)

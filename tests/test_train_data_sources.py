@@ -5,11 +5,12 @@ import types
 
 import pytest
 
-from softprompt.training.config import load_config
 from softprompt.errors import ConfigError
+from softprompt.training.config import load_config
 from softprompt.training.jobs import prepare_job
 from softprompt.training.loop import train
 from test_train import toy_rows, write_csv
+
 from tiny import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -31,9 +32,20 @@ def fake_hub(monkeypatch):
 
 def test_hub_data_trains_on_one_split_and_validates_on_another(tmp_path, fake_hub):
     splits, calls = fake_hub
-    config = load_config(None, {"model": "tiny", "data": "hf:someone/toy:cfg", "validation_split": "validation",
-                                "label_column": "label", "epochs": 1, "batch_size": 8, "num_virtual_tokens": 2,
-                                "output": str(tmp_path / "out"), "eval_zero_shot": False})
+    config = load_config(
+        None,
+        {
+            "model": "tiny",
+            "data": "hf:someone/toy:cfg",
+            "validation_split": "validation",
+            "label_column": "label",
+            "epochs": 1,
+            "batch_size": 8,
+            "num_virtual_tokens": 2,
+            "output": str(tmp_path / "out"),
+            "eval_zero_shot": False,
+        },
+    )
     job = prepare_job(config.resolved_adapters()[0])
     assert ("someone/toy", "cfg", "train") in calls and ("someone/toy", "cfg", "validation") in calls
     assert len(job.train) == len(splits["train"])  # nothing held out of the training split
@@ -54,12 +66,15 @@ def test_format_and_encoding_flags_reach_the_reader(tmp_path):
     assert any(e.text.startswith("café ") for e in job.train + job.val)
 
 
-@pytest.mark.parametrize("override, message", [
-    ({"data_format": "xlsx"}, "--data-format: expected one of csv, tsv, jsonl, parquet, phrasebank, hf"),
-    ({"encoding": "klingon-8"}, "--encoding: 'klingon-8' is not a known text encoding"),
-    ({"validation_split": "validation"}, "--validation-split: applies to hub data sets"),
-    ({"data": "hf:a/b", "validation_split": "train"}, "--validation-split: is the training split"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"data_format": "xlsx"}, "--data-format: expected one of csv, tsv, jsonl, parquet, phrasebank, hf"),
+        ({"encoding": "klingon-8"}, "--encoding: 'klingon-8' is not a known text encoding"),
+        ({"validation_split": "validation"}, "--validation-split: applies to hub data sets"),
+        ({"data": "hf:a/b", "validation_split": "train"}, "--validation-split: is the training split"),
+    ],
+)
 def test_data_source_mistakes_name_the_flag(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, {"data": "train.csv", "label_column": "label", **override})

@@ -6,23 +6,37 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from softprompt.cli import main
-from softprompt.training.config import load_config
-from softprompt.errors import ConfigError
 from softprompt.adapters.peft_format import STATE_FILE
+from softprompt.cli import main
 from softprompt.data.heldout import fingerprint, read_train_fingerprints
+from softprompt.errors import ConfigError
+from softprompt.training.config import load_config
 from softprompt.training.jobs import prepare_job
 from softprompt.training.loop import train
 from test_train import records, toy_rows, write_csv
+
 from tiny import save_tiny_checkpoint, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def toy_config(tmp, out: str, **extra):
-    values = {"data": str(tmp / "toy.csv"), "label_column": "label", "method": "prefix_tuning", "init": "random",
-              "num_virtual_tokens": 4, "lr": 1.0, "lr_schedule": "constant", "epochs": 8, "batch_size": 8,
-              "val_fraction": 0.25, "log_every": 1, "output": str(tmp / out), "seed": 0, "eval_zero_shot": False}
+    values = {
+        "data": str(tmp / "toy.csv"),
+        "label_column": "label",
+        "method": "prefix_tuning",
+        "init": "random",
+        "num_virtual_tokens": 4,
+        "lr": 1.0,
+        "lr_schedule": "constant",
+        "epochs": 8,
+        "batch_size": 8,
+        "val_fraction": 0.25,
+        "log_every": 1,
+        "output": str(tmp / out),
+        "seed": 0,
+        "eval_zero_shot": False,
+    }
     values.update(extra)
     return load_config(None, {k: v for k, v in values.items() if v is not None})  # None: drop the default
 
@@ -62,8 +76,9 @@ def test_the_texts_the_start_adapter_learnt_stay_out_of_validation_and_travel_on
     tmp, path = source
     write_csv(tmp / "toy2.csv", toy_rows(64, seed=1))  # other strings of the same task
     learnt = read_train_fingerprints(path)
-    config = toy_config(tmp, "more", init_from=str(path), data=str(tmp / "toy2.csv"),
-                        validation_data=str(tmp / "toy.csv"), epochs=1)
+    config = toy_config(
+        tmp, "more", init_from=str(path), data=str(tmp / "toy2.csv"), validation_data=str(tmp / "toy.csv"), epochs=1
+    )
     job = prepare_job(config.resolved_adapters()[0])
     assert len(learnt) == 48 and job.dropped_val_rows == 48  # toy.csv: 48 rows the start adapter learnt
     assert len(job.val) == 16 and not {fingerprint(e.text) for e in job.val} & learnt
@@ -76,22 +91,29 @@ def test_a_start_adapter_under_the_home_directory_is_found_as_load_adapter_finds
     tmp, path = source
     (tmp_path / "start").symlink_to(path, target_is_directory=True)
     monkeypatch.setenv("HOME", str(tmp_path))
-    job = prepare_job(toy_config(tmp, "home", init_from="~/start", data=str(tmp / "toy.csv"), epochs=1)
-                      .resolved_adapters()[0])
+    job = prepare_job(
+        toy_config(tmp, "home", init_from="~/start", data=str(tmp / "toy.csv"), epochs=1).resolved_adapters()[0]
+    )
     assert job.inherited_fingerprints == read_train_fingerprints(path) and len(job.inherited_fingerprints) == 48
 
 
 def test_a_different_method_or_length_is_one_clear_error(source):
     tmp, path = source
     model = tiny_model("bloom")
-    with pytest.raises(ConfigError, match=r"--init-from .*prefix_tuning adapter with 4 virtual tokens, but this job "
-                                          r"trains prefix_tuning with 6; set --method and --num-virtual-tokens"):
+    with pytest.raises(
+        ConfigError,
+        match=r"--init-from .*prefix_tuning adapter with 4 virtual tokens, but this job "
+        r"trains prefix_tuning with 6; set --method and --num-virtual-tokens",
+    ):
         train(toy_config(tmp, "bad", init_from=str(path), num_virtual_tokens=6), model=model, progress=False)
     assert model.adapters["default"].config.num_virtual_tokens == 6  # the fresh adapter, not the saved one
     assert not (tmp / "bad").exists()  # nothing written before the checks passed
     with pytest.raises(ConfigError, match=r"--init-from .*prompt_tuning with 4"):
-        train(toy_config(tmp, "bad2", init_from=str(path), method="prompt_tuning", init=None), model=tiny_model("bloom"),
-              progress=False)
+        train(
+            toy_config(tmp, "bad2", init_from=str(path), method="prompt_tuning", init=None),
+            model=tiny_model("bloom"),
+            progress=False,
+        )
     with pytest.raises(ConfigError, match=r"^--init-from .*no-such-dir: .*no such adapter directory"):
         train(toy_config(tmp, "bad3", init_from=str(tmp / "no-such-dir")), model=tiny_model("bloom"), progress=False)
     with pytest.raises(ConfigError, match=r"--init-from: expected an adapter directory or hub id"):
@@ -102,9 +124,18 @@ def test_a_reparameterised_adapter_continues_with_its_encoder(tmp_path):
     write_csv(tmp_path / "toy.csv", toy_rows(32))
     options = {"method": "p_tuning", "init": None, "encoder_hidden_size": 8, "lr": 1e-2, "epochs": 1}
     first = train(toy_config(tmp_path, "first", **options), model=tiny_model("llama"), progress=False)
-    second = train(toy_config(tmp_path, "second", init_from=str(first.adapters["default"].path), max_steps=1,
-                              lr=1e-12, **{k: v for k, v in options.items() if k != "lr"}),
-                   model=tiny_model("llama"), progress=False)
+    second = train(
+        toy_config(
+            tmp_path,
+            "second",
+            init_from=str(first.adapters["default"].path),
+            max_steps=1,
+            lr=1e-12,
+            **{k: v for k, v in options.items() if k != "lr"},
+        ),
+        model=tiny_model("llama"),
+        progress=False,
+    )
     before = load_file(first.adapters["default"].path / STATE_FILE)  # adapter.* keys: the encoder's weights
     after = load_file(second.adapters["default"].path / STATE_FILE)
     encoder = [k for k in before if k.startswith("adapter.mlp_head.")]
@@ -117,13 +148,52 @@ def test_init_from_on_the_command_line(source, capsys):
     tmp, path = source
     model = save_tiny_checkpoint("bloom", tmp / "model")
     out = tmp / "cli"
-    assert main(["train", "--model", model, "--method", "prefix-tuning", "--data", str(tmp / "toy.csv"),
-                 "--label-column", "label", "--num-virtual-tokens", "4", "--epochs", "1", "--lr", "0.5",
-                 "--init-from", str(path), "--output", str(out)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                model,
+                "--method",
+                "prefix-tuning",
+                "--data",
+                str(tmp / "toy.csv"),
+                "--label-column",
+                "label",
+                "--num-virtual-tokens",
+                "4",
+                "--epochs",
+                "1",
+                "--lr",
+                "0.5",
+                "--init-from",
+                str(path),
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert json.loads((out / "default" / "adapter_config.json").read_text())["peft_type"] == "PREFIX_TUNING"
     capsys.readouterr()
-    assert main(["train", "--model", model, "--data", str(tmp / "toy.csv"), "--label-column", "label",
-                 "--init-from", str(path), "--output", str(tmp / "cli-bad")]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                model,
+                "--data",
+                str(tmp / "toy.csv"),
+                "--label-column",
+                "label",
+                "--init-from",
+                str(path),
+                "--output",
+                str(tmp / "cli-bad"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     last = err.strip().splitlines()[-1]  # (above it: the model's loading progress bar)
     assert "--init-from" in last and "8" in last and "Traceback" not in err

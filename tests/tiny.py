@@ -6,9 +6,19 @@ import functools
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import (BloomConfig, BloomForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config,
-                          GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, T5Config,
-                          T5ForConditionalGeneration)
+from transformers import (
+    BloomConfig,
+    BloomForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    T5Config,
+    T5ForConditionalGeneration,
+)
 
 from softprompt import SoftPromptModel
 
@@ -18,7 +28,7 @@ FAMILIES = ["gpt2", "bloom", "llama", "gemma3", "t5"]
 CAUSAL = ["gpt2", "bloom", "llama", "gemma3"]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tokenizer_json() -> str:
     byte_chars = list(pre_tokenizers.ByteLevel.alphabet())
     vocab = {tok: i for i, tok in enumerate(SPECIALS)}
@@ -31,8 +41,9 @@ def _tokenizer_json() -> str:
 
 
 def tiny_tokenizer(bos: bool = False) -> PreTrainedTokenizerFast:
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_tokenizer_json()),
-                                  pad_token="<pad>", eos_token="<eos>", bos_token="<bos>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_tokenizer_json()), pad_token="<pad>", eos_token="<eos>", bos_token="<bos>"
+    )
     return tok
 
 
@@ -46,17 +57,40 @@ def tiny_base(family: str, seed: int = 0):
         cfg = BloomConfig(n_layer=2, hidden_size=32, n_head=4, **common)
         model = BloomForCausalLM(cfg)
     elif family == "llama":
-        cfg = LlamaConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                          num_key_value_heads=2, max_position_embeddings=256, **common)
+        cfg = LlamaConfig(
+            num_hidden_layers=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            **common,
+        )
         model = LlamaForCausalLM(cfg)
     elif family == "gemma3":
-        cfg = Gemma3TextConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                               num_key_value_heads=1, head_dim=16, max_position_embeddings=256, sliding_window=128,
-                               **common)
+        cfg = Gemma3TextConfig(
+            num_hidden_layers=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=16,
+            max_position_embeddings=256,
+            sliding_window=128,
+            **common,
+        )
         model = Gemma3ForCausalLM(cfg)
     elif family == "t5":
-        cfg = T5Config(d_model=32, d_ff=64, d_kv=8, num_layers=2, num_decoder_layers=2, num_heads=4,
-                       decoder_start_token_id=0, **common)
+        cfg = T5Config(
+            d_model=32,
+            d_ff=64,
+            d_kv=8,
+            num_layers=2,
+            num_decoder_layers=2,
+            num_heads=4,
+            decoder_start_token_id=0,
+            **common,
+        )
         model = T5ForConditionalGeneration(cfg)
     else:
         raise ValueError(family)

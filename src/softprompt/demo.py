@@ -27,7 +27,7 @@ def balanced_split(rows: list[dict], train_size: int, test_size: int, seed: int)
     for label, group in by_label.items():
         rng.shuffle(group)
         test += group[: test_size // len(LABELS)]
-        train += group[test_size // len(LABELS): test_size // len(LABELS) + train_size // len(LABELS)]
+        train += group[test_size // len(LABELS) : test_size // len(LABELS) + train_size // len(LABELS)]
     rng.shuffle(train)
     return train, test
 
@@ -35,14 +35,24 @@ def balanced_split(rows: list[dict], train_size: int, test_size: int, seed: int)
 def accuracy(model, rows: list[dict], adapter: str | None, batch_size: int = 16) -> float:
     correct = 0
     for start in tqdm(range(0, len(rows), batch_size), desc=f"scoring ({adapter or 'zero-shot'})", leave=False):
-        batch = rows[start:start + batch_size]
+        batch = rows[start : start + batch_size]
         results = model.score([TEMPLATE.format(text=r["text"]) for r in batch], labels=LABELS, adapters=adapter)
         correct += sum(res.label == r["label"] for res, r in zip(results, batch))
     return correct / len(rows)
 
 
-def train_prompt(model, rows: list[dict], name: str, *, epochs: int, lr: float, seed: int, num_virtual_tokens: int,
-                 output: str, batch_size: int = 8):
+def train_prompt(
+    model,
+    rows: list[dict],
+    name: str,
+    *,
+    epochs: int,
+    lr: float,
+    seed: int,
+    num_virtual_tokens: int,
+    output: str,
+    batch_size: int = 8,
+):
     """The demo's rows through `softprompt train`'s own loop (`train_jobs`): the same code as the CLI,
     so the demo also writes the resolved config, the metrics log and the loss plot next to the adapter."""
     import csv
@@ -59,18 +69,47 @@ def train_prompt(model, rows: list[dict], name: str, *, epochs: int, lr: float, 
     writer.writerows(rows)
     Path(output).mkdir(parents=True, exist_ok=True)
     atomic_write_text(data, buffer.getvalue())
-    config = load_config(None, {
-        "model": model.name_or_path, "data": str(data), "name": name, "method": "prompt_tuning", "num_virtual_tokens": num_virtual_tokens,
-        "init": "text", "init_text": INIT_TEXT, "template": TEMPLATE, "text_column": "text", "label_column": "label",
-        "verbalizer": {label: label for label in LABELS}, "val_fraction": 0.0, "eval_zero_shot": False,
-        "epochs": epochs, "lr": lr, "batch_size": batch_size, "max_length": 128, "seed": seed, "output": output})
+    config = load_config(
+        None,
+        {
+            "model": model.name_or_path,
+            "data": str(data),
+            "name": name,
+            "method": "prompt_tuning",
+            "num_virtual_tokens": num_virtual_tokens,
+            "init": "text",
+            "init_text": INIT_TEXT,
+            "template": TEMPLATE,
+            "text_column": "text",
+            "label_column": "label",
+            "verbalizer": {label: label for label in LABELS},
+            "val_fraction": 0.0,
+            "eval_zero_shot": False,
+            "epochs": epochs,
+            "lr": lr,
+            "batch_size": batch_size,
+            "max_length": 128,
+            "seed": seed,
+            "output": output,
+        },
+    )
     job = prepare_job(config.resolved_adapters()[0], val_rows=[])
     return train_jobs(config, model, [job], progress=True)
 
 
-def run_demo(model_name: str = "smollm2-135m", output: str = "runs/demo", *, train_size: int = 160,
-             test_size: int = 200, epochs: int = 2, lr: float = 3e-2, num_virtual_tokens: int = 8,
-             seed: int = 0, model=None, rows: list[dict] | None = None) -> dict:
+def run_demo(
+    model_name: str = "smollm2-135m",
+    output: str = "runs/demo",
+    *,
+    train_size: int = 160,
+    test_size: int = 200,
+    epochs: int = 2,
+    lr: float = 3e-2,
+    num_virtual_tokens: int = 8,
+    seed: int = 0,
+    model=None,
+    rows: list[dict] | None = None,
+) -> dict:
     """The demo as a library function; returns the measured accuracies."""
     from softprompt import load
     from softprompt.data.demo_tweets import load_vader_tweets
@@ -86,8 +125,9 @@ def run_demo(model_name: str = "smollm2-135m", output: str = "runs/demo", *, tra
         model = load(model_name)
     zero_shot = accuracy(model, test, None)
     print(f"zero-shot accuracy on {len(test)} held-out tweets: {zero_shot:.1%}")
-    trained = train_prompt(model, train, "sentiment", epochs=epochs, lr=lr, seed=seed,
-                           num_virtual_tokens=num_virtual_tokens, output=output)
+    trained = train_prompt(
+        model, train, "sentiment", epochs=epochs, lr=lr, seed=seed, num_virtual_tokens=num_virtual_tokens, output=output
+    )
     tuned = accuracy(model, test, "sentiment")
     print(f"tuned accuracy on the same {len(test)} held-out tweets: {tuned:.1%}  (zero-shot {zero_shot:.1%})")
     out = trained.adapters["sentiment"].path
@@ -98,4 +138,3 @@ def run_demo(model_name: str = "smollm2-135m", output: str = "runs/demo", *, tra
         print(f"  {prompt.splitlines()[0][:70]!s:<72} -> {text.strip()!r}")
     print(f"done in {time.time() - started:.0f} s")
     return {"zero_shot_accuracy": zero_shot, "tuned_accuracy": tuned, "adapter": str(out)}
-

@@ -16,8 +16,9 @@ import dataclasses
 import difflib
 import types
 import typing
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, Iterable, Mapping, Union
+from typing import Any, Union
 
 import yaml
 
@@ -65,7 +66,7 @@ class OptionError(ConfigError):
         super().__init__(f"{where}: {problem}")
         self.where, self.problem = where, problem
 
-    def renamed(self, where: str) -> "OptionError":
+    def renamed(self, where: str) -> OptionError:
         return OptionError(where, self.problem)
 
 
@@ -78,14 +79,20 @@ def check_int(value: Any, where: str, *, minimum: int | None = None, maximum: in
         raise OptionError(where, f"expected an integer, got {value!r}")
     low = minimum is not None and value < minimum
     if low or (maximum is not None and value > maximum):
-        bound = (f"between {minimum} and {maximum}" if minimum is not None and maximum is not None else
-                 f"of at least {minimum}" if low else f"of at most {maximum}")
+        bound = (
+            f"between {minimum} and {maximum}"
+            if minimum is not None and maximum is not None
+            else f"of at least {minimum}"
+            if low
+            else f"of at most {maximum}"
+        )
         raise OptionError(where, f"expected an integer {bound}, got {value}")
     return value
 
 
-def check_number(value: Any, where: str, *, minimum: float | None = None, above: float | None = None,
-                 below: float | None = None) -> float:
+def check_number(
+    value: Any, where: str, *, minimum: float | None = None, above: float | None = None, below: float | None = None
+) -> float:
     """``value`` if it is a number (not NaN) within the bounds, else an `OptionError` naming ``where``."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
         raise OptionError(where, f"expected a number, got {value!r}")
@@ -134,8 +141,10 @@ def type_name(hint: Any) -> str:
     names = []
     for kind in _kinds(hint):
         origin = typing.get_origin(kind)
-        names.append({int: "int", float: "float", bool: "bool", str: "str"}.get(kind) or
-                     {dict: "mapping", list: "list"}.get(origin, str(kind)))
+        names.append(
+            {int: "int", float: "float", bool: "bool", str: "str"}.get(kind)
+            or {dict: "mapping", list: "list"}.get(origin, str(kind))
+        )
     return " or ".join(names + (["null"] if is_optional(hint) else []))
 
 
@@ -228,8 +237,9 @@ def parse_mapping_text(text: str, where: str) -> Any:
     for part in stripped.split(","):
         raw, eq, label = part.partition("=")
         if not eq or not raw.strip():
-            raise ConfigError(f"{where}: expected RAW=TEXT pairs separated by commas, e.g. "
-                              f"'1=complaint,2=no complaint', got {text!r}")
+            raise ConfigError(
+                f"{where}: expected RAW=TEXT pairs separated by commas, e.g. '1=complaint,2=no complaint', got {text!r}"
+            )
         out[raw.strip()] = label.strip()
     return out
 
@@ -256,8 +266,18 @@ def default_of(f: dataclasses.Field) -> Any:
 def options_of(cls: type) -> list[Option]:
     """Every field of dataclass ``cls`` that the command line shows, as an `Option`, in order."""
     hints = typing.get_type_hints(cls)
-    return [Option(f.name, flag(f.name), type_name(hints[f.name]), default_of(f), f.metadata.get("help", ""),
-                   tuple(f.metadata.get("choices", ()))) for f in fields(cls) if f.metadata.get("cli", True)]
+    return [
+        Option(
+            f.name,
+            flag(f.name),
+            type_name(hints[f.name]),
+            default_of(f),
+            f.metadata.get("help", ""),
+            tuple(f.metadata.get("choices", ())),
+        )
+        for f in fields(cls)
+        if f.metadata.get("cli", True)
+    ]
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls: type, *, metavars: Mapping[str, str] | None = None) -> None:
@@ -275,8 +295,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, *, metavars: Mappi
         many = typing.get_origin(kind) is list
         extra = {"choices": f.metadata["choices"]} if "choices" in f.metadata else {}
         if f.metadata.get("positional"):
-            parser.add_argument(f.name, help=help_text or None, metavar=f.metadata.get("metavar"),
-                                **({"nargs": "+"} if many else {}))
+            parser.add_argument(
+                f.name, help=help_text or None, metavar=f.metadata.get("metavar"), **({"nargs": "+"} if many else {})
+            )
             continue
         metavar = (metavars or {}).get(f.name, f.metadata.get("metavar", None if extra else f.name.upper()))
         if hints[f.name] is bool:
@@ -285,13 +306,34 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, *, metavars: Mappi
             parser.add_argument(flag(f.name), action="append", default=default, metavar=metavar, help=help_text)
         else:
             shown = "" if default is None or "default" in help_text else f" (default {default})"
-            parser.add_argument(f.metadata.get("flag", flag(f.name)), dest=f.name,
-                                type=kind if kind in (int, float) else str, default=default, help=help_text + shown,
-                                required=f.metadata.get("required", False), metavar=metavar, **extra)
+            parser.add_argument(
+                f.metadata.get("flag", flag(f.name)),
+                dest=f.name,
+                type=kind if kind in (int, float) else str,
+                default=default,
+                help=help_text + shown,
+                required=f.metadata.get("required", False),
+                metavar=metavar,
+                **extra,
+            )
 
 
 __all__ = [
-    "option", "flag", "field_name", "did_you_mean", "OptionError", "check_int", "check_number", "check_choice",
-    "is_optional", "is_bool", "type_name", "coerce", "parse_mapping_text", "Option", "options_of", "add_arguments",
+    "Option",
+    "OptionError",
+    "add_arguments",
+    "check_choice",
+    "check_int",
+    "check_number",
+    "coerce",
     "default_of",
+    "did_you_mean",
+    "field_name",
+    "flag",
+    "is_bool",
+    "is_optional",
+    "option",
+    "options_of",
+    "parse_mapping_text",
+    "type_name",
 ]

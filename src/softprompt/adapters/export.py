@@ -35,8 +35,10 @@ from softprompt.models.loading import DTYPES
 
 FORMAT = "softprompt-prompt-embeds/1"
 TENSOR_KEY = "prompt_embeds"
-PREFIX_MESSAGE = ("is a prefix-tuning adapter: it adds keys and values at every layer, which cannot be expressed as "
-                  "input embeddings; serve it with 'softprompt serve' instead")
+PREFIX_MESSAGE = (
+    "is a prefix-tuning adapter: it adds keys and values at every layer, which cannot be expressed as "
+    "input embeddings; serve it with 'softprompt serve' instead"
+)
 
 
 def _dtype(dtype: str | torch.dtype | None) -> torch.dtype:
@@ -81,14 +83,20 @@ def prompt_embeddings(source, name: str | None = None) -> tuple[torch.Tensor, di
         raise SoftPromptError(f"{folder / CONFIG_FILE}: missing or malformed num_virtual_tokens") from None
     table = tensors["prompt_embeddings"]
     if table.dim() != 2 or table.shape[0] < n:
-        raise SoftPromptError(f"{folder / WEIGHTS_FILE}: prompt_embeddings has shape {tuple(table.shape)}, "
-                              f"expected [{n} (x submodules), hidden]")
+        raise SoftPromptError(
+            f"{folder / WEIGHTS_FILE}: prompt_embeddings has shape {tuple(table.shape)}, "
+            f"expected [{n} (x submodules), hidden]"
+        )
     # Encoder-decoder files keep PEFT's unused second copy of the rows: the first n are the prompt.
-    return table[:n].float().contiguous(), {"method": method, "base_model": str(peft.get("base_model_name_or_path") or "")}
+    return table[:n].float().contiguous(), {
+        "method": method,
+        "base_model": str(peft.get("base_model_name_or_path") or ""),
+    }
 
 
-def export_prompt_embeddings(source, output: str | Path, name: str | None = None, *,
-                             dtype: str | torch.dtype | None = None) -> Path:
+def export_prompt_embeddings(
+    source, output: str | Path, name: str | None = None, *, dtype: str | torch.dtype | None = None
+) -> Path:
     """Write an input-method adapter's ``[n, hidden]`` virtual-token embeddings to ``output``.
 
     The suffix picks the format: ``.safetensors`` (tensor ``prompt_embeds`` + metadata) or ``.pt``
@@ -99,9 +107,14 @@ def export_prompt_embeddings(source, output: str | Path, name: str | None = None
     table, info = prompt_embeddings(source, name)
     table = table.to(_dtype(dtype)).contiguous()
     if output.suffix == ".safetensors":
-        metadata = {"format": FORMAT, "method": info["method"], "num_virtual_tokens": str(table.shape[0]),
-                    "hidden_size": str(table.shape[1]), "base_model": info["base_model"],
-                    "dtype": str(table.dtype).replace("torch.", "")}
+        metadata = {
+            "format": FORMAT,
+            "method": info["method"],
+            "num_virtual_tokens": str(table.shape[0]),
+            "hidden_size": str(table.shape[1]),
+            "base_model": info["base_model"],
+            "dtype": str(table.dtype).replace("torch.", ""),
+        }
         data = save({TENSOR_KEY: table}, metadata=metadata)
     elif output.suffix == ".pt":
         buffer = io.BytesIO()
@@ -147,5 +160,12 @@ def read_metadata(path: str | Path) -> dict:
         return dict(f.metadata() or {})
 
 
-__all__ = ["export_prompt_embeddings", "prompt_embeddings", "build_prompt_embeds", "encode_for_vllm",
-           "read_metadata", "FORMAT", "TENSOR_KEY"]
+__all__ = [
+    "FORMAT",
+    "TENSOR_KEY",
+    "build_prompt_embeds",
+    "encode_for_vllm",
+    "export_prompt_embeddings",
+    "prompt_embeddings",
+    "read_metadata",
+]

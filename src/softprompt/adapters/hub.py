@@ -17,9 +17,18 @@ from pathlib import Path
 import huggingface_hub  # HfApi is looked up at call time, so a stand-in can replace it (the tests do)
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-from softprompt.adapters.peft_format import (CONFIG_FILE, META_FILE, STATE_FILE, STATE_META_FILE, WEIGHTS_FILE,
-                                             check_adapter_dir, is_hub_id, read_json, read_training_state,
-                                             verify_checksum)
+from softprompt.adapters.peft_format import (
+    CONFIG_FILE,
+    META_FILE,
+    STATE_FILE,
+    STATE_META_FILE,
+    WEIGHTS_FILE,
+    check_adapter_dir,
+    is_hub_id,
+    read_json,
+    read_training_state,
+    verify_checksum,
+)
 from softprompt.errors import SoftPromptError
 from softprompt.models.names import BUILTIN_HUB_IDS, hub_id_for
 
@@ -38,12 +47,24 @@ def model_card(path: str | Path) -> str:
         base = None  # a local path means nothing to the hub (nor to whoever downloads the adapter)
     method = str(meta.get("method") or peft.get("peft_type", "")).lower()
     size_kib = (folder / WEIGHTS_FILE).stat().st_size / 1024
-    front = ["---", "library_name: peft", *([f"base_model: {base}"] if base else []),
-             "tags:", "- softprompt", f"- {method.replace('_', '-')}", "---", ""]
-    body = [f"# {folder.name}", "",
-            f"A {method.replace('_', ' ')} adapter ({peft.get('num_virtual_tokens')} virtual tokens, "
-            f"{size_kib:.1f} KiB) for `{base or 'its base model'}`, trained with softprompt. "
-            "The files are PEFT's layout.", ""]
+    front = [
+        "---",
+        "library_name: peft",
+        *([f"base_model: {base}"] if base else []),
+        "tags:",
+        "- softprompt",
+        f"- {method.replace('_', '-')}",
+        "---",
+        "",
+    ]
+    body = [
+        f"# {folder.name}",
+        "",
+        f"A {method.replace('_', ' ')} adapter ({peft.get('num_virtual_tokens')} virtual tokens, "
+        f"{size_kib:.1f} KiB) for `{base or 'its base model'}`, trained with softprompt. "
+        "The files are PEFT's layout.",
+        "",
+    ]
     data = info.get("data") or {}
     if data.get("template"):
         body += ["Trained on prompts rendered with the template", "", "```text", data["template"], "```", ""]
@@ -52,27 +73,49 @@ def model_card(path: str | Path) -> str:
         body += [f"Labels (raw value -> label text scored after the prompt): {labels}.", ""]
     metrics = info.get("metrics") or {}
     if isinstance(metrics.get("accuracy"), (int, float)) and metrics.get("n"):
-        body += [f"Validation while training (the rows that chose this checkpoint, not a test set): accuracy "
-                 f"{metrics['accuracy']:.1%} on {metrics['n']} rows.", ""]
+        body += [
+            f"Validation while training (the rows that chose this checkpoint, not a test set): accuracy "
+            f"{metrics['accuracy']:.1%} on {metrics['n']} rows.",
+            "",
+        ]
     auto = "AutoModelForSeq2SeqLM" if peft.get("task_type") == "SEQ_2_SEQ_LM" else "AutoModelForCausalLM"
     softprompt_base = meta.get("base_model") if meta.get("base_model") in BUILTIN_HUB_IDS else base
-    body += ["## Use", "", "```bash",
-             f"softprompt eval --model {softprompt_base or 'BASE_MODEL'} --adapter REPO_ID --data held_out.csv",
-             "```", "", "```python", "from peft import PeftModel", f"from transformers import {auto}", "",
-             f"base = {auto}.from_pretrained({json.dumps(base or 'BASE_MODEL')})",
-             'model = PeftModel.from_pretrained(base, "REPO_ID")', "```", ""]
+    body += [
+        "## Use",
+        "",
+        "```bash",
+        f"softprompt eval --model {softprompt_base or 'BASE_MODEL'} --adapter REPO_ID --data held_out.csv",
+        "```",
+        "",
+        "```python",
+        "from peft import PeftModel",
+        f"from transformers import {auto}",
+        "",
+        f"base = {auto}.from_pretrained({json.dumps(base or 'BASE_MODEL')})",
+        'model = PeftModel.from_pretrained(base, "REPO_ID")',
+        "```",
+        "",
+    ]
     return "\n".join(front + body)
 
 
-def push_adapter(path: str | Path, repo_id: str, *, private: bool = False, token: str | None = None,
-                 commit_message: str | None = None, api=None) -> str:
+def push_adapter(
+    path: str | Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    token: str | None = None,
+    commit_message: str | None = None,
+    api=None,
+) -> str:
     """Upload the adapter directory ``path`` to the hub repo ``repo_id`` (created if missing); returns the
     commit URL. The files are checked (config, checksums) before anything is sent."""
     try:
         validate_repo_id(repo_id)
     except HFValidationError:
-        raise SoftPromptError(f"repo id {repo_id!r}: expected 'name' or 'owner/name' (letters, digits, '-', '_', "
-                              "'.'; no '--' or '..')") from None
+        raise SoftPromptError(
+            f"repo id {repo_id!r}: expected 'name' or 'owner/name' (letters, digits, '-', '_', '.'; no '--' or '..')"
+        ) from None
     folder = Path(path).expanduser()
     if not folder.is_dir():  # check_adapter_dir lets hub ids through; a push needs the files here
         raise SoftPromptError(f"{folder}: no such adapter directory (push uploads a local one)")
@@ -87,15 +130,22 @@ def push_adapter(path: str | Path, repo_id: str, *, private: bool = False, token
                 shutil.copy2(folder / name, Path(staging) / name)
         _strip_local_paths(Path(staging) / STATE_META_FILE)
         card = folder / CARD_FILE  # a card the user wrote wins over the generated one
-        (Path(staging) / CARD_FILE).write_text(card.read_text(encoding="utf-8") if card.is_file()
-                                               else model_card(folder).replace("REPO_ID", repo_id), encoding="utf-8")
+        (Path(staging) / CARD_FILE).write_text(
+            card.read_text(encoding="utf-8") if card.is_file() else model_card(folder).replace("REPO_ID", repo_id),
+            encoding="utf-8",
+        )
         try:
             api.create_repo(repo_id, private=private, exist_ok=True)
-            commit = api.upload_folder(repo_id=repo_id, folder_path=staging,
-                                       commit_message=commit_message or f"Upload {folder.name} with softprompt")
+            commit = api.upload_folder(
+                repo_id=repo_id,
+                folder_path=staging,
+                commit_message=commit_message or f"Upload {folder.name} with softprompt",
+            )
         except Exception as exc:  # network, authentication, permissions: one line, no traceback
-            raise SoftPromptError(f"pushing {folder} to {repo_id!r} failed: {exc.__class__.__name__}: "
-                                  f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}") from None
+            raise SoftPromptError(
+                f"pushing {folder} to {repo_id!r} failed: {exc.__class__.__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}"
+            ) from None
     return str(getattr(commit, "commit_url", commit))
 
 
@@ -109,8 +159,11 @@ def _strip_local_paths(state_meta: Path) -> None:
     if isinstance(data, dict):
         for key in ("data", "validation_data", "init_from"):
             value = data.get(key)
-            local = isinstance(value, str) and not value.startswith("hf:") and (
-                not is_hub_id(value) or Path(value).expanduser().exists())  # a hub id means the same anywhere
+            local = (
+                isinstance(value, str)
+                and not value.startswith("hf:")
+                and (not is_hub_id(value) or Path(value).expanduser().exists())
+            )  # a hub id means the same anywhere
             if local:
                 data[key] = value.replace("\\", "/").rsplit("/", 1)[-1]
         state_meta.write_text(json.dumps(info, indent=2, sort_keys=True), encoding="utf-8")

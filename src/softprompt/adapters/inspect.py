@@ -6,8 +6,16 @@ from pathlib import Path
 
 import torch
 
-from softprompt.adapters.peft_format import (CONFIG_FILE, META_FILE, PEFT_TYPES, WEIGHTS_FILE, read_json, read_tensors,
-                                             resolve_adapter_dir, verify_checksum)
+from softprompt.adapters.peft_format import (
+    CONFIG_FILE,
+    META_FILE,
+    PEFT_TYPES,
+    WEIGHTS_FILE,
+    read_json,
+    read_tensors,
+    resolve_adapter_dir,
+    verify_checksum,
+)
 from softprompt.errors import SoftPromptError
 
 
@@ -40,8 +48,10 @@ def inspect_adapter(path: str | Path, model=None, *, top_k: int = 3) -> dict:
         sims = torch.nn.functional.normalize(rows, dim=-1) @ torch.nn.functional.normalize(vocab, dim=-1).T
         best = sims.topk(min(top_k, sims.shape[-1]), dim=-1)  # at most the whole vocabulary
         info["nearest_tokens"] = [
-            [{"token": model.tokenizer.decode([int(i)]), "id": int(i), "cosine": round(float(s), 4)}
-             for s, i in zip(scores, ids)]
+            [
+                {"token": model.tokenizer.decode([int(i)]), "id": int(i), "cosine": round(float(s), 4)}
+                for s, i in zip(scores, ids)
+            ]
             for scores, ids in zip(best.values, best.indices)
         ]
     return info
@@ -61,5 +71,7 @@ def format_inspection(info: dict) -> str:
         for i, near in enumerate(info["nearest_tokens"]):
             lines.append(f"  {i:3d}  " + "  ".join(f"{n['token']!r} {n['cosine']:.2f}" for n in near))
     elif info["method"] == "prefix_tuning":
-        lines.append("prefix tuning stores keys/values per layer: its virtual tokens have no input embedding to compare")
+        lines.append(
+            "prefix tuning stores keys/values per layer: its virtual tokens have no input embedding to compare"
+        )
     return "\n".join(lines)

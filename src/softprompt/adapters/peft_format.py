@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from softprompt import __version__
 from softprompt.engine.families import ModelShape
 from softprompt.errors import AdapterMismatchError, SoftPromptError
-from softprompt.fileio import atomic_directory, atomic_write_json, recover_directory, sha256_file
+from softprompt.fileio import atomic_directory, recover_directory, sha256_file
 from softprompt.methods import PEFT_TYPES, SoftPromptMethod, method_class
 from softprompt.models.names import hub_id_for
 
@@ -68,8 +68,14 @@ def peft_config(model, adapter: SoftPromptMethod) -> dict:
     return config
 
 
-def save_adapter(model, name: str, path: str | Path, *, training_state: dict[str, torch.Tensor] | None = None,
-                 training_meta: dict | None = None) -> Path:
+def save_adapter(
+    model,
+    name: str,
+    path: str | Path,
+    *,
+    training_state: dict[str, torch.Tensor] | None = None,
+    training_meta: dict | None = None,
+) -> Path:
     """Write adapter ``name`` to ``path`` atomically. Other files already in ``path`` are kept."""
     adapter = model.get_adapter(name)
     path = Path(path)
@@ -126,10 +132,15 @@ def resolve_adapter_dir(path: str | Path) -> Path:
     text = str(path)
     if is_hub_id(text):
         try:
-            return Path(huggingface_hub.snapshot_download(text, allow_patterns=[CONFIG_FILE, WEIGHTS_FILE, META_FILE, STATE_FILE,
-                                                                STATE_META_FILE]))
+            return Path(
+                huggingface_hub.snapshot_download(
+                    text, allow_patterns=[CONFIG_FILE, WEIGHTS_FILE, META_FILE, STATE_FILE, STATE_META_FILE]
+                )
+            )
         except Exception as exc:  # network, auth or missing repo: one clear message
-            raise SoftPromptError(f"adapter {text!r}: no such local directory, and the hub download failed ({exc.__class__.__name__})") from None
+            raise SoftPromptError(
+                f"adapter {text!r}: no such local directory, and the hub download failed ({exc.__class__.__name__})"
+            ) from None
     raise SoftPromptError(f"{local}: no such adapter directory")
 
 
@@ -139,8 +150,9 @@ def read_json(file: Path) -> dict:
     if not file.is_file():
         raise SoftPromptError(f"{file}: missing (an adapter directory needs {CONFIG_FILE} and {WEIGHTS_FILE})")
     if file.stat().st_size > MAX_JSON_BYTES:
-        raise SoftPromptError(f"{file}: is {file.stat().st_size:,} bytes, too large for an adapter file "
-                              f"(at most {MAX_JSON_BYTES:,})")
+        raise SoftPromptError(
+            f"{file}: is {file.stat().st_size:,} bytes, too large for an adapter file (at most {MAX_JSON_BYTES:,})"
+        )
     try:
         value = json.loads(file.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -181,8 +193,9 @@ def verify_checksum(folder: Path, file_name: str, meta: dict) -> None:
 def _check(file: Path, what: str, found, expected, trained_on: str | None = None) -> None:
     if found != expected:
         hint = f" (it was trained on {trained_on})" if trained_on else ""
-        raise AdapterMismatchError(f"{file}: adapter made for a model with {what} {found}, this model has {expected}"
-                                   f"{hint}")
+        raise AdapterMismatchError(
+            f"{file}: adapter made for a model with {what} {found}, this model has {expected}{hint}"
+        )
 
 
 def _state_beyond_table(adapter: SoftPromptMethod, table: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -204,10 +217,14 @@ def read_peft_config(config_file: Path) -> dict:
     """PEFT's ``adapter_config.json``, checked: a JSON object of a known ``peft_type``, without trust_remote_code."""
     peft = read_json(config_file)
     if "trust_remote_code" in json.dumps(peft):
-        raise SoftPromptError(f"{config_file}: asks for trust_remote_code, which softprompt never takes from an adapter file")
+        raise SoftPromptError(
+            f"{config_file}: asks for trust_remote_code, which softprompt never takes from an adapter file"
+        )
     peft_type = peft.get("peft_type")
     if peft_type not in PEFT_TYPES:
-        raise SoftPromptError(f"{config_file}: unknown method peft_type={peft_type!r}; expected one of {', '.join(PEFT_TYPES)}")
+        raise SoftPromptError(
+            f"{config_file}: unknown method peft_type={peft_type!r}; expected one of {', '.join(PEFT_TYPES)}"
+        )
     return peft
 
 
@@ -261,8 +278,9 @@ def _read(folder: Path, shape: ModelShape, resume: bool) -> tuple[SoftPromptMeth
         n = int(peft["num_virtual_tokens"])
         if meta.get("config") and meta.get("method") == cls.config_class.method:
             if not isinstance(meta["config"], dict):
-                raise SoftPromptError(f"{folder / META_FILE}: 'config' must be a JSON object, "
-                                      f"got {type(meta['config']).__name__}")
+                raise SoftPromptError(
+                    f"{folder / META_FILE}: 'config' must be a JSON object, got {type(meta['config']).__name__}"
+                )
             fields = {k: v for k, v in meta["config"].items() if k != "method"}
             config = cls.config_class.from_dict(fields, source=str(folder / META_FILE))
         else:
@@ -273,16 +291,27 @@ def _read(folder: Path, shape: ModelShape, resume: bool) -> tuple[SoftPromptMeth
     base = meta.get("base_model") or peft.get("base_model_name_or_path")  # named in a mismatch error
     base = base if isinstance(base, str) and base else None
     _check(config_file, "layers (num_layers)", peft.get("num_layers"), shape.num_layers, base)
-    _check(config_file, "token width (token_dim)", peft.get("token_dim"),
-           shape.prefix_token_dim if kv else shape.hidden_size, base)
+    _check(
+        config_file,
+        "token width (token_dim)",
+        peft.get("token_dim"),
+        shape.prefix_token_dim if kv else shape.hidden_size,
+        base,
+    )
     if kv:
-        _check(config_file, "key/value heads (num_attention_heads)", peft.get("num_attention_heads"),
-               shape.prefix_heads, base)
+        _check(
+            config_file,
+            "key/value heads (num_attention_heads)",
+            peft.get("num_attention_heads"),
+            shape.prefix_heads,
+            base,
+        )
     saved_shape = meta.get("shape")
     if isinstance(saved_shape, dict) and isinstance(saved_shape.get("vocab_size"), int):
         # Same width and depth but another vocabulary: another base model, whose embeddings mean other things.
-        _check(folder / META_FILE, "vocabulary size (shape.vocab_size)", saved_shape["vocab_size"], shape.vocab_size,
-               base)
+        _check(
+            folder / META_FILE, "vocabulary size (shape.vocab_size)", saved_shape["vocab_size"], shape.vocab_size, base
+        )
     weights_file = folder / WEIGHTS_FILE
     verify_checksum(folder, WEIGHTS_FILE, meta)
     tensors = read_tensors(weights_file)
@@ -299,7 +328,7 @@ def _read(folder: Path, shape: ModelShape, resume: bool) -> tuple[SoftPromptMeth
         if state_file.exists():
             verify_checksum(folder, STATE_FILE, meta)
             state = read_tensors(state_file)
-            own = {k[len("adapter."):]: v for k, v in state.items() if k.startswith("adapter.")}
+            own = {k[len("adapter.") :]: v for k, v in state.items() if k.startswith("adapter.")}
             if own:
                 fresh = cls(config, shape)
                 fresh.load_training_state(own)

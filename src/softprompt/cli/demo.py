@@ -41,6 +41,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    run_demo(args.model, args.output, train_size=args.train_size, test_size=args.test_size, epochs=args.epochs,
-             lr=args.lr, num_virtual_tokens=args.num_virtual_tokens, seed=args.seed)
+    run_demo(
+        args.model,
+        args.output,
+        train_size=args.train_size,
+        test_size=args.test_size,
+        epochs=args.epochs,
+        lr=args.lr,
+        num_virtual_tokens=args.num_virtual_tokens,
+        seed=args.seed,
+    )
     return 0

@@ -42,15 +42,23 @@ class EvalOptions:
     template: str | None = option(None, "Prompt template with {column} fields (default: as trained).")
     text_column: str | None = option(None, "Text column (default: as trained).")
     label_column: str | None = option(None, "Label column (default: as trained).")
-    method: str = option("score", "Label scoring (default), generation exact match, or perplexity.",
-                         choices=EVAL_METHODS)
-    data_format: str | None = option(None, "Data format when the extension does not tell: csv, tsv, jsonl, "
-                                           "parquet, phrasebank or hf.", flag="--format")
+    method: str = option(
+        "score", "Label scoring (default), generation exact match, or perplexity.", choices=EVAL_METHODS
+    )
+    data_format: str | None = option(
+        None,
+        "Data format when the extension does not tell: csv, tsv, jsonl, parquet, phrasebank or hf.",
+        flag="--format",
+    )
     encoding: str | None = option(None, "Text encoding of the data file (default UTF-8).")
     split: str = option("test", "Split of a hub data set (default: test).")
     batch_size: int = option(16, "Rows per batch (default 16).")
-    plot: str | None = option(None, "Also draw each adapter's confusion matrix to this PNG (NAME is inserted "
-                                    "before the extension when several adapters are evaluated).", metavar="PNG")
+    plot: str | None = option(
+        None,
+        "Also draw each adapter's confusion matrix to this PNG (NAME is inserted "
+        "before the extension when several adapters are evaluated).",
+        metavar="PNG",
+    )
     json: bool = option(False, "Print JSON.")
 
 
@@ -62,8 +70,9 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     if extra:
         raise SoftPromptError(f"unrecognised arguments: {' '.join(extra)}")
     if args.plot and args.method == "perplexity":
-        raise SoftPromptError("--plot: a confusion matrix needs labelled data evaluated with --method score "
-                              "or generate, not perplexity")
+        raise SoftPromptError(
+            "--plot: a confusion matrix needs labelled data evaluated with --method score or generate, not perplexity"
+        )
     adapters = parse_adapter_specs(args.adapter)
     if not adapters:
         raise SoftPromptError("--adapter: give at least one adapter to evaluate")
@@ -71,10 +80,20 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     reports = {}
     for name, path in adapters.items():
         model.load_adapter(path, name=name)
-        reports[name] = evaluate_data(model, name, args.data, adapter_dir=path, template=args.template,
-                                      text_column=args.text_column, label_column=args.label_column,
-                                      method=args.method, batch_size=args.batch_size,
-                                      data_format=args.data_format, encoding=args.encoding, split=args.split)
+        reports[name] = evaluate_data(
+            model,
+            name,
+            args.data,
+            adapter_dir=path,
+            template=args.template,
+            text_column=args.text_column,
+            label_column=args.label_column,
+            method=args.method,
+            batch_size=args.batch_size,
+            data_format=args.data_format,
+            encoding=args.encoding,
+            split=args.split,
+        )
         if args.plot:
             _plot_confusion(reports[name], args.plot, name if len(adapters) > 1 else None)
     if args.json:
@@ -87,8 +106,9 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
 
 def _plot_confusion(report, path: str, name: str | None) -> None:
     if report.metrics.get("confusion_matrix") is None:
-        raise SoftPromptError("--plot: a confusion matrix needs labelled data evaluated with --method score "
-                              "or generate")
+        raise SoftPromptError(
+            "--plot: a confusion matrix needs labelled data evaluated with --method score or generate"
+        )
     target = Path(path)
     if name:
         target = target.with_name(f"{target.stem}-{name}{target.suffix or '.png'}")

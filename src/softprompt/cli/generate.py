@@ -54,11 +54,22 @@ def run(args: argparse.Namespace) -> int:
     columns: list[str | None] = list(adapters) + ([None] if args.base or not adapters else [])
     prompts = [p for p in args.prompts for _ in columns]
     names = [c for _ in args.prompts for c in columns]
-    results = generate(model, prompts, adapters=names, return_details=True, max_new_tokens=args.max_new_tokens,
-                       do_sample=args.temperature > 0, temperature=args.temperature or 1.0, top_p=args.top_p,
-                       stop=args.stop or (), seed=args.seed)
-    rows = [{"prompt": p, "adapter": n, "text": r.text, "finish_reason": r.finish_reason}
-            for p, n, r in zip(prompts, names, results)]
+    results = generate(
+        model,
+        prompts,
+        adapters=names,
+        return_details=True,
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.temperature > 0,
+        temperature=args.temperature or 1.0,
+        top_p=args.top_p,
+        stop=args.stop or (),
+        seed=args.seed,
+    )
+    rows = [
+        {"prompt": p, "adapter": n, "text": r.text, "finish_reason": r.finish_reason}
+        for p, n, r in zip(prompts, names, results)
+    ]
     if args.json:
         print(json.dumps(rows, indent=2, ensure_ascii=False))
     else:

@@ -36,13 +36,17 @@ class PredictOptions:
     """The options of ``softprompt predict``."""
 
     model: str | None = model_option()
-    adapter: list[str] = adapter_option("Adapter (repeatable: several are an ensemble; none: the zero-shot base "
-                                        "model).")
+    adapter: list[str] = adapter_option(
+        "Adapter (repeatable: several are an ensemble; none: the zero-shot base model)."
+    )
     data: str | None = option(None, "Data file (CSV, TSV, JSONL, parquet, phrasebank).", required=True)
     output: str | None = option(None, "CSV file to write (written atomically).", required=True)
-    verbalizer: str | None = option(None, "Raw label -> label text, as '1=complaint,2=no complaint' or a YAML "
-                                          "mapping (keeps leading spaces); default: as trained.",
-                                    metavar="RAW=TEXT,...")
+    verbalizer: str | None = option(
+        None,
+        "Raw label -> label text, as '1=complaint,2=no complaint' or a YAML "
+        "mapping (keeps leading spaces); default: as trained.",
+        metavar="RAW=TEXT,...",
+    )
     id_column: str | None = option(None, "Column copied to the output to identify rows (default: row numbers).")
     label_name: str = option("Label", "Header of the predicted-label column (default Label).")
     template: str | None = option(None, "Prompt template with {column} fields (default: as trained).")
@@ -62,9 +66,19 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise SoftPromptError(f"--batch-size: expected an integer of at least 1, got {args.batch_size}")
     model = load(args.model)
-    path = predict_file(model, adapters, args.data, args.output, id_column=args.id_column,
-                        label_name=args.label_name, template=args.template, verbalizer=verbalizer,
-                        probabilities=args.probabilities,
-                        batch_size=args.batch_size, data_format=args.data_format, encoding=args.encoding)
+    path = predict_file(
+        model,
+        adapters,
+        args.data,
+        args.output,
+        id_column=args.id_column,
+        label_name=args.label_name,
+        template=args.template,
+        verbalizer=verbalizer,
+        probabilities=args.probabilities,
+        batch_size=args.batch_size,
+        data_format=args.data_format,
+        encoding=args.encoding,
+    )
     print(f"wrote {path}")
     return 0

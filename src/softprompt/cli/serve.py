@@ -22,11 +22,25 @@ EXAMPLES = """
       softprompt serve --model smollm2-135m --adapter-dir runs/adapters --port 8080
     """
 #: How --help names the value of each `ServerSettings` flag.
-_METAVARS = {"retry_after_s": "SECONDS", "keep_alive_s": "SECONDS", "adapter_wait_s": "SECONDS",
-             "batch_window_ms": "MS", "max_resident_adapters": "N", "max_queue": "N", "max_inputs": "N", "max_labels": "N",
-             "max_batch_size": "N", "max_prompt_tokens": "TOKENS", "max_tokens_limit": "TOKENS",
-             "default_max_tokens": "TOKENS", "max_body_bytes": "BYTES", "served_model_name": "NAME",
-             "adapter_dir": "DIR", "admin_token": "TOKEN", "log_level": "LEVEL"}
+_METAVARS = {
+    "retry_after_s": "SECONDS",
+    "keep_alive_s": "SECONDS",
+    "adapter_wait_s": "SECONDS",
+    "batch_window_ms": "MS",
+    "max_resident_adapters": "N",
+    "max_queue": "N",
+    "max_inputs": "N",
+    "max_labels": "N",
+    "max_batch_size": "N",
+    "max_prompt_tokens": "TOKENS",
+    "max_tokens_limit": "TOKENS",
+    "default_max_tokens": "TOKENS",
+    "max_body_bytes": "BYTES",
+    "served_model_name": "NAME",
+    "adapter_dir": "DIR",
+    "admin_token": "TOKEN",
+    "log_level": "LEVEL",
+}
 
 
 @dataclass
@@ -34,8 +48,9 @@ class ServeOptions:
     """The options of ``softprompt serve`` that are not `ServerSettings` fields."""
 
     model: str | None = model_option("Base model: built-in name, local checkpoint directory or hub id.")
-    adapter: list[str] = adapter_option("Adapter to serve (repeatable); NAME defaults to the directory name. "
-                                        "Clients name it in the 'model' field.")
+    adapter: list[str] = adapter_option(
+        "Adapter to serve (repeatable); NAME defaults to the directory name. Clients name it in the 'model' field."
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,10 +59,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    options = {f.name: getattr(args, f.name) for f in fields(ServerSettings)
-               if f.metadata.get("cli", True) and hasattr(args, f.name)}
+    options = {
+        f.name: getattr(args, f.name)
+        for f in fields(ServerSettings)
+        if f.metadata.get("cli", True) and hasattr(args, f.name)
+    }
     host, port = options.pop("host"), options.pop("port")
     adapter_dir = options.pop("adapter_dir")
-    serve(args.model, adapters=parse_adapter_specs(args.adapter), adapter_dir=adapter_dir, host=host, port=port,
-          **options)
+    serve(
+        args.model, adapters=parse_adapter_specs(args.adapter), adapter_dir=adapter_dir, host=host, port=port, **options
+    )
     return 0

@@ -42,8 +42,9 @@ EXAMPLES = """
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.usage = "softprompt train [CONFIG.yaml] [--KEY VALUE ...]"
     lines = [f"  {o.flag:<28} {o.help}" for o in train_options()]
-    parser.epilog = ((parser.epilog or "") + "\noptions from the config (--KEY VALUE overrides the file):\n"
-                     + "\n".join(lines))
+    parser.epilog = (
+        (parser.epilog or "") + "\noptions from the config (--KEY VALUE overrides the file):\n" + "\n".join(lines)
+    )
 
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:

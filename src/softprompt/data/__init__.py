@@ -14,15 +14,40 @@ from __future__ import annotations
 
 from softprompt.data.examples import Example, build_examples
 from softprompt.data.rows import (
-    FORMATS, HUB_PREFIX, MAX_FILE_BYTES, MAX_VALUE_CHARS, Row, column_names, format_name, is_known_encoding,
-    load_rows, require_columns,
+    FORMATS,
+    HUB_PREFIX,
+    MAX_FILE_BYTES,
+    MAX_VALUE_CHARS,
+    Row,
+    column_names,
+    format_name,
+    is_known_encoding,
+    load_rows,
+    require_columns,
 )
 from softprompt.data.splits import kfold, sample_rows, train_val_split
 from softprompt.data.templates import Template, default_template, escape_template_text
 from softprompt.data.verbalizers import Verbalizer, verbalizer_for
 
 __all__ = [
-    "FORMATS", "HUB_PREFIX", "MAX_FILE_BYTES", "MAX_VALUE_CHARS", "Row", "load_rows", "format_name",
-    "is_known_encoding", "column_names", "require_columns", "default_template", "escape_template_text", "Template",
-    "Verbalizer", "verbalizer_for", "sample_rows", "train_val_split", "kfold", "Example", "build_examples",
+    "FORMATS",
+    "HUB_PREFIX",
+    "MAX_FILE_BYTES",
+    "MAX_VALUE_CHARS",
+    "Example",
+    "Row",
+    "Template",
+    "Verbalizer",
+    "build_examples",
+    "column_names",
+    "default_template",
+    "escape_template_text",
+    "format_name",
+    "is_known_encoding",
+    "kfold",
+    "load_rows",
+    "require_columns",
+    "sample_rows",
+    "train_val_split",
+    "verbalizer_for",
 ]

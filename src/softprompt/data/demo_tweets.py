@@ -54,8 +54,9 @@ def parse_tweets(text: str, min_abs_rating: float = POLAR_THRESHOLD) -> list[dic
         try:
             rating = float(fields[1])
         except (IndexError, ValueError):
-            raise SoftPromptError(f"{CACHE_NAME} line {lineno}: expected id<TAB>rating<TAB>text, "
-                                  f"got {line[:60]!r}") from None
+            raise SoftPromptError(
+                f"{CACHE_NAME} line {lineno}: expected id<TAB>rating<TAB>text, got {line[:60]!r}"
+            ) from None
         tweet = html.unescape(fields[2]).strip() if len(fields) > 2 else ""
         if not tweet:
             continue
@@ -104,7 +105,8 @@ def _fetch(target: Path, *, progress: bool) -> None:
             raise SoftPromptError(
                 f"the demo tweets come from the PyPI source package {VADER_REQUIREMENT}, and fetching it failed "
                 f"({why}). Run this where PyPI is reachable: {manual} ; then extract {TWEETS_MEMBER} from "
-                f"{INNER_ARCHIVE} inside it to {target}")
+                f"{INNER_ARCHIVE} inside it to {target}"
+            )
         data = _extract_tweets(sdists[0])
         digest = hashlib.sha256(data).hexdigest()
         if digest != TWEETS_SHA256:
@@ -114,8 +116,9 @@ def _fetch(target: Path, *, progress: bool) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load_vader_tweets(cache_dir: str | os.PathLike | None = None, *, min_abs_rating: float = POLAR_THRESHOLD,
-                      progress: bool = True) -> list[dict]:
+def load_vader_tweets(
+    cache_dir: str | os.PathLike | None = None, *, min_abs_rating: float = POLAR_THRESHOLD, progress: bool = True
+) -> list[dict]:
     """The clearly polar VADER tweets: ``[{"text": str, "rating": float, "label": "positive"|"negative"}]``.
 
     Fetched from PyPI on first use (``pip download vaderSentiment==3.3.2 --no-deps --no-binary :all:``)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from softprompt.data.rows import Row, column_names, require_columns
 from softprompt.data.templates import Template
@@ -20,8 +20,14 @@ class Example:
     row: dict
 
 
-def build_examples(rows: Sequence[Row], template: Template | str, label_column: str | None = None,
-                   verbalizer: Verbalizer | None = None, *, source: str) -> list[Example]:
+def build_examples(
+    rows: Sequence[Row],
+    template: Template | str,
+    label_column: str | None = None,
+    verbalizer: Verbalizer | None = None,
+    *,
+    source: str,
+) -> list[Example]:
     """Render every row through ``template``; map ``label_column`` through ``verbalizer`` when given.
 
     Without a verbalizer the labels found in the data are used as they are.
@@ -30,8 +36,10 @@ def build_examples(rows: Sequence[Row], template: Template | str, label_column: 
     if not rows:
         raise DataError(f"{source} has no rows; expected at least one example.")
     if not template.fields:
-        raise ConfigError(f"template {template.text!r} uses no column, so every example would be the same text; "
-                          f"add a field such as {{text}}.")
+        raise ConfigError(
+            f"template {template.text!r} uses no column, so every example would be the same text; "
+            f"add a field such as {{text}}."
+        )
     template.validate(column_names(rows), source=source)
     require_columns(rows, template.fields, source=source)
     if label_column is None:
@@ -41,6 +49,11 @@ def build_examples(rows: Sequence[Row], template: Template | str, label_column: 
     if verbalizer is None:
         verbalizer = Verbalizer.from_rows(rows, label_column, source=source)
     require_columns(rows, [label_column], source=source)
-    return [Example(template.render(row),
-                    verbalizer.to_text(row[label_column], row_index=i, source=source, column=label_column), row)
-            for i, row in enumerate(rows)]
+    return [
+        Example(
+            template.render(row),
+            verbalizer.to_text(row[label_column], row_index=i, source=source, column=label_column),
+            row,
+        )
+        for i, row in enumerate(rows)
+    ]

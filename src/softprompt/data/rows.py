@@ -17,19 +17,28 @@ import io
 import json
 import math
 import re
+from collections.abc import Iterable, Mapping, Sequence
 from os import PathLike
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
-from softprompt.options import did_you_mean
 from softprompt.errors import ConfigError, DataError
+from softprompt.options import did_you_mean
 
 Row = dict[str, str]
 
 FORMATS = ("csv", "tsv", "jsonl", "parquet", "phrasebank", "hf")
 _FORMAT_ALIASES = {"ndjson": "jsonl", "pq": "parquet", "hub": "hf", "txt": "phrasebank"}
-_EXTENSIONS = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl",
-               ".parquet": "parquet", ".pq": "parquet", ".txt": "phrasebank"}
+_EXTENSIONS = {
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".tab": "tsv",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".txt": "phrasebank",
+}
 HUB_PREFIX = "hf:"
 #: Local data files are read into memory whole: a bigger one is refused up front, not by running out of memory.
 MAX_FILE_BYTES = 2 * 1024**3
@@ -44,8 +53,9 @@ csv.field_size_limit(2**31 - 1)
 # --------------------------------------------------------------------------------------------- loading
 
 
-def load_rows(path_or_name: str | PathLike, *, format: str | None = None, split: str = "train",
-              encoding: str | None = None) -> list[Row]:
+def load_rows(
+    path_or_name: str | PathLike, *, format: str | None = None, split: str = "train", encoding: str | None = None
+) -> list[Row]:
     """Read a data set into rows of strings.
 
     ``path_or_name`` is a local file (CSV, TSV, JSONL, parquet, or a financial_phrasebank
@@ -57,29 +67,34 @@ def load_rows(path_or_name: str | PathLike, *, format: str | None = None, split:
     spec = str(path_or_name)
     fmt = _normalise_format(format)
     if spec.startswith(HUB_PREFIX) or fmt == "hf":
-        return _load_hub(spec[len(HUB_PREFIX):] if spec.startswith(HUB_PREFIX) else spec, split)
+        return _load_hub(spec[len(HUB_PREFIX) :] if spec.startswith(HUB_PREFIX) else spec, split)
 
     path = Path(spec)
     if not path.exists():
         hint = f" (for a Hugging Face data set write {HUB_PREFIX}{spec})" if _looks_like_hub_name(spec) else ""
-        raise DataError(f"{path}: no such file{hint}; expected a CSV, TSV, JSONL, parquet or "
-                        f"phrasebank .txt file, or a hub data set written hf:owner/name[:config].")
+        raise DataError(
+            f"{path}: no such file{hint}; expected a CSV, TSV, JSONL, parquet or "
+            f"phrasebank .txt file, or a hub data set written hf:owner/name[:config]."
+        )
     if path.is_dir():
         raise DataError(f"{path} is a directory; pass the data file inside it.")
     if not path.is_file():  # a device, pipe or socket (e.g. a symlink to /dev/zero) would never end
         raise DataError(f"{path} is not a regular file; expected a data file.")
     size = path.stat().st_size
     if size > MAX_FILE_BYTES:
-        raise DataError(f"{path} is {size:,} bytes, over the {MAX_FILE_BYTES:,}-byte limit for a data file "
-                        f"(it is read into memory whole); split it or sample it.")
+        raise DataError(
+            f"{path} is {size:,} bytes, over the {MAX_FILE_BYTES:,}-byte limit for a data file "
+            f"(it is read into memory whole); split it or sample it."
+        )
     if fmt is None:
         fmt = _EXTENSIONS.get(path.suffix.lower())
         if fmt is None:
-            raise ConfigError(f"{path}: cannot tell the format from the extension {path.suffix or '(none)'!r}; "
-                              f"pass --format with one of {', '.join(FORMATS[:-1])}.")
+            raise ConfigError(
+                f"{path}: cannot tell the format from the extension {path.suffix or '(none)'!r}; "
+                f"pass --format with one of {', '.join(FORMATS[:-1])}."
+            )
     if encoding is not None and not is_known_encoding(encoding):
-        raise ConfigError(f"--encoding {encoding!r} is not a known text encoding "
-                          f"(e.g. utf-8, latin-1, cp1252).")
+        raise ConfigError(f"--encoding {encoding!r} is not a known text encoding (e.g. utf-8, latin-1, cp1252).")
 
     if fmt == "parquet":
         rows = _parse_parquet(path)
@@ -104,9 +119,11 @@ def _check_value_sizes(rows: list[Row], path: Path) -> None:
     for i, row in enumerate(rows):
         for column, value in row.items():
             if len(value) > MAX_VALUE_CHARS:
-                raise DataError(f"{path}, row {i + 1}, column {column!r}: the value is {len(value):,} characters "
-                                f"long, over the {MAX_VALUE_CHARS:,}-character limit; is a quote or a line break "
-                                f"missing?")
+                raise DataError(
+                    f"{path}, row {i + 1}, column {column!r}: the value is {len(value):,} characters "
+                    f"long, over the {MAX_VALUE_CHARS:,}-character limit; is a quote or a line break "
+                    f"missing?"
+                )
 
 
 def format_name(format: str) -> str | None:
@@ -151,16 +168,19 @@ def _read_text(path: Path, encoding: str | None, *, fallback: str | None) -> str
         if encoding is None and fallback is not None:
             return data.decode(fallback)
         line = data.count(b"\n", 0, e.start) + 1
-        raise DataError(f"{path}: byte 0x{data[e.start]:02x} at offset {e.start} (line {line}) is not valid "
-                        f"{encoding or 'UTF-8'}; pass --encoding with the file's encoding "
-                        f"(e.g. --encoding latin-1).") from None
+        raise DataError(
+            f"{path}: byte 0x{data[e.start]:02x} at offset {e.start} (line {line}) is not valid "
+            f"{encoding or 'UTF-8'}; pass --encoding with the file's encoding "
+            f"(e.g. --encoding latin-1)."
+        ) from None
 
 
 def _parse_delimited(text: str, path: Path, delimiter: str, quoting: int) -> list[Row]:
     kind = "CSV" if delimiter == "," else "TSV"
     # strict: an unclosed quote must be an error, not a field that silently swallows the rest of the file.
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting,
-                        strict=quoting != csv.QUOTE_NONE)
+    reader = csv.reader(
+        io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting, strict=quoting != csv.QUOTE_NONE
+    )
     header: list[str] | None = None
     rows: list[Row] = []
     try:
@@ -172,8 +192,10 @@ def _parse_delimited(text: str, path: Path, delimiter: str, quoting: int) -> lis
                 continue
             if len(record) != len(header):
                 hint = " (quote fields that contain a comma)" if kind == "CSV" else ""
-                raise DataError(f"{path}, row {len(rows) + 1} (line {reader.line_num}): has {len(record)} fields "
-                                f"but the header has {len(header)} ({', '.join(map(repr, header))}){hint}.")
+                raise DataError(
+                    f"{path}, row {len(rows) + 1} (line {reader.line_num}): has {len(record)} fields "
+                    f"but the header has {len(header)} ({', '.join(map(repr, header))}){hint}."
+                )
             rows.append(dict(zip(header, record)))
     except csv.Error as e:
         raise DataError(f"{path}, line {reader.line_num}: malformed {kind} ({e}); check the quoting.") from None
@@ -204,20 +226,26 @@ def _parse_jsonl(text: str, path: Path) -> list[Row]:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}, line {lineno}: is not valid JSON ({e.msg} at column {e.colno}); "
-                            f"each line must hold one JSON object.") from None
+            raise DataError(
+                f"{path}, line {lineno}: is not valid JSON ({e.msg} at column {e.colno}); "
+                f"each line must hold one JSON object."
+            ) from None
         if not isinstance(obj, dict):
-            raise DataError(f"{path}, line {lineno}: holds a JSON {type(obj).__name__}, but each line must be "
-                            f'one JSON object such as {{"text": "...", "label": "..."}}.')
+            raise DataError(
+                f"{path}, line {lineno}: holds a JSON {type(obj).__name__}, but each line must be "
+                f'one JSON object such as {{"text": "...", "label": "..."}}.'
+            )
         if keys is None:
             keys, first_line = list(obj), lineno
         elif set(obj) != set(keys):
             missing = [k for k in keys if k not in obj]
             extra = [k for k in obj if k not in keys]
-            what = "; ".join(part for part in (f"lacks {missing}" if missing else "",
-                                               f"has extra {extra}" if extra else "") if part)
-            raise DataError(f"{path}, line {lineno}: {what} compared with line {first_line}; every line needs "
-                            f"the same keys.")
+            what = "; ".join(
+                part for part in (f"lacks {missing}" if missing else "", f"has extra {extra}" if extra else "") if part
+            )
+            raise DataError(
+                f"{path}, line {lineno}: {what} compared with line {first_line}; every line needs the same keys."
+            )
         rows.append({k: cell_text(obj[k]) for k in keys})
     return rows
 
@@ -231,8 +259,10 @@ def _parse_phrasebank(text: str, path: Path) -> list[Row]:
         sentence, at, label = line.rpartition("@")  # the label never contains '@'; a sentence might
         label = label.strip()
         if not at or not sentence.strip() or not label:
-            raise DataError(f"{path}, line {lineno}: expected 'sentence@label' (the financial_phrasebank "
-                            f"format) but got {line[:60]!r}; for another format pass --format.")
+            raise DataError(
+                f"{path}, line {lineno}: expected 'sentence@label' (the financial_phrasebank "
+                f"format) but got {line[:60]!r}; for another format pass --format."
+            )
         rows.append({"sentence": sentence, "label": label})
     return rows
 
@@ -258,11 +288,12 @@ def _load_hub(spec: str, split: str) -> list[Row]:
     try:
         import datasets
     except ImportError:
-        raise ConfigError(f"{HUB_PREFIX}{spec}: reading hub data sets needs the datasets package "
-                          f"(pip install 'softprompt[hub]').") from None
+        raise ConfigError(
+            f"{HUB_PREFIX}{spec}: reading hub data sets needs the datasets package (pip install 'softprompt[hub]')."
+        ) from None
     try:
         dataset = datasets.load_dataset(name, config or None, split=split)
-    except Exception as e:  # noqa: BLE001 - datasets raises many unrelated types (network, config, split)
+    except Exception as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise DataError(f"{HUB_PREFIX}{spec}: cannot load split {split!r} from the hub ({reason}).") from None
     rows = [{str(k): cell_text(v) for k, v in record.items()} for record in dataset]
@@ -315,10 +346,11 @@ def require_columns(rows: Sequence[Mapping[str, Any]], columns: Iterable[str], *
     available = column_names(rows)
     for column in columns:
         if column not in rows[0]:
-            raise DataError(f"{source} has no column {column!r}{did_you_mean(column, available)}; "
-                            f"available columns: {', '.join(map(repr, available))}.")
+            raise DataError(
+                f"{source} has no column {column!r}{did_you_mean(column, available)}; "
+                f"available columns: {', '.join(map(repr, available))}."
+            )
     for i, row in enumerate(rows):
         for column in columns:
             if column not in row:
                 raise DataError(f"{source}, row {i + 1}: lacks column {column!r}, which row 1 has.")
-

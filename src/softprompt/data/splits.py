@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from softprompt.data.rows import Row, cell_text, require_columns
 from softprompt.data.verbalizers import label_order
 from softprompt.errors import ConfigError, DataError
 
 
-def _shuffled_groups(rows: Sequence[Mapping[str, Any]], seed: int, stratify_column: str | None,
-                     source: str) -> list[list[int]]:
+def _shuffled_groups(
+    rows: Sequence[Mapping[str, Any]], seed: int, stratify_column: str | None, source: str
+) -> list[list[int]]:
     """Row indices, shuffled with ``seed``: one group per label (sorted) or a single group."""
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ConfigError(f"seed must be an integer, got {seed!r}.")
@@ -35,13 +37,14 @@ def _largest_remainder(sizes: Sequence[int], total: int) -> list[int]:
     n = sum(sizes)
     quotas = [total * s // n for s in sizes]
     by_remainder = sorted(range(len(sizes)), key=lambda g: (-(total * sizes[g] % n), g))
-    for g in by_remainder[:total - sum(quotas)]:
+    for g in by_remainder[: total - sum(quotas)]:
         quotas[g] += 1
     return quotas
 
 
-def sample_rows(rows: Sequence[Row], n: int, seed: int, stratify_column: str | None = None,
-                *, source: str = "the data") -> list[Row]:
+def sample_rows(
+    rows: Sequence[Row], n: int, seed: int, stratify_column: str | None = None, *, source: str = "the data"
+) -> list[Row]:
     """``n`` rows drawn with ``seed`` (``--max-rows``), in their original order; all rows when ``n`` is not smaller.
 
     With ``stratify_column`` every label keeps its share of the sample (to within one row), so a file
@@ -57,8 +60,9 @@ def sample_rows(rows: Sequence[Row], n: int, seed: int, stratify_column: str | N
     return [r for i, r in enumerate(rows) if i in chosen]
 
 
-def train_val_split(rows: Sequence[Row], val_fraction: float, seed: int, stratify_column: str | None = None,
-                    *, source: str = "the data") -> tuple[list[Row], list[Row]]:
+def train_val_split(
+    rows: Sequence[Row], val_fraction: float, seed: int, stratify_column: str | None = None, *, source: str = "the data"
+) -> tuple[list[Row], list[Row]]:
     """Split rows into disjoint (train, val), each in the original row order; same seed, same split.
 
     With ``stratify_column`` every label keeps its share in both parts (to within one row).
@@ -75,8 +79,9 @@ def train_val_split(rows: Sequence[Row], val_fraction: float, seed: int, stratif
     return ([r for i, r in enumerate(rows) if i not in val_idx], [r for i, r in enumerate(rows) if i in val_idx])
 
 
-def kfold(rows: Sequence[Row], k: int, seed: int, stratify_column: str | None = None,
-          *, source: str = "the data") -> list[tuple[list[Row], list[Row]]]:
+def kfold(
+    rows: Sequence[Row], k: int, seed: int, stratify_column: str | None = None, *, source: str = "the data"
+) -> list[tuple[list[Row], list[Row]]]:
     """``k`` (train, val) pairs; every row is in exactly one val fold, fold sizes differ by at most one."""
     n = len(rows)
     if isinstance(k, bool) or not isinstance(k, int) or not 2 <= k <= n:
@@ -86,5 +91,7 @@ def kfold(rows: Sequence[Row], k: int, seed: int, stratify_column: str | None = 
     fold_of = [0] * n
     for position, i in enumerate(order):
         fold_of[i] = position % k
-    return [([r for r, fold in zip(rows, fold_of) if fold != f],
-             [r for r, fold in zip(rows, fold_of) if fold == f]) for f in range(k)]
+    return [
+        ([r for r, fold in zip(rows, fold_of) if fold != f], [r for r, fold in zip(rows, fold_of) if fold == f])
+        for f in range(k)
+    ]

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from softprompt.data.rows import cell_text
-from softprompt.options import did_you_mean
 from softprompt.errors import ConfigError, DataError
+from softprompt.options import did_you_mean
 
 
 def default_template(text_column: str) -> str:
@@ -47,8 +48,10 @@ class Template:
             try:
                 cell = row[value]
             except KeyError:
-                raise DataError(f"template {self.text!r} uses column {value!r}, which the row lacks; "
-                                f"its columns are {', '.join(map(repr, row))}.") from None
+                raise DataError(
+                    f"template {self.text!r} uses column {value!r}, which the row lacks; "
+                    f"its columns are {', '.join(map(repr, row))}."
+                ) from None
             out.append(cell if isinstance(cell, str) else cell_text(cell))
         return "".join(out)
 
@@ -59,9 +62,11 @@ class Template:
         missing = [f for f in self.fields if f not in present]
         if missing:
             hints = "".join(did_you_mean(m, available) for m in missing[:1])
-            raise ConfigError(f"template {self.text!r} uses column{'s' if len(missing) > 1 else ''} "
-                              f"{', '.join(map(repr, missing))}{hints} that {source} lacks; available columns: "
-                              f"{', '.join(map(repr, available))}.")
+            raise ConfigError(
+                f"template {self.text!r} uses column{'s' if len(missing) > 1 else ''} "
+                f"{', '.join(map(repr, missing))}{hints} that {source} lacks; available columns: "
+                f"{', '.join(map(repr, available))}."
+            )
 
     def __repr__(self) -> str:
         return f"Template({self.text!r})"
@@ -84,21 +89,26 @@ def _parse_template(text: str) -> tuple[tuple[str, bool], ...]:
             i += 2
         elif ch == "{":
             end = text.find("}", i + 1)
-            name = text[i + 1:end] if end != -1 else ""
+            name = text[i + 1 : end] if end != -1 else ""
             if end == -1 or "{" in name:
-                raise ConfigError(f"template {text!r}: the '{{' at character {i + 1} is never closed; "
-                                  f"write '{{{{' for a literal brace.")
+                raise ConfigError(
+                    f"template {text!r}: the '{{' at character {i + 1} is never closed; "
+                    f"write '{{{{' for a literal brace."
+                )
             if not name:
-                raise ConfigError(f"template {text!r}: the '{{}}' at character {i + 1} names no column; "
-                                  f"write {{column}}, or '{{{{}}}}' for literal braces.")
+                raise ConfigError(
+                    f"template {text!r}: the '{{}}' at character {i + 1} names no column; "
+                    f"write {{column}}, or '{{{{}}}}' for literal braces."
+                )
             if literal:
                 parts.append(("".join(literal), False))
                 literal = []
             parts.append((name, True))
             i = end + 1
         elif ch == "}":
-            raise ConfigError(f"template {text!r}: the '}}' at character {i + 1} closes nothing; "
-                              f"write '}}}}' for a literal brace.")
+            raise ConfigError(
+                f"template {text!r}: the '}}' at character {i + 1} closes nothing; write '}}}}' for a literal brace."
+            )
         else:
             literal.append(ch)
             i += 1

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 from softprompt.data.rows import cell_text, require_columns
 from softprompt.errors import ConfigError, DataError
@@ -26,23 +27,23 @@ class Verbalizer:
 
     def __init__(self, mapping: Mapping[Any, str]):
         if not mapping:
-            raise ConfigError("verbalizer: needs at least one label, "
-                              "e.g. {'1': 'complaint', '2': 'no complaint'}.")
+            raise ConfigError("verbalizer: needs at least one label, e.g. {'1': 'complaint', '2': 'no complaint'}.")
         self._to_text: dict[str, str] = {}
         # keys from YAML/JSON configs may be ints; labels in rows are always strings
         for raw, text in mapping.items():
             key = cell_text(raw)
             if not isinstance(text, str) or not text.strip():
-                raise ConfigError(f"verbalizer: label {key!r} maps to {text!r}; "
-                                  f"each label needs a non-empty text.")
+                raise ConfigError(f"verbalizer: label {key!r} maps to {text!r}; each label needs a non-empty text.")
             if key in self._to_text:
                 raise ConfigError(f"verbalizer: label {key!r} is given twice.")
             self._to_text[key] = text
         self._to_raw: dict[str, str] = {}
         for raw, text in self._to_text.items():
             if text in self._to_raw:
-                raise ConfigError(f"verbalizer: labels {self._to_raw[text]!r} and {raw!r} both map to {text!r}; "
-                                  f"label texts must be distinct.")
+                raise ConfigError(
+                    f"verbalizer: labels {self._to_raw[text]!r} and {raw!r} both map to {text!r}; "
+                    f"label texts must be distinct."
+                )
             self._to_raw[text] = raw
 
     @classmethod
@@ -56,8 +57,10 @@ class Verbalizer:
         require_columns(rows, [column], source=source)
         for i, row in enumerate(rows):
             if not cell_text(row[column]).strip():
-                raise DataError(f"{source}, row {i + 1}, column {column!r}: the label is empty; every row needs "
-                                f"one (leave out the label column for unlabelled data).")
+                raise DataError(
+                    f"{source}, row {i + 1}, column {column!r}: the label is empty; every row needs "
+                    f"one (leave out the label column for unlabelled data)."
+                )
         return cls.from_labels(row[column] for row in rows)
 
     @property
@@ -72,14 +75,22 @@ class Verbalizer:
     def mapping(self) -> dict[str, str]:
         return dict(self._to_text)
 
-    def to_text(self, raw: Any, *, row_index: int | None = None, source: str | None = None,
-                column: str | None = None) -> str:
+    def to_text(
+        self, raw: Any, *, row_index: int | None = None, source: str | None = None, column: str | None = None
+    ) -> str:
         """The label text for ``raw``; ``row_index`` (0-based) and the rest only serve the error message."""
         key = cell_text(raw)
         if key in self._to_text:
             return self._to_text[key]
-        where = ", ".join(part for part in (source, None if row_index is None else f"row {row_index + 1}",
-                                            None if column is None else f"column {column!r}") if part)
+        where = ", ".join(
+            part
+            for part in (
+                source,
+                None if row_index is None else f"row {row_index + 1}",
+                None if column is None else f"column {column!r}",
+            )
+            if part
+        )
         allowed = ", ".join(repr(r) if r == t else f"{r!r} ({t})" for r, t in self._to_text.items())
         prefix = f"{where}: " if where else ""
         raise DataError(f"{prefix}label {key!r} is not one of the expected labels: {allowed}.")
@@ -88,8 +99,9 @@ class Verbalizer:
         try:
             return self._to_raw[text]
         except KeyError:
-            raise ConfigError(f"verbalizer: {text!r} is not a label text; expected one of "
-                              f"{', '.join(map(repr, self._to_raw))}.") from None
+            raise ConfigError(
+                f"verbalizer: {text!r} is not a label text; expected one of {', '.join(map(repr, self._to_raw))}."
+            ) from None
 
     def __len__(self) -> int:
         return len(self._to_text)
@@ -101,8 +113,9 @@ class Verbalizer:
         return f"Verbalizer({self._to_text!r})"
 
 
-def verbalizer_for(mapping: Mapping[Any, str] | None, rows: Sequence[Mapping[str, Any]], label_column: str, *,
-                   source: str) -> Verbalizer:
+def verbalizer_for(
+    mapping: Mapping[Any, str] | None, rows: Sequence[Mapping[str, Any]], label_column: str, *, source: str
+) -> Verbalizer:
     """The verbalizer a job uses: its configured ``mapping`` when given, else the labels ``rows`` hold.
 
     Without a mapping every label found in ``label_column`` stands for itself (`Verbalizer.from_rows`),

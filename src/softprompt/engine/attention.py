@@ -35,23 +35,36 @@ GROUPED_MAX_QUERIES = 64
 GROUPED_MAX_SCORES = 1 << 22
 
 
-def uses_grouped_path(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                      attention_mask: torch.Tensor | None, dropout: float = 0.0, **kwargs) -> bool:
+def uses_grouped_path(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> bool:
     """Whether `attention` computes this call with grouped matrix products (else transformers' SDPA)."""
     batch, heads, queries, _ = query.shape
-    return (attention_mask is not None and attention_mask.dim() == 4
-            and 1 < queries <= GROUPED_MAX_QUERIES
-            and batch * heads * queries * key.shape[2] <= GROUPED_MAX_SCORES
-            and query.device.type == "cpu" and query.dtype == key.dtype == value.dtype == torch.float32
-            and not dropout
-            and not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad))
-            and kwargs.get("softcap") is None and kwargs.get("position_bias") is None
-            and kwargs.get("cache") is None and kwargs.get("s_aux") is None
-            and heads % key.shape[1] == 0)
+    return (
+        attention_mask is not None
+        and attention_mask.dim() == 4
+        and 1 < queries <= GROUPED_MAX_QUERIES
+        and batch * heads * queries * key.shape[2] <= GROUPED_MAX_SCORES
+        and query.device.type == "cpu"
+        and query.dtype == key.dtype == value.dtype == torch.float32
+        and not dropout
+        and not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad))
+        and kwargs.get("softcap") is None
+        and kwargs.get("position_bias") is None
+        and kwargs.get("cache") is None
+        and kwargs.get("s_aux") is None
+        and heads % key.shape[1] == 0
+    )
 
 
-def grouped_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
-                      scaling: float | None = None) -> torch.Tensor:
+def grouped_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scaling: float | None = None
+) -> torch.Tensor:
     """softmax(q k^T * scaling + mask) v, with the query heads that share a key/value head in one product.
 
     query ``[batch, heads, q, d]``; key/value ``[batch, kv_heads, k, d]``; mask ``[batch or 1, 1, q, k]``
@@ -71,9 +84,12 @@ def grouped_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     # rides in as baddbmm's bias, scaling as its alpha (one pass over the scores instead of three).
     bias = bias[:, :, None].expand(batch, kv_heads, group, queries, keys)
     bias = bias.reshape(batch * kv_heads, group * queries, keys)
-    scores = torch.baddbmm(bias, query.reshape(batch * kv_heads, group * queries, dim),
-                           key.reshape(batch * kv_heads, keys, dim).transpose(1, 2),
-                           alpha=dim ** -0.5 if scaling is None else scaling)
+    scores = torch.baddbmm(
+        bias,
+        query.reshape(batch * kv_heads, group * queries, dim),
+        key.reshape(batch * kv_heads, keys, dim).transpose(1, 2),
+        alpha=dim**-0.5 if scaling is None else scaling,
+    )
     probs = scores.softmax(-1)
     if mask.dtype == torch.bool:
         attends = mask.any(-1)  # [batch or 1, 1, q]
@@ -84,15 +100,21 @@ def grouped_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     return out.view(batch, heads, queries, dim)
 
 
-def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-              attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-              **kwargs) -> tuple[torch.Tensor, None]:
+def attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
     """transformers attention-interface function: grouped products for short masked CPU calls, else SDPA."""
     if uses_grouped_path(query, key, value, attention_mask, dropout, **kwargs):
         out = grouped_attention(query, key, value, attention_mask, scaling)
         return out.transpose(1, 2).contiguous(), None
-    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                  **kwargs)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
 
 def install(base: nn.Module) -> bool:

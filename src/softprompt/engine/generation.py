@@ -50,13 +50,18 @@ class Generation:
     prompt_tokens: int = 0
 
 
-def generate_batch(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, adapters, cfg: GenerationConfig,
-                   on_token=None) -> list[Generation]:
+def generate_batch(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, adapters, cfg: GenerationConfig, on_token=None
+) -> list[Generation]:
     """Decode new tokens for every row. ``on_token(row, token_id)`` is called as tokens appear (streaming)."""
     cfg.validate()
     tokenizer = model.tokenizer
-    rule = StopRule(tokenizer, frozenset(eos_ids(tokenizer, model.base)) if tokenizer is not None else frozenset(),
-                    cfg.max_new_tokens, tuple(cfg.stop))
+    rule = StopRule(
+        tokenizer,
+        frozenset(eos_ids(tokenizer, model.base)) if tokenizer is not None else frozenset(),
+        cfg.max_new_tokens,
+        tuple(cfg.stop),
+    )
     # One generator draws for the whole batch, so a seeded call returns the same rows every time.
     sampler = make_sampler(cfg.temperature, cfg.top_p, cfg.top_k, cfg.seed) if cfg.do_sample else None
     rows = [Continuation() for _ in range(input_ids.shape[0])]
@@ -76,8 +81,9 @@ def generate_batch(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     return [Generation(row.text, row.tokens, row.finish, int(attention_mask[i].sum())) for i, row in enumerate(rows)]
 
 
-def generate(model, prompts: str | Sequence[str], adapters=None, *, return_details: bool = False,
-             **options) -> list[str] | list[Generation]:
+def generate(
+    model, prompts: str | Sequence[str], adapters=None, *, return_details: bool = False, **options
+) -> list[str] | list[Generation]:
     """Generate a continuation of each prompt, each row with its own adapter (greedy by default).
 
     Options: max_new_tokens, do_sample, temperature, top_p, top_k, stop (strings), seed, max_input_tokens.

@@ -78,15 +78,22 @@ class SoftPromptModel(nn.Module):
         self._prompt_kv_cache: dict[str, tuple[tuple, list, list, torch.Tensor]] = {}
 
     # ------------------------------------------------------------------ adapters
-    def add_adapter(self, name: str, method: str = "prompt_tuning", *, seed: int | None = None,
-                    **config) -> SoftPromptMethod:
+    def add_adapter(
+        self, name: str, method: str = "prompt_tuning", *, seed: int | None = None, **config
+    ) -> SoftPromptMethod:
         """Create a new trainable adapter. ``config`` holds the method's config fields."""
         self.check_new_name(name)
         cls = method_class(method)
         cfg = cls.config_class.from_dict(config, source=f"adapter {name!r}")
         generator = torch.Generator().manual_seed(seed if seed is not None else torch.initial_seed() % 2**63)
-        adapter = cls.create(cfg, self.shape, word_embeddings=self.base.get_input_embeddings(),
-                             tokenize=self._tokenize_plain, generator=generator, text_kv=self._text_kv)
+        adapter = cls.create(
+            cfg,
+            self.shape,
+            word_embeddings=self.base.get_input_embeddings(),
+            tokenize=self._tokenize_plain,
+            generator=generator,
+            text_kv=self._text_kv,
+        )
         return self.register(name, adapter)
 
     def register(self, name: str, adapter: SoftPromptMethod) -> SoftPromptMethod:
@@ -114,13 +121,21 @@ class SoftPromptModel(nn.Module):
         """Load an adapter in PEFT's file layout (a local directory or a hub id)."""
         return peft_format.load_adapter(self, path, name=name)
 
-    def save_adapter(self, name: str, path: str, *, training_state: dict | None = None,
-                     training_meta: dict | None = None) -> None:
+    def save_adapter(
+        self, name: str, path: str, *, training_state: dict | None = None, training_meta: dict | None = None
+    ) -> None:
         """Save an adapter in PEFT's file layout (plus softprompt's training-state files)."""
         peft_format.save_adapter(self, name, path, training_state=training_state, training_meta=training_meta)
 
-    def push_adapter(self, name: str, repo_id: str, *, private: bool = False, token: str | None = None,
-                     commit_message: str | None = None) -> str:
+    def push_adapter(
+        self,
+        name: str,
+        repo_id: str,
+        *,
+        private: bool = False,
+        token: str | None = None,
+        commit_message: str | None = None,
+    ) -> str:
         """Upload an adapter to the Hugging Face Hub (PEFT's layout and a model card); returns the commit URL.
         An adapter saved by training (with its template and verbalizer) is better pushed from its directory:
         ``softprompt.adapters.hub.push_adapter(path, repo_id)``."""
@@ -186,15 +201,25 @@ class SoftPromptModel(nn.Module):
                 out = self.base(input_ids=ids, decoder_input_ids=ids, use_cache=True, **self.cache_arg.kwargs(cache))
                 layers = self.cache_arg.read(out).self_attention_cache.layers
             else:
-                kwargs = {"position_ids": torch.arange(ids.shape[1], device=self.device)[None]} \
-                    if self.quirks.takes_position_ids else {}
-                out = self.backbone(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True,
-                                    **self.cache_arg.kwargs(DynamicCache(config=self.base.config)), **kwargs)
+                kwargs = (
+                    {"position_ids": torch.arange(ids.shape[1], device=self.device)[None]}
+                    if self.quirks.takes_position_ids
+                    else {}
+                )
+                out = self.backbone(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    use_cache=True,
+                    **self.cache_arg.kwargs(DynamicCache(config=self.base.config)),
+                    **kwargs,
+                )
                 layers = self.cache_arg.read(out).layers
         kv = [(layer.keys[0].float().cpu(), layer.values[0].float().cpu()) for layer in layers]
         if any(k.shape[1] != len(token_ids) for k, _ in kv):
-            raise SoftPromptError(f"prefix init from activations: {len(token_ids)} virtual tokens exceed a "
-                                  "sliding-window layer's span; use fewer tokens or init: random")
+            raise SoftPromptError(
+                f"prefix init from activations: {len(token_ids)} virtual tokens exceed a "
+                "sliding-window layer's span; use fewer tokens or init: random"
+            )
         return kv
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -223,8 +248,13 @@ class SoftPromptModel(nn.Module):
         cached = self._prompt_kv_cache.get(name)
         # Parameters are compared by value, not by version counter: fused optimizers (torch's AdamW(fused=True),
         # the default of transformers' Trainer) update them in place without bumping it.
-        if (not needs_grad and cached is not None and cached[0] == key and len(cached[1]) == len(params)
-                and all(torch.equal(old, p) for old, p in zip(cached[1], params))):
+        if (
+            not needs_grad
+            and cached is not None
+            and cached[0] == key
+            and len(cached[1]) == len(params)
+            and all(torch.equal(old, p) for old, p in zip(cached[1], params))
+        ):
             return cached[2], cached[3]
         embeds = adapter.input_embeddings().to(self.dtype)[None]
         n = embeds.shape[1]
@@ -236,10 +266,13 @@ class SoftPromptModel(nn.Module):
         # second copy of the model, ~200 MiB for a 135M model in bf16), while the fp32 pass saves
         # references to the weights themselves. Its keys/values are then cast to the autocast dtype.
         with torch.autocast(device_type, enabled=False):
-            out = self.backbone(inputs_embeds=embeds,
-                                attention_mask=torch.ones(1, n, dtype=torch.long, device=self.device),
-                                use_cache=True, **self.cache_arg.kwargs(DynamicCache(config=self.base.config)),
-                                **kwargs)
+            out = self.backbone(
+                inputs_embeds=embeds,
+                attention_mask=torch.ones(1, n, dtype=torch.long, device=self.device),
+                use_cache=True,
+                **self.cache_arg.kwargs(DynamicCache(config=self.base.config)),
+                **kwargs,
+            )
         cast = autocast_dtype or self.dtype
         layers = [(layer.keys[0].to(cast), layer.values[0].to(cast)) for layer in self.cache_arg.read(out).layers]
         last_hidden = out.last_hidden_state[0, -1]
@@ -285,13 +318,24 @@ class SoftPromptModel(nn.Module):
         layers = [(k[None].expand(batch, -1, -1, -1), v[None].expand(batch, -1, -1, -1)) for k, v in kv]
         ones = torch.ones(batch, dtype=torch.bool, device=self.device)
         last_hidden = hidden[None].expand(batch, -1) if hidden is not None else None
-        return BatchPrefix(layers, torch.ones(batch, width, dtype=torch.long, device=self.device),
-                           torch.full((batch,), width, device=self.device), last_hidden,
-                           ones if hidden is not None else ~ones)
+        return BatchPrefix(
+            layers,
+            torch.ones(batch, width, dtype=torch.long, device=self.device),
+            torch.full((batch,), width, device=self.device),
+            last_hidden,
+            ones if hidden is not None else ~ones,
+        )
 
     # ------------------------------------------------------------------ causal forward
-    def _causal_hidden(self, input_ids, attention_mask, prefix: BatchPrefix | None, cache=None,
-                       prefix_len: torch.Tensor | None = None, past_mask: torch.Tensor | None = None):
+    def _causal_hidden(
+        self,
+        input_ids,
+        attention_mask,
+        prefix: BatchPrefix | None,
+        cache=None,
+        prefix_len: torch.Tensor | None = None,
+        past_mask: torch.Tensor | None = None,
+    ):
         """Run the backbone over text after a prefix (or an existing cache). Returns (hidden, cache, full mask)."""
         batch = input_ids.shape[0]
         if cache is None:
@@ -303,13 +347,19 @@ class SoftPromptModel(nn.Module):
         kwargs = {}
         if self.quirks.takes_position_ids:
             kwargs["position_ids"] = prefix_len[:, None] + (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.backbone(input_ids=input_ids, attention_mask=full_mask, use_cache=True,
-                            **self.cache_arg.kwargs(cache), **kwargs)
+        out = self.backbone(
+            input_ids=input_ids, attention_mask=full_mask, use_cache=True, **self.cache_arg.kwargs(cache), **kwargs
+        )
         return out.last_hidden_state, self.cache_arg.read(out), full_mask
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                adapters: AdapterNames = None, labels: torch.Tensor | None = None,
-                decoder_input_ids: torch.Tensor | None = None) -> SoftPromptOutput:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        adapters: AdapterNames = None,
+        labels: torch.Tensor | None = None,
+        decoder_input_ids: torch.Tensor | None = None,
+    ) -> SoftPromptOutput:
         """Training / scoring forward. ``adapters``: one name (or None) per row, or one for all rows.
 
         Causal models: ``labels`` align with ``input_ids`` (-100 = no loss), as in transformers.
@@ -329,8 +379,9 @@ class SoftPromptModel(nn.Module):
         labels = labels.to(self.device)
         return self._label_loss(hidden, attention_mask, labels, prefix)
 
-    def text_hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                           adapters: AdapterNames = None) -> torch.Tensor:
+    def text_hidden_states(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, adapters: AdapterNames = None
+    ) -> torch.Tensor:
         """Final hidden states ``[batch, seq, hidden]`` of the text after each row's prompt (causal models): what
         the LM head projects. For integrations that apply the head themselves (TRL's fused LM head)."""
         if self.shape.is_encoder_decoder:
@@ -397,8 +448,14 @@ class SoftPromptModel(nn.Module):
             decoder_input_ids = self.base.prepare_decoder_input_ids_from_labels(labels=labels.to(self.device))
         decoder_input_ids = decoder_input_ids.to(self.device)
         dec_mask = torch.cat([prefix_mask, torch.ones_like(decoder_input_ids)], dim=1)
-        out = self.base(inputs_embeds=embeds, attention_mask=enc_mask, decoder_input_ids=decoder_input_ids,
-                        decoder_attention_mask=dec_mask, use_cache=True, **self.cache_arg.kwargs(cache))
+        out = self.base(
+            inputs_embeds=embeds,
+            attention_mask=enc_mask,
+            decoder_input_ids=decoder_input_ids,
+            decoder_attention_mask=dec_mask,
+            use_cache=True,
+            **self.cache_arg.kwargs(cache),
+        )
         if labels is None:
             return SoftPromptOutput(logits=out.logits)
         labels = labels.to(self.device)
@@ -420,8 +477,14 @@ class SoftPromptModel(nn.Module):
             encoder_hidden = self.base.get_encoder()(inputs_embeds=embeds, attention_mask=enc_mask).last_hidden_state
             cache, prefix_mask = self._decoder_prefix(names)
             start = torch.full((input_ids.shape[0], 1), self.base.config.decoder_start_token_id, device=self.device)
-            state = DecodeState(cache, prefix_mask, prefix_mask.sum(-1), logits=None,
-                                encoder_hidden=encoder_hidden, encoder_mask=enc_mask)
+            state = DecodeState(
+                cache,
+                prefix_mask,
+                prefix_mask.sum(-1),
+                logits=None,
+                encoder_hidden=encoder_hidden,
+                encoder_mask=enc_mask,
+            )
             state.logits = self.advance(state, start)[:, -1]
             return state
         prefix = self._batch_prefix(names)
@@ -441,13 +504,24 @@ class SoftPromptModel(nn.Module):
         token_mask = token_mask.to(self.device).long()
         if self.shape.is_encoder_decoder:
             full_mask = torch.cat([state.attention_mask, token_mask], dim=1)
-            out = self.base(encoder_outputs=BaseModelOutput(last_hidden_state=state.encoder_hidden),
-                            attention_mask=state.encoder_mask, decoder_input_ids=tokens,
-                            decoder_attention_mask=full_mask, use_cache=True, **self.cache_arg.kwargs(state.cache))
+            out = self.base(
+                encoder_outputs=BaseModelOutput(last_hidden_state=state.encoder_hidden),
+                attention_mask=state.encoder_mask,
+                decoder_input_ids=tokens,
+                decoder_attention_mask=full_mask,
+                use_cache=True,
+                **self.cache_arg.kwargs(state.cache),
+            )
             logits = out.logits
         else:
-            hidden, _, full_mask = self._causal_hidden(tokens, token_mask, None, cache=state.cache,
-                                                       prefix_len=state.next_position, past_mask=state.attention_mask)
+            hidden, _, full_mask = self._causal_hidden(
+                tokens,
+                token_mask,
+                None,
+                cache=state.cache,
+                prefix_len=state.next_position,
+                past_mask=state.attention_mask,
+            )
             logits = self._logits(hidden)
         state.attention_mask = full_mask
         state.next_position = state.next_position + token_mask.sum(-1)

@@ -27,8 +27,14 @@ class LabelScores:
         return dict(zip(self.scores, torch.softmax(values, 0).tolist()))
 
 
-def score_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, adapters,
-              candidates: Sequence[Sequence[int]], normalize: str = "sum") -> torch.Tensor:
+def score_ids(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    adapters,
+    candidates: Sequence[Sequence[int]],
+    normalize: str = "sum",
+) -> torch.Tensor:
     """``[batch, num_candidates]`` log-likelihoods of candidate token sequences after each row."""
     if normalize not in ("sum", "mean"):
         raise SoftPromptError(f"normalize: expected 'sum' or 'mean', got {normalize!r}")
@@ -52,8 +58,15 @@ def score_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, adap
     return totals
 
 
-def score(model, texts: str | Sequence[str], labels: Sequence[str], adapters=None, *, normalize: str = "sum",
-          max_input_tokens: int | None = None) -> list[LabelScores]:
+def score(
+    model,
+    texts: str | Sequence[str],
+    labels: Sequence[str],
+    adapters=None,
+    *,
+    normalize: str = "sum",
+    max_input_tokens: int | None = None,
+) -> list[LabelScores]:
     """Per row: the log-likelihood of every candidate label and the best one."""
     if isinstance(texts, str):
         texts = [texts]

@@ -31,8 +31,14 @@ def pad_batch(rows: Sequence[Sequence[int]], pad: int, side: str = "left") -> tu
     return ids, mask
 
 
-def encode_texts(tokenizer, texts: Sequence[str], *, side: str = "left", max_length: int | None = None,
-                 add_special_tokens: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_texts(
+    tokenizer,
+    texts: Sequence[str],
+    *,
+    side: str = "left",
+    max_length: int | None = None,
+    add_special_tokens: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokenise texts and pad them (left by default, for generation). Long texts keep their end."""
     rows = tokenizer(list(texts), add_special_tokens=add_special_tokens)["input_ids"]
     if max_length is not None:

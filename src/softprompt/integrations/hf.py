@@ -42,12 +42,19 @@ class _PromptedBackbone:
         self.model = model
         self.name = name
 
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 position_ids: torch.Tensor | None = None, **_ignored) -> BaseModelOutput:
+    def __call__(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        **_ignored,
+    ) -> BaseModelOutput:
         # ``use_cache`` and the like arrive here too; the engine builds its own cache.
         if attention_mask is None and position_ids is not None:
-            raise SoftPromptError("padding-free or packed batches are not supported: every row needs its own "
-                                  "prompt; set padding_free=False and packing=False")
+            raise SoftPromptError(
+                "padding-free or packed batches are not supported: every row needs its own "
+                "prompt; set padding_free=False and packing=False"
+            )
         hidden = self.model.text_hidden_states(input_ids, attention_mask, adapters=self.name)
         return BaseModelOutput(last_hidden_state=hidden)
 
@@ -69,7 +76,7 @@ class TrainableAdapter(nn.Module):
         self.adapter = model.get_adapter(name)  # raises, naming the loaded adapters, when there is none
 
     @classmethod
-    def from_pretrained(cls, model: SoftPromptModel, path: str | Path, name: str | None = None) -> "TrainableAdapter":
+    def from_pretrained(cls, model: SoftPromptModel, path: str | Path, name: str | None = None) -> TrainableAdapter:
         """Load a saved adapter (with its training state, so reparameterised adapters continue exactly) to train
         further."""
         adapter = load_adapter(model, path, name=name, resume=True)
@@ -99,16 +106,24 @@ class TrainableAdapter(nn.Module):
         (`softprompt.adapters.hub`), so the tags are not kept."""
 
     def activation_checkpointing_enable(self, **_options) -> None:
-        raise SoftPromptError("activation (gradient) checkpointing is not supported for softprompt adapters; "
-                              "set gradient_checkpointing=False in the training arguments")
+        raise SoftPromptError(
+            "activation (gradient) checkpointing is not supported for softprompt adapters; "
+            "set gradient_checkpointing=False in the training arguments"
+        )
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, decoder_input_ids: torch.Tensor | None = None,
-                use_cache: bool | None = None) -> CausalLMOutput:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        decoder_input_ids: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+    ) -> CausalLMOutput:
         """The adapter's loss over label tokens (``labels`` align with ``input_ids``, -100 = no loss); without
         labels, the text's logits. ``use_cache`` is accepted for the trainers and ignored."""
-        out = self.model(input_ids, attention_mask, adapters=self.adapter_name, labels=labels,
-                         decoder_input_ids=decoder_input_ids)
+        out = self.model(
+            input_ids, attention_mask, adapters=self.adapter_name, labels=labels, decoder_input_ids=decoder_input_ids
+        )
         return CausalLMOutput(loss=out.loss, logits=out.logits)
 
     # ------------------------------------------------------------------ saving and loading
@@ -116,7 +131,7 @@ class TrainableAdapter(nn.Module):
         return self.adapter.state_dict(destination=destination, prefix=prefix + "adapter.", keep_vars=keep_vars)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        own = {k[len("adapter."):]: v for k, v in state_dict.items() if k.startswith("adapter.")}
+        own = {k[len("adapter.") :]: v for k, v in state_dict.items() if k.startswith("adapter.")}
         others = [k for k in state_dict if not k.startswith("adapter.")]
         if strict and others:
             raise SoftPromptError(f"not this adapter's weights: {', '.join(others[:5])}")

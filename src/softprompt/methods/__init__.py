@@ -50,13 +50,25 @@ def method_class(name: str, *, source: str = "method") -> type[SoftPromptMethod]
     """The method class for a name; accepts dashes (``prompt-tuning``) as the CLI spells them."""
     key = normalize_method(name)
     if key not in METHODS:
-        raise ConfigError(f"{source}: unknown method {name!r}{suggest_method(name)}; "
-                          f"expected one of {', '.join(METHODS)}")
+        raise ConfigError(
+            f"{source}: unknown method {name!r}{suggest_method(name)}; expected one of {', '.join(METHODS)}"
+        )
     return METHODS[key]
 
 
 __all__ = [
-    "METHODS", "METHOD_OPTIONS", "PEFT_TYPES", "MethodConfig", "SoftPromptMethod", "method_class", "normalize_method",
-    "suggest_method", "PromptTuning", "PromptTuningConfig", "PrefixTuning", "PrefixTuningConfig", "PTuning",
+    "METHODS",
+    "METHOD_OPTIONS",
+    "PEFT_TYPES",
+    "MethodConfig",
+    "PTuning",
     "PTuningConfig",
+    "PrefixTuning",
+    "PrefixTuningConfig",
+    "PromptTuning",
+    "PromptTuningConfig",
+    "SoftPromptMethod",
+    "method_class",
+    "normalize_method",
+    "suggest_method",
 ]

@@ -47,7 +47,7 @@ class MethodConfig:
         return {"method": self.method, **asdict(self)}
 
     @classmethod
-    def from_dict(cls, values: dict, *, source: str = "config") -> "MethodConfig":
+    def from_dict(cls, values: dict, *, source: str = "config") -> MethodConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known - {"method"})
         if unknown:

@@ -24,8 +24,9 @@ class PTuningConfig(MethodConfig):
     method = "p_tuning"
     peft_type = "P_TUNING"
 
-    encoder_type: str = option("mlp", "Prompt encoder: mlp (3 layers) or lstm (bidirectional LSTM + MLP).",
-                               choices=ENCODERS)
+    encoder_type: str = option(
+        "mlp", "Prompt encoder: mlp (3 layers) or lstm (bidirectional LSTM + MLP).", choices=ENCODERS
+    )
     encoder_hidden_size: int | None = option(None, "Hidden width of the prompt encoder (default: model width).")
     encoder_num_layers: int = option(2, "LSTM layers (the MLP always has 3 layers, as PEFT).")
     encoder_dropout: float = option(0.0, "Dropout between LSTM layers.")
@@ -52,16 +53,31 @@ class PTuning(SoftPromptMethod):
         self.embedding = nn.Embedding(config.num_virtual_tokens * self.submodules, dim)
         self.encoded = True
         if config.encoder_type == "lstm":
-            self.lstm_head = nn.LSTM(dim, hidden, num_layers=config.encoder_num_layers,
-                                     dropout=config.encoder_dropout, bidirectional=True, batch_first=True)
+            self.lstm_head = nn.LSTM(
+                dim,
+                hidden,
+                num_layers=config.encoder_num_layers,
+                dropout=config.encoder_dropout,
+                bidirectional=True,
+                batch_first=True,
+            )
             self.mlp_head = nn.Sequential(nn.Linear(hidden * 2, hidden * 2), nn.ReLU(), nn.Linear(hidden * 2, dim))
         else:
-            self.mlp_head = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
-                                          nn.Linear(hidden, dim))
+            self.mlp_head = nn.Sequential(
+                nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, dim)
+            )
 
     @classmethod
-    def create(cls, config: PTuningConfig, shape: ModelShape, *, word_embeddings, tokenize,
-               generator: torch.Generator, text_kv=None) -> "PTuning":
+    def create(
+        cls,
+        config: PTuningConfig,
+        shape: ModelShape,
+        *,
+        word_embeddings,
+        tokenize,
+        generator: torch.Generator,
+        text_kv=None,
+    ) -> PTuning:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
             return cls(config, shape)

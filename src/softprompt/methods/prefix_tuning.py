@@ -33,14 +33,18 @@ class PrefixTuningConfig(MethodConfig):
     peft_type = "PREFIX_TUNING"
 
     prefix_projection: bool = option(
-        False, "Reparameterise the prefix with a two-layer MLP while training (materialised when saved).")
+        False, "Reparameterise the prefix with a two-layer MLP while training (materialised when saved)."
+    )
     encoder_hidden_size: int | None = option(
-        None, "Hidden width of the reparameterisation MLP (default: the prefix token width).")
+        None, "Hidden width of the reparameterisation MLP (default: the prefix token width)."
+    )
     init: str = option(
         "auto",
         "How to start the prefix: random (N(0, 1), as PEFT), text (the keys/values the frozen model computes "
         "for init_text), sample_vocab (the same for random vocabulary tokens), or auto (random with the "
-        "projection MLP, else text when init_text is given, else sample_vocab).", choices=(*INITS, "auto"))
+        "projection MLP, else text when init_text is given, else sample_vocab).",
+        choices=(*INITS, "auto"),
+    )
     init_text: str | None = option(None, "Text whose keys/values (per layer) start the prefix.")
 
     def validate(self) -> None:
@@ -56,8 +60,11 @@ class PrefixTuningConfig(MethodConfig):
         if self.init == "text" and not self.init_text:
             raise OptionError("init_text", "required when init is 'text' (the text whose keys/values start the prefix)")
         if self.init != "random" and self.prefix_projection is True:
-            raise OptionError("init", f"{self.init!r} needs prefix_projection: false (the MLP's output cannot be "
-                                      "set to given activations); use init: random with prefix_projection")
+            raise OptionError(
+                "init",
+                f"{self.init!r} needs prefix_projection: false (the MLP's output cannot be "
+                "set to given activations); use init: random with prefix_projection",
+            )
         if not isinstance(self.prefix_projection, bool):
             raise OptionError("prefix_projection", f"expected true or false, got {self.prefix_projection!r}")
         if self.encoder_hidden_size is not None:
@@ -103,8 +110,16 @@ class PrefixTuning(SoftPromptMethod):
             self.embedding = nn.Embedding(n, width)
 
     @classmethod
-    def create(cls, config: PrefixTuningConfig, shape: ModelShape, *, word_embeddings, tokenize,
-               generator: torch.Generator, text_kv=None) -> "PrefixTuning":
+    def create(
+        cls,
+        config: PrefixTuningConfig,
+        shape: ModelShape,
+        *,
+        word_embeddings,
+        tokenize,
+        generator: torch.Generator,
+        text_kv=None,
+    ) -> PrefixTuning:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
             adapter = cls(config, shape)

@@ -29,7 +29,9 @@ class PromptTuningConfig(MethodConfig):
         "auto",
         "How to start the virtual tokens: text (embeddings of init_text), sample_vocab (embeddings of random "
         "vocabulary tokens), random (N(0, 1), as PEFT's RANDOM), or auto (text when init_text is given, else "
-        "sample_vocab).", choices=(*INITS, "auto"))
+        "sample_vocab).",
+        choices=(*INITS, "auto"),
+    )
     init_text: str | None = option(None, "Text whose token embeddings start the prompt (repeated or cut to fit).")
 
     def validate(self) -> None:
@@ -73,8 +75,16 @@ class PromptTuning(SoftPromptMethod):
         self.embedding = nn.Parameter(weight.float().clone())
 
     @classmethod
-    def create(cls, config: PromptTuningConfig, shape: ModelShape, *, word_embeddings: nn.Module,
-               tokenize, generator: torch.Generator, text_kv=None) -> "PromptTuning":
+    def create(
+        cls,
+        config: PromptTuningConfig,
+        shape: ModelShape,
+        *,
+        word_embeddings: nn.Module,
+        tokenize,
+        generator: torch.Generator,
+        text_kv=None,
+    ) -> PromptTuning:
         rows = config.num_virtual_tokens * (2 if shape.is_encoder_decoder else 1)
         if config.init == "text":
             weight = init_from_text(word_embeddings, tokenize(config.init_text), rows)
@@ -97,7 +107,9 @@ class PromptTuning(SoftPromptMethod):
     def peft_config_fields(self) -> dict:
         text_init = self.config.init == "text"
         return {
-            "prompt_tuning_init": {"text": "TEXT", "sample_vocab": "SAMPLE_VOCAB", "random": "RANDOM"}[self.config.init],
+            "prompt_tuning_init": {"text": "TEXT", "sample_vocab": "SAMPLE_VOCAB", "random": "RANDOM"}[
+                self.config.init
+            ],
             "prompt_tuning_init_text": self.config.init_text if text_init else None,
             "tokenizer_name_or_path": None,
             "tokenizer_kwargs": None,

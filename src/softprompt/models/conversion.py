@@ -74,15 +74,21 @@ def _progress_bars(enabled: bool):
 def _load_gguf(gguf_path: Path):
     """The GGUF model (fully dequantized to float32) and its tokenizer, as transformers loads them."""
     model, info = AutoModelForCausalLM.from_pretrained(
-        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32,
-        quantization_config=GgufConfig(dequantize=True), output_loading_info=True, trust_remote_code=False)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
-                                              trust_remote_code=False)
+        str(gguf_path.parent),
+        gguf_file=gguf_path.name,
+        dtype=torch.float32,
+        quantization_config=GgufConfig(dequantize=True),
+        output_loading_info=True,
+        trust_remote_code=False,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, trust_remote_code=False)
     tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
     missing = [k for k in info.get("missing_keys", ()) if k not in tied]
     if missing:
-        raise SoftPromptError(f"{gguf_path.name}: transformers found no weights in the GGUF file for "
-                              f"{', '.join(sorted(missing)[:5])}; this file cannot be converted")
+        raise SoftPromptError(
+            f"{gguf_path.name}: transformers found no weights in the GGUF file for "
+            f"{', '.join(sorted(missing)[:5])}; this file cannot be converted"
+        )
     return model.eval(), tokenizer
 
 
@@ -124,8 +130,9 @@ def verify_checkpoint(out: Path, model, tokenizer) -> None:
     saved = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
     ref_state, new_state = model.state_dict(), saved.state_dict()
     if set(ref_state) != set(new_state):
-        raise SoftPromptError(f"conversion check failed in {out}: parameter names differ "
-                              f"({sorted(set(ref_state) ^ set(new_state))[:5]})")
+        raise SoftPromptError(
+            f"conversion check failed in {out}: parameter names differ ({sorted(set(ref_state) ^ set(new_state))[:5]})"
+        )
     for key, value in ref_state.items():
         if value.shape != new_state[key].shape or not torch.equal(value, new_state[key]):
             raise SoftPromptError(f"conversion check failed in {out}: weight {key} differs from the GGUF model")
@@ -136,16 +143,20 @@ def verify_checkpoint(out: Path, model, tokenizer) -> None:
     tok = AutoTokenizer.from_pretrained(str(out))
     for attr in ("bos_token", "eos_token", "pad_token", "unk_token", "chat_template"):
         if getattr(tok, attr, None) != getattr(tokenizer, attr, None):
-            raise SoftPromptError(f"conversion check failed in {out}: tokenizer {attr} "
-                                  f"{getattr(tok, attr, None)!r} != {getattr(tokenizer, attr, None)!r}")
+            raise SoftPromptError(
+                f"conversion check failed in {out}: tokenizer {attr} "
+                f"{getattr(tok, attr, None)!r} != {getattr(tokenizer, attr, None)!r}"
+            )
     if len(tok) != len(tokenizer):
         raise SoftPromptError(f"conversion check failed in {out}: tokenizer size {len(tok)} != {len(tokenizer)}")
     specials = [t for t in (tokenizer.bos_token, tokenizer.eos_token) if t]
     for text in (*_TOKENIZER_PROBES, " ".join(specials) + " after specials"):
         a, b = tokenizer(text)["input_ids"], tok(text)["input_ids"]
         if a != b or tokenizer.decode(a) != tok.decode(b):
-            raise SoftPromptError(f"conversion check failed in {out}: the saved tokenizer encodes {text!r} "
-                                  f"as {b[:12]}, the GGUF one as {a[:12]}")
+            raise SoftPromptError(
+                f"conversion check failed in {out}: the saved tokenizer encodes {text!r} "
+                f"as {b[:12]}, the GGUF one as {a[:12]}"
+            )
     if tokenizer.chat_template:
         a = tokenizer.apply_chat_template(_CHAT_PROBE, tokenize=False, add_generation_prompt=True)
         b = tok.apply_chat_template(_CHAT_PROBE, tokenize=False, add_generation_prompt=True)

@@ -27,8 +27,14 @@ from softprompt.errors import SoftPromptError
 from softprompt.models.builtin import resolve_builtin
 from softprompt.models.names import BUILTIN_HUB_IDS
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 def resolve_model_path(name: str) -> str:
@@ -45,8 +51,9 @@ def resolve_model_path(name: str) -> str:
         raise SoftPromptError(f"--model {name!r}: no such local directory, and not a hub id or built-in name")
     close = [] if "/" in name else difflib.get_close_matches(name.lower(), BUILTIN_HUB_IDS, n=1)
     if close:
-        raise SoftPromptError(f"--model {name!r}: not a built-in model, local directory or hub id; "
-                              f"did you mean {close[0]!r}?")
+        raise SoftPromptError(
+            f"--model {name!r}: not a built-in model, local directory or hub id; did you mean {close[0]!r}?"
+        )
     return name
 
 
@@ -63,7 +70,7 @@ def hub_answers(repo_id: str) -> bool:
         huggingface_hub.get_hf_file_metadata(url, timeout=huggingface_hub.constants.HF_HUB_ETAG_TIMEOUT)
     except (HfHubHTTPError, ValueError):  # an HTTP error status, or a malformed repo id: the hub is not at fault
         return True
-    except Exception:  # noqa: BLE001 - the transport's own errors (httpx or httpx2, by huggingface_hub version)
+    except Exception:
         return False
     return True
 
@@ -84,8 +91,9 @@ def load(name: str, *, dtype: str | torch.dtype | None = None, device: str | Non
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=False, local_files_only=cache_only)
         cls = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
-        base = cls.from_pretrained(path, dtype=dtype or torch.float32, trust_remote_code=False,
-                                   local_files_only=cache_only)
+        base = cls.from_pretrained(
+            path, dtype=dtype or torch.float32, trust_remote_code=False, local_files_only=cache_only
+        )
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False, local_files_only=cache_only)
     except (OSError, ValueError) as exc:
         if cache_only:
@@ -93,7 +101,8 @@ def load(name: str, *, dtype: str | torch.dtype | None = None, device: str | Non
             raise SoftPromptError(
                 f"--model {name!r}: not a built-in model ({', '.join(BUILTIN_HUB_IDS)}), local directory or cached "
                 f"hub model, and the Hugging Face hub ({huggingface_hub.constants.ENDPOINT}) is not reachable"
-                f"{offline}") from None
+                f"{offline}"
+            ) from None
         raise SoftPromptError(f"--model {name!r}: could not load a model there ({str(exc).splitlines()[0]})") from None
     if device:
         base.to(device)

@@ -14,8 +14,8 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from softprompt.errors import SoftPromptError
 
@@ -44,7 +44,8 @@ def make_cache_dir(path: Path) -> Path:
     except OSError as exc:
         raise SoftPromptError(
             f"cannot create the softprompt cache directory {path} ({exc.strerror or exc}); "
-            f"set SOFTPROMPT_CACHE to a writable directory") from None
+            f"set SOFTPROMPT_CACHE to a writable directory"
+        ) from None
     return path
 
 
@@ -79,7 +80,7 @@ def clean_stale(parent: Path, name: str, max_age_s: float = 24 * 3600) -> None:
         if not entry.name.startswith(prefix):
             continue
         try:
-            pid = int(entry.name[len(prefix):].split("-", 1)[0])
+            pid = int(entry.name[len(prefix) :].split("-", 1)[0])
             age = time.time() - entry.stat().st_mtime
         except (ValueError, OSError):
             continue

@@ -19,12 +19,20 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from softprompt.data import (FORMATS, HUB_PREFIX, Template, default_template, format_name, is_known_encoding,
-                             load_rows)
+from softprompt.data import FORMATS, HUB_PREFIX, Template, default_template, format_name, is_known_encoding, load_rows
 from softprompt.errors import ConfigError
 from softprompt.methods import METHOD_OPTIONS, METHODS, MethodConfig, normalize_method, suggest_method
-from softprompt.options import (Option, OptionError, check_int, check_number, default_of, did_you_mean, flag, option,
-                                type_name)
+from softprompt.options import (
+    Option,
+    OptionError,
+    check_int,
+    check_number,
+    default_of,
+    did_you_mean,
+    flag,
+    option,
+    type_name,
+)
 
 
 def _method_option_fields() -> dict[str, list[tuple[str, dataclasses.Field, Any]]]:
@@ -47,40 +55,56 @@ _VIRTUAL_TOKENS_DEFAULT = default_of(MethodConfig.__dataclass_fields__["num_virt
 class AdapterSettings:
     """What each adapter of a job may set for itself; the job's top level gives the values it inherits."""
 
-    method: str = option("prompt_tuning", "Soft-prompt method: prompt_tuning, prefix_tuning or p_tuning "
-                                          "(dashes work too: prompt-tuning).")
+    method: str = option(
+        "prompt_tuning",
+        "Soft-prompt method: prompt_tuning, prefix_tuning or p_tuning (dashes work too: prompt-tuning).",
+    )
     method_options: dict[str, Any] = option(
-        dict, "The method's own options, e.g. {num_virtual_tokens: 20, prefix_projection: true}; each is also "
-              "a key and flag of its own (listed below), which is how recipes and command lines give them.")
+        dict,
+        "The method's own options, e.g. {num_virtual_tokens: 20, prefix_projection: true}; each is also "
+        "a key and flag of its own (listed below), which is how recipes and command lines give them.",
+    )
     init_from: str | None = option(
-        None, "Start from a saved adapter (a directory in PEFT's layout, or a hub id) instead of --init: "
-              "continue training on new data, or transfer a prompt from a related task. Its method and number "
-              "of virtual tokens must be this job's; one saved by softprompt also brings back its "
-              "reparameterisation (MLP/LSTM), a plain PEFT table trains as a table.")
+        None,
+        "Start from a saved adapter (a directory in PEFT's layout, or a hub id) instead of --init: "
+        "continue training on new data, or transfer a prompt from a related task. Its method and number "
+        "of virtual tokens must be this job's; one saved by softprompt also brings back its "
+        "reparameterisation (MLP/LSTM), a plain PEFT table trains as a table.",
+    )
     data: str | None = option(
-        None, "Training data: CSV, TSV, JSONL, parquet or phrasebank .txt file, or hf:owner/name.")
-    validation_data: str | None = option(
-        None, "Validation data file (default: --val-fraction of --data is held out).")
+        None, "Training data: CSV, TSV, JSONL, parquet or phrasebank .txt file, or hf:owner/name."
+    )
+    validation_data: str | None = option(None, "Validation data file (default: --val-fraction of --data is held out).")
     data_format: str | None = option(
-        None, "Format of --data/--validation-data when the extension does not tell: csv, tsv, jsonl, parquet, "
-              "phrasebank (sentence@label lines) or hf (a hub data set).")
+        None,
+        "Format of --data/--validation-data when the extension does not tell: csv, tsv, jsonl, parquet, "
+        "phrasebank (sentence@label lines) or hf (a hub data set).",
+    )
     encoding: str | None = option(
-        None, "Text encoding of the data files (default UTF-8; phrasebank files fall back to latin-1).")
+        None, "Text encoding of the data files (default UTF-8; phrasebank files fall back to latin-1)."
+    )
     data_split: str = option("train", "Split of a hub --data set to train on.")
     validation_split: str | None = option(
-        None, "Split of a hub data set to validate on, e.g. validation: of --validation-data when it is a hub "
-              "name, else of --data (instead of holding out --val-fraction).")
+        None,
+        "Split of a hub data set to validate on, e.g. validation: of --validation-data when it is a hub "
+        "name, else of --data (instead of holding out --val-fraction).",
+    )
     text_column: str = option("text", "Column holding the input text (used when no --template is given).")
     label_column: str | None = option(
-        None, "Column holding the label; without one (or with an empty one) the job is language modelling on "
-              "the whole text.")
+        None,
+        "Column holding the label; without one (or with an empty one) the job is language modelling on the whole text.",
+    )
     template: str | None = option(
-        None, "Prompt template with {column} fields, e.g. 'Tweet: {text} Sentiment: ' (default '{<text column>}').")
+        None, "Prompt template with {column} fields, e.g. 'Tweet: {text} Sentiment: ' (default '{<text column>}')."
+    )
     verbalizer: dict[str, str] | None = option(
-        None, "Raw label -> label text the model learns and scores, e.g. '1=complaint,2=no complaint' "
-              "(default: the raw labels themselves).")
+        None,
+        "Raw label -> label text the model learns and scores, e.g. '1=complaint,2=no complaint' "
+        "(default: the raw labels themselves).",
+    )
     val_fraction: float = option(
-        0.1, "Fraction of --data held out for validation when no --validation-data is given (0: none).")
+        0.1, "Fraction of --data held out for validation when no --validation-data is given (0: none)."
+    )
     lr: float = option(3e-2, "Peak learning rate (AdamW; each adapter is its own optimizer param group).")
     weight_decay: float = option(0.0, "AdamW weight decay.")
     seed: int = option(0, "Seed of the initialisation and the split (the top-level one also orders the data).")
@@ -89,8 +113,10 @@ class AdapterSettings:
 def _spec_fields() -> list[tuple[str, Any, Any]]:
     hints = typing.get_type_hints(AdapterSettings)
     own = [(f.name, hints[f.name] | None, field(default=None, metadata=f.metadata)) for f in fields(AdapterSettings)]
-    return [("name", str, option("", "Adapter name (letters, digits, '_' or '-'); also its output sub-directory.")),
-            *own]
+    return [
+        ("name", str, option("", "Adapter name (letters, digits, '_' or '-'); also its output sub-directory.")),
+        *own,
+    ]
 
 
 #: One adapter of a multi-adapter job: a ``name`` and every `AdapterSettings` field, each None (unset:
@@ -114,15 +140,18 @@ class ResolvedAdapter(AdapterSettings):
     def load_validation_rows(self) -> list[dict[str, str]] | None:
         """Rows of --validation-data, or of --validation-split of a hub --data set; None: split --data."""
         if self.validation_data:
-            return load_rows(self.validation_data, format=self.data_format,
-                             split=self.validation_split or "validation", encoding=self.encoding)
+            return load_rows(
+                self.validation_data,
+                format=self.data_format,
+                split=self.validation_split or "validation",
+                encoding=self.encoding,
+            )
         if self.validation_split:
             return load_rows(self.data, format=self.data_format, split=self.validation_split, encoding=self.encoding)
         return None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
 
 
 def method_option_listing() -> list[Option]:
@@ -141,8 +170,14 @@ def _method_option(name: str) -> Option:
     else:
         text = " ".join(f"{m}: {f.metadata.get('help', '')}" for m, f, _ in declared)
     defaults = list(dict.fromkeys(default_of(f) for _, f, _ in declared))
-    return Option(name, flag(name), type_name(declared[0][2]), defaults[0] if len(defaults) == 1 else None, text,
-                  tuple(declared[0][1].metadata.get("choices", ())))
+    return Option(
+        name,
+        flag(name),
+        type_name(declared[0][2]),
+        defaults[0] if len(defaults) == 1 else None,
+        text,
+        tuple(declared[0][1].metadata.get("choices", ())),
+    )
 
 
 def method_name(value: Any, where: str) -> str:
@@ -166,24 +201,31 @@ def _check_data_source(view: Any, prefix: str) -> None:
     if view.data_format is not None:
         name = format_name(view.data_format)
         if name is None:
-            raise ConfigError(f"{prefix}{flag('data_format')}: expected one of {', '.join(FORMATS)}, "
-                              f"got {view.data_format!r}")
+            raise ConfigError(
+                f"{prefix}{flag('data_format')}: expected one of {', '.join(FORMATS)}, got {view.data_format!r}"
+            )
         view.data_format = name
     if view.encoding is not None and not is_known_encoding(view.encoding):
-        raise ConfigError(f"{prefix}{flag('encoding')}: {view.encoding!r} is not a known text encoding "
-                          f"(e.g. utf-8, latin-1, cp1252)")
+        raise ConfigError(
+            f"{prefix}{flag('encoding')}: {view.encoding!r} is not a known text encoding (e.g. utf-8, latin-1, cp1252)"
+        )
     hub = str(view.data).startswith(HUB_PREFIX) or view.data_format == "hf"
     if view.validation_split and not view.validation_data:
         if not hub:
-            raise ConfigError(f"{prefix}{flag('validation_split')}: applies to hub data sets (hf:owner/name); "
-                              f"for a local file give {flag('validation_data')} or {flag('val_fraction')}")
+            raise ConfigError(
+                f"{prefix}{flag('validation_split')}: applies to hub data sets (hf:owner/name); "
+                f"for a local file give {flag('validation_data')} or {flag('val_fraction')}"
+            )
         if view.validation_split == (view.data_split or "train"):
-            raise ConfigError(f"{prefix}{flag('validation_split')}: is the training split "
-                              f"({view.validation_split!r}); validation numbers would not be held out")
+            raise ConfigError(
+                f"{prefix}{flag('validation_split')}: is the training split "
+                f"({view.validation_split!r}); validation numbers would not be held out"
+            )
 
 
-def _resolved_method_options(top: AdapterSettings, spec: AdapterSpec, method: str, prefix: str,
-                             several: bool) -> dict[str, Any]:
+def _resolved_method_options(
+    top: AdapterSettings, spec: AdapterSpec, method: str, prefix: str, several: bool
+) -> dict[str, Any]:
     """The adapter's own options (which must apply to its method) over the inherited ones that apply;
     checked by the method's config class, the one place that knows their ranges."""
     own, inherited = spec.method_options or {}, top.method_options
@@ -192,13 +234,18 @@ def _resolved_method_options(top: AdapterSettings, spec: AdapterSpec, method: st
     for option_name in own:
         methods = METHOD_OPTIONS.get(option_name)
         if methods is None:
-            raise OptionError(prefix + flag(option_name),
-                              f"unknown method option{did_you_mean(option_name, METHOD_OPTIONS)}")
+            raise OptionError(
+                prefix + flag(option_name), f"unknown method option{did_you_mean(option_name, METHOD_OPTIONS)}"
+            )
         if method not in methods:
-            raise OptionError(prefix + flag(option_name),
-                              f"only applies to {flag('method')} {' or '.join(methods)}, not {method}")
-    options = {"num_virtual_tokens": _VIRTUAL_TOKENS_DEFAULT,
-               **{k: v for k, v in inherited.items() if method in METHOD_OPTIONS.get(k, ())}, **own}
+            raise OptionError(
+                prefix + flag(option_name), f"only applies to {flag('method')} {' or '.join(methods)}, not {method}"
+            )
+    options = {
+        "num_virtual_tokens": _VIRTUAL_TOKENS_DEFAULT,
+        **{k: v for k, v in inherited.items() if method in METHOD_OPTIONS.get(k, ())},
+        **own,
+    }
     try:
         METHODS[method].config_class.from_dict(dict(options), source=prefix)
     except OptionError as exc:
@@ -206,28 +253,38 @@ def _resolved_method_options(top: AdapterSettings, spec: AdapterSpec, method: st
     return options
 
 
-def resolve_adapter(top: AdapterSettings, spec: AdapterSpec, prefix: str = "", *,
-                    several: bool = False) -> ResolvedAdapter:
+def resolve_adapter(
+    top: AdapterSettings, spec: AdapterSpec, prefix: str = "", *, several: bool = False
+) -> ResolvedAdapter:
     """The settings of adapter ``spec`` (an `AdapterSpec`) with what it leaves unset taken from ``top`` (the
     job's `TrainConfig`), every value checked; errors start with ``prefix``. ``several``: the job lists
     adapters, so top-level method options that do not apply to this adapter's method are not inherited
     (for a single adapter they are its own, and must apply)."""
-    view = types.SimpleNamespace(**{f.name: getattr(top, f.name) if getattr(spec, f.name) is None
-                                    else getattr(spec, f.name) for f in fields(AdapterSettings)})
+    view = types.SimpleNamespace(
+        **{
+            f.name: getattr(top, f.name) if getattr(spec, f.name) is None else getattr(spec, f.name)
+            for f in fields(AdapterSettings)
+        }
+    )
     view.method = method_name(view.method, prefix + flag("method"))
     if spec.method is not None:
         spec.method = view.method
     view.method_options = _resolved_method_options(top, spec, view.method, prefix, several)
     check_adapter_numbers(view, prefix)
     if not view.data:
-        raise ConfigError(f"{prefix}{flag('data')}: required (a CSV, TSV, JSONL, parquet or phrasebank file, "
-                          f"or hf:owner/name)")
+        raise ConfigError(
+            f"{prefix}{flag('data')}: required (a CSV, TSV, JSONL, parquet or phrasebank file, or hf:owner/name)"
+        )
     if view.validation_data and Path(str(view.validation_data)).resolve() == Path(str(view.data)).resolve():
-        raise ConfigError(f"{prefix}{flag('validation_data')}: is the same file as {flag('data')}; validation "
-                          f"numbers would be training numbers, not held-out ones")
+        raise ConfigError(
+            f"{prefix}{flag('validation_data')}: is the same file as {flag('data')}; validation "
+            f"numbers would be training numbers, not held-out ones"
+        )
     _check_data_source(view, prefix)
     if view.init_from is not None and (not isinstance(view.init_from, str) or not view.init_from.strip()):
-        raise ConfigError(f"{prefix}{flag('init_from')}: expected an adapter directory or hub id, got {view.init_from!r}")
+        raise ConfigError(
+            f"{prefix}{flag('init_from')}: expected an adapter directory or hub id, got {view.init_from!r}"
+        )
     view.label_column = view.label_column or None
     if not view.text_column and not view.template:
         raise ConfigError(f"{prefix}{flag('text_column')}: required when no {flag('template')} is given")
@@ -238,10 +295,27 @@ def resolve_adapter(top: AdapterSettings, spec: AdapterSpec, prefix: str = "", *
         raise ConfigError(f"{prefix}{flag('template')}: {exc}") from None
     if view.verbalizer is not None and view.label_column is None:
         raise ConfigError(f"{prefix}{flag('verbalizer')}: needs {flag('label_column')} (the column it maps)")
-    return ResolvedAdapter(**{**vars(view), "data": str(view.data), "val_fraction": float(view.val_fraction),
-                              "lr": float(view.lr), "weight_decay": float(view.weight_decay), "seed": int(view.seed),
-                              "data_split": view.data_split or "train"}, name=spec.name)
+    return ResolvedAdapter(
+        **{
+            **vars(view),
+            "data": str(view.data),
+            "val_fraction": float(view.val_fraction),
+            "lr": float(view.lr),
+            "weight_decay": float(view.weight_decay),
+            "seed": int(view.seed),
+            "data_split": view.data_split or "train",
+        },
+        name=spec.name,
+    )
 
 
-__all__ = ["AdapterSettings", "AdapterSpec", "ResolvedAdapter", "METHOD_OPTION_TYPES", "method_option_listing",
-           "method_name", "check_adapter_numbers", "resolve_adapter"]
+__all__ = [
+    "METHOD_OPTION_TYPES",
+    "AdapterSettings",
+    "AdapterSpec",
+    "ResolvedAdapter",
+    "check_adapter_numbers",
+    "method_name",
+    "method_option_listing",
+    "resolve_adapter",
+]

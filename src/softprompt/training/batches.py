@@ -37,8 +37,10 @@ def encode_example(tokenizer, example: Example, *, seq2seq: bool, max_length: in
     prompt = tokenizer(example.text)["input_ids"]  # with special tokens, as scoring and generation do
     if example.target is None:
         if seq2seq:
-            raise ConfigError(f"{flag('label_column')}: encoder-decoder models learn to write a label text; "
-                              f"language modelling without a label column needs a causal model")
+            raise ConfigError(
+                f"{flag('label_column')}: encoder-decoder models learn to write a label text; "
+                f"language modelling without a label column needs a causal model"
+            )
         ids = (prompt + eos)[:max_length]
         labels = list(ids)
         if ids and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id:
@@ -57,8 +59,9 @@ def encode_example(tokenizer, example: Example, *, seq2seq: bool, max_length: in
 def encode_examples(model, examples: Sequence[Example], adapter: str | None, max_length: int) -> list[Encoded]:
     """Every example encoded for ``model`` (a `SoftPromptModel`), tagged with the adapter that trains on it."""
     seq2seq = model.shape.is_encoder_decoder
-    return [Encoded(*encode_example(model.tokenizer, e, seq2seq=seq2seq, max_length=max_length), adapter)
-            for e in examples]
+    return [
+        Encoded(*encode_example(model.tokenizer, e, seq2seq=seq2seq, max_length=max_length), adapter) for e in examples
+    ]
 
 
 def collate(items: Sequence[Encoded], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list]:
@@ -68,13 +71,14 @@ def collate(items: Sequence[Encoded], pad: int) -> tuple[torch.Tensor, torch.Ten
     return ids, mask, labels, [it.adapter for it in items]
 
 
-def epoch_groups(items: Sequence[Encoded], epoch: int, seed: int, batch_size: int,
-                 grad_accum: int) -> list[list[list[Encoded]]]:
+def epoch_groups(
+    items: Sequence[Encoded], epoch: int, seed: int, batch_size: int, grad_accum: int
+) -> list[list[list[Encoded]]]:
     """The epoch's optimizer steps: groups of ``grad_accum`` batches, in a seeded order of all rows."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     order = torch.randperm(len(items), generator=generator).tolist()
-    batches = [[items[i] for i in order[s:s + batch_size]] for s in range(0, len(order), batch_size)]
-    return [batches[s:s + grad_accum] for s in range(0, len(batches), grad_accum)]
+    batches = [[items[i] for i in order[s : s + batch_size]] for s in range(0, len(order), batch_size)]
+    return [batches[s : s + grad_accum] for s in range(0, len(batches), grad_accum)]
 
 
 __all__ = ["Encoded", "collate", "encode_example", "encode_examples", "epoch_groups"]

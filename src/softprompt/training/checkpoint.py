@@ -129,23 +129,43 @@ def save_best(model, job: AdapterJob, config: TrainConfig, state: LoopState, out
     prints = torch.tensor(sorted(job.train_fingerprints()), dtype=torch.int64)
     best = state.best[job.name]
     meta = {
-        "kind": "best", "adapter": job.name, "step": best["step"], "epoch": best["epoch"],
-        "metrics": best["metrics"], "zero_shot": state.zero_shot.get(job.name), "labels": job.labels,
-        "data": job.spec.to_dict(), "base_model": config.model, "max_length": config.max_length,
+        "kind": "best",
+        "adapter": job.name,
+        "step": best["step"],
+        "epoch": best["epoch"],
+        "metrics": best["metrics"],
+        "zero_shot": state.zero_shot.get(job.name),
+        "labels": job.labels,
+        "data": job.spec.to_dict(),
+        "base_model": config.model,
+        "max_length": config.max_length,
     }
     with _saving(model):
-        model.save_adapter(job.name, output / job.name, training_state={TRAIN_FINGERPRINTS: prints},
-                           training_meta=meta)
+        model.save_adapter(job.name, output / job.name, training_state={TRAIN_FINGERPRINTS: prints}, training_meta=meta)
 
 
-def save_latest(model, jobs: list[AdapterJob], optimizer: torch.optim.Optimizer, scheduler, state: LoopState,
-                config: TrainConfig, output: Path, log: MetricsLog) -> None:
+def save_latest(
+    model,
+    jobs: list[AdapterJob],
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    state: LoopState,
+    config: TrainConfig,
+    output: Path,
+    log: MetricsLog,
+) -> None:
     """The latest state of every adapter, in ``<output>/<name>/checkpoints/last/``."""
     state.metrics_lines = len(log.records)
     rng_tensors, rng_meta = _rng_state()
     optimizer_state = optimizer.state_dict()
-    shared = {"kind": "last", "state": dataclasses.asdict(state), "scheduler": scheduler.state_dict(),
-              "rng": rng_meta, "config": config.to_dict(), "adapters": [job.name for job in jobs]}
+    shared = {
+        "kind": "last",
+        "state": dataclasses.asdict(state),
+        "scheduler": scheduler.state_dict(),
+        "rng": rng_meta,
+        "config": config.to_dict(),
+        "adapters": [job.name for job in jobs],
+    }
     for index, job in enumerate(jobs):
         group = optimizer_state["param_groups"][index]
         names = [n for n, _ in model.adapters[job.name].named_parameters()]
@@ -170,8 +190,9 @@ def _in_current_layout(saved: dict) -> dict:
         return saved
 
 
-def read_checkpoints(config: TrainConfig, output: Path, names: list[str],
-                     dist: distributed.Distributed | None = None) -> dict[str, tuple[dict, dict]]:
+def read_checkpoints(
+    config: TrainConfig, output: Path, names: list[str], dist: distributed.Distributed | None = None
+) -> dict[str, tuple[dict, dict]]:
     """Each adapter's latest checkpoint ``(tensors, meta)``; they must agree with each other and with ``config``."""
     dist = dist or distributed.Distributed()
     if dist.is_main:
@@ -186,28 +207,37 @@ def read_checkpoints(config: TrainConfig, output: Path, names: list[str],
         saved[name] = read_training_state(path)
     steps = {name: meta["state"]["step"] for name, (_, meta) in saved.items()}
     if len(set(steps.values())) != 1:
-        raise ConfigError(f"{flag('resume')}: the adapters' checkpoints are from different steps ({steps}); "
-                          f"the previous run was interrupted while saving them; train again without --resume")
+        raise ConfigError(
+            f"{flag('resume')}: the adapters' checkpoints are from different steps ({steps}); "
+            f"the previous run was interrupted while saving them; train again without --resume"
+        )
     processes = next(iter(saved.values()))[1]["state"].get("world_size", 1)
     if processes != dist.world_size:
-        raise ConfigError(f"{flag('resume')}: the run being resumed trained on {processes} process(es), this one "
-                          f"on {dist.world_size}; launch {processes} (accelerate launch --num_processes {processes}) "
-                          f"to resume")
+        raise ConfigError(
+            f"{flag('resume')}: the run being resumed trained on {processes} process(es), this one "
+            f"on {dist.world_size}; launch {processes} (accelerate launch --num_processes {processes}) "
+            f"to resume"
+        )
     previous = _in_current_layout(next(iter(saved.values()))[1]["config"])
     current = config.to_dict()
     changed = [k for k in current if k not in RESUMABLE_CHANGES and previous.get(k) != current[k]]
     if changed:
         what = ", ".join(f"{flag(k)} {previous.get(k)!r} -> {current[k]!r}" for k in changed)
-        raise ConfigError(f"{flag('resume')}: the config differs from the run being resumed ({what}); "
-                          f"resuming gives the uninterrupted result only with the same config")
+        raise ConfigError(
+            f"{flag('resume')}: the config differs from the run being resumed ({what}); "
+            f"resuming gives the uninterrupted result only with the same config"
+        )
     if next(iter(saved.values()))[1]["adapters"] != names:
-        raise ConfigError(f"{flag('resume')}: the run being resumed trained adapters "
-                          f"{next(iter(saved.values()))[1]['adapters']}, this one {names}")
+        raise ConfigError(
+            f"{flag('resume')}: the run being resumed trained adapters "
+            f"{next(iter(saved.values()))[1]['adapters']}, this one {names}"
+        )
     return saved
 
 
-def restore(saved: dict, model, jobs: list[AdapterJob], optimizer: torch.optim.Optimizer, scheduler,
-            log: MetricsLog) -> LoopState:
+def restore(
+    saved: dict, model, jobs: list[AdapterJob], optimizer: torch.optim.Optimizer, scheduler, log: MetricsLog
+) -> LoopState:
     """Optimizer, scheduler, loop state, metrics log and RNG states from the checkpoints (`read_checkpoints`)."""
     slots: dict[int, dict[str, torch.Tensor]] = {}
     groups: list[dict] = []
@@ -220,7 +250,7 @@ def restore(saved: dict, model, jobs: list[AdapterJob], optimizer: torch.optim.O
         by_name = dict(zip(names, ids))
         for key, value in tensors.items():
             if key.startswith("optimizer."):
-                param, _, slot = key[len("optimizer."):].rpartition(".")
+                param, _, slot = key[len("optimizer.") :].rpartition(".")
                 slots.setdefault(by_name[param], {})[slot] = value
         groups.append({**meta["optimizer_group"], "params": ids})
     optimizer.load_state_dict({"state": slots, "param_groups": groups})
@@ -240,8 +270,7 @@ def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     tensors["rng.numpy"] = torch.from_numpy(keys.astype(np.int64))
     version, internal, python_gauss = random.getstate()
-    meta = {"numpy": [kind, int(pos), int(has_gauss), float(gauss)],
-            "python": [version, list(internal), python_gauss]}
+    meta = {"numpy": [kind, int(pos), int(has_gauss), float(gauss)], "python": [version, list(internal), python_gauss]}
     return tensors, meta
 
 

@@ -30,21 +30,43 @@ from __future__ import annotations
 
 import dataclasses
 import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import yaml
 
-from softprompt.errors import ConfigError
 from softprompt.engine.adapter_name import ADAPTER_NAME, ADAPTER_NAME_RULE
+from softprompt.errors import ConfigError
 from softprompt.fileio import atomic_write_yaml
 from softprompt.methods import METHOD_OPTIONS
-from softprompt.options import (Option, OptionError, check_choice, check_int, check_number, coerce, did_you_mean,
-                                field_name, flag, is_bool, is_optional, option, options_of, parse_mapping_text)
-from softprompt.training.adapter_config import (METHOD_OPTION_TYPES, AdapterSettings, AdapterSpec, ResolvedAdapter,
-                                                check_adapter_numbers, method_name, method_option_listing,
-                                                resolve_adapter)
+from softprompt.options import (
+    Option,
+    OptionError,
+    check_choice,
+    check_int,
+    check_number,
+    coerce,
+    did_you_mean,
+    field_name,
+    flag,
+    is_bool,
+    is_optional,
+    option,
+    options_of,
+    parse_mapping_text,
+)
+from softprompt.training.adapter_config import (
+    METHOD_OPTION_TYPES,
+    AdapterSettings,
+    AdapterSpec,
+    ResolvedAdapter,
+    check_adapter_numbers,
+    method_name,
+    method_option_listing,
+    resolve_adapter,
+)
 
 CONFIG_FILE = "config.yaml"
 MAX_CONFIG_BYTES = 1024**2  # a config is a few hundred bytes; anything near this is not a config
@@ -67,8 +89,9 @@ class TrainConfig(AdapterSettings):
     epochs: int = option(3, "Passes over the training data.")
     batch_size: int = option(8, "Examples per forward pass.")
     warmup_ratio: float = option(0.0, "Fraction of the optimizer steps spent warming the learning rate up from 0.")
-    lr_schedule: str = option("linear", "Learning-rate schedule after warm-up: linear, cosine or constant.",
-                              choices=SCHEDULES)
+    lr_schedule: str = option(
+        "linear", "Learning-rate schedule after warm-up: linear, cosine or constant.", choices=SCHEDULES
+    )
     grad_accum: int = option(1, "Forward passes accumulated per optimizer step.")
     max_grad_norm: float | None = option(None, "Clip the gradient norm of each adapter to this value (default: off).")
     max_steps: int | None = option(None, "Stop after this many optimizer steps (the schedule then spans them).")
@@ -77,22 +100,30 @@ class TrainConfig(AdapterSettings):
     # --- evaluation, checkpoints, output
     output: str = option("runs/softprompt", "Output directory: <output>/<adapter>/ holds each best adapter.")
     resume: bool | str = option(
-        False, "Continue from <output>/<adapter>/checkpoints/last/ (same config required); auto: continue when "
-               "that checkpoint exists, else start fresh.", choices=RESUME)
+        False,
+        "Continue from <output>/<adapter>/checkpoints/last/ (same config required); auto: continue when "
+        "that checkpoint exists, else start fresh.",
+        choices=RESUME,
+    )
     eval_every: int = option(1, "Validate every this many epochs (and after the last).")
-    eval_method: str = option("score", "Validation of labelled data: score (rank the label texts) or generate "
-                                       "(exact match of generated text).", choices=VALIDATION_METHODS)
+    eval_method: str = option(
+        "score",
+        "Validation of labelled data: score (rank the label texts) or generate (exact match of generated text).",
+        choices=VALIDATION_METHODS,
+    )
     eval_zero_shot: bool = option(True, "Also validate the bare base model once, to report beside the adapter.")
     early_stopping_patience: int | None = option(
-        None, "Stop an adapter after this many validations without improvement (default: off).")
+        None, "Stop an adapter after this many validations without improvement (default: off)."
+    )
     save_every: int = option(0, "Also save the latest state every this many optimizer steps (0: at validations).")
     log_every: int = option(10, "Append the training loss to metrics.jsonl every this many optimizer steps.")
     adapters: list[AdapterSpec] = option(
-        list, "Several adapters in one job: a list of {name, and any of data, method, lr, num_virtual_tokens...}.")
+        list, "Several adapters in one job: a list of {name, and any of data, method, lr, num_virtual_tokens...}."
+    )
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any], *, source: str = "config") -> "TrainConfig":
+    def from_dict(cls, values: Mapping[str, Any], *, source: str = "config") -> TrainConfig:
         """A config from a mapping (a parsed YAML file); unknown keys and wrong types name ``source``."""
         return _build(cls, values, source=source)
 
@@ -108,7 +139,7 @@ class TrainConfig(AdapterSettings):
         return options_of(cls)
 
     # ------------------------------------------------------------------ validation
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         """Check ranges and combinations; raises `ConfigError` naming the flag. Normalises method names and
         decides ``resume: auto`` (true when a checkpoint of an adapter of this job exists)."""
         self.method = method_name(self.method, flag("method"))
@@ -153,8 +184,12 @@ class TrainConfig(AdapterSettings):
     def resolved_adapters(self) -> list[ResolvedAdapter]:
         """The fully resolved settings of every adapter of the job (validated)."""
         specs = self.adapters or [AdapterSpec(name=self.name)]
-        return [resolve_adapter(self, spec, f"adapters[{i}] ({spec.name}): " if self.adapters else "",
-                                several=bool(self.adapters)) for i, spec in enumerate(specs)]
+        return [
+            resolve_adapter(
+                self, spec, f"adapters[{i}] ({spec.name}): " if self.adapters else "", several=bool(self.adapters)
+            )
+            for i, spec in enumerate(specs)
+        ]
 
 
 def train_options() -> list[Option]:
@@ -162,15 +197,15 @@ def train_options() -> list[Option]:
     per field of the method config classes (its help naming the methods that take it)."""
     own = {o.name: o for o in TrainConfig.options()}
     first = ("model", "name", "method", "method_options")
-    return ([own[name] for name in first] + method_option_listing() +
-            [o for name, o in own.items() if name not in first])
+    return [own[name] for name in first] + method_option_listing() + [o for name, o in own.items() if name not in first]
 
 
 # ----------------------------------------------------------------------------------------- loading
 
 
-def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | Sequence[str] | None = None,
-                *, validate: bool = True) -> TrainConfig:
+def load_config(
+    path: str | Path | None = None, overrides: Mapping[str, Any] | Sequence[str] | None = None, *, validate: bool = True
+) -> TrainConfig:
     """A config from a YAML file (optional) with overrides on top, validated.
 
     ``overrides`` is either a mapping (``{"lr": 0.1}`` or ``{"--batch-size": "4"}``; string values are
@@ -194,8 +229,11 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if path.is_dir():
         raise ConfigError(f"{path}: is a directory; expected a YAML config file")
     if not path.is_file():
-        raise ConfigError(f"{path}: no such config file" if not path.exists() else
-                          f"{path}: not a regular file; expected a YAML config file")
+        raise ConfigError(
+            f"{path}: no such config file"
+            if not path.exists()
+            else f"{path}: not a regular file; expected a YAML config file"
+        )
     if path.stat().st_size > MAX_CONFIG_BYTES:
         raise ConfigError(f"{path}: is {path.stat().st_size:,} bytes; a config file is at most {MAX_CONFIG_BYTES:,}")
     try:
@@ -209,8 +247,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return value
 
 
-def apply_overrides(config: TrainConfig, overrides: Mapping[str, Any] | Sequence[str],
-                    *, source: str = "command line") -> TrainConfig:
+def apply_overrides(
+    config: TrainConfig, overrides: Mapping[str, Any] | Sequence[str], *, source: str = "command line"
+) -> TrainConfig:
     """A copy of ``config`` with overrides applied (see `load_config`); not validated. A method option
     (``--init-text``) sets that key of ``method_options``; ``null`` unsets it (the method's default)."""
     if not isinstance(overrides, Mapping):
@@ -226,8 +265,7 @@ def apply_overrides(config: TrainConfig, overrides: Mapping[str, Any] | Sequence
             continue
         text = isinstance(value, str)
         if key in METHOD_OPTIONS or key == "method_options":
-            parsed = _method_options(value if key == "method_options" else {key: value}, text=text,
-                                     where=flag)
+            parsed = _method_options(value if key == "method_options" else {key: value}, text=text, where=flag)
             options.update(parsed)
             options = {k: v for k, v in options.items() if v is not None}
         elif key == "adapters":
@@ -301,16 +339,21 @@ def _build(cls, values: Mapping[str, Any], *, source: str):
         if key not in hints and key not in METHOD_OPTIONS:
             alt = field_name(key)
             if alt not in hints and alt not in METHOD_OPTIONS:
-                raise ConfigError(f"{source}: unknown key {raw_key!r}{did_you_mean(key, [*known, *METHOD_OPTIONS])}; "
-                                  f"expected some of: {', '.join(known)}, or a method option: "
-                                  f"{', '.join(METHOD_OPTIONS)}")
+                raise ConfigError(
+                    f"{source}: unknown key {raw_key!r}{did_you_mean(key, [*known, *METHOD_OPTIONS])}; "
+                    f"expected some of: {', '.join(known)}, or a method option: "
+                    f"{', '.join(METHOD_OPTIONS)}"
+                )
             key = alt
         where = f"{source}: key {key!r}"
         if key in METHOD_OPTIONS or key == "method_options":
             if key == "method_options" and value is None:
                 continue
-            parsed = _method_options(value if key == "method_options" else {key: value}, text=False,
-                                     where=lambda name: f"{source}: key {name!r}")
+            parsed = _method_options(
+                value if key == "method_options" else {key: value},
+                text=False,
+                where=lambda name: f"{source}: key {name!r}",
+            )
             options.update({k: v for k, v in parsed.items() if v is not None})
         elif key == "adapters":
             kwargs[key] = _adapters(value, text=False, where=f"{source}: adapters")
@@ -332,8 +375,11 @@ def _method_options(values: Any, *, text: bool, where) -> dict[str, Any]:
     for raw_key, value in values.items():
         key = field_name(raw_key)
         if key not in METHOD_OPTIONS:
-            raise OptionError(where(str(raw_key)), f"unknown method option{did_you_mean(key, METHOD_OPTIONS)}; "
-                                                   f"expected some of: {', '.join(METHOD_OPTIONS)}")
+            raise OptionError(
+                where(str(raw_key)),
+                f"unknown method option{did_you_mean(key, METHOD_OPTIONS)}; "
+                f"expected some of: {', '.join(METHOD_OPTIONS)}",
+            )
         out[key] = coerce(value, METHOD_OPTION_TYPES[key], text=text, where=where(key))
     return out
 
@@ -377,7 +423,21 @@ def _adapter_name(name: Any, where: str) -> None:
 
 
 __all__ = [
-    "CONFIG_FILE", "SCHEDULES", "VALIDATION_METHODS", "CHECKPOINT", "TrainConfig", "AdapterSettings", "AdapterSpec",
-    "ResolvedAdapter", "Option", "load_config", "read_yaml", "apply_overrides", "parse_override_words",
-    "parse_verbalizer", "save_resolved", "train_options", "flag",
+    "CHECKPOINT",
+    "CONFIG_FILE",
+    "SCHEDULES",
+    "VALIDATION_METHODS",
+    "AdapterSettings",
+    "AdapterSpec",
+    "Option",
+    "ResolvedAdapter",
+    "TrainConfig",
+    "apply_overrides",
+    "flag",
+    "load_config",
+    "parse_override_words",
+    "parse_verbalizer",
+    "read_yaml",
+    "save_resolved",
+    "train_options",
 ]

@@ -40,8 +40,7 @@ class CrossValidationReport:
     pooled: dict[str, dict] | None = None
 
     def to_dict(self) -> dict:
-        return {"k": self.k, "summary": self.summary, "pooled": self.pooled,
-                "folds": [f.to_dict() for f in self.folds]}
+        return {"k": self.k, "summary": self.summary, "pooled": self.pooled, "folds": [f.to_dict() for f in self.folds]}
 
     def format(self) -> str:
         lines = [f"{self.k}-fold cross-validation (held-out fold of each adapter)"]
@@ -52,8 +51,10 @@ class CrossValidationReport:
             lines.append(f"{key:<16} {value['mean']:.4f} ± {value['std']:.4f}")
         if self.pooled:
             ours, base = self.pooled["adapter"], self.pooled["base"]
-            lines.append(f"pooled over all {ours['n']} held-out rows: accuracy {ours['accuracy']:.4f}, "
-                         f"macro_f1 {ours['macro_f1']:.4f} (zero-shot {base['accuracy']:.4f}, {base['macro_f1']:.4f})")
+            lines.append(
+                f"pooled over all {ours['n']} held-out rows: accuracy {ours['accuracy']:.4f}, "
+                f"macro_f1 {ours['macro_f1']:.4f} (zero-shot {base['accuracy']:.4f}, {base['macro_f1']:.4f})"
+            )
         return "\n".join(lines) + "\n"
 
 
@@ -61,8 +62,9 @@ def _summary_keys(report: EvalReport) -> list[str]:
     return ["accuracy", "macro_f1"] if "accuracy" in report.metrics else ["loss", "perplexity"]
 
 
-def cross_validate(config: TrainConfig, k: int | None = None, *, model=None, progress: bool = True,
-                   on_step=None) -> CrossValidationReport:
+def cross_validate(
+    config: TrainConfig, k: int | None = None, *, model=None, progress: bool = True, on_step=None
+) -> CrossValidationReport:
     """Train one adapter per fold of ``config.data`` in one job and report held-out mean ± std.
 
     Fold i's adapter (``<name>-fold<i>``) trains on the other folds (its best epoch chosen on a
@@ -83,11 +85,15 @@ def cross_validate(config: TrainConfig, k: int | None = None, *, model=None, pro
         verbalizer = verbalizer_for(spec.verbalizer, rows, spec.label_column, source=spec.data)
     rendered = build_examples(rows, spec.template, spec.label_column, verbalizer, source=spec.data)
     jobs, tests = [], []
-    for i, (train_rows, test_rows) in enumerate(kfold(rows, config.kfold, spec.seed, spec.label_column,
-                                                      source=spec.data), 1):
+    for i, (train_rows, test_rows) in enumerate(
+        kfold(rows, config.kfold, spec.seed, spec.label_column, source=spec.data), 1
+    ):
         fold_spec = dataclasses.replace(spec, name=f"{spec.name}-fold{i}")
-        jobs.append(prepare_job(fold_spec, rows=train_rows, verbalizer=verbalizer,
-                                source=f"{spec.data} (fold {i} training rows)"))
+        jobs.append(
+            prepare_job(
+                fold_spec, rows=train_rows, verbalizer=verbalizer, source=f"{spec.data} (fold {i} training rows)"
+            )
+        )
         in_test = {id(r) for r in test_rows}
         tests.append([e for e in rendered if id(e.row) in in_test])
     model = model if model is not None else load_model(config)
@@ -96,19 +102,34 @@ def cross_validate(config: TrainConfig, k: int | None = None, *, model=None, pro
     folds, truth = [], []
     for job, test in zip(jobs, tests):
         seen = {fingerprint(e.text) for e in job.train + job.val}
-        folds.append(evaluate(result.model, test, job.name, job.labels, config.eval_method, compare_base=True,
-                              batch_size=config.batch_size, max_length=config.max_length, train_fingerprints=seen))
+        folds.append(
+            evaluate(
+                result.model,
+                test,
+                job.name,
+                job.labels,
+                config.eval_method,
+                compare_base=True,
+                batch_size=config.batch_size,
+                max_length=config.max_length,
+                train_fingerprints=seen,
+            )
+        )
         truth += [e.target for e in test if fingerprint(e.text) not in seen]  # the rows evaluate kept
     pooled = None
     if "accuracy" in folds[0].metrics:
         labels = folds[0].metrics["labels"]
-        pooled = {who: classification_report(truth, [p for f in folds for p in pick(f).predictions], labels)
-                  for who, pick in (("adapter", lambda f: f), ("base", lambda f: f.base))}
+        pooled = {
+            who: classification_report(truth, [p for f in folds for p in pick(f).predictions], labels)
+            for who, pick in (("adapter", lambda f: f), ("base", lambda f: f.base))
+        }
     summary = {}
     for key in _summary_keys(folds[0]):
         for prefix, values in (("", [f.metrics[key] for f in folds]), ("base_", [f.base.metrics[key] for f in folds])):
-            summary[prefix + key] = {"mean": statistics.fmean(values),
-                                     "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+            summary[prefix + key] = {
+                "mean": statistics.fmean(values),
+                "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            }
     report = CrossValidationReport(config.kfold, folds, summary, Path(config.output), pooled)
     if distributed.current().is_main:  # under accelerate launch / torchrun only the main process writes files
         atomic_write_json(Path(config.output) / CV_REPORT_FILE, report.to_dict())

@@ -94,8 +94,10 @@ class Distributed:
         return self.fsdp is not None or self.zero is not None
 
     def __repr__(self) -> str:
-        return (f"Distributed(rank={self.rank}, world_size={self.world_size}, fsdp={self.fsdp is not None}, "
-                f"zero3={self.zero is not None})")
+        return (
+            f"Distributed(rank={self.rank}, world_size={self.world_size}, fsdp={self.fsdp is not None}, "
+            f"zero3={self.zero is not None})"
+        )
 
     # ------------------------------------------------------------------ set-up
     def device(self, requested: str | None) -> str | None:
@@ -104,8 +106,10 @@ class Distributed:
             return requested
         mine = self.accelerator.device
         if requested and torch.device(requested).type != mine.type:
-            raise ConfigError(f"--device: {requested!r} does not match the device accelerate gave this process "
-                              f"({mine}); leave --device out when launching several processes")
+            raise ConfigError(
+                f"--device: {requested!r} does not match the device accelerate gave this process "
+                f"({mine}); leave --device out when launching several processes"
+            )
         return str(mine)
 
     def load_device(self, requested: str | None) -> str | None:
@@ -170,12 +174,18 @@ class Distributed:
         config = {"train_batch_size": self.world_size, "zero_optimization": self.zero.zero_optimization}
         zero = DeepSpeedConfig(config).zero_config
         self._partitioner = DeepSpeedZeRoOffload(
-            base, timers=None, ds_config=config, overlap_comm=zero.overlap_comm,
+            base,
+            timers=None,
+            ds_config=config,
+            overlap_comm=zero.overlap_comm,
             # no prefetching: it follows the module order of the previous step, but softprompt's passes differ
             # from step to step (adapters per batch, validation, generation); each module fetches its own
-            prefetch_bucket_size=0, max_reuse_distance=0, max_live_parameters=zero.max_live_parameters,
+            prefetch_bucket_size=0,
+            max_reuse_distance=0,
+            max_live_parameters=zero.max_live_parameters,
             param_persistence_threshold=zero.param_persistence_threshold,
-            model_persistence_threshold=zero.model_persistence_threshold)
+            model_persistence_threshold=zero.model_persistence_threshold,
+        )
         model.adapters.to(model.device)
 
     def _end_of_passes(self) -> None:
@@ -190,8 +200,10 @@ class Distributed:
         if not self.enabled:
             return
         if batch_size < self.world_size:
-            raise ConfigError(f"--batch-size: {batch_size} is the global batch, shared by {self.world_size} "
-                              f"processes; give at least {self.world_size} (one row per process)")
+            raise ConfigError(
+                f"--batch-size: {batch_size} is the global batch, shared by {self.world_size} "
+                f"processes; give at least {self.world_size} (one row per process)"
+            )
 
     # ------------------------------------------------------------------ a step
     def shard(self, batch: list, ghost: Callable[[str | None], Any] | None = None) -> list:
@@ -207,7 +219,7 @@ class Distributed:
         if not self.enabled:
             return batch
         n = len(batch)
-        mine = batch[self.rank * n // self.world_size:(self.rank + 1) * n // self.world_size]
+        mine = batch[self.rank * n // self.world_size : (self.rank + 1) * n // self.world_size]
         if self.shards_base and ghost is not None:
             mine = [ghost(name) for name in dict.fromkeys(item.adapter for item in batch)] + mine
         return mine
@@ -234,13 +246,19 @@ class Distributed:
         self._end_of_passes()  # this step's forward and backward passes are done on every process
         params = [p for group in optimizer.param_groups for p in group["params"]]
         device = self.accelerator.device
-        flat = torch.cat([p.grad.detach().float().flatten().to(device) if p.grad is not None else
-                          torch.zeros(p.numel(), device=device) for p in params] +
-                         [torch.tensor([float(p.grad is not None) for p in params] + [loss], device=device)])
+        flat = torch.cat(
+            [
+                p.grad.detach().float().flatten().to(device)
+                if p.grad is not None
+                else torch.zeros(p.numel(), device=device)
+                for p in params
+            ]
+            + [torch.tensor([float(p.grad is not None) for p in params] + [loss], device=device)]
+        )
         flat = self._sum(flat)
         offset = 0
-        for p, present in zip(params, flat[-len(params) - 1:-1].tolist()):
-            grad = flat[offset:offset + p.numel()].view_as(p)
+        for p, present in zip(params, flat[-len(params) - 1 : -1].tolist()):
+            grad = flat[offset : offset + p.numel()].view_as(p)
             offset += p.numel()
             p.grad = grad.to(device=p.device, dtype=p.dtype).clone() if present else None
         return float(flat[-1])
@@ -286,8 +304,9 @@ def launched_world_size() -> int:
     try:
         return int(os.environ.get("WORLD_SIZE", "1"))
     except ValueError:
-        raise ConfigError(f"WORLD_SIZE: expected a whole number of processes, "
-                          f"got {os.environ['WORLD_SIZE']!r}") from None
+        raise ConfigError(
+            f"WORLD_SIZE: expected a whole number of processes, got {os.environ['WORLD_SIZE']!r}"
+        ) from None
 
 
 def fsdp_units(model) -> list[nn.Module | list[nn.Module]]:
@@ -301,18 +320,22 @@ def fsdp_units(model) -> list[nn.Module | list[nn.Module]]:
     """
     base, kind = model.base, model.shape.model_type
     if not model.quirks.blocks:
-        raise ConfigError(f"--model: model type {kind!r} cannot be sharded with FSDP (distributed_type: FSDP in the "
-                          f"accelerate config): softprompt does not know its transformer blocks; add them (`blocks`) "
-                          f"to its row of softprompt.engine.families.FAMILY_QUIRKS, or use "
-                          f"configs/accelerate/ddp_multi_gpu.yaml")
+        raise ConfigError(
+            f"--model: model type {kind!r} cannot be sharded with FSDP (distributed_type: FSDP in the "
+            f"accelerate config): softprompt does not know its transformer blocks; add them (`blocks`) "
+            f"to its row of softprompt.engine.families.FAMILY_QUIRKS, or use "
+            f"configs/accelerate/ddp_multi_gpu.yaml"
+        )
     units: list[nn.Module | list[nn.Module]] = []
     for path in model.quirks.blocks:
         try:
             blocks = base.get_submodule(path)
         except AttributeError:
-            raise ConfigError(f"--model: model type {kind!r} has no module {path!r} ({type(base).__name__}), where "
-                              f"softprompt.engine.families.FAMILY_QUIRKS says its transformer blocks are; FSDP cannot "
-                              f"shard it, use configs/accelerate/ddp_multi_gpu.yaml") from None
+            raise ConfigError(
+                f"--model: model type {kind!r} has no module {path!r} ({type(base).__name__}), where "
+                f"softprompt.engine.families.FAMILY_QUIRKS says its transformer blocks are; FSDP cannot "
+                f"shard it, use configs/accelerate/ddp_multi_gpu.yaml"
+            ) from None
         units.extend(blocks)
     embedding = base.get_input_embeddings()
     tied = [m for m in base.modules() if getattr(m, "weight", None) is embedding.weight]
@@ -335,15 +358,20 @@ def fsdp_settings(accelerator) -> FsdpSettings:
     # launcher exported from the config, the same way.
     plugin = getattr(accelerator.state, "fsdp_plugin", None) or FullyShardedDataParallelPlugin()
     if plugin.fsdp_version != 2:
-        raise ConfigError(f"fsdp_config.fsdp_version: {plugin.fsdp_version} (accelerate config); softprompt shards the "
-                          f"frozen base with FSDP2 (fully_shard): set fsdp_version: 2 "
-                          f"(see configs/accelerate/fsdp.yaml)")
+        raise ConfigError(
+            f"fsdp_config.fsdp_version: {plugin.fsdp_version} (accelerate config); softprompt shards the "
+            f"frozen base with FSDP2 (fully_shard): set fsdp_version: 2 "
+            f"(see configs/accelerate/fsdp.yaml)"
+        )
     if isinstance(plugin.cpu_offload, CPUOffloadPolicy) or getattr(plugin.cpu_offload, "offload_params", False):
-        raise ConfigError("fsdp_config.fsdp_offload_params: true is not supported by softprompt train (the engine "
-                          "places inputs on the device its weights live on); set it to false")
+        raise ConfigError(
+            "fsdp_config.fsdp_offload_params: true is not supported by softprompt train (the engine "
+            "places inputs on the device its weights live on); set it to false"
+        )
     if plugin.activation_checkpointing:
-        raise ConfigError("fsdp_config.fsdp_activation_checkpointing: true is not supported by softprompt train; "
-                          "set it to false")
+        raise ConfigError(
+            "fsdp_config.fsdp_activation_checkpointing: true is not supported by softprompt train; set it to false"
+        )
     return FsdpSettings(reshard_after_forward=plugin.reshard_after_forward is not False)
 
 
@@ -353,9 +381,11 @@ def zero_settings(accelerator) -> ZeroSettings:
     try:
         import deepspeed  # noqa: F401
     except ImportError as e:
-        raise ConfigError(f"distributed_type: DEEPSPEED (accelerate config) needs the deepspeed package, which does "
-                          f"not import here ({e}); install it (scripts/setup.sh --dev does) or launch with "
-                          f"configs/accelerate/fsdp.yaml") from None
+        raise ConfigError(
+            f"distributed_type: DEEPSPEED (accelerate config) needs the deepspeed package, which does "
+            f"not import here ({e}); install it (scripts/setup.sh --dev does) or launch with "
+            f"configs/accelerate/fsdp.yaml"
+        ) from None
     from accelerate.utils import DeepSpeedPlugin
 
     # On GPUs accelerate builds the plugin; on the CPU it builds none, so read the same ACCELERATE_DEEPSPEED_*
@@ -364,31 +394,44 @@ def zero_settings(accelerator) -> ZeroSettings:
     config = plugin.deepspeed_config
     zero = dict(config.get("zero_optimization") or {})
     if zero.get("stage") != 3:
-        raise ConfigError(f"deepspeed_config.zero_stage: {zero.get('stage')} (accelerate config; zero_optimization."
-                          f"stage in a deepspeed_config_file); softprompt partitions the frozen base with ZeRO-3: set "
-                          f"3 (stages 1 and 2 partition optimizer state and gradients, which only the small adapters "
-                          f"have: launch with configs/accelerate/ddp_multi_gpu.yaml instead)")
+        raise ConfigError(
+            f"deepspeed_config.zero_stage: {zero.get('stage')} (accelerate config; zero_optimization."
+            f"stage in a deepspeed_config_file); softprompt partitions the frozen base with ZeRO-3: set "
+            f"3 (stages 1 and 2 partition optimizer state and gradients, which only the small adapters "
+            f"have: launch with configs/accelerate/ddp_multi_gpu.yaml instead)"
+        )
     for part in ("param", "optimizer"):
         device = (zero.get(f"offload_{part}") or {}).get("device") or "none"
         if str(device) != "none":
-            why = ("the engine places inputs on the device its weights live on" if part == "param" else
-                   "the adapters are trained by softprompt's own AdamW, not DeepSpeed's optimizer")
-            raise ConfigError(f"deepspeed_config.offload_{part}_device: {device} (zero_optimization.offload_{part}."
-                              f"device in a deepspeed_config_file) is not supported by softprompt train ({why}); "
-                              f"set it to none")
+            why = (
+                "the engine places inputs on the device its weights live on"
+                if part == "param"
+                else "the adapters are trained by softprompt's own AdamW, not DeepSpeed's optimizer"
+            )
+            raise ConfigError(
+                f"deepspeed_config.offload_{part}_device: {device} (zero_optimization.offload_{part}."
+                f"device in a deepspeed_config_file) is not supported by softprompt train ({why}); "
+                f"set it to none"
+            )
     refused = {"gradient_accumulation_steps": (1, "--grad-accum"), "gradient_clipping": (None, "--max-grad-norm")}
     for field, (neutral, option) in refused.items():
         if config.get(field, "auto") not in ("auto", neutral):
-            raise ConfigError(f"deepspeed_config.{field}: {config[field]} is not used by softprompt train, which "
-                              f"steps the adapters itself; remove it and give {option}")
+            raise ConfigError(
+                f"deepspeed_config.{field}: {config[field]} is not used by softprompt train, which "
+                f"steps the adapters itself; remove it and give {option}"
+            )
     for field in ("optimizer", "scheduler"):
         if field in config:
-            raise ConfigError(f"deepspeed_config_file: its {field!r} section is not used by softprompt train (the "
-                              f"adapters are trained by softprompt's AdamW and schedule); remove it")
+            raise ConfigError(
+                f"deepspeed_config_file: its {field!r} section is not used by softprompt train (the "
+                f"adapters are trained by softprompt's AdamW and schedule); remove it"
+            )
     for field in ("fp16", "bf16"):
         if (config.get(field) or {}).get("enabled") not in (None, False, "auto"):
-            raise ConfigError(f"deepspeed_config_file: {field}.enabled is not supported by softprompt train; remove "
-                              f"it (precision is softprompt's own --bf16)")
+            raise ConfigError(
+                f"deepspeed_config_file: {field}.enabled is not supported by softprompt train; remove "
+                f"it (precision is softprompt's own --bf16)"
+            )
     # "auto" (accelerate's and transformers' templates) means DeepSpeed's default here
     return ZeroSettings({k: v for k, v in zero.items() if v != "auto"})
 
@@ -396,15 +439,19 @@ def zero_settings(accelerator) -> ZeroSettings:
 def _deepspeed_launch(accelerator) -> bool:
     # As with FSDP: distributed_type DEEPSPEED on GPUs; with `use_cpu: true` accelerate keeps MULTI_CPU, but its
     # launcher still exports ACCELERATE_USE_DEEPSPEED=true (and the ACCELERATE_DEEPSPEED_* settings).
-    return accelerator.distributed_type.name == "DEEPSPEED" or \
-        os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true", "yes")
+    return accelerator.distributed_type.name == "DEEPSPEED" or os.environ.get(
+        "ACCELERATE_USE_DEEPSPEED", ""
+    ).lower() in ("1", "true", "yes")
 
 
 def _fsdp_launch(accelerator) -> bool:
     # With GPUs accelerate turns an FSDP config into distributed_type FSDP. With `use_cpu: true` it keeps
     # MULTI_CPU, but its launcher still exports ACCELERATE_USE_FSDP=true (and the FSDP_* settings).
-    return accelerator.distributed_type.name == "FSDP" or \
-        os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true", "yes")
+    return accelerator.distributed_type.name == "FSDP" or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in (
+        "1",
+        "true",
+        "yes",
+    )
 
 
 def _shut_down(accelerator, wait_s: float = 60.0) -> None:
@@ -428,17 +475,28 @@ def current() -> Distributed:
         return Distributed()
     from accelerate import Accelerator
 
-    accelerator = Accelerator(cpu=os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
-                              or not torch.cuda.is_available())
+    accelerator = Accelerator(
+        cpu=os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or not torch.cuda.is_available()
+    )
     atexit.register(_shut_down, accelerator)
     kind = accelerator.distributed_type.name
     if kind in UNSUPPORTED:
-        raise ConfigError(f"distributed_type: {kind} (from the accelerate config) is not supported by softprompt "
-                          f"train; use configs/accelerate/fsdp.yaml (shards the frozen base) or ddp_multi_gpu.yaml")
+        raise ConfigError(
+            f"distributed_type: {kind} (from the accelerate config) is not supported by softprompt "
+            f"train; use configs/accelerate/fsdp.yaml (shards the frozen base) or ddp_multi_gpu.yaml"
+        )
     if _deepspeed_launch(accelerator):
         return Distributed(accelerator, zero=zero_settings(accelerator))
     return Distributed(accelerator, fsdp_settings(accelerator) if _fsdp_launch(accelerator) else None)
 
 
-__all__ = ["Distributed", "FsdpSettings", "ZeroSettings", "current", "fsdp_settings", "fsdp_units",
-           "launched_world_size", "zero_settings"]
+__all__ = [
+    "Distributed",
+    "FsdpSettings",
+    "ZeroSettings",
+    "current",
+    "fsdp_settings",
+    "fsdp_units",
+    "launched_world_size",
+    "zero_settings",
+]

@@ -86,10 +86,16 @@ class EvalReport:
         return self.metrics.get(key, default)
 
     def to_dict(self) -> dict:
-        return {"adapter": self.adapter, "method": self.method, "n": self.n,
-                "dropped_training_rows": self.dropped_training_rows,
-                "checked_training_rows": self.checked_training_rows, "metrics": self.metrics,
-                "predictions": self.predictions, "base": self.base.to_dict() if self.base else None}
+        return {
+            "adapter": self.adapter,
+            "method": self.method,
+            "n": self.n,
+            "dropped_training_rows": self.dropped_training_rows,
+            "checked_training_rows": self.checked_training_rows,
+            "metrics": self.metrics,
+            "predictions": self.predictions,
+            "base": self.base.to_dict() if self.base else None,
+        }
 
     def format(self) -> str:
         """A plain-text summary: adapter beside zero-shot, then the adapter's full report."""
@@ -99,8 +105,11 @@ class EvalReport:
         else:
             where = "examples (the adapter's training rows are unknown, so overlap was not checked)"
         lines = [f"{who}: {self.method}, n = {self.n} {where}"]
-        keys = [("accuracy", "accuracy"), ("macro_f1", "macro F1")] if "accuracy" in self.metrics else \
-            [("loss", "loss"), ("perplexity", "perplexity")]
+        keys = (
+            [("accuracy", "accuracy"), ("macro_f1", "macro F1")]
+            if "accuracy" in self.metrics
+            else [("loss", "loss"), ("perplexity", "perplexity")]
+        )
         head = f"{'':<12}{'adapter' if self.adapter else 'base':>12}" + (f"{'zero-shot':>12}" if self.base else "")
         lines.append(head)
         for key, label in keys:
@@ -116,10 +125,19 @@ class EvalReport:
 # ========================================================================================== evaluate
 
 
-def evaluate(model, examples: Sequence[Example], adapter: str | None, labels: Sequence[str] | None = None,
-             method: str = "score", *, compare_base: bool = True, batch_size: int = 16,
-             max_length: int | None = None, train_fingerprints: Collection[int] | None = None,
-             max_new_tokens: int | None = None) -> EvalReport:
+def evaluate(
+    model,
+    examples: Sequence[Example],
+    adapter: str | None,
+    labels: Sequence[str] | None = None,
+    method: str = "score",
+    *,
+    compare_base: bool = True,
+    batch_size: int = 16,
+    max_length: int | None = None,
+    train_fingerprints: Collection[int] | None = None,
+    max_new_tokens: int | None = None,
+) -> EvalReport:
     """Evaluate ``adapter`` (None: the base model) on ``examples``; see the module docstring.
 
     ``labels``: the label texts to choose from (default: the distinct targets, sorted). ``max_length``
@@ -137,8 +155,10 @@ def evaluate(model, examples: Sequence[Example], adapter: str | None, labels: Se
         kept = [e for e in examples if fingerprint(e.text) not in train_fingerprints]
         dropped = len(examples) - len(kept)
         if examples and not kept:
-            raise DataError(f"every one of the {len(examples)} evaluation examples was in the adapter's training "
-                            f"data; evaluate on held-out rows")
+            raise DataError(
+                f"every one of the {len(examples)} evaluation examples was in the adapter's training "
+                f"data; evaluate on held-out rows"
+            )
         examples = kept
     if not examples:
         raise DataError("no examples to evaluate")
@@ -176,10 +196,10 @@ def _interleaved_runs(model, examples, runs, batch_size, call) -> list[list]:
     pairs = [(e.text, a) for a in runs for e in examples]
     out: list = []
     for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start:start + batch_size]
+        chunk = pairs[start : start + batch_size]
         out.extend(call([t for t, _ in chunk], [a for _, a in chunk]))
     n = len(examples)
-    return [out[i * n:(i + 1) * n] for i in range(len(runs))]
+    return [out[i * n : (i + 1) * n] for i in range(len(runs))]
 
 
 def prompt_budget(model, labels, max_length: int | None) -> int | None:
@@ -193,8 +213,15 @@ def prompt_budget(model, labels, max_length: int | None) -> int | None:
 def _score_predictions(model, examples, runs, labels, batch_size, max_length) -> list[list[str]]:
     budget = prompt_budget(model, labels, max_length)
     with torch.no_grad():
-        return _interleaved_runs(model, examples, runs, batch_size, lambda texts, adapters: [
-            r.label for r in model.score(texts, labels=labels, adapters=adapters, max_input_tokens=budget)])
+        return _interleaved_runs(
+            model,
+            examples,
+            runs,
+            batch_size,
+            lambda texts, adapters: [
+                r.label for r in model.score(texts, labels=labels, adapters=adapters, max_input_tokens=budget)
+            ],
+        )
 
 
 def _generate_predictions(model, examples, runs, labels, batch_size, max_length, max_new_tokens) -> list[list[str]]:
@@ -202,8 +229,15 @@ def _generate_predictions(model, examples, runs, labels, batch_size, max_length,
         max_new_tokens = max(len(model.tokenizer(label, add_special_tokens=False)["input_ids"]) for label in labels) + 2
     budget = prompt_budget(model, labels, max_length)
     with torch.no_grad():
-        return _interleaved_runs(model, examples, runs, batch_size, lambda texts, adapters: model.generate(
-            texts, adapters=adapters, max_new_tokens=max_new_tokens, stop=["\n"], max_input_tokens=budget))
+        return _interleaved_runs(
+            model,
+            examples,
+            runs,
+            batch_size,
+            lambda texts, adapters: model.generate(
+                texts, adapters=adapters, max_new_tokens=max_new_tokens, stop=["\n"], max_input_tokens=budget
+            ),
+        )
 
 
 def _perplexity_report(model, examples, adapter, batch_size, max_length) -> EvalReport:
@@ -212,8 +246,15 @@ def _perplexity_report(model, examples, adapter, batch_size, max_length) -> Eval
     return EvalReport(adapter, "perplexity", len(examples), metrics)
 
 
-def example_loss(model, examples: Sequence[Example], adapter: str | None, *, batch_size: int = 16,
-                 max_length: int = 1024, bf16: bool = False) -> tuple[float, int]:
+def example_loss(
+    model,
+    examples: Sequence[Example],
+    adapter: str | None,
+    *,
+    batch_size: int = 16,
+    max_length: int = 1024,
+    bf16: bool = False,
+) -> tuple[float, int]:
     """``(total negative log-likelihood, scored tokens)`` of the examples as training scores them.
 
     Labelled examples score their label text (+ eos); unlabelled ones their whole text.
@@ -222,7 +263,7 @@ def example_loss(model, examples: Sequence[Example], adapter: str | None, *, bat
     total, tokens = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(items), batch_size):
-            ids, mask, labels, adapters = collate(items[start:start + batch_size], pad_id(model.tokenizer))
+            ids, mask, labels, adapters = collate(items[start : start + batch_size], pad_id(model.tokenizer))
             with torch.autocast(device_type=model.device.type, dtype=torch.bfloat16, enabled=bf16):
                 out = model(ids, mask, adapters=adapters, labels=labels)
             count = int(out.label_logits.shape[0])
@@ -233,11 +274,24 @@ def example_loss(model, examples: Sequence[Example], adapter: str | None, *, bat
     return total, tokens
 
 
-def evaluate_data(model, adapter: str | None, data: str | Path, *, adapter_dir: str | Path | None = None,
-                  template: str | None = None, text_column: str | None = None, label_column: str | None = None,
-                  verbalizer: dict[str, str] | None = None, method: str = "score", compare_base: bool = True,
-                  batch_size: int = 16, max_length: int | None = None, data_format: str | None = None,
-                  encoding: str | None = None, split: str = "test") -> EvalReport:
+def evaluate_data(
+    model,
+    adapter: str | None,
+    data: str | Path,
+    *,
+    adapter_dir: str | Path | None = None,
+    template: str | None = None,
+    text_column: str | None = None,
+    label_column: str | None = None,
+    verbalizer: dict[str, str] | None = None,
+    method: str = "score",
+    compare_base: bool = True,
+    batch_size: int = 16,
+    max_length: int | None = None,
+    data_format: str | None = None,
+    encoding: str | None = None,
+    split: str = "test",
+) -> EvalReport:
     """Evaluate a loaded adapter on a data file (what ``softprompt eval`` runs).
 
     Settings not given are taken from how the adapter was trained (``adapter_dir``'s training
@@ -261,8 +315,17 @@ def evaluate_data(model, adapter: str | None, data: str | Path, *, adapter_dir: 
     prints = read_train_fingerprints(adapter_dir) if adapter_dir else None
     if not prints:  # an adapter trained elsewhere: its training rows are unknown
         prints = None
-    return evaluate(model, examples, adapter, labels, method, compare_base=compare_base, batch_size=batch_size,
-                    max_length=max_length or saved.get("max_length"), train_fingerprints=prints)
+    return evaluate(
+        model,
+        examples,
+        adapter,
+        labels,
+        method,
+        compare_base=compare_base,
+        batch_size=batch_size,
+        max_length=max_length or saved.get("max_length"),
+        train_fingerprints=prints,
+    )
 
 
 __all__ = [

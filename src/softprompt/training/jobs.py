@@ -33,8 +33,14 @@ class AdapterJob:
         return {fingerprint(e.text) for e in self.train} | self.inherited_fingerprints
 
 
-def prepare_job(spec: ResolvedAdapter, *, rows: list[dict] | None = None, val_rows: list[dict] | None = None,
-                verbalizer: Verbalizer | None = None, source: str | None = None) -> AdapterJob:
+def prepare_job(
+    spec: ResolvedAdapter,
+    *,
+    rows: list[dict] | None = None,
+    val_rows: list[dict] | None = None,
+    verbalizer: Verbalizer | None = None,
+    source: str | None = None,
+) -> AdapterJob:
     """Load and render one adapter's data.
 
     By default rows come from ``spec.data`` and validation rows from ``spec.validation_data`` or a
@@ -49,13 +55,17 @@ def prepare_job(spec: ResolvedAdapter, *, rows: list[dict] | None = None, val_ro
     rows = list(rows)
     split_here = val_rows is None  # validation rows are cut from `rows` (or there are none)
     if split_here:
-        val_rows = (train_val_split(rows, spec.val_fraction, spec.seed, spec.label_column, source=source)[1]
-                    if spec.val_fraction > 0 else [])
+        val_rows = (
+            train_val_split(rows, spec.val_fraction, spec.seed, spec.label_column, source=source)[1]
+            if spec.val_fraction > 0
+            else []
+        )
     else:
         val_rows = list(val_rows)
     if spec.label_column is not None and verbalizer is None:
-        verbalizer = verbalizer_for(spec.verbalizer, rows + ([] if split_here else val_rows), spec.label_column,
-                                    source=source)
+        verbalizer = verbalizer_for(
+            spec.verbalizer, rows + ([] if split_here else val_rows), spec.label_column, source=source
+        )
     # Render all rows of a file at once, so that error messages count rows as the file does.
     rendered = build_examples(rows, spec.template, spec.label_column, verbalizer, source=source)
     if split_here:
@@ -64,8 +74,17 @@ def prepare_job(spec: ResolvedAdapter, *, rows: list[dict] | None = None, val_ro
         val = [e for e in rendered if id(e.row) in in_val]
     else:
         train = rendered
-        val = build_examples(val_rows, spec.template, spec.label_column, verbalizer,
-                             source=spec.validation_data or f"{source} (validation rows)") if val_rows else []
+        val = (
+            build_examples(
+                val_rows,
+                spec.template,
+                spec.label_column,
+                verbalizer,
+                source=spec.validation_data or f"{source} (validation rows)",
+            )
+            if val_rows
+            else []
+        )
     if not train:
         raise DataError(f"{source}: no training rows are left after holding out validation rows")
     # Held-out means held-out: a validation text that is also a training text is dropped, including
@@ -75,10 +94,13 @@ def prepare_job(spec: ResolvedAdapter, *, rows: list[dict] | None = None, val_ro
     seen = {fingerprint(e.text) for e in train} | inherited
     kept = [e for e in val if fingerprint(e.text) not in seen]
     if val and not kept:
-        raise DataError(f"{spec.validation_data or source}: every validation row also occurs in the training rows; "
-                        f"there is nothing held-out to validate on")
-    return AdapterJob(spec, train, kept, verbalizer.texts if verbalizer is not None else None, len(val) - len(kept),
-                      inherited)
+        raise DataError(
+            f"{spec.validation_data or source}: every validation row also occurs in the training rows; "
+            f"there is nothing held-out to validate on"
+        )
+    return AdapterJob(
+        spec, train, kept, verbalizer.texts if verbalizer is not None else None, len(val) - len(kept), inherited
+    )
 
 
 __all__ = ["AdapterJob", "prepare_job"]

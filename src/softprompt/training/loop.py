@@ -113,8 +113,9 @@ class StepInfo:
 # ============================================================================================ train
 
 
-def train(config: TrainConfig, model=None, *, on_step: Callable[[StepInfo], None] | None = None,
-          progress: bool = True) -> TrainResult:
+def train(
+    config: TrainConfig, model=None, *, on_step: Callable[[StepInfo], None] | None = None, progress: bool = True
+) -> TrainResult:
     """Train the adapter(s) a config describes; see the module docstring.
 
     ``model``: a `SoftPromptModel` to train on (default: ``softprompt.load(config.model)``); its base
@@ -123,8 +124,10 @@ def train(config: TrainConfig, model=None, *, on_step: Callable[[StepInfo], None
     """
     config = dataclasses.replace(config, adapters=[dataclasses.replace(a) for a in config.adapters]).validate()
     if config.kfold is not None:
-        raise ConfigError(f"{flag('kfold')}: cross-validation is softprompt.training.cross_validate "
-                          f"(the CLI runs it when --kfold is given)")
+        raise ConfigError(
+            f"{flag('kfold')}: cross-validation is softprompt.training.cross_validate "
+            f"(the CLI runs it when --kfold is given)"
+        )
     jobs = [prepare_job(spec) for spec in config.resolved_adapters()]
     model = model if model is not None else load_model(config)
     with stop_at_step_boundary_on_signals():
@@ -142,8 +145,14 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def train_jobs(config: TrainConfig, model, jobs: list[AdapterJob], *,
-               on_step: Callable[[StepInfo], None] | None = None, progress: bool = True) -> TrainResult:
+def train_jobs(
+    config: TrainConfig,
+    model,
+    jobs: list[AdapterJob],
+    *,
+    on_step: Callable[[StepInfo], None] | None = None,
+    progress: bool = True,
+) -> TrainResult:
     """The training loop over prepared jobs, all on ``model`` (see the module docstring)."""
     run = Trainer(config, model, jobs, on_step=on_step, progress=progress)  # checks, adapters, optimizer
     run.train()  # the optimizer steps, with validation and checkpoints
@@ -159,8 +168,15 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------- set-up
 
-    def __init__(self, config: TrainConfig, model, jobs: list[AdapterJob], *,
-                 on_step: Callable[[StepInfo], None] | None = None, progress: bool = True):
+    def __init__(
+        self,
+        config: TrainConfig,
+        model,
+        jobs: list[AdapterJob],
+        *,
+        on_step: Callable[[StepInfo], None] | None = None,
+        progress: bool = True,
+    ):
         self.dist = dist = distributed.current()  # one process, or this one of several (accelerate / torchrun)
         dist.check(config.batch_size)
         device = dist.device(config.device)
@@ -194,22 +210,35 @@ class Trainer:
         model.train()
         self.items = {job.name: encode_examples(model, job.train, job.name, config.max_length) for job in jobs}
         self.pad = pad_id(model.tokenizer)
-        self.optimizer = torch.optim.AdamW([
-            {"params": list(model.adapters[job.name].parameters()), "lr": job.spec.lr,
-             "weight_decay": job.spec.weight_decay, "name": job.name} for job in jobs])
+        self.optimizer = torch.optim.AdamW(
+            [
+                {
+                    "params": list(model.adapters[job.name].parameters()),
+                    "lr": job.spec.lr,
+                    "weight_decay": job.spec.weight_decay,
+                    "name": job.name,
+                }
+                for job in jobs
+            ]
+        )
         rows = sum(len(items) for items in self.items.values())
         self.total_steps = config.epochs * math.ceil(math.ceil(rows / config.batch_size) / config.grad_accum)
         if config.max_steps is not None:
             self.total_steps = min(self.total_steps, config.max_steps)
-        self.scheduler = get_scheduler(config.lr_schedule, self.optimizer, num_training_steps=self.total_steps,
-                                       num_warmup_steps=math.ceil(config.warmup_ratio * self.total_steps))
+        self.scheduler = get_scheduler(
+            config.lr_schedule,
+            self.optimizer,
+            num_training_steps=self.total_steps,
+            num_warmup_steps=math.ceil(config.warmup_ratio * self.total_steps),
+        )
 
         self.log = MetricsLog(self.output / METRICS_FILE, write=dist.is_main)
         if saved is not None:
             self.state = restore(saved, model, jobs, self.optimizer, self.scheduler, self.log)
         else:
-            self.state = LoopState(active=list(self.names), bad_evals={n: 0 for n in self.names},
-                                   world_size=dist.world_size)
+            self.state = LoopState(
+                active=list(self.names), bad_evals={n: 0 for n in self.names}, world_size=dist.world_size
+            )
             self.log.reset()
             self._validate_zero_shot()
         self.last_plot = time.time()
@@ -218,11 +247,15 @@ class Trainer:
         config = self.config
         for job in self.jobs:
             if job.name in self.model.adapters:
-                raise ConfigError(f"{flag('name')}: the model already has an adapter named {job.name!r}; remove it "
-                                  f"or choose another name")
+                raise ConfigError(
+                    f"{flag('name')}: the model already has an adapter named {job.name!r}; remove it "
+                    f"or choose another name"
+                )
             if config.early_stopping_patience is not None and not job.val:
-                raise ConfigError(f"{flag('early_stopping_patience')}: adapter {job.name!r} has no validation rows; "
-                                  f"give {flag('validation_data')} or a {flag('val_fraction')} above 0")
+                raise ConfigError(
+                    f"{flag('early_stopping_patience')}: adapter {job.name!r} has no validation rows; "
+                    f"give {flag('validation_data')} or a {flag('val_fraction')} above 0"
+                )
             if job.labels is None and config.eval_method == "generate":
                 raise ConfigError(f"{flag('eval_method')}: generate needs a {flag('label_column')} to compare with")
 
@@ -234,16 +267,23 @@ class Trainer:
             if job.val:
                 metrics = validation_metrics(self.model, job, None, self.config)
                 self.state.zero_shot[job.name] = metrics
-                self.log.append({"type": "eval", "model": "base", "adapter": job.name, "step": 0, "epoch": 0,
-                                 **metrics})
+                self.log.append(
+                    {"type": "eval", "model": "base", "adapter": job.name, "step": 0, "epoch": 0, **metrics}
+                )
 
     # --------------------------------------------------------------------------------------- loop
 
     def train(self) -> None:
         """Optimizer steps until the epochs, ``max_steps`` or every adapter's patience run out."""
         config, state = self.config, self.state
-        self.bar = tqdm(total=self.total_steps, initial=state.step, desc=f"train {', '.join(self.names)}"[:40],
-                        unit="step", disable=not self.progress or not self.dist.is_main, dynamic_ncols=True)
+        self.bar = tqdm(
+            total=self.total_steps,
+            initial=state.step,
+            desc=f"train {', '.join(self.names)}"[:40],
+            unit="step",
+            disable=not self.progress or not self.dist.is_main,
+            dynamic_ncols=True,
+        )
         self.started = time.time()
         while not state.finished and state.epoch < config.epochs and state.active:
             rows = [item for name in state.active for item in self.items[name]]
@@ -297,9 +337,16 @@ class Trainer:
         state.loss_steps += 1
         lrs = {g["name"]: g["lr"] for g in self.optimizer.param_groups}
         if state.step % config.log_every == 0:
-            self.log.append({"type": "train", "step": state.step, "epoch": state.epoch + 1,
-                             "loss": state.loss_sum / state.loss_steps, "lr": lrs,
-                             "seconds": round(time.time() - self.started, 3)})
+            self.log.append(
+                {
+                    "type": "train",
+                    "step": state.step,
+                    "epoch": state.epoch + 1,
+                    "loss": state.loss_sum / state.loss_steps,
+                    "lr": lrs,
+                    "seconds": round(time.time() - self.started, 3),
+                }
+            )
             state.loss_sum, state.loss_steps = 0.0, 0
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{next(iter(lrs.values())):.2e}", refresh=False)
@@ -311,8 +358,10 @@ class Trainer:
     def _stop(self) -> NoReturn:
         self._save_latest()
         self.bar.close()
-        raise TrainingInterrupted(f"stopped after step {self.state.step}; the latest state is saved in "
-                                  f"{self.output / self.names[0] / CHECKPOINT}; continue with --resume")
+        raise TrainingInterrupted(
+            f"stopped after step {self.state.step}; the latest state is saved in "
+            f"{self.output / self.names[0] / CHECKPOINT}; continue with --resume"
+        )
 
     def validate_and_save(self) -> None:
         """Validate every active adapter, keep the best, count patience, save the latest state."""
@@ -336,8 +385,16 @@ class Trainer:
     def _keep_if_best(self, job: AdapterJob, metrics: dict) -> None:
         """Log a validation; save the adapter if it is the best so far, else count towards early stopping."""
         state = self.state
-        self.log.append({"type": "eval", "model": "adapter", "adapter": job.name, "step": state.step,
-                         "epoch": state.epoch, **metrics})
+        self.log.append(
+            {
+                "type": "eval",
+                "model": "adapter",
+                "adapter": job.name,
+                "step": state.step,
+                "epoch": state.epoch,
+                **metrics,
+            }
+        )
         score = _score(metrics, job)
         best = state.best.get(job.name)
         if best is None or not job.val or score > tuple(best["score"]):
@@ -350,12 +407,20 @@ class Trainer:
         if patience is not None and state.bad_evals[job.name] >= patience:
             state.active.remove(job.name)
             state.stopped.append(job.name)
-            self.log.append({"type": "early_stop", "adapter": job.name, "step": state.step, "epoch": state.epoch,
-                             "best_step": best["step"]})
+            self.log.append(
+                {
+                    "type": "early_stop",
+                    "adapter": job.name,
+                    "step": state.step,
+                    "epoch": state.epoch,
+                    "best_step": best["step"],
+                }
+            )
 
     def _save_latest(self) -> None:
-        save_latest(self.model, self.jobs, self.optimizer, self.scheduler, self.state, self.config, self.output,
-                    self.log)
+        save_latest(
+            self.model, self.jobs, self.optimizer, self.scheduler, self.state, self.config, self.output, self.log
+        )
 
     # ------------------------------------------------------------------------------------- finish
 
@@ -376,9 +441,12 @@ class Trainer:
             load_adapter(self.model, self.output / job.name, name=job.name)
             best = state.best.get(job.name)
             results[job.name] = AdapterResult(
-                job.name, self.output / job.name,
+                job.name,
+                self.output / job.name,
                 {**best["metrics"], "step": best["step"], "epoch": best["epoch"]} if best and job.val else None,
-                state.zero_shot.get(job.name), job.name in state.stopped)
+                state.zero_shot.get(job.name),
+                job.name in state.stopped,
+            )
         self.model.eval()
         return TrainResult(self.output, results, state.step, state.epoch, self.model)
 
@@ -397,8 +465,10 @@ def _start_from(model, job: AdapterJob, prefix: str = "") -> None:
     if found != want:
         model.remove_adapter(job.name)
         model.register(job.name, fresh)  # leave the model as a failed set-up of any other kind does
-        raise ConfigError(f"{where}: is a {found[0]} adapter with {found[1]} virtual tokens, but this job trains "
-                          f"{want[0]} with {want[1]}; set {flag('method')} and {flag('num_virtual_tokens')} to match")
+        raise ConfigError(
+            f"{where}: is a {found[0]} adapter with {found[1]} virtual tokens, but this job trains "
+            f"{want[0]} with {want[1]}; set {flag('method')} and {flag('num_virtual_tokens')} to match"
+        )
     loaded.requires_grad_(True)
 
 
@@ -411,12 +481,21 @@ def validation_metrics(model, job: AdapterJob, adapter: str | None, config: Trai
     was_training = model.training
     model.eval()
     try:
-        total, tokens = example_loss(model, job.val, adapter, batch_size=config.batch_size,
-                                     max_length=config.max_length, bf16=config.bf16)
+        total, tokens = example_loss(
+            model, job.val, adapter, batch_size=config.batch_size, max_length=config.max_length, bf16=config.bf16
+        )
         metrics = {"n": len(job.val), "val_loss": total / tokens, "perplexity": perplexity(total, tokens)}
         if job.labels is not None:
-            report = evaluate(model, job.val, adapter, job.labels, method=config.eval_method, compare_base=False,
-                              batch_size=config.batch_size, max_length=config.max_length)
+            report = evaluate(
+                model,
+                job.val,
+                adapter,
+                job.labels,
+                method=config.eval_method,
+                compare_base=False,
+                batch_size=config.batch_size,
+                max_length=config.max_length,
+            )
             metrics.update(accuracy=report.metrics["accuracy"], macro_f1=report.metrics["macro_f1"])
     finally:
         model.train(was_training)

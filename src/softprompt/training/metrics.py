@@ -37,8 +37,10 @@ def classification_report(y_true: Sequence[str], y_pred: Sequence[str], labels: 
         dup = next(label for label in labels if labels.count(label) > 1)
         raise ConfigError(f"classification_report: label {dup!r} is listed twice; labels must be distinct.")
     if len(y_true) != len(y_pred):
-        raise DataError(f"classification_report: {len(y_true)} true labels but {len(y_pred)} predictions; "
-                        f"expected one prediction per example.")
+        raise DataError(
+            f"classification_report: {len(y_true)} true labels but {len(y_pred)} predictions; "
+            f"expected one prediction per example."
+        )
     if not y_true:
         raise DataError("classification_report: no examples to score.")
     index = {label: i for i, label in enumerate(labels)}
@@ -48,8 +50,10 @@ def classification_report(y_true: Sequence[str], y_pred: Sequence[str], labels: 
     invalid = 0
     for i, (t, p) in enumerate(zip(y_true, y_pred)):
         if t not in index:
-            raise DataError(f"classification_report: example {i + 1} has true label {t!r}, which is not one of "
-                            f"{', '.join(map(repr, labels))}.")
+            raise DataError(
+                f"classification_report: example {i + 1} has true label {t!r}, which is not one of "
+                f"{', '.join(map(repr, labels))}."
+            )
         support[index[t]] += 1
         if p in index:
             matrix[index[t]][index[p]] += 1
@@ -61,8 +65,12 @@ def classification_report(y_true: Sequence[str], y_pred: Sequence[str], labels: 
         tp = matrix[c][c]
         predicted = sum(matrix[r][c] for r in range(k))
         precision, recall = _ratio(tp, predicted), _ratio(tp, support[c])
-        per_class[label] = {"precision": precision, "recall": recall,
-                            "f1": _ratio(2 * precision * recall, precision + recall), "support": support[c]}
+        per_class[label] = {
+            "precision": precision,
+            "recall": recall,
+            "f1": _ratio(2 * precision * recall, precision + recall),
+            "support": support[c],
+        }
     n = len(y_true)
     return {
         "n": n,
@@ -88,15 +96,21 @@ def format_report(report: dict) -> str:
     lines.append(f"{'label':<{width}}  {'precision':>9}  {'recall':>9}  {'f1':>9}  {'support':>7}")
     for label in labels:
         m = report["per_class"][label]
-        lines.append(f"{label:<{width}}  {m['precision']:>9.4f}  {m['recall']:>9.4f}  {m['f1']:>9.4f}  "
-                     f"{m['support']:>7d}")
-    lines.append(f"{'macro avg':<{width}}  {report['macro_precision']:>9.4f}  {report['macro_recall']:>9.4f}  "
-                 f"{report['macro_f1']:>9.4f}  {report['n']:>7d}")
+        lines.append(
+            f"{label:<{width}}  {m['precision']:>9.4f}  {m['recall']:>9.4f}  {m['f1']:>9.4f}  {m['support']:>7d}"
+        )
+    lines.append(
+        f"{'macro avg':<{width}}  {report['macro_precision']:>9.4f}  {report['macro_recall']:>9.4f}  "
+        f"{report['macro_f1']:>9.4f}  {report['n']:>7d}"
+    )
     if report.get("invalid_predictions"):
         lines.append(f"predictions outside the label set: {report['invalid_predictions']}")
     cell = max([len(label) for label in labels] + [len(str(v)) for row in report["confusion_matrix"] for v in row])
-    lines += ["", "confusion matrix (rows = true, columns = predicted)",
-              f"{_CORNER:<{width}}  " + "  ".join(f"{label:>{cell}}" for label in labels)]
+    lines += [
+        "",
+        "confusion matrix (rows = true, columns = predicted)",
+        f"{_CORNER:<{width}}  " + "  ".join(f"{label:>{cell}}" for label in labels),
+    ]
     for label, row in zip(labels, report["confusion_matrix"]):
         lines.append(f"{label:<{width}}  " + "  ".join(f"{v:>{cell}d}" for v in row))
     return "\n".join(lines) + "\n"
@@ -146,8 +160,7 @@ def plot_confusion_matrix(report: dict, path: str | os.PathLike) -> None:
     peak = max((v for row in matrix for v in row), default=0)
     for i, row in enumerate(matrix):
         for j, value in enumerate(row):
-            ax.text(j, i, str(value), ha="center", va="center",
-                    color="white" if peak and value > peak / 2 else "black")
+            ax.text(j, i, str(value), ha="center", va="center", color="white" if peak and value > peak / 2 else "black")
     rotate = max(map(len, labels)) > 6
     ax.set_xticks(range(len(labels)), labels, rotation=45 if rotate else 0, ha="right" if rotate else "center")
     ax.set_yticks(range(len(labels)), labels)
@@ -163,8 +176,7 @@ def plot_loss_curve(records: Sequence[dict[str, Any]], path: str | os.PathLike) 
         raise DataError("plot_loss_curve: no records to plot; expected dicts with 'step' and 'loss'.")
     for i, record in enumerate(records):
         if "step" not in record or not ({"loss", "val_loss"} & record.keys()):
-            raise DataError(f"plot_loss_curve: record {i + 1} ({record!r}) needs a 'step' and a 'loss' "
-                            f"or 'val_loss'.")
+            raise DataError(f"plot_loss_curve: record {i + 1} ({record!r}) needs a 'step' and a 'loss' or 'val_loss'.")
     train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
     val = [(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
     fig = _new_figure(7.0, 4.0)

@@ -25,18 +25,26 @@ from softprompt.fileio import atomic_write_text
 from softprompt.training.evaluate import adapter_settings, prompt_budget
 
 
-def label_probabilities(model, texts: Sequence[str], labels: Sequence[str], adapters: Sequence[str | None], *,
-                        batch_size: int = 16, max_input_tokens: int | None = None,
-                        progress: bool = False) -> list[list[float]]:
+def label_probabilities(
+    model,
+    texts: Sequence[str],
+    labels: Sequence[str],
+    adapters: Sequence[str | None],
+    *,
+    batch_size: int = 16,
+    max_input_tokens: int | None = None,
+    progress: bool = False,
+) -> list[list[float]]:
     """Per text, the probability of each label averaged over ``adapters`` (an ensemble of one or more)."""
     totals = [[0.0] * len(labels) for _ in texts]
     bar = tqdm(total=len(texts) * len(adapters), desc="predicting", unit="row", disable=not progress)
     with torch.no_grad():
         for adapter in adapters:
             for start in range(0, len(texts), batch_size):
-                chunk = list(texts[start:start + batch_size])
-                scored = model.score(chunk, labels=list(labels), adapters=[adapter] * len(chunk),
-                                     max_input_tokens=max_input_tokens)
+                chunk = list(texts[start : start + batch_size])
+                scored = model.score(
+                    chunk, labels=list(labels), adapters=[adapter] * len(chunk), max_input_tokens=max_input_tokens
+                )
                 for i, result in enumerate(scored):
                     probs = torch.tensor([result.scores[label] for label in labels], dtype=torch.float64).softmax(-1)
                     for j, p in enumerate(probs.tolist()):
@@ -46,11 +54,23 @@ def label_probabilities(model, texts: Sequence[str], labels: Sequence[str], adap
     return totals
 
 
-def predict_file(model, adapters: dict[str, str | Path], data: str | Path, output: str | Path, *,
-                 id_column: str | None = None, label_name: str = "Label", template: str | None = None,
-                 text_column: str | None = None, verbalizer: dict[str, str] | None = None,
-                 probabilities: bool = False, batch_size: int = 16, data_format: str | None = None,
-                 encoding: str | None = None, progress: bool = True) -> Path:
+def predict_file(
+    model,
+    adapters: dict[str, str | Path],
+    data: str | Path,
+    output: str | Path,
+    *,
+    id_column: str | None = None,
+    label_name: str = "Label",
+    template: str | None = None,
+    text_column: str | None = None,
+    verbalizer: dict[str, str] | None = None,
+    probabilities: bool = False,
+    batch_size: int = 16,
+    data_format: str | None = None,
+    encoding: str | None = None,
+    progress: bool = True,
+) -> Path:
     """Predict a label for every row of ``data`` and write a CSV (``id_column`` or ``row``, ``label_name``).
 
     ``adapters`` maps names to adapter directories (loaded into ``model`` if not there yet). Template and
@@ -59,20 +79,25 @@ def predict_file(model, adapters: dict[str, str | Path], data: str | Path, outpu
     ``probabilities`` adds one ``p_<label>`` column per label.
     """
     if not adapters and not (template and verbalizer):
-        raise ConfigError("--adapter: give at least one adapter, or --template and --verbalizer to predict "
-                          "zero-shot with the base model")
+        raise ConfigError(
+            "--adapter: give at least one adapter, or --template and --verbalizer to predict "
+            "zero-shot with the base model"
+        )
     settings = {name: adapter_settings(path) for name, path in adapters.items()}
     first = next(iter(settings.values()), {})
     template = template or first.get("template") or default_template(text_column or first.get("text_column") or "text")
     mapping = verbalizer or first.get("verbalizer")
     labels = list(mapping.values()) if mapping else first.get("labels")
     if not labels:
-        raise ConfigError("--verbalizer: the adapter does not record its labels (trained elsewhere?); "
-                          "give --verbalizer RAW=TEXT,...")
+        raise ConfigError(
+            "--verbalizer: the adapter does not record its labels (trained elsewhere?); give --verbalizer RAW=TEXT,..."
+        )
     for name, saved in settings.items():
         if saved.get("labels") and set(saved["labels"]) != set(labels):
-            raise ConfigError(f"--adapter {name}: was trained on labels {saved['labels']}, not {labels}; "
-                              f"an ensemble needs the same labels")
+            raise ConfigError(
+                f"--adapter {name}: was trained on labels {saved['labels']}, not {labels}; "
+                f"an ensemble needs the same labels"
+            )
     verb = Verbalizer(mapping) if mapping else Verbalizer.from_labels(labels)
     for name, path in adapters.items():
         if name not in model.adapters:
@@ -84,8 +109,15 @@ def predict_file(model, adapters: dict[str, str | Path], data: str | Path, outpu
     parsed.validate(column_names(rows), source=str(data))
     texts = [parsed.render(row) for row in rows]
     budget = prompt_budget(model, labels, first.get("max_length"))
-    probs = label_probabilities(model, texts, labels, list(adapters) or [None], batch_size=batch_size,
-                                max_input_tokens=budget, progress=progress)
+    probs = label_probabilities(
+        model,
+        texts,
+        labels,
+        list(adapters) or [None],
+        batch_size=batch_size,
+        max_input_tokens=budget,
+        progress=progress,
+    )
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     names = [label.strip() for label in labels]  # " negative" -> p_negative, unless that makes two alike
@@ -93,8 +125,10 @@ def predict_file(model, adapters: dict[str, str | Path], data: str | Path, outpu
     writer.writerow([id_column or "row", label_name] + ([f"p_{name}" for name in names] if probabilities else []))
     for i, (row, p) in enumerate(zip(rows, probs)):
         best = labels[max(range(len(labels)), key=p.__getitem__)]
-        writer.writerow([row[id_column] if id_column else i + 1, verb.to_raw(best)]
-                        + ([f"{v:.6f}" for v in p] if probabilities else []))
+        writer.writerow(
+            [row[id_column] if id_column else i + 1, verb.to_raw(best)]
+            + ([f"{v:.6f}" for v in p] if probabilities else [])
+        )
     output = Path(output)
     atomic_write_text(output, buffer.getvalue())
     return output
