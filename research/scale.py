@@ -10,7 +10,7 @@ mmap threshold after large frees and then serves tensors from a heap it rarely t
 ``MALLOC_MMAP_THRESHOLD_=65536`` (``tensors``) every tensor is its own mapping, returned on free, so the peak
 is that of live tensors, the quantity the estimate models (as ``torch.cuda.max_memory_allocated`` would on a GPU).
 
-    python -m research.scale            # every case, a table and research/results/scale.json
+    python -m research.scale            # every case (minutes on one core): a table, research/results/scale.json
     python -m research.scale --case 60m-prompt
 """
 
@@ -28,6 +28,7 @@ SHAPES = {
     "20m": (256, 8, 8, 4, 688, 32000),
     "60m": (512, 8, 8, 8, 1376, 32000),
     "150m": (768, 16, 12, 4, 2048, 32000),
+    "300m": (1024, 24, 16, 8, 2816, 32000),  # issue 23's ~0.3B target shape
 }
 # name: shape, method, dtype
 CASES = {
@@ -36,6 +37,8 @@ CASES = {
     "150m-prompt": ("150m", "prompt_tuning", "float32"),
     "60m-prefix": ("60m", "prefix_tuning", "float32"),
     "150m-prompt-bf16": ("150m", "prompt_tuning", "bfloat16"),
+    "300m-prompt": ("300m", "prompt_tuning", "float32"),
+    "300m-prompt-bf16": ("300m", "prompt_tuning", "bfloat16"),
 }
 BATCH, LENGTH, TOKENS, LABEL_TOKENS = 4, 256, 20, 16
 MIB = 1 << 20
@@ -115,9 +118,12 @@ def main(argv: list[str] | None = None) -> int:
                   f"(est {est['total_bytes'] / MIB:7.1f}, {est['total_bytes'] / got['total_bytes'] - 1:+.1%})",
                   flush=True)
         rows.append(row)
-    results = Path(__file__).parent / "results"
-    results.mkdir(exist_ok=True)
-    (results / "scale.json").write_text(json.dumps(rows, indent=2))
+    path = Path(__file__).parent / "results" / "scale.json"
+    path.parent.mkdir(exist_ok=True)
+    ran = {row["case"] for row in rows}  # earlier results of the cases not run now are kept
+    kept = [r for r in (json.loads(path.read_text()) if path.exists() else []) if r["case"] not in ran]
+    order = list(CASES)
+    path.write_text(json.dumps(sorted(kept + rows, key=lambda r: order.index(r["case"])), indent=2))
     return 0
 
 

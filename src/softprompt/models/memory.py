@@ -168,21 +168,42 @@ def layer_activation_bytes(*, batch: int, queries: int, keys: int, hidden: int, 
 
 def _quantized_weight_bytes(model: torch.nn.Module, quantize: str, dtype_bytes: int) -> int:
     """Weights with the decoder blocks' linear layers quantized (embeddings, norms, LM head stay at b)."""
-    total = 0
-    linear = 0.0
+    quantized, linear_bytes = 0, 0.0
     for module in model.modules():
         if isinstance(module, torch.nn.Linear) and module is not model.get_output_embeddings():
             rows, cols = module.weight.shape
-            per = 1 + 4 / cols if quantize == "int8" else NF4_BYTES
-            linear += rows * cols * per
-            total += module.weight.numel()
-    rest = _count(model) - total
-    return int(linear + rest * dtype_bytes)
+            linear_bytes += rows * cols * (1 + 4 / cols if quantize == "int8" else NF4_BYTES)
+            quantized += rows * cols
+    return int(linear_bytes + (_count(model) - quantized) * dtype_bytes)
+
+
+def _activations(shape: ModelShape, text: PretrainedConfig, method: str, b: int, batch: int, n: int, t: int, r: int,
+                 checkpointing: bool) -> tuple[int, int]:
+    """(one text layer's saved bytes, all activation bytes) of the job (see the module docstring)."""
+    h = shape.hidden_size
+    gated = getattr(text, "intermediate_size", None) is not None
+    intermediate = getattr(text, "intermediate_size", None) or getattr(text, "n_inner", None) or 4 * h
+    dims = dict(hidden=h, intermediate=intermediate, heads=shape.num_attention_heads,
+                kv_heads=shape.num_key_value_heads, head_dim=shape.head_dim, dtype_bytes=b,
+                norms=4 if shape.model_type in _FOUR_NORM_FAMILIES else 2, gated=gated)
+    text_saved, text_cache = layer_activation_bytes(batch=batch, queries=t, keys=n + t, **dims)
+    if checkpointing:  # each layer keeps its input and its keys/values (the cache the prefix rides in)
+        kv = 2 * batch * (n + t) * shape.num_key_value_heads * shape.head_dim * b
+        activations = shape.num_layers * (batch * t * h * b + kv)
+    else:
+        activations = shape.num_layers * (text_saved + text_cache)
+    if method_class(method).adds == "input":  # the prompt's own pass over the frozen model, batch 1
+        prompt_saved, prompt_cache = layer_activation_bytes(batch=1, queries=n, keys=n, masked=False, **dims)
+        activations += shape.num_layers * (prompt_saved + prompt_cache)
+    # The label log-probabilities and RoPE's cos/sin. The final norm saves what the first layer's input norm
+    # does not (the embeddings need no gradient): the two cancel.
+    activations += batch * r * shape.vocab_size * 4 + 2 * batch * t * shape.head_dim * b
+    return text_saved, activations
 
 
 def estimate_memory(model: str | PretrainedConfig, *, method: str = "prompt_tuning", num_virtual_tokens: int = 8,
                     batch_size: int = 8, max_length: int = 256, label_tokens: int = 16, dtype: str = "float32",
-                    quantize: str = "none", gradient_checkpointing: bool = False, processes: int = 1,
+                    quantize: str | None = "none", gradient_checkpointing: bool = False, processes: int = 1,
                     sharding: str = "none", device: str = "cuda",
                     method_options: dict[str, Any] | None = None) -> MemoryEstimate:
     """Predict the peak memory of one training process (``batch_size`` is per process).
@@ -193,7 +214,7 @@ def estimate_memory(model: str | PretrainedConfig, *, method: str = "prompt_tuni
     """
     method_class(method, source="--method")
     _check(dtype, "dtype", tuple(DTYPE_BYTES))
-    _check(quantize or "none", "quantize", QUANTIZATIONS)
+    quantize = _check(quantize or "none", "quantize", QUANTIZATIONS)
     _check(sharding, "sharding", SHARDINGS)
     _check(device, "device", DEVICES)
     for value, name in ((num_virtual_tokens, "num-virtual-tokens"), (batch_size, "batch-size"),
@@ -210,42 +231,23 @@ def estimate_memory(model: str | PretrainedConfig, *, method: str = "prompt_tuni
     b = DTYPE_BYTES[dtype]
     meta = _meta_model(config)
     params = _count(meta)
-    quantize = quantize or "none"
     weights = params * b if quantize == "none" else _quantized_weight_bytes(meta, quantize, b)
     sharded = sharding != "none" and processes > 1
     if sharded:
         weights = -(-weights // processes)
 
-    h, n, t, r = shape.hidden_size, num_virtual_tokens, max_length, min(label_tokens, max_length)
-    intermediate = getattr(text, "intermediate_size", None) or getattr(text, "n_inner", None) or 4 * h
-    gated = getattr(text, "intermediate_size", None) is not None
-    norms = 4 if shape.model_type in _FOUR_NORM_FAMILIES else 2
-    dims = dict(hidden=h, intermediate=intermediate, heads=shape.num_attention_heads,
-                kv_heads=shape.num_key_value_heads, head_dim=shape.head_dim, dtype_bytes=b, norms=norms, gated=gated)
-    text_saved, text_cache = layer_activation_bytes(batch=batch_size, queries=t, keys=n + t, **dims)
-    layers = shape.num_layers
-    if gradient_checkpointing:
-        per_layer = batch_size * t * h * b + (text_cache or 2 * batch_size * (n + t) * shape.num_key_value_heads
-                                              * shape.head_dim * b)
-        activations = layers * per_layer
-    else:
-        activations = layers * (text_saved + text_cache)
-    if method_class(method).adds == "input":  # the prompt's own pass over the frozen model, batch 1
-        prompt_saved, prompt_cache = layer_activation_bytes(batch=1, queries=n, keys=n, masked=False, **dims)
-        activations += layers * (prompt_saved + prompt_cache)
+    n, t, r = num_virtual_tokens, max_length, min(label_tokens, max_length)
+    text_saved, activations = _activations(shape, text, method, b, batch_size, n, t, r, gradient_checkpointing)
     label_logits = batch_size * r * shape.vocab_size * 4
-    # The final norm and the label log-probabilities; RoPE's cos/sin; minus the first layer's input norm,
-    # which saves nothing (the embeddings need no gradient).
-    activations += label_logits + 2 * batch_size * t * shape.head_dim * b
-
     runtime = text_saved + 2 * label_logits  # one layer's backward transients; label logits and their gradient
     if gradient_checkpointing:  # the recomputed layer's saved set lives beside its backward transients
         runtime += text_saved
     if sharded:
         runtime += 2 * (_count(meta.base_model.layers[0]) * b if hasattr(meta.base_model, "layers")
-                        else params * b // layers)
-    if quantize == "nf4":
-        runtime += max(m.weight.numel() for m in meta.modules() if isinstance(m, torch.nn.Linear)) * b
+                        else params * b // shape.num_layers)
+    if quantize == "nf4":  # bitsandbytes dequantizes one weight at a time for the backward
+        head = meta.get_output_embeddings()
+        runtime += max(m.weight.numel() for m in meta.modules() if isinstance(m, torch.nn.Linear) and m is not head) * b
     if device == "cuda":
         runtime += CUDA_CONTEXT_BYTES
     job = dict(method=normalize_method(method), num_virtual_tokens=n, batch_size=batch_size, max_length=t,
