@@ -159,3 +159,20 @@ def test_a_folder_without_config_json_is_one_line_naming_the_file(tmp_path, caps
     assert main(["estimate-memory", "--model", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "config.json" in err
+
+
+def test_a_cached_builtin_name_reads_its_checkpoint_config(tmp_path, monkeypatch, capsys):
+    small().save_pretrained(tmp_path)
+    monkeypatch.setattr("softprompt.models.memory.is_cached", lambda name: True)
+    monkeypatch.setattr("softprompt.models.memory.model_dir", lambda name: tmp_path)
+    assert main(["estimate-memory", "--model", "smollm2-135m", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["parameters"] == estimate().parameters
+
+
+def test_an_uncached_builtin_offline_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("softprompt.models.memory.is_cached", lambda name: False)
+    monkeypatch.setattr("softprompt.models.memory.hub_answers", lambda repo: False)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))  # an empty hub cache
+    assert main(["estimate-memory", "--model", "smollm2-135m"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--model 'smollm2-135m'" in err and "not reachable" in err
