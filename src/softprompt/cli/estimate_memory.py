@@ -48,8 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_option_arguments(parser, EstimateMemoryOptions)
 
 
-def _gib(n: int) -> str:
-    return f"{n / (1 << 30):8.2f} GiB"
+def _size(n: int) -> str:
+    return f"{n / (1 << 30):8.2f} GiB" if n >= 1 << 30 else f"{n / (1 << 20):8.1f} MiB"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     for label, value in (("weights", estimate.weights_bytes), ("activations", estimate.activations_bytes),
                          ("adapters + grads + AdamW", estimate.adapter_bytes), ("runtime", estimate.runtime_bytes),
                          ("total", estimate.total_bytes)):
-        print(f"  {label:<26}{_gib(value)}")
+        print(f"  {label:<26}{_size(value)}")
     fits = estimate.fits()
     print("fits: " + ", ".join(f"{gib} GB {'yes' if fits[f'{gib}GB'] else 'no'}" for gib in GPUS_GIB))
     return 0
