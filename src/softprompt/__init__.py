@@ -8,14 +8,27 @@
 
 __version__ = "0.1.0"
 
-from softprompt.errors import AdapterMismatchError, ConfigError, DataError, SoftPromptError  # noqa: E402
-from softprompt.models.loading import load  # noqa: E402
-from softprompt.methods import METHODS, PrefixTuningConfig, PromptTuningConfig, PTuningConfig  # noqa: E402
-from softprompt.engine.model import SoftPromptModel, SoftPromptOutput  # noqa: E402
-from softprompt.engine.scoring import LabelScores  # noqa: E402
+from softprompt.engine.model import SoftPromptModel, SoftPromptOutput
+from softprompt.engine.scoring import LabelScores
+from softprompt.errors import AdapterMismatchError, ConfigError, DataError, SoftPromptError
+from softprompt.methods import METHODS, PrefixTuningConfig, PromptTuningConfig, PTuningConfig
+from softprompt.models.loading import load
+from softprompt.models.memory import MemoryEstimate, estimate_memory
 
 __all__ = [
-    "__version__", "load", "SoftPromptModel", "SoftPromptOutput", "LabelScores", "METHODS",
-    "PromptTuningConfig", "PrefixTuningConfig", "PTuningConfig",
-    "SoftPromptError", "AdapterMismatchError", "ConfigError", "DataError",
+    "METHODS",
+    "AdapterMismatchError",
+    "ConfigError",
+    "DataError",
+    "LabelScores",
+    "MemoryEstimate",
+    "PTuningConfig",
+    "PrefixTuningConfig",
+    "PromptTuningConfig",
+    "SoftPromptError",
+    "SoftPromptModel",
+    "SoftPromptOutput",
+    "__version__",
+    "estimate_memory",
+    "load",
 ]

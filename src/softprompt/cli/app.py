@@ -17,11 +17,12 @@ import textwrap
 import types
 
 from softprompt import __version__
-from softprompt.cli import demo, evaluate, generate, inspect, models, predict, push, serve, train
+from softprompt.cli import demo, estimate_memory, evaluate, generate, inspect, models, predict, push, serve, train
 from softprompt.errors import SoftPromptError
 
 #: The subcommands, in the order ``softprompt --help`` lists them.
-SUBCOMMANDS: tuple[types.ModuleType, ...] = (train, evaluate, predict, generate, inspect, push, models, serve, demo)
+SUBCOMMANDS: tuple[types.ModuleType, ...] = (train, evaluate, predict, generate, inspect, push, models,
+                                             estimate_memory, serve, demo)
 #: Each subcommand's ``--help`` examples, by name.
 EPILOGS: dict[str, str] = {command.NAME: command.EXAMPLES for command in SUBCOMMANDS}
 
