@@ -38,7 +38,7 @@ def _llguidance():
         import llguidance.hf
         import llguidance.torch
     except ImportError:
-        raise GrammarUnavailable(f"constrained decoding (response_format) needs llguidance: {INSTALL}") from None
+        raise GrammarUnavailable(f"constrained decoding needs llguidance: {INSTALL}") from None
     return llguidance
 
 
