@@ -150,8 +150,8 @@ def test_the_openai_client_gets_json(env):
      "response_format.json_schema.schema", "valid dictionary"),
     ({"type": "json_schema"}, "response_format", "json_schema is required"),
     ({"type": "json_object", "json_schema": {"name": "x"}}, "response_format", "only allowed"),
-    ({"type": "json_schema", "json_schema": {"name": "no spaces", "schema": SCHEMA}}, "response_format.json_schema.name",
-     "pattern"),
+    ({"type": "json_schema", "json_schema": {"name": "no spaces", "schema": SCHEMA}},
+     "response_format.json_schema.name", "pattern"),
     ({"type": "xml"}, "response_format.type", "'json_schema'"),
 ])
 @pytest.mark.parametrize("path", [CHAT, C], ids=["chat", "completions"])

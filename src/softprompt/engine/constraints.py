@@ -114,7 +114,7 @@ class JsonGrammars:
             grammar = llg.LLMatcher.grammar_from_json_schema({"type": "object"} if schema is None else schema,
                                                              defaults=_JSON_OPTIONS)
             is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(grammar, info)
-        except Exception as exc:  # noqa: BLE001 - the library's own message is the reason
+        except Exception as exc:  # the library's own message is the reason
             raise GrammarError(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__) from None
         if is_error:
             raise GrammarError(" ".join(messages[0].split()) if messages else "the schema cannot be compiled")

@@ -24,7 +24,7 @@ class ResponseFormats:
         (the first request also indexes the tokenizer). Raises a 400 naming the schema and the reason."""
         if fmt is None or fmt.type == "text":
             return None
-        schema = fmt.json_schema.schema_ if fmt.type == "json_schema" else None
+        schema = fmt.json_schema.schema_ if fmt.json_schema is not None else None  # json_object: any object
         try:
             return await asyncio.to_thread(self._grammars.compile, schema)
         except GrammarUnavailable as exc:
