@@ -11,6 +11,7 @@ import sys
 
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from softprompt.engine.constraints import INSTALL
 from softprompt.server import ServerSettings, create_app
@@ -41,6 +42,14 @@ def post(env, path, body):
     response = env["client"].post(path, json=body)
     assert response.status_code == 200, response.text
     return response.json()
+
+
+def wide_decode_steps(env) -> float:
+    """How many decoding steps so far carried more than 4 rows."""
+    text = env["client"].get("/metrics").text
+    buckets = {s.labels.get("le"): s.value for family in text_string_to_metric_families(text) for s in family.samples
+               if s.name == "softprompt_batch_size_bucket" and s.labels.get("phase") == "decode"}
+    return buckets.get("+Inf", 0) - buckets.get("4.0", 0)
 
 
 def text_of(path, choice):
@@ -95,7 +104,9 @@ def test_a_mixed_batch_of_adapters_and_free_rows_gives_each_row_its_solo_result(
              (C, "ptune", JSON_SCHEMA, {"temperature": 1.0, "seed": 11, "n": 3}),
              (CHAT, BASE, JSON_OBJECT, {"temperature": 1.0, "seed": 2})]
     requests = [("POST", path, body_for(path, model, fmt, **options)) for path, model, fmt, options in cases]
+    wide = wide_decode_steps(env)
     together = run_concurrently(env["server"].url, requests, concurrency=len(requests))
+    assert wide_decode_steps(env) > wide  # the requests (10 rows) shared decoding steps
     for (path, model, fmt, options), (_, _, body), response in zip(cases, requests, together):
         assert response.status_code == 200, response.text
         mixed = response.json()["choices"]
