@@ -4,7 +4,8 @@
 `softprompt.engine.generation.generate_batch` and the server's batcher decode with what this module holds:
 
 * `next_tokens` picks every row's next token: the argmax, or a draw from transformers' logits warpers
-  (temperature, top-k, top-p) with the `Sampler`'s seeded generator;
+  (temperature, top-k, top-p) with the `Sampler`'s seeded generator, among the tokens a row's
+  `LogitsConstraint` allows (a grammar, `softprompt.engine.constraints`; rows without one are untouched);
 * `StopRule.add` adds the token to a row's `Continuation` and says when the row is done (end of sequence,
   a stop string, ``max_new_tokens``), with its final text;
 * `feed_next` drops the finished rows and feeds the others their new token.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -131,10 +133,25 @@ def make_sampler(temperature: float, top_p: float = 1.0, top_k: int = 0, seed: i
     return Sampler(warpers, torch.Generator().manual_seed(seed) if seed is not None else None)
 
 
-def next_tokens(logits: torch.Tensor, sampler: Sampler | None) -> torch.Tensor:
+class LogitsConstraint(Protocol):
+    """What a row may emit next (a grammar): `next_tokens` calls `mask` on that row's logits before it picks."""
+
+    def mask(self, logits: torch.Tensor) -> None:
+        """Set the logits [vocab] of every token not allowed next to -inf, in place."""
+
+
+def next_tokens(logits: torch.Tensor, sampler: Sampler | None,
+                constraints: Sequence[LogitsConstraint | None] | None = None) -> torch.Tensor:
     """Each row's next token, ``[rows]`` on the CPU: the argmax of ``logits`` [rows, vocab] (``sampler`` None),
     or one draw per row from the warped distribution. A row whose warped probabilities are not finite (a
-    float16 overflow) takes its argmax; it still consumes its draw, so the other rows' draws do not shift."""
+    float16 overflow) takes its argmax; it still consumes its draw, so the other rows' draws do not shift.
+    ``constraints``: per row, None or a `LogitsConstraint` that masks (a copy of) the row's logits first; the
+    caller tells it the token picked."""
+    if constraints is not None and any(c is not None for c in constraints):
+        logits = logits.clone()  # the caller's logits stay the model's (log-probabilities are reported from them)
+        for row, constraint in enumerate(constraints):
+            if constraint is not None:
+                constraint.mask(logits[row])
     greedy = logits.argmax(-1).cpu()
     if sampler is None:
         return greedy

@@ -30,6 +30,7 @@ from softprompt.engine.scoring import LabelScores
 from softprompt.errors import ConfigError
 from softprompt.server.batcher import Batcher
 from softprompt.server.body import BodyLimitMiddleware, read_json
+from softprompt.server.formats import ResponseFormats
 from softprompt.server.jobs import Job, Sampling
 from softprompt.server.logprobs import LogprobFormatter
 from softprompt.server.metrics import Metrics, MetricsMiddleware
@@ -91,6 +92,7 @@ def create_app(model, settings: ServerSettings | None = None) -> FastAPI:
     tokenizer = model.tokenizer
     formatter = LogprobFormatter(tokenizer)
     vocab = model.base.get_input_embeddings().num_embeddings
+    formats = ResponseFormats(tokenizer, vocab, batcher.eos)
     ctx = context_window(model)
 
     @asynccontextmanager
@@ -271,6 +273,7 @@ def create_app(model, settings: ServerSettings | None = None) -> FastAPI:
                           f"counting as one (got {counted}); the server's --max-inputs sets this limit",
                           param="prompt")
         sampling = sampling_for(req, req.max_tokens)
+        sampling.grammar = await formats.grammar(req.response_format)
         score_prompt = bool(req.echo) and req.logprobs is not None
         if score_prompt and model.shape.is_encoder_decoder:
             raise invalid("echo: prompt log-probabilities need a decoder-only model; this one is encoder-decoder",
@@ -330,6 +333,7 @@ def create_app(model, settings: ServerSettings | None = None) -> FastAPI:
         entry = registry.resolve(req.model)
         sampling = sampling_for(req, req.token_limit(),
                                 "max_tokens" if req.max_completion_tokens is None else "max_completion_tokens")
+        sampling.grammar = await formats.grammar(req.response_format)
         messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
                     for m in req.messages]
         try:

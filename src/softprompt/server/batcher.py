@@ -61,7 +61,7 @@ def _client_gone() -> APIError:
 class _Row(Continuation):
     """A sequence being decoded (model thread only): its tokens and text, and how far it has been streamed."""
 
-    __slots__ = ("job", "choice", "prompt", "rule", "sampler", "emitted", "logprobs")
+    __slots__ = ("job", "choice", "prompt", "rule", "sampler", "constraint", "emitted", "logprobs")
 
     def __init__(self, job: Job, row: int, rule: StopRule):
         super().__init__()
@@ -70,6 +70,8 @@ class _Row(Continuation):
         self.prompt = job.prompts[row // job.n]
         self.rule = rule
         self.sampler = job.sampling.sampler(row % job.n)
+        grammar = job.sampling.grammar
+        self.constraint = grammar.matcher() if grammar is not None else None  # response_format: its own state
         self.emitted = 0  # characters already streamed
         self.logprobs = [] if job.logprobs is not None else None
 
@@ -354,7 +356,8 @@ class Batcher:
 
     def _step_group(self, group: _Group) -> bool:
         state = group.state
-        greedy = next_tokens(state.logits, None)
+        # Greedy rows are picked together; a constrained row's grammar masks its logits (sampled rows: below).
+        greedy = next_tokens(state.logits, None, [r.constraint if r.sampler is None else None for r in group.rows])
         keep: list[int] = []
         generated = 0
         for slot, row in enumerate(group.rows):
@@ -363,7 +366,10 @@ class Batcher:
                 self._fail(row.job, _client_gone())  # resolves the job, which unpins its adapter
                 continue
             # A sampled row draws alone, with its own generator: its tokens do not depend on its batch.
-            token = int(greedy[slot] if row.sampler is None else next_tokens(state.logits[slot:slot + 1], row.sampler)[0])
+            token = int(greedy[slot] if row.sampler is None
+                        else next_tokens(state.logits[slot:slot + 1], row.sampler, [row.constraint])[0])
+            if row.constraint is not None:
+                row.constraint.advance(token)
             if row.logprobs is not None:
                 row.logprobs += pick(state.logits[slot:slot + 1], [token], row.job.logprobs)
             generated += self._add_token(row, token)

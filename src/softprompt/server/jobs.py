@@ -11,6 +11,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
+from softprompt.engine.constraints import Grammar
 from softprompt.engine.decode import Sampler, make_sampler
 from softprompt.engine.generation import Generation
 from softprompt.engine.token_logprobs import TokenLogprob
@@ -26,6 +27,7 @@ class Sampling:
     top_k: int = 0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    grammar: Grammar | None = None  # response_format: every row decodes under its own matcher of it
 
     def sampler(self, choice: int = 0) -> Sampler | None:
         """A new sampler for one row, None when it decodes greedily (temperature 0, or top_p 0: nothing left

@@ -83,6 +83,9 @@ def _sampling(props: dict, settings) -> None:
     for name in ("presence_penalty", "frequency_penalty"):
         props[name] = _nullable({"const": 0, "description": "Not supported: only the neutral 0."})
     props["logit_bias"] = _nullable({"type": "object", "maxProperties": 0, "description": "Not supported: empty."})
+    props["response_format"] = _nullable({**_ref("ResponseFormat"), "description": (
+        "text (default), json_object (any JSON object) or json_schema (JSON matching json_schema.schema): "
+        "grammar-constrained decoding; a schema llguidance cannot compile is a 400.")})
 
 
 def build_openapi(app, settings) -> dict:
@@ -120,8 +123,6 @@ def build_openapi(app, settings) -> dict:
     props["logprobs"] = _nullable({"type": "boolean", "description": "Log-probability of each token. Not with stream."})
     props["top_logprobs"] = _nullable({"type": "integer", "minimum": 0, "maximum": MAX_TOP_LOGPROBS,
                                        "description": "Alternatives per token; needs logprobs=true."})
-    props["response_format"] = _nullable({"type": "object", "required": ["type"], "additionalProperties": False,
-                                          "properties": {"type": {"const": "text"}}})
     props["tool_choice"] = _nullable({"const": "none"})
 
     classify = _add_model(components, ClassifyRequest)

@@ -7,8 +7,8 @@ gets a 400 that names the field, in OpenAI's error shape::
 
 OpenAI options that would change the output but are not implemented (penalties, logit_bias, best_of > 1,
 suffix, tools) are accepted only with their neutral value, so a client that sends the defaults explicitly
-works and one that relies on them gets a clear 400. ``echo``, ``logprobs`` (``top_logprobs`` on chat) and
-``n`` are implemented.
+works and one that relies on them gets a clear 400. ``echo``, ``logprobs`` (``top_logprobs`` on chat),
+``n`` and ``response_format`` (text, json_object, json_schema) are implemented.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 MAX_STOP = 4  # OpenAI's limit on stop sequences
@@ -88,6 +88,29 @@ class StreamOptions(_Request):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(_Request):
+    """``response_format.json_schema``: OpenAI's shape. ``schema`` omitted: any JSON object. The output is
+    constrained to the schema whether or not ``strict`` is set."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Request):
+    """``response_format``: ``text`` (the default), ``json_object`` (any JSON object) or ``json_schema``."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise _custom("json_schema is required with type 'json_schema' and only allowed with it")
+        return self
+
+
 class _SamplingRequest(_Request):
     model: str = Field(min_length=1, max_length=256)
     max_tokens: int | None = Field(None, ge=1)
@@ -102,6 +125,7 @@ class _SamplingRequest(_Request):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
+    response_format: ResponseFormat | None = None
     user: str | None = None
 
     @field_validator("stop", mode="before")
@@ -213,14 +237,11 @@ class ChatCompletionRequest(_SamplingRequest):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    response_format: dict[str, Any] | None = None
     tool_choice: str | None = None
     parallel_tool_calls: bool | None = None
 
     def neutral_checks(self) -> list[tuple[str, bool]]:
-        fmt = self.response_format
         return super().neutral_checks() + [
-            ("response_format", fmt is None or fmt == {"type": "text"}),
             ("tool_choice", self.tool_choice in (None, "none")),
         ]
 
