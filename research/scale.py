@@ -68,10 +68,24 @@ def measure(case: str) -> dict:
     torch.manual_seed(0)
     shape, method, dtype = CASES[case]
     hidden, layers, heads, kv_heads, intermediate, vocab = SHAPES[shape]
-    config = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                         num_key_value_heads=kv_heads, intermediate_size=intermediate, vocab_size=vocab)
-    estimate = softprompt.estimate_memory(config, method=method, num_virtual_tokens=TOKENS, batch_size=BATCH,
-                                          max_length=LENGTH, label_tokens=LABEL_TOKENS, dtype=dtype, device="cpu")
+    config = LlamaConfig(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        intermediate_size=intermediate,
+        vocab_size=vocab,
+    )
+    estimate = softprompt.estimate_memory(
+        config,
+        method=method,
+        num_virtual_tokens=TOKENS,
+        batch_size=BATCH,
+        max_length=LENGTH,
+        label_tokens=LABEL_TOKENS,
+        dtype=dtype,
+        device="cpu",
+    )
     ids = torch.randint(0, vocab, (BATCH, LENGTH))
     labels = torch.full_like(ids, -100)
     labels[:, -LABEL_TOKENS:] = ids[:, -LABEL_TOKENS:]
@@ -89,10 +103,15 @@ def measure(case: str) -> dict:
     optimizer.step()
     peak = _status("VmHWM")
     measured = {"weights_bytes": built - start, "total_bytes": peak - start}
-    return {"case": case, "shape": dict(zip(("hidden", "layers", "heads", "kv_heads", "intermediate", "vocab"),
-                                            SHAPES[shape])),
-            "method": method, "dtype": dtype, "parameters": estimate.parameters,
-            "measured": measured, "estimate": estimate.to_dict()}
+    return {
+        "case": case,
+        "shape": dict(zip(("hidden", "layers", "heads", "kv_heads", "intermediate", "vocab"), SHAPES[shape])),
+        "method": method,
+        "dtype": dtype,
+        "parameters": estimate.parameters,
+        "measured": measured,
+        "estimate": estimate.to_dict(),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,16 +126,23 @@ def main(argv: list[str] | None = None) -> int:
     for case in args.case or CASES:
         row: dict = {}
         for allocator, env in ALLOCATORS.items():
-            out = subprocess.run([sys.executable, "-m", "research.scale", "--in-process", "--case", case],
-                                 check=True, capture_output=True, text=True, env={**os.environ, **env})
+            out = subprocess.run(
+                [sys.executable, "-m", "research.scale", "--in-process", "--case", case],
+                check=True,
+                capture_output=True,
+                text=True,
+                env={**os.environ, **env},
+            )
             result = json.loads(out.stdout.strip().splitlines()[-1])
             row = {**result, "measured": {**row.get("measured", {}), allocator: result["measured"]}}
             est, got = row["estimate"], result["measured"]
-            print(f"{case:<17} {allocator:<7} {row['parameters'] / 1e6:6.1f}M  "
-                  f"weights {got['weights_bytes'] / MIB:7.1f} MiB (est {est['weights_bytes'] / MIB:7.1f})  "
-                  f"peak {got['total_bytes'] / MIB:7.1f} MiB "
-                  f"(est {est['total_bytes'] / MIB:7.1f}, {est['total_bytes'] / got['total_bytes'] - 1:+.1%})",
-                  flush=True)
+            print(
+                f"{case:<17} {allocator:<7} {row['parameters'] / 1e6:6.1f}M  "
+                f"weights {got['weights_bytes'] / MIB:7.1f} MiB (est {est['weights_bytes'] / MIB:7.1f})  "
+                f"peak {got['total_bytes'] / MIB:7.1f} MiB "
+                f"(est {est['total_bytes'] / MIB:7.1f}, {est['total_bytes'] / got['total_bytes'] - 1:+.1%})",
+                flush=True,
+            )
         rows.append(row)
     path = Path(__file__).parent / "results" / "scale.json"
     path.parent.mkdir(exist_ok=True)

@@ -12,6 +12,7 @@ import torch
 import uvicorn
 
 from softprompt import SoftPromptModel
+
 from tiny import tiny_base, tiny_tokenizer
 
 ADAPTERS = {  # name -> (method, config): one of each method
@@ -58,12 +59,15 @@ class ServerThread:
 
     def __init__(self, app):
         self.app = app
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
-                                                    lifespan="on", timeout_graceful_shutdown=5))
+        self.server = uvicorn.Server(
+            uvicorn.Config(
+                app, host="127.0.0.1", port=0, log_level="warning", lifespan="on", timeout_graceful_shutdown=5
+            )
+        )
         self.thread = threading.Thread(target=self.server.run, name="uvicorn-test", daemon=True)
         self.url = ""
 
-    def __enter__(self) -> "ServerThread":
+    def __enter__(self) -> ServerThread:
         self.thread.start()
         deadline = time.monotonic() + 30
         while not self.server.started:
@@ -93,6 +97,7 @@ def run_concurrently(url: str, requests: list[tuple[str, str, dict]], concurrenc
             queue.put_nowait(item)
         limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
         async with httpx.AsyncClient(base_url=url, trust_env=False, timeout=timeout, limits=limits) as client:
+
             async def worker():
                 while not queue.empty():
                     index, (method, path, body) = queue.get_nowait()
@@ -130,7 +135,7 @@ def parse_sse(text: str) -> tuple[list[dict], bool]:
         if not block:
             continue
         assert block.startswith("data: "), block
-        payload = block[len("data: "):]
+        payload = block[len("data: ") :]
         assert not done, "event after [DONE]"
         if payload == "[DONE]":
             done = True

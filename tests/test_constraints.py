@@ -16,9 +16,16 @@ from softprompt.engine.decode import make_sampler, next_tokens
 from tiny import VOCAB, tiny_tokenizer
 
 EOS = 1
-SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}, "color": {"enum": ["red", "green", "blue"]},
-                                           "n": {"type": "integer", "minimum": 0, "maximum": 9}},
-          "required": ["ok", "color", "n"], "additionalProperties": False}
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "ok": {"type": "boolean"},
+        "color": {"enum": ["red", "green", "blue"]},
+        "n": {"type": "integer", "minimum": 0, "maximum": 9},
+    },
+    "required": ["ok", "color", "n"],
+    "additionalProperties": False,
+}
 
 
 class Only:
@@ -42,9 +49,9 @@ def test_a_constraint_masks_its_own_row_only_greedy_and_sampled():
     assert picked[1] == 7 and torch.equal(picked[[0, 2, 3]], free[[0, 2, 3]])
     assert torch.equal(logits, before)  # the caller's logits (log-probabilities come from them) are untouched
     for row in range(4):  # a sampled row draws alone with its own generator, as the batcher does
-        alone = next_tokens(logits[row:row + 1], make_sampler(1.0, seed=5))
-        assert torch.equal(next_tokens(logits[row:row + 1], make_sampler(1.0, seed=5), [None]), alone)
-        assert next_tokens(logits[row:row + 1], make_sampler(1.0, seed=5), [Only(9)])[0] == 9
+        alone = next_tokens(logits[row : row + 1], make_sampler(1.0, seed=5))
+        assert torch.equal(next_tokens(logits[row : row + 1], make_sampler(1.0, seed=5), [None]), alone)
+        assert next_tokens(logits[row : row + 1], make_sampler(1.0, seed=5), [Only(9)])[0] == 9
 
 
 def decode_randomly(grammars: JsonGrammars, schema, seed: int, sample: bool, limit: int = 400) -> str:
@@ -74,12 +81,15 @@ def test_json_grammars_force_valid_json_from_random_logits(sample):
         assert isinstance(json.loads(decode_randomly(grammars, None, seed, sample, limit=2000)), dict)
 
 
-@pytest.mark.parametrize("schema, reason", [
-    ({"type": "foo"}, "Invalid type: foo"),
-    ({"not": {"type": "string"}}, "Unimplemented keys"),
-    ({"$ref": "#/nope"}, "does not exist"),
-    ({"type": "string", "pattern": "(("}, "regex parse error"),
-])
+@pytest.mark.parametrize(
+    "schema, reason",
+    [
+        ({"type": "foo"}, "Invalid type: foo"),
+        ({"not": {"type": "string"}}, "Unimplemented keys"),
+        ({"$ref": "#/nope"}, "does not exist"),
+        ({"type": "string", "pattern": "(("}, "regex parse error"),
+    ],
+)
 def test_a_schema_llguidance_cannot_compile_says_why(schema, reason):
     pytest.importorskip("llguidance")
     with pytest.raises(GrammarError, match=reason.replace("$", r"\$")):

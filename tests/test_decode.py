@@ -5,9 +5,16 @@ import torch
 
 from softprompt.adapters.peft_format import read_adapter
 from softprompt.engine.adapter_name import ADAPTER_NAME_RULE, check_adapter_name
-from softprompt.engine.decode import (MIN_SAMPLING_TEMPERATURE, Continuation, StopRule, feed_next, make_sampler,
-                                      next_tokens)
+from softprompt.engine.decode import (
+    MIN_SAMPLING_TEMPERATURE,
+    Continuation,
+    StopRule,
+    feed_next,
+    make_sampler,
+    next_tokens,
+)
 from softprompt.engine.tokens import pad_batch
+
 from tiny import tiny_model
 
 
@@ -44,7 +51,7 @@ def test_a_stop_string_wins_over_the_length_limit_and_cuts_the_text(model):
     row = Continuation()
     for token in ids:
         rule.add(row, token)
-    assert row.finish == "stop" and row.text == text[:text.index(text[-2:])]
+    assert row.finish == "stop" and row.text == text[: text.index(text[-2:])]
 
 
 def test_greedy_is_the_argmax_and_sampling_below_the_minimum_temperature_is_greedy():

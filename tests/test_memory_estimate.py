@@ -13,8 +13,14 @@ import softprompt
 from softprompt.cli import main
 from softprompt.models.memory import layer_activation_bytes
 
-SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
-             vocab_size=256)
+SMALL = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=128,
+    vocab_size=256,
+)
 
 
 def small(**overrides) -> LlamaConfig:
@@ -110,8 +116,14 @@ def test_activations_match_what_autograd_saves(method):
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model(ids, adapters="a", labels=labels)
-    predicted = estimate(config, method=method, num_virtual_tokens=tokens, batch_size=batch, max_length=length,
-                         label_tokens=labels_per_row).activations_bytes
+    predicted = estimate(
+        config,
+        method=method,
+        num_virtual_tokens=tokens,
+        batch_size=batch,
+        max_length=length,
+        label_tokens=labels_per_row,
+    ).activations_bytes
     assert predicted == pytest.approx(sum(saved.values()), rel=0.05)
 
 
@@ -123,15 +135,32 @@ def model_dir(tmp_path):
 
 
 def test_cli_json_has_the_total_and_each_part(model_dir, capsys):
-    assert main(["estimate-memory", "--model", model_dir, "--batch-size", "4", "--max-length", "64",
-                 "--dtype", "bfloat16", "--gradient-checkpointing", "--json"]) == 0
+    assert (
+        main(
+            [
+                "estimate-memory",
+                "--model",
+                model_dir,
+                "--batch-size",
+                "4",
+                "--max-length",
+                "64",
+                "--dtype",
+                "bfloat16",
+                "--gradient-checkpointing",
+                "--json",
+            ]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     parts = ("weights_bytes", "activations_bytes", "adapter_bytes", "runtime_bytes")
     assert out["total_bytes"] == sum(out[p] for p in parts)
     assert out["fits"] == {"24GB": True, "40GB": True, "48GB": True, "80GB": True, "141GB": True}
     assert out["job"]["dtype"] == "bfloat16" and out["job"]["gradient_checkpointing"] is True
-    expected = softprompt.estimate_memory(model_dir, batch_size=4, max_length=64, dtype="bfloat16",
-                                          gradient_checkpointing=True)
+    expected = softprompt.estimate_memory(
+        model_dir, batch_size=4, max_length=64, dtype="bfloat16", gradient_checkpointing=True
+    )
     assert out["total_bytes"] == expected.total_bytes
 
 
@@ -142,13 +171,16 @@ def test_cli_text_lists_the_parts_and_the_gpus(model_dir, capsys):
     assert "fits: 24 GB yes" in out and "141 GB yes" in out
 
 
-@pytest.mark.parametrize(("args", "named"), [
-    (["--dtype", "fp8"], "--dtype"),
-    (["--method", "lora"], "--method"),
-    (["--quantize", "int4"], "--quantize"),
-    (["--sharding", "ddp"], "--sharding"),
-    (["--batch-size", "0"], "--batch-size"),
-])
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["--dtype", "fp8"], "--dtype"),
+        (["--method", "lora"], "--method"),
+        (["--quantize", "int4"], "--quantize"),
+        (["--sharding", "ddp"], "--sharding"),
+        (["--batch-size", "0"], "--batch-size"),
+    ],
+)
 def test_bad_flags_fail_in_one_line_naming_the_flag(model_dir, capsys, args, named):
     assert main(["estimate-memory", "--model", model_dir, *args]) == 2
     err = capsys.readouterr().err.strip()

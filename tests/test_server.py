@@ -14,10 +14,10 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from serving import (ServerThread, lively_model, offline_model, parse_sse, raw_request, run_concurrently,
-                     save_adapters)
 from softprompt.server import ServerSettings, create_app
 from softprompt.server.prompting import chat_prompt_ids, fallback_chat_text
+
+from serving import ServerThread, lively_model, offline_model, parse_sse, raw_request, run_concurrently, save_adapters
 from tiny import tiny_tokenizer
 
 TOKEN = "test-admin-token-0123456789"
@@ -35,13 +35,26 @@ def env(tmp_path_factory):
     os.symlink(outside["secret"], adapter_dir / "escape")  # a symlink that leaves adapter_dir
     reference = offline_model({**paths, **late})
     settings = ServerSettings(
-        adapters={n: paths[n] for n in ("pt", "prefix", "ptune")}, adapter_dir=str(adapter_dir),
-        enable_admin=True, admin_token=TOKEN, max_batch_size=8, batch_window_ms=5, max_prompt_tokens=200,
-        max_tokens_limit=250, max_body_bytes=16384, max_inputs=4)
-    with ServerThread(create_app(lively_model(), settings)) as server:
-        with server.client() as client:
-            yield {"server": server, "client": client, "model": reference, "root": root, "late": late,
-                   "adapter_dir": adapter_dir}
+        adapters={n: paths[n] for n in ("pt", "prefix", "ptune")},
+        adapter_dir=str(adapter_dir),
+        enable_admin=True,
+        admin_token=TOKEN,
+        max_batch_size=8,
+        batch_window_ms=5,
+        max_prompt_tokens=200,
+        max_tokens_limit=250,
+        max_body_bytes=16384,
+        max_inputs=4,
+    )
+    with ServerThread(create_app(lively_model(), settings)) as server, server.client() as client:
+        yield {
+            "server": server,
+            "client": client,
+            "model": reference,
+            "root": root,
+            "late": late,
+            "adapter_dir": adapter_dir,
+        }
 
 
 def adapter_of(model_name):
@@ -85,25 +98,33 @@ def test_concurrent_requests_over_mixed_adapters_equal_offline(env):
         assert got["object"] == "text_completion" and got["model"] == body["model"] and got["id"].startswith("cmpl-")
         assert got["choices"][0]["text"] == want.text
         assert got["choices"][0]["finish_reason"] == want.finish_reason
-        assert got["usage"] == {"prompt_tokens": want.prompt_tokens, "completion_tokens": len(want.token_ids),
-                                "total_tokens": want.prompt_tokens + len(want.token_ids)}
+        assert got["usage"] == {
+            "prompt_tokens": want.prompt_tokens,
+            "completion_tokens": len(want.token_ids),
+            "total_tokens": want.prompt_tokens + len(want.token_ids),
+        }
         texts.add(want.text)
     assert len(texts) > 8  # the outputs differ, so equality means something
-    decode = {s.labels.get("le"): s.value for s in metric_samples(env["client"])
-              if s.name == "softprompt_batch_size_bucket" and s.labels.get("phase") == "decode"}
+    decode = {
+        s.labels.get("le"): s.value
+        for s in metric_samples(env["client"])
+        if s.name == "softprompt_batch_size_bucket" and s.labels.get("phase") == "decode"
+    }
     assert decode["+Inf"] > decode["1.0"]  # some decoding steps carried several rows: requests were batched
 
 
 def test_prompt_list_and_token_ids(env):
     client = env["client"]
     prompts = ["first prompt", "second, longer prompt"]
-    got = client.post("/v1/completions", json={"model": "prefix", "prompt": prompts, "max_tokens": 6,
-                                               "temperature": 0}).json()
+    got = client.post(
+        "/v1/completions", json={"model": "prefix", "prompt": prompts, "max_tokens": 6, "temperature": 0}
+    ).json()
     assert [c["index"] for c in got["choices"]] == [0, 1]
     assert [c["text"] for c in got["choices"]] == [offline(env, p, "prefix", max_new_tokens=6).text for p in prompts]
     ids = env["model"].tokenizer(prompts[0])["input_ids"]
-    by_ids = client.post("/v1/completions", json={"model": "prefix", "prompt": ids, "max_tokens": 6,
-                                                  "temperature": 0}).json()
+    by_ids = client.post(
+        "/v1/completions", json={"model": "prefix", "prompt": ids, "max_tokens": 6, "temperature": 0}
+    ).json()
     assert by_ids["choices"][0]["text"] == got["choices"][0]["text"]
 
 
@@ -111,9 +132,17 @@ def test_streaming_returns_the_same_text(env):
     for model_name in MODELS:
         prompt = f"Stream this for {model_name}"
         want = offline(env, prompt, model_name, max_new_tokens=12)
-        response = env["client"].post("/v1/completions", json={
-            "model": model_name, "prompt": prompt, "max_tokens": 12, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}})
+        response = env["client"].post(
+            "/v1/completions",
+            json={
+                "model": model_name,
+                "prompt": prompt,
+                "max_tokens": 12,
+                "temperature": 0,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            },
+        )
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
         events, done = parse_sse(response.text)
@@ -127,17 +156,24 @@ def test_streaming_returns_the_same_text(env):
 
 
 def test_a_client_that_disconnects_mid_stream_frees_its_row(env):
-    long = next(p for p in (f"Run long {i}" for i in range(20))
-                if offline(env, p, "pt", max_new_tokens=200).finish_reason == "length")
+    long = next(
+        p
+        for p in (f"Run long {i}" for i in range(20))
+        if offline(env, p, "pt", max_new_tokens=200).finish_reason == "length"
+    )
 
     def completion_tokens():
-        return sum(s.value for s in metric_samples(env["client"]) if s.name == "softprompt_tokens_total"
-                   and s.labels.get("kind") == "completion")
+        return sum(
+            s.value
+            for s in metric_samples(env["client"])
+            if s.name == "softprompt_tokens_total" and s.labels.get("kind") == "completion"
+        )
 
     before = completion_tokens()
     with env["server"].client() as own:
-        with own.stream("POST", C, json={"model": "pt", "prompt": long, "max_tokens": 200, "temperature": 0,
-                                         "stream": True}) as response:
+        with own.stream(
+            "POST", C, json={"model": "pt", "prompt": long, "max_tokens": 200, "temperature": 0, "stream": True}
+        ) as response:
             next(response.iter_lines())  # the first event arrived: the row is decoding; now hang up
     deadline = time.monotonic() + 10
     while env["client"].get("/health").json()["running"]:
@@ -162,8 +198,9 @@ def test_stop_strings_and_seeded_sampling_equal_offline(env):
     want = offline(env, prompt, "pt", max_new_tokens=12, do_sample=True, **sampling)
     greedy = offline(env, prompt, "pt", max_new_tokens=12)
     assert want.text != greedy.text
-    bodies = [{"model": "pt", "prompt": prompt, "max_tokens": 12, **sampling}] * 3 + \
-             [{"model": m, "prompt": "noise", "max_tokens": 12} for m in MODELS]
+    bodies = [{"model": "pt", "prompt": prompt, "max_tokens": 12, **sampling}] * 3 + [
+        {"model": m, "prompt": "noise", "max_tokens": 12} for m in MODELS
+    ]
     responses = run_concurrently(env["server"].url, [("POST", "/v1/completions", b) for b in bodies], concurrency=7)
     assert [r.json()["choices"][0]["text"] for r in responses[:3]] == [want.text] * 3
 
@@ -172,13 +209,16 @@ def test_chat_uses_the_fallback_template_and_streams(env):
     client = env["client"]
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
     want = offline(env, fallback_chat_text(messages), "prefix", max_new_tokens=10)
-    got = client.post("/v1/chat/completions", json={"model": "prefix", "messages": messages, "max_tokens": 10,
-                                                    "temperature": 0}).json()
+    got = client.post(
+        "/v1/chat/completions", json={"model": "prefix", "messages": messages, "max_tokens": 10, "temperature": 0}
+    ).json()
     assert got["object"] == "chat.completion"
     assert got["choices"][0]["message"] == {"role": "assistant", "content": want.text, "refusal": None}
     assert got["usage"]["prompt_tokens"] == want.prompt_tokens
-    response = client.post("/v1/chat/completions", json={"model": "prefix", "messages": messages, "max_tokens": 10,
-                                                         "temperature": 0, "stream": True})
+    response = client.post(
+        "/v1/chat/completions",
+        json={"model": "prefix", "messages": messages, "max_tokens": 10, "temperature": 0, "stream": True},
+    )
     events, done = parse_sse(response.text)
     assert done and events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert {e["object"] for e in events} == {"chat.completion.chunk"}
@@ -190,9 +230,13 @@ def test_chat_template_is_used_when_the_tokenizer_has_one():
     tokenizer = tiny_tokenizer()
     messages = [{"role": "user", "content": "hi"}]
     assert chat_prompt_ids(tokenizer, messages) == tokenizer("User: hi\nAssistant:")["input_ids"]
-    tokenizer.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
-                               "{% if add_generation_prompt %}<assistant>{% endif %}")
-    assert chat_prompt_ids(tokenizer, messages) == tokenizer("<user>hi<assistant>", add_special_tokens=False)["input_ids"]
+    tokenizer.chat_template = (
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    assert (
+        chat_prompt_ids(tokenizer, messages) == tokenizer("<user>hi<assistant>", add_special_tokens=False)["input_ids"]
+    )
 
 
 def test_classify_equals_model_score(env):
@@ -208,16 +252,23 @@ def test_classify_equals_model_score(env):
             assert row["label"] == ref.label
             assert row["scores"] == pytest.approx(ref.scores, abs=1e-4)
             assert sum(row["probabilities"].values()) == pytest.approx(1.0)
-    mean = env["client"].post("/v1/classify", json={"model": "pt", "input": "x", "labels": labels,
-                                                    "normalize": "mean"}).json()
+    mean = (
+        env["client"]
+        .post("/v1/classify", json={"model": "pt", "input": "x", "labels": labels, "normalize": "mean"})
+        .json()
+    )
     ref = env["model"].score(["x"], labels=labels, adapters="pt", normalize="mean")[0]
     assert mean["data"][0]["scores"] == pytest.approx(ref.scores, abs=1e-4)
 
 
 # ---------------------------------------------------------------------------- the official client
 def test_official_openai_client_works_unchanged(env):
-    client = openai.OpenAI(base_url=env["server"].url + "/v1", api_key="not-needed", max_retries=0,
-                           http_client=httpx.Client(trust_env=False, timeout=60))
+    client = openai.OpenAI(
+        base_url=env["server"].url + "/v1",
+        api_key="not-needed",
+        max_retries=0,
+        http_client=httpx.Client(trust_env=False, timeout=60),
+    )
     assert {m.id for m in client.models.list()} >= set(MODELS)
     prompt = "The openai client says"
     want = offline(env, prompt, "prefix", max_new_tokens=9)
@@ -279,10 +330,20 @@ BAD_REQUESTS = [
     ("chat empty messages", CHAT, {"model": "pt", "messages": []}, 400, "messages"),
     ("chat bad role", CHAT, {"model": "pt", "messages": [{"role": "wizard", "content": "x"}]}, 400, None),
     ("chat messages string", CHAT, {"model": "pt", "messages": "hi"}, 400, "messages"),
-    ("chat top_logprobs without logprobs", CHAT, {"model": "pt", "messages": [{"role": "user", "content": "x"}],
-                                                  "top_logprobs": 2}, 400, "top_logprobs"),
-    ("chat top_logprobs over 20", CHAT, {"model": "pt", "messages": [{"role": "user", "content": "x"}],
-                                         "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
+    (
+        "chat top_logprobs without logprobs",
+        CHAT,
+        {"model": "pt", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
+        400,
+        "top_logprobs",
+    ),
+    (
+        "chat top_logprobs over 20",
+        CHAT,
+        {"model": "pt", "messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21},
+        400,
+        "top_logprobs",
+    ),
     ("chat tools", CHAT, {"model": "pt", "messages": [{"role": "user", "content": "x"}], "tools": []}, 400, "tools"),
     ("chat unknown adapter", CHAT, {"model": "ghost", "messages": [{"role": "user", "content": "x"}]}, 404, "model"),
     ("classify duplicate labels", CLS, {"model": "pt", "input": "a", "labels": ["x", "x"]}, 400, "labels"),
@@ -319,8 +380,9 @@ def auth(token=TOKEN):
     return {"Authorization": f"Bearer {token}"}
 
 
-@pytest.mark.parametrize("headers", [{}, auth("wrong-token-0123456789"), {"Authorization": f"Basic {TOKEN}"},
-                                     {"Authorization": "Bearer"}])
+@pytest.mark.parametrize(
+    "headers", [{}, auth("wrong-token-0123456789"), {"Authorization": f"Basic {TOKEN}"}, {"Authorization": "Bearer"}]
+)
 def test_admin_needs_the_bearer_token(env, headers):
     for method in ("POST", "DELETE"):
         response = env["client"].request(method, "/admin/adapters/pt", headers=headers)
@@ -328,9 +390,20 @@ def test_admin_needs_the_bearer_token(env, headers):
     assert "pt" in {c["id"] for c in env["client"].get("/v1/models").json()["data"]}  # nothing was unloaded
 
 
-@pytest.mark.parametrize("name, post_status, delete_status", [
-    ("..", 400, 400), ("%2E%2E", 400, 400), (".hidden", 400, 400), ("a" * 65, 400, 400), ("bad%20name", 400, 400),
-    ("-dash", 400, 400), ("..%2F..%2Fetc", 404, 404), ("escape", 400, 404), ("missing", 404, 404)])
+@pytest.mark.parametrize(
+    "name, post_status, delete_status",
+    [
+        ("..", 400, 400),
+        ("%2E%2E", 400, 400),
+        (".hidden", 400, 400),
+        ("a" * 65, 400, 400),
+        ("bad%20name", 400, 400),
+        ("-dash", 400, 400),
+        ("..%2F..%2Fetc", 404, 404),
+        ("escape", 400, 404),
+        ("missing", 404, 404),
+    ],
+)
 def test_admin_refuses_traversal_and_bad_names(env, name, post_status, delete_status):
     # Compare model ids: each entry's "created" time may tick over between the two calls on a slow machine.
     before = [m["id"] for m in env["client"].get("/v1/models").json()["data"]]
@@ -359,8 +432,11 @@ def test_admin_loads_and_unloads_by_name(env):
     assert got["choices"][0]["text"] == want.text
     assert "late" in {c["id"] for c in client.get("/v1/models").json()["data"]}
 
-    assert client.delete("/admin/adapters/late", headers=auth()).json() == {"object": "adapter", "id": "late",
-                                                                           "deleted": True}
+    assert client.delete("/admin/adapters/late", headers=auth()).json() == {
+        "object": "adapter",
+        "id": "late",
+        "deleted": True,
+    }
     assert client.post(C, json={"model": "late", "prompt": "x"}).status_code == 404
     assert client.delete("/admin/adapters/late", headers=auth()).status_code == 404
 
@@ -419,8 +495,11 @@ def test_metrics_expose_requests_latency_batches_queue_and_adapters(env):
 def test_full_queue_gives_503_with_retry_after(tmp_path):
     paths = save_adapters(tmp_path, names=("pt",))
     reference = offline_model(paths)
-    prompt = next(p for p in (f"Long run {i}" for i in range(20))
-                  if offline(dict(model=reference), p, "pt", max_new_tokens=150).finish_reason == "length")
+    prompt = next(
+        p
+        for p in (f"Long run {i}" for i in range(20))
+        if offline(dict(model=reference), p, "pt", max_new_tokens=150).finish_reason == "length"
+    )
     settings = ServerSettings(adapters=paths, max_batch_size=1, max_queue=1, retry_after_s=2)
     with ServerThread(create_app(lively_model(), settings)) as server:
         body = {"model": "pt", "prompt": prompt, "max_tokens": 150, "temperature": 0}
@@ -440,10 +519,14 @@ def test_least_recently_used_adapter_is_evicted_but_never_one_in_use(tmp_path):
     paths = save_adapters(tmp_path, names=("a", "b", "c"))
     reference = offline_model(paths)
     ref = dict(model=reference)
-    long = next(p for p in (f"Long run {i}" for i in range(30))
-                if all(offline(ref, p, m, max_new_tokens=120).finish_reason == "length" for m in ("a", "b")))
+    long = next(
+        p
+        for p in (f"Long run {i}" for i in range(30))
+        if all(offline(ref, p, m, max_new_tokens=120).finish_reason == "length" for m in ("a", "b"))
+    )
     settings = ServerSettings(adapter_dir=str(tmp_path), max_resident_adapters=2, batch_window_ms=1)
     with ServerThread(create_app(lively_model(), settings)) as server, server.client() as client:
+
         def resident():
             return {c["id"] for c in client.get("/v1/models").json()["data"] if c["parent"] and c["resident"]}
 
@@ -489,7 +572,9 @@ def test_serve_loads_the_model_and_adapters_and_runs_uvicorn(tmp_path, monkeypat
     import uvicorn
 
     from softprompt.cli.common import parse_adapter_specs
-    from softprompt.cli.serve import add_arguments as add_serve_arguments, run as cmd_serve
+    from softprompt.cli.serve import add_arguments as add_serve_arguments
+    from softprompt.cli.serve import run as cmd_serve
+
     from tiny import save_tiny_checkpoint
 
     checkpoint = save_tiny_checkpoint("gpt2", tmp_path / "model")
@@ -500,8 +585,22 @@ def test_serve_loads_the_model_and_adapters_and_runs_uvicorn(tmp_path, monkeypat
 
     parser = argparse.ArgumentParser()
     add_serve_arguments(parser)
-    args = parser.parse_args(["--model", checkpoint, "--adapter", f"pt={paths['pt']}", "--adapter", paths["prefix"],
-                              "--port", "8123", "--max-batch-size", "4", "--served-model-name", "base"])
+    args = parser.parse_args(
+        [
+            "--model",
+            checkpoint,
+            "--adapter",
+            f"pt={paths['pt']}",
+            "--adapter",
+            paths["prefix"],
+            "--port",
+            "8123",
+            "--max-batch-size",
+            "4",
+            "--served-model-name",
+            "base",
+        ]
+    )
     assert parse_adapter_specs(args.adapter) == paths
     assert cmd_serve(args) == 0
     assert (seen["host"], seen["port"]) == ("127.0.0.1", 8123)

@@ -8,11 +8,12 @@ import asyncio
 
 import pytest
 
-from serving import lively_model
+from softprompt.engine.tokens import encode_texts
 from softprompt.server.batcher import Batcher
 from softprompt.server.jobs import Job, Sampling
 from softprompt.server.settings import ServerSettings
-from softprompt.engine.tokens import encode_texts
+
+from serving import lively_model
 
 PATHS = {"gpt2": "merged", "llama": "merged", "bloom": "merged", "gemma3": "separate", "t5": "separate"}
 
@@ -51,7 +52,9 @@ def test_rows_joining_mid_decode_equal_offline(family):
             await _until_decoding(batcher)  # the lead row is decoding now: the others join mid-flight
             jobs = {}
             for text, adapter, n in later:
-                jobs[text] = Job(loop, adapter=adapter, prompts=[_ids(model, text)], sampling=Sampling(max_new_tokens=n))
+                jobs[text] = Job(
+                    loop, adapter=adapter, prompts=[_ids(model, text)], sampling=Sampling(max_new_tokens=n)
+                )
                 batcher.submit(jobs[text])
             results = {text: (await asyncio.wait_for(job.future, 30))[0] for text, job in jobs.items()}
             results[first[0]] = (await asyncio.wait_for(lead.future, 30))[0]
@@ -71,8 +74,10 @@ def test_multi_prompt_job_sampling_stop_and_cancel():
     model.add_adapter("a", method="p_tuning", num_virtual_tokens=3, seed=3)
     prompts = ["alpha", "beta gamma", "delta"]
     greedy = model.generate(prompts, adapters="a", max_new_tokens=10, return_details=True)
-    sampled = [model.generate([p], adapters=["a"], max_new_tokens=10, do_sample=True, temperature=0.8, top_p=0.9,
-                              seed=5)[0] for p in prompts]
+    sampled = [
+        model.generate([p], adapters=["a"], max_new_tokens=10, do_sample=True, temperature=0.8, top_p=0.9, seed=5)[0]
+        for p in prompts
+    ]
     stop = greedy[0].text[2:4]
     stopped = model.generate([prompts[0]], adapters=["a"], max_new_tokens=10, stop=[stop], return_details=True)[0]
 
@@ -83,10 +88,12 @@ def test_multi_prompt_job_sampling_stop_and_cancel():
         try:
             ids = [_ids(model, p) for p in prompts]
             g = Job(loop, adapter="a", prompts=ids, sampling=Sampling(max_new_tokens=10))
-            s = Job(loop, adapter="a", prompts=ids, sampling=Sampling(max_new_tokens=10, temperature=0.8, top_p=0.9,
-                                                                     seed=5))
-            cut = Job(loop, adapter="a", prompts=ids[:1], sampling=Sampling(max_new_tokens=10, stop=[stop]),
-                      stream=True)
+            s = Job(
+                loop, adapter="a", prompts=ids, sampling=Sampling(max_new_tokens=10, temperature=0.8, top_p=0.9, seed=5)
+            )
+            cut = Job(
+                loop, adapter="a", prompts=ids[:1], sampling=Sampling(max_new_tokens=10, stop=[stop]), stream=True
+            )
             gone = Job(loop, adapter="a", prompts=ids[:1], sampling=Sampling(max_new_tokens=200))
             for job in (g, s, cut, gone):
                 batcher.submit(job)
@@ -120,8 +127,9 @@ def test_queue_bound_and_stop_fail_waiting_jobs():
         batcher = Batcher(model, ServerSettings(max_batch_size=1, max_queue=2, retry_after_s=3))
         # Not started: nothing is admitted, so the queue fills deterministically.
         batcher._thread = type("T", (), {"is_alive": lambda self: True})()
-        jobs = [Job(loop, adapter=None, prompts=[ids[0].tolist()], sampling=Sampling(max_new_tokens=2))
-                for _ in range(3)]
+        jobs = [
+            Job(loop, adapter=None, prompts=[ids[0].tolist()], sampling=Sampling(max_new_tokens=2)) for _ in range(3)
+        ]
         batcher.submit(jobs[0])
         batcher.submit(jobs[1])
         with pytest.raises(Exception) as info:
@@ -138,8 +146,9 @@ def test_a_job_larger_than_the_batch_joins_in_parts_and_n_choices_are_seeded_one
     model.add_adapter("a", method="prompt_tuning", num_virtual_tokens=3, seed=4)
     prompts = [f"prompt {i}" for i in range(7)]
     greedy = model.generate(prompts, adapters="a", max_new_tokens=6)
-    sampled = [model.generate(["prompt 0"], adapters=["a"], max_new_tokens=6, do_sample=True, seed=9 + j)[0]
-               for j in range(3)]
+    sampled = [
+        model.generate(["prompt 0"], adapters=["a"], max_new_tokens=6, do_sample=True, seed=9 + j)[0] for j in range(3)
+    ]
 
     async def main():
         loop = asyncio.get_running_loop()
@@ -148,8 +157,9 @@ def test_a_job_larger_than_the_batch_joins_in_parts_and_n_choices_are_seeded_one
         try:
             ids = [_ids(model, p) for p in prompts]
             big = Job(loop, adapter="a", prompts=ids, sampling=Sampling(max_new_tokens=6))  # 7 rows, 3 slots
-            many = Job(loop, adapter="a", prompts=ids[:1], n=3, sampling=Sampling(max_new_tokens=6, temperature=1.0,
-                                                                                   seed=9))
+            many = Job(
+                loop, adapter="a", prompts=ids[:1], n=3, sampling=Sampling(max_new_tokens=6, temperature=1.0, seed=9)
+            )
             gone = Job(loop, adapter="a", prompts=ids, sampling=Sampling(max_new_tokens=50))
             after = Job(loop, adapter=None, prompts=ids[:2], sampling=Sampling(max_new_tokens=2))
             for job in (big, many, gone):

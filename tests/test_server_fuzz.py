@@ -27,31 +27,66 @@ import schemathesis
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
-from schemathesis.checks import (content_type_conformance, ignored_auth, negative_data_rejection, not_a_server_error,
-                                 response_headers_conformance, response_schema_conformance, status_code_conformance,
-                                 unsupported_method)
+from schemathesis.checks import (
+    content_type_conformance,
+    ignored_auth,
+    negative_data_rejection,
+    not_a_server_error,
+    response_headers_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+    unsupported_method,
+)
 from starlette.testclient import TestClient
 
-from serving import lively_model, save_adapters
 from softprompt.server import ServerSettings, create_app
+
+from serving import lively_model, save_adapters
 
 FUZZ_EXAMPLES = int(os.environ.get("SOFTPROMPT_FUZZ_EXAMPLES", "50"))
 TOKEN = "fuzz-admin-token-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_headers_conformance,
-          response_schema_conformance, negative_data_rejection, ignored_auth, unsupported_method]
-OPERATIONS = {("GET", "/health"), ("GET", "/metrics"), ("GET", "/v1/models"), ("GET", "/v1/models/{model_id}"),
-              ("POST", "/v1/completions"), ("POST", "/v1/chat/completions"), ("POST", "/v1/classify"),
-              ("POST", "/admin/adapters/{name}"), ("DELETE", "/admin/adapters/{name}")}
+CHECKS = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+    negative_data_rejection,
+    ignored_auth,
+    unsupported_method,
+]
+OPERATIONS = {
+    ("GET", "/health"),
+    ("GET", "/metrics"),
+    ("GET", "/v1/models"),
+    ("GET", "/v1/models/{model_id}"),
+    ("POST", "/v1/completions"),
+    ("POST", "/v1/chat/completions"),
+    ("POST", "/v1/classify"),
+    ("POST", "/admin/adapters/{name}"),
+    ("DELETE", "/admin/adapters/{name}"),
+}
 MODELS = ["pt", "prefix", "ptune", "tiny-gpt2"]
 SEEN: dict[tuple[str, str], set[int]] = {}
 
 
 def fuzz_settings(adapter_dir) -> ServerSettings:
     # Small limits keep every generated request cheap on the tiny model (and put the limits within reach).
-    return ServerSettings(adapter_dir=str(adapter_dir), enable_admin=True, admin_token=TOKEN, max_batch_size=8,
-                          batch_window_ms=0, max_prompt_tokens=64, max_tokens_limit=8, default_max_tokens=4,
-                          max_body_bytes=8192, max_inputs=3, max_labels=4, max_queue=64)
+    return ServerSettings(
+        adapter_dir=str(adapter_dir),
+        enable_admin=True,
+        admin_token=TOKEN,
+        max_batch_size=8,
+        batch_window_ms=0,
+        max_prompt_tokens=64,
+        max_tokens_limit=8,
+        default_max_tokens=4,
+        max_body_bytes=8192,
+        max_inputs=3,
+        max_labels=4,
+        max_queue=64,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -81,13 +116,19 @@ def name_a_served_model(pair):
 def test_every_operation_conforms_to_the_openapi_document(api_schema, method, path):
     operation = api_schema[path][method]
     # Valid bodies mostly name a served model (a random name is just a 404), so generation is reached too.
-    positive = st.tuples(operation.as_strategy(generation_mode=GenerationMode.POSITIVE),
-                         st.sampled_from(MODELS + [None, None])).map(name_a_served_model)
+    positive = st.tuples(
+        operation.as_strategy(generation_mode=GenerationMode.POSITIVE), st.sampled_from(MODELS + [None, None])
+    ).map(name_a_served_model)
     cases = st.one_of(positive, operation.as_strategy(generation_mode=GenerationMode.NEGATIVE))
 
     @given(case=cases)
-    @settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), print_blob=True,
-              database=None)
+    @settings(
+        max_examples=FUZZ_EXAMPLES,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+        print_blob=True,
+        database=None,
+    )
     def fuzz(case):
         response = case.call_and_validate(headers=AUTH, checks=CHECKS)
         assert response.status_code < 500, response.text[:500]
@@ -125,9 +166,11 @@ def test_the_document_describes_bodies_limits_and_auth(fuzz_app):
 HEADER_TEXT = st.text(st.characters(codec="latin-1", exclude_categories=("Cc",)), max_size=80)
 
 
-@given(token=st.one_of(HEADER_TEXT, st.sampled_from([TOKEN[:-1], TOKEN + "x", TOKEN.upper(), TOKEN[1:], " " * 3])),
-       scheme=st.sampled_from(["Bearer ", "bearer ", "Basic ", "Token ", "Bearer:", ""]),
-       method=st.sampled_from(["POST", "DELETE"]))
+@given(
+    token=st.one_of(HEADER_TEXT, st.sampled_from([TOKEN[:-1], TOKEN + "x", TOKEN.upper(), TOKEN[1:], " " * 3])),
+    scheme=st.sampled_from(["Bearer ", "bearer ", "Basic ", "Token ", "Bearer:", ""]),
+    method=st.sampled_from(["POST", "DELETE"]),
+)
 @settings(max_examples=FUZZ_EXAMPLES * 2, deadline=None, suppress_health_check=list(HealthCheck))
 def test_admin_rejects_every_token_but_the_right_one(fuzz_app, token, scheme, method):
     header = (scheme + token).strip() or "x"

@@ -80,9 +80,15 @@ def setup(tmp_path_factory):
 
 
 def evaluate(setup, model: str, model_args: dict) -> dict:
-    return lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=[TASK],
-                                   task_manager=TaskManager(include_path=setup["tasks"]), log_samples=True,
-                                   bootstrap_iters=0, verbosity="WARNING")
+    return lm_eval.simple_evaluate(
+        model=model,
+        model_args=model_args,
+        tasks=[TASK],
+        task_manager=TaskManager(include_path=setup["tasks"]),
+        log_samples=True,
+        bootstrap_iters=0,
+        verbosity="WARNING",
+    )
 
 
 def per_row(output: dict) -> dict[int, list[float]]:
@@ -100,11 +106,30 @@ def test_lm_eval_through_the_server_matches_lm_eval_with_peft(setup, adapter, mo
     # Every adapter served (the default --max-inputs): lm-eval's batch of 20 prompts is one request.
     settings = ServerSettings(adapters=setup["adapters"], batch_window_ms=0)
     with ServerThread(create_app(served, settings)) as server:
-        remote = evaluate(setup, "local-completions", {
-            "model": adapter, "base_url": f"{server.url}/v1/completions", "tokenizer_backend": "huggingface",
-            "tokenizer": setup["checkpoint"], "batch_size": 20, "max_retries": 1, "num_concurrent": 1})
-    local = evaluate(setup, "hf", {"pretrained": setup["checkpoint"], "peft": setup["adapters"][adapter],
-                                   "device": "cpu", "dtype": "float32", "batch_size": 8})
+        remote = evaluate(
+            setup,
+            "local-completions",
+            {
+                "model": adapter,
+                "base_url": f"{server.url}/v1/completions",
+                "tokenizer_backend": "huggingface",
+                "tokenizer": setup["checkpoint"],
+                "batch_size": 20,
+                "max_retries": 1,
+                "num_concurrent": 1,
+            },
+        )
+    local = evaluate(
+        setup,
+        "hf",
+        {
+            "pretrained": setup["checkpoint"],
+            "peft": setup["adapters"][adapter],
+            "device": "cpu",
+            "dtype": "float32",
+            "batch_size": 8,
+        },
+    )
 
     remote_rows, local_rows = per_row(remote), per_row(local)
     assert sorted(remote_rows) == list(range(len(ROWS)))
@@ -114,6 +139,9 @@ def test_lm_eval_through_the_server_matches_lm_eval_with_peft(setup, adapter, mo
     # The adapter is in play: the base model alone scores the rows differently.
     base_rows = setup.get("base_rows")
     if base_rows is None:
-        base_rows = setup["base_rows"] = per_row(evaluate(setup, "hf", {
-            "pretrained": setup["checkpoint"], "device": "cpu", "dtype": "float32", "batch_size": 8}))
+        base_rows = setup["base_rows"] = per_row(
+            evaluate(
+                setup, "hf", {"pretrained": setup["checkpoint"], "device": "cpu", "dtype": "float32", "batch_size": 8}
+            )
+        )
     assert any(abs(a - b) > 1e-2 for doc in local_rows for a, b in zip(local_rows[doc], base_rows[doc]))

@@ -8,9 +8,10 @@ import time
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from serving import ServerThread, lively_model, offline_model, parse_sse, run_concurrently, save_adapters
 from softprompt.server import ServerSettings, create_app
 from softprompt.server.prompting import fallback_chat_text
+
+from serving import ServerThread, lively_model, offline_model, parse_sse, run_concurrently, save_adapters
 
 REQUESTS, CLIENTS, TIME_LIMIT_S = 500, 32, 90
 MODELS = ["pt", "prefix", "ptune", "tiny-gpt2"]
@@ -31,17 +32,33 @@ def _request(kind, model, prompt, max_tokens):
     if kind == "classify":
         return "POST", "/v1/classify", {"model": model, "input": prompt, "labels": LABELS}
     if kind == "chat":
-        return "POST", "/v1/chat/completions", {"model": model, "messages": [{"role": "user", "content": prompt}],
-                                                 "max_tokens": max_tokens, "temperature": 0}
-    return "POST", "/v1/completions", {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-                                       "stream": kind == "stream"}
+        return (
+            "POST",
+            "/v1/chat/completions",
+            {
+                "model": model,
+                "messages": [{"role": "user", "content": prompt}],
+                "max_tokens": max_tokens,
+                "temperature": 0,
+            },
+        )
+    return (
+        "POST",
+        "/v1/completions",
+        {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": kind == "stream"},
+    )
 
 
 def _expected(reference, plan):
     """Offline results for every distinct request, computed in a few mixed batches."""
     adapter = {m: (None if m == "tiny-gpt2" else m) for m in MODELS}
-    generation = sorted({(m, fallback_chat_text([{"role": "user", "content": p}]) if k == "chat" else p, n)
-                         for k, m, p, n in plan if k != "classify"})
+    generation = sorted(
+        {
+            (m, fallback_chat_text([{"role": "user", "content": p}]) if k == "chat" else p, n)
+            for k, m, p, n in plan
+            if k != "classify"
+        }
+    )
     want = {}
     for n in sorted({key[2] for key in generation}):
         keys = [key for key in generation if key[2] == n]
@@ -60,8 +77,9 @@ def test_bounded_load_run_has_no_errors_and_offline_outputs(tmp_path):
     settings = ServerSettings(adapters=paths, max_batch_size=32, batch_window_ms=5)
     with ServerThread(create_app(lively_model(), settings)) as server:
         started = time.monotonic()
-        responses = run_concurrently(server.url, [_request(*item) for item in plan], concurrency=CLIENTS,
-                                     timeout=TIME_LIMIT_S)
+        responses = run_concurrently(
+            server.url, [_request(*item) for item in plan], concurrency=CLIENTS, timeout=TIME_LIMIT_S
+        )
         elapsed = time.monotonic() - started
         with server.client() as client:
             metrics = client.get("/metrics").text
@@ -91,8 +109,11 @@ def test_bounded_load_run_has_no_errors_and_offline_outputs(tmp_path):
     assert not mismatches, mismatches[:5]
 
     samples = [s for f in text_string_to_metric_families(metrics) for s in f.samples]
-    decode = {s.labels["le"]: s.value for s in samples
-              if s.name == "softprompt_batch_size_bucket" and s.labels.get("phase") == "decode"}
+    decode = {
+        s.labels["le"]: s.value
+        for s in samples
+        if s.name == "softprompt_batch_size_bucket" and s.labels.get("phase") == "decode"
+    }
     assert decode["+Inf"] - decode["4.0"] > 0  # steps with more than 4 rows: the load was batched across adapters
     assert health["queue_depth"] == 0 and health["running"] == 0
     print(f"\n{REQUESTS} requests, {CLIENTS} clients: {elapsed:.1f} s ({REQUESTS / elapsed:.0f} req/s)")

@@ -40,8 +40,9 @@ def test_echo_logprobs_score_the_prompt_as_model_score_does_with_mixed_adapters_
     context = tokenizer(CONTEXT)["input_ids"]
     ids = context + tokenizer(CONTINUATION, add_special_tokens=False)["input_ids"]
     names = ADAPTERS + [BASE]
-    bodies = [("POST", C, {"model": name, "prompt": ids, "echo": True, "logprobs": 3, "max_tokens": 0})
-              for name in names]
+    bodies = [
+        ("POST", C, {"model": name, "prompt": ids, "echo": True, "logprobs": 3, "max_tokens": 0}) for name in names
+    ]
     responses = run_concurrently(env["server"].url, bodies, concurrency=len(bodies))  # one scoring batch, 4 adapters
     for name, response in zip(names, responses):
         assert response.status_code == 200, response.text
@@ -52,9 +53,10 @@ def test_echo_logprobs_score_the_prompt_as_model_score_does_with_mixed_adapters_
         assert logprobs["token_logprobs"][0] is None and logprobs["top_logprobs"][0] is None
         assert logprobs["text_offset"] == [len(tokenizer.decode(ids[:i])) for i in range(len(ids))]
         want = env["model"].score([CONTEXT], [CONTINUATION], adapters=adapter_of(name))[0].scores[CONTINUATION]
-        assert sum(logprobs["token_logprobs"][len(context):]) == pytest.approx(want, abs=1e-4), name
-        for token, logprob, top in zip(logprobs["tokens"][1:], logprobs["token_logprobs"][1:],
-                                       logprobs["top_logprobs"][1:]):
+        assert sum(logprobs["token_logprobs"][len(context) :]) == pytest.approx(want, abs=1e-4), name
+        for token, logprob, top in zip(
+            logprobs["tokens"][1:], logprobs["token_logprobs"][1:], logprobs["top_logprobs"][1:]
+        ):
             # 3 alternatives plus the chosen token, keyed by text (byte tokens that read alike as one key)
             assert top[token] == pytest.approx(logprob) and 1 <= len(top) <= 4
             assert max(top.values()) >= logprob and all(v <= 0 for v in top.values())
@@ -67,11 +69,23 @@ def test_lm_evals_request_echo_logprobs_and_one_token(env):
     tokenizer = env["model"].tokenizer
     prompts = [tokenizer(text)["input_ids"] for text in ("The cat", "A much longer prompt than the first one")]
     scored = post(env, C, {"model": "prefix", "prompt": prompts, "echo": True, "logprobs": 1, "max_tokens": 0})
-    body = post(env, C, {"model": "prefix", "prompt": prompts, "echo": True, "logprobs": 1, "max_tokens": 1,
-                         "temperature": 0, "seed": 1234})
+    body = post(
+        env,
+        C,
+        {
+            "model": "prefix",
+            "prompt": prompts,
+            "echo": True,
+            "logprobs": 1,
+            "max_tokens": 1,
+            "temperature": 0,
+            "seed": 1234,
+        },
+    )
     for ids, plain, choice in zip(prompts, scored["choices"], body["choices"]):
-        want = env["model"].generate([tokenizer.decode(ids)], adapters=["prefix"], max_new_tokens=1,
-                                     return_details=True)[0]
+        want = env["model"].generate(
+            [tokenizer.decode(ids)], adapters=["prefix"], max_new_tokens=1, return_details=True
+        )[0]
         assert choice["text"] == tokenizer.decode(ids) + want.text
         logprobs = choice["logprobs"]
         assert len(logprobs["tokens"]) == len(ids) + 1  # the one drawn token is listed, even an end of sequence
@@ -92,13 +106,15 @@ def test_logprobs_without_echo_cover_the_generated_tokens(env):
 
 
 def test_n_choices_are_seeded_one_by_one_and_greedy_choices_agree(env):
-    body = post(env, C, {"model": "ptune", "prompt": ["Once", "Twice"], "n": 3, "max_tokens": 8, "temperature": 1.0,
-                         "seed": 41})
+    body = post(
+        env, C, {"model": "ptune", "prompt": ["Once", "Twice"], "n": 3, "max_tokens": 8, "temperature": 1.0, "seed": 41}
+    )
     assert [c["index"] for c in body["choices"]] == list(range(6))
     for prompt_index, prompt in enumerate(["Once", "Twice"]):
         for j in range(3):
-            alone = post(env, C, {"model": "ptune", "prompt": prompt, "max_tokens": 8, "temperature": 1.0,
-                                  "seed": 41 + j})
+            alone = post(
+                env, C, {"model": "ptune", "prompt": prompt, "max_tokens": 8, "temperature": 1.0, "seed": 41 + j}
+            )
             assert body["choices"][prompt_index * 3 + j]["text"] == alone["choices"][0]["text"]
         want = env["model"].generate([prompt], adapters=["ptune"], do_sample=True, seed=41, max_new_tokens=8)[0]
         assert body["choices"][prompt_index * 3]["text"] == want
@@ -115,8 +131,19 @@ def test_a_request_larger_than_the_batch_is_decoded_in_parts(env):
 
 def test_chat_logprobs_and_n(env):
     messages = [{"role": "user", "content": "Tell me something"}]
-    body = post(env, CHAT, {"model": "pt", "messages": messages, "max_tokens": 6, "temperature": 0, "n": 2,
-                            "logprobs": True, "top_logprobs": 3})
+    body = post(
+        env,
+        CHAT,
+        {
+            "model": "pt",
+            "messages": messages,
+            "max_tokens": 6,
+            "temperature": 0,
+            "n": 2,
+            "logprobs": True,
+            "top_logprobs": 3,
+        },
+    )
     assert [c["index"] for c in body["choices"]] == [0, 1]
     for choice in body["choices"]:
         content = choice["logprobs"]["content"]
@@ -130,13 +157,24 @@ def test_chat_logprobs_and_n(env):
 
 
 def test_streamed_echo_and_streamed_n(env):
-    response = env["client"].post(C, json={"model": "pt", "prompt": "Echo me", "echo": True, "max_tokens": 0,
-                                           "stream": True})
+    response = env["client"].post(
+        C, json={"model": "pt", "prompt": "Echo me", "echo": True, "max_tokens": 0, "stream": True}
+    )
     events, done = parse_sse(response.text)
     assert done and [e["choices"][0]["text"] for e in events] == ["Echo me"]
     assert events[0]["choices"][0]["finish_reason"] == "length"
-    response = env["client"].post(C, json={"model": "pt", "prompt": "Echo me", "echo": True, "max_tokens": 4,
-                                           "n": 2, "stream": True, "temperature": 0})
+    response = env["client"].post(
+        C,
+        json={
+            "model": "pt",
+            "prompt": "Echo me",
+            "echo": True,
+            "max_tokens": 4,
+            "n": 2,
+            "stream": True,
+            "temperature": 0,
+        },
+    )
     events, done = parse_sse(response.text)
     texts = ["", ""]
     for event in events:

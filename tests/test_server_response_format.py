@@ -22,9 +22,16 @@ pytest.importorskip("llguidance")
 
 BASE = "tiny-gpt2"
 C, CHAT = "/v1/completions", "/v1/chat/completions"
-SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}, "color": {"enum": ["red", "green", "blue"]},
-                                           "n": {"type": "integer", "minimum": 0, "maximum": 9}},
-          "required": ["ok", "color", "n"], "additionalProperties": False}
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "ok": {"type": "boolean"},
+        "color": {"enum": ["red", "green", "blue"]},
+        "n": {"type": "integer", "minimum": 0, "maximum": 9},
+    },
+    "required": ["ok", "color", "n"],
+    "additionalProperties": False,
+}
 JSON_SCHEMA = {"type": "json_schema", "json_schema": {"name": "answer", "schema": SCHEMA, "strict": True}}
 JSON_OBJECT = {"type": "json_object"}
 MESSAGES = [{"role": "user", "content": "Answer in JSON."}]
@@ -47,8 +54,12 @@ def post(env, path, body):
 def wide_decode_steps(env) -> float:
     """How many decoding steps so far carried more than 4 rows."""
     text = env["client"].get("/metrics").text
-    buckets = {s.labels.get("le"): s.value for family in text_string_to_metric_families(text) for s in family.samples
-               if s.name == "softprompt_batch_size_bucket" and s.labels.get("phase") == "decode"}
+    buckets = {
+        s.labels.get("le"): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "softprompt_batch_size_bucket" and s.labels.get("phase") == "decode"
+    }
     return buckets.get("+Inf", 0) - buckets.get("4.0", 0)
 
 
@@ -98,11 +109,16 @@ def test_json_object_answers_are_json_objects(env, path):
 
 
 def test_a_mixed_batch_of_adapters_and_free_rows_gives_each_row_its_solo_result(env):
-    cases = [(CHAT, "pt", JSON_SCHEMA, {"temperature": 0}), (C, "prefix", JSON_SCHEMA, {"temperature": 1.0, "seed": 5}),
-             (CHAT, "ptune", JSON_OBJECT, {"temperature": 0}), (C, BASE, None, {"temperature": 0}),
-             (C, "pt", None, {"temperature": 1.0, "seed": 9}), (CHAT, "prefix", None, {"temperature": 0}),
-             (C, "ptune", JSON_SCHEMA, {"temperature": 1.0, "seed": 11, "n": 3}),
-             (CHAT, BASE, JSON_OBJECT, {"temperature": 1.0, "seed": 2})]
+    cases = [
+        (CHAT, "pt", JSON_SCHEMA, {"temperature": 0}),
+        (C, "prefix", JSON_SCHEMA, {"temperature": 1.0, "seed": 5}),
+        (CHAT, "ptune", JSON_OBJECT, {"temperature": 0}),
+        (C, BASE, None, {"temperature": 0}),
+        (C, "pt", None, {"temperature": 1.0, "seed": 9}),
+        (CHAT, "prefix", None, {"temperature": 0}),
+        (C, "ptune", JSON_SCHEMA, {"temperature": 1.0, "seed": 11, "n": 3}),
+        (CHAT, BASE, JSON_OBJECT, {"temperature": 1.0, "seed": 2}),
+    ]
     requests = [("POST", path, body_for(path, model, fmt, **options)) for path, model, fmt, options in cases]
     wide = wide_decode_steps(env)
     together = run_concurrently(env["server"].url, requests, concurrency=len(requests))
@@ -120,8 +136,9 @@ def test_a_mixed_batch_of_adapters_and_free_rows_gives_each_row_its_solo_result(
                 assert text_of(path, alone["choices"][0]) == text_of(path, choice)
         if fmt is None and path == C:  # a free row decodes exactly as offline
             sampled = {"do_sample": True, "seed": options["seed"]} if "seed" in options else {}
-            want = env["model"].generate([body["prompt"]], adapters=[None if model == BASE else model],
-                                         max_new_tokens=120, **sampled)[0]
+            want = env["model"].generate(
+                [body["prompt"]], adapters=[None if model == BASE else model], max_new_tokens=120, **sampled
+            )[0]
             assert text_of(path, mixed[0]) == want
 
 
@@ -140,31 +157,54 @@ def test_streamed_json_equals_the_answer_and_max_tokens_still_caps(env, path):
 
 def test_the_openai_client_gets_json(env):
     client = openai.OpenAI(base_url=env["server"].url + "/v1", api_key="not-needed", max_retries=0)
-    reply = client.chat.completions.create(model="ptune", messages=MESSAGES, max_tokens=120, temperature=0,
-                                           response_format=JSON_SCHEMA)
+    reply = client.chat.completions.create(
+        model="ptune", messages=MESSAGES, max_tokens=120, temperature=0, response_format=JSON_SCHEMA
+    )
     conforms(reply.choices[0].message.content, JSON_SCHEMA)
-    reply = client.chat.completions.create(model="prefix", messages=MESSAGES, max_tokens=200, seed=7,
-                                           response_format={"type": "json_object"})
+    reply = client.chat.completions.create(
+        model="prefix", messages=MESSAGES, max_tokens=200, seed=7, response_format={"type": "json_object"}
+    )
     assert reply.choices[0].finish_reason == "stop"
     conforms(reply.choices[0].message.content, JSON_OBJECT)
     with pytest.raises(openai.BadRequestError, match=r"response_format\.json_schema\.schema: Unimplemented keys"):
-        client.chat.completions.create(model="pt", messages=MESSAGES, response_format={
-            "type": "json_schema", "json_schema": {"name": "x", "schema": {"not": {"type": "string"}}}})
+        client.chat.completions.create(
+            model="pt",
+            messages=MESSAGES,
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": "x", "schema": {"not": {"type": "string"}}},
+            },
+        )
 
 
-@pytest.mark.parametrize("fmt, param, reason", [
-    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "foo"}}},
-     "response_format.json_schema.schema", "Invalid type: foo"),
-    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#/missing"}}},
-     "response_format.json_schema.schema", "does not exist"),
-    ({"type": "json_schema", "json_schema": {"name": "x", "schema": "object"}},
-     "response_format.json_schema.schema", "valid dictionary"),
-    ({"type": "json_schema"}, "response_format", "json_schema is required"),
-    ({"type": "json_object", "json_schema": {"name": "x"}}, "response_format", "only allowed"),
-    ({"type": "json_schema", "json_schema": {"name": "no spaces", "schema": SCHEMA}},
-     "response_format.json_schema.name", "pattern"),
-    ({"type": "xml"}, "response_format.type", "'json_schema'"),
-])
+@pytest.mark.parametrize(
+    "fmt, param, reason",
+    [
+        (
+            {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "foo"}}},
+            "response_format.json_schema.schema",
+            "Invalid type: foo",
+        ),
+        (
+            {"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#/missing"}}},
+            "response_format.json_schema.schema",
+            "does not exist",
+        ),
+        (
+            {"type": "json_schema", "json_schema": {"name": "x", "schema": "object"}},
+            "response_format.json_schema.schema",
+            "valid dictionary",
+        ),
+        ({"type": "json_schema"}, "response_format", "json_schema is required"),
+        ({"type": "json_object", "json_schema": {"name": "x"}}, "response_format", "only allowed"),
+        (
+            {"type": "json_schema", "json_schema": {"name": "no spaces", "schema": SCHEMA}},
+            "response_format.json_schema.name",
+            "pattern",
+        ),
+        ({"type": "xml"}, "response_format.type", "'json_schema'"),
+    ],
+)
 @pytest.mark.parametrize("path", [CHAT, C], ids=["chat", "completions"])
 def test_a_bad_response_format_is_one_400_naming_it(env, path, fmt, param, reason):
     response = env["client"].post(path, json=body_for(path, "pt", fmt))

@@ -15,9 +15,10 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from serving import ServerThread, lively_model, save_adapters
 from softprompt.errors import ConfigError
 from softprompt.server import ServerSettings, create_app
+
+from serving import ServerThread, lively_model, save_adapters
 
 TOKEN = "security-admin-token-0123456789"
 C, CHAT, CLS = "/v1/completions", "/v1/chat/completions", "/v1/classify"
@@ -35,9 +36,18 @@ def env(tmp_path_factory):
     os.symlink(outside["secret"] + "/adapter_config.json", adapter_dir / "file-link")  # to a file outside
     save_adapters(root / "nl", names=("nl",))
     os.rename(root / "nl" / "nl", adapter_dir / "nl\n")  # a name that only a `re.match(...$)` check accepts
-    settings = ServerSettings(adapter_dir=str(adapter_dir), enable_admin=True, admin_token=TOKEN, max_batch_size=4,
-                              batch_window_ms=1, max_prompt_tokens=100, max_tokens_limit=32, max_body_bytes=MAX_BODY,
-                              max_inputs=3, max_labels=5)
+    settings = ServerSettings(
+        adapter_dir=str(adapter_dir),
+        enable_admin=True,
+        admin_token=TOKEN,
+        max_batch_size=4,
+        batch_window_ms=1,
+        max_prompt_tokens=100,
+        max_tokens_limit=32,
+        max_body_bytes=MAX_BODY,
+        max_inputs=3,
+        max_labels=5,
+    )
     with ServerThread(create_app(lively_model(), settings)) as server, server.client() as client:
         yield {"server": server, "client": client, "root": root}
 
@@ -66,8 +76,14 @@ def raw(env, request: bytes, read_timeout: float = 10) -> tuple[int, bytes]:
             data += chunk
         head, _, body = data.partition(b"\r\n\r\n")
         status = int(head.split(b" ", 2)[1])
-        length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
-                       if line.lower().startswith(b"content-length:")), None)
+        length = next(
+            (
+                int(line.split(b":", 1)[1])
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            ),
+            None,
+        )
         while length is not None and len(body) < length:
             chunk = sock.recv(65536)
             if not chunk:
@@ -103,11 +119,14 @@ def test_admin_token_is_compared_with_hmac_compare_digest(env, monkeypatch):
     assert calls == [(bytes, bytes), (bytes, bytes)]  # both decided by the constant-time comparison
 
 
-@pytest.mark.parametrize("options, message", [
-    ({"enable_admin": True}, "needs a token"),
-    ({"enable_admin": True, "admin_token": "short-token"}, "at least 16"),
-    ({"enable_admin": True, "admin_token": "x" * 16}, "--adapter-dir"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"enable_admin": True}, "needs a token"),
+        ({"enable_admin": True, "admin_token": "short-token"}, "at least 16"),
+        ({"enable_admin": True, "admin_token": "x" * 16}, "--adapter-dir"),
+    ],
+)
 def test_admin_cannot_be_enabled_without_a_strong_token_and_an_adapter_dir(monkeypatch, options, message):
     monkeypatch.delenv("SOFTPROMPT_ADMIN_TOKEN", raising=False)
     with pytest.raises(ConfigError, match=message):
@@ -116,10 +135,23 @@ def test_admin_cannot_be_enabled_without_a_strong_token_and_an_adapter_dir(monke
 
 # ---------------------------------------------------------------------------- adapter names
 TRAVERSALS = [
-    ("%2e%2e%2fouside", (400, 404)), ("%2e%2e%2f%2e%2e%2fetc%2fpasswd", (404,)), ("..%5c..%5csecret", (400,)),
-    ("%2fetc%2fpasswd", (404,)), ("/etc/passwd", (404,)), ("pt%00", (400,)), ("%00", (400,)),
-    ("pt%0a", (400,)), ("nl%0A", (400,)), ("%ef%bd%90t", (400,)), ("a" * 5000, (400,)), ("abs-link", (400,)),
-    ("rel-link", (400,)), ("file-link", (400,)), ("pt%20", (400,)), ("~", (400,)), ("%252e%252e", (400,)),
+    ("%2e%2e%2fouside", (400, 404)),
+    ("%2e%2e%2f%2e%2e%2fetc%2fpasswd", (404,)),
+    ("..%5c..%5csecret", (400,)),
+    ("%2fetc%2fpasswd", (404,)),
+    ("/etc/passwd", (404,)),
+    ("pt%00", (400,)),
+    ("%00", (400,)),
+    ("pt%0a", (400,)),
+    ("nl%0A", (400,)),
+    ("%ef%bd%90t", (400,)),
+    ("a" * 5000, (400,)),
+    ("abs-link", (400,)),
+    ("rel-link", (400,)),
+    ("file-link", (400,)),
+    ("pt%20", (400,)),
+    ("~", (400,)),
+    ("%252e%252e", (400,)),
 ]
 
 
@@ -127,8 +159,14 @@ TRAVERSALS = [
 def test_admin_names_cannot_leave_the_adapter_dir(env, name, statuses):
     before = model_ids(env)
     for method in (b"POST", b"DELETE"):
-        request = (method + b" /admin/adapters/" + name.encode() + b" HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
-                   + TOKEN.encode() + b"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        request = (
+            method
+            + b" /admin/adapters/"
+            + name.encode()
+            + b" HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+            + TOKEN.encode()
+            + b"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
         status, body = raw(env, request)
         assert status in statuses + ((404,) if method == b"DELETE" else ()), (method, status, body[:300])
         assert_one_json_error(body, status)
@@ -143,15 +181,21 @@ def test_startup_skips_adapter_dirs_with_bad_names_or_outside_targets(env):
 
 
 def test_a_very_long_name_is_refused_by_the_http_layer_or_the_app(env):
-    request = (b"POST /admin/adapters/" + b"a" * 70000 + b" HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
-               + TOKEN.encode() + b"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+    request = (
+        b"POST /admin/adapters/"
+        + b"a" * 70000
+        + b" HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+        + TOKEN.encode()
+        + b"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
     status, _ = raw(env, request)
     assert 400 <= status < 500
     assert env["client"].get("/health").json()["status"] == "ok"
 
 
-@pytest.mark.parametrize("model", ["../outside/secret", "/etc/passwd", "abs-link", "secret", "pt\x00", "pt\n",
-                                   "a" * 256])
+@pytest.mark.parametrize(
+    "model", ["../outside/secret", "/etc/passwd", "abs-link", "secret", "pt\x00", "pt\n", "a" * 256]
+)
 def test_request_model_names_are_looked_up_never_opened(env, model):
     response = env["client"].post(C, json={"model": model, "prompt": "x", "max_tokens": 1})
     assert response.status_code == 404
@@ -163,8 +207,14 @@ def test_request_model_names_are_looked_up_never_opened(env, model):
 
 # ---------------------------------------------------------------------------- body caps
 def post_head(path: str, length: str, extra: bytes = b"") -> bytes:
-    return (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n"
-            f"Connection: close\r\n").encode() + extra + b"\r\n"
+    return (
+        (
+            f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n"
+            f"Connection: close\r\n"
+        ).encode()
+        + extra
+        + b"\r\n"
+    )
 
 
 def test_a_huge_content_length_is_refused_before_the_body_is_read(env):
@@ -191,8 +241,10 @@ def test_malformed_content_lengths_are_4xx(env, length):
 def test_chunked_bodies_are_counted_and_cut_at_the_cap(env):
     chunk = b'{"model": "pt", "prompt": "' + b"x" * 1000
     chunks = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(12)) + b"0\r\n\r\n"
-    head = (f"POST {C} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n"
-            "Connection: close\r\n\r\n").encode()
+    head = (
+        f"POST {C} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode()
     status, body = raw(env, head + chunks)
     assert status == 413
     assert_one_json_error(body, 413)
@@ -240,10 +292,18 @@ def test_the_body_cap_holds_even_if_the_server_passes_more_than_content_length()
 LIMITS = [
     ("max_tokens", C, {"model": "pt", "prompt": "x", "max_tokens": 33}, "max_tokens"),
     ("max_tokens streamed", C, {"model": "pt", "prompt": "x", "max_tokens": 10**9, "stream": True}, "max_tokens"),
-    ("chat max_completion_tokens", CHAT, {"model": "pt", "messages": [{"role": "user", "content": "x"}],
-                                          "max_completion_tokens": 33}, "max_completion_tokens"),
-    ("chat max_tokens", CHAT, {"model": "pt", "messages": [{"role": "user", "content": "x"}], "max_tokens": 33},
-     "max_tokens"),
+    (
+        "chat max_completion_tokens",
+        CHAT,
+        {"model": "pt", "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 33},
+        "max_completion_tokens",
+    ),
+    (
+        "chat max_tokens",
+        CHAT,
+        {"model": "pt", "messages": [{"role": "user", "content": "x"}], "max_tokens": 33},
+        "max_tokens",
+    ),
     ("token-id lists", C, {"model": "pt", "prompt": [[5, 6]] * 4}, "prompt"),
     ("token ids too long", C, {"model": "pt", "prompt": [5] * 101}, "prompt"),
     ("labels", CLS, {"model": "pt", "input": "x", "labels": [f"l{i}" for i in range(6)]}, "labels"),
@@ -253,8 +313,12 @@ LIMITS = [
     ("NaN", C, b'{"model": "pt", "prompt": "x", "temperature": NaN}', "temperature"),
     ("Infinity", C, b'{"model": "pt", "prompt": "x", "top_p": Infinity}', "top_p"),
     ("lone surrogate", C, b'{"model": "pt", "prompt": "\\ud800x"}', "prompt"),
-    ("lone surrogate chat", CHAT, b'{"model": "pt", "messages": [{"role": "user", "content": "\\udfff"}]}',
-     "messages.0.content"),
+    (
+        "lone surrogate chat",
+        CHAT,
+        b'{"model": "pt", "messages": [{"role": "user", "content": "\\udfff"}]}',
+        "messages.0.content",
+    ),
     ("lone surrogate label", CLS, b'{"model": "pt", "input": "x", "labels": ["a", "\\ud800"]}', "labels.1"),
     ("lone surrogate key", C, b'{"model": "pt", "prompt": "x", "\\ud800": 1}', None),
 ]
@@ -271,10 +335,11 @@ def test_lengths_counts_and_odd_json_are_clear_400s(env, name, path, body, param
 
 def test_the_caps_still_allow_requests_at_the_limit(env):
     client = env["client"]
-    at_limit = client.post(C, json={"model": "pt", "prompt": [[5, 6]] * 3, "max_tokens": 32, "temperature": 0,
-                                    "stop": ["s" * 256, "\n"]})
+    at_limit = client.post(
+        C, json={"model": "pt", "prompt": [[5, 6]] * 3, "max_tokens": 32, "temperature": 0, "stop": ["s" * 256, "\n"]}
+    )
     labels = client.post(CLS, json={"model": "pt", "input": ["a", "b", "c"], "labels": [f"l{i}" for i in range(5)]})
-    unicode = client.post(C, json={"model": "pt", "prompt": "\U0001F600 \u00e9\u4e2d", "max_tokens": 2})
+    unicode = client.post(C, json={"model": "pt", "prompt": "\U0001f600 \u00e9\u4e2d", "max_tokens": 2})
     assert at_limit.status_code == labels.status_code == unicode.status_code == 200
     assert len(at_limit.json()["choices"]) == 3 and len(labels.json()["data"]) == 3
     assert all(len(c["text"]) >= 0 for c in at_limit.json()["choices"])

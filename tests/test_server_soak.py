@@ -28,8 +28,16 @@ def files(tmp_path_factory):
 
 def test_mixed_load_on_loopback_has_no_errors_and_flat_memory(files):
     checkpoint, adapter_dir, names = files
-    report = soak.soak(checkpoint, adapter_dir, names, seconds=12, clients=24, warmup_s=5, resident=4,
-                       log=lambda message: print(message))
+    report = soak.soak(
+        checkpoint,
+        adapter_dir,
+        names,
+        seconds=12,
+        clients=24,
+        warmup_s=5,
+        resident=4,
+        log=lambda message: print(message),
+    )
     print({k: v for k, v in report.items() if k != "rss_samples_mib"})
     assert report["requests"] >= 100 and report["ok"] == report["requests"], report["error_samples"]
     assert {"completion", "stream", "chat", "classify"} <= set(report["by_kind"])
@@ -54,9 +62,11 @@ def test_keep_alive_timeout_is_a_setting_passed_to_uvicorn(tmp_path, monkeypatch
 
     import uvicorn
 
+    from softprompt.cli.serve import add_arguments as add_serve_arguments
+    from softprompt.cli.serve import run as cmd_serve
     from softprompt.errors import ConfigError
     from softprompt.server import ServerSettings
-    from softprompt.cli.serve import add_arguments as add_serve_arguments, run as cmd_serve
+
     from tiny import save_tiny_checkpoint
 
     seen = {}

@@ -1,9 +1,9 @@
 """softprompt: train, evaluate and serve soft prompts on frozen language models.
 
-    import softprompt
-    model = softprompt.load("smollm2-135m")
-    model.add_adapter("a", method="prompt_tuning", num_virtual_tokens=8, init_text="Classify the tweet:")
-    model.generate(["text 1", "text 2"], adapters=["a", None], max_new_tokens=10)
+import softprompt
+model = softprompt.load("smollm2-135m")
+model.add_adapter("a", method="prompt_tuning", num_virtual_tokens=8, init_text="Classify the tweet:")
+model.generate(["text 1", "text 2"], adapters=["a", None], max_new_tokens=10)
 """
 
 __version__ = "0.1.0"

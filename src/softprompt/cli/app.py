@@ -21,8 +21,18 @@ from softprompt.cli import demo, estimate_memory, evaluate, generate, inspect, m
 from softprompt.errors import SoftPromptError
 
 #: The subcommands, in the order ``softprompt --help`` lists them.
-SUBCOMMANDS: tuple[types.ModuleType, ...] = (train, evaluate, predict, generate, inspect, push, models,
-                                             estimate_memory, serve, demo)
+SUBCOMMANDS: tuple[types.ModuleType, ...] = (
+    train,
+    evaluate,
+    predict,
+    generate,
+    inspect,
+    push,
+    models,
+    estimate_memory,
+    serve,
+    demo,
+)
 #: Each subcommand's ``--help`` examples, by name.
 EPILOGS: dict[str, str] = {command.NAME: command.EXAMPLES for command in SUBCOMMANDS}
 
@@ -36,9 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"softprompt {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for command in SUBCOMMANDS:
-        p = sub.add_parser(command.NAME, help=command.HELP, description=command.HELP,
-                           epilog=textwrap.dedent(command.EXAMPLES),
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = sub.add_parser(
+            command.NAME,
+            help=command.HELP,
+            description=command.HELP,
+            epilog=textwrap.dedent(command.EXAMPLES),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         command.add_arguments(p)
         p.set_defaults(func=command.run, takes_extra=getattr(command, "TAKES_EXTRA", False))
     return parser

@@ -54,18 +54,33 @@ def _size(n: int) -> str:
 
 def run(args: argparse.Namespace) -> int:
     estimate = estimate_memory(
-        args.model, method=args.method, num_virtual_tokens=args.num_virtual_tokens, batch_size=args.batch_size,
-        max_length=args.max_length, label_tokens=args.label_tokens, dtype=args.dtype, quantize=args.quantize,
-        gradient_checkpointing=args.gradient_checkpointing, processes=args.processes, sharding=args.sharding,
-        device=args.device)
+        args.model,
+        method=args.method,
+        num_virtual_tokens=args.num_virtual_tokens,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        label_tokens=args.label_tokens,
+        dtype=args.dtype,
+        quantize=args.quantize,
+        gradient_checkpointing=args.gradient_checkpointing,
+        processes=args.processes,
+        sharding=args.sharding,
+        device=args.device,
+    )
     if args.json:
         print(json.dumps({"model": args.model, **estimate.to_dict()}, indent=2))
         return 0
-    print(f"{args.model}: {estimate.parameters / 1e9:.3f}B parameters, adapter {estimate.adapter_parameters:,}; "
-          f"peak per process:")
-    for label, value in (("weights", estimate.weights_bytes), ("activations", estimate.activations_bytes),
-                         ("adapters + grads + AdamW", estimate.adapter_bytes), ("runtime", estimate.runtime_bytes),
-                         ("total", estimate.total_bytes)):
+    print(
+        f"{args.model}: {estimate.parameters / 1e9:.3f}B parameters, adapter {estimate.adapter_parameters:,}; "
+        f"peak per process:"
+    )
+    for label, value in (
+        ("weights", estimate.weights_bytes),
+        ("activations", estimate.activations_bytes),
+        ("adapters + grads + AdamW", estimate.adapter_bytes),
+        ("runtime", estimate.runtime_bytes),
+        ("total", estimate.total_bytes),
+    ):
         print(f"  {label:<26}{_size(value)}")
     fits = estimate.fits()
     print("fits: " + ", ".join(f"{gib} GB {'yes' if fits[f'{gib}GB'] else 'no'}" for gib in GPUS_GIB))

@@ -96,13 +96,16 @@ class JsonGrammars:
         with self._lock:
             if self._info is None:
                 try:
-                    self._info = _llguidance().hf.from_tokenizer(self._tokenizer, n_vocab=self._vocab_size,
-                                                                  eos_token=self._eos or None)
+                    self._info = _llguidance().hf.from_tokenizer(
+                        self._tokenizer, n_vocab=self._vocab_size, eos_token=self._eos or None
+                    )
                 except GrammarUnavailable:
                     raise
                 except Exception as exc:  # a slow tokenizer, or one llguidance cannot read
-                    raise GrammarUnavailable(f"constrained decoding needs a fast tokenizer that llguidance "
-                                             f"can read ({type(exc).__name__}: {exc})") from None
+                    raise GrammarUnavailable(
+                        f"constrained decoding needs a fast tokenizer that llguidance "
+                        f"can read ({type(exc).__name__}: {exc})"
+                    ) from None
             return self._info
 
     def compile(self, schema: dict[str, Any] | None) -> Grammar:
@@ -111,8 +114,9 @@ class JsonGrammars:
         llg = _llguidance()
         info = self._tokenizer_info()
         try:
-            grammar = llg.LLMatcher.grammar_from_json_schema({"type": "object"} if schema is None else schema,
-                                                             defaults=_JSON_OPTIONS)
+            grammar = llg.LLMatcher.grammar_from_json_schema(
+                {"type": "object"} if schema is None else schema, defaults=_JSON_OPTIONS
+            )
             is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(grammar, info)
         except Exception as exc:  # the library's own message is the reason
             raise GrammarError(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__) from None

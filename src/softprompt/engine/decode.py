@@ -79,8 +79,13 @@ class DecodeState:
         if self.encoder_hidden is not None or not isinstance(self.cache, DynamicCache) or not self.cache.layers:
             return False
         width = self.attention_mask.shape[1]
-        return all(type(layer) is DynamicLayer and layer.is_initialized and layer.keys.dim() == 4
-                   and layer.keys.shape[-2] == width for layer in self.cache.layers)
+        return all(
+            type(layer) is DynamicLayer
+            and layer.is_initialized
+            and layer.keys.dim() == 4
+            and layer.keys.shape[-2] == width
+            for layer in self.cache.layers
+        )
 
     def merge(self, other: DecodeState) -> None:
         """Append the rows of ``other`` (both `mergeable`), left-padding the shorter cache with masked zeros.
@@ -93,8 +98,9 @@ class DecodeState:
         for x, y in zip(self.cache.layers, other.cache.layers):
             x.keys = torch.cat([F.pad(x.keys, (0, 0, width - wa, 0)), F.pad(y.keys, (0, 0, width - wb, 0))])
             x.values = torch.cat([F.pad(x.values, (0, 0, width - wa, 0)), F.pad(y.values, (0, 0, width - wb, 0))])
-        self.attention_mask = torch.cat([F.pad(self.attention_mask, (width - wa, 0)),
-                                         F.pad(other.attention_mask, (width - wb, 0))])
+        self.attention_mask = torch.cat(
+            [F.pad(self.attention_mask, (width - wa, 0)), F.pad(other.attention_mask, (width - wb, 0))]
+        )
         self.next_position = torch.cat([self.next_position, other.next_position])
         self.logits = torch.cat([self.logits, other.logits])
 
@@ -140,8 +146,9 @@ class LogitsConstraint(Protocol):
         """Set the logits [vocab] of every token not allowed next to -inf, in place."""
 
 
-def next_tokens(logits: torch.Tensor, sampler: Sampler | None,
-                constraints: Sequence[LogitsConstraint | None] | None = None) -> torch.Tensor:
+def next_tokens(
+    logits: torch.Tensor, sampler: Sampler | None, constraints: Sequence[LogitsConstraint | None] | None = None
+) -> torch.Tensor:
     """Each row's next token, ``[rows]`` on the CPU: the argmax of ``logits`` [rows, vocab] (``sampler`` None),
     or one draw per row from the warped distribution. A row whose warped probabilities are not finite (a
     float16 overflow) takes its argmax; it still consumes its draw, so the other rows' draws do not shift.
@@ -200,7 +207,7 @@ class StopRule:
     def cut(self, text: str) -> tuple[str, bool]:
         """``text`` up to its earliest stop string, and whether it had one."""
         cuts = [text.index(s) for s in self.stop if s in text]
-        return (text[:min(cuts)], True) if cuts else (text, False)
+        return (text[: min(cuts)], True) if cuts else (text, False)
 
     def add(self, row: Continuation, token: int, *, track_text: bool = False) -> bool:
         """Add ``token`` to ``row``; returns whether it was kept (end-of-sequence tokens are not). When the row

@@ -117,8 +117,10 @@ def model_config(model: str) -> PretrainedConfig:
         return AutoConfig.from_pretrained(repo, trust_remote_code=False, local_files_only=cache_only)
     except (OSError, ValueError) as exc:
         if cache_only:
-            raise SoftPromptError(f"--model {model!r}: its config.json is not cached and the Hugging Face hub "
-                                  f"({huggingface_hub.constants.ENDPOINT}) is not reachable") from None
+            raise SoftPromptError(
+                f"--model {model!r}: its config.json is not cached and the Hugging Face hub "
+                f"({huggingface_hub.constants.ENDPOINT}) is not reachable"
+            ) from None
         raise SoftPromptError(f"--model {model!r}: no model config there ({str(exc).splitlines()[0]})") from None
 
 
@@ -152,9 +154,21 @@ def _positive(value: int, name: str) -> int:
     return value
 
 
-def layer_activation_bytes(*, batch: int, queries: int, keys: int, hidden: int, intermediate: int, heads: int,
-                           kv_heads: int, head_dim: int, dtype_bytes: int, norms: int = 2, gated: bool = True,
-                           masked: bool = True) -> tuple[int, int]:
+def layer_activation_bytes(
+    *,
+    batch: int,
+    queries: int,
+    keys: int,
+    hidden: int,
+    intermediate: int,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    dtype_bytes: int,
+    norms: int = 2,
+    gated: bool = True,
+    masked: bool = True,
+) -> tuple[int, int]:
     """(saved, cache) bytes of one decoder layer's forward with gradients into its keys/values prefix:
     what autograd saves, and its key/value cache (zero when the saved keys/values are the cache itself)."""
     b, tokens = dtype_bytes, batch * queries
@@ -177,15 +191,31 @@ def _quantized_weight_bytes(model: torch.nn.Module, quantize: str, dtype_bytes: 
     return int(linear_bytes + (_count(model) - quantized) * dtype_bytes)
 
 
-def _activations(shape: ModelShape, text: PretrainedConfig, method: str, b: int, batch: int, n: int, t: int, r: int,
-                 checkpointing: bool) -> tuple[int, int]:
+def _activations(
+    shape: ModelShape,
+    text: PretrainedConfig,
+    method: str,
+    b: int,
+    batch: int,
+    n: int,
+    t: int,
+    r: int,
+    checkpointing: bool,
+) -> tuple[int, int]:
     """(one text layer's saved bytes, all activation bytes) of the job (see the module docstring)."""
     h = shape.hidden_size
     gated = getattr(text, "intermediate_size", None) is not None
     intermediate = getattr(text, "intermediate_size", None) or getattr(text, "n_inner", None) or 4 * h
-    dims = dict(hidden=h, intermediate=intermediate, heads=shape.num_attention_heads,
-                kv_heads=shape.num_key_value_heads, head_dim=shape.head_dim, dtype_bytes=b,
-                norms=4 if shape.model_type in _FOUR_NORM_FAMILIES else 2, gated=gated)
+    dims = dict(
+        hidden=h,
+        intermediate=intermediate,
+        heads=shape.num_attention_heads,
+        kv_heads=shape.num_key_value_heads,
+        head_dim=shape.head_dim,
+        dtype_bytes=b,
+        norms=4 if shape.model_type in _FOUR_NORM_FAMILIES else 2,
+        gated=gated,
+    )
     text_saved, text_cache = layer_activation_bytes(batch=batch, queries=t, keys=n + t, **dims)
     if checkpointing:  # each layer keeps its input and its keys/values (the cache the prefix rides in)
         kv = 2 * batch * (n + t) * shape.num_key_value_heads * shape.head_dim * b
@@ -201,11 +231,22 @@ def _activations(shape: ModelShape, text: PretrainedConfig, method: str, b: int,
     return text_saved, activations
 
 
-def estimate_memory(model: str | PretrainedConfig, *, method: str = "prompt_tuning", num_virtual_tokens: int = 8,
-                    batch_size: int = 8, max_length: int = 256, label_tokens: int = 16, dtype: str = "float32",
-                    quantize: str | None = "none", gradient_checkpointing: bool = False, processes: int = 1,
-                    sharding: str = "none", device: str = "cuda",
-                    method_options: dict[str, Any] | None = None) -> MemoryEstimate:
+def estimate_memory(
+    model: str | PretrainedConfig,
+    *,
+    method: str = "prompt_tuning",
+    num_virtual_tokens: int = 8,
+    batch_size: int = 8,
+    max_length: int = 256,
+    label_tokens: int = 16,
+    dtype: str = "float32",
+    quantize: str | None = "none",
+    gradient_checkpointing: bool = False,
+    processes: int = 1,
+    sharding: str = "none",
+    device: str = "cuda",
+    method_options: dict[str, Any] | None = None,
+) -> MemoryEstimate:
     """Predict the peak memory of one training process (``batch_size`` is per process).
 
     ``model``: a built-in name, local folder or hub id (only its ``config.json`` is read) or a config.
@@ -217,17 +258,24 @@ def estimate_memory(model: str | PretrainedConfig, *, method: str = "prompt_tuni
     quantize = _check(quantize or "none", "quantize", QUANTIZATIONS)
     _check(sharding, "sharding", SHARDINGS)
     _check(device, "device", DEVICES)
-    for value, name in ((num_virtual_tokens, "num-virtual-tokens"), (batch_size, "batch-size"),
-                        (max_length, "max-length"), (label_tokens, "label-tokens"), (processes, "processes")):
+    for value, name in (
+        (num_virtual_tokens, "num-virtual-tokens"),
+        (batch_size, "batch-size"),
+        (max_length, "max-length"),
+        (label_tokens, "label-tokens"),
+        (processes, "processes"),
+    ):
         _positive(value, name)
     config = model if isinstance(model, PretrainedConfig) else model_config(model)
     shape = ModelShape.from_config(config)
     if shape.is_encoder_decoder:
-        raise SoftPromptError("--model: estimate-memory models decoder-only bases; encoder-decoder models are not "
-                              "modelled yet")
+        raise SoftPromptError(
+            "--model: estimate-memory models decoder-only bases; encoder-decoder models are not modelled yet"
+        )
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    adapter_params = _adapter_parameters(method, shape, {**(method_options or {}),
-                                                         "num_virtual_tokens": num_virtual_tokens})
+    adapter_params = _adapter_parameters(
+        method, shape, {**(method_options or {}), "num_virtual_tokens": num_virtual_tokens}
+    )
     b = DTYPE_BYTES[dtype]
     meta = _meta_model(config)
     params = _count(meta)
@@ -243,16 +291,35 @@ def estimate_memory(model: str | PretrainedConfig, *, method: str = "prompt_tuni
     if gradient_checkpointing:  # the recomputed layer's saved set lives beside its backward transients
         runtime += text_saved
     if sharded:
-        runtime += 2 * (_count(meta.base_model.layers[0]) * b if hasattr(meta.base_model, "layers")
-                        else params * b // shape.num_layers)
+        runtime += 2 * (
+            _count(meta.base_model.layers[0]) * b
+            if hasattr(meta.base_model, "layers")
+            else params * b // shape.num_layers
+        )
     if quantize == "nf4":  # bitsandbytes dequantizes one weight at a time for the backward
         head = meta.get_output_embeddings()
         runtime += max(m.weight.numel() for m in meta.modules() if isinstance(m, torch.nn.Linear) and m is not head) * b
     if device == "cuda":
         runtime += CUDA_CONTEXT_BYTES
-    job = dict(method=normalize_method(method), num_virtual_tokens=n, batch_size=batch_size, max_length=t,
-               label_tokens=r, dtype=dtype, quantize=quantize, gradient_checkpointing=gradient_checkpointing,
-               processes=processes, sharding=sharding, device=device)
-    return MemoryEstimate(weights_bytes=int(weights), activations_bytes=int(activations),
-                          adapter_bytes=16 * adapter_params, runtime_bytes=int(runtime), parameters=params,
-                          adapter_parameters=adapter_params, job=job)
+    job = dict(
+        method=normalize_method(method),
+        num_virtual_tokens=n,
+        batch_size=batch_size,
+        max_length=t,
+        label_tokens=r,
+        dtype=dtype,
+        quantize=quantize,
+        gradient_checkpointing=gradient_checkpointing,
+        processes=processes,
+        sharding=sharding,
+        device=device,
+    )
+    return MemoryEstimate(
+        weights_bytes=int(weights),
+        activations_bytes=int(activations),
+        adapter_bytes=16 * adapter_params,
+        runtime_bytes=int(runtime),
+        parameters=params,
+        adapter_parameters=adapter_params,
+        job=job,
+    )

@@ -22,7 +22,7 @@ from softprompt.server.settings import ADMIN_TOKEN_ENV, ServerSettings
 if TYPE_CHECKING:  # pragma: no cover
     from fastapi import FastAPI
 
-__all__ = ["ServerSettings", "serve", "create_app", "ADMIN_TOKEN_ENV"]
+__all__ = ["ADMIN_TOKEN_ENV", "ServerSettings", "create_app", "serve"]
 
 
 def _require_serving_extras() -> None:
@@ -36,7 +36,7 @@ def _require_serving_extras() -> None:
         raise SoftPromptError(f"serving needs {', '.join(missing)}: pip install 'softprompt[serve]'")
 
 
-def create_app(model, settings: ServerSettings | None = None) -> "FastAPI":
+def create_app(model, settings: ServerSettings | None = None) -> FastAPI:
     """The FastAPI app for a loaded `SoftPromptModel` (see `softprompt.server.app.create_app`)."""
     _require_serving_extras()
     # The app needs fastapi, a serving extra: imported once `_require_serving_extras` has checked it is there.
@@ -45,20 +45,33 @@ def create_app(model, settings: ServerSettings | None = None) -> "FastAPI":
     return _create_app(model, settings)
 
 
-def serve(model_name: str, adapters: dict[str, str] | None = None, adapter_dir: str | None = None,
-          host: str = "127.0.0.1", port: int = 8000, **options) -> None:
+def serve(
+    model_name: str,
+    adapters: dict[str, str] | None = None,
+    adapter_dir: str | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    **options,
+) -> None:
     """Load ``model_name`` and serve it with ``adapters`` ({name: path}) until interrupted.
 
     ``options`` are any other `ServerSettings` fields (max_batch_size, max_resident_adapters,
     enable_admin, admin_token, served_model_name, dtype, device, ...). Runs uvicorn in this process;
     blocks until Ctrl-C / SIGTERM, then finishes in-flight requests (up to 30 s).
     """
-    settings = ServerSettings(model=model_name, adapters=dict(adapters or {}), adapter_dir=adapter_dir, host=host,
-                              port=port, **options).validate()
+    settings = ServerSettings(
+        model=model_name, adapters=dict(adapters or {}), adapter_dir=adapter_dir, host=host, port=port, **options
+    ).validate()
     _require_serving_extras()
     import uvicorn  # a serving extra: imported once `_require_serving_extras` has checked it is there
 
     model = loading.load(model_name, dtype=settings.dtype, device=settings.device)
     app = create_app(model, settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_keep_alive=settings.keep_alive_s, timeout_graceful_shutdown=30)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_keep_alive=settings.keep_alive_s,
+        timeout_graceful_shutdown=30,
+    )

@@ -104,8 +104,7 @@ def create_app(model, settings: ServerSettings | None = None) -> FastAPI:
         finally:
             await asyncio.to_thread(batcher.stop_thread)
 
-    app = FastAPI(title="softprompt", summary="Soft prompts on one frozen model, OpenAI-compatible.",
-                  lifespan=lifespan)
+    app = FastAPI(title="softprompt", summary="Soft prompts on one frozen model, OpenAI-compatible.", lifespan=lifespan)
     app.state.settings, app.state.model, app.state.registry = settings, model, registry
     app.state.batcher, app.state.metrics, app.state.base_name = batcher, metrics, base_name
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
@@ -125,9 +124,10 @@ def create_app(model, settings: ServerSettings | None = None) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
-        message = {404: f"not found: {request.method} {request.url.path}",
-                   405: f"method {request.method} is not allowed on {request.url.path}"}.get(exc.status_code,
-                                                                                          str(exc.detail))
+        message = {
+            404: f"not found: {request.method} {request.url.path}",
+            405: f"method {request.method} is not allowed on {request.url.path}",
+        }.get(exc.status_code, str(exc.detail))
         error = APIError(exc.status_code, message)
         return JSONResponse(error.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
@@ -155,25 +155,38 @@ def create_app(model, settings: ServerSettings | None = None) -> FastAPI:
         if max_tokens is None:
             max_tokens = settings.default_max_tokens
         if max_tokens > settings.max_tokens_limit:
-            raise invalid(f"{param}: at most {settings.max_tokens_limit} on this server (got {max_tokens})",
-                          param=param)
-        return Sampling(max_new_tokens=max_tokens,
-                        temperature=1.0 if req.temperature is None else float(req.temperature),
-                        top_p=1.0 if req.top_p is None else float(req.top_p),
-                        top_k=req.top_k or 0, seed=req.seed, stop=req.stop_list())
+            raise invalid(
+                f"{param}: at most {settings.max_tokens_limit} on this server (got {max_tokens})", param=param
+            )
+        return Sampling(
+            max_new_tokens=max_tokens,
+            temperature=1.0 if req.temperature is None else float(req.temperature),
+            top_p=1.0 if req.top_p is None else float(req.top_p),
+            top_k=req.top_k or 0,
+            seed=req.seed,
+            stop=req.stop_list(),
+        )
 
     def check_prompt(ids: list[int], entry: AdapterEntry | None, new_tokens: int, param: str = "prompt") -> None:
         if not ids:
             raise invalid(f"{param}: tokenises to no tokens; give at least one character", param=param)
         if len(ids) > settings.max_prompt_tokens:
-            raise invalid(f"{param}: {len(ids)} tokens; this server accepts at most {settings.max_prompt_tokens} "
-                          "(--max-prompt-tokens)", param=param, code="prompt_too_long")
+            raise invalid(
+                f"{param}: {len(ids)} tokens; this server accepts at most {settings.max_prompt_tokens} "
+                "(--max-prompt-tokens)",
+                param=param,
+                code="prompt_too_long",
+            )
         virtual = (entry.num_virtual_tokens or 0) if entry is not None else 0
         if ctx is not None and virtual + len(ids) + new_tokens > ctx:
-            raise invalid(f"This model's maximum context length is {ctx} tokens. However, you requested "
-                          f"{virtual + len(ids) + new_tokens} tokens ({len(ids)} in the prompt, {virtual} virtual "
-                          f"tokens of the adapter, {new_tokens} for the completion). Shorten the prompt or "
-                          "max_tokens.", param=param, code="context_length_exceeded")
+            raise invalid(
+                f"This model's maximum context length is {ctx} tokens. However, you requested "
+                f"{virtual + len(ids) + new_tokens} tokens ({len(ids)} in the prompt, {virtual} virtual "
+                f"tokens of the adapter, {new_tokens} for the completion). Shorten the prompt or "
+                "max_tokens.",
+                param=param,
+                code="context_length_exceeded",
+            )
 
     async def start_job(job: Job, entry: AdapterEntry | None, prompt_tokens: int) -> None:
         """Pin the adapter (loading it if needed) and queue the job; the pin is released when it ends."""
@@ -194,14 +207,24 @@ def create_app(model, settings: ServerSettings | None = None) -> FastAPI:
             raise
 
     def usage(prompt_tokens: int, completion_tokens: int = 0) -> Usage:
-        return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                     total_tokens=prompt_tokens + completion_tokens)
+        return Usage(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+        )
 
     def sse(value: Any) -> str:
         return f"data: {json.dumps(value, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
-    def stream_response(job: Job | None, chunk, final_chunk, first_chunks: list[dict], prompt_tokens: int,
-                        include_usage: bool, base: dict) -> StreamingResponse:
+    def stream_response(
+        job: Job | None,
+        chunk,
+        final_chunk,
+        first_chunks: list[dict],
+        prompt_tokens: int,
+        include_usage: bool,
+        base: dict,
+    ) -> StreamingResponse:
         """Server-sent events: ``first_chunks``, then the job's deltas and finishes (no job: nothing to
         generate, ``first_chunks`` say it all), usage when asked, and ``[DONE]``."""
         rows = job.rows if job is not None else 0
@@ -224,23 +247,28 @@ def create_app(model, settings: ServerSettings | None = None) -> FastAPI:
                         yield sse(error.body())
                         break
                 if include_usage and finished == rows:
-                    yield sse({**base, "choices": [],
-                               "usage": usage(prompt_tokens, completion_tokens).model_dump()})
+                    yield sse({**base, "choices": [], "usage": usage(prompt_tokens, completion_tokens).model_dump()})
                 yield "data: [DONE]\n\n"
             finally:
                 if job is not None and not job.future.done():
                     job.cancel()
 
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
 
     # ------------------------------------------------------------------ routes
     @app.get("/health")
     async def health():
         ok = batcher.alive
-        body = {"status": "ok" if ok else "unavailable", "model": base_name, "adapters": len(registry.entries),
-                "adapters_resident": registry.resident_count(), "queue_depth": batcher.queue_depth,
-                "running": batcher.running_rows}
+        body = {
+            "status": "ok" if ok else "unavailable",
+            "model": base_name,
+            "adapters": len(registry.entries),
+            "adapters_resident": registry.resident_count(),
+            "queue_depth": batcher.queue_depth,
+            "running": batcher.running_rows,
+        }
         return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/metrics")
@@ -269,15 +297,18 @@ def create_app(model, settings: ServerSettings | None = None) -> FastAPI:
         prompts, n = req.prompts(), req.choices()
         if len(prompts) * n > settings.max_inputs:
             counted = f"{len(prompts)} x n={n}" if n > 1 else str(len(prompts))
-            raise invalid(f"prompt: at most {settings.max_inputs} prompts per request, each of the n choices "
-                          f"counting as one (got {counted}); the server's --max-inputs sets this limit",
-                          param="prompt")
+            raise invalid(
+                f"prompt: at most {settings.max_inputs} prompts per request, each of the n choices "
+                f"counting as one (got {counted}); the server's --max-inputs sets this limit",
+                param="prompt",
+            )
         sampling = sampling_for(req, req.max_tokens)
         sampling.grammar = await formats.grammar(req.response_format)
         score_prompt = bool(req.echo) and req.logprobs is not None
         if score_prompt and model.shape.is_encoder_decoder:
-            raise invalid("echo: prompt log-probabilities need a decoder-only model; this one is encoder-decoder",
-                          param="echo")
+            raise invalid(
+                "echo: prompt log-probabilities need a decoder-only model; this one is encoder-decoder", param="echo"
+            )
         texts = [p for p in prompts if isinstance(p, str)]
         encoded = iter(await asyncio.to_thread(encode, tokenizer, texts))
         ids = [next(encoded) if isinstance(p, str) else p for p in prompts]
@@ -288,24 +319,42 @@ def create_app(model, settings: ServerSettings | None = None) -> FastAPI:
         echoed = [p if isinstance(p, str) else formatter.text(p) for p in prompts] if req.echo else None
         job = None
         if sampling.max_new_tokens or score_prompt:  # else: echo only, nothing for the model to do
-            job = Job(asyncio.get_running_loop(), adapter=entry.name if entry else None, prompts=ids,
-                      sampling=sampling, stream=req.stream, n=n, logprobs=req.logprobs, score_prompt=score_prompt)
+            job = Job(
+                asyncio.get_running_loop(),
+                adapter=entry.name if entry else None,
+                prompts=ids,
+                sampling=sampling,
+                stream=req.stream,
+                n=n,
+                logprobs=req.logprobs,
+                score_prompt=score_prompt,
+            )
         prompt_tokens = sum(len(r) for r in ids)
         if job is not None:
             await start_job(job, entry, prompt_tokens)
         rid, created = new_id("cmpl"), now()
-        base = {"id": rid, "object": "text_completion", "created": created, "model": req.model,
-                "system_fingerprint": None}
+        base = {
+            "id": rid,
+            "object": "text_completion",
+            "created": created,
+            "model": req.model,
+            "system_fingerprint": None,
+        }
         if req.stream:
+
             def chunk(index, text, finish=None):
-                return {**base, "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish}],
-                        "usage": None}
+                return {
+                    **base,
+                    "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish}],
+                    "usage": None,
+                }
 
             finish = "length" if job is None else None  # max_tokens 0: the echo is the whole answer
             first = [chunk(i, echoed[i // n], finish) for i in range(len(prompts) * n)] if echoed else []
             include = bool(req.stream_options and req.stream_options.include_usage)
-            return stream_response(job, chunk, lambda i, reason: chunk(i, "", reason), first, prompt_tokens,
-                                   include, base)
+            return stream_response(
+                job, chunk, lambda i, reason: chunk(i, "", reason), first, prompt_tokens, include, base
+            )
         results = await wait(job) if job is not None else []  # a scoring job (max_tokens 0) returns none
 
         def choice(i: int) -> CompletionChoice:
@@ -317,13 +366,20 @@ def create_app(model, settings: ServerSettings | None = None) -> FastAPI:
                 logprobs = formatter.completion(
                     prompt_text="" if echoed else formatter.text(ids[prompt]),
                     prompt=(ids[prompt], job.prompt_scores[prompt]) if score_prompt else None,
-                    generated=job.token_logprobs.get(i, []))
-            return CompletionChoice(index=i, text=text, logprobs=logprobs,
-                                    finish_reason=result.finish_reason if result else "length")
+                    generated=job.token_logprobs.get(i, []),
+                )
+            return CompletionChoice(
+                index=i, text=text, logprobs=logprobs, finish_reason=result.finish_reason if result else "length"
+            )
 
         choices = await asyncio.to_thread(lambda: [choice(i) for i in range(len(prompts) * n)])
-        body = CompletionResponse(id=rid, created=created, model=req.model, choices=choices,
-                                  usage=usage(prompt_tokens, sum(len(r.token_ids) for r in results)))
+        body = CompletionResponse(
+            id=rid,
+            created=created,
+            model=req.model,
+            choices=choices,
+            usage=usage(prompt_tokens, sum(len(r.token_ids) for r in results)),
+        )
         return body.model_dump()
 
     @app.post("/v1/chat/completions")
@@ -331,51 +387,84 @@ def create_app(model, settings: ServerSettings | None = None) -> FastAPI:
         req: ChatCompletionRequest = parse(ChatCompletionRequest, await read_json(request))
         req.check_supported()
         entry = registry.resolve(req.model)
-        sampling = sampling_for(req, req.token_limit(),
-                                "max_tokens" if req.max_completion_tokens is None else "max_completion_tokens")
+        sampling = sampling_for(
+            req, req.token_limit(), "max_tokens" if req.max_completion_tokens is None else "max_completion_tokens"
+        )
         sampling.grammar = await formats.grammar(req.response_format)
-        messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
-                    for m in req.messages]
+        messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in req.messages]
         try:
             ids = await asyncio.to_thread(chat_prompt_ids, tokenizer, messages)
         except Exception as exc:
-            raise invalid(f"messages: the model's chat template rejected them ({type(exc).__name__}: {exc})",
-                          param="messages") from None
+            raise invalid(
+                f"messages: the model's chat template rejected them ({type(exc).__name__}: {exc})", param="messages"
+            ) from None
         check_prompt(ids, entry, sampling.max_new_tokens, param="messages")
         n = req.choices()
         if n > settings.max_inputs:
-            raise invalid(f"n: at most {settings.max_inputs} choices per request (got {n}); the server's "
-                          "--max-inputs sets this limit", param="n")
-        job = Job(asyncio.get_running_loop(), adapter=entry.name if entry else None, prompts=[ids],
-                  sampling=sampling, stream=req.stream, n=n,
-                  logprobs=(req.top_logprobs or 0) if req.logprobs else None)
+            raise invalid(
+                f"n: at most {settings.max_inputs} choices per request (got {n}); the server's "
+                "--max-inputs sets this limit",
+                param="n",
+            )
+        job = Job(
+            asyncio.get_running_loop(),
+            adapter=entry.name if entry else None,
+            prompts=[ids],
+            sampling=sampling,
+            stream=req.stream,
+            n=n,
+            logprobs=(req.top_logprobs or 0) if req.logprobs else None,
+        )
         await start_job(job, entry, len(ids))
         rid, created = new_id("chatcmpl"), now()
-        base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": req.model,
-                "system_fingerprint": None}
+        base = {
+            "id": rid,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": req.model,
+            "system_fingerprint": None,
+        }
         if req.stream:
+
             def chunk(index, delta, finish=None):
-                return {**base, "choices": [{"index": index, "delta": delta, "logprobs": None,
-                                             "finish_reason": finish}], "usage": None}
+                return {
+                    **base,
+                    "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}],
+                    "usage": None,
+                }
 
             include = bool(req.stream_options and req.stream_options.include_usage)
-            return stream_response(job, lambda i, text: chunk(i, {"content": text}),
-                                   lambda i, reason: chunk(i, {}, reason),
-                                   [chunk(i, {"role": "assistant", "content": ""}) for i in range(n)], len(ids),
-                                   include, base)
+            return stream_response(
+                job,
+                lambda i, text: chunk(i, {"content": text}),
+                lambda i, reason: chunk(i, {}, reason),
+                [chunk(i, {"role": "assistant", "content": ""}) for i in range(n)],
+                len(ids),
+                include,
+                base,
+            )
         results = await wait(job)
 
         def choice(i: int, result) -> ChatChoice:
             logprobs = None
             if req.logprobs:
                 # The content's tokens only: an end-of-sequence token drawn last is not part of the message.
-                logprobs = formatter.chat(job.token_logprobs.get(i, [])[:len(result.token_ids)])
-            return ChatChoice(index=i, message=AssistantMessage(content=result.text), logprobs=logprobs,
-                              finish_reason=result.finish_reason)
+                logprobs = formatter.chat(job.token_logprobs.get(i, [])[: len(result.token_ids)])
+            return ChatChoice(
+                index=i,
+                message=AssistantMessage(content=result.text),
+                logprobs=logprobs,
+                finish_reason=result.finish_reason,
+            )
 
         choices = await asyncio.to_thread(lambda: [choice(i, r) for i, r in enumerate(results)])
-        body = ChatCompletionResponse(id=rid, created=created, model=req.model, choices=choices,
-                                      usage=usage(len(ids), sum(len(r.token_ids) for r in results)))
+        body = ChatCompletionResponse(
+            id=rid,
+            created=created,
+            model=req.model,
+            choices=choices,
+            usage=usage(len(ids), sum(len(r.token_ids) for r in results)),
+        )
         return body.model_dump()
 
     @app.post("/v1/classify")
@@ -386,8 +475,9 @@ def create_app(model, settings: ServerSettings | None = None) -> FastAPI:
         if len(texts) > settings.max_inputs:
             raise invalid(f"input: at most {settings.max_inputs} texts per request (got {len(texts)})", param="input")
         if len(req.labels) > settings.max_labels:
-            raise invalid(f"labels: at most {settings.max_labels} candidate labels (got {len(req.labels)})",
-                          param="labels")
+            raise invalid(
+                f"labels: at most {settings.max_labels} candidate labels (got {len(req.labels)})", param="labels"
+            )
 
         def tokenize():
             return encode(tokenizer, texts), encode(tokenizer, req.labels, add_special_tokens=False)
@@ -399,8 +489,14 @@ def create_app(model, settings: ServerSettings | None = None) -> FastAPI:
         longest = max(len(lab) for lab in label_ids)
         for row in ids:
             check_prompt(row, entry, longest, param="input")
-        job = Job(asyncio.get_running_loop(), adapter=entry.name if entry else None, prompts=ids,
-                  labels=label_ids, label_names=list(req.labels), normalize=req.normalize)
+        job = Job(
+            asyncio.get_running_loop(),
+            adapter=entry.name if entry else None,
+            prompts=ids,
+            labels=label_ids,
+            label_names=list(req.labels),
+            normalize=req.normalize,
+        )
         prompt_tokens = sum(len(r) for r in ids)
         await start_job(job, entry, prompt_tokens)
         totals = await wait(job)
@@ -409,10 +505,10 @@ def create_app(model, settings: ServerSettings | None = None) -> FastAPI:
             scores = dict(zip(req.labels, row))
             best = max(range(len(row)), key=row.__getitem__)
             ranked = LabelScores(req.labels[best], scores)
-            data.append(ClassifyResult(index=i, label=ranked.label, scores=scores,
-                                       probabilities=ranked.probabilities()))
-        body = ClassifyResponse(id=new_id("clf"), created=now(), model=req.model, data=data,
-                                usage=usage(prompt_tokens))
+            data.append(
+                ClassifyResult(index=i, label=ranked.label, scores=scores, probabilities=ranked.probabilities())
+            )
+        body = ClassifyResponse(id=new_id("clf"), created=now(), model=req.model, data=data, usage=usage(prompt_tokens))
         return body.model_dump()
 
     # ------------------------------------------------------------------ admin
@@ -429,8 +525,13 @@ def create_app(model, settings: ServerSettings | None = None) -> FastAPI:
                 raise APIError(401, "invalid admin token", headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
 
         def adapter_card(entry: AdapterEntry) -> dict:
-            return {"object": "adapter", "id": entry.name, "method": entry.method,
-                    "num_virtual_tokens": entry.num_virtual_tokens, "resident": entry.resident}
+            return {
+                "object": "adapter",
+                "id": entry.name,
+                "method": entry.method,
+                "num_virtual_tokens": entry.num_virtual_tokens,
+                "resident": entry.resident,
+            }
 
         @app.post("/admin/adapters/{name}")
         async def admin_load(name: str, request: Request):

@@ -38,7 +38,8 @@ import collections
 import logging
 import threading
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -161,13 +162,20 @@ class Batcher:
         """Queue a job, or raise a 503 when the queue is full or the server is stopping."""
         with self._cv:
             if not self.alive:
-                raise APIError(503, "the server is shutting down; retry on another replica",
-                               headers={"Retry-After": str(self.settings.retry_after_s)})
+                raise APIError(
+                    503,
+                    "the server is shutting down; retry on another replica",
+                    headers={"Retry-After": str(self.settings.retry_after_s)},
+                )
             if len(self._pending) >= self.settings.max_queue:
                 if self.metrics:
                     self.metrics.rejected.labels(reason="queue_full").inc()
-                raise APIError(503, f"the request queue is full ({self.settings.max_queue} waiting); retry shortly",
-                               code="queue_full", headers={"Retry-After": str(self.settings.retry_after_s)})
+                raise APIError(
+                    503,
+                    f"the request queue is full ({self.settings.max_queue} waiting); retry shortly",
+                    code="queue_full",
+                    headers={"Retry-After": str(self.settings.retry_after_s)},
+                )
             self._pending.append(job)
             self._pending_rows += job.rows
             self._set_queue_gauge()
@@ -222,8 +230,12 @@ class Batcher:
                 return False
             if not self._groups and self._pending and settings.batch_window_ms > 0:
                 deadline = self._pending[0].enqueued + settings.batch_window_ms / 1000
-                while (not self._stopping and not self._commands and self._pending_rows < settings.max_batch_size
-                       and (left := deadline - time.monotonic()) > 0):
+                while (
+                    not self._stopping
+                    and not self._commands
+                    and self._pending_rows < settings.max_batch_size
+                    and (left := deadline - time.monotonic()) > 0
+                ):
                     self._cv.wait(left)
             commands, self._commands = self._commands, []
         for fn, future, loop in commands:
@@ -243,7 +255,7 @@ class Batcher:
     def _run_command(self, fn, future, loop) -> None:
         try:
             result = fn()
-        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+        except BaseException as exc:
             if future is not None:
                 loop.call_soon_threadsafe(_set_exception, future, exc)
             else:
@@ -286,8 +298,9 @@ class Batcher:
 
     # -------------------------------------------------------------- between decode steps
     def _classify(self, jobs: list[Job]) -> None:
-        for job, outcome in classify_jobs(self.model, jobs, pad=self.pad, max_rows=self.settings.max_batch_size,
-                                          metrics=self.metrics).items():
+        for job, outcome in classify_jobs(
+            self.model, jobs, pad=self.pad, max_rows=self.settings.max_batch_size, metrics=self.metrics
+        ).items():
             self._send(job, ("error", _as_api_error(outcome)) if isinstance(outcome, Exception) else ("done", outcome))
 
     def _score_prompts(self, jobs: list[Job]) -> None:
@@ -297,7 +310,7 @@ class Batcher:
         """Prompt-scoring jobs (``max_tokens`` 0): no token is generated."""
         try:
             self._score_prompts(jobs)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             for job in jobs:
                 self._fail(job, _as_api_error(exc))
             return
@@ -314,7 +327,7 @@ class Batcher:
                 self._score_prompts(first_parts)
             ids, mask = pad_batch([r.prompt for r in rows], self.pad, side="left")
             state = self.model.prefill(ids, mask, [r.job.adapter for r in rows])
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             for job in jobs:
                 self._fail(job, _as_api_error(exc))
                 job.cancel()  # rows of it still waiting to join are dropped
@@ -342,7 +355,7 @@ class Batcher:
             try:
                 if self._step_group(group):
                     survivors.append(group)
-            except Exception as exc:  # noqa: BLE001 - fail this group only
+            except Exception as exc:
                 log.exception("model thread: decoding step failed")
                 for row in group.rows:
                     self._fail(row.job, _as_api_error(exc))
@@ -366,12 +379,15 @@ class Batcher:
                 self._fail(row.job, _client_gone())  # resolves the job, which unpins its adapter
                 continue
             # A sampled row draws alone, with its own generator: its tokens do not depend on its batch.
-            token = int(greedy[slot] if row.sampler is None
-                        else next_tokens(state.logits[slot:slot + 1], row.sampler, [row.constraint])[0])
+            token = int(
+                greedy[slot]
+                if row.sampler is None
+                else next_tokens(state.logits[slot : slot + 1], row.sampler, [row.constraint])[0]
+            )
             if row.constraint is not None:
                 row.constraint.advance(token)
             if row.logprobs is not None:
-                row.logprobs += pick(state.logits[slot:slot + 1], [token], row.job.logprobs)
+                row.logprobs += pick(state.logits[slot : slot + 1], [token], row.job.logprobs)
             generated += self._add_token(row, token)
             if row.finish is None:
                 keep.append(slot)
@@ -397,7 +413,7 @@ class Batcher:
                 end -= 1
             end -= _held_back(row.text[:end], row.rule.stop)
             if end > row.emitted:
-                self._send(job, ("delta", row.choice, row.text[row.emitted:end]))
+                self._send(job, ("delta", row.choice, row.text[row.emitted : end]))
                 row.emitted = end
         return kept
 
@@ -405,7 +421,7 @@ class Batcher:
         job = row.job
         result = Generation(row.text, list(row.tokens), row.finish, len(row.prompt))
         if job.stream and len(row.text) > row.emitted:
-            self._send(job, ("delta", row.choice, row.text[row.emitted:]))
+            self._send(job, ("delta", row.choice, row.text[row.emitted :]))
             row.emitted = len(row.text)
         job.results[row.choice] = result
         if row.logprobs is not None:
@@ -438,8 +454,11 @@ class Batcher:
 
     def _shutdown(self) -> None:
         def error():
-            return APIError(503, "the server is shutting down; retry on another replica",
-                            headers={"Retry-After": str(self.settings.retry_after_s)})
+            return APIError(
+                503,
+                "the server is shutting down; retry on another replica",
+                headers={"Retry-After": str(self.settings.retry_after_s)},
+            )
 
         with self._cv:
             pending, self._pending = list(self._pending), collections.deque()

@@ -23,8 +23,9 @@ class BodyLimitMiddleware:
         self.max_bytes = max_bytes
 
     def _error(self) -> _BodyTooLarge:
-        return _BodyTooLarge(413, f"request body is larger than {self.max_bytes} bytes (--max-body-bytes)",
-                             code="body_too_large")
+        return _BodyTooLarge(
+            413, f"request body is larger than {self.max_bytes} bytes (--max-body-bytes)", code="body_too_large"
+        )
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -88,8 +89,7 @@ async def read_json(request: Request) -> dict:
     except UnicodeDecodeError:
         raise invalid("request body is not UTF-8 JSON") from None
     except json.JSONDecodeError as exc:
-        raise invalid(f"request body is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})") \
-            from None
+        raise invalid(f"request body is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})") from None
     except RecursionError:
         raise invalid("request body is nested too deeply") from None
     except ValueError:  # an integer literal longer than Python reads (4300 digits)
@@ -98,6 +98,9 @@ async def read_json(request: Request) -> dict:
         raise invalid(f"request body must be a JSON object, got {type(value).__name__}")
     bad = unpaired_surrogate(value)
     if bad is not None:
-        raise invalid(f"{bad or 'body'}: text contains an unpaired UTF-16 surrogate (a lone \\ud800-\\udfff "
-                      "escape); send valid Unicode", param=bad or None)
+        raise invalid(
+            f"{bad or 'body'}: text contains an unpaired UTF-16 surrogate (a lone \\ud800-\\udfff "
+            "escape); send valid Unicode",
+            param=bad or None,
+        )
     return value

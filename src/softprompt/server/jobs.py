@@ -48,11 +48,21 @@ class Job:
     OpenAI's ``echo`` with ``logprobs`` does.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, *, adapter: str | None, prompts: list[list[int]],
-                 sampling: Sampling | None = None, stream: bool = False, n: int = 1,
-                 logprobs: int | None = None, score_prompt: bool = False,
-                 labels: list[list[int]] | None = None, label_names: list[str] | None = None,
-                 normalize: str = "sum"):
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        adapter: str | None,
+        prompts: list[list[int]],
+        sampling: Sampling | None = None,
+        stream: bool = False,
+        n: int = 1,
+        logprobs: int | None = None,
+        score_prompt: bool = False,
+        labels: list[list[int]] | None = None,
+        label_names: list[str] | None = None,
+        normalize: str = "sum",
+    ):
         self.loop = loop
         self.adapter = adapter
         self.prompts = prompts

@@ -39,8 +39,9 @@ class LogprobFormatter:
             top.setdefault(texts[i], logprob)  # two ids may read the same: keep the likelier (listed first)
         return top
 
-    def completion(self, prompt_text: str, prompt: tuple[Sequence[int], list[TokenLogprob]] | None,
-                   generated: list[TokenLogprob]) -> CompletionLogprobs:
+    def completion(
+        self, prompt_text: str, prompt: tuple[Sequence[int], list[TokenLogprob]] | None, generated: list[TokenLogprob]
+    ) -> CompletionLogprobs:
         """The ``logprobs`` of a completions choice. ``prompt``: the prompt's ids and the scores of its tokens
         after the first (echo), else None; ``prompt_text``: text before the first listed token (the prompt's,
         when it is not echoed), where ``text_offset`` starts counting."""
@@ -74,8 +75,12 @@ class LogprobFormatter:
         texts = self._texts(generated)
         for token in generated:
             piece = texts[token.token]
-            alternatives = [TopLogprob(token=texts[i], logprob=logprob, bytes=list(texts[i].encode()))
-                            for i, logprob in token.top]
-            content.append(ChatTokenLogprob(token=piece, logprob=token.logprob, bytes=list(piece.encode()),
-                                            top_logprobs=alternatives))
+            alternatives = [
+                TopLogprob(token=texts[i], logprob=logprob, bytes=list(texts[i].encode())) for i, logprob in token.top
+            ]
+            content.append(
+                ChatTokenLogprob(
+                    token=piece, logprob=token.logprob, bytes=list(piece.encode()), top_logprobs=alternatives
+                )
+            )
         return ChatLogprobs(content=content)

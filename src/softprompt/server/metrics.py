@@ -32,18 +32,24 @@ class Metrics:
     def __init__(self):
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter("softprompt_requests", "Finished HTTP requests.", ["route", "method", "status"],
-                                registry=r)
-        self.latency = Histogram("softprompt_request_latency_seconds", "Request latency, to the last byte.",
-                                 ["route"], buckets=LATENCY_BUCKETS, registry=r)
-        self.batch_size = Histogram("softprompt_batch_size", "Rows per model call.", ["phase"],
-                                    buckets=BATCH_BUCKETS, registry=r)
+        self.requests = Counter(
+            "softprompt_requests", "Finished HTTP requests.", ["route", "method", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "softprompt_request_latency_seconds",
+            "Request latency, to the last byte.",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "softprompt_batch_size", "Rows per model call.", ["phase"], buckets=BATCH_BUCKETS, registry=r
+        )
         self.queue_depth = Gauge("softprompt_queue_depth", "Requests waiting for a batch slot.", registry=r)
         self.running_rows = Gauge("softprompt_running_rows", "Sequences in the running batch.", registry=r)
         self.adapters_resident = Gauge("softprompt_adapters_resident", "Adapters in memory.", registry=r)
         self.adapter_loads = Counter("softprompt_adapter_loads", "Adapters loaded.", registry=r)
-        self.adapter_evictions = Counter("softprompt_adapter_evictions", "Least-recently-used evictions.",
-                                         registry=r)
+        self.adapter_evictions = Counter("softprompt_adapter_evictions", "Least-recently-used evictions.", registry=r)
         self.tokens = Counter("softprompt_tokens", "Tokens processed.", ["kind"], registry=r)
         self.rejected = Counter("softprompt_rejected", "Requests refused with 503.", ["reason"], registry=r)
 
@@ -75,6 +81,7 @@ class MetricsMiddleware:
         finally:
             route = scope.get("route")
             template = getattr(route, "path", None) or "other"
-            self.metrics.requests.labels(route=template, method=scope.get("method", ""),
-                                         status=str(status["code"])).inc()
+            self.metrics.requests.labels(
+                route=template, method=scope.get("method", ""), status=str(status["code"])
+            ).inc()
             self.metrics.latency.labels(route=template).observe(time.perf_counter() - start)

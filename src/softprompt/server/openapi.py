@@ -18,18 +18,37 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
 from softprompt.engine.adapter_name import ADAPTER_NAME
-from softprompt.server.schemas import (MAX_LOGPROBS, MAX_N, MAX_STOP, MAX_STOP_CHARS, MAX_TOP_LOGPROBS, ChatCompletionRequest, ChatCompletionResponse, ClassifyRequest, ClassifyResponse,
-                      CompletionRequest, CompletionResponse, ModelCard, ModelList)
+from softprompt.server.schemas import (
+    MAX_LOGPROBS,
+    MAX_N,
+    MAX_STOP,
+    MAX_STOP_CHARS,
+    MAX_TOP_LOGPROBS,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ClassifyRequest,
+    ClassifyResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ModelCard,
+    ModelList,
+)
 
 ERROR = {
     "type": "object",
     "required": ["error"],
-    "properties": {"error": {
-        "type": "object",
-        "required": ["message", "type", "param", "code"],
-        "properties": {"message": {"type": "string", "minLength": 1}, "type": {"type": "string"},
-                       "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}},
-    }},
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type", "param", "code"],
+            "properties": {
+                "message": {"type": "string", "minLength": 1},
+                "type": {"type": "string"},
+                "param": {"type": ["string", "null"]},
+                "code": {"type": ["string", "null"]},
+            },
+        }
+    },
 }
 RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "string"}}}
 WHY = {
@@ -43,8 +62,10 @@ NULL = {"type": "null"}
 
 
 def _error(status: int) -> dict:
-    response: dict[str, Any] = {"description": WHY[status], "content": {"application/json": {"schema": {"$ref":
-                                "#/components/schemas/ErrorResponse"}}}}
+    response: dict[str, Any] = {
+        "description": WHY[status],
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}},
+    }
     if status == 503:
         response["headers"] = RETRY_AFTER
     if status == 401:
@@ -77,15 +98,27 @@ def _sampling(props: dict, settings) -> None:
     props["max_tokens"] = _nullable({"type": "integer", "minimum": 1, "maximum": settings.max_tokens_limit})
     text = {"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS}
     props["stop"] = _nullable(text, {"type": "array", "items": text, "maxItems": MAX_STOP})
-    props["n"] = _nullable({"type": "integer", "minimum": 1, "maximum": min(MAX_N, settings.max_inputs),
-                            "description": "Choices per prompt; prompts x n is at most --max-inputs. With a seed, "
-                                           "choice i samples from seed + i."})
+    props["n"] = _nullable(
+        {
+            "type": "integer",
+            "minimum": 1,
+            "maximum": min(MAX_N, settings.max_inputs),
+            "description": "Choices per prompt; prompts x n is at most --max-inputs. With a seed, "
+            "choice i samples from seed + i.",
+        }
+    )
     for name in ("presence_penalty", "frequency_penalty"):
         props[name] = _nullable({"const": 0, "description": "Not supported: only the neutral 0."})
     props["logit_bias"] = _nullable({"type": "object", "maxProperties": 0, "description": "Not supported: empty."})
-    props["response_format"] = _nullable({**_ref("ResponseFormat"), "description": (
-        "text (default), json_object (any JSON object) or json_schema (JSON matching json_schema.schema): "
-        "grammar-constrained decoding; a schema llguidance cannot compile is a 400.")})
+    props["response_format"] = _nullable(
+        {
+            **_ref("ResponseFormat"),
+            "description": (
+                "text (default), json_object (any JSON object) or json_schema (JSON matching json_schema.schema): "
+                "grammar-constrained decoding; a schema llguidance cannot compile is a 400."
+            ),
+        }
+    )
 
 
 def build_openapi(app, settings) -> dict:
@@ -101,19 +134,34 @@ def build_openapi(app, settings) -> dict:
     _sampling(props, settings)
     ids = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}}
     most = settings.max_inputs  # larger than --max-batch-size: decoded in parts
-    props["prompt"] = {"anyOf": [{"type": "string", "minLength": 1},
-                                 {"type": "array", "minItems": 1, "maxItems": most,
-                                  "items": {"type": "string", "minLength": 1}},
-                                 ids,
-                                 {"type": "array", "minItems": 1, "maxItems": most, "items": ids}],
-                       "description": "A string, a list of strings, a list of token ids, or a list of token-id lists."}
-    props["max_tokens"] = _nullable({"type": "integer", "minimum": 0, "maximum": settings.max_tokens_limit,
-                                     "description": "0 only with echo=true: score the prompt, generate nothing."})
+    props["prompt"] = {
+        "anyOf": [
+            {"type": "string", "minLength": 1},
+            {"type": "array", "minItems": 1, "maxItems": most, "items": {"type": "string", "minLength": 1}},
+            ids,
+            {"type": "array", "minItems": 1, "maxItems": most, "items": ids},
+        ],
+        "description": "A string, a list of strings, a list of token ids, or a list of token-id lists.",
+    }
+    props["max_tokens"] = _nullable(
+        {
+            "type": "integer",
+            "minimum": 0,
+            "maximum": settings.max_tokens_limit,
+            "description": "0 only with echo=true: score the prompt, generate nothing.",
+        }
+    )
     props["echo"] = _nullable({"type": "boolean", "description": "Return the prompt before the completion."})
     props["best_of"] = _nullable({"const": 1})
-    props["logprobs"] = _nullable({"type": "integer", "minimum": 0, "maximum": MAX_LOGPROBS,
-                                   "description": "Log-probability of each token and of this many alternatives "
-                                                  "(with echo: of the prompt's tokens too). Not with stream."})
+    props["logprobs"] = _nullable(
+        {
+            "type": "integer",
+            "minimum": 0,
+            "maximum": MAX_LOGPROBS,
+            "description": "Log-probability of each token and of this many alternatives "
+            "(with echo: of the prompt's tokens too). Not with stream.",
+        }
+    )
     props["suffix"] = {"type": "null", "default": None, "description": "Not supported."}
 
     chat = _add_model(components, ChatCompletionRequest)
@@ -121,56 +169,112 @@ def build_openapi(app, settings) -> dict:
     _sampling(props, settings)
     props["max_completion_tokens"] = props["max_tokens"]
     props["logprobs"] = _nullable({"type": "boolean", "description": "Log-probability of each token. Not with stream."})
-    props["top_logprobs"] = _nullable({"type": "integer", "minimum": 0, "maximum": MAX_TOP_LOGPROBS,
-                                       "description": "Alternatives per token; needs logprobs=true."})
+    props["top_logprobs"] = _nullable(
+        {
+            "type": "integer",
+            "minimum": 0,
+            "maximum": MAX_TOP_LOGPROBS,
+            "description": "Alternatives per token; needs logprobs=true.",
+        }
+    )
     props["tool_choice"] = _nullable({"const": "none"})
 
     classify = _add_model(components, ClassifyRequest)
     props = classify["properties"]
     text = {"type": "string", "minLength": 1}
-    props["input"] = {"anyOf": [text, {"type": "array", "minItems": 1, "maxItems": settings.max_inputs,
-                                       "items": text}]}
-    props["labels"] = {"type": "array", "minItems": 1, "maxItems": settings.max_labels, "uniqueItems": True,
-                       "items": text}
+    props["input"] = {"anyOf": [text, {"type": "array", "minItems": 1, "maxItems": settings.max_inputs, "items": text}]}
+    props["labels"] = {
+        "type": "array",
+        "minItems": 1,
+        "maxItems": settings.max_labels,
+        "uniqueItems": True,
+        "items": text,
+    }
 
     for model in (CompletionResponse, ChatCompletionResponse, ClassifyResponse, ModelList, ModelCard):
         _add_model(components, model, mode="serialization")
     components["Health"] = {
-        "type": "object", "required": ["status", "model", "adapters", "adapters_resident", "queue_depth", "running"],
-        "properties": {"status": {"enum": ["ok", "unavailable"]}, "model": {"type": "string"},
-                       **{k: {"type": "integer", "minimum": 0}
-                          for k in ("adapters", "adapters_resident", "queue_depth", "running")}}}
+        "type": "object",
+        "required": ["status", "model", "adapters", "adapters_resident", "queue_depth", "running"],
+        "properties": {
+            "status": {"enum": ["ok", "unavailable"]},
+            "model": {"type": "string"},
+            **{
+                k: {"type": "integer", "minimum": 0}
+                for k in ("adapters", "adapters_resident", "queue_depth", "running")
+            },
+        },
+    }
 
     usage = {"anyOf": [_ref("Usage"), NULL]}
     finish = {"enum": ["stop", "length", None]}
     components["CompletionChunk"] = {
-        "type": "object", "required": ["id", "object", "created", "model", "choices"],
-        "properties": {"id": {"type": "string"}, "object": {"const": "text_completion"}, "created": {"type": "integer"},
-                       "model": {"type": "string"}, "system_fingerprint": NULL, "usage": usage,
-                       "choices": {"type": "array", "items": {
-                           "type": "object", "required": ["index", "text", "finish_reason"],
-                           "properties": {"index": {"type": "integer", "minimum": 0}, "text": {"type": "string"},
-                                          "logprobs": NULL, "finish_reason": finish}}}}}
+        "type": "object",
+        "required": ["id", "object", "created", "model", "choices"],
+        "properties": {
+            "id": {"type": "string"},
+            "object": {"const": "text_completion"},
+            "created": {"type": "integer"},
+            "model": {"type": "string"},
+            "system_fingerprint": NULL,
+            "usage": usage,
+            "choices": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["index", "text", "finish_reason"],
+                    "properties": {
+                        "index": {"type": "integer", "minimum": 0},
+                        "text": {"type": "string"},
+                        "logprobs": NULL,
+                        "finish_reason": finish,
+                    },
+                },
+            },
+        },
+    }
     components["ChatCompletionChunk"] = {
-        "type": "object", "required": ["id", "object", "created", "model", "choices"],
-        "properties": {"id": {"type": "string"}, "object": {"const": "chat.completion.chunk"},
-                       "created": {"type": "integer"}, "model": {"type": "string"}, "system_fingerprint": NULL,
-                       "usage": usage,
-                       "choices": {"type": "array", "items": {
-                           "type": "object", "required": ["index", "delta", "finish_reason"],
-                           "properties": {"index": {"type": "integer", "minimum": 0}, "logprobs": NULL,
-                                          "finish_reason": finish,
-                                          "delta": {"type": "object", "additionalProperties": False,
-                                                    "properties": {"role": {"const": "assistant"},
-                                                                   "content": {"type": "string"}}}}}}}}
+        "type": "object",
+        "required": ["id", "object", "created", "model", "choices"],
+        "properties": {
+            "id": {"type": "string"},
+            "object": {"const": "chat.completion.chunk"},
+            "created": {"type": "integer"},
+            "model": {"type": "string"},
+            "system_fingerprint": NULL,
+            "usage": usage,
+            "choices": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["index", "delta", "finish_reason"],
+                    "properties": {
+                        "index": {"type": "integer", "minimum": 0},
+                        "logprobs": NULL,
+                        "finish_reason": finish,
+                        "delta": {
+                            "type": "object",
+                            "additionalProperties": False,
+                            "properties": {"role": {"const": "assistant"}, "content": {"type": "string"}},
+                        },
+                    },
+                },
+            },
+        },
+    }
 
     def sse(chunk: str) -> dict:
         """One server-sent event: a JSON chunk (or an error in OpenAI's shape), and ``data: [DONE]`` last."""
-        data = {"anyOf": [{"const": "[DONE]"},
-                          {"contentMediaType": "application/json",
-                           "contentSchema": {"anyOf": [_ref(chunk), _ref("ErrorResponse")]}}]}
-        return {"text/event-stream": {"schema": {"type": "object", "required": ["data"],
-                                                 "properties": {"data": data}}}}
+        data = {
+            "anyOf": [
+                {"const": "[DONE]"},
+                {
+                    "contentMediaType": "application/json",
+                    "contentSchema": {"anyOf": [_ref(chunk), _ref("ErrorResponse")]},
+                },
+            ]
+        }
+        return {"text/event-stream": {"schema": {"type": "object", "required": ["data"], "properties": {"data": data}}}}
 
     errors = {str(status): _error(status) for status in WHY}
 
@@ -180,35 +284,64 @@ def build_openapi(app, settings) -> dict:
     def generation(name: str, response: str, chunk: str) -> dict:
         ok = _json(_ref(response), "The result; with stream=true, server-sent events.")
         ok["content"].update(sse(chunk))
-        return {"requestBody": body(name), "responses": {"200": ok, **{s: errors[s] for s in ("400", "404", "413",
-                                                                                                "503")}}}
+        return {
+            "requestBody": body(name),
+            "responses": {"200": ok, **{s: errors[s] for s in ("400", "404", "413", "503")}},
+        }
 
     operations = {
-        ("/health", "get"): {"responses": {"200": _json(_ref("Health")),
-                                           "503": _json(_ref("Health"), "The model thread is not running.")}},
-        ("/metrics", "get"): {"responses": {"200": {"description": "Prometheus text format.",
-                                                    "content": {"text/plain": {"schema": {"type": "string"}}}}}},
+        ("/health", "get"): {
+            "responses": {
+                "200": _json(_ref("Health")),
+                "503": _json(_ref("Health"), "The model thread is not running."),
+            }
+        },
+        ("/metrics", "get"): {
+            "responses": {
+                "200": {
+                    "description": "Prometheus text format.",
+                    "content": {"text/plain": {"schema": {"type": "string"}}},
+                }
+            }
+        },
         ("/v1/models", "get"): {"responses": {"200": _json(_ref("ModelList"))}},
         ("/v1/models/{model_id}", "get"): {"responses": {"200": _json(_ref("ModelCard")), "404": errors["404"]}},
         ("/v1/completions", "post"): generation("CompletionRequest", "CompletionResponse", "CompletionChunk"),
-        ("/v1/chat/completions", "post"): generation("ChatCompletionRequest", "ChatCompletionResponse",
-                                                     "ChatCompletionChunk"),
-        ("/v1/classify", "post"): {"requestBody": body("ClassifyRequest"),
-                                   "responses": {"200": _json(_ref("ClassifyResponse")),
-                                                 **{s: errors[s] for s in ("400", "404", "413", "503")}}},
+        ("/v1/chat/completions", "post"): generation(
+            "ChatCompletionRequest", "ChatCompletionResponse", "ChatCompletionChunk"
+        ),
+        ("/v1/classify", "post"): {
+            "requestBody": body("ClassifyRequest"),
+            "responses": {
+                "200": _json(_ref("ClassifyResponse")),
+                **{s: errors[s] for s in ("400", "404", "413", "503")},
+            },
+        },
     }
     if settings.enable_admin:
         schema["components"]["securitySchemes"] = {"adminToken": {"type": "http", "scheme": "bearer"}}
-        card = {"type": "object", "required": ["object", "id", "method", "num_virtual_tokens", "resident"],
-                "properties": {"object": {"const": "adapter"}, "id": {"type": "string"},
-                               "method": {"type": ["string", "null"]},
-                               "num_virtual_tokens": {"type": ["integer", "null"]}, "resident": {"type": "boolean"}}}
-        deleted = {"type": "object", "required": ["object", "id", "deleted"],
-                   "properties": {"object": {"const": "adapter"}, "id": {"type": "string"}, "deleted": {"const": True}}}
+        card = {
+            "type": "object",
+            "required": ["object", "id", "method", "num_virtual_tokens", "resident"],
+            "properties": {
+                "object": {"const": "adapter"},
+                "id": {"type": "string"},
+                "method": {"type": ["string", "null"]},
+                "num_virtual_tokens": {"type": ["integer", "null"]},
+                "resident": {"type": "boolean"},
+            },
+        }
+        deleted = {
+            "type": "object",
+            "required": ["object", "id", "deleted"],
+            "properties": {"object": {"const": "adapter"}, "id": {"type": "string"}, "deleted": {"const": True}},
+        }
         admin_errors = {s: errors[s] for s in ("400", "401", "404", "413", "503")}
         for method, ok in (("post", card), ("delete", deleted)):
             operations[("/admin/adapters/{name}", method)] = {
-                "security": [{"adminToken": []}], "responses": {"200": _json(ok), **admin_errors}}
+                "security": [{"adminToken": []}],
+                "responses": {"200": _json(ok), **admin_errors},
+            }
 
     name_pattern = ADAPTER_NAME.pattern
     for (path, method), extra in operations.items():

@@ -15,10 +15,9 @@ tokenised exactly as `SoftPromptModel.generate` does, so the server returns what
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
-ROLE_NAMES = {"system": "System", "developer": "Developer", "user": "User", "assistant": "Assistant",
-              "tool": "Tool"}
+ROLE_NAMES = {"system": "System", "developer": "Developer", "user": "User", "assistant": "Assistant", "tool": "Tool"}
 
 
 def has_chat_template(tokenizer) -> bool:

@@ -84,8 +84,9 @@ class AdapterRegistry:
         for name in self.model.adapter_names():
             self._check_not_base(name, ConfigError)
             adapter = self.model.adapters[name]
-            self.entries[name] = AdapterEntry(name, None, adapter.config.method, adapter.num_virtual_tokens,
-                                              resident=True)
+            self.entries[name] = AdapterEntry(
+                name, None, adapter.config.method, adapter.num_virtual_tokens, resident=True
+            )
         candidates: list[tuple[str, str, bool]] = []
         for name, path in self.settings.adapters.items():
             if name in self.entries:
@@ -101,8 +102,10 @@ class AdapterRegistry:
                     continue
                 candidates.append((child.name, str(child), False))
         if candidates and len(self.entries) >= self.settings.max_resident_adapters:
-            raise ConfigError(f"--max-resident-adapters ({self.settings.max_resident_adapters}) leaves no room for "
-                              f"adapters loaded from files: {len(self.entries)} adapters are already in the model")
+            raise ConfigError(
+                f"--max-resident-adapters ({self.settings.max_resident_adapters}) leaves no room for "
+                f"adapters loaded from files: {len(self.entries)} adapters are already in the model"
+            )
         for name, path, explicit in candidates:
             self._check_not_base(name, ConfigError)
             try:
@@ -136,18 +139,30 @@ class AdapterRegistry:
         if entry is None:
             known = sorted(self.entries)
             shown = ", ".join([self.base_name] + known[:20]) + (", ..." if len(known) > 20 else "")
-            raise APIError(404, f"The model {model_field!r} does not exist: name the base model or a loaded "
-                                f"adapter ({shown}); GET /v1/models lists them", param="model",
-                           code="model_not_found")
+            raise APIError(
+                404,
+                f"The model {model_field!r} does not exist: name the base model or a loaded "
+                f"adapter ({shown}); GET /v1/models lists them",
+                param="model",
+                code="model_not_found",
+            )
         return entry
 
     def cards(self) -> list[ModelCard]:
         created = int(time.time())
         cards = [ModelCard(id=self.base_name, created=created, root=self.base_name, parent=None)]
         for entry in sorted(self.entries.values(), key=lambda e: e.name):
-            cards.append(ModelCard(id=entry.name, created=entry.created, root=self.base_name, parent=self.base_name,
-                                   method=entry.method, num_virtual_tokens=entry.num_virtual_tokens,
-                                   resident=entry.resident))
+            cards.append(
+                ModelCard(
+                    id=entry.name,
+                    created=entry.created,
+                    root=self.base_name,
+                    parent=self.base_name,
+                    method=entry.method,
+                    num_virtual_tokens=entry.num_virtual_tokens,
+                    resident=entry.resident,
+                )
+            )
         return cards
 
     def resident_count(self) -> int:
@@ -195,9 +210,13 @@ class AdapterRegistry:
                 if left <= 0:
                     if self.metrics:
                         self.metrics.rejected.labels(reason="adapter_slots_busy").inc()
-                    raise APIError(503, f"all {self.settings.max_resident_adapters} adapter slots are in use by "
-                                        f"running requests; retry shortly", code="adapter_slots_busy",
-                                   headers={"Retry-After": str(self.settings.retry_after_s)})
+                    raise APIError(
+                        503,
+                        f"all {self.settings.max_resident_adapters} adapter slots are in use by "
+                        f"running requests; retry shortly",
+                        code="adapter_slots_busy",
+                        headers={"Retry-After": str(self.settings.retry_after_s)},
+                    )
                 await self._wait(left)
                 continue
             entry.loading = loop.create_future()
@@ -206,8 +225,11 @@ class AdapterRegistry:
                     adapter = await asyncio.to_thread(read_frozen, self.model, entry.path)
                 await self._on_model_thread(install, self.model, entry.name, adapter)
             except BaseException as exc:
-                error = exc if isinstance(exc, APIError) else APIError(
-                    500, f"adapter {entry.name!r} could not be loaded: {exc}", code="adapter_load_failed")
+                error = (
+                    exc
+                    if isinstance(exc, APIError)
+                    else APIError(500, f"adapter {entry.name!r} could not be loaded: {exc}", code="adapter_load_failed")
+                )
                 entry.loading.set_exception(error)
                 entry.loading.exception()
                 entry.loading = None
@@ -222,12 +244,12 @@ class AdapterRegistry:
             self._notify()
 
     def _occupied(self) -> int:
-        return sum(1 for e in self.entries.values() if e.resident or e.loading is not None) + \
-            self._detached_residents
+        return sum(1 for e in self.entries.values() if e.resident or e.loading is not None) + self._detached_residents
 
     def _victim(self) -> AdapterEntry | None:
-        idle = [e for e in self.entries.values()
-                if e.resident and e.users == 0 and e.path is not None and e.loading is None]
+        idle = [
+            e for e in self.entries.values() if e.resident and e.users == 0 and e.path is not None and e.loading is None
+        ]
         return min(idle, key=lambda e: e.last_used) if idle else None
 
     def _evict(self, entry: AdapterEntry) -> None:
@@ -253,7 +275,7 @@ class AdapterRegistry:
         self._waiters.append(future)
         try:
             await asyncio.wait_for(future, timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
         finally:
             if future in self._waiters:
@@ -300,8 +322,9 @@ class AdapterRegistry:
         if not self._inside(path):
             raise APIError(400, f"adapter name {name!r} resolves outside --adapter-dir; refused", param="name")
         if not path.is_dir():
-            raise APIError(404, f"no adapter directory {name!r} in --adapter-dir", param="name",
-                           code="adapter_not_found")
+            raise APIError(
+                404, f"no adapter directory {name!r} in --adapter-dir", param="name", code="adapter_not_found"
+            )
         return path
 
     async def admin_load(self, name: str) -> AdapterEntry:
@@ -321,8 +344,11 @@ class AdapterRegistry:
         entry = self.entries.get(name)
         if entry is not None and entry.resident:  # reload in place: running rows keep their cached prefix
             await self._on_model_thread(install, self.model, name, adapter)
-            entry.path, entry.method, entry.num_virtual_tokens = str(path), adapter.config.method, \
-                adapter.num_virtual_tokens
+            entry.path, entry.method, entry.num_virtual_tokens = (
+                str(path),
+                adapter.config.method,
+                adapter.num_virtual_tokens,
+            )
             entry.last_used = time.monotonic()
             self._count_load()
             return entry

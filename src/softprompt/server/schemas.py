@@ -32,8 +32,16 @@ MAX_N = 128  # most choices per prompt (OpenAI's limit); rows also count against
 class APIError(Exception):
     """An error returned to the client as ``{"error": {...}}`` with an HTTP status."""
 
-    def __init__(self, status: int, message: str, *, type: str | None = None, param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str | None = None,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status = status
         self.message = message
@@ -47,9 +55,14 @@ class APIError(Exception):
 
 
 def _default_type(status: int) -> str:
-    return {401: "authentication_error", 403: "permission_error", 404: "invalid_request_error",
-            413: "invalid_request_error", 429: "rate_limit_error", 503: "server_overloaded"}.get(
-        status, "invalid_request_error" if status < 500 else "server_error")
+    return {
+        401: "authentication_error",
+        403: "permission_error",
+        404: "invalid_request_error",
+        413: "invalid_request_error",
+        429: "rate_limit_error",
+        503: "server_overloaded",
+    }.get(status, "invalid_request_error" if status < 500 else "server_error")
 
 
 def invalid(message: str, param: str | None = None, code: str | None = None) -> APIError:
@@ -188,8 +201,9 @@ class CompletionRequest(_SamplingRequest):
         if isinstance(value, list) and value:
             if all(isinstance(v, str) for v in value) or ids(value) or all(ids(v) for v in value):
                 return value
-        raise _custom("expected a string, a non-empty list of strings, a list of token ids, "
-                      "or a list of token-id lists")
+        raise _custom(
+            "expected a string, a non-empty list of strings, a list of token ids, or a list of token-id lists"
+        )
 
     def prompts(self) -> list[str | list[int]]:
         """One entry per choice: text, or token ids."""
@@ -202,14 +216,17 @@ class CompletionRequest(_SamplingRequest):
 
     def neutral_checks(self) -> list[tuple[str, bool]]:
         return super().neutral_checks() + [
-            ("best_of", self.best_of in (None, 1)), ("suffix", self.suffix is None),
+            ("best_of", self.best_of in (None, 1)),
+            ("suffix", self.suffix is None),
         ]
 
     def check_supported(self) -> None:
         super().check_supported()
         if self.max_tokens == 0 and not self.echo:
-            raise invalid("max_tokens: 0 is only allowed with echo=true (to score the prompt); give at least 1",
-                          param="max_tokens")
+            raise invalid(
+                "max_tokens: 0 is only allowed with echo=true (to score the prompt); give at least 1",
+                param="max_tokens",
+            )
         if self.stream and self.logprobs is not None:
             raise invalid("logprobs: not supported with stream=true; send stream=false", param="logprobs")
 
@@ -247,8 +264,11 @@ class ChatCompletionRequest(_SamplingRequest):
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.max_tokens is not None and self.max_completion_tokens is not None \
-                and self.max_tokens != self.max_completion_tokens:
+        if (
+            self.max_tokens is not None
+            and self.max_completion_tokens is not None
+            and self.max_tokens != self.max_completion_tokens
+        ):
             raise invalid("max_tokens and max_completion_tokens disagree; give one of them", param="max_tokens")
         if self.top_logprobs is not None and not self.logprobs:
             raise invalid("top_logprobs: only allowed with logprobs=true", param="top_logprobs")

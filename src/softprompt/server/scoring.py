@@ -30,15 +30,16 @@ def classify_jobs(model, jobs: list[Job], *, pad: int, max_rows: int, metrics=No
         totals: dict[tuple[Job, int], list[float]] = {}
         try:
             for start in range(0, len(rows), max_rows):
-                chunk = rows[start:start + max_rows]
+                chunk = rows[start : start + max_rows]
                 ids, mask = pad_batch([r[2] for r in chunk], pad, side="left")
-                scores = score_ids(model, ids, mask, [r[0].adapter for r in chunk],
-                                   [list(c) for c in candidates], normalize=normalize).cpu()
+                scores = score_ids(
+                    model, ids, mask, [r[0].adapter for r in chunk], [list(c) for c in candidates], normalize=normalize
+                ).cpu()
                 if metrics:
                     metrics.batch_size.labels(phase="classify").observe(len(chunk))
                 for (job, i, _), row in zip(chunk, scores):
                     totals[(job, i)] = row.tolist()
-        except Exception as exc:  # noqa: BLE001 - reported to this group's requests
+        except Exception as exc:
             outcomes.update((job, exc) for job in group)
             continue
         outcomes.update((job, [totals[(job, i)] for i in range(job.rows)]) for job in group)
@@ -67,6 +68,7 @@ def score_prompts(model, jobs: list[Job], *, max_rows: int, metrics=None) -> Non
     at = 0
     for job in jobs:
         keep = job.logprobs or 0
-        job.prompt_scores = [[TokenLogprob(t.token, t.logprob, t.top[:keep]) for t in row]
-                             for row in scores[at:at + len(job.prompts)]]
+        job.prompt_scores = [
+            [TokenLogprob(t.token, t.logprob, t.top[:keep]) for t in row] for row in scores[at : at + len(job.prompts)]
+        ]
         at += len(job.prompts)

@@ -29,18 +29,28 @@ class ServerSettings:
     """Options of the HTTP server. Build with keywords; `validate()` checks them (create_app calls it)."""
 
     # ----------------------------------------------------------------- model and adapters
-    model: str | None = _opt(None, "Base model: built-in name, local checkpoint directory or hub id "
-                                   "(used by `serve`; create_app takes a loaded model).", cli=False)
+    model: str | None = _opt(
+        None,
+        "Base model: built-in name, local checkpoint directory or hub id "
+        "(used by `serve`; create_app takes a loaded model).",
+        cli=False,
+    )
     served_model_name: str | None = _opt(
-        None, "Name clients use in the 'model' field for the bare base model (default: the --model value).")
-    adapters: dict[str, str] = _opt({}, "Adapters registered at start, NAME -> directory (--adapter NAME=PATH).",
-                                    cli=False)
+        None, "Name clients use in the 'model' field for the bare base model (default: the --model value)."
+    )
+    adapters: dict[str, str] = _opt(
+        {}, "Adapters registered at start, NAME -> directory (--adapter NAME=PATH).", cli=False
+    )
     adapter_dir: str | None = _opt(
-        None, "Directory of adapter subdirectories. Every valid <adapter-dir>/<name> is registered at start, "
-              "and the admin endpoints load names from here (and only from here).")
+        None,
+        "Directory of adapter subdirectories. Every valid <adapter-dir>/<name> is registered at start, "
+        "and the admin endpoints load names from here (and only from here).",
+    )
     max_resident_adapters: int = _opt(
-        64, "Most adapters kept in memory at once; beyond it the least recently used idle adapter is evicted "
-            "and reloaded from disk on its next request.")
+        64,
+        "Most adapters kept in memory at once; beyond it the least recently used idle adapter is evicted "
+        "and reloaded from disk on its next request.",
+    )
     dtype: str | None = _opt(None, "Model weights dtype: float32 (default), bfloat16 or float16.")
     device: str | None = _opt(None, "Device for the model, e.g. cuda or cpu (default: where it loads).")
 
@@ -49,18 +59,22 @@ class ServerSettings:
     port: int = _opt(8000, "TCP port to listen on (0 picks a free one).")
     log_level: str = _opt("info", "Log level: critical, error, warning, info or debug.")
     keep_alive_s: int = _opt(
-        5, "Seconds an idle keep-alive connection stays open. Behind a load balancer or proxy that reuses "
-           "connections, set it above the balancer's idle timeout (e.g. 75 for a 60 s one), so the balancer "
-           "never sends a request on a connection the server is closing.")
+        5,
+        "Seconds an idle keep-alive connection stays open. Behind a load balancer or proxy that reuses "
+        "connections, set it above the balancer's idle timeout (e.g. 75 for a 60 s one), so the balancer "
+        "never sends a request on a connection the server is closing.",
+    )
 
     # ----------------------------------------------------------------- batching
     max_batch_size: int = _opt(32, "Most sequences decoded together in one step (across all adapters).")
     batch_window_ms: float = _opt(
-        5.0, "When idle, how long to wait after the first request for more to batch with it (milliseconds).")
+        5.0, "When idle, how long to wait after the first request for more to batch with it (milliseconds)."
+    )
     max_queue: int = _opt(256, "Most requests waiting for a batch slot; beyond it requests get 503 + Retry-After.")
     retry_after_s: int = _opt(1, "Seconds sent in Retry-After with a 503 (queue full, adapter slots busy).")
     adapter_wait_s: float = _opt(
-        30.0, "Most seconds a request waits for an adapter slot when every resident adapter is busy (then 503).")
+        30.0, "Most seconds a request waits for an adapter slot when every resident adapter is busy (then 503)."
+    )
 
     # ----------------------------------------------------------------- request limits
     max_prompt_tokens: int = _opt(2048, "Longest prompt accepted, in tokens (longer: 400).")
@@ -68,26 +82,41 @@ class ServerSettings:
     default_max_tokens: int = _opt(16, "max_tokens used when a request omits it (OpenAI's completions default).")
     max_body_bytes: int = _opt(1_000_000, "Largest request body accepted, in bytes (larger: 413).")
     max_inputs: int = _opt(
-        64, "Most prompts in one completions request (each of n choices counting as one), most choices in one "
-            "chat request, and most texts in one classify request. Requests larger than --max-batch-size are "
-            "decoded in parts as slots free up.")
+        64,
+        "Most prompts in one completions request (each of n choices counting as one), most choices in one "
+        "chat request, and most texts in one classify request. Requests larger than --max-batch-size are "
+        "decoded in parts as slots free up.",
+    )
     max_labels: int = _opt(64, "Most candidate labels in one classify request.")
 
     # ----------------------------------------------------------------- admin
     enable_admin: bool = _opt(
-        False, "Enable POST/DELETE /admin/adapters/{name} (load from --adapter-dir, unload). Off by default; "
-               "needs an admin token.")
+        False,
+        "Enable POST/DELETE /admin/adapters/{name} (load from --adapter-dir, unload). Off by default; "
+        "needs an admin token.",
+    )
     admin_token: str | None = _opt(
-        None, f"Bearer token for the admin endpoints (default: the {ADMIN_TOKEN_ENV} environment variable). "
-              "Prefer the environment variable: command lines are visible to other users.")
+        None,
+        f"Bearer token for the admin endpoints (default: the {ADMIN_TOKEN_ENV} environment variable). "
+        "Prefer the environment variable: command lines are visible to other users.",
+    )
 
     def resolved_admin_token(self) -> str | None:
         return self.admin_token or os.environ.get(ADMIN_TOKEN_ENV) or None
 
-    def validate(self) -> "ServerSettings":
+    def validate(self) -> ServerSettings:
         """Check every field; raises `ConfigError` naming the option."""
-        positive = ("max_resident_adapters", "max_batch_size", "max_queue", "max_prompt_tokens",
-                    "max_tokens_limit", "default_max_tokens", "max_body_bytes", "max_inputs", "max_labels")
+        positive = (
+            "max_resident_adapters",
+            "max_batch_size",
+            "max_queue",
+            "max_prompt_tokens",
+            "max_tokens_limit",
+            "default_max_tokens",
+            "max_body_bytes",
+            "max_inputs",
+            "max_labels",
+        )
         for name in positive:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -103,8 +132,10 @@ class ServerSettings:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ConfigError(f"--{_flag(name)}: expected a number >= 0, got {value!r}")
         if self.default_max_tokens > self.max_tokens_limit:
-            raise ConfigError(f"--default-max-tokens ({self.default_max_tokens}) is above --max-tokens-limit "
-                              f"({self.max_tokens_limit})")
+            raise ConfigError(
+                f"--default-max-tokens ({self.default_max_tokens}) is above --max-tokens-limit "
+                f"({self.max_tokens_limit})"
+            )
         if self.log_level not in ("critical", "error", "warning", "info", "debug", "trace"):
             raise ConfigError(f"--log-level: expected critical, error, warning, info or debug, got {self.log_level!r}")
         if not isinstance(self.adapters, dict):
