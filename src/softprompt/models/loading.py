@@ -15,12 +15,7 @@ from pathlib import Path
 import huggingface_hub
 import torch
 from huggingface_hub.errors import HfHubHTTPError
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoModelForSeq2SeqLM,
-    AutoTokenizer,
-)
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
 from softprompt.engine.model import SoftPromptModel
 from softprompt.errors import SoftPromptError

@@ -215,10 +215,7 @@ class CompletionRequest(_SamplingRequest):
         return list(p)
 
     def neutral_checks(self) -> list[tuple[str, bool]]:
-        return super().neutral_checks() + [
-            ("best_of", self.best_of in (None, 1)),
-            ("suffix", self.suffix is None),
-        ]
+        return super().neutral_checks() + [("best_of", self.best_of in (None, 1)), ("suffix", self.suffix is None)]
 
     def check_supported(self) -> None:
         super().check_supported()
@@ -258,9 +255,7 @@ class ChatCompletionRequest(_SamplingRequest):
     parallel_tool_calls: bool | None = None
 
     def neutral_checks(self) -> list[tuple[str, bool]]:
-        return super().neutral_checks() + [
-            ("tool_choice", self.tool_choice in (None, "none")),
-        ]
+        return super().neutral_checks() + [("tool_choice", self.tool_choice in (None, "none"))]
 
     def check_supported(self) -> None:
         super().check_supported()
