@@ -176,7 +176,8 @@ def read_tensors(file: Path) -> dict[str, torch.Tensor]:
         raise SoftPromptError(f"{file}: missing")
     try:
         with safe_open(str(file), framework="pt") as f:
-            return {key: f.get_tensor(key) for key in f.keys()}
+            names = f.keys()  # safe_open is not iterable: keys() is how it lists its tensors
+            return {key: f.get_tensor(key) for key in names}
     except Exception as exc:
         raise SoftPromptError(f"{file}: not a readable safetensors file (truncated or corrupt: {exc})") from None
 

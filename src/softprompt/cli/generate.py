@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from softprompt import load
 from softprompt.cli.common import adapter_option, model_option, parse_adapter_specs
-from softprompt.engine.generation import generate
+from softprompt.engine.generation import Generation, generate
 from softprompt.options import add_arguments as add_option_arguments
 from softprompt.options import option
 
@@ -66,10 +66,10 @@ def run(args: argparse.Namespace) -> int:
         stop=args.stop or (),
         seed=args.seed,
     )
-    rows = [
-        {"prompt": p, "adapter": n, "text": r.text, "finish_reason": r.finish_reason}
-        for p, n, r in zip(prompts, names, results)
-    ]
+    rows = []
+    for p, n, r in zip(prompts, names, results):
+        assert isinstance(r, Generation)  # return_details=True
+        rows.append({"prompt": p, "adapter": n, "text": r.text, "finish_reason": r.finish_reason})
     if args.json:
         print(json.dumps(rows, indent=2, ensure_ascii=False))
     else:

@@ -119,11 +119,24 @@ def _spec_fields() -> list[tuple[str, Any, Any]]:
     ]
 
 
-#: One adapter of a multi-adapter job: a ``name`` and every `AdapterSettings` field, each None (unset:
-#: inherit the top-level value) unless the adapter sets it. Derived, so a new setting is declared once.
-AdapterSpec = dataclasses.make_dataclass("AdapterSpec", _spec_fields())
-AdapterSpec.__module__ = __name__
-AdapterSpec.__doc__ = "One adapter of a multi-adapter job. Unset (None) fields inherit the top-level value."
+if typing.TYPE_CHECKING:
+
+    class AdapterSpec:
+        """What a type checker sees of the dataclass derived below: the fields read by name."""
+
+        __dataclass_fields__: typing.ClassVar[dict[str, dataclasses.Field[Any]]]
+        name: str
+        method: str | None
+        method_options: dict[str, Any] | None
+
+        def __init__(self, **values: Any) -> None: ...
+
+else:
+    #: One adapter of a multi-adapter job: a ``name`` and every `AdapterSettings` field, each None (unset:
+    #: inherit the top-level value) unless the adapter sets it. Derived, so a new setting is declared once.
+    AdapterSpec = dataclasses.make_dataclass("AdapterSpec", _spec_fields())
+    AdapterSpec.__module__ = __name__
+    AdapterSpec.__doc__ = "One adapter of a multi-adapter job. Unset (None) fields inherit the top-level value."
 
 
 @dataclass
@@ -133,6 +146,9 @@ class ResolvedAdapter(AdapterSettings):
     own options as `SoftPromptModel.add_adapter` takes them."""
 
     name: str = ""
+    # always set once resolved (the defaults only keep the dataclass's field order valid)
+    data: str = ""
+    template: str = ""
 
     def load_train_rows(self) -> list[dict[str, str]]:
         return load_rows(self.data, format=self.data_format, split=self.data_split, encoding=self.encoding)

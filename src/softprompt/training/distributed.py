@@ -125,11 +125,11 @@ class Distributed:
         vocabulary init) reads whole weights. The adapters stay unsharded and move to this process's device.
         """
         if self.zero is not None:
-            self._partition_base(model)
+            self._partition_base(model, self.zero)
         elif self.fsdp is not None:
-            self._fully_shard_base(model)
+            self._fully_shard_base(model, self.fsdp)
 
-    def _fully_shard_base(self, model) -> None:
+    def _fully_shard_base(self, model, fsdp: FsdpSettings) -> None:
         """FSDP2 ``fully_shard`` of the base, one unit per `fsdp_units` entry."""
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import FSDPModule, fully_shard
@@ -140,7 +140,7 @@ class Distributed:
         units = fsdp_units(model)
         mesh = init_device_mesh(self.accelerator.device.type, (self.world_size,))
         for unit in [*units, base]:  # inner units first; the root holds whatever is left
-            fully_shard(unit, mesh=mesh, reshard_after_forward=self.fsdp.reshard_after_forward)
+            fully_shard(unit, mesh=mesh, reshard_after_forward=fsdp.reshard_after_forward)
         # FSDP2 initialises every unit lazily in the root's first forward; softprompt calls the backbone,
         # embeddings and head directly, so run that first forward through the root once, here.
         ids = torch.zeros(1, 1, dtype=torch.long, device=model.device)
@@ -151,7 +151,7 @@ class Distributed:
                 module.reshard()
         model.adapters.to(model.device)
 
-    def _partition_base(self, model) -> None:
+    def _partition_base(self, model, zero_settings: ZeroSettings) -> None:
         """ZeRO-3: DeepSpeed partitions every base weight over the processes (each keeps a flat
         ``1/world_size`` slice, ``ds_tensor``; the parameter itself becomes empty) and hooks every module to
         all-gather its own weights for its forward and backward and free them after."""
@@ -171,7 +171,7 @@ class Distributed:
         # DeepSpeed's communication layer over the process group accelerate started (no second group)
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
         # train_batch_size only satisfies DeepSpeed's config checks: softprompt splits its own batches
-        config = {"train_batch_size": self.world_size, "zero_optimization": self.zero.zero_optimization}
+        config = {"train_batch_size": self.world_size, "zero_optimization": zero_settings.zero_optimization}
         zero = DeepSpeedConfig(config).zero_config
         self._partitioner = DeepSpeedZeRoOffload(
             base,

@@ -169,12 +169,12 @@ def evaluate(
     if method == "perplexity" or not all(labelled):
         reports = [_perplexity_report(model, examples, a, batch_size, max_length or 1 << 30) for a in runs]
     else:
-        labels = list(labels) if labels is not None else sorted({e.target for e in examples})
+        truth = [e.target for e in examples if e.target is not None]  # all of them: every example is labelled
+        labels = list(labels) if labels is not None else sorted(set(truth))
         if method == "score":
             predictions = _score_predictions(model, examples, runs, labels, batch_size, max_length)
         else:
             predictions = _generate_predictions(model, examples, runs, labels, batch_size, max_length, max_new_tokens)
-        truth = [e.target for e in examples]
         reports = []
         for a, raw in zip(runs, predictions):
             if method == "generate":  # exact match after normalisation; anything else is an invalid prediction

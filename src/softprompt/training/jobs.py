@@ -54,7 +54,7 @@ def prepare_job(
             val_rows = spec.load_validation_rows()
     rows = list(rows)
     split_here = val_rows is None  # validation rows are cut from `rows` (or there are none)
-    if split_here:
+    if val_rows is None:
         val_rows = (
             train_val_split(rows, spec.val_fraction, spec.seed, spec.label_column, source=source)[1]
             if spec.val_fraction > 0
