@@ -13,9 +13,10 @@ from softprompt.models.loading import load  # noqa: E402
 from softprompt.methods import METHODS, PrefixTuningConfig, PromptTuningConfig, PTuningConfig  # noqa: E402
 from softprompt.engine.model import SoftPromptModel, SoftPromptOutput  # noqa: E402
 from softprompt.engine.scoring import LabelScores  # noqa: E402
+from softprompt.adapters.training_format import TrainingFormat, format_inputs  # noqa: E402
 
 __all__ = [
-    "__version__", "load", "SoftPromptModel", "SoftPromptOutput", "LabelScores", "METHODS",
+    "__version__", "load", "SoftPromptModel", "SoftPromptOutput", "LabelScores", "METHODS", "TrainingFormat", "format_inputs",
     "PromptTuningConfig", "PrefixTuningConfig", "PTuningConfig",
     "SoftPromptError", "AdapterMismatchError", "ConfigError", "DataError",
 ]

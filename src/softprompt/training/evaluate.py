@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from softprompt.adapters.peft_format import read_training_state
+from softprompt.adapters.training_format import TrainingFormat
 from softprompt.data import Example, build_examples, default_template, load_rows, verbalizer_for
 from softprompt.data.heldout import fingerprint, read_train_fingerprints
 from softprompt.engine.tokens import pad_id
@@ -51,14 +52,7 @@ def adapter_settings(adapter_dir: str | Path) -> dict:
     ``label_column``, ``verbalizer``, ``labels`` (label texts), ``max_length``.
     """
     _, meta = read_training_state(adapter_dir)
-    data = meta.get("data") or {}
-    keys = ("template", "text_column", "label_column", "verbalizer")
-    out = {k: data[k] for k in keys if k in data}
-    if meta.get("labels"):
-        out["labels"] = meta["labels"]
-    if meta.get("max_length"):
-        out["max_length"] = meta["max_length"]
-    return out
+    return TrainingFormat.from_meta(meta).settings()
 
 
 def normalize_text(text: str) -> str:
