@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,7 +96,9 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
             split=args.split,
         )
         if args.plot:
-            _plot_confusion(reports[name], args.plot, name if len(adapters) > 1 else None)
+            written = _plot_confusion(reports[name], args.plot, name if len(adapters) > 1 else None)
+            # stderr under --json, so stdout stays one JSON document
+            print(f"{name}: confusion matrix -> {written}", file=sys.stderr if args.json else sys.stdout)
     if args.json:
         print(json.dumps({n: r.to_dict() for n, r in reports.items()}, indent=2, default=str))
     else:
@@ -104,7 +107,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
-def _plot_confusion(report, path: str, name: str | None) -> None:
+def _plot_confusion(report, path: str, name: str | None) -> Path:
     if report.metrics.get("confusion_matrix") is None:
         raise SoftPromptError(
             "--plot: a confusion matrix needs labelled data evaluated with --method score or generate"
@@ -113,3 +116,4 @@ def _plot_confusion(report, path: str, name: str | None) -> None:
     if name:
         target = target.with_name(f"{target.stem}-{name}{target.suffix or '.png'}")
     plot_confusion_matrix(report.metrics, target)
+    return target
