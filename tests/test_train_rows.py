@@ -3,6 +3,8 @@ the file lacks (an error even when a ``--template`` says what to read)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from softprompt.cli import main
@@ -11,7 +13,7 @@ from softprompt.training.config import load_config
 from softprompt.training.jobs import prepare_job
 from test_train import write_csv
 
-from tiny import save_tiny_checkpoint
+from tiny import save_tiny_checkpoint, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -78,3 +80,18 @@ def test_a_text_column_the_file_lacks_fails_even_with_a_template(tmp_path, capsy
     assert main([*argv, "--text-column", "nosuch", "--output", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].endswith("--text-column: " + data + " has no column 'nosuch'; its columns are 'text', 'label'")
+
+
+def test_eval_max_rows_scores_a_stratified_sample(tmp_path, capsys):
+    data = sorted_by_label(tmp_path, 40)
+    model_dir = save_tiny_checkpoint("gpt2", tmp_path / "model")
+    model = tiny_model("gpt2")
+    model.add_adapter("a", method="prompt_tuning", num_virtual_tokens=2, seed=0)
+    model.save_adapter("a", tmp_path / "a")
+    argv = ["eval", "--model", model_dir, "--adapter", f"a={tmp_path / 'a'}", "--data", data]
+    assert main([*argv, "--label-column", "label", "--max-rows", "8", "--json"]) == 0
+    out = capsys.readouterr().out
+    report = json.loads(out[out.index("{") :])["a"]
+    assert report["n"] == 8 and [report["metrics"]["per_class"][c]["support"] for c in ("neg", "pos")] == [4, 4]
+    assert main([*argv, "--label-column", "label", "--max-rows", "0"]) == 2
+    assert "--max-rows" in capsys.readouterr().err

@@ -54,6 +54,11 @@ class EvalOptions:
     encoding: str | None = option(None, "Text encoding of the data file (default UTF-8).")
     split: str = option("test", "Split of a hub data set (default: test).")
     batch_size: int = option(16, "Rows per batch (default 16).")
+    max_rows: int | None = option(
+        None,
+        "Evaluate a seeded sample of at most N rows, every label keeping its share (before training rows are "
+        "dropped; default: all rows).",
+    )
     plot: str | None = option(
         None,
         "Also draw each adapter's confusion matrix to this PNG (NAME is inserted "
@@ -94,6 +99,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
             data_format=args.data_format,
             encoding=args.encoding,
             split=args.split,
+            max_rows=args.max_rows,
         )
         if args.plot:
             written = _plot_confusion(reports[name], args.plot, name if len(adapters) > 1 else None)
