@@ -95,3 +95,24 @@ def test_eval_max_rows_scores_a_stratified_sample(tmp_path, capsys):
     assert report["n"] == 8 and [report["metrics"]["per_class"][c]["support"] for c in ("neg", "pos")] == [4, 4]
     assert main([*argv, "--label-column", "label", "--max-rows", "0"]) == 2
     assert "--max-rows" in capsys.readouterr().err
+
+
+def test_a_run_saved_when_text_column_defaulted_to_text_resumes(tmp_path, capsys):
+    """Runs saved before --text-column defaulted to unset wrote 'text' beside their template; they resume."""
+    data = sorted_by_label(tmp_path, 20)
+    model = save_tiny_checkpoint("gpt2", tmp_path / "model")
+    out = tmp_path / "out"
+    argv = ["train", "--model", model, "--data", data, "--label-column", "label", "--template", "T: {text} =",
+            "--num-virtual-tokens", "2", "--epochs", "1", "--batch-size", "8", "--output", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    state_file = out / "default" / "checkpoints" / "last" / "training_state.json"
+    state = json.loads(state_file.read_text())
+    assert state["config"]["text_column"] is None
+    state["config"]["text_column"] = "text"
+    state_file.write_text(json.dumps(state))
+    assert main([*argv, "--resume"]) == 0
+    state["config"]["text_column"] = "body"  # a real change is still refused
+    state_file.write_text(json.dumps(state))
+    capsys.readouterr()
+    assert main([*argv, "--resume"]) == 2
+    assert "--text-column 'body' -> None" in capsys.readouterr().err
