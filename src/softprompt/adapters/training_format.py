@@ -33,7 +33,9 @@ class TrainingFormat:
     @classmethod
     def from_meta(cls, meta: dict) -> TrainingFormat:
         """Read the training metadata saved with an adapter (``training_state.json``; ``{}`` gives an empty one)."""
-        data = meta.get("data") if isinstance(meta.get("data"), dict) else {}
+        data = meta.get("data")
+        if not isinstance(data, dict):
+            data = {}
         verbalizer = data.get("verbalizer")
         return cls(
             template=data.get("template") or None,

@@ -383,10 +383,6 @@ def create_app(model, settings: ServerSettings | None = None) -> FastAPI:
             raise invalid(f"input: at most {settings.max_inputs} texts per request (got {len(texts)})", param="input")
         # Unless raw: texts go through the adapter's training template and labels become its label words.
         recorded = entry.training_format if entry is not None and not req.raw else None
-        if recorded is None and req.labels is None:
-            raise invalid("labels: required, unless the model is an adapter that records its label words "
-                          "(and raw is false)", param="labels")
-        names, words = req.labels, req.labels
         if recorded is not None:
             try:
                 names, words = recorded.label_words(req.labels)
@@ -396,6 +392,11 @@ def create_app(model, settings: ServerSettings | None = None) -> FastAPI:
                 texts = [recorded.format(t) for t in texts]
             except ConfigError as exc:
                 raise invalid(f"input: {exc}", param="input") from None
+        elif req.labels is None:
+            raise invalid("labels: required, unless the model is an adapter that records its label words "
+                          "(and raw is false)", param="labels")
+        else:
+            names = words = req.labels
         if len(names) > settings.max_labels:
             raise invalid(f"labels: at most {settings.max_labels} candidate labels (got {len(names)})",
                           param="labels")

@@ -157,7 +157,7 @@ class ResolvedAdapter(AdapterSettings):
         rows = load_rows(self.data, format=self.data_format, split=self.data_split, encoding=self.encoding)
         if self.max_rows is None:
             return rows
-        return sample_rows(rows, self.max_rows, self.seed, self.label_column, source=self.data)
+        return sample_rows(rows, self.max_rows, self.seed, self.label_column, source=str(self.data))
 
     def load_validation_rows(self) -> list[dict[str, str]] | None:
         """Rows of --validation-data, or of --validation-split of a hub --data set; None: split --data."""

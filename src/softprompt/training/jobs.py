@@ -54,7 +54,7 @@ def prepare_job(
         if val_rows is None:
             val_rows = spec.load_validation_rows()
     rows = list(rows)
-    _check_text_column(spec, rows, source)
+    _check_text_column(spec, rows, str(source))
     split_here = val_rows is None  # validation rows are cut from `rows` (or there are none)
     if split_here:
         val_rows = (
