@@ -24,6 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from softprompt import __version__
+from softprompt.adapters.training_format import TrainingFormat
 from softprompt.engine.families import ModelShape
 from softprompt.errors import AdapterMismatchError, SoftPromptError
 from softprompt.fileio import atomic_directory, recover_directory, sha256_file
@@ -334,6 +335,8 @@ def _read(folder: Path, shape: ModelShape, resume: bool) -> tuple[SoftPromptMeth
                 fresh = cls(config, shape)
                 fresh.load_training_state(own)
                 adapter = fresh
+    state_meta = folder / STATE_META_FILE
+    adapter.training_format = TrainingFormat.from_meta(read_json(state_meta)) if state_meta.exists() else None
     return adapter, meta
 
 

@@ -183,7 +183,10 @@ def save_latest(
 
 def _in_current_layout(saved: dict) -> dict:
     """A saved config as today's `TrainConfig.to_dict` writes it (runs saved before method options were nested kept
-    them flat), so that only real changes count as differences."""
+    them flat; runs saved before ``text_column`` defaulted to unset wrote ``text`` beside a template, which never
+    read it), so that only real changes count as differences."""
+    if saved.get("template") and saved.get("text_column") == "text":
+        saved = {**saved, "text_column": None}
     try:
         return TrainConfig.from_dict(saved, source="checkpoint config").to_dict()
     except ConfigError:

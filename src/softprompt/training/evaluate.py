@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 
 from softprompt.adapters.peft_format import read_training_state
-from softprompt.data import Example, build_examples, default_template, load_rows, verbalizer_for
+from softprompt.adapters.training_format import TrainingFormat
+from softprompt.data import Example, build_examples, default_template, load_rows, sample_rows, verbalizer_for
 from softprompt.data.heldout import fingerprint, read_train_fingerprints
 from softprompt.engine.tokens import pad_id
 from softprompt.errors import ConfigError, DataError
@@ -51,14 +52,7 @@ def adapter_settings(adapter_dir: str | Path) -> dict:
     ``label_column``, ``verbalizer``, ``labels`` (label texts), ``max_length``.
     """
     _, meta = read_training_state(adapter_dir)
-    data = meta.get("data") or {}
-    keys = ("template", "text_column", "label_column", "verbalizer")
-    out = {k: data[k] for k in keys if k in data}
-    if meta.get("labels"):
-        out["labels"] = meta["labels"]
-    if meta.get("max_length"):
-        out["max_length"] = meta["max_length"]
-    return out
+    return TrainingFormat.from_meta(meta).settings()
 
 
 def normalize_text(text: str) -> str:
@@ -291,13 +285,15 @@ def evaluate_data(
     data_format: str | None = None,
     encoding: str | None = None,
     split: str = "test",
+    max_rows: int | None = None,
 ) -> EvalReport:
     """Evaluate a loaded adapter on a data file (what ``softprompt eval`` runs).
 
     Settings not given are taken from how the adapter was trained (``adapter_dir``'s training
     metadata, see `adapter_settings`), and its training rows are dropped from the evaluation.
     ``data_format``/``encoding``/``split`` are passed to `softprompt.data.load_rows` (``split``
-    only matters for hub data sets).
+    only matters for hub data sets). ``max_rows``: a seeded sample of that many rows, stratified by label
+    (`softprompt.data.sample_rows`).
     """
     saved = adapter_settings(adapter_dir) if adapter_dir else {}
     text_column = text_column or saved.get("text_column") or "text"
@@ -305,6 +301,8 @@ def evaluate_data(
     label_column = label_column if label_column is not None else saved.get("label_column")
     verbalizer = verbalizer or saved.get("verbalizer")
     rows = load_rows(data, format=data_format, split=split, encoding=encoding)
+    if max_rows is not None:
+        rows = sample_rows(rows, max_rows, 0, label_column or None, source=str(data))
     verb = None
     if label_column:
         verb = verbalizer_for(verbalizer, rows, label_column, source=str(data))
