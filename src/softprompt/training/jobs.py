@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from softprompt.adapters.peft_format import load_adapter
 from softprompt.data import Example, Template, Verbalizer, build_examples, column_names, train_val_split, verbalizer_for
 from softprompt.data.heldout import fingerprint, read_train_fingerprints
-from softprompt.errors import ConfigError, DataError
+from softprompt.errors import ConfigError, DataError, SoftPromptError
 from softprompt.options import did_you_mean, flag
 from softprompt.training.config import ResolvedAdapter
 
@@ -118,4 +119,27 @@ def _check_text_column(spec: ResolvedAdapter, rows: list[dict], source: str) -> 
     )
 
 
-__all__ = ["AdapterJob", "prepare_job"]
+def start_from(model, job: AdapterJob, prefix: str = "") -> None:
+    """``init_from``: the job's new adapter takes a saved adapter's weights (and reparameterisation, if
+    the save kept one), after checking that it is the same method with as many virtual tokens."""
+    init_from = job.spec.init_from
+    assert init_from is not None  # called only for a job that starts from a saved adapter
+    fresh = model.adapters[job.name]
+    where = f"{prefix}{flag('init_from')} {init_from}"
+    try:
+        loaded = load_adapter(model, init_from, name=job.name, resume=True)
+    except (SoftPromptError, OSError) as exc:  # raised before the fresh adapter was replaced
+        raise ConfigError(f"{where}: {exc}") from None
+    want = (job.spec.method, job.spec.method_options["num_virtual_tokens"])
+    found = (loaded.config.method, loaded.config.num_virtual_tokens)
+    if found != want:
+        model.remove_adapter(job.name)
+        model.register(job.name, fresh)  # leave the model as a failed set-up of any other kind does
+        raise ConfigError(
+            f"{where}: is a {found[0]} adapter with {found[1]} virtual tokens, but this job trains "
+            f"{want[0]} with {want[1]}; set {flag('method')} and {flag('num_virtual_tokens')} to match"
+        )
+    loaded.requires_grad_(True)
+
+
+__all__ = ["AdapterJob", "prepare_job", "start_from"]

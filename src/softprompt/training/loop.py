@@ -55,7 +55,7 @@ from transformers import get_scheduler
 
 from softprompt.adapters.peft_format import load_adapter
 from softprompt.engine.tokens import pad_id
-from softprompt.errors import ConfigError, SoftPromptError
+from softprompt.errors import ConfigError
 from softprompt.models.loading import load
 from softprompt.training import distributed
 from softprompt.training.batches import Encoded, collate, encode_examples, epoch_groups
@@ -69,10 +69,9 @@ from softprompt.training.checkpoint import (
     save_latest,
 )
 from softprompt.training.config import CHECKPOINT, TrainConfig, flag, save_resolved
-from softprompt.training.evaluate import evaluate, example_loss
-from softprompt.training.jobs import AdapterJob, prepare_job
-from softprompt.training.metrics import perplexity
+from softprompt.training.jobs import AdapterJob, prepare_job, start_from
 from softprompt.training.signals import TrainingInterrupted, stop_at_step_boundary_on_signals, stop_requested
+from softprompt.training.validation import selection_score, validation_metrics
 
 PLOT_EVERY_SECONDS = 60.0  # the loss curve is redrawn at validations at most this often, and at the end
 
@@ -196,7 +195,7 @@ class Trainer:
         for job in jobs:
             model.add_adapter(job.name, method=job.spec.method, seed=job.spec.seed, **job.spec.method_options)
             if job.spec.init_from and not config.resume:  # a resumed run restores its own checkpoint instead
-                _start_from(model, job, prefix=f"adapters ({job.name}): " if len(jobs) > 1 else "")
+                start_from(model, job, prefix=f"adapters ({job.name}): " if len(jobs) > 1 else "")
         saved = None
         if config.resume:
             saved = read_checkpoints(config, self.output, self.names, dist)
@@ -395,7 +394,7 @@ class Trainer:
                 **metrics,
             }
         )
-        score = _score(metrics, job)
+        score = selection_score(metrics, job)
         best = state.best.get(job.name)
         if best is None or not job.val or score > tuple(best["score"]):
             state.best[job.name] = {"score": list(score), "step": state.step, "epoch": state.epoch, "metrics": metrics}
@@ -449,68 +448,6 @@ class Trainer:
             )
         self.model.eval()
         return TrainResult(self.output, results, state.step, state.epoch, self.model)
-
-
-def _start_from(model, job: AdapterJob, prefix: str = "") -> None:
-    """``init_from``: the job's new adapter takes a saved adapter's weights (and reparameterisation, if
-    the save kept one), after checking that it is the same method with as many virtual tokens."""
-    init_from = job.spec.init_from
-    assert init_from is not None  # called only for a job that starts from a saved adapter
-    fresh = model.adapters[job.name]
-    where = f"{prefix}{flag('init_from')} {init_from}"
-    try:
-        loaded = load_adapter(model, init_from, name=job.name, resume=True)
-    except (SoftPromptError, OSError) as exc:  # raised before the fresh adapter was replaced
-        raise ConfigError(f"{where}: {exc}") from None
-    want = (job.spec.method, job.spec.method_options["num_virtual_tokens"])
-    found = (loaded.config.method, loaded.config.num_virtual_tokens)
-    if found != want:
-        model.remove_adapter(job.name)
-        model.register(job.name, fresh)  # leave the model as a failed set-up of any other kind does
-        raise ConfigError(
-            f"{where}: is a {found[0]} adapter with {found[1]} virtual tokens, but this job trains "
-            f"{want[0]} with {want[1]}; set {flag('method')} and {flag('num_virtual_tokens')} to match"
-        )
-    loaded.requires_grad_(True)
-
-
-# ====================================================================================== validation
-
-
-def validation_metrics(model, job: AdapterJob, adapter: str | None, config: TrainConfig) -> dict:
-    """Validation metrics of ``adapter`` (None: the bare base model) on a job's validation rows: loss and
-    perplexity, plus accuracy and macro-F1 (by ``config.eval_method``) for classification."""
-    was_training = model.training
-    model.eval()
-    try:
-        total, tokens = example_loss(
-            model, job.val, adapter, batch_size=config.batch_size, max_length=config.max_length, bf16=config.bf16
-        )
-        metrics = {"n": len(job.val), "val_loss": total / tokens, "perplexity": perplexity(total, tokens)}
-        if job.labels is not None:
-            report = evaluate(
-                model,
-                job.val,
-                adapter,
-                job.labels,
-                method=config.eval_method,
-                compare_base=False,
-                batch_size=config.batch_size,
-                max_length=config.max_length,
-            )
-            metrics.update(accuracy=report.metrics["accuracy"], macro_f1=report.metrics["macro_f1"])
-    finally:
-        model.train(was_training)
-    return metrics
-
-
-def _score(metrics: dict, job: AdapterJob) -> tuple:
-    """Higher is better: accuracy, then macro-F1, then lower loss (classification); lower loss otherwise."""
-    if not metrics:
-        return ()
-    if job.labels is not None:
-        return (metrics["accuracy"], metrics["macro_f1"], -metrics["val_loss"])
-    return (-metrics["val_loss"],)
 
 
 __all__ = [
