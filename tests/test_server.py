@@ -170,11 +170,13 @@ def test_a_client_that_disconnects_mid_stream_frees_its_row(env):
         )
 
     before = completion_tokens()
-    with env["server"].client() as own:
-        with own.stream(
+    with (
+        env["server"].client() as own,
+        own.stream(
             "POST", C, json={"model": "pt", "prompt": long, "max_tokens": 200, "temperature": 0, "stream": True}
-        ) as response:
-            next(response.iter_lines())  # the first event arrived: the row is decoding; now hang up
+        ) as response,
+    ):
+        next(response.iter_lines())  # the first event arrived: the row is decoding; now hang up
     deadline = time.monotonic() + 10
     while env["client"].get("/health").json()["running"]:
         assert time.monotonic() < deadline

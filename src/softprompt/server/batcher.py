@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import threading
 import time
@@ -447,10 +448,8 @@ class Batcher:
         for job, events in outbox.items():
             by_loop.setdefault(job.loop, []).append((job, events))
         for loop, items in by_loop.items():
-            try:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
                 loop.call_soon_threadsafe(_deliver_all, items)
-            except RuntimeError:  # the loop is closed: nobody is waiting
-                pass
 
     def _shutdown(self) -> None:
         def error():

@@ -19,6 +19,7 @@ All registry state is touched only from the event loop (and at start, before ser
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -337,10 +338,8 @@ class AdapterRegistry:
             raise APIError(400, f"adapter {name!r} could not be loaded: {exc}", code="adapter_invalid") from None
         entry = self.entries.get(name)
         if entry is not None and entry.loading is not None:
-            try:
+            with contextlib.suppress(APIError):
                 await asyncio.shield(entry.loading)
-            except APIError:
-                pass
         entry = self.entries.get(name)
         if entry is not None and entry.resident:  # reload in place: running rows keep their cached prefix
             await self._on_model_thread(install, self.model, name, adapter)
@@ -376,10 +375,8 @@ class AdapterRegistry:
         if entry is None:
             raise APIError(404, f"no adapter named {name!r} is registered", param="name", code="model_not_found")
         if entry.loading is not None:
-            try:
+            with contextlib.suppress(APIError):
                 await asyncio.shield(entry.loading)
-            except APIError:
-                pass
         if self.entries.get(name) is not entry:
             raise APIError(404, f"no adapter named {name!r} is registered", param="name", code="model_not_found")
         del self.entries[name]
