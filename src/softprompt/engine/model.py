@@ -24,18 +24,10 @@ from transformers import DynamicCache, EncoderDecoderCache, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutput
 
 from softprompt.adapters import hub, peft_format
-from softprompt.engine import attention, generation, scoring
+from softprompt.engine import attention, generation, prefixes, scoring
 from softprompt.engine.adapter_name import check_adapter_name
 from softprompt.engine.decode import DecodeState
 from softprompt.engine.families import CacheArg, ModelShape, quirks_for
-from softprompt.engine.prefixes import (
-    AdapterPrefix,
-    BatchPrefix,
-    LayerKV,
-    PromptKVCache,
-    prepend_prompts,
-    stack_prefixes,
-)
 from softprompt.errors import SoftPromptError
 from softprompt.methods import SoftPromptMethod, method_class
 
@@ -70,7 +62,7 @@ class SoftPromptModel(nn.Module):
         # The module every cached forward below calls: the whole model for encoder-decoders, else the backbone.
         self.cache_arg = CacheArg.of((base if self.shape.is_encoder_decoder else self.backbone).forward)
         self.adapters = nn.ModuleDict()
-        self._prompt_kv_cache = PromptKVCache()
+        self._prompt_kv_cache = prefixes.PromptKVCache()
 
     # ------------------------------------------------------------------ adapters
     def add_adapter(
@@ -188,7 +180,7 @@ class SoftPromptModel(nn.Module):
         return names
 
     @torch.no_grad()
-    def _text_kv(self, token_ids: list[int]) -> LayerKV:
+    def _text_kv(self, token_ids: list[int]) -> prefixes.LayerKV:
         """Per-layer ``[kv_heads, n, head_dim]`` keys/values the frozen model computes for ``token_ids``
         at positions 0..n-1 (decoder self-attention for encoder-decoder models): a prefix's real-activation start."""
         ids = torch.tensor([token_ids], device=self.device)
@@ -228,7 +220,7 @@ class SoftPromptModel(nn.Module):
         return logits
 
     # ------------------------------------------------------------------ prefixes
-    def _prompt_kv(self, name: str) -> AdapterPrefix:
+    def _prompt_kv(self, name: str) -> prefixes.AdapterPrefix:
         """Per-layer ``[kv_heads, n, head_dim]`` keys/values of one adapter (+ last hidden for input methods).
 
         Input-method prompts are run through the frozen model once; the result is cached until the
@@ -269,16 +261,16 @@ class SoftPromptModel(nn.Module):
             self._prompt_kv_cache.put(name, key, params, layers, last_hidden)
         return layers, last_hidden
 
-    def _batch_prefix(self, names: list[str | None]) -> BatchPrefix | None:
+    def _batch_prefix(self, names: list[str | None]) -> prefixes.BatchPrefix | None:
         unique = dict.fromkeys(n for n in names if n is not None)
-        return stack_prefixes(names, {name: self._prompt_kv(name) for name in unique}, self.device)
+        return prefixes.stack_prefixes(names, {name: self._prompt_kv(name) for name in unique}, self.device)
 
     # ------------------------------------------------------------------ causal forward
     def _causal_hidden(
         self,
         input_ids,
         attention_mask,
-        prefix: BatchPrefix | None,
+        prefix: prefixes.BatchPrefix | None,
         cache=None,
         prefix_len: torch.Tensor | None = None,
         past_mask: torch.Tensor | None = None,
@@ -340,7 +332,7 @@ class SoftPromptModel(nn.Module):
         prefix = self._batch_prefix(self._row_names(adapters, input_ids.shape[0]))
         return self._causal_hidden(input_ids, attention_mask, prefix)[0]
 
-    def _label_loss(self, hidden, attention_mask, labels, prefix: BatchPrefix | None) -> SoftPromptOutput:
+    def _label_loss(self, hidden, attention_mask, labels, prefix: prefixes.BatchPrefix | None) -> SoftPromptOutput:
         """Loss over label tokens, projecting only the hidden states that predict a label."""
         batch, length = labels.shape
         positions = torch.arange(length, device=self.device)[None].expand(batch, -1)
@@ -365,7 +357,7 @@ class SoftPromptModel(nn.Module):
         embeds = self.base.get_input_embeddings()(input_ids)
         adapters = [self.get_adapter(n) if n is not None else None for n in names]
         prompts = [a.input_embeddings() if a is not None and a.adds == "input" else None for a in adapters]
-        return prepend_prompts(embeds, attention_mask, prompts)
+        return prefixes.prepend_prompts(embeds, attention_mask, prompts)
 
     def _decoder_prefix(self, names):
         """EncoderDecoderCache holding each row's decoder self-attention prefix (prefix tuning rows)."""
