@@ -48,7 +48,7 @@ ids, mask = pad_batch(rows, pad=0, side="right")
 label_ids, _ = pad_batch(labels, pad=-100, side="right")
 optimizer = torch.optim.AdamW([p for a in model.adapters.values() for p in a.parameters()], lr=0.1)
 model.train()
-for step in range(200):
+for _step in range(200):
     loss = model(ids, mask, adapters=names, labels=label_ids).loss
     loss.backward()
     optimizer.step()

@@ -43,8 +43,8 @@ def read_tsv(path: Path) -> list[Example]:
     with open(path, encoding="utf-8", newline="") as f:
         reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
         header = next(reader)
-        s, l = header.index("sentence"), header.index("label")
-        return [Example(row[s].strip(), int(row[l])) for row in reader if row]
+        text, label = header.index("sentence"), header.index("label")
+        return [Example(row[text].strip(), int(row[label])) for row in reader if row]
 
 
 _WORDS = {

@@ -116,7 +116,7 @@ class ServerProcess:
         env = dict(os.environ)
         env.setdefault("OMP_NUM_THREADS", "1")  # a tiny model: more threads only fight over shared cores
         env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), *filter(None, [env.get("PYTHONPATH")])])
-        for attempt in range(3):
+        for _attempt in range(3):
             port = free_port()
             self.url = f"http://127.0.0.1:{port}"
             self._log = open(self.log_path, "wb")

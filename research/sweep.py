@@ -234,7 +234,7 @@ def _numbers(text: str, kind, flag: str) -> list:
     try:
         values = [kind(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise SystemExit(f"research.sweep: {flag}: expected comma-separated numbers, got {text!r}")
+        raise SystemExit(f"research.sweep: {flag}: expected comma-separated numbers, got {text!r}") from None
     if not values or any(v <= 0 for v in values):
         raise SystemExit(f"research.sweep: {flag}: expected positive numbers, got {text!r}")
     return values

@@ -78,7 +78,7 @@ def test_inference_rows(quick_run):
         n = r["num_virtual_tokens"]
         assert len({len(v) for v in runs.values()}) == 1  # every system timed in every round
 
-        def paired(a, b):  # median over rounds of the per-round ratio
+        def paired(a, b, runs=runs):  # median over rounds of the per-round ratio
             return statistics.median(x / y for x, y in zip(runs[a], runs[b]))
 
         assert close(r["overhead_vs_bare"], paired(f"softprompt_pt{n}", "bare") - 1)

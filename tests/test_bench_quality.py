@@ -94,7 +94,7 @@ def test_generation_reports_perplexity_and_one_mixed_batch_of_samples(quick_qual
     _, result, doc = quick_quality
     gen = result["tasks"]["generation"]
     for name in ("chatgpt_prompts", "english_quotes"):
-        for who, r in gen["systems"][name].items():
+        for r in gen["systems"][name].values():
             assert r["perplexity"] == pytest.approx(math.exp(r["loss"]))
             assert r["tokens"] > 0
     assert {s["adapter"] for s in gen["samples"]} == {"base model", "chatgpt_prompts", "english_quotes"}

@@ -149,10 +149,10 @@ def test_cut_is_seeded_and_leaves_out_seen_rows_and_duplicates(tmp_path):
         n = reproduce_plan.cut_unseen(
             data, tmp_path / name, seen_adapters=[], seen_files=[str(seen)], seed=3, val=4, **kw
         )
-        read = [
-            list(csv.reader(open(tmp_path / name / f, newline=""), delimiter="\t"))[1:]
-            for f in ("val_new.tsv", "train_new.tsv")
-        ]
+        read = []
+        for f in ("val_new.tsv", "train_new.tsv"):
+            with open(tmp_path / name / f, newline="") as rows:
+                read.append(list(csv.reader(rows, delimiter="\t"))[1:])
         return n, read
 
     (n_val, n_train), (val, train) = cut("a", train=None, dedupe=True)

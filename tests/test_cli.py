@@ -220,7 +220,25 @@ def test_train_then_eval_from_the_command_line(tmp_path, capsys):
         == 0
     )
     assert (out / "config.yaml").exists() and (out / "default" / "adapter_model.safetensors").exists()
-    capsys.readouterr()
+    ended = capsys.readouterr().out.splitlines()  # a table, then where everything went
+    header = next(i for i, line in enumerate(ended) if line.startswith("adapter "))
+    assert ended[header].split() == [
+        "adapter",
+        "best",
+        "step",
+        "val",
+        "loss",
+        "accuracy",
+        "macro-F1",
+        "zero-shot",
+        "loss",
+        "accuracy",
+        "macro-F1",
+    ]
+    assert ended[header + 1].split()[0] == "default" and len(ended[header + 1].split()) == 8
+    assert f"config:   {out / 'config.yaml'}" in ended and f"metrics:  {out / 'metrics.jsonl'}" in ended
+    assert f"adapters: {out / 'default'}" in ended
+    assert f"plots:    {out / 'loss_curve.png'}, {out / 'default' / 'loss_curve.png'}" in ended
     assert (
         main(
             [
@@ -238,7 +256,9 @@ def test_train_then_eval_from_the_command_line(tmp_path, capsys):
         )
         == 0
     )
-    report = json.loads(capsys.readouterr().out)["a"]
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)["a"]
+    assert f"a: confusion matrix -> {tmp_path / 'confusion.png'}" in captured.err  # stdout stays JSON
     assert "accuracy" in json.dumps(report)
     assert (tmp_path / "confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # a data file without a telling extension is read with --format

@@ -146,10 +146,13 @@ def assert_same_run(expected: Path, actual: Path) -> None:
             assert a.keys() == b.keys(), f"{sub / name}: different tensors {sorted(a)} vs {sorted(b)}"
             for key in a:
                 assert torch.equal(a[key], b[key]), f"{sub / name}: tensor {key!r} differs from the uninterrupted run"
-    strip = lambda path: [
-        {k: v for k, v in json.loads(line).items() if k != "seconds"}  # noqa: E731
-        for line in (path / "metrics.jsonl").read_text().splitlines()
-    ]
+
+    def strip(path: Path) -> list[dict]:
+        return [
+            {k: v for k, v in json.loads(line).items() if k != "seconds"}
+            for line in (path / "metrics.jsonl").read_text().splitlines()
+        ]
+
     assert strip(actual) == strip(expected)
 
 
@@ -197,7 +200,7 @@ def test_sigkill_at_several_points_then_resume_gives_the_uninterrupted_adapter_b
     for i, (what, steps, jitter) in enumerate(points):
         log = tmp_path / f"kill{i}.log"
         proc = start(argv + (["--resume"] if i else []), log)
-        wait_until(proc, lambda: (checkpoint_step(out) or 0) >= steps, log, what)
+        wait_until(proc, lambda steps=steps: (checkpoint_step(out) or 0) >= steps, log, what)
         time.sleep(rng.uniform(0.0, jitter))
         assert kill(proc) == -signal.SIGKILL, f"{what} (seed {seed}): the run was not cut short"
         step = checkpoint_step(out)

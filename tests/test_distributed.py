@@ -249,7 +249,7 @@ def test_only_rank_0_writes_files(single_and_pair):
     # one log line per record (rank 1 appended nothing), one result line printed (rank 0's)
     lines = lambda output: len((output / "metrics.jsonl").read_text().splitlines())  # noqa: E731
     assert lines(two) == lines(one)
-    assert done.stdout.count("default: best") == 1
+    assert done.stdout.count("best step") == 1  # the summary table's header
 
 
 # ------------------------------------------------------------------------------------------- resume

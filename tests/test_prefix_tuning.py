@@ -37,7 +37,7 @@ def test_prefix_from_text_on_an_encoder_decoder_holds_the_decoder_activations():
     rows = layer_rows(model.shape)
     # PEFT's seq2seq layout makes some layers share rows; each shared row holds its last layer's activations.
     owners = {row: layer for layer, row in enumerate(rows)}
-    for row, layer in owners.items():
+    for layer in owners.values():
         torch.testing.assert_close(got[layer][0], expected[layer][0])
         torch.testing.assert_close(got[layer][1], expected[layer][1])
     with torch.no_grad():

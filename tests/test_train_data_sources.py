@@ -58,7 +58,8 @@ def test_format_and_encoding_flags_reach_the_reader(tmp_path):
     rows = toy_rows(20)
     rows[0]["text"] = "café " + rows[0]["text"]
     path = tmp_path / "toy.data"
-    path.write_bytes(open(write_csv(tmp_path / "toy.csv", rows), encoding="utf-8").read().encode("latin-1"))
+    write_csv(tmp_path / "toy.csv", rows)
+    path.write_bytes((tmp_path / "toy.csv").read_text(encoding="utf-8").encode("latin-1"))
     base = {"data": str(path), "label_column": "label", "output": str(tmp_path / "out")}
     with pytest.raises(ConfigError, match="cannot tell the format"):
         prepare_job(load_config(None, base).resolved_adapters()[0])

@@ -8,6 +8,7 @@ model.generate(["text 1", "text 2"], adapters=["a", None], max_new_tokens=10)
 
 __version__ = "0.1.0"
 
+from softprompt.adapters.training_format import TrainingFormat, format_inputs
 from softprompt.engine.model import SoftPromptModel, SoftPromptOutput
 from softprompt.engine.scoring import LabelScores
 from softprompt.errors import AdapterMismatchError, ConfigError, DataError, SoftPromptError
@@ -28,7 +29,9 @@ __all__ = [
     "SoftPromptError",
     "SoftPromptModel",
     "SoftPromptOutput",
+    "TrainingFormat",
     "__version__",
     "estimate_memory",
+    "format_inputs",
     "load",
 ]

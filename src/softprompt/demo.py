@@ -24,7 +24,7 @@ def balanced_split(rows: list[dict], train_size: int, test_size: int, seed: int)
     rng = random.Random(seed)
     by_label = {label: [r for r in rows if r["label"] == label] for label in LABELS}
     train, test = [], []
-    for label, group in by_label.items():
+    for group in by_label.values():
         rng.shuffle(group)
         test += group[: test_size // len(LABELS)]
         train += group[test_size // len(LABELS) : test_size // len(LABELS) + train_size // len(LABELS)]

@@ -189,9 +189,10 @@ def coerce(value: Any, hint: Any, *, text: bool, where: str) -> Any:
     """``value`` as a field of type ``hint`` (bool, int, float, str, dict[str, str], unions of them with
     None). ``text``: the value came from a command line, so strings are parsed ('4', 'true', 'null').
     Lists are the caller's (they hold nested configs). Errors name ``where``."""
-    if is_optional(hint):
-        if value is None or (text and isinstance(value, str) and value.strip().lower() in ("none", "null")):
-            return None
+    if is_optional(hint) and (
+        value is None or (text and isinstance(value, str) and value.strip().lower() in ("none", "null"))
+    ):
+        return None
     kinds = _kinds(hint)
     if typing.get_origin(kinds[0]) is dict:
         return _mapping(value, text=text, where=where)
@@ -260,7 +261,10 @@ class Option:
 
 
 def default_of(f: dataclasses.Field) -> Any:
-    return f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    assert f.default_factory is not dataclasses.MISSING, f"field {f.name!r} has no default"
+    return f.default_factory()
 
 
 def options_of(cls: type) -> list[Option]:
@@ -296,7 +300,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, *, metavars: Mappi
         extra = {"choices": f.metadata["choices"]} if "choices" in f.metadata else {}
         if f.metadata.get("positional"):
             parser.add_argument(
-                f.name, help=help_text or None, metavar=f.metadata.get("metavar"), **({"nargs": "+"} if many else {})
+                f.name, help=help_text or None, metavar=f.metadata.get("metavar"), nargs="+" if many else None
             )
             continue
         metavar = (metavars or {}).get(f.name, f.metadata.get("metavar", None if extra else f.name.upper()))

@@ -159,11 +159,10 @@ def _strip_local_paths(state_meta: Path) -> None:
     if isinstance(data, dict):
         for key in ("data", "validation_data", "init_from"):
             value = data.get(key)
-            local = (
+            if (
                 isinstance(value, str)
                 and not value.startswith("hf:")
-                and (not is_hub_id(value) or Path(value).expanduser().exists())
-            )  # a hub id means the same anywhere
-            if local:
+                and (not is_hub_id(value) or Path(value).expanduser().exists())  # a hub id means the same anywhere
+            ):
                 data[key] = value.replace("\\", "/").rsplit("/", 1)[-1]
         state_meta.write_text(json.dumps(info, indent=2, sort_keys=True), encoding="utf-8")

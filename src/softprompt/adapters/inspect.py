@@ -30,9 +30,10 @@ def inspect_adapter(path: str | Path, model=None, *, top_k: int = 3) -> dict:
     verify_checksum(folder, WEIGHTS_FILE, meta)
     table = read_tensors(folder / WEIGHTS_FILE).get("prompt_embeddings")
     files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
+    peft_type = config.get("peft_type")
     info = {
         "path": str(folder),
-        "method": PEFT_TYPES.get(config.get("peft_type"), config.get("peft_type")),
+        "method": PEFT_TYPES.get(peft_type, peft_type) if isinstance(peft_type, str) else peft_type,
         "base_model": meta.get("base_model") or config.get("base_model_name_or_path"),
         "task_type": config.get("task_type"),
         "num_virtual_tokens": config.get("num_virtual_tokens"),

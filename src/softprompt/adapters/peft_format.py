@@ -24,6 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from softprompt import __version__
+from softprompt.adapters.training_format import TrainingFormat
 from softprompt.engine.families import ModelShape
 from softprompt.errors import AdapterMismatchError, SoftPromptError
 from softprompt.fileio import atomic_directory, recover_directory, sha256_file
@@ -176,7 +177,8 @@ def read_tensors(file: Path) -> dict[str, torch.Tensor]:
         raise SoftPromptError(f"{file}: missing")
     try:
         with safe_open(str(file), framework="pt") as f:
-            return {key: f.get_tensor(key) for key in f.keys()}
+            names = f.keys()  # safe_open is not iterable: keys() is how it lists its tensors
+            return {key: f.get_tensor(key) for key in names}
     except Exception as exc:
         raise SoftPromptError(f"{file}: not a readable safetensors file (truncated or corrupt: {exc})") from None
 
@@ -333,6 +335,8 @@ def _read(folder: Path, shape: ModelShape, resume: bool) -> tuple[SoftPromptMeth
                 fresh = cls(config, shape)
                 fresh.load_training_state(own)
                 adapter = fresh
+    state_meta = folder / STATE_META_FILE
+    adapter.training_format = TrainingFormat.from_meta(read_json(state_meta)) if state_meta.exists() else None
     return adapter, meta
 
 

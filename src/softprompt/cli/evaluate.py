@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +54,11 @@ class EvalOptions:
     encoding: str | None = option(None, "Text encoding of the data file (default UTF-8).")
     split: str = option("test", "Split of a hub data set (default: test).")
     batch_size: int = option(16, "Rows per batch (default 16).")
+    max_rows: int | None = option(
+        None,
+        "Evaluate a seeded sample of at most N rows, every label keeping its share (before training rows are "
+        "dropped; default: all rows).",
+    )
     plot: str | None = option(
         None,
         "Also draw each adapter's confusion matrix to this PNG (NAME is inserted "
@@ -93,9 +99,12 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
             data_format=args.data_format,
             encoding=args.encoding,
             split=args.split,
+            max_rows=args.max_rows,
         )
         if args.plot:
-            _plot_confusion(reports[name], args.plot, name if len(adapters) > 1 else None)
+            written = _plot_confusion(reports[name], args.plot, name if len(adapters) > 1 else None)
+            # stderr under --json, so stdout stays one JSON document
+            print(f"{name}: confusion matrix -> {written}", file=sys.stderr if args.json else sys.stdout)
     if args.json:
         print(json.dumps({n: r.to_dict() for n, r in reports.items()}, indent=2, default=str))
     else:
@@ -104,7 +113,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
-def _plot_confusion(report, path: str, name: str | None) -> None:
+def _plot_confusion(report, path: str, name: str | None) -> Path:
     if report.metrics.get("confusion_matrix") is None:
         raise SoftPromptError(
             "--plot: a confusion matrix needs labelled data evaluated with --method score or generate"
@@ -113,3 +122,4 @@ def _plot_confusion(report, path: str, name: str | None) -> None:
     if name:
         target = target.with_name(f"{target.stem}-{name}{target.suffix or '.png'}")
     plot_confusion_matrix(report.metrics, target)
+    return target

@@ -7,8 +7,9 @@ import json
 from dataclasses import dataclass
 
 from softprompt import load
+from softprompt.adapters.training_format import TrainingFormat, format_inputs
 from softprompt.cli.common import adapter_option, model_option, parse_adapter_specs
-from softprompt.engine.generation import generate
+from softprompt.engine.generation import Generation, generate
 from softprompt.options import add_arguments as add_option_arguments
 from softprompt.options import option
 
@@ -22,6 +23,8 @@ EXAMPLES = """
       softprompt generate --model smollm2-135m --adapter quotes=runs/quotes "Write a quote about rain:"
       softprompt generate --model smollm2-135m --adapter a=runs/a --adapter b=runs/b --base \\
           --max-new-tokens 20 --json "Hello" "Tell me a joke"
+      softprompt generate --model smollm2-135m --adapter a=runs/demo/sentiment "great day!"
+          (rendered through the template the adapter was trained with; --raw sends it as is)
     """
 
 
@@ -32,6 +35,11 @@ class GenerateOptions:
     model: str | None = model_option()
     adapter: list[str] = adapter_option("Adapter to load (repeatable).")
     base: bool = option(False, "Also generate with the bare base model.")
+    raw: bool = option(
+        False,
+        "Send each prompt as is. By default a prompt for an adapter trained here is first rendered through the "
+        "template it was trained with (the bare model's too, when all adapters share one template).",
+    )
     max_new_tokens: int = option(32, "Tokens to generate per prompt (default 32).")
     temperature: float = option(0.0, "0 = greedy (default); above 0 samples.")
     top_p: float = option(1.0, "Nucleus sampling mass when sampling (default 1.0).")
@@ -54,6 +62,12 @@ def run(args: argparse.Namespace) -> int:
     columns: list[str | None] = list(adapters) + ([None] if args.base or not adapters else [])
     prompts = [p for p in args.prompts for _ in columns]
     names = [c for _ in args.prompts for c in columns]
+    if not args.raw:
+        prompts = format_inputs(model, prompts, names)
+        # The bare model reads the same prompt when every adapter was trained on one template: a fair comparison.
+        templates = {fmt.template if (fmt := model.get_adapter(n).training_format) else None for n in adapters}
+        if len(templates) == 1 and (shared := templates.pop()):
+            prompts = [TrainingFormat(template=shared).format(p) if n is None else p for p, n in zip(prompts, names)]
     results = generate(
         model,
         prompts,
@@ -66,10 +80,10 @@ def run(args: argparse.Namespace) -> int:
         stop=args.stop or (),
         seed=args.seed,
     )
-    rows = [
-        {"prompt": p, "adapter": n, "text": r.text, "finish_reason": r.finish_reason}
-        for p, n, r in zip(prompts, names, results)
-    ]
+    rows = []
+    for p, n, r in zip(prompts, names, results):
+        assert isinstance(r, Generation)  # return_details=True
+        rows.append({"prompt": p, "adapter": n, "text": r.text, "finish_reason": r.finish_reason})
     if args.json:
         print(json.dumps(rows, indent=2, ensure_ascii=False))
     else:

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import argparse
 
-from softprompt.training.config import load_config, train_options
+from softprompt.training.checkpoint import LOSS_PNG, METRICS_FILE
+from softprompt.training.config import CONFIG_FILE, load_config, train_options
 from softprompt.training.cross_validate import cross_validate
 from softprompt.training.distributed import current
-from softprompt.training.loop import train
+from softprompt.training.loop import TrainResult, train
 
 NAME = "train"
 HELP = "Train one or several adapters on one frozen base model."
@@ -57,7 +58,51 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
             print(report.format())
         return 0
     result = train(config)
-    for name, adapter in result.adapters.items():
-        if main:
-            print(f"{name}: best {adapter.best} -> {adapter.path}")
+    if main:
+        print(summary(result))
     return 0
+
+
+def _cell(metrics: dict | None, key: str, digits: int) -> str:
+    value = (metrics or {}).get(key)
+    return "-" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def summary(result: TrainResult) -> str:
+    """How a training run ended: per adapter its best validation (step, loss, accuracy, macro-F1) beside the
+    zero-shot base model's on the same rows, then where the config, metrics, plots and adapters are."""
+    header = ["adapter", "best step", "val loss", "accuracy", "macro-F1", "zero-shot loss", "accuracy", "macro-F1"]
+    rows = [header]
+    for name, adapter in result.adapters.items():
+        best, base = adapter.best, adapter.zero_shot
+        rows.append(
+            [
+                name,
+                _cell(best, "step", 0),
+                _cell(best, "val_loss", 4),
+                _cell(best, "accuracy", 3),
+                _cell(best, "macro_f1", 3),
+                _cell(base, "val_loss", 4),
+                _cell(base, "accuracy", 3),
+                _cell(base, "macro_f1", 3),
+            ]
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = [
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in rows
+    ]
+    if any(a.best is None for a in result.adapters.values()):
+        lines.append("(-: no validation rows, so the adapter saved is the last one)")
+    output = result.output
+    plots = [output / LOSS_PNG, *(a.path / LOSS_PNG for a in result.adapters.values())]
+    where = [
+        ("config", [output / CONFIG_FILE]),
+        ("metrics", [output / METRICS_FILE]),
+        ("plots", plots),
+        ("adapters", [a.path for a in result.adapters.values()]),
+    ]
+    for label, paths in where:
+        found = [str(p) for p in paths if p.exists()]
+        if found:
+            lines.append(f"{label + ':':<9} {', '.join(found)}")
+    return "\n".join(lines)

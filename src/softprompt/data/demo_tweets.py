@@ -87,7 +87,10 @@ def _extract_tweets(sdist: Path) -> bytes:
                 info = next((m for m in inner.getmembers() if m.name.endswith(TWEETS_MEMBER)), None)
                 if info is None:
                     raise SoftPromptError(f"{sdist.name}: no {TWEETS_MEMBER} inside {INNER_ARCHIVE}")
-                return inner.extractfile(info).read()
+                member = inner.extractfile(info)
+                if member is None:  # a directory or link of that name, not a file
+                    raise SoftPromptError(f"{sdist.name}: {TWEETS_MEMBER} inside {INNER_ARCHIVE} is not a file")
+                return member.read()
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise SoftPromptError(f"{sdist.name}: not a readable .tar.gz ({exc})") from None
 

@@ -12,6 +12,7 @@ where the parser knows it, the physical line of the file is named too.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import csv
 import io
 import json
@@ -20,7 +21,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from os import PathLike
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from softprompt.errors import ConfigError, DataError
 from softprompt.options import did_you_mean
@@ -175,7 +176,8 @@ def _read_text(path: Path, encoding: str | None, *, fallback: str | None) -> str
         ) from None
 
 
-def _parse_delimited(text: str, path: Path, delimiter: str, quoting: int) -> list[Row]:
+# quoting: csv.QUOTE_MINIMAL (0) or csv.QUOTE_NONE (3)
+def _parse_delimited(text: str, path: Path, delimiter: str, quoting: Literal[0, 3]) -> list[Row]:
     kind = "CSV" if delimiter == "," else "TSV"
     # strict: an unclosed quote must be an error, not a field that silently swallows the rest of the file.
     reader = csv.reader(
@@ -313,10 +315,8 @@ def cell_text(value: Any) -> str:
     if value is None:
         return ""
     if hasattr(value, "item") and not isinstance(value, (list, tuple, dict)):  # numpy scalars
-        try:
+        with contextlib.suppress(TypeError, ValueError):
             value = value.item()
-        except (TypeError, ValueError):
-            pass
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float) and math.isnan(value):

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import TrainerCallback
+from transformers import PreTrainedModel, TrainerCallback
 from transformers.modeling_outputs import BaseModelOutput, CausalLMOutput
 
 from softprompt.adapters.peft_format import load_adapter, save_adapter
@@ -95,11 +95,16 @@ class TrainableAdapter(nn.Module):
     def base_model(self) -> _PromptedBackbone:
         return _PromptedBackbone(self.model, self.adapter_name)
 
-    def get_input_embeddings(self) -> nn.Module:
-        return self.model.base.get_input_embeddings()
+    def _transformers_base(self) -> PreTrainedModel:
+        base = self.model.base
+        assert isinstance(base, PreTrainedModel)  # SoftPromptModel holds it as a plain nn.Module
+        return base
 
-    def get_output_embeddings(self) -> nn.Module:
-        return self.model.base.get_output_embeddings()
+    def get_input_embeddings(self) -> nn.Module:
+        return self._transformers_base().get_input_embeddings()
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        return self._transformers_base().get_output_embeddings()
 
     def add_model_tags(self, tags: list[str] | str) -> None:
         """TRL tags the models it trains for their hub card; an adapter's card is written when it is pushed

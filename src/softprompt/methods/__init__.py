@@ -7,6 +7,7 @@ Each method's options are the fields of its config class (declared once, with th
 from __future__ import annotations
 
 from dataclasses import fields
+from typing import overload
 
 from softprompt.errors import ConfigError
 from softprompt.methods.base import MethodConfig, SoftPromptMethod
@@ -35,6 +36,10 @@ def _options_and_methods() -> dict[str, tuple[str, ...]]:
 METHOD_OPTIONS: dict[str, tuple[str, ...]] = _options_and_methods()
 
 
+@overload
+def normalize_method(name: str) -> str: ...
+@overload
+def normalize_method(name: object) -> object: ...
 def normalize_method(name: object) -> object:
     """``prompt-tuning`` / ``Prompt_Tuning`` -> ``prompt_tuning`` (a registry key when it names a method);
     anything that is not a string comes back unchanged."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -25,6 +25,9 @@ from torch import nn
 from softprompt.engine.families import ModelShape
 from softprompt.errors import ConfigError
 from softprompt.options import check_int, option
+
+if TYPE_CHECKING:  # only named in an annotation: methods need nothing of the data package
+    from softprompt.adapters.training_format import TrainingFormat
 
 
 @dataclass
@@ -73,6 +76,9 @@ class SoftPromptMethod(nn.Module):
 
     adds: ClassVar[Literal["input", "kv"]]
     config_class: ClassVar[type[MethodConfig]]
+    # How its training data was rendered, read from its directory by `softprompt.adapters.peft_format`;
+    # None for an adapter made in code or trained elsewhere.
+    training_format: TrainingFormat | None = None
 
     def __init__(self, config: MethodConfig, shape: ModelShape):
         super().__init__()

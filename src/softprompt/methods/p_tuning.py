@@ -45,6 +45,7 @@ class PTuningConfig(MethodConfig):
 class PTuning(SoftPromptMethod):
     adds = "input"
     config_class = PTuningConfig
+    config: PTuningConfig
 
     def __init__(self, config: PTuningConfig, shape: ModelShape):
         super().__init__(config, shape)

@@ -95,6 +95,7 @@ def table_from_kv(layers: list[tuple[torch.Tensor, torch.Tensor]], shape: ModelS
 class PrefixTuning(SoftPromptMethod):
     adds = "kv"
     config_class = PrefixTuningConfig
+    config: PrefixTuningConfig
 
     def __init__(self, config: PrefixTuningConfig, shape: ModelShape):
         super().__init__(config, shape)

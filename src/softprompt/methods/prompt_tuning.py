@@ -43,7 +43,7 @@ class PromptTuningConfig(MethodConfig):
             raise OptionError("init_text", "required when init is 'text' (the text whose embeddings start the prompt)")
 
 
-def init_from_text(word_embeddings: nn.Module, token_ids: list[int], n: int) -> torch.Tensor:
+def init_from_text(word_embeddings: nn.Embedding, token_ids: list[int], n: int) -> torch.Tensor:
     """Embeddings of ``token_ids`` repeated or cut to ``n`` rows (PEFT's TEXT init)."""
     ids = repeat_to(token_ids, n)
     weight = word_embeddings.weight
@@ -51,7 +51,7 @@ def init_from_text(word_embeddings: nn.Module, token_ids: list[int], n: int) -> 
         return word_embeddings(torch.tensor(ids, device=weight.device)).detach().float().cpu().clone()
 
 
-def init_from_vocab(word_embeddings: nn.Module, n: int, generator: torch.Generator) -> torch.Tensor:
+def init_from_vocab(word_embeddings: nn.Embedding, n: int, generator: torch.Generator) -> torch.Tensor:
     """Embeddings of ``n`` uniformly sampled vocabulary tokens (PEFT's SAMPLE_VOCAB init)."""
     ids = torch.randint(0, word_embeddings.num_embeddings, (n,), generator=generator)
     with torch.no_grad():
@@ -66,6 +66,7 @@ def init_random(n: int, dim: int, generator: torch.Generator) -> torch.Tensor:
 class PromptTuning(SoftPromptMethod):
     adds = "input"
     config_class = PromptTuningConfig
+    config: PromptTuningConfig
 
     def __init__(self, config: PromptTuningConfig, shape: ModelShape, weight: torch.Tensor | None = None):
         super().__init__(config, shape)
@@ -80,7 +81,7 @@ class PromptTuning(SoftPromptMethod):
         config: PromptTuningConfig,
         shape: ModelShape,
         *,
-        word_embeddings: nn.Module,
+        word_embeddings: nn.Embedding,
         tokenize,
         generator: torch.Generator,
         text_kv=None,

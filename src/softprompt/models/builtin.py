@@ -237,8 +237,13 @@ def _package_file(spec: BuiltinModel, root: Path, module: str, rel: str) -> Path
 
 def _locate_parts(spec: BuiltinModel, root: Path) -> list[Path] | None:
     """The GGUF part files (see `_package_file`), or None when one is missing."""
-    found = [_package_file(spec, root, module, rel) for module, rel in spec.parts]
-    return None if None in found else found
+    found = []
+    for module, rel in spec.parts:
+        path = _package_file(spec, root, module, rel)
+        if path is None:
+            return None
+        found.append(path)
+    return found
 
 
 def _pip_install_args(spec: BuiltinModel, target: Path) -> list[str]:

@@ -11,17 +11,21 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import sys
+import importlib
 import time
+import types
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, cast
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
 from softprompt.errors import SoftPromptError
 from softprompt.models.pypi import say
 
+no_init_weights: Callable[[], contextlib.AbstractContextManager[object]]
 try:
     from transformers.initialization import no_init_weights
 except ImportError:  # pragma: no cover - older/newer transformers
@@ -53,27 +57,28 @@ def _progress_bars(enabled: bool):
         return
     was_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
-    gguf_utils = sys.modules.get("transformers.modeling_gguf_pytorch_utils")
-    if gguf_utils is None:
-        try:
-            import transformers.modeling_gguf_pytorch_utils as gguf_utils
-        except ImportError:  # pragma: no cover - moved in another transformers
-            gguf_utils = None
-    original = getattr(gguf_utils, "tqdm", None)
+    gguf_utils: types.ModuleType | None
+    try:
+        gguf_utils = importlib.import_module("transformers.modeling_gguf_pytorch_utils")
+    except ImportError:  # pragma: no cover - moved in another transformers
+        gguf_utils = None
+    # the module's globals, where its loader looks tqdm up (typed stubs know no such attribute)
+    loader_globals = vars(gguf_utils) if gguf_utils is not None else {}
+    original = loader_globals.get("tqdm")
     if original is not None:
-        gguf_utils.tqdm = functools.partial(original, disable=True)
+        loader_globals["tqdm"] = functools.partial(original, disable=True)
     try:
         yield
     finally:
         if original is not None:
-            gguf_utils.tqdm = original
+            loader_globals["tqdm"] = original
         if was_enabled:
             hf_logging.enable_progress_bar()
 
 
 def _load_gguf(gguf_path: Path):
     """The GGUF model (fully dequantized to float32) and its tokenizer, as transformers loads them."""
-    model, info = AutoModelForCausalLM.from_pretrained(
+    loaded = AutoModelForCausalLM.from_pretrained(
         str(gguf_path.parent),
         gguf_file=gguf_path.name,
         dtype=torch.float32,
@@ -81,6 +86,8 @@ def _load_gguf(gguf_path: Path):
         output_loading_info=True,
         trust_remote_code=False,
     )
+    # transformers annotates the model alone; output_loading_info=True returns (model, loading info)
+    model, info = cast(tuple[PreTrainedModel, dict[str, Any]], loaded)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, trust_remote_code=False)
     tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
     missing = [k for k in info.get("missing_keys", ()) if k not in tied]
@@ -136,9 +143,11 @@ def verify_checkpoint(out: Path, model, tokenizer) -> None:
     for key, value in ref_state.items():
         if value.shape != new_state[key].shape or not torch.equal(value, new_state[key]):
             raise SoftPromptError(f"conversion check failed in {out}: weight {key} differs from the GGUF model")
-    if getattr(model.config, "tie_word_embeddings", False):
-        if saved.get_output_embeddings().weight is not saved.get_input_embeddings().weight:
-            raise SoftPromptError(f"conversion check failed in {out}: lm_head is not tied to the embeddings")
+    if (
+        getattr(model.config, "tie_word_embeddings", False)
+        and saved.get_output_embeddings().weight is not saved.get_input_embeddings().weight
+    ):
+        raise SoftPromptError(f"conversion check failed in {out}: lm_head is not tied to the embeddings")
     del saved
     tok = AutoTokenizer.from_pretrained(str(out))
     for attr in ("bos_token", "eos_token", "pad_token", "unk_token", "chat_template"):

@@ -100,5 +100,7 @@ def load(name: str, *, dtype: str | torch.dtype | None = None, device: str | Non
             ) from None
         raise SoftPromptError(f"--model {name!r}: could not load a model there ({str(exc).splitlines()[0]})") from None
     if device:
-        base.to(device)
+        # transformers wraps PreTrainedModel.to with functools.wraps(nn.Module.to), which typeshed types as an
+        # unbound function (self expected as the first argument); the call is right
+        base.to(device)  # type: ignore[arg-type]
     return SoftPromptModel(base, tokenizer, name_or_path=name)

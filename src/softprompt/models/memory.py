@@ -40,13 +40,14 @@ here, not yet measured.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import huggingface_hub
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from softprompt.engine.families import ModelShape
 from softprompt.errors import SoftPromptError
@@ -128,9 +129,10 @@ def _count(module: torch.nn.Module) -> int:
     return sum(t.numel() for t in [*module.parameters(), *module.buffers()])
 
 
-def _meta_model(config: PretrainedConfig) -> torch.nn.Module:
+def _meta_model(config: PretrainedConfig) -> PreTrainedModel:
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+        model: PreTrainedModel = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    return model
 
 
 def _adapter_parameters(method: str, shape: ModelShape, options: dict[str, Any]) -> int:
@@ -180,7 +182,7 @@ def layer_activation_bytes(
     return saved, cache
 
 
-def _quantized_weight_bytes(model: torch.nn.Module, quantize: str, dtype_bytes: int) -> int:
+def _quantized_weight_bytes(model: PreTrainedModel, quantize: str, dtype_bytes: int) -> int:
     """Weights with the decoder blocks' linear layers quantized (embeddings, norms, LM head stay at b)."""
     quantized, linear_bytes = 0, 0.0
     for module in model.modules():
@@ -206,7 +208,8 @@ def _activations(
     h = shape.hidden_size
     gated = getattr(text, "intermediate_size", None) is not None
     intermediate = getattr(text, "intermediate_size", None) or getattr(text, "n_inner", None) or 4 * h
-    dims = dict(
+    layer = functools.partial(
+        layer_activation_bytes,
         hidden=h,
         intermediate=intermediate,
         heads=shape.num_attention_heads,
@@ -216,14 +219,14 @@ def _activations(
         norms=4 if shape.model_type in _FOUR_NORM_FAMILIES else 2,
         gated=gated,
     )
-    text_saved, text_cache = layer_activation_bytes(batch=batch, queries=t, keys=n + t, **dims)
+    text_saved, text_cache = layer(batch=batch, queries=t, keys=n + t)
     if checkpointing:  # each layer keeps its input and its keys/values (the cache the prefix rides in)
         kv = 2 * batch * (n + t) * shape.num_key_value_heads * shape.head_dim * b
         activations = shape.num_layers * (batch * t * h * b + kv)
     else:
         activations = shape.num_layers * (text_saved + text_cache)
     if method_class(method).adds == "input":  # the prompt's own pass over the frozen model, batch 1
-        prompt_saved, prompt_cache = layer_activation_bytes(batch=1, queries=n, keys=n, masked=False, **dims)
+        prompt_saved, prompt_cache = layer(batch=1, queries=n, keys=n, masked=False)
         activations += shape.num_layers * (prompt_saved + prompt_cache)
     # The label log-probabilities and RoPE's cos/sin. The final norm saves what the first layer's input norm
     # does not (the embeddings need no gradient): the two cancel.
@@ -291,10 +294,9 @@ def estimate_memory(
     if gradient_checkpointing:  # the recomputed layer's saved set lives beside its backward transients
         runtime += text_saved
     if sharded:
+        layers = getattr(meta.base_model, "layers", None)
         runtime += 2 * (
-            _count(meta.base_model.layers[0]) * b
-            if hasattr(meta.base_model, "layers")
-            else params * b // shape.num_layers
+            _count(layers[0]) * b if isinstance(layers, torch.nn.ModuleList) else params * b // shape.num_layers
         )
     if quantize == "nf4":  # bitsandbytes dequantizes one weight at a time for the backward
         head = meta.get_output_embeddings()

@@ -394,16 +394,32 @@ def create_app(model, settings: ServerSettings | None = None) -> FastAPI:
         texts = req.texts()
         if len(texts) > settings.max_inputs:
             raise invalid(f"input: at most {settings.max_inputs} texts per request (got {len(texts)})", param="input")
-        if len(req.labels) > settings.max_labels:
+        # Unless raw: texts go through the adapter's training template and labels become its label words.
+        recorded = entry.training_format if entry is not None and not req.raw else None
+        if recorded is not None:
+            try:
+                names, words = recorded.label_words(req.labels)
+            except ConfigError as exc:
+                raise invalid(str(exc), param="labels") from None
+            try:
+                texts = [recorded.format(t) for t in texts]
+            except ConfigError as exc:
+                raise invalid(f"input: {exc}", param="input") from None
+        elif req.labels is None:
             raise invalid(
-                f"labels: at most {settings.max_labels} candidate labels (got {len(req.labels)})", param="labels"
+                "labels: required, unless the model is an adapter that records its label words (and raw is false)",
+                param="labels",
             )
+        else:
+            names = words = req.labels
+        if len(names) > settings.max_labels:
+            raise invalid(f"labels: at most {settings.max_labels} candidate labels (got {len(names)})", param="labels")
 
         def tokenize():
-            return encode(tokenizer, texts), encode(tokenizer, req.labels, add_special_tokens=False)
+            return encode(tokenizer, texts), encode(tokenizer, words, add_special_tokens=False)
 
         ids, label_ids = await asyncio.to_thread(tokenize)
-        for label, lab in zip(req.labels, label_ids):
+        for label, lab in zip(words, label_ids):
             if not lab:
                 raise invalid(f"labels: {label!r} tokenises to no tokens", param="labels")
         longest = max(len(lab) for lab in label_ids)
@@ -414,7 +430,7 @@ def create_app(model, settings: ServerSettings | None = None) -> FastAPI:
             adapter=entry.name if entry else None,
             prompts=ids,
             labels=label_ids,
-            label_names=list(req.labels),
+            label_names=list(names),
             normalize=req.normalize,
         )
         prompt_tokens = sum(len(r) for r in ids)
@@ -422,9 +438,9 @@ def create_app(model, settings: ServerSettings | None = None) -> FastAPI:
         totals = await wait(job)
         data = []
         for i, row in enumerate(totals):
-            scores = dict(zip(req.labels, row))
+            scores = dict(zip(names, row))
             best = max(range(len(row)), key=row.__getitem__)
-            ranked = LabelScores(req.labels[best], scores)
+            ranked = LabelScores(names[best], scores)
             data.append(
                 ClassifyResult(index=i, label=ranked.label, scores=scores, probabilities=ranked.probabilities())
             )

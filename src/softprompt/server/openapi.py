@@ -185,13 +185,16 @@ def build_openapi(app, settings) -> dict:
     props = classify["properties"]
     text = {"type": "string", "minLength": 1}
     props["input"] = {"anyOf": [text, {"type": "array", "minItems": 1, "maxItems": settings.max_inputs, "items": text}]}
-    props["labels"] = {
-        "type": "array",
-        "minItems": 1,
-        "maxItems": settings.max_labels,
-        "uniqueItems": True,
-        "items": text,
-    }
+    props["labels"] = _nullable(
+        {
+            "type": "array",
+            "minItems": 1,
+            "maxItems": settings.max_labels,
+            "uniqueItems": True,
+            "items": text,
+            "description": "Omitted: the label words the adapter was trained with.",
+        }
+    )
 
     for model in (CompletionResponse, ChatCompletionResponse, ClassifyResponse, ModelList, ModelCard):
         _add_model(components, model, mode="serialization")

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from softprompt.adapters.peft_format import CONFIG_FILE, read_adapter
+from softprompt.adapters.training_format import TrainingFormat
 from softprompt.engine.adapter_name import check_adapter_name
 from softprompt.errors import ConfigError, SoftPromptError
 from softprompt.server.schemas import APIError, ModelCard
@@ -39,6 +40,7 @@ class AdapterEntry:
     path: str | None  # None: registered in code before the app was created; never evicted
     method: str | None = None
     num_virtual_tokens: int | None = None
+    training_format: TrainingFormat | None = None  # what training recorded: template and label words
     resident: bool = False
     users: int = 0  # queued or running requests that name it
     last_used: float = 0.0
@@ -86,7 +88,7 @@ class AdapterRegistry:
             self._check_not_base(name, ConfigError)
             adapter = self.model.adapters[name]
             self.entries[name] = AdapterEntry(
-                name, None, adapter.config.method, adapter.num_virtual_tokens, resident=True
+                name, None, adapter.config.method, adapter.num_virtual_tokens, adapter.training_format, resident=True
             )
         candidates: list[tuple[str, str, bool]] = []
         for name, path in self.settings.adapters.items():
@@ -116,7 +118,7 @@ class AdapterRegistry:
                     raise
                 log.warning("adapter dir: %s skipped: %s", name, exc)
                 continue
-            entry = AdapterEntry(name, path, adapter.config.method, adapter.num_virtual_tokens)
+            entry = AdapterEntry(name, path, adapter.config.method, adapter.num_virtual_tokens, adapter.training_format)
             self.entries[name] = entry
             if self._occupied() < self.settings.max_resident_adapters:
                 install(self.model, name, adapter)
@@ -161,6 +163,7 @@ class AdapterRegistry:
                     parent=self.base_name,
                     method=entry.method,
                     num_virtual_tokens=entry.num_virtual_tokens,
+                    template=entry.training_format.template if entry.training_format else None,
                     resident=entry.resident,
                 )
             )
@@ -239,6 +242,7 @@ class AdapterRegistry:
                 raise error from None
             entry.resident = True
             entry.method, entry.num_virtual_tokens = adapter.config.method, adapter.num_virtual_tokens
+            entry.training_format = adapter.training_format
             entry.loading.set_result(None)
             entry.loading = None
             self._count_load()
@@ -350,6 +354,7 @@ class AdapterRegistry:
                 adapter.config.method,
                 adapter.num_virtual_tokens,
             )
+            entry.training_format = adapter.training_format
             entry.last_used = time.monotonic()
             self._count_load()
             return entry

@@ -282,8 +282,10 @@ class ClassifyRequest(_Request):
 
     model: str = Field(min_length=1, max_length=256)
     input: Any
-    labels: list[str] = Field(min_length=1)
+    # None: the label words the adapter was trained with (its raw label values are reported)
+    labels: list[str] | None = Field(default=None, min_length=1)
     normalize: Literal["sum", "mean"] = "sum"
+    raw: bool = False  # True: score the texts as sent, not rendered through the adapter's training template
     user: str | None = None
 
     @field_validator("input", mode="before")
@@ -295,7 +297,9 @@ class ClassifyRequest(_Request):
 
     @field_validator("labels")
     @classmethod
-    def _labels(cls, value: list[str]) -> list[str]:
+    def _labels(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return value
         if any(label == "" for label in value):
             raise _custom("labels must not be empty strings")
         if len(set(value)) != len(value):
@@ -411,6 +415,7 @@ class ModelCard(BaseModel):
     parent: str | None  # the base model for adapters, None for the base model itself
     method: str | None = None  # prompt_tuning, prefix_tuning, p_tuning (adapters only)
     num_virtual_tokens: int | None = None
+    template: str | None = None  # the template the adapter was trained with (applied by /v1/classify)
     resident: bool = True  # in memory now (False: evicted, reloaded on its next request)
 
 

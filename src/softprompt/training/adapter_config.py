@@ -19,7 +19,16 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from softprompt.data import FORMATS, HUB_PREFIX, Template, default_template, format_name, is_known_encoding, load_rows
+from softprompt.data import (
+    FORMATS,
+    HUB_PREFIX,
+    Template,
+    default_template,
+    format_name,
+    is_known_encoding,
+    load_rows,
+    sample_rows,
+)
 from softprompt.errors import ConfigError
 from softprompt.methods import METHOD_OPTIONS, METHODS, MethodConfig, normalize_method, suggest_method
 from softprompt.options import (
@@ -89,7 +98,11 @@ class AdapterSettings:
         "Split of a hub data set to validate on, e.g. validation: of --validation-data when it is a hub "
         "name, else of --data (instead of holding out --val-fraction).",
     )
-    text_column: str = option("text", "Column holding the input text (used when no --template is given).")
+    text_column: str | None = option(
+        None,
+        "Column holding the input text, read through the default template '{<text column>}' (default 'text'); "
+        "with --template the template names its columns, and a column given here must still exist.",
+    )
     label_column: str | None = option(
         None,
         "Column holding the label; without one (or with an empty one) the job is language modelling on the whole text.",
@@ -105,6 +118,11 @@ class AdapterSettings:
     val_fraction: float = option(
         0.1, "Fraction of --data held out for validation when no --validation-data is given (0: none)."
     )
+    max_rows: int | None = option(
+        None,
+        "Use at most N rows of --data (before validation rows are held out), drawn with --seed and stratified "
+        "by label, so a file sorted by label still gives every label (default: all rows).",
+    )
     lr: float = option(3e-2, "Peak learning rate (AdamW; each adapter is its own optimizer param group).")
     weight_decay: float = option(0.0, "AdamW weight decay.")
     seed: int = option(0, "Seed of the initialisation and the split (the top-level one also orders the data).")
@@ -119,11 +137,24 @@ def _spec_fields() -> list[tuple[str, Any, Any]]:
     ]
 
 
-#: One adapter of a multi-adapter job: a ``name`` and every `AdapterSettings` field, each None (unset:
-#: inherit the top-level value) unless the adapter sets it. Derived, so a new setting is declared once.
-AdapterSpec = dataclasses.make_dataclass("AdapterSpec", _spec_fields())
-AdapterSpec.__module__ = __name__
-AdapterSpec.__doc__ = "One adapter of a multi-adapter job. Unset (None) fields inherit the top-level value."
+if typing.TYPE_CHECKING:
+
+    class AdapterSpec:
+        """What a type checker sees of the dataclass derived below: the fields read by name."""
+
+        __dataclass_fields__: typing.ClassVar[dict[str, dataclasses.Field[Any]]]
+        name: str
+        method: str | None
+        method_options: dict[str, Any] | None
+
+        def __init__(self, **values: Any) -> None: ...
+
+else:
+    #: One adapter of a multi-adapter job: a ``name`` and every `AdapterSettings` field, each None (unset:
+    #: inherit the top-level value) unless the adapter sets it. Derived, so a new setting is declared once.
+    AdapterSpec = dataclasses.make_dataclass("AdapterSpec", _spec_fields())
+    AdapterSpec.__module__ = __name__
+    AdapterSpec.__doc__ = "One adapter of a multi-adapter job. Unset (None) fields inherit the top-level value."
 
 
 @dataclass
@@ -133,9 +164,16 @@ class ResolvedAdapter(AdapterSettings):
     own options as `SoftPromptModel.add_adapter` takes them."""
 
     name: str = ""
+    # always set once resolved (the defaults only keep the dataclass's field order valid)
+    data: str = ""
+    template: str = ""
 
     def load_train_rows(self) -> list[dict[str, str]]:
-        return load_rows(self.data, format=self.data_format, split=self.data_split, encoding=self.encoding)
+        """Rows of --data (a seeded, label-stratified sample of --max-rows of them when given)."""
+        rows = load_rows(self.data, format=self.data_format, split=self.data_split, encoding=self.encoding)
+        if self.max_rows is None:
+            return rows
+        return sample_rows(rows, self.max_rows, self.seed, self.label_column, source=str(self.data))
 
     def load_validation_rows(self) -> list[dict[str, str]] | None:
         """Rows of --validation-data, or of --validation-split of a hub --data set; None: split --data."""
@@ -189,12 +227,14 @@ def method_name(value: Any, where: str) -> str:
 
 
 def check_adapter_numbers(view: Any, prefix: str) -> None:
-    """Check the numbers every adapter has (lr, weight_decay, val_fraction, seed) on ``view``, an adapter's
+    """Check the numbers every adapter has (lr, weight_decay, val_fraction, seed, max_rows) on ``view``, an adapter's
     settings or the top level's (which adapters inherit); errors start with ``prefix``."""
     check_number(view.lr, prefix + flag("lr"), above=0.0)
     check_number(view.weight_decay, prefix + flag("weight_decay"), minimum=0.0)
     check_number(view.val_fraction, prefix + flag("val_fraction"), minimum=0.0, below=1.0)
     check_int(view.seed, prefix + flag("seed"), minimum=0)
+    if view.max_rows is not None:
+        check_int(view.max_rows, prefix + flag("max_rows"), minimum=1)
 
 
 def _check_data_source(view: Any, prefix: str) -> None:
@@ -286,9 +326,11 @@ def resolve_adapter(
             f"{prefix}{flag('init_from')}: expected an adapter directory or hub id, got {view.init_from!r}"
         )
     view.label_column = view.label_column or None
-    if not view.text_column and not view.template:
+    if view.text_column == "" and not view.template:
         raise ConfigError(f"{prefix}{flag('text_column')}: required when no {flag('template')} is given")
-    view.template = view.template if view.template else default_template(view.text_column)
+    if not view.template:
+        view.text_column = view.text_column or "text"
+        view.template = default_template(view.text_column)
     try:
         Template(view.template)
     except ConfigError as exc:

@@ -183,7 +183,10 @@ def save_latest(
 
 def _in_current_layout(saved: dict) -> dict:
     """A saved config as today's `TrainConfig.to_dict` writes it (runs saved before method options were nested kept
-    them flat), so that only real changes count as differences."""
+    them flat; runs saved before ``text_column`` defaulted to unset wrote ``text`` beside a template, which never
+    read it), so that only real changes count as differences."""
+    if saved.get("template") and saved.get("text_column") == "text":
+        saved = {**saved, "text_column": None}
     try:
         return TrainConfig.from_dict(saved, source="checkpoint config").to_dict()
     except ConfigError:
@@ -267,7 +270,11 @@ def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng.cuda.{i}"] = s
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    # numpy's stubs pick the dict overload for a plain call; legacy=True (the default) is the tuple of the
+    # global MT19937 generator
+    state = np.random.get_state(legacy=True)
+    assert isinstance(state, tuple)
+    kind, keys, pos, has_gauss, gauss = state
     tensors["rng.numpy"] = torch.from_numpy(keys.astype(np.int64))
     version, internal, python_gauss = random.getstate()
     meta = {"numpy": [kind, int(pos), int(has_gauss), float(gauss)], "python": [version, list(internal), python_gauss]}

@@ -115,17 +115,21 @@ def cross_validate(
                 train_fingerprints=seen,
             )
         )
-        truth += [e.target for e in test if fingerprint(e.text) not in seen]  # the rows evaluate kept
+        # the rows evaluate kept (their labels: only labelled data is scored for accuracy)
+        truth += [e.target for e in test if e.target is not None and fingerprint(e.text) not in seen]
     pooled = None
     if "accuracy" in folds[0].metrics:
         labels = folds[0].metrics["labels"]
         pooled = {
             who: classification_report(truth, [p for f in folds for p in pick(f).predictions], labels)
-            for who, pick in (("adapter", lambda f: f), ("base", lambda f: f.base))
+            for who, pick in (("adapter", lambda f: f), ("base", _base_report))
         }
     summary = {}
     for key in _summary_keys(folds[0]):
-        for prefix, values in (("", [f.metrics[key] for f in folds]), ("base_", [f.base.metrics[key] for f in folds])):
+        for prefix, values in (
+            ("", [f.metrics[key] for f in folds]),
+            ("base_", [_base_report(f).metrics[key] for f in folds]),
+        ):
             summary[prefix + key] = {
                 "mean": statistics.fmean(values),
                 "std": statistics.stdev(values) if len(values) > 1 else 0.0,
@@ -134,6 +138,12 @@ def cross_validate(
     if distributed.current().is_main:  # under accelerate launch / torchrun only the main process writes files
         atomic_write_json(Path(config.output) / CV_REPORT_FILE, report.to_dict())
     return report
+
+
+def _base_report(fold: EvalReport) -> EvalReport:
+    """The base model's report of a fold (every fold is evaluated with ``compare_base``)."""
+    assert fold.base is not None
+    return fold.base
 
 
 __all__ = ["CV_REPORT_FILE", "CrossValidationReport", "cross_validate"]

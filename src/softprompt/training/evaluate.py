@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 
 from softprompt.adapters.peft_format import read_training_state
-from softprompt.data import Example, build_examples, default_template, load_rows, verbalizer_for
+from softprompt.adapters.training_format import TrainingFormat
+from softprompt.data import Example, build_examples, default_template, load_rows, sample_rows, verbalizer_for
 from softprompt.data.heldout import fingerprint, read_train_fingerprints
 from softprompt.engine.tokens import pad_id
 from softprompt.errors import ConfigError, DataError
@@ -51,14 +52,7 @@ def adapter_settings(adapter_dir: str | Path) -> dict:
     ``label_column``, ``verbalizer``, ``labels`` (label texts), ``max_length``.
     """
     _, meta = read_training_state(adapter_dir)
-    data = meta.get("data") or {}
-    keys = ("template", "text_column", "label_column", "verbalizer")
-    out = {k: data[k] for k in keys if k in data}
-    if meta.get("labels"):
-        out["labels"] = meta["labels"]
-    if meta.get("max_length"):
-        out["max_length"] = meta["max_length"]
-    return out
+    return TrainingFormat.from_meta(meta).settings()
 
 
 def normalize_text(text: str) -> str:
@@ -169,12 +163,12 @@ def evaluate(
     if method == "perplexity" or not all(labelled):
         reports = [_perplexity_report(model, examples, a, batch_size, max_length or 1 << 30) for a in runs]
     else:
-        labels = list(labels) if labels is not None else sorted({e.target for e in examples})
+        truth = [e.target for e in examples if e.target is not None]  # all of them: every example is labelled
+        labels = list(labels) if labels is not None else sorted(set(truth))
         if method == "score":
             predictions = _score_predictions(model, examples, runs, labels, batch_size, max_length)
         else:
             predictions = _generate_predictions(model, examples, runs, labels, batch_size, max_length, max_new_tokens)
-        truth = [e.target for e in examples]
         reports = []
         for a, raw in zip(runs, predictions):
             if method == "generate":  # exact match after normalisation; anything else is an invalid prediction
@@ -291,13 +285,15 @@ def evaluate_data(
     data_format: str | None = None,
     encoding: str | None = None,
     split: str = "test",
+    max_rows: int | None = None,
 ) -> EvalReport:
     """Evaluate a loaded adapter on a data file (what ``softprompt eval`` runs).
 
     Settings not given are taken from how the adapter was trained (``adapter_dir``'s training
     metadata, see `adapter_settings`), and its training rows are dropped from the evaluation.
     ``data_format``/``encoding``/``split`` are passed to `softprompt.data.load_rows` (``split``
-    only matters for hub data sets).
+    only matters for hub data sets). ``max_rows``: a seeded sample of that many rows, stratified by label
+    (`softprompt.data.sample_rows`).
     """
     saved = adapter_settings(adapter_dir) if adapter_dir else {}
     text_column = text_column or saved.get("text_column") or "text"
@@ -305,6 +301,8 @@ def evaluate_data(
     label_column = label_column if label_column is not None else saved.get("label_column")
     verbalizer = verbalizer or saved.get("verbalizer")
     rows = load_rows(data, format=data_format, split=split, encoding=encoding)
+    if max_rows is not None:
+        rows = sample_rows(rows, max_rows, 0, label_column or None, source=str(data))
     verb = None
     if label_column:
         verb = verbalizer_for(verbalizer, rows, label_column, source=str(data))

@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from softprompt.data import Example, Verbalizer, build_examples, train_val_split, verbalizer_for
+from softprompt.data import Example, Template, Verbalizer, build_examples, column_names, train_val_split, verbalizer_for
 from softprompt.data.heldout import fingerprint, read_train_fingerprints
-from softprompt.errors import DataError
+from softprompt.errors import ConfigError, DataError
+from softprompt.options import did_you_mean, flag
 from softprompt.training.config import ResolvedAdapter
 
 
@@ -53,8 +54,9 @@ def prepare_job(
         if val_rows is None:
             val_rows = spec.load_validation_rows()
     rows = list(rows)
+    _check_text_column(spec, rows, str(source))
     split_here = val_rows is None  # validation rows are cut from `rows` (or there are none)
-    if split_here:
+    if val_rows is None:
         val_rows = (
             train_val_split(rows, spec.val_fraction, spec.seed, spec.label_column, source=source)[1]
             if spec.val_fraction > 0
@@ -100,6 +102,19 @@ def prepare_job(
         )
     return AdapterJob(
         spec, train, kept, verbalizer.texts if verbalizer is not None else None, len(val) - len(kept), inherited
+    )
+
+
+def _check_text_column(spec: ResolvedAdapter, rows: list[dict], source: str) -> None:
+    """A --text-column the template does not read is still a promise about the file: fail when it is wrong
+    rather than train on other columns without a word (the template's own columns are checked as it renders)."""
+    column = spec.text_column
+    if not column or column in Template(spec.template).fields or not rows or column in rows[0]:
+        return
+    available = column_names(rows)
+    raise ConfigError(
+        f"{flag('text_column')}: {source} has no column {column!r}{did_you_mean(column, available)}; "
+        f"its columns are {', '.join(map(repr, available))}"
     )
 
 

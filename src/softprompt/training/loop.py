@@ -454,10 +454,12 @@ class Trainer:
 def _start_from(model, job: AdapterJob, prefix: str = "") -> None:
     """``init_from``: the job's new adapter takes a saved adapter's weights (and reparameterisation, if
     the save kept one), after checking that it is the same method with as many virtual tokens."""
+    init_from = job.spec.init_from
+    assert init_from is not None  # called only for a job that starts from a saved adapter
     fresh = model.adapters[job.name]
-    where = f"{prefix}{flag('init_from')} {job.spec.init_from}"
+    where = f"{prefix}{flag('init_from')} {init_from}"
     try:
-        loaded = load_adapter(model, job.spec.init_from, name=job.name, resume=True)
+        loaded = load_adapter(model, init_from, name=job.name, resume=True)
     except (SoftPromptError, OSError) as exc:  # raised before the fresh adapter was replaced
         raise ConfigError(f"{where}: {exc}") from None
     want = (job.spec.method, job.spec.method_options["num_virtual_tokens"])

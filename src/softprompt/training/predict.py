@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -56,7 +56,7 @@ def label_probabilities(
 
 def predict_file(
     model,
-    adapters: dict[str, str | Path],
+    adapters: Mapping[str, str | Path],
     data: str | Path,
     output: str | Path,
     *,
