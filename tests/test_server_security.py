@@ -7,6 +7,7 @@ and JSON the parser cannot take (huge numbers, lone surrogates). Every refusal i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import os
@@ -64,10 +65,9 @@ def raw(env, request: bytes, read_timeout: float = 10) -> tuple[int, bytes]:
     """Send bytes exactly as given on a fresh connection; returns (status, body) of the first response."""
     parts = urlsplit(env["server"].url)
     with socket.create_connection((parts.hostname, parts.port), timeout=read_timeout) as sock:
-        try:
+        # The server may answer and close before reading everything: the response is still there.
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             sock.sendall(request)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the server answered and closed before reading everything: the response is still there
         data = b""
         while b"\r\n\r\n" not in data:
             chunk = sock.recv(65536)

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-from transformers.modeling_utils import AttentionInterface
+from transformers.modeling_utils import AttentionInterface, PreTrainedModel
 
 IMPLEMENTATION = "softprompt_sdpa"
 # Crossover measured with `python -m bench.attention --sweep` (2 threads, AVX-512, 9/3 heads, 20 prefix
@@ -111,13 +111,13 @@ def attention(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """transformers attention-interface function: grouped products for short masked CPU calls, else SDPA."""
-    if uses_grouped_path(query, key, value, attention_mask, dropout, **kwargs):
+    if attention_mask is not None and uses_grouped_path(query, key, value, attention_mask, dropout, **kwargs):
         out = grouped_attention(query, key, value, attention_mask, scaling)
         return out.transpose(1, 2).contiguous(), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
 
-def install(base: nn.Module) -> bool:
+def install(base: PreTrainedModel) -> bool:
     """Route ``base``'s attention through `attention` if it runs transformers' SDPA through the attention
     interface (Llama, Gemma, GPT-2, Qwen2, Mistral, T5, ...). Returns whether it did; models without it
     (Bloom's ALiBi) and other implementations (eager, flash) are left as they are. T5's calls all carry a

@@ -60,6 +60,7 @@ class DecodeState:
         self.logits = self.logits[rows]
         if self.encoder_hidden is not None:
             self.encoder_hidden = self.encoder_hidden[rows]
+        if self.encoder_mask is not None:
             self.encoder_mask = self.encoder_mask[rows]
 
     def repeat(self, times: int) -> None:
@@ -70,6 +71,7 @@ class DecodeState:
         self.logits = self.logits.repeat_interleave(times, 0)
         if self.encoder_hidden is not None:
             self.encoder_hidden = self.encoder_hidden.repeat_interleave(times, 0)
+        if self.encoder_mask is not None:
             self.encoder_mask = self.encoder_mask.repeat_interleave(times, 0)
 
     @property
@@ -82,6 +84,7 @@ class DecodeState:
         return all(
             type(layer) is DynamicLayer
             and layer.is_initialized
+            and layer.keys is not None
             and layer.keys.dim() == 4
             and layer.keys.shape[-2] == width
             for layer in self.cache.layers
@@ -95,9 +98,9 @@ class DecodeState:
         """
         wa, wb = self.attention_mask.shape[1], other.attention_mask.shape[1]
         width = max(wa, wb)
-        for x, y in zip(self.cache.layers, other.cache.layers):
-            x.keys = torch.cat([F.pad(x.keys, (0, 0, width - wa, 0)), F.pad(y.keys, (0, 0, width - wb, 0))])
-            x.values = torch.cat([F.pad(x.values, (0, 0, width - wa, 0)), F.pad(y.values, (0, 0, width - wb, 0))])
+        for (x, xk, xv), (_, yk, yv) in zip(_kv_layers(self.cache), _kv_layers(other.cache)):
+            x.keys = torch.cat([F.pad(xk, (0, 0, width - wa, 0)), F.pad(yk, (0, 0, width - wb, 0))])
+            x.values = torch.cat([F.pad(xv, (0, 0, width - wa, 0)), F.pad(yv, (0, 0, width - wb, 0))])
         self.attention_mask = torch.cat(
             [F.pad(self.attention_mask, (width - wa, 0)), F.pad(other.attention_mask, (width - wb, 0))]
         )
@@ -109,10 +112,19 @@ class DecodeState:
         live = self.attention_mask.any(0)
         first = int(live.to(torch.int8).argmax()) if bool(live.any()) else 0
         if first > 0:
-            for layer in self.cache.layers:
-                layer.keys = layer.keys[:, :, first:]
-                layer.values = layer.values[:, :, first:]
+            for layer, keys, values in _kv_layers(self.cache):
+                layer.keys = keys[:, :, first:]
+                layer.values = values[:, :, first:]
             self.attention_mask = self.attention_mask[:, first:]
+
+
+def _kv_layers(cache: DynamicCache | EncoderDecoderCache) -> list[tuple[DynamicLayer, torch.Tensor, torch.Tensor]]:
+    """Each layer of a `DecodeState.mergeable` state's cache with its keys and values (all set there)."""
+    layers = []
+    for layer in cache.layers:
+        assert isinstance(layer, DynamicLayer) and layer.keys is not None and layer.values is not None
+        layers.append((layer, layer.keys, layer.values))
+    return layers
 
 
 # ---------------------------------------------------------------------------- the next token
@@ -162,7 +174,8 @@ def next_tokens(
     greedy = logits.argmax(-1).cpu()
     if sampler is None:
         return greedy
-    probs = torch.softmax(sampler.warpers(None, logits).float(), -1).cpu()
+    # The temperature/top-k/top-p warpers ignore input_ids, which transformers types as a LongTensor.
+    probs = torch.softmax(sampler.warpers(None, logits).float(), -1).cpu()  # type: ignore[arg-type]
     broken = ~torch.isfinite(probs).all(-1)
     probs[broken] = F.one_hot(greedy[broken], probs.shape[-1]).to(probs.dtype)
     return torch.multinomial(probs, 1, generator=sampler.generator)[:, 0]
@@ -190,13 +203,26 @@ class Continuation:
         self.text = ""  # up to date at every token while stop strings (or streaming) need it; final once done
         self.finish: str | None = None
 
+    @property
+    def finish_reason(self) -> str:
+        """Why the row finished ("stop" or "length"); only once it is done."""
+        if self.finish is None:
+            raise RuntimeError("the row is still decoding")
+        return self.finish
+
+
+class Detokenizer(Protocol):
+    """What `StopRule` needs of a tokenizer."""
+
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = ...) -> str: ...
+
 
 @dataclass(frozen=True)
 class StopRule:
     """When a row stops: at an end-of-sequence token (not kept), as soon as its text contains a stop string
     (the text ends before the earliest one), or after ``max_new_tokens`` tokens."""
 
-    tokenizer: object | None  # decodes the text; None: a model without a tokenizer (text stays "")
+    tokenizer: Detokenizer | None  # decodes the text; None: a model without a tokenizer (text stays "")
     eos: frozenset[int]
     max_new_tokens: int
     stop: tuple[str, ...] = field(default_factory=tuple)
@@ -208,6 +234,27 @@ class StopRule:
         """``text`` up to its earliest stop string, and whether it had one."""
         cuts = [text.index(s) for s in self.stop if s in text]
         return (text[: min(cuts)], True) if cuts else (text, False)
+
+    def held_back(self, text: str) -> int:
+        """Length of the longest suffix of ``text`` that could still grow into a stop string (what a stream
+        holds back).
+
+        Only suffixes starting with the stop string's first character can match, so those are the only ones
+        compared (found with ``str.find``), longest first: a few C-level calls per step, not one per length.
+        """
+        best = 0
+        for stop in self.stop:
+            limit = min(len(stop) - 1, len(text))
+            if limit <= best:
+                continue
+            first, end = stop[0], len(text)
+            position = text.find(first, end - limit)
+            while position != -1 and end - position > best:
+                if stop.startswith(text[position:]):
+                    best = end - position
+                    break
+                position = text.find(first, position + 1)
+        return best
 
     def add(self, row: Continuation, token: int, *, track_text: bool = False) -> bool:
         """Add ``token`` to ``row``; returns whether it was kept (end-of-sequence tokens are not). When the row

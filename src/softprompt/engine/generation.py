@@ -78,7 +78,9 @@ def generate_batch(
             break
         active = [active[k] for k in keep]
         feed_next(model, state, keep, tokens[keep])
-    return [Generation(row.text, row.tokens, row.finish, int(attention_mask[i].sum())) for i, row in enumerate(rows)]
+    return [
+        Generation(row.text, row.tokens, row.finish_reason, int(attention_mask[i].sum())) for i, row in enumerate(rows)
+    ]
 
 
 def generate(

@@ -20,11 +20,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import DynamicCache, EncoderDecoderCache
+from transformers import DynamicCache, EncoderDecoderCache, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutput
 
 from softprompt.adapters import hub, peft_format
-from softprompt.engine import attention, generation, scoring
+from softprompt.engine import attention, generation, prefixes, scoring
 from softprompt.engine.adapter_name import check_adapter_name
 from softprompt.engine.decode import DecodeState
 from softprompt.engine.families import CacheArg, ModelShape, quirks_for
@@ -44,22 +44,10 @@ class SoftPromptOutput:
     label_logits: torch.Tensor | None = None
 
 
-@dataclass
-class BatchPrefix:
-    """The key/value prefixes of one batch, left-padded to the longest prompt and masked."""
-
-    layers: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: [batch, kv_heads, N, head_dim]
-    mask: torch.Tensor  # [batch, N]
-    lengths: torch.Tensor  # [batch] real prefix length per row
-    # Hidden state of each row's last virtual token (input methods), to predict the text's first token.
-    last_hidden: torch.Tensor | None
-    has_last_hidden: torch.Tensor  # [batch] bool
-
-
 class SoftPromptModel(nn.Module):
     """A frozen base model with named soft-prompt adapters, chosen per row."""
 
-    def __init__(self, base: nn.Module, tokenizer=None, *, name_or_path: str | None = None):
+    def __init__(self, base: PreTrainedModel, tokenizer=None, *, name_or_path: str | None = None):
         super().__init__()
         base.requires_grad_(False)
         base.eval()
@@ -74,8 +62,7 @@ class SoftPromptModel(nn.Module):
         # The module every cached forward below calls: the whole model for encoder-decoders, else the backbone.
         self.cache_arg = CacheArg.of((base if self.shape.is_encoder_decoder else self.backbone).forward)
         self.adapters = nn.ModuleDict()
-        # name -> (dtype/device key, parameter values, per-layer keys/values, last hidden)
-        self._prompt_kv_cache: dict[str, tuple[tuple, list, list, torch.Tensor]] = {}
+        self._prompt_kv_cache = prefixes.PromptKVCache()
 
     # ------------------------------------------------------------------ adapters
     def add_adapter(
@@ -101,7 +88,7 @@ class SoftPromptModel(nn.Module):
         Loading (`softprompt.adapters`), training and the server add adapters through this one door."""
         adapter.to(self.device)
         self.adapters[name] = adapter
-        self._prompt_kv_cache.pop(name, None)
+        self._prompt_kv_cache.drop(name)
         return adapter
 
     def check_new_name(self, name: str) -> None:
@@ -115,7 +102,7 @@ class SoftPromptModel(nn.Module):
     def remove_adapter(self, name: str) -> None:
         self.get_adapter(name)
         del self.adapters[name]
-        self._prompt_kv_cache.pop(name, None)
+        self._prompt_kv_cache.drop(name)
 
     def load_adapter(self, path: str, name: str | None = None) -> SoftPromptMethod:
         """Load an adapter in PEFT's file layout (a local directory or a hub id)."""
@@ -152,7 +139,9 @@ class SoftPromptModel(nn.Module):
         if name not in self.adapters:
             known = ", ".join(self.adapters) or "none loaded"
             raise SoftPromptError(f"unknown adapter {name!r}; loaded adapters: {known}")
-        return self.adapters[name]
+        adapter = self.adapters[name]
+        assert isinstance(adapter, SoftPromptMethod)  # `register` is the only way in
+        return adapter
 
     def train(self, mode: bool = True) -> SoftPromptModel:
         # The frozen base stays in eval mode (no dropout): only the adapters train.
@@ -163,11 +152,11 @@ class SoftPromptModel(nn.Module):
     # ------------------------------------------------------------------ helpers
     @property
     def device(self) -> torch.device:
-        return self.base.get_input_embeddings().weight.device
+        return self.base.get_input_embeddings().get_parameter("weight").device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.base.get_input_embeddings().weight.dtype
+        return self.base.get_input_embeddings().get_parameter("weight").dtype
 
     @property
     def backbone(self) -> nn.Module:
@@ -191,7 +180,7 @@ class SoftPromptModel(nn.Module):
         return names
 
     @torch.no_grad()
-    def _text_kv(self, token_ids: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _text_kv(self, token_ids: list[int]) -> prefixes.LayerKV:
         """Per-layer ``[kv_heads, n, head_dim]`` keys/values the frozen model computes for ``token_ids``
         at positions 0..n-1 (decoder self-attention for encoder-decoder models): a prefix's real-activation start."""
         ids = torch.tensor([token_ids], device=self.device)
@@ -231,7 +220,7 @@ class SoftPromptModel(nn.Module):
         return logits
 
     # ------------------------------------------------------------------ prefixes
-    def _prompt_kv(self, name: str) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor | None]:
+    def _prompt_kv(self, name: str) -> prefixes.AdapterPrefix:
         """Per-layer ``[kv_heads, n, head_dim]`` keys/values of one adapter (+ last hidden for input methods).
 
         Input-method prompts are run through the frozen model once; the result is cached until the
@@ -245,17 +234,9 @@ class SoftPromptModel(nn.Module):
         device_type = self.device.type
         autocast_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
         key = (self.dtype, self.device, autocast_dtype)
-        cached = self._prompt_kv_cache.get(name)
-        # Parameters are compared by value, not by version counter: fused optimizers (torch's AdamW(fused=True),
-        # the default of transformers' Trainer) update them in place without bumping it.
-        if (
-            not needs_grad
-            and cached is not None
-            and cached[0] == key
-            and len(cached[1]) == len(params)
-            and all(torch.equal(old, p) for old, p in zip(cached[1], params))
-        ):
-            return cached[2], cached[3]
+        cached = None if needs_grad else self._prompt_kv_cache.get(name, key, params)
+        if cached is not None:
+            return cached
         embeds = adapter.input_embeddings().to(self.dtype)[None]
         n = embeds.shape[1]
         kwargs = {}
@@ -277,61 +258,19 @@ class SoftPromptModel(nn.Module):
         layers = [(layer.keys[0].to(cast), layer.values[0].to(cast)) for layer in self.cache_arg.read(out).layers]
         last_hidden = out.last_hidden_state[0, -1]
         if not needs_grad:
-            self._prompt_kv_cache[name] = (key, [p.detach().clone() for p in params], layers, last_hidden)
+            self._prompt_kv_cache.put(name, key, params, layers, last_hidden)
         return layers, last_hidden
 
-    def _batch_prefix(self, names: list[str | None]) -> BatchPrefix | None:
-        unique = list(dict.fromkeys(n for n in names if n is not None))
-        if not unique:
-            return None
-        per_adapter = {name: self._prompt_kv(name) for name in unique}
-        lengths = {name: per_adapter[name][0][0][0].shape[1] for name in unique}
-        width = max(lengths.values())
-        batch = len(names)
-        if len(unique) == 1 and None not in names:
-            return self._shared_prefix(unique[0], per_adapter[unique[0]], width, batch)
-        index = torch.tensor([unique.index(n) if n is not None else len(unique) for n in names], device=self.device)
-        layers = []
-        for layer in range(len(per_adapter[unique[0]][0])):
-            keys, values = [], []
-            for name in unique:
-                k, v = per_adapter[name][0][layer]
-                pad = width - k.shape[1]
-                keys.append(F.pad(k, (0, 0, pad, 0)))
-                values.append(F.pad(v, (0, 0, pad, 0)))
-            keys.append(torch.zeros_like(keys[0]))
-            values.append(torch.zeros_like(values[0]))
-            layers.append((torch.stack(keys)[index], torch.stack(values)[index]))
-        row_lengths = torch.tensor([lengths[n] if n is not None else 0 for n in names], device=self.device)
-        mask = (torch.arange(width, device=self.device)[None] >= (width - row_lengths)[:, None]).long()
-        hidden = [per_adapter[n][1] if n is not None else None for n in names]
-        has_hidden = torch.tensor([h is not None for h in hidden], device=self.device)
-        last_hidden = None
-        if has_hidden.any():
-            filler = next(h for h in hidden if h is not None)
-            last_hidden = torch.stack([h if h is not None else torch.zeros_like(filler) for h in hidden])
-        return BatchPrefix(layers, mask, row_lengths, last_hidden, has_hidden)
-
-    def _shared_prefix(self, name: str, kv_and_hidden, width: int, batch: int) -> BatchPrefix:
-        """Every row uses one adapter (the common case): broadcast views instead of padded copies."""
-        kv, hidden = kv_and_hidden
-        layers = [(k[None].expand(batch, -1, -1, -1), v[None].expand(batch, -1, -1, -1)) for k, v in kv]
-        ones = torch.ones(batch, dtype=torch.bool, device=self.device)
-        last_hidden = hidden[None].expand(batch, -1) if hidden is not None else None
-        return BatchPrefix(
-            layers,
-            torch.ones(batch, width, dtype=torch.long, device=self.device),
-            torch.full((batch,), width, device=self.device),
-            last_hidden,
-            ones if hidden is not None else ~ones,
-        )
+    def _batch_prefix(self, names: list[str | None]) -> prefixes.BatchPrefix | None:
+        unique = dict.fromkeys(n for n in names if n is not None)
+        return prefixes.stack_prefixes(names, {name: self._prompt_kv(name) for name in unique}, self.device)
 
     # ------------------------------------------------------------------ causal forward
     def _causal_hidden(
         self,
         input_ids,
         attention_mask,
-        prefix: BatchPrefix | None,
+        prefix: prefixes.BatchPrefix | None,
         cache=None,
         prefix_len: torch.Tensor | None = None,
         past_mask: torch.Tensor | None = None,
@@ -343,6 +282,7 @@ class SoftPromptModel(nn.Module):
             cache = DynamicCache(ddp_cache_data=data, config=self.base.config)
             past_mask = prefix.mask if prefix is not None else attention_mask.new_zeros(batch, 0)
             prefix_len = prefix.lengths if prefix is not None else attention_mask.new_zeros(batch)
+        assert past_mask is not None and prefix_len is not None  # callers passing a cache pass both
         full_mask = torch.cat([past_mask, attention_mask], dim=1)
         kwargs = {}
         if self.quirks.takes_position_ids:
@@ -392,7 +332,7 @@ class SoftPromptModel(nn.Module):
         prefix = self._batch_prefix(self._row_names(adapters, input_ids.shape[0]))
         return self._causal_hidden(input_ids, attention_mask, prefix)[0]
 
-    def _label_loss(self, hidden, attention_mask, labels, prefix: BatchPrefix | None) -> SoftPromptOutput:
+    def _label_loss(self, hidden, attention_mask, labels, prefix: prefixes.BatchPrefix | None) -> SoftPromptOutput:
         """Loss over label tokens, projecting only the hidden states that predict a label."""
         batch, length = labels.shape
         positions = torch.arange(length, device=self.device)[None].expand(batch, -1)
@@ -414,20 +354,10 @@ class SoftPromptModel(nn.Module):
 
     # ------------------------------------------------------------------ encoder-decoder
     def _encoder_inputs(self, input_ids, attention_mask, names):
-        """Input prompts go before each row's real tokens on the encoder side (right-padded)."""
         embeds = self.base.get_input_embeddings()(input_ids)
-        rows, masks = [], []
-        for i, name in enumerate(names):
-            real = embeds[i][attention_mask[i] == 1]
-            adapter = self.adapters[name] if name is not None else None
-            if adapter is not None and adapter.adds == "input":
-                real = torch.cat([adapter.input_embeddings().to(embeds.dtype), real], dim=0)
-            rows.append(real)
-        longest = max(r.shape[0] for r in rows)
-        for r in rows:
-            masks.append(torch.cat([torch.ones(r.shape[0]), torch.zeros(longest - r.shape[0])]))
-        padded = torch.stack([F.pad(r, (0, 0, 0, longest - r.shape[0])) for r in rows])
-        return padded, torch.stack(masks).long().to(self.device)
+        adapters = [self.get_adapter(n) if n is not None else None for n in names]
+        prompts = [a.input_embeddings() if a is not None and a.adds == "input" else None for a in adapters]
+        return prefixes.prepend_prompts(embeds, attention_mask, prompts)
 
     def _decoder_prefix(self, names):
         """EncoderDecoderCache holding each row's decoder self-attention prefix (prefix tuning rows)."""
@@ -445,7 +375,9 @@ class SoftPromptModel(nn.Module):
         if decoder_input_ids is None:
             if labels is None:
                 raise SoftPromptError("an encoder-decoder forward needs labels or decoder_input_ids")
-            decoder_input_ids = self.base.prepare_decoder_input_ids_from_labels(labels=labels.to(self.device))
+            # nn.Module.__getattr__ is typed Tensor | Module; encoder-decoder models define this method.
+            prepare = self.base.prepare_decoder_input_ids_from_labels
+            decoder_input_ids = prepare(labels=labels.to(self.device))  # type: ignore[operator]
         decoder_input_ids = decoder_input_ids.to(self.device)
         dec_mask = torch.cat([prefix_mask, torch.ones_like(decoder_input_ids)], dim=1)
         out = self.base(
@@ -481,7 +413,7 @@ class SoftPromptModel(nn.Module):
                 cache,
                 prefix_mask,
                 prefix_mask.sum(-1),
-                logits=None,
+                logits=prefix_mask.new_empty(0),  # the start token's logits, just below
                 encoder_hidden=encoder_hidden,
                 encoder_mask=enc_mask,
             )
@@ -528,7 +460,7 @@ class SoftPromptModel(nn.Module):
         return logits.float()
 
     # ------------------------------------------------------------------ user-level API
-    def generate(self, prompts, adapters: AdapterNames = None, **options) -> list[str]:
+    def generate(self, prompts, adapters: AdapterNames = None, **options) -> list[str] | list[generation.Generation]:
         """Generate text per row (greedy by default). See `softprompt.engine.generation.generate`."""
         return generation.generate(self, prompts, adapters=adapters, **options)
 

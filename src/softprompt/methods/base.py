@@ -15,8 +15,9 @@ vectors); `training_state()` additionally keeps reparameterisation weights so tr
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -112,6 +113,21 @@ class SoftPromptMethod(nn.Module):
     def peft_config_fields(self) -> dict:
         """Method-specific fields of PEFT's ``adapter_config.json``."""
         return {}
+
+    @classmethod
+    def create(
+        cls,
+        config: Any,  # the method's own `config_class`
+        shape: ModelShape,
+        *,
+        word_embeddings: Any,  # the base model's input embedding table
+        tokenize: Callable[[str], list[int]],
+        generator: torch.Generator,
+        text_kv: Callable[[list[int]], list[tuple[torch.Tensor, torch.Tensor]]] | None = None,
+    ) -> SoftPromptMethod:
+        """A new trainable adapter initialised as ``config`` says; ``tokenize`` and ``text_kv`` (the frozen
+        model's keys/values of some tokens) serve initialisation from text."""
+        raise NotImplementedError
 
     @classmethod
     def config_from_peft(cls, peft: dict) -> dict:

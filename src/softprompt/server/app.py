@@ -14,22 +14,18 @@ Routes: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completion
 from __future__ import annotations
 
 import asyncio
-import hmac
-import json
-import logging
 from contextlib import asynccontextmanager
-from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from softprompt.engine.scoring import LabelScores
 from softprompt.errors import ConfigError
+from softprompt.server.admin import add_admin_routes
 from softprompt.server.batcher import Batcher
 from softprompt.server.body import BodyLimitMiddleware, read_json
+from softprompt.server.error_handlers import add_error_handlers
 from softprompt.server.formats import ResponseFormats
 from softprompt.server.jobs import Job, Sampling
 from softprompt.server.logprobs import LogprobFormatter
@@ -37,6 +33,7 @@ from softprompt.server.metrics import Metrics, MetricsMiddleware
 from softprompt.server.openapi import build_openapi
 from softprompt.server.prompting import chat_prompt_ids, encode
 from softprompt.server.registry import AdapterEntry, AdapterRegistry
+from softprompt.server.responses import stream_response, usage
 from softprompt.server.schemas import (
     APIError,
     AssistantMessage,
@@ -50,15 +47,12 @@ from softprompt.server.schemas import (
     CompletionRequest,
     CompletionResponse,
     ModelList,
-    Usage,
     invalid,
     new_id,
     now,
     validation_error,
 )
 from softprompt.server.settings import ServerSettings
-
-log = logging.getLogger("softprompt.server")
 
 
 def context_window(model) -> int | None:
@@ -114,35 +108,10 @@ def create_app(model, settings: ServerSettings | None = None) -> FastAPI:
             app.openapi_schema = build_openapi(app, settings)
         return app.openapi_schema
 
-    app.openapi = openapi
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented way to supply the schema
     app.add_middleware(MetricsMiddleware, metrics=metrics)
 
-    # ------------------------------------------------------------------ errors
-    @app.exception_handler(APIError)
-    async def _api_error(request: Request, exc: APIError):
-        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException):
-        message = {
-            404: f"not found: {request.method} {request.url.path}",
-            405: f"method {request.method} is not allowed on {request.url.path}",
-        }.get(exc.status_code, str(exc.detail))
-        error = APIError(exc.status_code, message)
-        return JSONResponse(error.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, exc: RequestValidationError):
-        first = exc.errors()[0] if exc.errors() else {}
-        loc = ".".join(str(p) for p in first.get("loc", ()) if p not in ("body", "path", "query"))
-        error = invalid(f"{loc}: {first.get('msg', 'invalid value')}", param=loc or None)
-        return JSONResponse(error.body(), status_code=400)
-
-    @app.exception_handler(Exception)
-    async def _internal_error(request: Request, exc: Exception):
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        error = APIError(500, "internal server error; see the server log")
-        return JSONResponse(error.body(), status_code=500)
+    add_error_handlers(app)
 
     # ------------------------------------------------------------------ helpers
     def parse(cls: type[BaseModel], value: dict):
@@ -205,57 +174,6 @@ def create_app(model, settings: ServerSettings | None = None) -> FastAPI:
         except asyncio.CancelledError:
             job.cancel()
             raise
-
-    def usage(prompt_tokens: int, completion_tokens: int = 0) -> Usage:
-        return Usage(
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            total_tokens=prompt_tokens + completion_tokens,
-        )
-
-    def sse(value: Any) -> str:
-        return f"data: {json.dumps(value, ensure_ascii=False, separators=(',', ':'))}\n\n"
-
-    def stream_response(
-        job: Job | None,
-        chunk,
-        final_chunk,
-        first_chunks: list[dict],
-        prompt_tokens: int,
-        include_usage: bool,
-        base: dict,
-    ) -> StreamingResponse:
-        """Server-sent events: ``first_chunks``, then the job's deltas and finishes (no job: nothing to
-        generate, ``first_chunks`` say it all), usage when asked, and ``[DONE]``."""
-        rows = job.rows if job is not None else 0
-
-        async def events():
-            finished, completion_tokens = 0, 0
-            try:
-                for first in first_chunks:
-                    yield sse(first)
-                while finished < rows:
-                    event = await job.events.get()
-                    if event[0] == "delta":
-                        yield sse(chunk(event[1], event[2]))
-                    elif event[0] == "finish":
-                        finished += 1
-                        completion_tokens += len(event[2].token_ids)
-                        yield sse(final_chunk(event[1], event[2].finish_reason))
-                    elif event[0] == "error":
-                        error = event[1] if isinstance(event[1], APIError) else APIError(500, "internal error")
-                        yield sse(error.body())
-                        break
-                if include_usage and finished == rows:
-                    yield sse({**base, "choices": [], "usage": usage(prompt_tokens, completion_tokens).model_dump()})
-                yield "data: [DONE]\n\n"
-            finally:
-                if job is not None and not job.future.done():
-                    job.cancel()
-
-        return StreamingResponse(
-            events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        )
 
     # ------------------------------------------------------------------ routes
     @app.get("/health")
@@ -363,9 +281,11 @@ def create_app(model, settings: ServerSettings | None = None) -> FastAPI:
             text = (echoed[prompt] if echoed else "") + (result.text if result else "")
             logprobs = None
             if req.logprobs is not None:
+                assert job is not None  # max_tokens 0 needs echo, and echo with logprobs scores the prompt
+                scores = job.prompt_scores if score_prompt else None  # set by the model thread when asked
                 logprobs = formatter.completion(
                     prompt_text="" if echoed else formatter.text(ids[prompt]),
-                    prompt=(ids[prompt], job.prompt_scores[prompt]) if score_prompt else None,
+                    prompt=(ids[prompt], scores[prompt]) if scores is not None else None,
                     generated=job.token_logprobs.get(i, []),
                 )
             return CompletionChoice(
@@ -527,40 +447,7 @@ def create_app(model, settings: ServerSettings | None = None) -> FastAPI:
         body = ClassifyResponse(id=new_id("clf"), created=now(), model=req.model, data=data, usage=usage(prompt_tokens))
         return body.model_dump()
 
-    # ------------------------------------------------------------------ admin
     if settings.enable_admin:
-        expected = settings.resolved_admin_token().encode()
-
-        def require_admin(request: Request) -> None:
-            header = request.headers.get("authorization")
-            challenge = {"WWW-Authenticate": "Bearer"}
-            if not header:
-                raise APIError(401, "admin endpoints need 'Authorization: Bearer <token>'", headers=challenge)
-            scheme, _, token = header.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected):
-                raise APIError(401, "invalid admin token", headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
-
-        def adapter_card(entry: AdapterEntry) -> dict:
-            return {
-                "object": "adapter",
-                "id": entry.name,
-                "method": entry.method,
-                "num_virtual_tokens": entry.num_virtual_tokens,
-                "resident": entry.resident,
-            }
-
-        @app.post("/admin/adapters/{name}")
-        async def admin_load(name: str, request: Request):
-            require_admin(request)
-            entry = await registry.admin_load(name)
-            log.info("admin: adapter %s loaded", name)
-            return adapter_card(entry)
-
-        @app.delete("/admin/adapters/{name}")
-        async def admin_unload(name: str, request: Request):
-            require_admin(request)
-            await registry.admin_unload(name)
-            log.info("admin: adapter %s unloaded", name)
-            return {"object": "adapter", "id": name, "deleted": True}
+        add_admin_routes(app, settings, registry)
 
     return app

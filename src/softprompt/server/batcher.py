@@ -35,22 +35,26 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from softprompt.engine.decode import Continuation, DecodeState, StopRule, feed_next, next_tokens
 from softprompt.engine.generation import Generation
-from softprompt.engine.token_logprobs import pick
+from softprompt.engine.model import SoftPromptModel
+from softprompt.engine.token_logprobs import TokenLogprob, pick
 from softprompt.engine.tokens import eos_ids, pad_batch, pad_id
 from softprompt.errors import SoftPromptError
 from softprompt.server.jobs import Job
+from softprompt.server.metrics import Metrics
 from softprompt.server.schemas import APIError
 from softprompt.server.scoring import classify_jobs, score_prompts
+from softprompt.server.settings import ServerSettings
 
 log = logging.getLogger("softprompt.server")
 
@@ -70,11 +74,12 @@ class _Row(Continuation):
         self.choice = row  # choices are numbered prompt by prompt: prompt i, copy j is choice i * n + j
         self.prompt = job.prompts[row // job.n]
         self.rule = rule
+        assert job.sampling is not None  # a generation job carries its decoding options
         self.sampler = job.sampling.sampler(row % job.n)
         grammar = job.sampling.grammar
         self.constraint = grammar.matcher() if grammar is not None else None  # response_format: its own state
         self.emitted = 0  # characters already streamed
-        self.logprobs = [] if job.logprobs is not None else None
+        self.logprobs: list[TokenLogprob] | None = [] if job.logprobs is not None else None
 
 
 class _Group:
@@ -86,32 +91,11 @@ class _Group:
         self.mergeable = state.mergeable
 
 
-def _held_back(text: str, stops: Sequence[str]) -> int:
-    """Length of the longest suffix of ``text`` that could still grow into a stop string.
-
-    Only suffixes starting with the stop string's first character can match, so those are the only ones
-    compared (found with ``str.find``), longest first: a few C-level calls per step, not one per length.
-    """
-    best = 0
-    for stop in stops:
-        limit = min(len(stop) - 1, len(text))
-        if limit <= best:
-            continue
-        first, end = stop[0], len(text)
-        position = text.find(first, end - limit)
-        while position != -1 and end - position > best:
-            if stop.startswith(text[position:]):
-                best = end - position
-                break
-            position = text.find(first, position + 1)
-    return best
-
-
 # ---------------------------------------------------------------------------- the batcher
 class Batcher:
     """Owns the model thread. `submit` jobs from the event loop; `call` runs a function on the model thread."""
 
-    def __init__(self, model, settings, metrics=None):
+    def __init__(self, model: SoftPromptModel, settings: ServerSettings, metrics: Metrics | None = None) -> None:
         self.model = model
         self.settings = settings
         self.metrics = metrics
@@ -267,7 +251,9 @@ class Batcher:
     def _admit(self) -> tuple[list[tuple[Job, int, int]], list[Job], list[Job]]:
         """Take waiting jobs: generation rows as ``(job, first row, end row)`` up to the free slots, and the
         classification and prompt-scoring jobs (which take no slot)."""
-        generate, classify, score = [], [], []
+        generate: list[tuple[Job, int, int]] = []
+        classify: list[Job] = []
+        score: list[Job] = []
         free = self.settings.max_batch_size - self._running_rows
         with self._cv:
             while self._pending:
@@ -365,6 +351,7 @@ class Batcher:
             self.metrics.running_rows.set(0)
 
     def _stop_rule(self, job: Job) -> StopRule:
+        assert job.sampling is not None  # a generation job carries its decoding options
         return StopRule(self.tokenizer, self.eos, job.sampling.max_new_tokens, tuple(job.sampling.stop))
 
     def _step_group(self, group: _Group) -> bool:
@@ -386,7 +373,7 @@ class Batcher:
             )
             if row.constraint is not None:
                 row.constraint.advance(token)
-            if row.logprobs is not None:
+            if row.logprobs is not None and row.job.logprobs is not None:  # both set, or neither
                 row.logprobs += pick(state.logits[slot : slot + 1], [token], row.job.logprobs)
             generated += self._add_token(row, token)
             if row.finish is None:
@@ -411,7 +398,7 @@ class Batcher:
             end = len(row.text)
             while end > row.emitted and row.text[end - 1] == "\ufffd":  # an incomplete UTF-8 character
                 end -= 1
-            end -= _held_back(row.text[:end], row.rule.stop)
+            end -= row.rule.held_back(row.text[:end])
             if end > row.emitted:
                 self._send(job, ("delta", row.choice, row.text[row.emitted : end]))
                 row.emitted = end
@@ -419,7 +406,7 @@ class Batcher:
 
     def _finish_row(self, row: _Row) -> None:
         job = row.job
-        result = Generation(row.text, list(row.tokens), row.finish, len(row.prompt))
+        result = Generation(row.text, list(row.tokens), row.finish_reason, len(row.prompt))
         if job.stream and len(row.text) > row.emitted:
             self._send(job, ("delta", row.choice, row.text[row.emitted :]))
             row.emitted = len(row.text)
@@ -447,10 +434,8 @@ class Batcher:
         for job, events in outbox.items():
             by_loop.setdefault(job.loop, []).append((job, events))
         for loop, items in by_loop.items():
-            try:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
                 loop.call_soon_threadsafe(_deliver_all, items)
-            except RuntimeError:  # the loop is closed: nobody is waiting
-                pass
 
     def _shutdown(self) -> None:
         def error():
@@ -470,7 +455,7 @@ class Batcher:
                 self._fail(row.job, error())
         self._groups = []
         for _, future, loop in commands:
-            if future is not None:
+            if future is not None and loop is not None:  # both set, or neither
                 loop.call_soon_threadsafe(_set_exception, future, error())
         self._flush()
 

@@ -107,9 +107,8 @@ class Job:
             if event[0] == "done":
                 if not self.future.done():
                     self.future.set_result(event[1])
-            elif event[0] == "error":
-                if not self.future.done():
-                    self.future.set_exception(event[1])
-                    self.future.exception()  # retrieved: a job nobody awaits any more must not warn
+            elif event[0] == "error" and not self.future.done():
+                self.future.set_exception(event[1])
+                self.future.exception()  # retrieved: a job nobody awaits any more must not warn
             if self.events is not None:
                 self.events.put_nowait(event)

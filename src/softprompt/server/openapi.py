@@ -12,7 +12,7 @@ this document and check every response against it.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
@@ -85,7 +85,9 @@ def _nullable(*options: dict) -> dict:
     return {"anyOf": [*options, NULL], "default": None}
 
 
-def _add_model(components: dict, model: type[BaseModel], mode: str = "validation") -> dict:
+def _add_model(
+    components: dict, model: type[BaseModel], mode: Literal["validation", "serialization"] = "validation"
+) -> dict:
     schema = model.model_json_schema(ref_template="#/components/schemas/{model}", mode=mode)
     for name, definition in schema.pop("$defs", {}).items():
         components.setdefault(name, definition)

@@ -19,6 +19,7 @@ All registry state is touched only from the event loop (and at start, before ser
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -99,7 +100,7 @@ class AdapterRegistry:
             for child in sorted(self.adapter_dir.iterdir()):
                 if child.name in given or check_adapter_name(child.name) or not (child / CONFIG_FILE).is_file():
                     continue
-                if not self._inside(child):
+                if not self._inside(child, self.adapter_dir):
                     log.warning("adapter dir: %s resolves outside %s; skipped", child.name, self.adapter_dir)
                     continue
                 candidates.append((child.name, str(child), False))
@@ -225,6 +226,7 @@ class AdapterRegistry:
             entry.loading = loop.create_future()
             try:
                 if adapter is None:
+                    assert entry.path is not None  # only adapters read from files are ever evicted
                     adapter = await asyncio.to_thread(read_frozen, self.model, entry.path)
                 await self._on_model_thread(install, self.model, entry.name, adapter)
             except BaseException as exc:
@@ -311,9 +313,10 @@ class AdapterRegistry:
             self.metrics.adapters_resident.set(self.resident_count() + self._detached_residents)
 
     # -------------------------------------------------------------- admin
-    def _inside(self, path: Path) -> bool:
+    @staticmethod
+    def _inside(path: Path, directory: Path) -> bool:
         resolved = path.resolve()
-        return resolved != self.adapter_dir and resolved.is_relative_to(self.adapter_dir)
+        return resolved != directory and resolved.is_relative_to(directory)
 
     def admin_path(self, name: str) -> Path:
         """``<adapter_dir>/<name>``, refusing bad names and anything that resolves outside the directory."""
@@ -323,7 +326,7 @@ class AdapterRegistry:
         if self.adapter_dir is None:
             raise APIError(400, "the server was started without --adapter-dir; nothing can be loaded by name")
         path = self.adapter_dir / name
-        if not self._inside(path):
+        if not self._inside(path, self.adapter_dir):
             raise APIError(400, f"adapter name {name!r} resolves outside --adapter-dir; refused", param="name")
         if not path.is_dir():
             raise APIError(
@@ -341,10 +344,8 @@ class AdapterRegistry:
             raise APIError(400, f"adapter {name!r} could not be loaded: {exc}", code="adapter_invalid") from None
         entry = self.entries.get(name)
         if entry is not None and entry.loading is not None:
-            try:
+            with contextlib.suppress(APIError):
                 await asyncio.shield(entry.loading)
-            except APIError:
-                pass
         entry = self.entries.get(name)
         if entry is not None and entry.resident:  # reload in place: running rows keep their cached prefix
             await self._on_model_thread(install, self.model, name, adapter)
@@ -381,10 +382,8 @@ class AdapterRegistry:
         if entry is None:
             raise APIError(404, f"no adapter named {name!r} is registered", param="name", code="model_not_found")
         if entry.loading is not None:
-            try:
+            with contextlib.suppress(APIError):
                 await asyncio.shield(entry.loading)
-            except APIError:
-                pass
         if self.entries.get(name) is not entry:
             raise APIError(404, f"no adapter named {name!r} is registered", param="name", code="model_not_found")
         del self.entries[name]

@@ -198,9 +198,12 @@ class CompletionRequest(_SamplingRequest):
 
         if isinstance(value, str):
             return value
-        if isinstance(value, list) and value:
-            if all(isinstance(v, str) for v in value) or ids(value) or all(ids(v) for v in value):
-                return value
+        if (
+            isinstance(value, list)
+            and value
+            and (all(isinstance(v, str) for v in value) or ids(value) or all(ids(v) for v in value))
+        ):
+            return value
         raise _custom(
             "expected a string, a non-empty list of strings, a list of token ids, or a list of token-id lists"
         )

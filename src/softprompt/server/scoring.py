@@ -22,6 +22,7 @@ def classify_jobs(model, jobs: list[Job], *, pad: int, max_rows: int, metrics=No
     failed its batch (one failing label set does not fail the others)."""
     by_labels: dict[tuple, list[Job]] = {}
     for job in jobs:
+        assert job.labels is not None  # a classification job carries its candidate labels
         key = (tuple(tuple(c) for c in job.labels), job.normalize)
         by_labels.setdefault(key, []).append(job)
     outcomes: dict[Job, list | Exception] = {}
