@@ -11,7 +11,7 @@ of its run), ``research.sweep`` (the adapter chosen on validation) and recipes r
 keeps them from overwriting each other: an adapter is exported only if it beats, on the task's fixed
 held-out evaluation (``EVALUATIONS``), every example of that task already shipped, on any base model.
 ``examples/adapters/scores.json`` records each shipped example's score on that evaluation, and
-``tests/test_example_adapters.py`` checks it against the folders and their README table.
+``tests/adapters/test_example_adapters.py`` checks it against the folders and their README table.
 
 The folder is ``<task>/`` for the default base (smollm2-135m) and ``<task>-<model>/`` for another, so an
 adapter is never copied over one of another base model's shape.

@@ -17,7 +17,7 @@ What it does, with nothing but this machine:
    and the queue depth must never exceed Q; ``softprompt_rejected_total{reason="queue_full"}`` must
    count exactly the 503s.
 
-`tests/test_server_soak.py` runs a short form of both (about 25 s); this module prints a report and exits
+`tests/server/test_server_soak.py` runs a short form of both (about 25 s); this module prints a report and exits
 non-zero when an invariant fails. ``--minutes 5`` is the full form (see docs/reliability.md).
 """
 

@@ -1,4 +1,4 @@
-"""Security checks of the HTTP server beyond tests/test_server.py: admin tokens (constant-time, never
+"""Security checks of the HTTP server beyond tests/server/test_server.py: admin tokens (constant-time, never
 optional), adapter names that try to leave ``--adapter-dir`` (encoded traversal, absolute paths, NUL
 bytes, newlines, very long names, symlinks to outside), request-body caps that hold against chunked
 bodies and lying Content-Length headers, caps on generated lengths and on inputs/labels/stop strings,

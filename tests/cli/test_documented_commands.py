@@ -15,7 +15,7 @@ import pytest
 from softprompt.cli.app import EPILOGS, build_parser
 from softprompt.training.config import train_options
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DOCS = [
     ROOT / "README.md",
     ROOT / "examples" / "adapters" / "README.md",

@@ -20,7 +20,7 @@ from softprompt.integrations.hf import SaveAdapterCallback, TrainableAdapter
 
 from tiny import save_tiny_checkpoint, tiny_base, tiny_tokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PAIRS = [("Q: is it? A:", " yes"), ("Q: really? A:", " no"), ("Q: sure? A:", " yes"), ("Q: why? A:", " no")]
 N_TOKENS = 4
 # (trainer, method): the plain Trainer with a reparameterised method (its MLP must survive checkpoints), TRL

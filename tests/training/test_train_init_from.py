@@ -13,8 +13,8 @@ from softprompt.errors import ConfigError
 from softprompt.training.config import load_config
 from softprompt.training.jobs import prepare_job
 from softprompt.training.loop import train
-from test_train import records, toy_rows, write_csv
 
+from test_train import records, toy_rows, write_csv
 from tiny import save_tiny_checkpoint, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")

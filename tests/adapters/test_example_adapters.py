@@ -20,7 +20,7 @@ from softprompt.data import Template
 
 from tiny import tiny_tokenizer
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "adapters"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "adapters"
 FOLDERS = sorted(p for p in EXAMPLES.iterdir() if p.is_dir())
 
 

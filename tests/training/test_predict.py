@@ -6,8 +6,8 @@ import pytest
 
 from softprompt.cli import main
 from softprompt.training.predict import label_probabilities
-from test_train import toy_rows, write_csv
 
+from test_train import toy_rows, write_csv
 from tiny import save_tiny_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -15,7 +15,7 @@ import yaml
 
 from research import cross_model, reproduce, reproduce_plan
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 QUALITY_STEPS = {"quality", "quality-raft"}  # research.quality --quick has its own test (test_bench_quality.py)
 
 

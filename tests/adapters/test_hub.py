@@ -139,7 +139,7 @@ def test_eval_of_a_hub_id_needs_no_template(trained, hub, tmp_path, capsys):
 
 
 def test_the_card_names_the_built_in_base_by_its_hub_id():
-    card = model_card(Path(__file__).resolve().parents[1] / "examples" / "adapters" / "sst2-gemma3-270m")
+    card = model_card(Path(__file__).resolve().parents[2] / "examples" / "adapters" / "sst2-gemma3-270m")
     assert "base_model: google/gemma-3-270m" in card and "Review: {sentence}\nSentiment:" in card
     assert "softprompt eval --model gemma3-270m --adapter REPO_ID" in card
 

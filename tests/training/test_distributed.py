@@ -25,7 +25,7 @@ from softprompt.training.distributed import Distributed
 
 from tiny import save_tiny_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs" / "accelerate"
 GLOO = CONFIGS / "cpu_gloo_2proc.yaml"
 GLOO_FSDP = CONFIGS / "cpu_gloo_fsdp_2proc.yaml"

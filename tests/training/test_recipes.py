@@ -19,7 +19,7 @@ from softprompt.training.loop import train
 
 from tiny import tiny_model
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))
 HUB = sorted((REPO / "recipes").glob("*.yaml"))
 OFFLINE = sorted((REPO / "recipes" / "offline").glob("*.yaml"))

@@ -30,7 +30,7 @@ from softprompt.data import (
 )
 from softprompt.errors import ConfigError, DataError, SoftPromptError
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
 def write(path: Path, content: str | bytes, encoding: str = "utf-8") -> Path:

@@ -15,7 +15,7 @@ Requests are generated with schemathesis' hypothesis strategies (``operation.as_
 pytest tests, rather than its pytest plugin, whose fixture-based loading does not work with pytest 9.
 
 Quick form (CI): ``FUZZ_EXAMPLES`` examples per operation (default 50), a few seconds per operation.
-Full form: ``SOFTPROMPT_FUZZ_EXAMPLES=1000 .venv/bin/python -m pytest -q tests/test_server_fuzz.py``.
+Full form: ``SOFTPROMPT_FUZZ_EXAMPLES=1000 .venv/bin/python -m pytest -q tests/server/test_server_fuzz.py``.
 """
 
 from __future__ import annotations
