@@ -13,8 +13,8 @@ from softprompt.cli.app import main
 from softprompt.engine.generation import GenerationConfig, generate_batch
 from softprompt.engine.tokens import pad_batch
 from softprompt.errors import ConfigError, SoftPromptError
-
 from test_parity_peft import INPUT, MASK, peft_greedy
+
 from tiny import FAMILIES, save_tiny_checkpoint, tiny_base, tiny_model, tiny_tokenizer
 
 N_TOKENS, N_FROZEN = 5, 2
