@@ -3,6 +3,7 @@
 import copy
 import json
 
+import httpx
 import pytest
 import torch
 from peft import CartridgeConfig, PeftModel, TaskType, get_peft_model
@@ -13,8 +14,10 @@ from softprompt.cli.app import main
 from softprompt.engine.generation import GenerationConfig, generate_batch
 from softprompt.engine.tokens import pad_batch
 from softprompt.errors import ConfigError, SoftPromptError
+from softprompt.server import ServerSettings, create_app
 from test_parity_peft import INPUT, MASK, peft_greedy
 
+from serving import ServerThread, lively_model, offline_model, run_concurrently
 from tiny import FAMILIES, save_tiny_checkpoint, tiny_base, tiny_model, tiny_tokenizer
 
 N_TOKENS, N_FROZEN = 5, 2
@@ -212,3 +215,29 @@ def test_unsupported_peft_type_names_it_and_the_supported_ones(tmp_path):
     message = str(err.value)
     assert "\n" not in message and "'ADAPTION_PROMPT'" in message
     assert all(t in message for t in ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING", "CARTRIDGE"))
+
+
+def test_server_batches_cartridges_with_other_adapters_each_row_as_offline(tmp_path):
+    model = lively_model()
+    model.add_adapter("cart", method="cartridge", num_virtual_tokens=6, init_text="a long document", seed=1)
+    model.add_adapter("cart2", method="cartridge", num_virtual_tokens=3, num_frozen_tokens=0, init="random", seed=2)
+    model.add_adapter("pt", method="prompt_tuning", num_virtual_tokens=4, seed=3)
+    paths = {name: str(tmp_path / name) for name in ("cart", "cart2", "pt")}
+    for name, path in paths.items():
+        model.save_adapter(name, path)
+    reference = offline_model(paths)
+    settings = ServerSettings(adapters=paths, max_batch_size=8, batch_window_ms=5, max_tokens_limit=50)
+    names = ["cart", "cart2", "pt", "tiny-gpt2"] * 2
+    bodies = [
+        {"model": name, "prompt": f"Request {i}: tell me", "max_tokens": 6, "temperature": 0}
+        for i, name in enumerate(names)
+    ]
+    with ServerThread(create_app(lively_model(), settings)) as server:
+        cards = {card["id"]: card for card in httpx.get(f"{server.url}/v1/models").json()["data"]}
+        assert cards["cart"]["method"] == "cartridge"
+        responses = run_concurrently(server.url, [("POST", "/v1/completions", b) for b in bodies], concurrency=8)
+    for body, response in zip(bodies, responses):
+        assert response.status_code == 200, response.text
+        adapter = None if body["model"] == "tiny-gpt2" else body["model"]
+        want = reference.generate([body["prompt"]], adapters=[adapter], max_new_tokens=6)[0]
+        assert response.json()["choices"][0]["text"] == want
