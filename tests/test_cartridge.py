@@ -7,6 +7,7 @@ import httpx
 import pytest
 import torch
 from peft import CartridgeConfig, PeftModel, TaskType, get_peft_model
+from safetensors.torch import load_file
 
 from softprompt import SoftPromptModel
 from softprompt.adapters.peft_format import CONFIG_FILE
@@ -15,7 +16,10 @@ from softprompt.engine.generation import GenerationConfig, generate_batch
 from softprompt.engine.tokens import pad_batch
 from softprompt.errors import ConfigError, SoftPromptError
 from softprompt.server import ServerSettings, create_app
+from softprompt.training.config import load_config
+from softprompt.training.loop import train
 from test_parity_peft import INPUT, MASK, peft_greedy
+from test_train import Interrupt, toy_rows, write_csv
 
 from serving import ServerThread, lively_model, offline_model, run_concurrently
 from tiny import FAMILIES, save_tiny_checkpoint, tiny_base, tiny_model, tiny_tokenizer
@@ -241,3 +245,51 @@ def test_server_batches_cartridges_with_other_adapters_each_row_as_offline(tmp_p
         adapter = None if body["model"] == "tiny-gpt2" else body["model"]
         want = reference.generate([body["prompt"]], adapters=[adapter], max_new_tokens=6)[0]
         assert response.json()["choices"][0]["text"] == want
+
+
+def cartridge_run(tmp_path, output, **extra):
+    data = write_csv(tmp_path / "toy.csv", toy_rows(24))
+    values = {
+        "data": data,
+        "label_column": "label",
+        "method": "cartridge",
+        "num_virtual_tokens": 4,
+        "num_frozen_tokens": 1,
+        "init_text": "xyz abc",
+        "epochs": 2,
+        "batch_size": 4,
+        "lr": 0.05,
+        "weight_decay": 0.01,
+        "val_fraction": 0.25,
+        "eval_zero_shot": False,
+        "output": str(output),
+        "seed": 0,
+        **extra,
+    }
+    return load_config(None, values)
+
+
+@pytest.mark.usefixtures("one_thread")  # bit-identical resume
+def test_resume_and_init_from_keep_the_frozen_tokens(tmp_path):
+    full = train(cartridge_run(tmp_path, tmp_path / "full"), model=tiny_model("llama"), progress=False)
+
+    def crash_at_3(info):
+        if info.step == 3:
+            raise Interrupt
+
+    cut = tmp_path / "cut"
+    with pytest.raises(Interrupt):
+        train(cartridge_run(tmp_path, cut, save_every=2), model=tiny_model("llama"), on_step=crash_at_3, progress=False)
+    resumed = train(cartridge_run(tmp_path, cut, resume=True), model=tiny_model("llama"), progress=False)
+    assert resumed.steps == full.steps
+    weights = "default/adapter_model.safetensors"
+    assert (tmp_path / "full" / weights).read_bytes() == (cut / weights).read_bytes()
+
+    source = load_file(tmp_path / "full" / weights)["prompt_embeddings"]
+    warm = train(
+        cartridge_run(tmp_path, tmp_path / "warm", init_from=str(tmp_path / "full" / "default")),
+        model=tiny_model("llama"),
+        progress=False,
+    )
+    table = load_file(warm.adapters["default"].path / "adapter_model.safetensors")["prompt_embeddings"]
+    assert torch.equal(table[:1], source[:1]) and not torch.equal(table[1:], source[1:])
