@@ -38,9 +38,7 @@ class CartridgeConfig(MethodConfig):
     )
     init: str = option(
         "auto",
-        "How to start the cartridge: random (N(0, 1), as PEFT), text (the keys/values the frozen model "
-        "computes for init_text), sample_vocab (the same for random vocabulary tokens), or auto (text when "
-        "init_text is given, else sample_vocab).",
+        "As prefix_tuning's: random, text, sample_vocab, or auto (text when init_text is given, else sample_vocab).",
         choices=(*INITS, "auto"),
     )
     init_text: str | None = option(None, "Text whose keys/values (per layer) start the cartridge.")
