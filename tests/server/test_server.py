@@ -14,6 +14,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from softprompt.errors import SoftPromptError
 from softprompt.server import ServerSettings, create_app
 from softprompt.server.prompting import chat_prompt_ids, fallback_chat_text
 
@@ -611,3 +612,22 @@ def test_serve_loads_the_model_and_adapters_and_runs_uvicorn(tmp_path, monkeypat
     assert set(app.state.model.adapter_names()) == {"pt", "prefix"}
     with pytest.raises(Exception, match="admin"):
         cmd_serve(parser.parse_args(["--model", checkpoint, "--enable-admin"]))
+
+
+def test_missing_serving_packages_name_a_command_that_works_from_a_checkout(monkeypatch):
+    """Without fastapi the error names set-up commands that work (no index serves 'softprompt[serve]')."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_fastapi(name, *args, **kwargs):
+        if name == "fastapi":
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_fastapi)
+    with pytest.raises(SoftPromptError) as caught:
+        create_app(None)
+    message = str(caught.value)
+    assert message.startswith("serving needs fastapi:") and "bash scripts/setup.sh" in message
+    assert "pip install 'softprompt[serve]'" not in message

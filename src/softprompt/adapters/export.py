@@ -30,15 +30,20 @@ from safetensors.torch import save
 from softprompt.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, read_peft_config, read_tensors
 from softprompt.errors import SoftPromptError
 from softprompt.fileio import atomic_write_bytes
-from softprompt.methods import PEFT_TYPES
+from softprompt.methods import PEFT_TYPES, method_class
 from softprompt.models.loading import DTYPES
 
 FORMAT = "softprompt-prompt-embeds/1"
 TENSOR_KEY = "prompt_embeds"
-PREFIX_MESSAGE = (
-    "is a prefix-tuning adapter: it adds keys and values at every layer, which cannot be expressed as "
+KV_MESSAGE = (
+    "adapter: it adds keys and values at every layer, which cannot be expressed as "
     "input embeddings; serve it with 'softprompt serve' instead"
 )
+
+
+def _kv_message(method: str) -> str:
+    """Why a key/value method (prefix tuning, cartridge) has no input embeddings to export."""
+    return f"is a {method.replace('_', '-')} {KV_MESSAGE}"
 
 
 def _dtype(dtype: str | torch.dtype | None) -> torch.dtype:
@@ -62,7 +67,7 @@ def prompt_embeddings(source, name: str | None = None) -> tuple[torch.Tensor, di
             raise SoftPromptError("name: give the adapter to export from this model")
         adapter = source.get_adapter(name)
         if adapter.adds == "kv":
-            raise SoftPromptError(f"adapter {name!r} {PREFIX_MESSAGE}")
+            raise SoftPromptError(f"adapter {name!r} {_kv_message(adapter.config.method)}")
         with torch.no_grad():
             table = adapter.input_embeddings().detach().float().cpu().contiguous()
         info = {"method": adapter.config.method, "base_model": str(source.name_or_path or "")}
@@ -72,8 +77,8 @@ def prompt_embeddings(source, name: str | None = None) -> tuple[torch.Tensor, di
         raise SoftPromptError(f"{folder}: no such adapter directory")
     peft = read_peft_config(folder / CONFIG_FILE)
     method = PEFT_TYPES[peft["peft_type"]]
-    if method == "prefix_tuning":
-        raise SoftPromptError(f"{folder} {PREFIX_MESSAGE}")
+    if method_class(method).adds == "kv":
+        raise SoftPromptError(f"{folder} {_kv_message(method)}")
     tensors = read_tensors(folder / WEIGHTS_FILE)
     if "prompt_embeddings" not in tensors:
         raise SoftPromptError(f"{folder / WEIGHTS_FILE}: no 'prompt_embeddings' tensor")

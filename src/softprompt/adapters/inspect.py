@@ -71,8 +71,9 @@ def format_inspection(info: dict) -> str:
         lines.append("nearest vocabulary tokens per virtual token (cosine):")
         for i, near in enumerate(info["nearest_tokens"]):
             lines.append(f"  {i:3d}  " + "  ".join(f"{n['token']!r} {n['cosine']:.2f}" for n in near))
-    elif info["method"] == "prefix_tuning":
+    elif info["method"] in ("prefix_tuning", "cartridge"):
         lines.append(
-            "prefix tuning stores keys/values per layer: its virtual tokens have no input embedding to compare"
+            f"{info['method'].replace('_', ' ')} stores keys/values per layer: "
+            "its virtual tokens have no input embedding to compare"
         )
     return "\n".join(lines)

@@ -11,6 +11,7 @@ from typing import overload
 
 from softprompt.errors import ConfigError
 from softprompt.methods.base import MethodConfig, SoftPromptMethod
+from softprompt.methods.cartridge import Cartridge, CartridgeConfig
 from softprompt.methods.p_tuning import PTuning, PTuningConfig
 from softprompt.methods.prefix_tuning import PrefixTuning, PrefixTuningConfig
 from softprompt.methods.prompt_tuning import PromptTuning, PromptTuningConfig
@@ -20,6 +21,7 @@ METHODS: dict[str, type[SoftPromptMethod]] = {
     "prompt_tuning": PromptTuning,
     "prefix_tuning": PrefixTuning,
     "p_tuning": PTuning,
+    "cartridge": Cartridge,
 }
 PEFT_TYPES: dict[str, str] = {cls.config_class.peft_type: name for name, cls in METHODS.items()}
 
@@ -65,6 +67,8 @@ __all__ = [
     "METHODS",
     "METHOD_OPTIONS",
     "PEFT_TYPES",
+    "Cartridge",
+    "CartridgeConfig",
     "MethodConfig",
     "PTuning",
     "PTuningConfig",

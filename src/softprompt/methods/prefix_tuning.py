@@ -92,6 +92,15 @@ def table_from_kv(layers: list[tuple[torch.Tensor, torch.Tensor]], shape: ModelS
     return table.permute(2, 0, 1, 3).reshape(n, -1)
 
 
+def kv_from_table(table: torch.Tensor, shape: ModelShape) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per-layer ``(key, value)``, each ``[kv_heads, n, head_dim]``, of a flat ``[n, layers * 2 * token_dim]``
+    table (the inverse of `table_from_kv`)."""
+    n = table.shape[0]
+    # PEFT: view [n, 2L, heads, head_dim] -> [2L, heads, n, head_dim]; layer l uses rows 2l (key), 2l+1 (value).
+    rows = table.view(n, shape.num_layers * 2, shape.prefix_heads, shape.head_dim).permute(1, 2, 0, 3)
+    return [(rows[r], rows[r + 1]) for r in layer_rows(shape)]
+
+
 class PrefixTuning(SoftPromptMethod):
     adds = "kv"
     config_class = PrefixTuningConfig
@@ -142,11 +151,7 @@ class PrefixTuning(SoftPromptMethod):
         return self.embedding.weight
 
     def kv_prefix(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        s = self.shape
-        n = self.num_virtual_tokens
-        # PEFT: view [n, 2L, heads, head_dim] -> [2L, heads, n, head_dim]; layer l uses rows 2l (key), 2l+1 (value).
-        table = self.flat().view(n, s.num_layers * 2, s.prefix_heads, s.head_dim).permute(1, 2, 0, 3)
-        return [(table[r], table[r + 1]) for r in layer_rows(s)]
+        return kv_from_table(self.flat(), self.shape)
 
     def materialized(self) -> torch.Tensor:
         return self.flat().detach()

@@ -7,7 +7,8 @@
     from softprompt.server import ServerSettings, create_app
     app = create_app(model, ServerSettings(adapters={"quotes": "runs/quotes"}))
 
-Needs the ``serve`` extras (``pip install 'softprompt[serve]'``: fastapi, uvicorn, prometheus-client).
+Needs the ``serve`` extras (fastapi, uvicorn, prometheus-client, llguidance), which ``bash scripts/setup.sh`` installs;
+from a checkout, ``pip install -e '.[serve]'``.
 This package imports them lazily, so ``softprompt --help`` works without them. See docs/serving.md.
 """
 
@@ -33,7 +34,10 @@ def _require_serving_extras() -> None:
         except ImportError:
             missing.append(module)
     if missing:
-        raise SoftPromptError(f"serving needs {', '.join(missing)}: pip install 'softprompt[serve]'")
+        raise SoftPromptError(
+            f"serving needs {', '.join(missing)}: run bash scripts/setup.sh in a softprompt checkout "
+            f"(or pip install -e '.[serve]' there)"
+        )
 
 
 def create_app(model, settings: ServerSettings | None = None) -> FastAPI:

@@ -263,6 +263,11 @@ def _check_data_source(view: Any, prefix: str) -> None:
             )
 
 
+def _one_of(names: tuple[str, ...]) -> str:
+    """``a``, ``a or b``, ``a, b or c``."""
+    return " or ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
+
+
 def _resolved_method_options(
     top: AdapterSettings, spec: AdapterSpec, method: str, prefix: str, several: bool
 ) -> dict[str, Any]:
@@ -279,7 +284,7 @@ def _resolved_method_options(
             )
         if method not in methods:
             raise OptionError(
-                prefix + flag(option_name), f"only applies to {flag('method')} {' or '.join(methods)}, not {method}"
+                prefix + flag(option_name), f"only applies to {flag('method')} {_one_of(methods)}, not {method}"
             )
     options = {
         "num_virtual_tokens": _VIRTUAL_TOKENS_DEFAULT,

@@ -1,0 +1,295 @@
+"""Cartridges (PEFT's CARTRIDGE): parity with PEFT, frozen attention-sink tokens, mixed batches, CLI, bad input."""
+
+import copy
+import json
+
+import httpx
+import pytest
+import torch
+from peft import CartridgeConfig, PeftModel, TaskType, get_peft_model
+from safetensors.torch import load_file
+from test_parity_peft import INPUT, MASK, peft_greedy
+
+from softprompt import SoftPromptModel
+from softprompt.adapters.peft_format import CONFIG_FILE
+from softprompt.cli.app import main
+from softprompt.engine.generation import GenerationConfig, generate_batch
+from softprompt.engine.tokens import pad_batch
+from softprompt.errors import ConfigError, SoftPromptError
+from softprompt.server import ServerSettings, create_app
+from softprompt.training.config import load_config
+from softprompt.training.loop import train
+
+from serving import ServerThread, lively_model, offline_model, run_concurrently
+from test_train import Interrupt, toy_rows, write_csv
+from tiny import FAMILIES, save_tiny_checkpoint, tiny_base, tiny_model, tiny_tokenizer
+
+N_TOKENS, N_FROZEN = 5, 2
+
+
+def decoder_ids(family):
+    return torch.tensor([[0, 33, 44, 55], [0, 34, 45, 56]]) if family == "t5" else None
+
+
+def labels_for(family):
+    return torch.tensor([[33, 44, 55, 66], [34, 45, 56, 67]]) if family == "t5" else INPUT.masked_fill(INPUT < 40, -100)
+
+
+def peft_pair(family, tmp_path):
+    """A PEFT cartridge (saved by PEFT, reloaded) and ours loaded from PEFT's files."""
+    base = tiny_base(family)
+    task = TaskType.SEQ_2_SEQ_LM if family == "t5" else TaskType.CAUSAL_LM
+    torch.manual_seed(1)
+    config = CartridgeConfig(task_type=task, num_virtual_tokens=N_TOKENS, num_frozen_tokens=N_FROZEN)
+    peft_model = get_peft_model(copy.deepcopy(base), config)
+    with torch.no_grad():  # a clearly non-trivial prefix at the scale of real keys/values
+        for p in peft_model.prompt_encoder.parameters():
+            p.mul_(0.5)
+    peft_model.save_pretrained(tmp_path / "peft")
+    peft_loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft").eval()
+    ours = SoftPromptModel(copy.deepcopy(base), tiny_tokenizer(), name_or_path=f"tiny-{family}")
+    ours.load_adapter(str(tmp_path / "peft"), name="c")
+    return peft_loaded, ours
+
+
+def peft_logits(peft_model, family):
+    with torch.no_grad():
+        return peft_model(input_ids=INPUT, attention_mask=MASK, decoder_input_ids=decoder_ids(family)).logits
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_peft_cartridge_loads_with_its_logits_and_loss(family, tmp_path):
+    peft_model, ours = peft_pair(family, tmp_path)
+    adapter = ours.get_adapter("c")
+    assert adapter.config.num_frozen_tokens == N_FROZEN and adapter.frozen.shape[0] == N_FROZEN
+    with torch.no_grad():
+        got = ours(INPUT, MASK, adapters="c", decoder_input_ids=decoder_ids(family)).logits
+    torch.testing.assert_close(got, peft_logits(peft_model, family), atol=1e-5, rtol=1e-5)
+    labels = labels_for(family)
+    with torch.no_grad():
+        expected = peft_model(input_ids=INPUT, attention_mask=MASK, labels=labels).loss
+        loss = ours(INPUT, MASK, adapters="c", labels=labels).loss
+    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_generation_matches_greedy_decoding_of_peft_forward(family, tmp_path):
+    peft_model, ours = peft_pair(family, tmp_path)
+    expected = peft_greedy(peft_model, family == "t5", 8)
+    ours.tokenizer.eos_token = None  # compare all tokens, as the oracle runs without an eos
+    ours.base.config.eos_token_id = None
+    ours.base.generation_config.eos_token_id = None
+    got = generate_batch(ours, INPUT, MASK, "c", GenerationConfig(max_new_tokens=8))
+    assert [g.token_ids for g in got] == expected
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("init", ["random", "text"])
+def test_our_cartridge_loads_in_peft(family, init, tmp_path):
+    base = tiny_base(family)
+    ours = SoftPromptModel(copy.deepcopy(base), tiny_tokenizer(), name_or_path=f"tiny-{family}")
+    text = {"init_text": "the long document"} if init == "text" else {}
+    ours.add_adapter(
+        "c", method="cartridge", num_virtual_tokens=N_TOKENS, num_frozen_tokens=N_FROZEN, seed=3, init=init, **text
+    )
+    ours.save_adapter("c", tmp_path / "c")
+    written = json.loads((tmp_path / "c" / CONFIG_FILE).read_text())
+    assert (written["peft_type"], written["num_frozen_tokens"]) == ("CARTRIDGE", N_FROZEN)
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "c").eval()
+    assert peft_model.prompt_encoder["default"].num_frozen_tokens == N_FROZEN
+    with torch.no_grad():
+        got = ours(INPUT, MASK, adapters="c", decoder_input_ids=decoder_ids(family)).logits
+    torch.testing.assert_close(got, peft_logits(peft_model, family), atol=1e-5, rtol=1e-5)
+    # and back: the file we wrote loads in softprompt to the same adapter
+    again = SoftPromptModel(copy.deepcopy(base), tiny_tokenizer(), name_or_path=f"tiny-{family}")
+    again.load_adapter(str(tmp_path / "c"), name="c")
+    torch.testing.assert_close(again.get_adapter("c").materialized(), ours.get_adapter("c").materialized().cpu())
+
+
+def test_text_init_is_the_frozen_model_s_cache_of_that_text():
+    model = tiny_model("llama")
+    model.add_adapter("c", method="cartridge", num_virtual_tokens=4, init_text="abcd")
+    ids = model._tokenize_plain("abcd")[:4]
+    assert len(ids) == 4
+    cache = model._text_kv(ids)
+    for (key, value), (k, v) in zip(model.get_adapter("c").kv_prefix(), cache):
+        torch.testing.assert_close(key, k)
+        torch.testing.assert_close(value, v)
+
+
+@pytest.mark.parametrize("family", ["llama", "t5"])
+def test_frozen_tokens_get_no_gradient_and_do_not_move(family):
+    model = tiny_model(family)
+    adapter = model.add_adapter(
+        "c", method="cartridge", num_virtual_tokens=N_TOKENS, num_frozen_tokens=N_FROZEN, seed=0
+    )
+    adapter.requires_grad_(True)  # what --init-from does to a loaded adapter: the frozen rows must stay frozen
+    before = adapter.materialized().clone()
+    optimizer = torch.optim.AdamW(adapter.parameters(), lr=0.1, weight_decay=0.1)
+    loss = model(INPUT, MASK, adapters="c", labels=labels_for(family)).loss
+    loss.backward()
+    assert [name for name, _ in adapter.named_parameters()] == ["trainable"]
+    assert not adapter.frozen.requires_grad and adapter.frozen.grad is None
+    assert adapter.trainable.grad is not None and adapter.trainable.grad.abs().sum() > 0
+    optimizer.step()
+    after = adapter.materialized()
+    assert torch.equal(after[:N_FROZEN], before[:N_FROZEN])
+    assert not torch.equal(after[N_FROZEN:], before[N_FROZEN:])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_mixed_batch_with_prompt_and_prefix_tuning_gives_each_row_its_solo_result(family):
+    model = tiny_model(family)
+    model.add_adapter("cart", method="cartridge", num_virtual_tokens=6, num_frozen_tokens=1, seed=1)
+    model.add_adapter("pt", method="prompt_tuning", num_virtual_tokens=4, init_text="classify", seed=2)
+    model.add_adapter("prefix", method="prefix_tuning", num_virtual_tokens=3, seed=3)
+    rows = [[20, 30, 40, 50, 60], [21, 31, 41], [22, 32, 42, 52], [23, 33]]
+    names = ["cart", "pt", "prefix", "cart"]
+    ids, mask = pad_batch(rows, pad=0, side="left")
+    decoder = torch.tensor([[0, 5, 6]] * len(rows)) if family == "t5" else None
+    with torch.no_grad():
+        together = model(ids, mask, adapters=names, decoder_input_ids=decoder).logits
+        for i, (row, name) in enumerate(zip(rows, names)):
+            alone = model(
+                torch.tensor([row]), adapters=name, decoder_input_ids=None if decoder is None else decoder[:1]
+            ).logits[0]
+            got = together[i] if family == "t5" else together[i][mask[i] == 1]
+            torch.testing.assert_close(got, alone, atol=1e-5, rtol=1e-4)
+    texts = ["hello there", "a", "soft prompts", "xyz!"]
+    generated = model.generate(texts, adapters=names, max_new_tokens=5)
+    assert generated == [model.generate([t], adapters=[n], max_new_tokens=5)[0] for t, n in zip(texts, names)]
+
+
+def test_train_method_cartridge_from_the_command_line(tmp_path, capsys):
+    path = save_tiny_checkpoint("llama", tmp_path / "model")
+    rows = ["text,label"] + [
+        f"{'sunny happy' if i % 2 else 'rain sad'} {i},{'pos' if i % 2 else 'neg'}" for i in range(24)
+    ]
+    (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "run"
+    args = ["train", "--model", path, "--method", "cartridge", "--data", str(tmp_path / "train.csv")]
+    args += [
+        "--label-column",
+        "label",
+        "--num-virtual-tokens",
+        "4",
+        "--num-frozen-tokens",
+        "1",
+        "--init-text",
+        "weather",
+    ]
+    args += ["--epochs", "1", "--batch-size", "8", "--lr", "0.1", "--seed", "0", "--output", str(out)]
+    assert main(args) == 0
+    saved = out / "default"
+    assert json.loads((saved / CONFIG_FILE).read_text())["peft_type"] == "CARTRIDGE"
+    model = tiny_model("llama")
+    model.add_adapter(
+        "start", method="cartridge", num_virtual_tokens=4, num_frozen_tokens=1, init_text="weather", seed=0
+    )
+    trained = model.load_adapter(str(saved), name="trained")
+    start, end = model.get_adapter("start").materialized(), trained.materialized()
+    assert torch.equal(end[:1], start[:1]) and not torch.equal(end[1:], start[1:])
+    capsys.readouterr()
+    assert main(["inspect", str(saved)]) == 0
+    assert "cartridge stores keys/values per layer" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("frozen", [-1, 4])
+def test_num_frozen_tokens_out_of_range_names_the_flag(frozen, tmp_path, capsys):
+    model = tiny_model("gpt2")
+    with pytest.raises(ConfigError, match="num_frozen_tokens"):
+        model.add_adapter("c", method="cartridge", num_virtual_tokens=4, num_frozen_tokens=frozen)
+    path = save_tiny_checkpoint("gpt2", tmp_path / "model")
+    (tmp_path / "train.csv").write_text("text,label\na,x\nb,y\n")
+    capsys.readouterr()  # the checkpoint's save progress
+    args = ["train", "--model", path, "--method", "cartridge", "--data", str(tmp_path / "train.csv")]
+    assert main([*args, "--num-virtual-tokens", "4", "--num-frozen-tokens", str(frozen)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--num-frozen-tokens" in err[0], err
+
+
+def test_unsupported_peft_type_names_it_and_the_supported_ones(tmp_path):
+    model = tiny_model("llama")
+    model.add_adapter("c", method="cartridge", num_virtual_tokens=4)
+    model.save_adapter("c", tmp_path / "c")
+    config = json.loads((tmp_path / "c" / CONFIG_FILE).read_text())
+    (tmp_path / "c" / CONFIG_FILE).write_text(json.dumps({**config, "peft_type": "ADAPTION_PROMPT"}))
+    with pytest.raises(SoftPromptError) as err:
+        model.load_adapter(str(tmp_path / "c"), name="d")
+    message = str(err.value)
+    assert "\n" not in message and "'ADAPTION_PROMPT'" in message
+    assert all(t in message for t in ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING", "CARTRIDGE"))
+
+
+def test_server_batches_cartridges_with_other_adapters_each_row_as_offline(tmp_path):
+    model = lively_model()
+    model.add_adapter("cart", method="cartridge", num_virtual_tokens=6, init_text="a long document", seed=1)
+    model.add_adapter("cart2", method="cartridge", num_virtual_tokens=3, num_frozen_tokens=0, init="random", seed=2)
+    model.add_adapter("pt", method="prompt_tuning", num_virtual_tokens=4, seed=3)
+    paths = {name: str(tmp_path / name) for name in ("cart", "cart2", "pt")}
+    for name, path in paths.items():
+        model.save_adapter(name, path)
+    reference = offline_model(paths)
+    settings = ServerSettings(adapters=paths, max_batch_size=8, batch_window_ms=5, max_tokens_limit=50)
+    names = ["cart", "cart2", "pt", "tiny-gpt2"] * 2
+    bodies = [
+        {"model": name, "prompt": f"Request {i}: tell me", "max_tokens": 6, "temperature": 0}
+        for i, name in enumerate(names)
+    ]
+    with ServerThread(create_app(lively_model(), settings)) as server:
+        cards = {card["id"]: card for card in httpx.get(f"{server.url}/v1/models").json()["data"]}
+        assert cards["cart"]["method"] == "cartridge"
+        responses = run_concurrently(server.url, [("POST", "/v1/completions", b) for b in bodies], concurrency=8)
+    for body, response in zip(bodies, responses):
+        assert response.status_code == 200, response.text
+        adapter = None if body["model"] == "tiny-gpt2" else body["model"]
+        want = reference.generate([body["prompt"]], adapters=[adapter], max_new_tokens=6)[0]
+        assert response.json()["choices"][0]["text"] == want
+
+
+def cartridge_run(tmp_path, output, **extra):
+    data = write_csv(tmp_path / "toy.csv", toy_rows(24))
+    values = {
+        "data": data,
+        "label_column": "label",
+        "method": "cartridge",
+        "num_virtual_tokens": 4,
+        "num_frozen_tokens": 1,
+        "init_text": "xyz abc",
+        "epochs": 2,
+        "batch_size": 4,
+        "lr": 0.05,
+        "weight_decay": 0.01,
+        "val_fraction": 0.25,
+        "eval_zero_shot": False,
+        "output": str(output),
+        "seed": 0,
+        **extra,
+    }
+    return load_config(None, values)
+
+
+@pytest.mark.usefixtures("one_thread")  # bit-identical resume
+def test_resume_and_init_from_keep_the_frozen_tokens(tmp_path):
+    full = train(cartridge_run(tmp_path, tmp_path / "full"), model=tiny_model("llama"), progress=False)
+
+    def crash_at_3(info):
+        if info.step == 3:
+            raise Interrupt
+
+    cut = tmp_path / "cut"
+    with pytest.raises(Interrupt):
+        train(cartridge_run(tmp_path, cut, save_every=2), model=tiny_model("llama"), on_step=crash_at_3, progress=False)
+    resumed = train(cartridge_run(tmp_path, cut, resume=True), model=tiny_model("llama"), progress=False)
+    assert resumed.steps == full.steps
+    weights = "default/adapter_model.safetensors"
+    assert (tmp_path / "full" / weights).read_bytes() == (cut / weights).read_bytes()
+
+    source = load_file(tmp_path / "full" / weights)["prompt_embeddings"]
+    warm = train(
+        cartridge_run(tmp_path, tmp_path / "warm", init_from=str(tmp_path / "full" / "default")),
+        model=tiny_model("llama"),
+        progress=False,
+    )
+    table = load_file(warm.adapters["default"].path / "adapter_model.safetensors")["prompt_embeddings"]
+    assert torch.equal(table[:1], source[:1]) and not torch.equal(table[1:], source[1:])
