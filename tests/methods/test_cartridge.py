@@ -21,8 +21,8 @@ from softprompt.training.config import load_config
 from softprompt.training.loop import train
 
 from serving import ServerThread, lively_model, offline_model, run_concurrently
-from test_train import Interrupt, toy_rows, write_csv
 from tiny import FAMILIES, save_tiny_checkpoint, tiny_base, tiny_model, tiny_tokenizer
+from toy_data import Interrupt, toy_rows, write_csv
 
 N_TOKENS, N_FROZEN = 5, 2
 

@@ -7,8 +7,8 @@ import pytest
 from softprompt.cli import main
 from softprompt.training.predict import label_probabilities
 
-from test_train import toy_rows, write_csv
 from tiny import save_tiny_checkpoint
+from toy_data import toy_rows, write_csv
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

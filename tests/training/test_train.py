@@ -1,8 +1,6 @@
 """The training loop on tiny random models: learning, frozen base, files, resume, multi-adapter, early stopping."""
 
-import csv
 import json
-import random
 
 import pytest
 import torch
@@ -15,31 +13,9 @@ from softprompt.training.config import load_config
 from softprompt.training.loop import train
 
 from tiny import tiny_model
+from toy_data import Interrupt, records, toy_rows, write_csv
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def toy_rows(n: int, seed: int = 0, labels=("A", "B")) -> list[dict]:
-    """Strings of x/y/z are class A, strings of a/b/c class B: learnable from the last character."""
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        c = i % 2
-        text = "".join(rng.choice("xyz" if c == 0 else "abc") for _ in range(rng.randint(4, 8)))
-        rows.append({"text": text, "label": labels[c]})
-    return rows
-
-
-def write_csv(path, rows) -> str:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return str(path)
-
-
-def records(output) -> list[dict]:
-    return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
 
 
 # ------------------------------------------------------------------------------------ a learnable task
@@ -162,10 +138,6 @@ def resume_config(tmp_path, output, **extra):
             **extra,
         },
     )
-
-
-class Interrupt(Exception):
-    pass
 
 
 def test_resume_after_interruption_is_bit_identical(tmp_path):

@@ -10,8 +10,8 @@ from softprompt.training.config import load_config
 from softprompt.training.jobs import prepare_job
 from softprompt.training.loop import train
 
-from test_train import toy_rows, write_csv
 from tiny import tiny_model
+from toy_data import toy_rows, write_csv
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -14,8 +14,8 @@ from softprompt.training.config import load_config
 from softprompt.training.jobs import prepare_job
 from softprompt.training.loop import train
 
-from test_train import records, toy_rows, write_csv
 from tiny import save_tiny_checkpoint, tiny_model
+from toy_data import records, toy_rows, write_csv
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

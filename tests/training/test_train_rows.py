@@ -12,8 +12,8 @@ from softprompt.errors import ConfigError
 from softprompt.training.config import load_config
 from softprompt.training.jobs import prepare_job
 
-from test_train import write_csv
 from tiny import save_tiny_checkpoint, tiny_model
+from toy_data import write_csv
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from softprompt.engine.families import ModelShape
-from softprompt.methods.base import MethodConfig, SoftPromptMethod, repeat_to
-from softprompt.methods.prefix_tuning import INITS, kv_from_table, table_from_kv
+from softprompt.methods.base import MethodConfig, SoftPromptMethod
+from softprompt.methods.prefix_tuning import INITS, kv_from_table, prefix_init_ids, table_from_kv
 from softprompt.options import OptionError, check_choice, check_int, option
 
 
@@ -85,11 +85,7 @@ class Cartridge(SoftPromptMethod):
             adapter = cls(config, shape)
         if config.init == "random":
             return adapter
-        n = config.num_virtual_tokens
-        if config.init == "text":
-            ids = repeat_to(tokenize(config.init_text), n)
-        else:
-            ids = torch.randint(0, word_embeddings.num_embeddings, (n,), generator=generator).tolist()
+        ids = prefix_init_ids(config, word_embeddings=word_embeddings, tokenize=tokenize, generator=generator)
         adapter.load_kv(text_kv(ids))
         return adapter
 

@@ -16,6 +16,7 @@ same text gives the model's layers.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -69,6 +70,24 @@ class PrefixTuningConfig(MethodConfig):
             raise OptionError("prefix_projection", f"expected true or false, got {self.prefix_projection!r}")
         if self.encoder_hidden_size is not None:
             check_int(self.encoder_hidden_size, "encoder_hidden_size", minimum=1, maximum=1 << 16)
+
+
+class PrefixInit(Protocol):
+    """The init fields of a method whose key/value prefix starts from the frozen model's activations."""
+
+    num_virtual_tokens: int
+    init: str
+    init_text: str | None
+
+
+def prefix_init_ids(config: PrefixInit, *, word_embeddings, tokenize, generator: torch.Generator) -> list[int]:
+    """The tokens whose keys/values start a prefix (``init`` text or sample_vocab): ``init_text`` repeated or cut
+    to ``num_virtual_tokens`` tokens, or that many vocabulary tokens drawn with ``generator``."""
+    n = config.num_virtual_tokens
+    if config.init == "text":
+        assert config.init_text is not None  # the config's validation requires it for init: text
+        return repeat_to(tokenize(config.init_text), n)
+    return torch.randint(0, word_embeddings.num_embeddings, (n,), generator=generator).tolist()
 
 
 def layer_rows(shape: ModelShape) -> list[int]:
@@ -135,11 +154,7 @@ class PrefixTuning(SoftPromptMethod):
             adapter = cls(config, shape)
         if config.init == "random":
             return adapter
-        n = config.num_virtual_tokens
-        if config.init == "text":
-            ids = repeat_to(tokenize(config.init_text), n)
-        else:
-            ids = torch.randint(0, word_embeddings.num_embeddings, (n,), generator=generator).tolist()
+        ids = prefix_init_ids(config, word_embeddings=word_embeddings, tokenize=tokenize, generator=generator)
         with torch.no_grad():
             adapter.embedding.weight.copy_(table_from_kv(text_kv(ids), shape))
         return adapter
