@@ -6,13 +6,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from softprompt.cli import main
 from softprompt.data import Example
 from softprompt.errors import ConfigError
 from softprompt.training.batches import Encoded, encode_example, epoch_groups
 from softprompt.training.config import load_config
 from softprompt.training.loop import train
 
-from tiny import tiny_model
+from tiny import save_tiny_checkpoint, tiny_model
 from toy_data import Interrupt, records, toy_rows, write_csv
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -343,3 +344,60 @@ def test_example_encoding():
     assert ids == labels == tok("hello")["input_ids"] + [tok.eos_token_id]
     with pytest.raises(ConfigError, match="--label-column"):
         encode_example(tok, Example("hello", None, {}), seq2seq=True, max_length=64)
+
+
+def test_bfloat16_base_weights_train_float32_adapters(tmp_path):
+    """--dtype bfloat16: the frozen weights are stored in bfloat16; the adapter, its gradients, optimizer state and
+    the loss stay float32, and the saved adapter is float32."""
+    checkpoint = save_tiny_checkpoint("llama", tmp_path / "base")
+    data = write_csv(tmp_path / "toy.csv", toy_rows(24))
+    config = load_config(
+        None,
+        {
+            "model": checkpoint,
+            "data": data,
+            "label_column": "label",
+            "dtype": "bfloat16",
+            "epochs": 1,
+            "batch_size": 4,
+            "log_every": 1,
+            "output": str(tmp_path / "out"),
+            "eval_zero_shot": False,
+        },
+    )
+    result = train(config, progress=False)
+    model = result.model
+    assert {p.dtype for p in model.base.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in model.get_adapter("default").parameters()} == {torch.float32}
+    losses = [r["loss"] for r in records(tmp_path / "out") if r.get("type") == "train"]
+    assert losses and all(loss == loss for loss in losses)  # finite, not NaN
+    saved = load_file(str(tmp_path / "out" / "default" / "adapter_model.safetensors"))
+    assert {t.dtype for t in saved.values()} == {torch.float32}
+    with pytest.raises(ConfigError, match="--dtype: expected one of float32, bfloat16, float16"):
+        load_config(None, {"model": checkpoint, "data": data, "dtype": "int4"}).validate()
+    # eval and predict take the same flag for the frozen base.
+    adapter = str(tmp_path / "out" / "default")
+    assert (
+        main(["eval", "--model", checkpoint, "--adapter", adapter, "--data", data, "--dtype", "bfloat16", "--json"])
+        == 0
+    )
+    predictions = tmp_path / "predictions.csv"
+    assert (
+        main(
+            [
+                "predict",
+                "--model",
+                checkpoint,
+                "--adapter",
+                adapter,
+                "--data",
+                data,
+                "--dtype",
+                "bfloat16",
+                "--output",
+                str(predictions),
+            ]
+        )
+        == 0
+    )
+    assert len(predictions.read_text().splitlines()) == 25  # a header and one line per row

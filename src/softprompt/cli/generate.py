@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from softprompt import load
 from softprompt.adapters.training_format import TrainingFormat, format_inputs
-from softprompt.cli.common import adapter_option, model_option, parse_adapter_specs
+from softprompt.cli.common import adapter_option, dtype_option, model_option, parse_adapter_specs
 from softprompt.engine.generation import Generation, generate
 from softprompt.options import add_arguments as add_option_arguments
 from softprompt.options import option
@@ -45,7 +45,7 @@ class GenerateOptions:
     top_p: float = option(1.0, "Nucleus sampling mass when sampling (default 1.0).")
     stop: list[str] | None = option(None, "Stop string (repeatable).")
     seed: int | None = option(None, "Seed for sampling.")
-    dtype: str | None = option(None, "float32 (default), bfloat16 or float16.")
+    dtype: str | None = dtype_option()
     json: bool = option(False, "Print JSON instead of text.")
     prompts: list[str] = option(list, "", positional=True, metavar="PROMPT")
 

@@ -22,6 +22,13 @@ from softprompt.errors import SoftPromptError
 from softprompt.models.builtin import resolve_builtin
 from softprompt.models.names import BUILTIN_HUB_IDS
 
+#: The frozen base's weight dtype: stored and multiplied in it; adapters, their gradients, optimizer state and losses
+#: stay float32 whatever it is.
+DTYPE_HELP = (
+    "Frozen base weights' dtype: float32 (default), bfloat16 or float16 (adapters, gradients and optimizer "
+    "state stay float32)."
+)
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
 DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,

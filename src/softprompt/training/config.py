@@ -41,6 +41,7 @@ from softprompt.engine.adapter_name import ADAPTER_NAME, ADAPTER_NAME_RULE
 from softprompt.errors import ConfigError
 from softprompt.fileio import atomic_write_yaml
 from softprompt.methods import METHOD_OPTIONS
+from softprompt.models.loading import DTYPE_HELP, DTYPE_NAMES
 from softprompt.options import (
     Option,
     OptionError,
@@ -95,6 +96,7 @@ class TrainConfig(AdapterSettings):
     grad_accum: int = option(1, "Forward passes accumulated per optimizer step.")
     max_grad_norm: float | None = option(None, "Clip the gradient norm of each adapter to this value (default: off).")
     max_steps: int | None = option(None, "Stop after this many optimizer steps (the schedule then spans them).")
+    dtype: str | None = option(None, DTYPE_HELP, choices=DTYPE_NAMES)
     bf16: bool = option(False, "Run forward passes under bfloat16 autocast (CPU or GPU).")
     device: str | None = option(None, "Device: cpu, cuda, cuda:1, mps (default: cuda when available).")
     # --- evaluation, checkpoints, output
@@ -158,6 +160,8 @@ class TrainConfig(AdapterSettings):
             check_number(self.max_grad_norm, flag("max_grad_norm"), above=0.0)
         check_choice(self.lr_schedule, flag("lr_schedule"), SCHEDULES)
         check_choice(self.eval_method, flag("eval_method"), VALIDATION_METHODS)
+        if self.dtype is not None:
+            check_choice(self.dtype, flag("dtype"), DTYPE_NAMES)
         if not (isinstance(self.resume, bool) or self.resume == "auto"):
             raise OptionError(flag("resume"), f"expected true, false or auto, got {self.resume!r}")
         if not isinstance(self.output, str) or not self.output.strip():

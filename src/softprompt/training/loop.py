@@ -137,7 +137,8 @@ def load_model(config: TrainConfig):
     """The `SoftPromptModel` of ``config.model``, on the device this process trains on."""
     if not config.model:
         raise ConfigError(f"{flag('model')}: required (a built-in name, a local checkpoint directory or a hub id)")
-    return load(config.model, device=distributed.current().load_device(config.device) or default_device())
+    device = distributed.current().load_device(config.device) or default_device()
+    return load(config.model, dtype=config.dtype, device=device)
 
 
 def default_device() -> str:
