@@ -2,7 +2,7 @@
 # Run the engine, method, adapter-format and server tests against the newest transformers that installs,
 # in a separate environment (.venv-next), next to the pinned set of scripts/constraints.txt (.venv).
 #   bash scripts/test_newest_transformers.sh                     # default test paths
-#   bash scripts/test_newest_transformers.sh tests/test_model.py # any pytest arguments
+#   bash scripts/test_newest_transformers.sh tests/engine/test_model.py  # any pytest arguments
 # Only torch (the local CPU build) and deepspeed (a source build, not what is under test here) stay at their
 # pinned versions; PEFT stays at the version pyproject's dev extra pins. Everything else resolves afresh, so
 # transformers, tokenizers, huggingface_hub and safetensors are the newest releases that install together.

@@ -5,7 +5,7 @@ A soft prompt puts n cached keys in front of the text, so every text query needs
 mask, PyTorch's CPU flash kernel visits every key for every block of queries (the causal bare model
 skips the upper triangle), and transformers first copies each key/value head once per query head
 that shares it (``repeat_kv``). For a short text, two batched matrix products per group of query
-heads sharing a key/value head do the same arithmetic faster: ``python -m bench.attention`` times
+heads sharing a key/value head do the same arithmetic faster: ``python -m research.attention`` times
 both on smollm2-135m's shapes (8 rows, 64 text tokens, 20 prefix keys: 0.6-0.85x the masked
 kernel's time). From about 128 queries on the kernel wins, so only calls with at most
 ``GROUPED_MAX_QUERIES`` queries take this path.
@@ -14,7 +14,7 @@ Everything else goes to transformers' own SDPA function unchanged: calls with no
 model's causal prefill, single-token decoding), gradients (training keeps the kernel's memory-lean
 backward), other devices and dtypes, dropout, soft-capped or position-biased attention, and score
 matrices above ``GROUPED_MAX_SCORES`` elements. Results equal SDPA's to float rounding
-(``tests/test_attention.py``).
+(``tests/engine/test_attention.py``).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface, PreTrainedModel
 
 IMPLEMENTATION = "softprompt_sdpa"
-# Crossover measured with `python -m bench.attention --sweep` (2 threads, AVX-512, 9/3 heads, 20 prefix
+# Crossover measured with `python -m research.attention --sweep` (2 threads, AVX-512, 9/3 heads, 20 prefix
 # keys): grouped products took 0.5-0.8x the masked kernel's time for 4-8 rows of 16-64 queries and
 # 0.8-1.0x for one row; 0.75-1.75x at 128 queries and 1.7-2.2x at 256.
 GROUPED_MAX_QUERIES = 64

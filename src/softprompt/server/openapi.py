@@ -6,7 +6,7 @@ fills the document in: each body's JSON schema (from the pydantic models in `sch
 with this server's limits: ``max_tokens`` up to ``--max-tokens-limit``, at most ``--max-inputs``
 prompts and choices, ``--max-labels`` labels, OpenAI options not implemented only at their neutral values), every status a route
 can answer with and its body (errors in OpenAI's shape), streaming as ``text/event-stream``, and the
-bearer token of the admin routes. The fuzz tests (`tests/test_server_fuzz.py`) generate requests from
+bearer token of the admin routes. The fuzz tests (`tests/server/test_server_fuzz.py`) generate requests from
 this document and check every response against it.
 """
 
