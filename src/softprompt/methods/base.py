@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Self
 
 import torch
 from torch import nn
@@ -113,6 +113,14 @@ class SoftPromptMethod(nn.Module):
     def peft_config_fields(self) -> dict:
         """Method-specific fields of PEFT's ``adapter_config.json``."""
         return {}
+
+    @classmethod
+    def seeded(cls, config: Any, shape: ModelShape, generator: torch.Generator) -> Self:
+        """The module built with its random initialisation drawn from ``generator`` (a seed taken from it), leaving
+        torch's global random state as it was: one seed gives one adapter whatever ran before."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
+            return cls(config, shape)
 
     @classmethod
     def create(

@@ -79,9 +79,7 @@ class PTuning(SoftPromptMethod):
         generator: torch.Generator,
         text_kv=None,
     ) -> PTuning:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
-            return cls(config, shape)
+        return cls.seeded(config, shape, generator)
 
     def _all_rows(self) -> torch.Tensor:
         if not self.encoded:

@@ -149,9 +149,7 @@ class PrefixTuning(SoftPromptMethod):
         generator: torch.Generator,
         text_kv=None,
     ) -> PrefixTuning:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
-            adapter = cls(config, shape)
+        adapter = cls.seeded(config, shape, generator)
         if config.init == "random":
             return adapter
         ids = prefix_init_ids(config, word_embeddings=word_embeddings, tokenize=tokenize, generator=generator)
