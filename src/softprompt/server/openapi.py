@@ -213,60 +213,40 @@ def build_openapi(app, settings) -> dict:
 
     usage = {"anyOf": [_ref("Usage"), NULL]}
     finish = {"enum": ["stop", "length", None]}
-    components["CompletionChunk"] = {
-        "type": "object",
-        "required": ["id", "object", "created", "model", "choices"],
-        "properties": {
-            "id": {"type": "string"},
-            "object": {"const": "text_completion"},
-            "created": {"type": "integer"},
-            "model": {"type": "string"},
-            "system_fingerprint": NULL,
-            "usage": usage,
-            "choices": {
-                "type": "array",
-                "items": {
-                    "type": "object",
-                    "required": ["index", "text", "finish_reason"],
-                    "properties": {
-                        "index": {"type": "integer", "minimum": 0},
-                        "text": {"type": "string"},
-                        "logprobs": NULL,
-                        "finish_reason": finish,
-                    },
-                },
+
+    def chunk(object_name: str, field: str, field_schema: dict) -> dict:
+        """A streamed chunk: OpenAI's envelope around choices that carry ``field`` (text or a chat delta)."""
+        choice = {
+            "type": "object",
+            "required": ["index", field, "finish_reason"],
+            "properties": {
+                "index": {"type": "integer", "minimum": 0},
+                field: field_schema,
+                "logprobs": NULL,
+                "finish_reason": finish,
             },
-        },
-    }
-    components["ChatCompletionChunk"] = {
-        "type": "object",
-        "required": ["id", "object", "created", "model", "choices"],
-        "properties": {
-            "id": {"type": "string"},
-            "object": {"const": "chat.completion.chunk"},
-            "created": {"type": "integer"},
-            "model": {"type": "string"},
-            "system_fingerprint": NULL,
-            "usage": usage,
-            "choices": {
-                "type": "array",
-                "items": {
-                    "type": "object",
-                    "required": ["index", "delta", "finish_reason"],
-                    "properties": {
-                        "index": {"type": "integer", "minimum": 0},
-                        "logprobs": NULL,
-                        "finish_reason": finish,
-                        "delta": {
-                            "type": "object",
-                            "additionalProperties": False,
-                            "properties": {"role": {"const": "assistant"}, "content": {"type": "string"}},
-                        },
-                    },
-                },
+        }
+        return {
+            "type": "object",
+            "required": ["id", "object", "created", "model", "choices"],
+            "properties": {
+                "id": {"type": "string"},
+                "object": {"const": object_name},
+                "created": {"type": "integer"},
+                "model": {"type": "string"},
+                "system_fingerprint": NULL,
+                "usage": usage,
+                "choices": {"type": "array", "items": choice},
             },
-        },
+        }
+
+    components["CompletionChunk"] = chunk("text_completion", "text", {"type": "string"})
+    delta = {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {"role": {"const": "assistant"}, "content": {"type": "string"}},
     }
+    components["ChatCompletionChunk"] = chunk("chat.completion.chunk", "delta", delta)
 
     def sse(chunk: str) -> dict:
         """One server-sent event: a JSON chunk (or an error in OpenAI's shape), and ``data: [DONE]`` last."""
