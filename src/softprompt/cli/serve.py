@@ -36,6 +36,7 @@ _METAVARS = {
     "max_tokens_limit": "TOKENS",
     "default_max_tokens": "TOKENS",
     "max_body_bytes": "BYTES",
+    "max_adapter_bytes": "BYTES",
     "served_model_name": "NAME",
     "adapter_dir": "DIR",
     "admin_token": "TOKEN",

@@ -12,6 +12,7 @@ path, so unknown paths cannot blow up label cardinality.
 | ``softprompt_queue_depth`` | gauge | | requests waiting for a batch slot |
 | ``softprompt_running_rows`` | gauge | | sequences in the running batch |
 | ``softprompt_adapters_resident`` | gauge | | adapters in memory |
+| ``softprompt_adapter_bytes`` | gauge | | bytes the resident adapters hold (parameters + cached prompt keys/values) |
 | ``softprompt_adapter_loads_total`` | counter | | adapters loaded (start, on demand, admin) |
 | ``softprompt_adapter_evictions_total`` | counter | | least-recently-used evictions |
 | ``softprompt_tokens_total`` | counter | kind (prompt, completion) | tokens processed |
@@ -48,6 +49,9 @@ class Metrics:
         self.queue_depth = Gauge("softprompt_queue_depth", "Requests waiting for a batch slot.", registry=r)
         self.running_rows = Gauge("softprompt_running_rows", "Sequences in the running batch.", registry=r)
         self.adapters_resident = Gauge("softprompt_adapters_resident", "Adapters in memory.", registry=r)
+        self.adapter_bytes = Gauge(
+            "softprompt_adapter_bytes", "Bytes held by resident adapters (parameters + prompt keys/values).", registry=r
+        )
         self.adapter_loads = Counter("softprompt_adapter_loads", "Adapters loaded.", registry=r)
         self.adapter_evictions = Counter("softprompt_adapter_evictions", "Least-recently-used evictions.", registry=r)
         self.tokens = Counter("softprompt_tokens", "Tokens processed.", ["kind"], registry=r)

@@ -3,11 +3,12 @@
 * **Known** adapters: those already in the model when the app is created (kept resident, never evicted:
   there is no file to reload them from), the ``adapters`` of the settings (NAME -> PATH), and every
   valid ``<adapter_dir>/<name>`` directory. All are read and validated at start.
-* **Resident** adapters are registered in the model. At most ``max_resident_adapters`` are resident; a
-  request naming a known adapter that is not resident loads it, evicting the least recently used
-  adapter that no queued or running request uses (requests *pin* their adapter from before they are
-  queued until their last token). When every resident adapter is pinned, the request waits for one
-  to be released (at most ``adapter_wait_s``, then 503).
+* **Resident** adapters are registered in the model. At most ``max_resident_adapters`` are resident,
+  holding at most ``max_adapter_bytes`` together (`adapter_bytes`: parameters plus the prompt keys/values
+  the engine keeps per adapter); a request naming a known adapter that is not resident loads it, evicting
+  least recently used adapters that no queued or running request uses (requests *pin* their adapter from
+  before they are queued until their last token) until both bounds hold. When every resident adapter is
+  pinned, the request waits for one to be released (at most ``adapter_wait_s``, then 503).
 * **Loading never stalls other adapters**: files are read and checked on a worker thread; only the
   final registration (a dictionary insert) runs on the model thread, between two decoding steps.
 * **Admin names** are resolved strictly inside ``adapter_dir``: the name must be a valid adapter name
@@ -20,14 +21,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from softprompt.adapters.peft_format import CONFIG_FILE, read_adapter
 from softprompt.adapters.training_format import TrainingFormat
 from softprompt.engine.adapter_name import check_adapter_name
+from softprompt.engine.families import ModelShape
 from softprompt.errors import ConfigError, SoftPromptError
 from softprompt.server.schemas import APIError, ModelCard
 
@@ -41,12 +46,22 @@ class AdapterEntry:
     method: str | None = None
     num_virtual_tokens: int | None = None
     training_format: TrainingFormat | None = None  # what training recorded: template and label words
+    nbytes: int = 0  # `adapter_bytes` of the adapter last read for it
     resident: bool = False
     users: int = 0  # queued or running requests that name it
     last_used: float = 0.0
     loading: asyncio.Future | None = None
     removed: bool = False  # unloaded by an admin while in use: dropped from the model once idle
     created: int = field(default_factory=lambda: int(time.time()))
+
+
+def adapter_bytes(adapter, shape: ModelShape, dtype: torch.dtype) -> int:
+    """What serving ``adapter`` holds in memory: its parameters and buffers, plus the prompt keys/values the engine
+    keeps for it in the model's dtype (layers x 2 x kv_heads x head_dim x virtual tokens)."""
+    tensors = itertools.chain(adapter.parameters(), adapter.buffers())
+    own = sum(t.numel() * t.element_size() for t in tensors)
+    kv = shape.num_layers * 2 * shape.num_key_value_heads * shape.head_dim * adapter.num_virtual_tokens
+    return own + kv * dtype.itemsize
 
 
 def read_frozen(model, path: str):
@@ -78,7 +93,7 @@ class AdapterRegistry:
         self.entries: dict[str, AdapterEntry] = {}
         self.batcher = None
         self._waiters: list[asyncio.Future] = []
-        self._detached_residents = 0  # unloaded by an admin but still in use: they hold a slot until released
+        self._detached: set[AdapterEntry] = set()  # unloaded by an admin but still in use: hold room until released
         self.adapter_dir = Path(settings.adapter_dir).expanduser().resolve() if settings.adapter_dir else None
 
     # -------------------------------------------------------------- start
@@ -90,6 +105,7 @@ class AdapterRegistry:
             self.entries[name] = AdapterEntry(
                 name, None, adapter.config.method, adapter.num_virtual_tokens, adapter.training_format, resident=True
             )
+            self.entries[name].nbytes = self._bytes_of(adapter)
         candidates: list[tuple[str, str, bool]] = []
         for name, path in self.settings.adapters.items():
             if name in self.entries:
@@ -109,6 +125,12 @@ class AdapterRegistry:
                 f"--max-resident-adapters ({self.settings.max_resident_adapters}) leaves no room for "
                 f"adapters loaded from files: {len(self.entries)} adapters are already in the model"
             )
+        limit = self.settings.max_adapter_bytes
+        if limit is not None and self._held_bytes() > limit:
+            raise ConfigError(
+                f"--max-adapter-bytes ({limit}) is below the {self._held_bytes()} bytes of the adapters already "
+                "in the model"
+            )
         for name, path, explicit in candidates:
             self._check_not_base(name, ConfigError)
             try:
@@ -119,8 +141,15 @@ class AdapterRegistry:
                 log.warning("adapter dir: %s skipped: %s", name, exc)
                 continue
             entry = AdapterEntry(name, path, adapter.config.method, adapter.num_virtual_tokens, adapter.training_format)
+            entry.nbytes = self._bytes_of(adapter)
+            too_big = self._too_big(entry.nbytes)
+            if too_big:
+                if explicit:
+                    raise ConfigError(f"--adapter {name}: {too_big}")
+                log.warning("adapter dir: %s skipped: %s", name, too_big)
+                continue
             self.entries[name] = entry
-            if self._occupied() < self.settings.max_resident_adapters:
+            if self._has_room(entry):
                 install(self.model, name, adapter)
                 entry.resident = True
                 self._count_load()
@@ -205,7 +234,7 @@ class AdapterRegistry:
             if entry.loading is not None:
                 await asyncio.shield(entry.loading)
                 continue
-            if self._occupied() >= self.settings.max_resident_adapters:
+            if not self._has_room(entry):
                 victim = self._victim()
                 if victim is not None:
                     self._evict(victim)
@@ -216,8 +245,9 @@ class AdapterRegistry:
                         self.metrics.rejected.labels(reason="adapter_slots_busy").inc()
                     raise APIError(
                         503,
-                        f"all {self.settings.max_resident_adapters} adapter slots are in use by "
-                        f"running requests; retry shortly",
+                        f"no room for adapter {entry.name!r}: the resident adapters (--max-resident-adapters "
+                        f"{self.settings.max_resident_adapters}, --max-adapter-bytes {self.settings.max_adapter_bytes}) "
+                        "are all in use by running requests; retry shortly",
                         code="adapter_slots_busy",
                         headers={"Retry-After": str(self.settings.retry_after_s)},
                     )
@@ -241,6 +271,8 @@ class AdapterRegistry:
                 self._notify()
                 raise error from None
             entry.resident = True
+            # The file may have changed since it was measured; a next load evicts down to the bound again.
+            entry.nbytes = self._bytes_of(adapter)
             entry.method, entry.num_virtual_tokens = adapter.config.method, adapter.num_virtual_tokens
             entry.training_format = adapter.training_format
             entry.loading.set_result(None)
@@ -249,8 +281,32 @@ class AdapterRegistry:
             self._update_gauge()
             self._notify()
 
+    def _holding(self) -> list[AdapterEntry]:
+        """Entries that take room: resident, loading, or unloaded by an admin while still in use."""
+        return [e for e in self.entries.values() if e.resident or e.loading is not None] + list(self._detached)
+
     def _occupied(self) -> int:
-        return sum(1 for e in self.entries.values() if e.resident or e.loading is not None) + self._detached_residents
+        return len(self._holding())
+
+    def _held_bytes(self) -> int:
+        return sum(e.nbytes for e in self._holding())
+
+    def _bytes_of(self, adapter) -> int:
+        return adapter_bytes(adapter, self.model.shape, self.model.dtype)
+
+    def _has_room(self, entry: AdapterEntry) -> bool:
+        """Whether ``entry`` (not yet holding room) fits beside the holders under both bounds."""
+        limit = self.settings.max_adapter_bytes
+        if self._occupied() >= self.settings.max_resident_adapters:
+            return False
+        return limit is None or self._held_bytes() + entry.nbytes <= limit
+
+    def _too_big(self, nbytes: int) -> str | None:
+        """Why an adapter costing ``nbytes`` can never be resident (alone above the byte bound), or None."""
+        limit = self.settings.max_adapter_bytes
+        if limit is not None and nbytes > limit:
+            return f"needs {nbytes} bytes resident, above --max-adapter-bytes ({limit})"
+        return None
 
     def _victim(self) -> AdapterEntry | None:
         idle = [
@@ -270,7 +326,7 @@ class AdapterRegistry:
         entry.removed = False
         if entry.resident:
             entry.resident = False
-            self._detached_residents -= 1
+            self._detached.discard(entry)
             # Only remove it from the model if no new adapter of that name has taken its place.
             if entry.name not in self.entries:
                 self._post(uninstall, self.model, entry.name)
@@ -310,7 +366,8 @@ class AdapterRegistry:
 
     def _update_gauge(self) -> None:
         if self.metrics:
-            self.metrics.adapters_resident.set(self.resident_count() + self._detached_residents)
+            self.metrics.adapters_resident.set(self.resident_count() + len(self._detached))
+            self.metrics.adapter_bytes.set(self._held_bytes())
 
     # -------------------------------------------------------------- admin
     @staticmethod
@@ -342,6 +399,10 @@ class AdapterRegistry:
             adapter = await asyncio.to_thread(read_frozen, self.model, str(path))
         except SoftPromptError as exc:
             raise APIError(400, f"adapter {name!r} could not be loaded: {exc}", code="adapter_invalid") from None
+        nbytes = self._bytes_of(adapter)
+        too_big = self._too_big(nbytes)
+        if too_big:
+            raise APIError(400, f"adapter {name!r} {too_big}", param="name", code="adapter_too_large")
         entry = self.entries.get(name)
         if entry is not None and entry.loading is not None:
             with contextlib.suppress(APIError):
@@ -355,13 +416,15 @@ class AdapterRegistry:
                 adapter.num_virtual_tokens,
             )
             entry.training_format = adapter.training_format
+            entry.nbytes = nbytes  # a next load evicts down to the byte bound if this grew
             entry.last_used = time.monotonic()
             self._count_load()
+            self._update_gauge()
             return entry
         if entry is None:
             entry = AdapterEntry(name, str(path))
             self.entries[name] = entry
-        entry.path = str(path)
+        entry.path, entry.nbytes = str(path), nbytes
         entry.users += 1  # pinned while it loads, so it is not the victim of its own load
         entry.last_used = time.monotonic()
         try:
@@ -393,6 +456,6 @@ class AdapterRegistry:
                 self._post(uninstall, self.model, name)
             else:  # in use: requests already queued finish with it, then it leaves the model
                 entry.removed = True
-                self._detached_residents += 1
+                self._detached.add(entry)
         self._update_gauge()
         self._notify()

@@ -51,6 +51,12 @@ class ServerSettings:
         "Most adapters kept in memory at once; beyond it the least recently used idle adapter is evicted "
         "and reloaded from disk on its next request.",
     )
+    max_adapter_bytes: int | None = _opt(
+        None,
+        "Most bytes the resident adapters hold together: each costs its parameters plus the prompt keys/values "
+        "cached for it (layers x 2 x kv_heads x head_dim x virtual tokens x dtype bytes). Beyond it the least "
+        "recently used idle adapters are evicted, as beyond --max-resident-adapters (default: no byte bound).",
+    )
     dtype: str | None = _opt(None, "Model weights dtype: float32 (default), bfloat16 or float16.")
     device: str | None = _opt(None, "Device for the model, e.g. cuda or cpu (default: where it loads).")
 
@@ -131,6 +137,9 @@ class ServerSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ConfigError(f"--{_flag(name)}: expected a number >= 0, got {value!r}")
+        bound = self.max_adapter_bytes
+        if bound is not None and (isinstance(bound, bool) or not isinstance(bound, int) or bound < 1):
+            raise ConfigError(f"--max-adapter-bytes: expected a positive number of bytes, got {bound!r}")
         if self.default_max_tokens > self.max_tokens_limit:
             raise ConfigError(
                 f"--default-max-tokens ({self.default_max_tokens}) is above --max-tokens-limit "
