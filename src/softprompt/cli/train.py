@@ -7,11 +7,16 @@ parsed by `load_config`, so this module declares none of its own: ``--help`` lis
 from __future__ import annotations
 
 import argparse
+import sys
 
+import torch
+
+from softprompt.errors import SoftPromptError
+from softprompt.models.memory import device_memory, estimate_memory
 from softprompt.training.checkpoint import LOSS_PNG, METRICS_FILE
-from softprompt.training.config import CONFIG_FILE, load_config, train_options
+from softprompt.training.config import CONFIG_FILE, TrainConfig, load_config, train_options
 from softprompt.training.cross_validate import cross_validate
-from softprompt.training.distributed import current
+from softprompt.training.distributed import Distributed, current
 from softprompt.training.loop import TrainResult, train
 
 NAME = "train"
@@ -51,7 +56,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, extra: list[str]) -> int:
     path = extra[0] if extra and not extra[0].startswith("-") else None
     config = load_config(path, overrides=extra[1:] if path else extra)
-    main = current().is_main  # under accelerate launch / torchrun only the main process prints
+    dist = current()
+    main = dist.is_main  # under accelerate launch / torchrun only the main process prints
+    warning = fit_warning(config, dist) if main else None
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     if config.kfold:
         report = cross_validate(config)
         if main:
@@ -61,6 +70,46 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     if main:
         print(summary(result))
     return 0
+
+
+def fit_warning(config: TrainConfig, dist: Distributed) -> str | None:
+    """One line when `estimate_memory` predicts that a process of this job needs more than its device has (a
+    CUDA card's total memory, the CPU's available RAM); None when it fits or cannot be told (a model or device
+    the estimate does not cover). Read before the model loads, from its config.json alone."""
+    requested = dist.device(config.device) or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    memory = device_memory(str(device))
+    if memory is None or config.model is None:
+        return None
+    sharding = "zero3" if dist.zero is not None else "fsdp" if dist.fsdp is not None else "none"
+    adapter = max(config.resolved_adapters(), key=lambda a: a.method_options.get("num_virtual_tokens", 0))
+    options = dict(adapter.method_options)
+    try:
+        estimate = estimate_memory(
+            config.model,
+            method=adapter.method,
+            num_virtual_tokens=options.pop("num_virtual_tokens"),
+            batch_size=-(-config.batch_size // dist.world_size),  # --batch-size is the global batch
+            max_length=config.max_length,
+            dtype=config.dtype or "float32",
+            # fields of the job config the estimate models once the job declares them
+            quantize=getattr(config, "quantize", None),
+            gradient_checkpointing=bool(getattr(config, "gradient_checkpointing", False)),
+            processes=dist.world_size,
+            sharding=sharding,
+            device=device.type,
+            method_options=options,
+        )
+    except SoftPromptError:
+        return None
+    if estimate.total_bytes <= memory:
+        return None
+    what = "total memory" if device.type == "cuda" else "available memory"
+    return (
+        f"warning: softprompt estimate-memory predicts {estimate.total_bytes / 2**30:.2f} GiB per process for this "
+        f"job, above the {memory / 2**30:.2f} GiB {what} of {device}; it may run out of memory "
+        "(see `softprompt estimate-memory --help` for what lowers it)"
+    )
 
 
 def _cell(metrics: dict | None, key: str, digits: int) -> str:

@@ -125,6 +125,28 @@ def model_config(model: str) -> PretrainedConfig:
         raise SoftPromptError(f"--model {model!r}: no model config there ({str(exc).splitlines()[0]})") from None
 
 
+def device_memory(device: str) -> int | None:
+    """Bytes a job may use on ``device``: a CUDA card's total memory, or the CPU's available RAM (psutil when
+    installed, else ``/proc/meminfo``); None where unknown (another device type, no CUDA, no such file)."""
+    kind = torch.device(device)
+    if kind.type == "cuda":
+        if not torch.cuda.is_available():
+            return None
+        return int(torch.cuda.get_device_properties(kind.index or 0).total_memory)
+    if kind.type != "cpu":
+        return None
+    try:
+        import psutil
+    except ImportError:
+        try:
+            lines = Path("/proc/meminfo").read_text().splitlines()
+        except OSError:
+            return None
+        found = [line.split()[1] for line in lines if line.startswith("MemAvailable:")]
+        return int(found[0]) * 1024 if found else None  # reported in kB
+    return int(psutil.virtual_memory().available)
+
+
 def _count(module: torch.nn.Module) -> int:
     return sum(t.numel() for t in [*module.parameters(), *module.buffers()])
 
