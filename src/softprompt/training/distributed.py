@@ -49,6 +49,7 @@ import torch
 from torch import nn
 
 from softprompt.errors import ConfigError
+from softprompt.training import lean_load
 from softprompt.training.sharding import (
     FsdpSettings,
     ZeroSettings,
@@ -121,7 +122,9 @@ class Distributed:
             self._fully_shard_base(model, self.fsdp)
 
     def _fully_shard_base(self, model, fsdp: FsdpSettings) -> None:
-        """FSDP2 ``fully_shard`` of the base, one unit per `fsdp_units` entry."""
+        """FSDP2 ``fully_shard`` of the base, one unit per `fsdp_units` entry. A base whose every weight is found
+        in its checkpoint's safetensors files is sharded lean (`softprompt.training.lean_load`): on the meta
+        device, then each process reads only its own rows, so it never holds more than its shards."""
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import FSDPModule, fully_shard
 
@@ -130,8 +133,13 @@ class Distributed:
             return
         units = fsdp_units(model)
         mesh = init_device_mesh(self.accelerator.device.type, (self.world_size,))
+        plan = lean_load.lean_plan(base)
+        if plan is not None:
+            lean_load.to_meta(base)
         for unit in [*units, base]:  # inner units first; the root holds whatever is left
             fully_shard(unit, mesh=mesh, reshard_after_forward=fsdp.reshard_after_forward)
+        if plan is not None:
+            lean_load.fill_shards(base, plan, self.rank, self.world_size, self.accelerator.device)
         # FSDP2 initialises every unit lazily in the root's first forward; softprompt calls the backbone,
         # embeddings and head directly, so run that first forward through the root once, here.
         ids = torch.zeros(1, 1, dtype=torch.long, device=model.device)
