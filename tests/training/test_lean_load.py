@@ -41,6 +41,11 @@ def test_a_plan_needs_every_parameter_in_the_checkpoint_and_meta_keeps_ties(tmp_
     plan = lean_plan(loaded)
     assert plan is not None and set(plan) == {n for n, _ in loaded.named_parameters()}
     assert lean_plan(tiny_base("llama")) is None  # built in code: nothing to read from
+    with torch.no_grad():
+        loaded.model.norm.weight[0] += 1  # changed after loading: no longer the stored weights
+    assert lean_plan(loaded) is None
+    with torch.no_grad():
+        loaded.model.norm.weight[0] -= 1
     loaded.config.tie_word_embeddings = True
     loaded.tie_weights()
     to_meta(loaded)

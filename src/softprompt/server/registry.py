@@ -245,9 +245,8 @@ class AdapterRegistry:
                         self.metrics.rejected.labels(reason="adapter_slots_busy").inc()
                     raise APIError(
                         503,
-                        f"no room for adapter {entry.name!r}: the resident adapters (--max-resident-adapters "
-                        f"{self.settings.max_resident_adapters}, --max-adapter-bytes {self.settings.max_adapter_bytes}) "
-                        "are all in use by running requests; retry shortly",
+                        f"no room for adapter {entry.name!r}: the resident adapters ({self._bounds()}) are all "
+                        "in use by running requests; retry shortly",
                         code="adapter_slots_busy",
                         headers={"Retry-After": str(self.settings.retry_after_s)},
                     )
@@ -300,6 +299,11 @@ class AdapterRegistry:
         if self._occupied() >= self.settings.max_resident_adapters:
             return False
         return limit is None or self._held_bytes() + entry.nbytes <= limit
+
+    def _bounds(self) -> str:
+        shown = f"--max-resident-adapters {self.settings.max_resident_adapters}"
+        limit = self.settings.max_adapter_bytes
+        return shown + (f", --max-adapter-bytes {limit}" if limit is not None else "")
 
     def _too_big(self, nbytes: int) -> str | None:
         """Why an adapter costing ``nbytes`` can never be resident (alone above the byte bound), or None."""

@@ -98,7 +98,8 @@ def checkpoint_folder(name_or_path: str | None) -> Path | None:
 
 def lean_plan(base: nn.Module) -> dict[str, StoredTensor] | None:
     """Where each parameter of ``base`` is stored, when every one is found in its checkpoint's safetensors files
-    with its shape; None otherwise (another format, renamed keys, a model built in code): shard as loaded."""
+    with its shape and its loaded first row equals the stored one; None otherwise (another format, keys or
+    weights converted while loading, quantized weights, a model built in code): shard as loaded."""
     folder = checkpoint_folder(getattr(base.config, "name_or_path", None))
     if folder is None:
         return None
@@ -106,7 +107,11 @@ def lean_plan(base: nn.Module) -> dict[str, StoredTensor] | None:
     plan = {}
     for name, param in base.named_parameters():
         found = stored.get(name)
-        if found is None or found.shape != tuple(param.shape) or param.ndim == 0:
+        if found is None or found.shape != tuple(param.shape) or param.ndim == 0 or not param.is_floating_point():
+            return None
+        first = torch.empty((1, *param.shape[1:]), dtype=param.dtype)
+        read_rows(found, 0, first)
+        if not torch.equal(first, param.detach()[:1].cpu()):
             return None
         plan[name] = found
     return plan
