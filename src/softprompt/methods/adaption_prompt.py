@@ -33,9 +33,7 @@ class AdaptionPromptConfig(MethodConfig):
     peft_type = "ADAPTION_PROMPT"
 
     adapter_layers: int = option(
-        1,
-        "adaption_prompt: how many of the top layers get a gated prompt (PEFT's adapter_layers; at most the "
-        "model's layer count). Its num_virtual_tokens is PEFT's adapter_len, the prompt length in each layer.",
+        1, "How many of the top layers get a gated prompt (PEFT's adapter_layers; at most the model's layer count)."
     )
 
     def validate(self) -> None:

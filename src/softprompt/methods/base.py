@@ -45,7 +45,9 @@ class MethodConfig:
     method: ClassVar[str] = ""
     peft_type: ClassVar[str] = ""
 
-    num_virtual_tokens: int = option(8, "Number of virtual tokens the adapter adds.")
+    num_virtual_tokens: int = option(
+        8, "Number of virtual tokens the adapter adds (adaption_prompt: per adapted layer, PEFT's adapter_len)."
+    )
 
     def validate(self) -> None:
         check_int(self.num_virtual_tokens, "num_virtual_tokens", minimum=1, maximum=4096)
