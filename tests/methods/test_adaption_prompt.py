@@ -16,7 +16,9 @@ from softprompt import SoftPromptModel
 from softprompt.adapters.export import prompt_embeddings
 from softprompt.adapters.peft_format import CONFIG_FILE
 from softprompt.cli.app import main
+from softprompt.engine.decode import feed_next
 from softprompt.engine.generation import GenerationConfig, generate_batch
+from softprompt.engine.scoring import score_ids
 from softprompt.engine.tokens import pad_batch
 from softprompt.errors import ConfigError, SoftPromptError
 from softprompt.server import ServerSettings, create_app
@@ -158,6 +160,41 @@ def test_mixed_batch_with_every_method_gives_each_row_its_solo_result(family):
     generated = model.generate(texts, adapters=names, max_new_tokens=5)
     assert generated == [model.generate([t], adapters=[n], max_new_tokens=5)[0] for t, n in zip(texts, names)]
     assert generated[0] != model.generate([texts[0]], max_new_tokens=5)[0]  # the gated prompt is attended throughout
+
+
+def test_decode_states_with_gated_rows_select_repeat_and_merge_as_each_row_alone():
+    model = tiny_model("llama")
+    set_gates(
+        model.add_adapter("ap", method="adaption_prompt", num_virtual_tokens=3, adapter_layers=2, seed=1), [0.7, 0.9]
+    )
+    set_gates(model.add_adapter("ap1", method="adaption_prompt", num_virtual_tokens=5, adapter_layers=1, seed=2), [1.2])
+    model.add_adapter("pt", method="prompt_tuning", num_virtual_tokens=2, seed=3)
+    rows, names = [[5, 6, 7, 8], [11, 12], [13, 14, 15]], ["ap", "pt", "ap1"]
+
+    def alone(i):
+        ids, mask = pad_batch([rows[i]], 0, side="left")
+        return model.prefill(ids, mask, [names[i]])
+
+    ids, mask = pad_batch(rows[:2], 0, side="left")
+    state = model.prefill(ids, mask, names[:2])
+    ids, mask = pad_batch(rows[2:], 0, side="left")
+    state.merge(model.prefill(ids, mask, names[2:]))  # rows without (pt) and with another layer set (ap1) join
+    singles = [alone(i) for i in range(3)]
+    for step in (20, 21):
+        feed_next(model, state, [0, 1, 2], torch.tensor([step] * 3))
+        for single in singles:
+            feed_next(model, single, [0], torch.tensor([step]))
+        for i, single in enumerate(singles):
+            torch.testing.assert_close(state.logits[i], single.logits[0], atol=1e-5, rtol=1e-5)
+    feed_next(model, state, [0, 2], torch.tensor([30, 30]))  # the pt row leaves
+    feed_next(model, singles[2], [0], torch.tensor([30]))
+    torch.testing.assert_close(state.logits[1], singles[2].logits[0], atol=1e-5, rtol=1e-5)
+    # scoring repeats each row's state once per candidate label
+    ids, mask = pad_batch(rows, 0, side="left")
+    together = score_ids(model, ids, mask, names, [[40], [41, 42]])
+    for i in range(3):
+        one = score_ids(model, torch.tensor([rows[i]]), torch.ones(1, len(rows[i])), [names[i]], [[40], [41, 42]])
+        torch.testing.assert_close(together[i], one[0], atol=1e-5, rtol=1e-5)
 
 
 def test_inspect_names_an_adaption_prompt_and_export_refuses_it(tmp_path, capsys):
