@@ -12,14 +12,16 @@ cache's), so every decoding step attends to the prompts too. Nothing enters the 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from softprompt.engine.families import FamilyQuirks, GatedAttention, ModelShape
+from softprompt.errors import SoftPromptError
 
 # The keyword the backbone's forward passes down to every attention call.
 KWARG = "softprompt_gated"
@@ -67,6 +69,17 @@ class Projector:
         assert isinstance(blocks, nn.ModuleList)
         return blocks[layer].get_submodule(self.spec.attention)
 
+    def check(self, method: str, *, attention_installed: bool) -> None:
+        """Raise unless gated prompts can be added to this model: the term is added in softprompt's attention
+        function (`softprompt.engine.attention.install`), which only models on transformers' SDPA attention
+        interface run."""
+        if not attention_installed:
+            implementation = getattr(getattr(self.base, "config", None), "_attn_implementation", None)
+            raise SoftPromptError(
+                f"{method}: needs transformers' SDPA attention interface, which this {self.shape.model_type!r} "
+                f"model does not run (attn_implementation={implementation!r})"
+            )
+
     def adapter(self, prompts: dict[int, tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype) -> AdapterGated:
         """One adapter's `SoftPromptMethod.gated_prompts` as keys, values and gates."""
         assert self.spec is not None
@@ -77,9 +90,15 @@ class Projector:
         return out
 
     def batch(
-        self, names: Sequence[str | None], per_adapter: dict[str, AdapterGated], device: torch.device
+        self, names: Sequence[str | None], adapters: Mapping[str, Any], dtype: torch.dtype, device: torch.device
     ) -> GatedBatch | None:
-        assert self.spec is not None
+        """The rows' gated prompts (rows whose adapter, ``adapters[name]``, is a `SoftPromptMethod` with ``adds ==
+        "gated"``), projected by their layers in ``dtype``; None when no row has any."""
+        unique = [n for n in dict.fromkeys(names) if n is not None and adapters[n].adds == "gated"]
+        if not unique:
+            return None
+        assert self.spec is not None  # adapters refuse families without a GatedAttention row
+        per_adapter = {n: self.adapter(adapters[n].gated_prompts(), dtype) for n in unique}
         layers = {i for prompts in per_adapter.values() for i in prompts}
         inverses = {}
         for layer in layers:

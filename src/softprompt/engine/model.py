@@ -87,12 +87,8 @@ class SoftPromptModel(nn.Module):
     def register(self, name: str, adapter: SoftPromptMethod) -> SoftPromptMethod:
         """Put a built adapter module under ``name`` (replacing one of that name); returns it on the model's device.
         Loading (`softprompt.adapters`), training and the server add adapters through this one door."""
-        if adapter.adds == "gated" and not self.grouped_attention:  # its term is added in our attention function
-            raise SoftPromptError(
-                f"{adapter.config.method}: needs transformers' SDPA attention interface, which this "
-                f"{self.shape.model_type!r} model does not run (attn_implementation="
-                f"{getattr(self.base.config, '_attn_implementation', None)!r})"
-            )
+        if adapter.adds == "gated":
+            self._gated.check(adapter.config.method, attention_installed=self.grouped_attention)
         adapter.to(self.device)
         self.adapters[name] = adapter
         self._prompt_kv_cache.drop(name)
@@ -274,10 +270,8 @@ class SoftPromptModel(nn.Module):
         return prefixes.stack_prefixes(names, {name: self._prompt_kv(name) for name in unique}, self.device)
 
     def _batch_gated(self, names: list[str | None]) -> gated.GatedBatch | None:
-        """The rows' gated prompts (gated methods), projected by their layers; None when no row has any."""
-        unique = [n for n in dict.fromkeys(names) if n is not None and self.adapters[n].adds == "gated"]
-        per = {n: self._gated.adapter(self.get_adapter(n).gated_prompts(), self.dtype) for n in unique}
-        return self._gated.batch(names, per, self.device) if per else None
+        adapters = {n: self.get_adapter(n) for n in names if n is not None}
+        return self._gated.batch(names, adapters, self.dtype, self.device)
 
     # ------------------------------------------------------------------ causal forward
     def _causal_hidden(
