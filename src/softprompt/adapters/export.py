@@ -6,8 +6,9 @@ request's embeddings are ``concat(soft_prompt [n, hidden], embed_tokens(text) [L
 exactly what softprompt computes: virtual tokens take positions ``0..n-1``, the text (with its usual
 special tokens, e.g. BOS) follows at ``n``.
 
-Prefix tuning cannot be exported this way: it adds keys and values at *every* layer, which no
-input-embedding sequence can reproduce. Serve prefix-tuned adapters with ``softprompt serve``.
+Prefix tuning and cartridges cannot be exported this way: they add keys and values at *every* layer, which
+no input-embedding sequence can reproduce; nor can adaption prompts, which add gated attention inside
+layers. Serve them with ``softprompt serve``.
 
 Files written by `export_prompt_embeddings`:
 
@@ -39,11 +40,16 @@ KV_MESSAGE = (
     "adapter: it adds keys and values at every layer, which cannot be expressed as "
     "input embeddings; serve it with 'softprompt serve' instead"
 )
+GATED_MESSAGE = (
+    "adapter: it adds gated attention inside layers, which cannot be expressed as "
+    "input embeddings; serve it with 'softprompt serve' instead"
+)
 
 
 def _kv_message(method: str) -> str:
-    """Why a key/value method (prefix tuning, cartridge) has no input embeddings to export."""
-    return f"is a {method.replace('_', '-')} {KV_MESSAGE}"
+    """Why a key/value or gated method (prefix tuning, cartridge, adaption prompt) has no input embeddings."""
+    message = GATED_MESSAGE if method_class(method).adds == "gated" else KV_MESSAGE
+    return f"is a {method.replace('_', '-')} {message}"
 
 
 def _dtype(dtype: str | torch.dtype | None) -> torch.dtype:
@@ -66,7 +72,7 @@ def prompt_embeddings(source, name: str | None = None) -> tuple[torch.Tensor, di
         if name is None:
             raise SoftPromptError("name: give the adapter to export from this model")
         adapter = source.get_adapter(name)
-        if adapter.adds == "kv":
+        if adapter.adds != "input":
             raise SoftPromptError(f"adapter {name!r} {_kv_message(adapter.config.method)}")
         with torch.no_grad():
             table = adapter.input_embeddings().detach().float().cpu().contiguous()
@@ -77,7 +83,7 @@ def prompt_embeddings(source, name: str | None = None) -> tuple[torch.Tensor, di
         raise SoftPromptError(f"{folder}: no such adapter directory")
     peft = read_peft_config(folder / CONFIG_FILE)
     method = PEFT_TYPES[peft["peft_type"]]
-    if method_class(method).adds == "kv":
+    if method_class(method).adds != "input":
         raise SoftPromptError(f"{folder} {_kv_message(method)}")
     tensors = read_tensors(folder / WEIGHTS_FILE)
     if "prompt_embeddings" not in tensors:

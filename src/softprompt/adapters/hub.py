@@ -60,7 +60,7 @@ def model_card(path: str | Path) -> str:
     body = [
         f"# {folder.name}",
         "",
-        f"A {method.replace('_', ' ')} adapter ({peft.get('num_virtual_tokens')} virtual tokens, "
+        f"A {method.replace('_', ' ')} adapter ({peft.get('num_virtual_tokens', peft.get('adapter_len'))} virtual tokens, "
         f"{size_kib:.1f} KiB) for `{base or 'its base model'}`, trained with softprompt. "
         "The files are PEFT's layout.",
         "",

@@ -28,7 +28,8 @@ def inspect_adapter(path: str | Path, model=None, *, top_k: int = 3) -> dict:
     config = read_json(folder / CONFIG_FILE)
     meta = read_json(folder / META_FILE) if (folder / META_FILE).exists() else {}
     verify_checksum(folder, WEIGHTS_FILE, meta)
-    table = read_tensors(folder / WEIGHTS_FILE).get("prompt_embeddings")
+    tensors = read_tensors(folder / WEIGHTS_FILE)
+    table = tensors.get("prompt_embeddings")
     files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
     peft_type = config.get("peft_type")
     info = {
@@ -36,12 +37,14 @@ def inspect_adapter(path: str | Path, model=None, *, top_k: int = 3) -> dict:
         "method": PEFT_TYPES.get(peft_type, peft_type) if isinstance(peft_type, str) else peft_type,
         "base_model": meta.get("base_model") or config.get("base_model_name_or_path"),
         "task_type": config.get("task_type"),
-        "num_virtual_tokens": config.get("num_virtual_tokens"),
-        "parameters": int(table.numel()) if table is not None else 0,
+        # An adaption prompt's length is PEFT's adapter_len (per adapted layer).
+        "num_virtual_tokens": config.get("num_virtual_tokens", config.get("adapter_len")),
+        "parameters": sum(int(t.numel()) for t in tensors.values()),
         "adapter_bytes": files.get(WEIGHTS_FILE, 0),
         "files": files,
         "config": meta.get("config"),
         "nearest_tokens": None,
+        "gates": _gates(tensors),
     }
     if model is not None and table is not None and config.get("peft_type") in ("PROMPT_TUNING", "P_TUNING"):
         vocab = model.base.get_input_embeddings().weight.detach().float()
@@ -58,6 +61,13 @@ def inspect_adapter(path: str | Path, model=None, *, top_k: int = 3) -> dict:
     return info
 
 
+def _gates(tensors: dict[str, torch.Tensor]) -> list[float] | None:
+    """Adaption prompts: each adapted layer's gate, bottom layer first (0 at the start: its prompt adds nothing)."""
+    gates = {k: t for k, t in tensors.items() if k.endswith(".adaption_gate")}
+    layer = {k: int(next(p for p in k.split(".") if p.isdigit())) for k in gates}
+    return [round(float(gates[k].reshape(-1)[0]), 6) for k in sorted(gates, key=layer.__getitem__)] or None
+
+
 def format_inspection(info: dict) -> str:
     lines = [
         f"adapter     {info['path']}",
@@ -71,6 +81,11 @@ def format_inspection(info: dict) -> str:
         lines.append("nearest vocabulary tokens per virtual token (cosine):")
         for i, near in enumerate(info["nearest_tokens"]):
             lines.append(f"  {i:3d}  " + "  ".join(f"{n['token']!r} {n['cosine']:.2f}" for n in near))
+    elif info["gates"]:
+        lines.append(
+            f"adaption prompt in the top {len(info['gates'])} layers; gates "
+            + ", ".join(f"{g:.4g}" for g in info["gates"])
+        )
     elif info["method"] in ("prefix_tuning", "cartridge"):
         lines.append(
             f"{info['method'].replace('_', ' ')} stores keys/values per layer: "

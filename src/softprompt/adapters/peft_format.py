@@ -48,19 +48,24 @@ def peft_config(model, adapter: SoftPromptMethod) -> dict:
     """PEFT's ``adapter_config.json`` for an adapter of ``model``."""
     shape = model.shape
     kv = adapter.adds == "kv"
-    config = {
+    common = {
         "peft_type": adapter.config.peft_type,
         "task_type": _task_type(shape),
         "base_model_name_or_path": hub_id_for(model.name_or_path),
+        "inference_mode": True,
+        "auto_mapping": None,
+        "revision": None,
+    }
+    if adapter.adds == "gated":  # not prompt learning in PEFT: none of its virtual-token fields
+        return {**common, **adapter.peft_config_fields()}
+    config = {
+        **common,
         "num_virtual_tokens": adapter.num_virtual_tokens,
         "token_dim": shape.prefix_token_dim if kv else shape.hidden_size,
         "num_layers": shape.num_layers,
         "num_attention_heads": shape.prefix_heads if kv else shape.num_attention_heads,
         "num_transformer_submodules": adapter.submodules,
-        "inference_mode": True,
-        "auto_mapping": None,
         "modules_to_save": None,
-        "revision": None,
         **adapter.peft_config_fields(),
     }
     if config.get("prompt_tuning_init") == "TEXT" and not config.get("tokenizer_name_or_path"):
@@ -93,11 +98,11 @@ def save_adapter(
                     shutil.copytree(child, tmp / child.name, symlinks=True)
                 else:
                     shutil.copy2(child, tmp / child.name)
-        table = adapter.materialized().float().cpu().contiguous()
-        save_file({"prompt_embeddings": table}, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        tensors = {k: v.float().cpu().contiguous() for k, v in adapter.peft_tensors().items()}
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         with open(tmp / CONFIG_FILE, "w") as f:
             json.dump(peft_config(model, adapter), f, indent=2, sort_keys=True)
-        state = {f"adapter.{k}": v.float().cpu().contiguous() for k, v in _state_beyond_table(adapter, table).items()}
+        state = {f"adapter.{k}": v.float().cpu().contiguous() for k, v in _state_beyond_table(adapter, tensors).items()}
         state.update({k: v.cpu().contiguous() for k, v in (training_state or {}).items()})
         save_file(state, str(tmp / STATE_FILE), metadata={"format": "pt"})
         if training_meta is not None:
@@ -200,7 +205,7 @@ def _check(file: Path, what: str, found, expected, trained_on: str | None = None
         )
 
 
-def _state_beyond_table(adapter: SoftPromptMethod, table: torch.Tensor) -> dict[str, torch.Tensor]:
+def _state_beyond_table(adapter: SoftPromptMethod, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The adapter's own training state, or nothing when the weights file already holds it exactly.
 
     Without a reparameterisation (prompt tuning, prefix tuning without MLP) the trainable table *is* the
@@ -208,7 +213,8 @@ def _state_beyond_table(adapter: SoftPromptMethod, table: torch.Tensor) -> dict[
     a 135M model) and resuming loads it from the weights file all the same.
     """
     state = adapter.training_state()
-    if len(state) == 1:
+    table = tensors.get("prompt_embeddings")
+    if len(state) == 1 and table is not None:
         only = next(iter(state.values())).float().cpu()
         if only.shape == table.shape and torch.equal(only, table):
             return {}
@@ -277,7 +283,8 @@ def _read(folder: Path, shape: ModelShape, resume: bool) -> tuple[SoftPromptMeth
     _check(config_file, "task_type", peft.get("task_type"), _task_type(shape))
     try:
         fields = cls.config_from_peft(peft)
-        n = int(peft["num_virtual_tokens"])
+        gated = cls.adds == "gated"  # PEFT's per-layer tensors, not prompt learning's table
+        n = 0 if gated else int(peft["num_virtual_tokens"])
         if meta.get("config") and meta.get("method") == cls.config_class.method:
             if not isinstance(meta["config"], dict):
                 raise SoftPromptError(
@@ -292,14 +299,15 @@ def _read(folder: Path, shape: ModelShape, resume: bool) -> tuple[SoftPromptMeth
     kv = cls.adds == "kv"
     base = meta.get("base_model") or peft.get("base_model_name_or_path")  # named in a mismatch error
     base = base if isinstance(base, str) and base else None
-    _check(config_file, "layers (num_layers)", peft.get("num_layers"), shape.num_layers, base)
-    _check(
-        config_file,
-        "token width (token_dim)",
-        peft.get("token_dim"),
-        shape.prefix_token_dim if kv else shape.hidden_size,
-        base,
-    )
+    if not gated:
+        _check(config_file, "layers (num_layers)", peft.get("num_layers"), shape.num_layers, base)
+        _check(
+            config_file,
+            "token width (token_dim)",
+            peft.get("token_dim"),
+            shape.prefix_token_dim if kv else shape.hidden_size,
+            base,
+        )
     if kv:
         _check(
             config_file,
@@ -317,14 +325,18 @@ def _read(folder: Path, shape: ModelShape, resume: bool) -> tuple[SoftPromptMeth
     weights_file = folder / WEIGHTS_FILE
     verify_checksum(folder, WEIGHTS_FILE, meta)
     tensors = read_tensors(weights_file)
-    if "prompt_embeddings" not in tensors:
-        raise SoftPromptError(f"{weights_file}: no 'prompt_embeddings' tensor (found: {', '.join(tensors) or 'none'})")
-    table = tensors["prompt_embeddings"]
-    submodules = 2 if shape.is_encoder_decoder else 1
-    expected_shape = (n, shape.num_layers * 2 * shape.prefix_token_dim) if kv else (n * submodules, shape.hidden_size)
-    _check(weights_file, "prompt_embeddings shape", tuple(table.shape), expected_shape)
     adapter = cls(config, shape)
-    adapter.load_materialized(table)
+    if gated:
+        adapter.load_peft_tensors(tensors, str(weights_file))
+    else:
+        if "prompt_embeddings" not in tensors:
+            found = ", ".join(tensors) or "none"
+            raise SoftPromptError(f"{weights_file}: no 'prompt_embeddings' tensor (found: {found})")
+        table = tensors["prompt_embeddings"]
+        submodules = 2 if shape.is_encoder_decoder else 1
+        expected = (n, shape.num_layers * 2 * shape.prefix_token_dim) if kv else (n * submodules, shape.hidden_size)
+        _check(weights_file, "prompt_embeddings shape", tuple(table.shape), expected)
+        adapter.load_materialized(table)
     if resume:
         state_file = folder / STATE_FILE
         if state_file.exists():

@@ -15,6 +15,9 @@ model's causal prefill, single-token decoding), gradients (training keeps the ke
 backward), other devices and dtypes, dropout, soft-capped or position-biased attention, and score
 matrices above ``GROUPED_MAX_SCORES`` elements. Results equal SDPA's to float rounding
 (``tests/engine/test_attention.py``).
+
+Either way, a batch with gated prompts (adaption prompts) passes them as the keyword
+`softprompt.engine.gated.KWARG`, and their gated attention term is added to the output here.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface, PreTrainedModel
+
+from softprompt.engine.gated import GatedBatch
 
 IMPLEMENTATION = "softprompt_sdpa"
 # Crossover measured with `python -m research.attention --sweep` (2 threads, AVX-512, 9/3 heads, 20 prefix
@@ -108,13 +113,21 @@ def attention(
     attention_mask: torch.Tensor | None,
     dropout: float = 0.0,
     scaling: float | None = None,
+    softprompt_gated: GatedBatch | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """transformers attention-interface function: grouped products for short masked CPU calls, else SDPA."""
+    """transformers attention-interface function: grouped products for short masked CPU calls, else SDPA; plus
+    the gated prompts' term of the layer (`softprompt.engine.gated`) when the batch has any."""
     if attention_mask is not None and uses_grouped_path(query, key, value, attention_mask, dropout, **kwargs):
-        out = grouped_attention(query, key, value, attention_mask, scaling)
-        return out.transpose(1, 2).contiguous(), None
-    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        out = grouped_attention(query, key, value, attention_mask, scaling).transpose(1, 2)
+    else:
+        out, _ = sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    term = softprompt_gated.term(module, query) if softprompt_gated is not None else None
+    if term is not None:
+        out = out + term.to(out.dtype)
+    return out.contiguous(), None
 
 
 def install(base: PreTrainedModel) -> bool:

@@ -31,6 +31,8 @@ from transformers import (
 )
 from transformers.cache_utils import DynamicLayer
 
+from softprompt.engine.gated import GatedBatch, concat
+
 # Temperatures below this decode greedily (their limit): dividing logits by a denormal such as 1e-311
 # overflows to inf, and softmax then gives NaN probabilities.
 MIN_SAMPLING_TEMPERATURE = 1e-6
@@ -47,6 +49,7 @@ class DecodeState:
     logits: torch.Tensor  # [batch, vocab] next-token logits
     encoder_hidden: torch.Tensor | None = None  # encoder-decoder only
     encoder_mask: torch.Tensor | None = None
+    gated: GatedBatch | None = None  # the rows' gated prompts, attended at every step
 
     @property
     def rows(self) -> int:
@@ -62,6 +65,8 @@ class DecodeState:
             self.encoder_hidden = self.encoder_hidden[rows]
         if self.encoder_mask is not None:
             self.encoder_mask = self.encoder_mask[rows]
+        if self.gated is not None:
+            self.gated = self.gated.select(rows)
 
     def repeat(self, times: int) -> None:
         """Repeat every row ``times`` times, consecutively (one copy per candidate label)."""
@@ -73,6 +78,8 @@ class DecodeState:
             self.encoder_hidden = self.encoder_hidden.repeat_interleave(times, 0)
         if self.encoder_mask is not None:
             self.encoder_mask = self.encoder_mask.repeat_interleave(times, 0)
+        if self.gated is not None:
+            self.gated = self.gated.repeat(times)
 
     @property
     def mergeable(self) -> bool:
@@ -96,6 +103,7 @@ class DecodeState:
         That changes no row's result: every row carries its own position ids and attention mask, the same
         mechanism that lets one batch mix prompt lengths.
         """
+        self.gated = concat(self.gated, self.rows, other.gated, other.rows)
         wa, wb = self.attention_mask.shape[1], other.attention_mask.shape[1]
         width = max(wa, wb)
         for (x, xk, xv), (_, yk, yv) in zip(_kv_layers(self.cache), _kv_layers(other.cache)):

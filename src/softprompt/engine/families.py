@@ -17,6 +17,20 @@ from softprompt.errors import SoftPromptError
 
 
 @dataclass(frozen=True)
+class GatedAttention:
+    """Where an adaption prompt (`softprompt.methods.adaption_prompt`) meets a family's attention, as PEFT's
+    ``TRANSFORMERS_MODEL_CONFIG`` says: the prompt's keys and values come from the layer's own projections."""
+
+    # The attention submodule of a block (under `FamilyQuirks.blocks`), and its key and value projections.
+    attention: str
+    key: str
+    # None: ``key`` is a fused query/key/value projection whose output splits in three (GPT-2's c_attn).
+    value: str | None
+    # PEFT adds the gated output after this output projection, unprojected (GPT-2), instead of before it.
+    added_after: str | None = None
+
+
+@dataclass(frozen=True)
 class FamilyQuirks:
     # Rotary / learned absolute positions take explicit position ids. ALiBi models (Bloom) derive
     # positions from the attention mask instead and have no `position_ids` argument.
@@ -31,12 +45,14 @@ class FamilyQuirks:
     # the transformer blocks: the units FSDP shards one at a time (`softprompt.training.distributed.fsdp_units`).
     # Empty: the family cannot be sharded (FSDP launches refuse it with a clear error).
     blocks: tuple[str, ...] = ()
+    # How adaption prompts attend in this family; None: the method does not support it.
+    gated: GatedAttention | None = None
 
 
 FAMILY_QUIRKS: dict[str, FamilyQuirks] = {
-    "gpt2": FamilyQuirks(blocks=("transformer.h",)),
-    "llama": FamilyQuirks(blocks=("model.layers",)),
-    "mistral": FamilyQuirks(blocks=("model.layers",)),
+    "gpt2": FamilyQuirks(blocks=("transformer.h",), gated=GatedAttention("attn", "c_attn", None, added_after="c_proj")),
+    "llama": FamilyQuirks(blocks=("model.layers",), gated=GatedAttention("self_attn", "k_proj", "v_proj")),
+    "mistral": FamilyQuirks(blocks=("model.layers",), gated=GatedAttention("self_attn", "k_proj", "v_proj")),
     "qwen2": FamilyQuirks(blocks=("model.layers",)),
     "gemma": FamilyQuirks(blocks=("model.layers",)),
     "gemma2": FamilyQuirks(logit_softcap_attr="final_logit_softcapping", blocks=("model.layers",)),
@@ -102,6 +118,11 @@ class ModelShape:
     def prefix_token_dim(self) -> int:
         """Width of one layer's key (or value) for one virtual token, as PEFT's `token_dim` for prefixes."""
         return self.head_dim * self.num_key_value_heads
+
+
+def gated_families() -> list[str]:
+    """The families adaption prompts support."""
+    return [name for name, quirks in FAMILY_QUIRKS.items() if quirks.gated is not None]
 
 
 def quirks_for(model_type: str) -> FamilyQuirks:

@@ -24,7 +24,7 @@ from transformers import DynamicCache, EncoderDecoderCache, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutput
 
 from softprompt.adapters import hub, peft_format
-from softprompt.engine import attention, generation, prefixes, scoring
+from softprompt.engine import attention, gated, generation, prefixes, scoring
 from softprompt.engine.adapter_name import check_adapter_name
 from softprompt.engine.decode import DecodeState
 from softprompt.engine.families import CacheArg, ModelShape, quirks_for
@@ -63,6 +63,7 @@ class SoftPromptModel(nn.Module):
         self.cache_arg = CacheArg.of((base if self.shape.is_encoder_decoder else self.backbone).forward)
         self.adapters = nn.ModuleDict()
         self._prompt_kv_cache = prefixes.PromptKVCache()
+        self._gated = gated.Projector(base, self.quirks, self.shape)
 
     # ------------------------------------------------------------------ adapters
     def add_adapter(
@@ -86,6 +87,8 @@ class SoftPromptModel(nn.Module):
     def register(self, name: str, adapter: SoftPromptMethod) -> SoftPromptMethod:
         """Put a built adapter module under ``name`` (replacing one of that name); returns it on the model's device.
         Loading (`softprompt.adapters`), training and the server add adapters through this one door."""
+        if adapter.adds == "gated":
+            self._gated.check(adapter.config.method, attention_installed=self.grouped_attention)
         adapter.to(self.device)
         self.adapters[name] = adapter
         self._prompt_kv_cache.drop(name)
@@ -262,8 +265,13 @@ class SoftPromptModel(nn.Module):
         return layers, last_hidden
 
     def _batch_prefix(self, names: list[str | None]) -> prefixes.BatchPrefix | None:
+        names = [n if n is not None and self.adapters[n].adds != "gated" else None for n in names]
         unique = dict.fromkeys(n for n in names if n is not None)
         return prefixes.stack_prefixes(names, {name: self._prompt_kv(name) for name in unique}, self.device)
+
+    def _batch_gated(self, names: list[str | None]) -> gated.GatedBatch | None:
+        adapters = {n: self.get_adapter(n) for n in names if n is not None}
+        return self._gated.batch(names, adapters, self.dtype, self.device)
 
     # ------------------------------------------------------------------ causal forward
     def _causal_hidden(
@@ -274,8 +282,10 @@ class SoftPromptModel(nn.Module):
         cache=None,
         prefix_len: torch.Tensor | None = None,
         past_mask: torch.Tensor | None = None,
+        gated_batch: gated.GatedBatch | None = None,
     ):
-        """Run the backbone over text after a prefix (or an existing cache). Returns (hidden, cache, full mask)."""
+        """Run the backbone over text after a prefix (or an existing cache), with the rows' gated prompts.
+        Returns (hidden, cache, full mask)."""
         batch = input_ids.shape[0]
         if cache is None:
             data = prefix.layers if prefix is not None else None
@@ -284,7 +294,7 @@ class SoftPromptModel(nn.Module):
             prefix_len = prefix.lengths if prefix is not None else attention_mask.new_zeros(batch)
         assert past_mask is not None and prefix_len is not None  # callers passing a cache pass both
         full_mask = torch.cat([past_mask, attention_mask], dim=1)
-        kwargs = {}
+        kwargs: dict = {gated.KWARG: gated_batch} if gated_batch is not None else {}
         if self.quirks.takes_position_ids:
             kwargs["position_ids"] = prefix_len[:, None] + (attention_mask.cumsum(-1) - 1).clamp(min=0)
         out = self.backbone(
@@ -313,7 +323,7 @@ class SoftPromptModel(nn.Module):
         if self.shape.is_encoder_decoder:
             return self._seq2seq_forward(input_ids, attention_mask, names, labels, decoder_input_ids)
         prefix = self._batch_prefix(names)
-        hidden, _, _ = self._causal_hidden(input_ids, attention_mask, prefix)
+        hidden, _, _ = self._causal_hidden(input_ids, attention_mask, prefix, gated_batch=self._batch_gated(names))
         if labels is None:
             return SoftPromptOutput(logits=self._logits(hidden))
         labels = labels.to(self.device)
@@ -329,8 +339,10 @@ class SoftPromptModel(nn.Module):
         input_ids = input_ids.to(self.device)
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device)
         attention_mask = attention_mask.long()
-        prefix = self._batch_prefix(self._row_names(adapters, input_ids.shape[0]))
-        return self._causal_hidden(input_ids, attention_mask, prefix)[0]
+        names = self._row_names(adapters, input_ids.shape[0])
+        return self._causal_hidden(
+            input_ids, attention_mask, self._batch_prefix(names), gated_batch=self._batch_gated(names)
+        )[0]
 
     def _label_loss(self, hidden, attention_mask, labels, prefix: prefixes.BatchPrefix | None) -> SoftPromptOutput:
         """Loss over label tokens, projecting only the hidden states that predict a label."""
@@ -419,13 +431,13 @@ class SoftPromptModel(nn.Module):
             )
             state.logits = self.advance(state, start)[:, -1]
             return state
-        prefix = self._batch_prefix(names)
-        hidden, cache, full_mask = self._causal_hidden(input_ids, attention_mask, prefix)
+        prefix, gated_batch = self._batch_prefix(names), self._batch_gated(names)
+        hidden, cache, full_mask = self._causal_hidden(input_ids, attention_mask, prefix, gated_batch=gated_batch)
         # Logits of each row's last real token only (rows may be left- or right-padded).
         last = attention_mask.shape[1] - 1 - attention_mask.flip(-1).argmax(-1)
         logits = self._logits(hidden[torch.arange(hidden.shape[0], device=self.device), last])
         prefix_len = prefix.lengths if prefix is not None else torch.zeros_like(last)
-        return DecodeState(cache, full_mask, prefix_len + attention_mask.sum(-1), logits.float())
+        return DecodeState(cache, full_mask, prefix_len + attention_mask.sum(-1), logits.float(), gated=gated_batch)
 
     @torch.no_grad()
     def advance(self, state: DecodeState, tokens: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -453,6 +465,7 @@ class SoftPromptModel(nn.Module):
                 cache=state.cache,
                 prefix_len=state.next_position,
                 past_mask=state.attention_mask,
+                gated_batch=state.gated,
             )
             logits = self._logits(hidden)
         state.attention_mask = full_mask

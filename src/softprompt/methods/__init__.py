@@ -10,6 +10,7 @@ from dataclasses import fields
 from typing import overload
 
 from softprompt.errors import ConfigError
+from softprompt.methods.adaption_prompt import AdaptionPrompt, AdaptionPromptConfig
 from softprompt.methods.base import MethodConfig, SoftPromptMethod
 from softprompt.methods.cartridge import Cartridge, CartridgeConfig
 from softprompt.methods.p_tuning import PTuning, PTuningConfig
@@ -22,6 +23,7 @@ METHODS: dict[str, type[SoftPromptMethod]] = {
     "prefix_tuning": PrefixTuning,
     "p_tuning": PTuning,
     "cartridge": Cartridge,
+    "adaption_prompt": AdaptionPrompt,
 }
 PEFT_TYPES: dict[str, str] = {cls.config_class.peft_type: name for name, cls in METHODS.items()}
 
@@ -67,6 +69,8 @@ __all__ = [
     "METHODS",
     "METHOD_OPTIONS",
     "PEFT_TYPES",
+    "AdaptionPrompt",
+    "AdaptionPromptConfig",
     "Cartridge",
     "CartridgeConfig",
     "MethodConfig",

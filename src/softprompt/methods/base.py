@@ -1,14 +1,17 @@
 """The one interface every soft-prompt method implements.
 
-A method adds trainable state to a frozen model in exactly one of two ways:
+A method adds trainable state to a frozen model in exactly one of three ways:
 
 * ``adds = "input"``: `input_embeddings()` returns ``[n, hidden]`` vectors placed before the input
   (prompt tuning, P-tuning);
 * ``adds = "kv"``: `kv_prefix()` returns, for every layer, a key and a value of ``n`` virtual tokens
-  (prefix tuning).
+  (prefix tuning);
+* ``adds = "gated"``: `gated_prompts()` returns, for some layers, a prompt of ``n`` hidden-space vectors and a
+  gate; the layer attends to the prompt, projected through its own key/value projections, and adds the result
+  times the gate to its attention output (adaption prompts). Nothing enters the key/value cache.
 
-The engine (`softprompt.engine.model`) turns both into per-layer key/value prefixes for causal models, so a
-batch can mix methods freely. Saving writes what PEFT writes (``prompt_embeddings``: the materialised
+The engine (`softprompt.engine.model`) turns the first two into per-layer key/value prefixes for causal models
+and adds the third in its attention function (`softprompt.engine.gated`), so a batch can mix methods freely. Saving writes what PEFT writes (``prompt_embeddings``: the materialised
 vectors); `training_state()` additionally keeps reparameterisation weights so training can resume.
 """
 
@@ -42,7 +45,9 @@ class MethodConfig:
     method: ClassVar[str] = ""
     peft_type: ClassVar[str] = ""
 
-    num_virtual_tokens: int = option(8, "Number of virtual tokens the adapter adds.")
+    num_virtual_tokens: int = option(
+        8, "Number of virtual tokens the adapter adds (adaption_prompt: per adapted layer, PEFT's adapter_len)."
+    )
 
     def validate(self) -> None:
         check_int(self.num_virtual_tokens, "num_virtual_tokens", minimum=1, maximum=4096)
@@ -72,9 +77,9 @@ def repeat_to(token_ids: list[int], n: int) -> list[int]:
 
 
 class SoftPromptMethod(nn.Module):
-    """Base class of the three methods. See the module docstring for the contract."""
+    """Base class of every method. See the module docstring for the contract."""
 
-    adds: ClassVar[Literal["input", "kv"]]
+    adds: ClassVar[Literal["input", "kv", "gated"]]
     config_class: ClassVar[type[MethodConfig]]
     # How its training data was rendered, read from its directory by `softprompt.adapters.peft_format`;
     # None for an adapter made in code or trained elsewhere.
@@ -102,8 +107,21 @@ class SoftPromptMethod(nn.Module):
         """Per layer ``(key, value)``, each ``[kv_heads, n, head_dim]`` (methods with ``adds == "kv"``)."""
         raise NotImplementedError
 
+    def gated_prompts(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Layer index -> ``(prompt [n, hidden], gate [1])`` (methods with ``adds == "gated"``)."""
+        raise NotImplementedError
+
     def materialized(self) -> torch.Tensor:
         """The tensor PEFT saves as ``prompt_embeddings`` (reparameterisation applied)."""
+        raise NotImplementedError
+
+    def peft_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors of PEFT's ``adapter_model.safetensors``: ``prompt_embeddings`` for prompt learning."""
+        return {"prompt_embeddings": self.materialized()}
+
+    def load_peft_tensors(self, tensors: dict[str, torch.Tensor], source: str) -> None:
+        """Load `peft_tensors` read from ``source`` (gated methods; prompt learning's table is checked and loaded
+        by `softprompt.adapters.peft_format` through `load_materialized`)."""
         raise NotImplementedError
 
     def load_materialized(self, tensor: torch.Tensor) -> None:

@@ -64,10 +64,7 @@ _VIRTUAL_TOKENS_DEFAULT = default_of(MethodConfig.__dataclass_fields__["num_virt
 class AdapterSettings:
     """What each adapter of a job may set for itself; the job's top level gives the values it inherits."""
 
-    method: str = option(
-        "prompt_tuning",
-        "Soft-prompt method: prompt_tuning, prefix_tuning or p_tuning (dashes work too: prompt-tuning).",
-    )
+    method: str = option("prompt_tuning", f"Soft-prompt method: {', '.join(METHODS)} (dashes work too: prompt-tuning).")
     method_options: dict[str, Any] = option(
         dict,
         "The method's own options, e.g. {num_virtual_tokens: 20, prefix_projection: true}; each is also "
