@@ -206,3 +206,21 @@ def test_device_cuda_without_cuda_is_one_line_naming_the_flag(checkpoint, capsys
     assert main(["serve", "--model", checkpoint, "--device", "cuda", "--quantize", "nf4"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("softprompt serve: error: --device cuda: CUDA is not available") and "\n" not in err
+
+
+def test_serve_quantize_serves_an_adapter_on_the_quantized_base(checkpoint, tmp_path, monkeypatch):
+    """``softprompt serve --quantize nf4``: the app it starts answers as the same quantized model does offline."""
+    uvicorn = pytest.importorskip("uvicorn")
+    from serving import ServerThread
+
+    offline = load(checkpoint, quantize="nf4")
+    offline.add_adapter("pt", num_virtual_tokens=4, seed=0)
+    offline.save_adapter("pt", str(tmp_path / "pt"))
+    started = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: started.setdefault("app", app))
+    assert main(["serve", "--model", checkpoint, "--quantize", "nf4", "--adapter", f"pt={tmp_path / 'pt'}"]) == 0
+    assert quantized_layers(started["app"].state.model, "nf4") == LINEARS
+    with ServerThread(started["app"]) as server, server.client() as client:
+        body = {"model": "pt", "prompt": "xyz", "max_tokens": 5, "temperature": 0}
+        answer = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    assert answer == offline.generate(["xyz"], adapters="pt", max_new_tokens=5)[0]
