@@ -7,13 +7,18 @@ from typing import Any
 
 from softprompt.adapters.peft_format import check_adapter_dir
 from softprompt.errors import SoftPromptError
-from softprompt.models.loading import DTYPE_HELP
+from softprompt.models.precision import DTYPE_HELP, QUANTIZE_HELP, QUANTIZE_NAMES
 from softprompt.options import option
 
 
 def dtype_option() -> Any:
     """The ``--dtype`` field of a subcommand that loads the base model."""
     return option(None, DTYPE_HELP)
+
+
+def quantize_option() -> Any:
+    """The ``--quantize`` field of a subcommand that loads the base model."""
+    return option(None, QUANTIZE_HELP, choices=QUANTIZE_NAMES)
 
 
 def model_option(help: str = "Base model: built-in name, local directory or hub id.") -> Any:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from softprompt import load
 from softprompt.adapters.training_format import TrainingFormat, format_inputs
-from softprompt.cli.common import adapter_option, dtype_option, model_option, parse_adapter_specs
+from softprompt.cli.common import adapter_option, dtype_option, model_option, parse_adapter_specs, quantize_option
 from softprompt.engine.generation import Generation, generate
 from softprompt.options import add_arguments as add_option_arguments
 from softprompt.options import option
@@ -46,6 +46,7 @@ class GenerateOptions:
     stop: list[str] | None = option(None, "Stop string (repeatable).")
     seed: int | None = option(None, "Seed for sampling.")
     dtype: str | None = dtype_option()
+    quantize: str | None = quantize_option()
     json: bool = option(False, "Print JSON instead of text.")
     prompts: list[str] = option(list, "", positional=True, metavar="PROMPT")
 
@@ -56,7 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     adapters = parse_adapter_specs(args.adapter)
-    model = load(args.model, dtype=args.dtype)
+    model = load(args.model, dtype=args.dtype, quantize=args.quantize)
     for name, path in adapters.items():
         model.load_adapter(path, name=name)
     columns: list[str | None] = list(adapters) + ([None] if args.base or not adapters else [])

@@ -5,30 +5,30 @@ resembles a built-in name (``smollm2``) fails at once with a suggestion, without
 a hub download, one HEAD request without retries checks that the hub answers; when it does not (no
 network, ``HF_HUB_OFFLINE=1``) only the local hub cache is tried, so an unreachable hub fails in a
 moment instead of after huggingface_hub's retries (half a minute).
+
+``quantize="int8"|"nf4"`` loads the base's linear layers quantized by bitsandbytes (transformers'
+`BitsAndBytesConfig`); a checkpoint saved quantized (``quantization_config`` in its config.json) loads
+quantized as it is. A quantized base is placed on its device as it loads, never moved afterwards.
 """
 
 from __future__ import annotations
 
 import difflib
+import logging
 from pathlib import Path
+from typing import Any
 
 import huggingface_hub
 import torch
 from huggingface_hub.errors import HfHubHTTPError
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, BitsAndBytesConfig
 
 from softprompt.engine.model import SoftPromptModel
 from softprompt.errors import SoftPromptError
 from softprompt.models.builtin import resolve_builtin
 from softprompt.models.names import BUILTIN_HUB_IDS
+from softprompt.models.precision import QUANTIZE_INSTALL, QUANTIZE_NAMES
 
-#: The frozen base's weight dtype: stored and multiplied in it; adapters, their gradients, optimizer state and losses
-#: stay float32 whatever it is.
-DTYPE_HELP = (
-    "Frozen base weights' dtype: float32 (default), bfloat16 or float16 (adapters, gradients and optimizer "
-    "state stay float32)."
-)
-DTYPE_NAMES = ("float32", "bfloat16", "float16")
 DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -77,24 +77,125 @@ def hub_answers(repo_id: str) -> bool:
     return True
 
 
-def load(name: str, *, dtype: str | torch.dtype | None = None, device: str | None = None) -> SoftPromptModel:
+def check_device(device: str | None) -> None:
+    """Raise `SoftPromptError` naming ``--device`` when it names an accelerator this machine lacks."""
+    if not device:
+        return
+    try:
+        where = torch.device(device)
+    except RuntimeError:
+        raise SoftPromptError(f"--device {device!r}: expected cpu, cuda, cuda:N or mps") from None
+    reason = None
+    if where.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            built = f"torch {torch.__version__} is built without CUDA" if torch.version.cuda is None else "no GPU"
+            reason = f"CUDA is not available here ({built})"
+        elif where.index is not None and where.index >= count:
+            reason = f"this machine has {count} CUDA device(s), numbered from 0"
+    elif where.type == "mps" and not torch.backends.mps.is_available():
+        reason = "Apple's MPS is not available here"
+    if reason:
+        raise SoftPromptError(f"--device {device}: {reason}")
+
+
+class _QuietBitsandbytes(logging.Filter):
+    """Drops two bitsandbytes log lines that would flood or mislead a run: int8's notice that it casts its
+    inputs to float16 (once per layer per forward pass) and, on some CPUs, that an optional kernel package
+    from the hub is missing (its own CPU kernels run instead)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(("MatMul8bitLt: inputs will be cast", "Failed to load CPU gemm_4bit"))
+
+
+_QUIET = _QuietBitsandbytes()
+
+
+def require_bitsandbytes(what: str) -> None:
+    """Import bitsandbytes, or raise `SoftPromptError` that starts with ``what`` and says how to install it."""
+    for logger in ("bitsandbytes.autograd._functions", "bitsandbytes.backends.cpu.ops"):
+        logging.getLogger(logger).addFilter(_QUIET)
+    try:
+        import bitsandbytes  # noqa: F401  (transformers imports it again; this checks it is there)
+    except ImportError:
+        raise SoftPromptError(f"{what}: needs bitsandbytes, which is not installed; {QUANTIZE_INSTALL}") from None
+    except Exception as exc:  # installed but broken (a native library that does not load here)
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise SoftPromptError(f"{what}: bitsandbytes does not import here ({reason})") from None
+
+
+def quantization_config(quantize: str | None, dtype: torch.dtype | None = None) -> BitsAndBytesConfig | None:
+    """transformers' `BitsAndBytesConfig` for ``quantize`` (None for ``"none"``): int8 (LLM.int8()) or nf4 computing
+    in ``dtype`` (float32 by default). Raises `SoftPromptError` naming ``--quantize``."""
+    if quantize is None or quantize == "none":
+        return None
+    if quantize not in QUANTIZE_NAMES:
+        raise SoftPromptError(f"--quantize: expected one of {', '.join(QUANTIZE_NAMES)}, got {quantize!r}")
+    require_bitsandbytes(f"--quantize {quantize}")
+    if quantize == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    # Double quantization (QLoRA's): the block scales are quantized too, as models/memory.py counts them.
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype or torch.float32,
+    )
+
+
+def _quantized_load(name: str, config: Any, quantize: str | None, dtype: torch.dtype | None) -> dict[str, Any]:
+    """The extra ``from_pretrained`` keywords for a quantized base: ``--quantize``, or a checkpoint saved quantized
+    (its config.json's ``quantization_config``: it loads as saved). Empty for a plain base."""
+    saved = getattr(config, "quantization_config", None)
+    wanted = quantization_config(quantize, dtype)
+    if saved is None:
+        return {} if wanted is None else {"quantization_config": wanted}
+    method = saved.get("quant_method") if isinstance(saved, dict) else getattr(saved, "quant_method", None)
+    if wanted is not None:
+        raise SoftPromptError(
+            f"--quantize {quantize}: --model {name!r} is already quantized ({method}); leave --quantize out"
+        )
+    if method == "bitsandbytes":
+        require_bitsandbytes(f"--model {name!r} (saved quantized by bitsandbytes)")
+    return {}
+
+
+def _no_cpu_repacking(base: torch.nn.Module) -> None:
+    """Keep bitsandbytes' 4-bit layers on their one autograd path. bitsandbytes 0.50 repacks a 4-bit weight in
+    place on its first no-grad forward on a CPU with AVX512-BF16 (validation, generation); the repacked weight then
+    multiplies through an op without autograd, so later training gets silently wrong adapter gradients (and the
+    repacking fails outright on layers narrower than 64 inputs)."""
+    for module in base.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            setattr(module, "support_avx512bf16_for_cpu", False)  # noqa: B010 (nn.Module types attributes as tensors)
+
+
+def load(
+    name: str, *, dtype: str | torch.dtype | None = None, device: str | None = None, quantize: str | None = None
+) -> SoftPromptModel:
     """Load a frozen base model and its tokenizer, ready for adapters.
 
     ``name``: a built-in name (``softprompt models`` lists them), a local checkpoint directory or a
     Hugging Face hub id. Remote code is never executed (``trust_remote_code`` is always off). When the
-    hub cannot be reached, a hub id loads from the local hub cache or fails at once.
+    hub cannot be reached, a hub id loads from the local hub cache or fails at once. ``quantize``:
+    ``"none"`` (default), ``"int8"`` or ``"nf4"`` through bitsandbytes (see the module docstring).
     """
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise SoftPromptError(f"--dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
         dtype = DTYPES[dtype]
+    check_device(device)
     path = resolve_model_path(name)
     cache_only = not Path(path).exists() and not hub_answers(path)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=False, local_files_only=cache_only)
+        quantized = _quantized_load(name, config, quantize, dtype)
+        if quantized or getattr(config, "quantization_config", None) is not None:
+            # Quantized weights are made on their device as they load: bitsandbytes' int8 weights cannot move later.
+            quantized["device_map"] = {"": device or "cpu"}
         cls = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
         base = cls.from_pretrained(
-            path, dtype=dtype or torch.float32, trust_remote_code=False, local_files_only=cache_only
+            path, dtype=dtype or torch.float32, trust_remote_code=False, local_files_only=cache_only, **quantized
         )
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False, local_files_only=cache_only)
     except (OSError, ValueError) as exc:
@@ -105,8 +206,14 @@ def load(name: str, *, dtype: str | torch.dtype | None = None, device: str | Non
                 f"hub model, and the Hugging Face hub ({huggingface_hub.constants.ENDPOINT}) is not reachable"
                 f"{offline}"
             ) from None
-        raise SoftPromptError(f"--model {name!r}: could not load a model there ({str(exc).splitlines()[0]})") from None
-    if device:
+        where = (
+            f"--quantize {quantize}: --model {name!r} could not be quantized"
+            if quantize not in (None, "none")
+            else f"--model {name!r}: could not load a model there"
+        )
+        raise SoftPromptError(f"{where} ({str(exc).splitlines()[0]})") from None
+    _no_cpu_repacking(base)
+    if device and "device_map" not in quantized:
         # transformers wraps PreTrainedModel.to with functools.wraps(nn.Module.to), which typeshed types as an
         # unbound function (self expected as the first argument); the call is right
         base.to(device)  # type: ignore[arg-type]

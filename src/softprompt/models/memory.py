@@ -25,7 +25,8 @@ d = head dim, L = layers, V = vocabulary, R = label tokens per row):
 
   times L, plus the same for the prompt pass (B = 1, T = S = N, no mask) and the final norm and
   label log-probabilities (B*R*V*4) and RoPE's cos/sin (2*B*T*d*b); the first layer's input norm saves
-  nothing (the embeddings need no gradient). With gradient checkpointing a layer keeps only its input (B*T*h*b)
+  nothing (the embeddings need no gradient). ``int8`` (LLM.int8()) also keeps each quantized linear's input,
+  ``B*T*(2h + I)*b`` per layer. With gradient checkpointing a layer keeps only its input (B*T*h*b)
   and its cache; one layer's full set is recomputed during the backward (counted under runtime).
 - **adapters**: the adapter's float32 parameters, their gradients and AdamW's two float32 moments
   (16 bytes per parameter; the parameters are their own master copy).
@@ -34,8 +35,8 @@ d = head dim, L = layers, V = vocabulary, R = label tokens per row):
   context on ``device="cuda"``.
 
 Measured against CPU training on random-weight Llama shapes (``research/scale.py``, docs/benchmarks.md):
-float32 and bfloat16 weights without checkpointing. Checkpointing, quantization and sharding are modelled
-here, not yet measured.
+float32 and bfloat16 weights without checkpointing, and int8/nf4 bases (``research/scale_quantized.py``).
+Checkpointing and sharding are modelled here, not yet measured.
 """
 
 from __future__ import annotations
@@ -225,6 +226,7 @@ def _activations(
     t: int,
     r: int,
     checkpointing: bool,
+    quantize: str = "none",
 ) -> tuple[int, int]:
     """(one text layer's saved bytes, all activation bytes) of the job (see the module docstring)."""
     h = shape.hidden_size
@@ -241,7 +243,14 @@ def _activations(
         norms=4 if shape.model_type in _FOUR_NORM_FAMILIES else 2,
         gated=gated,
     )
+
+    def int8_inputs(tokens: int) -> int:
+        # LLM.int8() keeps each quantized linear's float input for its backward: the attention norm's output
+        # (q/k/v), the MLP norm's output (gate/up) and the down projection's; o_proj's is a view of SDPA's output.
+        return tokens * (2 * h + intermediate) * b if quantize == "int8" else 0
+
     text_saved, text_cache = layer(batch=batch, queries=t, keys=n + t)
+    text_saved += int8_inputs(batch * t)
     if checkpointing:  # each layer keeps its input and its keys/values (the cache the prefix rides in)
         kv = 2 * batch * (n + t) * shape.num_key_value_heads * shape.head_dim * b
         activations = shape.num_layers * (batch * t * h * b + kv)
@@ -249,6 +258,7 @@ def _activations(
         activations = shape.num_layers * (text_saved + text_cache)
     if method_class(method).adds == "input":  # the prompt's own pass over the frozen model, batch 1
         prompt_saved, prompt_cache = layer(batch=1, queries=n, keys=n, masked=False)
+        prompt_saved += int8_inputs(n)
         activations += shape.num_layers * (prompt_saved + prompt_cache)
     # The label log-probabilities and RoPE's cos/sin. The final norm saves what the first layer's input norm
     # does not (the embeddings need no gradient): the two cancel.
@@ -310,7 +320,9 @@ def estimate_memory(
         weights = -(-weights // processes)
 
     n, t, r = num_virtual_tokens, max_length, min(label_tokens, max_length)
-    text_saved, activations = _activations(shape, text, method, b, batch_size, n, t, r, gradient_checkpointing)
+    text_saved, activations = _activations(
+        shape, text, method, b, batch_size, n, t, r, gradient_checkpointing, quantize
+    )
     label_logits = batch_size * r * shape.vocab_size * 4
     runtime = text_saved + 2 * label_logits  # one layer's backward transients; label logits and their gradient
     if gradient_checkpointing:  # the recomputed layer's saved set lives beside its backward transients

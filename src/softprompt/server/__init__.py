@@ -60,7 +60,7 @@ def serve(
     """Load ``model_name`` and serve it with ``adapters`` ({name: path}) until interrupted.
 
     ``options`` are any other `ServerSettings` fields (max_batch_size, max_resident_adapters,
-    enable_admin, admin_token, served_model_name, dtype, device, ...). Runs uvicorn in this process;
+    enable_admin, admin_token, served_model_name, dtype, quantize, device, ...). Runs uvicorn in this process;
     blocks until Ctrl-C / SIGTERM, then finishes in-flight requests (up to 30 s).
     """
     settings = ServerSettings(
@@ -69,7 +69,7 @@ def serve(
     _require_serving_extras()
     import uvicorn  # a serving extra: imported once `_require_serving_extras` has checked it is there
 
-    model = loading.load(model_name, dtype=settings.dtype, device=settings.device)
+    model = loading.load(model_name, dtype=settings.dtype, device=settings.device, quantize=settings.quantize)
     app = create_app(model, settings)
     uvicorn.run(
         app,

@@ -14,6 +14,7 @@ from typing import Any
 
 from softprompt.engine.adapter_name import check_adapter_name
 from softprompt.errors import ConfigError
+from softprompt.models.precision import DTYPE_HELP, DTYPE_NAMES, QUANTIZE_HELP, QUANTIZE_NAMES
 
 ADMIN_TOKEN_ENV = "SOFTPROMPT_ADMIN_TOKEN"
 
@@ -57,8 +58,9 @@ class ServerSettings:
         "cached for it (layers x 2 x kv_heads x head_dim x virtual tokens x dtype bytes). Beyond it the least "
         "recently used idle adapters are evicted, as beyond --max-resident-adapters (default: no byte bound).",
     )
-    dtype: str | None = _opt(None, "Model weights dtype: float32 (default), bfloat16 or float16.")
-    device: str | None = _opt(None, "Device for the model, e.g. cuda or cpu (default: where it loads).")
+    dtype: str | None = _opt(None, DTYPE_HELP, choices=DTYPE_NAMES)
+    quantize: str | None = _opt(None, QUANTIZE_HELP, choices=QUANTIZE_NAMES)
+    device: str | None = _opt(None, "Device for the model: cpu (default), cuda or cuda:N.")
 
     # ----------------------------------------------------------------- network
     host: str = _opt("127.0.0.1", "Address to listen on (default loopback only; use 0.0.0.0 behind a load balancer).")
@@ -145,6 +147,10 @@ class ServerSettings:
                 f"--default-max-tokens ({self.default_max_tokens}) is above --max-tokens-limit "
                 f"({self.max_tokens_limit})"
             )
+        for name, choices in (("dtype", DTYPE_NAMES), ("quantize", QUANTIZE_NAMES)):
+            value = getattr(self, name)
+            if value is not None and value not in choices:
+                raise ConfigError(f"--{name}: expected one of {', '.join(choices)}, got {value!r}")
         if self.log_level not in ("critical", "error", "warning", "info", "debug", "trace"):
             raise ConfigError(f"--log-level: expected critical, error, warning, info or debug, got {self.log_level!r}")
         if not isinstance(self.adapters, dict):

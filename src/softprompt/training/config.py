@@ -41,7 +41,7 @@ from softprompt.engine.adapter_name import ADAPTER_NAME, ADAPTER_NAME_RULE
 from softprompt.errors import ConfigError
 from softprompt.fileio import atomic_write_yaml
 from softprompt.methods import METHOD_OPTIONS
-from softprompt.models.loading import DTYPE_HELP, DTYPE_NAMES
+from softprompt.models.precision import DTYPE_HELP, DTYPE_NAMES, QUANTIZE_HELP, QUANTIZE_NAMES
 from softprompt.options import (
     Option,
     OptionError,
@@ -97,6 +97,7 @@ class TrainConfig(AdapterSettings):
     max_grad_norm: float | None = option(None, "Clip the gradient norm of each adapter to this value (default: off).")
     max_steps: int | None = option(None, "Stop after this many optimizer steps (the schedule then spans them).")
     dtype: str | None = option(None, DTYPE_HELP, choices=DTYPE_NAMES)
+    quantize: str | None = option(None, QUANTIZE_HELP, choices=QUANTIZE_NAMES)
     bf16: bool = option(False, "Run forward passes under bfloat16 autocast (CPU or GPU).")
     device: str | None = option(None, "Device: cpu, cuda, cuda:1, mps (default: cuda when available).")
     # --- evaluation, checkpoints, output
@@ -162,6 +163,8 @@ class TrainConfig(AdapterSettings):
         check_choice(self.eval_method, flag("eval_method"), VALIDATION_METHODS)
         if self.dtype is not None:
             check_choice(self.dtype, flag("dtype"), DTYPE_NAMES)
+        if self.quantize is not None:
+            check_choice(self.quantize, flag("quantize"), QUANTIZE_NAMES)
         if not (isinstance(self.resume, bool) or self.resume == "auto"):
             raise OptionError(flag("resume"), f"expected true, false or auto, got {self.resume!r}")
         if not isinstance(self.output, str) or not self.output.strip():

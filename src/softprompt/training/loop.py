@@ -137,8 +137,14 @@ def load_model(config: TrainConfig):
     """The `SoftPromptModel` of ``config.model``, on the device this process trains on."""
     if not config.model:
         raise ConfigError(f"{flag('model')}: required (a built-in name, a local checkpoint directory or a hub id)")
-    device = distributed.current().load_device(config.device) or default_device()
-    return load(config.model, dtype=config.dtype, device=device)
+    dist = distributed.current()
+    if config.quantize not in (None, "none") and dist.shards_base:
+        raise ConfigError(
+            f"{flag('quantize')} {config.quantize}: FSDP and ZeRO-3 cannot shard bitsandbytes' quantized weights; "
+            "launch without them (DDP) or leave --quantize out"
+        )
+    device = dist.load_device(config.device) or default_device()
+    return load(config.model, dtype=config.dtype, device=device, quantize=config.quantize)
 
 
 def default_device() -> str:
