@@ -8,6 +8,9 @@ model.generate(["text 1", "text 2"], adapters=["a", None], max_new_tokens=10)
 
 __version__ = "0.1.0"
 
+# First (pyproject's isort force-to-top): quiets bitsandbytes' import-time log lines before PEFT or accelerate
+# import it.
+import softprompt.models.precision  # noqa: F401
 from softprompt.adapters.training_format import TrainingFormat, format_inputs
 from softprompt.engine.model import SoftPromptModel, SoftPromptOutput
 from softprompt.engine.scoring import LabelScores

@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from softprompt.models.precision import DTYPE_HELP, QUANTIZE_HELP, QUANTIZE_NAMES
 from softprompt.adapters.peft_format import check_adapter_dir
 from softprompt.errors import SoftPromptError
-from softprompt.models.precision import DTYPE_HELP, QUANTIZE_HELP, QUANTIZE_NAMES
 from softprompt.options import option
 
 

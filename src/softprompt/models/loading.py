@@ -14,7 +14,6 @@ quantized as it is. A quantized base is placed on its device as it loads, never 
 from __future__ import annotations
 
 import difflib
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +22,11 @@ import torch
 from huggingface_hub.errors import HfHubHTTPError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, BitsAndBytesConfig
 
+from softprompt.models.precision import QUANTIZE_INSTALL, QUANTIZE_NAMES
 from softprompt.engine.model import SoftPromptModel
 from softprompt.errors import SoftPromptError
 from softprompt.models.builtin import resolve_builtin
 from softprompt.models.names import BUILTIN_HUB_IDS
-from softprompt.models.precision import QUANTIZE_INSTALL, QUANTIZE_NAMES
 
 DTYPES = {
     "float32": torch.float32,
@@ -99,22 +98,8 @@ def check_device(device: str | None) -> None:
         raise SoftPromptError(f"--device {device}: {reason}")
 
 
-class _QuietBitsandbytes(logging.Filter):
-    """Drops two bitsandbytes log lines that would flood or mislead a run: int8's notice that it casts its
-    inputs to float16 (once per layer per forward pass) and, on some CPUs, that an optional kernel package
-    from the hub is missing (its own CPU kernels run instead)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(("MatMul8bitLt: inputs will be cast", "Failed to load CPU gemm_4bit"))
-
-
-_QUIET = _QuietBitsandbytes()
-
-
 def require_bitsandbytes(what: str) -> None:
     """Import bitsandbytes, or raise `SoftPromptError` that starts with ``what`` and says how to install it."""
-    for logger in ("bitsandbytes.autograd._functions", "bitsandbytes.backends.cpu.ops"):
-        logging.getLogger(logger).addFilter(_QUIET)
     try:
         import bitsandbytes  # noqa: F401  (transformers imports it again; this checks it is there)
     except ImportError:

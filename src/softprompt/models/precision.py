@@ -6,6 +6,8 @@ loading torch. `softprompt.models.loading` turns them into what transformers tak
 
 from __future__ import annotations
 
+import logging
+
 #: The frozen base's weight dtype: stored and multiplied in it; adapters, their gradients, optimizer state and losses
 #: stay float32 whatever it is.
 DTYPE_HELP = (
@@ -22,3 +24,23 @@ QUANTIZE_HELP = (
 QUANTIZE_NAMES = ("none", "int8", "nf4")
 #: What a user without bitsandbytes runs (the extra pins the tested version).
 QUANTIZE_INSTALL = "pip install 'softprompt[quantize]'"
+
+
+class _QuietBitsandbytes(logging.Filter):
+    """Drops two bitsandbytes log lines that would flood or mislead a run: int8's notice that it casts its
+    inputs to float16 (once per layer per forward pass) and, on some CPUs, that an optional kernel package
+    from the hub is missing (its own CPU kernels run instead)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(("MatMul8bitLt: inputs will be cast", "Failed to load CPU gemm_4bit"))
+
+
+def quiet_bitsandbytes_logs() -> None:
+    """Attach the filter before anything imports bitsandbytes: PEFT and accelerate import it whenever it is
+    installed, and its CPU backend logs the missing-kernel line at import."""
+    for logger in ("bitsandbytes.autograd._functions", "bitsandbytes.backends.cpu.ops"):
+        logging.getLogger(logger).addFilter(_QuietBitsandbytes())
+
+
+# At import: `softprompt/__init__.py` imports this module before anything else, so it runs before bitsandbytes loads.
+quiet_bitsandbytes_logs()

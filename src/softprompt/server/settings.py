@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from softprompt.models.precision import DTYPE_HELP, DTYPE_NAMES, QUANTIZE_HELP, QUANTIZE_NAMES
 from softprompt.engine.adapter_name import check_adapter_name
 from softprompt.errors import ConfigError
-from softprompt.models.precision import DTYPE_HELP, DTYPE_NAMES, QUANTIZE_HELP, QUANTIZE_NAMES
 
 ADMIN_TOKEN_ENV = "SOFTPROMPT_ADMIN_TOKEN"
 

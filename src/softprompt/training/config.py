@@ -37,11 +37,11 @@ from typing import Any
 
 import yaml
 
+from softprompt.models.precision import DTYPE_HELP, DTYPE_NAMES, QUANTIZE_HELP, QUANTIZE_NAMES
 from softprompt.engine.adapter_name import ADAPTER_NAME, ADAPTER_NAME_RULE
 from softprompt.errors import ConfigError
 from softprompt.fileio import atomic_write_yaml
 from softprompt.methods import METHOD_OPTIONS
-from softprompt.models.precision import DTYPE_HELP, DTYPE_NAMES, QUANTIZE_HELP, QUANTIZE_NAMES
 from softprompt.options import (
     Option,
     OptionError,
