@@ -25,13 +25,16 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from softprompt.adapters import hub, peft_format
 from softprompt.engine import attention, generation, prefixes, scoring
-from softprompt.engine.adapter_name import check_adapter_name
+from softprompt.engine.adapter_name import check_adapter_name, row_key, split_row_key
 from softprompt.engine.decode import DecodeState
 from softprompt.engine.families import CacheArg, ModelShape, quirks_for
 from softprompt.errors import SoftPromptError
 from softprompt.methods import SoftPromptMethod, method_class
 
+# Per row: an adapter name, ``NAME:TASK`` for a task of a multitask adapter, or None (the bare model); or one for all.
 AdapterNames = Sequence[str | None] | str | None
+# Per row: the task of a multitask adapter (None for rows of other adapters); or one for all rows (PEFT's task_ids).
+TaskIds = Sequence[int | None] | torch.Tensor | int | None
 
 
 @dataclass
@@ -167,17 +170,57 @@ class SoftPromptModel(nn.Module):
             raise SoftPromptError("this model has no tokenizer; pass token ids instead of text")
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def _row_names(self, adapters: AdapterNames, batch: int) -> list[str | None]:
+    def _row_names(self, adapters: AdapterNames, batch: int, task_ids: TaskIds = None) -> list[str | None]:
+        """Each row's adapter key (``NAME`` or ``NAME:TASK``; None: the bare model), checked."""
         if adapters is None or isinstance(adapters, str):
             names = [adapters] * batch
         else:
             names = list(adapters)
             if len(names) != batch:
                 raise SoftPromptError(f"adapters: expected one name per row ({batch}), got {len(names)}")
+        if task_ids is not None:
+            tasks = [task_ids] * batch if isinstance(task_ids, int) else list(task_ids)
+            if len(tasks) != batch:
+                raise SoftPromptError(f"task_ids: expected one task id per row ({batch}), got {len(tasks)}")
+            names = [self._with_task(name, task, row) for row, (name, task) in enumerate(zip(names, tasks))]
         for name in names:
             if name is not None:
-                self.get_adapter(name)
+                self._row_adapter(name)
         return names
+
+    @staticmethod
+    def _with_task(name: str | None, task, row: int) -> str | None:
+        if task is None:
+            return name
+        if isinstance(task, torch.Tensor):
+            task = task.item()
+        if isinstance(task, bool) or not isinstance(task, int) or task < 0:
+            raise SoftPromptError(f"task_ids: row {row}: expected a task id (an integer from 0), got {task!r}")
+        if name is None or split_row_key(name)[1] is not None:
+            whose = "has no adapter" if name is None else f"already names its task ({name!r})"
+            raise SoftPromptError(f"task_ids: row {row} {whose}; give its task id as None")
+        return row_key(name, task)
+
+    def _row_adapter(self, key: str) -> tuple[SoftPromptMethod, int | None]:
+        """The adapter and task a row key names; one-line errors for a task an adapter does not have."""
+        try:
+            name, task = split_row_key(key)
+        except ValueError as exc:
+            raise SoftPromptError(str(exc)) from None
+        adapter = self.get_adapter(name)
+        count, method = adapter.num_tasks, adapter.config.method
+        if task is not None and not count:
+            raise SoftPromptError(f"adapter {name!r} ({method}) has no tasks; name it without a task id")
+        if count and task is None:
+            raise SoftPromptError(
+                f"adapter {name!r} ({method}) needs a task id per row (0 to {count - 1}): pass task_ids or name the "
+                f"row {name}:TASK"
+            )
+        if task is not None and task >= count:
+            raise SoftPromptError(
+                f"task id {task} of adapter {name!r}: out of range; it has {count} tasks (0 to {count - 1})"
+            )
+        return adapter, task
 
     @torch.no_grad()
     def _text_kv(self, token_ids: list[int]) -> prefixes.LayerKV:
@@ -221,12 +264,13 @@ class SoftPromptModel(nn.Module):
 
     # ------------------------------------------------------------------ prefixes
     def _prompt_kv(self, name: str) -> prefixes.AdapterPrefix:
-        """Per-layer ``[kv_heads, n, head_dim]`` keys/values of one adapter (+ last hidden for input methods).
+        """Per-layer ``[kv_heads, n, head_dim]`` keys/values of one row key (an adapter, or a task of one) and the
+        last hidden state for input methods.
 
-        Input-method prompts are run through the frozen model once; the result is cached until the
+        Input-method prompts are run through the frozen model once; the result is cached (per row key) until the
         adapter's parameters change, and recomputed (with gradients) while training.
         """
-        adapter = self.get_adapter(name)
+        adapter, task = self._row_adapter(name)
         if adapter.adds == "kv":
             return [(k.to(self.dtype), v.to(self.dtype)) for k, v in adapter.kv_prefix()], None
         params = list(adapter.parameters())
@@ -237,7 +281,7 @@ class SoftPromptModel(nn.Module):
         cached = None if needs_grad else self._prompt_kv_cache.get(name, key, params)
         if cached is not None:
             return cached
-        embeds = adapter.input_embeddings().to(self.dtype)[None]
+        embeds = adapter.input_embeddings(task).to(self.dtype)[None]
         n = embeds.shape[1]
         kwargs = {}
         if self.quirks.takes_position_ids:
@@ -299,8 +343,10 @@ class SoftPromptModel(nn.Module):
         adapters: AdapterNames = None,
         labels: torch.Tensor | None = None,
         decoder_input_ids: torch.Tensor | None = None,
+        task_ids: TaskIds = None,
     ) -> SoftPromptOutput:
-        """Training / scoring forward. ``adapters``: one name (or None) per row, or one for all rows.
+        """Training / scoring forward. ``adapters``: one name (or None) per row, or one for all rows;
+        ``task_ids``: each row's task of a multitask adapter (as PEFT's; or name the row ``NAME:TASK``).
 
         Causal models: ``labels`` align with ``input_ids`` (-100 = no loss), as in transformers.
         Encoder-decoder models: ``labels`` are the decoder targets.
@@ -309,7 +355,7 @@ class SoftPromptModel(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         attention_mask = attention_mask.to(self.device).long()
-        names = self._row_names(adapters, input_ids.shape[0])
+        names = self._row_names(adapters, input_ids.shape[0], task_ids)
         if self.shape.is_encoder_decoder:
             return self._seq2seq_forward(input_ids, attention_mask, names, labels, decoder_input_ids)
         prefix = self._batch_prefix(names)
@@ -320,7 +366,11 @@ class SoftPromptModel(nn.Module):
         return self._label_loss(hidden, attention_mask, labels, prefix)
 
     def text_hidden_states(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, adapters: AdapterNames = None
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        adapters: AdapterNames = None,
+        task_ids: TaskIds = None,
     ) -> torch.Tensor:
         """Final hidden states ``[batch, seq, hidden]`` of the text after each row's prompt (causal models): what
         the LM head projects. For integrations that apply the head themselves (TRL's fused LM head)."""
@@ -329,7 +379,7 @@ class SoftPromptModel(nn.Module):
         input_ids = input_ids.to(self.device)
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device)
         attention_mask = attention_mask.long()
-        prefix = self._batch_prefix(self._row_names(adapters, input_ids.shape[0]))
+        prefix = self._batch_prefix(self._row_names(adapters, input_ids.shape[0], task_ids))
         return self._causal_hidden(input_ids, attention_mask, prefix)[0]
 
     def _label_loss(self, hidden, attention_mask, labels, prefix: prefixes.BatchPrefix | None) -> SoftPromptOutput:
@@ -355,13 +405,13 @@ class SoftPromptModel(nn.Module):
     # ------------------------------------------------------------------ encoder-decoder
     def _encoder_inputs(self, input_ids, attention_mask, names):
         embeds = self.base.get_input_embeddings()(input_ids)
-        adapters = [self.get_adapter(n) if n is not None else None for n in names]
-        prompts = [a.input_embeddings() if a is not None and a.adds == "input" else None for a in adapters]
+        rows = [self._row_adapter(n) if n is not None else None for n in names]
+        prompts = [r[0].input_embeddings(r[1]) if r is not None and r[0].adds == "input" else None for r in rows]
         return prefixes.prepend_prompts(embeds, attention_mask, prompts)
 
     def _decoder_prefix(self, names):
         """EncoderDecoderCache holding each row's decoder self-attention prefix (prefix tuning rows)."""
-        kv_names = [n if n is not None and self.adapters[n].adds == "kv" else None for n in names]
+        kv_names = [n if n is not None and self._row_adapter(n)[0].adds == "kv" else None for n in names]
         prefix = self._batch_prefix(kv_names)
         self_cache = DynamicCache(ddp_cache_data=prefix.layers if prefix else None)
         cache = EncoderDecoderCache(self_cache, DynamicCache())
@@ -398,12 +448,14 @@ class SoftPromptModel(nn.Module):
 
     # ------------------------------------------------------------------ decoding primitives
     @torch.no_grad()
-    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, adapters: AdapterNames) -> DecodeState:
+    def prefill(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, adapters: AdapterNames, task_ids: TaskIds = None
+    ) -> DecodeState:
         """Run each row's prompt and text once; the returned state holds the next-token logits and continues
         with `advance` (see `softprompt.engine.decode`)."""
         input_ids = input_ids.to(self.device)
         attention_mask = attention_mask.to(self.device).long()
-        names = self._row_names(adapters, input_ids.shape[0])
+        names = self._row_names(adapters, input_ids.shape[0], task_ids)
         if self.shape.is_encoder_decoder:
             embeds, enc_mask = self._encoder_inputs(input_ids, attention_mask, names)
             encoder_hidden = self.base.get_encoder()(inputs_embeds=embeds, attention_mask=enc_mask).last_hidden_state
@@ -460,10 +512,18 @@ class SoftPromptModel(nn.Module):
         return logits.float()
 
     # ------------------------------------------------------------------ user-level API
-    def generate(self, prompts, adapters: AdapterNames = None, **options) -> list[str] | list[generation.Generation]:
+    def generate(
+        self, prompts, adapters: AdapterNames = None, *, task_ids: TaskIds = None, **options
+    ) -> list[str] | list[generation.Generation]:
         """Generate text per row (greedy by default). See `softprompt.engine.generation.generate`."""
-        return generation.generate(self, prompts, adapters=adapters, **options)
+        return generation.generate(self, prompts, adapters=self._with_tasks(adapters, task_ids, prompts), **options)
 
-    def score(self, texts, labels: Sequence[str], adapters: AdapterNames = None, **options):
+    def score(self, texts, labels: Sequence[str], adapters: AdapterNames = None, *, task_ids: TaskIds = None, **options):
         """Rank candidate label strings by log-likelihood per row. See `softprompt.engine.scoring.score`."""
-        return scoring.score(self, texts, labels=labels, adapters=adapters, **options)
+        return scoring.score(self, texts, labels=labels, adapters=self._with_tasks(adapters, task_ids, texts), **options)
+
+    def _with_tasks(self, adapters: AdapterNames, task_ids: TaskIds, texts) -> AdapterNames:
+        """Per-row keys ``NAME:TASK`` for ``texts`` (one string or a list) when ``task_ids`` are given."""
+        if task_ids is None:
+            return adapters
+        return self._row_names(adapters, 1 if isinstance(texts, str) else len(texts), task_ids)

@@ -12,6 +12,7 @@ from typing import overload
 from softprompt.errors import ConfigError
 from softprompt.methods.base import MethodConfig, SoftPromptMethod
 from softprompt.methods.cartridge import Cartridge, CartridgeConfig
+from softprompt.methods.multitask_prompt_tuning import MultitaskPromptTuning, MultitaskPromptTuningConfig
 from softprompt.methods.p_tuning import PTuning, PTuningConfig
 from softprompt.methods.prefix_tuning import PrefixTuning, PrefixTuningConfig
 from softprompt.methods.prompt_tuning import PromptTuning, PromptTuningConfig
@@ -22,6 +23,7 @@ METHODS: dict[str, type[SoftPromptMethod]] = {
     "prefix_tuning": PrefixTuning,
     "p_tuning": PTuning,
     "cartridge": Cartridge,
+    "multitask_prompt_tuning": MultitaskPromptTuning,
 }
 PEFT_TYPES: dict[str, str] = {cls.config_class.peft_type: name for name, cls in METHODS.items()}
 
@@ -70,6 +72,8 @@ __all__ = [
     "Cartridge",
     "CartridgeConfig",
     "MethodConfig",
+    "MultitaskPromptTuning",
+    "MultitaskPromptTuningConfig",
     "PTuning",
     "PTuningConfig",
     "PrefixTuning",
