@@ -135,3 +135,221 @@ def test_our_adapter_loads_in_peft_and_back(family, init, tmp_path):
     loaded = again.load_adapter(str(tmp_path / "m"), name="m")
     for name, tensor in adapter.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor), name
+
+
+def mpt(model, name="m", tasks=N_TASKS, **extra):
+    adapter = model.add_adapter(
+        name, method="multitask_prompt_tuning", num_virtual_tokens=4, num_tasks=tasks, num_ranks=N_RANKS, seed=7, **extra
+    )
+    with torch.no_grad():  # trained-looking factors: every task's prompt clearly its own
+        adapter.prefix_task_cols.normal_(0, 1.0)
+        adapter.prefix_task_rows.normal_(0, 1.0)
+    return adapter
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_mixed_batch_of_tasks_and_other_methods_gives_each_row_its_solo_result(family):
+    model = tiny_model(family)
+    mpt(model)
+    model.add_adapter("pt", method="prompt_tuning", num_virtual_tokens=3, init_text="classify", seed=2)
+    model.add_adapter("prefix", method="prefix_tuning", num_virtual_tokens=2, seed=3)
+    rows = [[20, 30, 40, 50, 60], [21, 31, 41], [22, 32, 42, 52], [23, 33], [24, 34, 44], [25]]
+    names = ["m", "pt", "m", "prefix", "m", None]
+    tasks = [2, None, 0, None, 1, None]
+    keys = ["m:2", "pt", "m:0", "prefix", "m:1", None]
+    ids, mask = pad_batch(rows, pad=0, side="left")
+    decoder = torch.tensor([[0, 5, 6]] * len(rows)) if family == "t5" else None
+    with torch.no_grad():
+        together = model(ids, mask, adapters=names, task_ids=tasks, decoder_input_ids=decoder).logits
+        for i, (row, key) in enumerate(zip(rows, keys)):
+            alone = model(
+                torch.tensor([row]), adapters=key, decoder_input_ids=None if decoder is None else decoder[:1]
+            ).logits[0]
+            got = together[i] if family == "t5" else together[i][mask[i] == 1]
+            torch.testing.assert_close(got, alone, atol=1e-5, rtol=1e-4)
+        first, third = (model(torch.tensor([rows[0]]), adapters=k, decoder_input_ids=None if decoder is None else decoder[:1]).logits for k in ("m:0", "m:2"))
+    assert not torch.allclose(first, third, atol=1e-3)  # tasks of one adapter differ
+    texts = ["hello there", "a", "soft prompts", "xyz!", "tasks", "base"]
+    generated = model.generate(texts, adapters=names, task_ids=tasks, max_new_tokens=4)
+    assert generated == [model.generate([t], adapters=[k], max_new_tokens=4)[0] for t, k in zip(texts, keys)]
+    scored = model.score(texts[:3], labels=["yes", "no"], adapters="m", task_ids=[0, 1, 2])
+    assert scored == model.score(texts[:3], labels=["yes", "no"], adapters=["m:0", "m:1", "m:2"])
+
+
+def test_task_ids_missing_out_of_range_or_misplaced_are_one_line_errors():
+    model = tiny_model("llama")
+    mpt(model)
+    model.add_adapter("pt", method="prompt_tuning", num_virtual_tokens=2)
+    cases = [
+        ({"adapters": "m"}, "needs a task id per row (0 to 2)"),
+        ({"adapters": "m", "task_ids": [0, 3]}, "task id 3 of adapter 'm': out of range"),
+        ({"adapters": "m:7"}, "task id 7 of adapter 'm': out of range"),
+        ({"adapters": "m", "task_ids": [0, -1]}, "task_ids: row 1: expected a task id"),
+        ({"adapters": "m:x"}, "expected NAME:TASK"),
+        ({"adapters": "pt", "task_ids": 1}, "adapter 'pt' (prompt_tuning) has no tasks"),
+        ({"adapters": [None, "m"], "task_ids": [1, 1]}, "task_ids: row 0 has no adapter"),
+        ({"adapters": "m", "task_ids": [1]}, "expected one task id per row (2)"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(SoftPromptError) as err:
+            model(INPUT, MASK, **kwargs)
+        assert message in str(err.value) and "\n" not in str(err.value), (kwargs, str(err.value))
+
+
+def test_prompt_keys_values_are_cached_per_task_and_dropped_with_the_adapter():
+    model = tiny_model("llama")
+    mpt(model)
+    with torch.no_grad():
+        model(INPUT, MASK, adapters=["m:0", "m:1"])
+    assert {"m:0", "m:1"} <= set(model._prompt_kv_cache._entries)
+    model.remove_adapter("m")
+    assert not model._prompt_kv_cache._entries
+
+
+def test_source_inits_take_prompt_and_factors_from_a_saved_adapter(tmp_path):
+    model = tiny_model("llama")
+    source = mpt(model, "src")
+    model.save_adapter("src", tmp_path / "src")
+    model.add_adapter("pt", method="prompt_tuning", num_virtual_tokens=4, seed=1)
+    model.save_adapter("pt", tmp_path / "pt")
+    common = {"method": "multitask_prompt_tuning", "num_virtual_tokens": 4, "num_ranks": N_RANKS, "num_tasks": 2}
+    exact = model.add_adapter("e", init="exact_source_task", init_source=str(tmp_path / "src"), init_task=1, **common)
+    assert torch.equal(exact.embedding, source.embedding)
+    assert all(torch.equal(exact.prefix_task_cols[t], source.prefix_task_cols[1]) for t in range(2))
+    mean = model.add_adapter(
+        "a", init="average_source_tasks", init_source=str(tmp_path / "src" / WEIGHTS_FILE), **common
+    )
+    torch.testing.assert_close(mean.prefix_task_rows[0], source.prefix_task_rows.mean(0))
+    shared = model.add_adapter("s", init="only_source_shared", init_source=str(tmp_path / "pt"), **common)
+    assert torch.equal(shared.embedding, model.get_adapter("pt").embedding)
+    with pytest.raises(ConfigError, match="init_task: 5 is not a task of"):
+        model.add_adapter("x", init="exact_source_task", init_source=str(tmp_path / "src"), init_task=5, **common)
+    with pytest.raises(ConfigError, match="needs a multitask adapter"):
+        model.add_adapter("x", init="exact_source_task", init_source=str(tmp_path / "pt"), **common)
+    (tmp_path / "state.bin").write_bytes(b"pickle")
+    with pytest.raises(ConfigError, match="pickled weights"):
+        model.add_adapter("x", init="only_source_shared", init_source=str(tmp_path / "state.bin"), **common)
+    with pytest.raises(ConfigError, match="init_source"):
+        model.add_adapter("x", init="exact_source_task", **common)
+
+
+def mpt_run(tmp_path, output, **extra):
+    rows = [{**row, "task": str(i % 3)} for i, row in enumerate(toy_rows(24))]
+    data = write_csv(tmp_path / "toy.csv", rows)
+    values = {
+        "data": data,
+        "label_column": "label",
+        "task_column": "task",
+        "method": "multitask_prompt_tuning",
+        "num_virtual_tokens": 4,
+        "num_tasks": 3,
+        "num_ranks": 2,
+        "init_text": "xyz abc",
+        "epochs": 2,
+        "batch_size": 4,
+        "lr": 0.05,
+        "val_fraction": 0.25,
+        "eval_zero_shot": False,
+        "output": str(output),
+        "seed": 0,
+        **extra,
+    }
+    return load_config(None, values)
+
+
+@pytest.mark.usefixtures("one_thread")  # bit-identical resume
+def test_training_reads_tasks_from_a_column_resumes_and_starts_from_a_saved_adapter(tmp_path):
+    full = train(mpt_run(tmp_path, tmp_path / "full"), model=tiny_model("llama"), progress=False)
+    start = tiny_model("llama").add_adapter(
+        "s", method="multitask_prompt_tuning", num_virtual_tokens=4, num_tasks=3, num_ranks=2, init_text="xyz abc",
+        seed=0,
+    )
+    trained = load_file(tmp_path / "full" / "default" / WEIGHTS_FILE)
+    for t in range(3):  # every task's rows trained its own factors
+        assert not torch.equal(trained["prefix_task_cols"][t], start.prefix_task_cols[t].detach())
+
+    def crash_at_3(info):
+        if info.step == 3:
+            raise Interrupt
+
+    cut = tmp_path / "cut"
+    with pytest.raises(Interrupt):
+        train(mpt_run(tmp_path, cut, save_every=2), model=tiny_model("llama"), on_step=crash_at_3, progress=False)
+    resumed = train(mpt_run(tmp_path, cut, resume=True), model=tiny_model("llama"), progress=False)
+    assert resumed.steps == full.steps
+    weights = f"default/{WEIGHTS_FILE}"
+    assert (tmp_path / "full" / weights).read_bytes() == (cut / weights).read_bytes()
+    warm = train(
+        mpt_run(tmp_path, tmp_path / "warm", init_from=str(tmp_path / "full" / "default"), epochs=1),
+        model=tiny_model("llama"),
+        progress=False,
+    )
+    again = load_file(warm.adapters["default"].path / WEIGHTS_FILE)
+    assert again["prefix_task_cols"].shape == trained["prefix_task_cols"].shape
+    assert not torch.equal(again["prefix_task_cols"], trained["prefix_task_cols"])
+
+
+def test_train_from_the_command_line_and_inspect(tmp_path, capsys):
+    path = save_tiny_checkpoint("llama", tmp_path / "model")
+    rows = ["text,label,task"] + [f"{'sunny' if i % 2 else 'rain'} {i},{'pos' if i % 2 else 'neg'},{i % 2}" for i in range(16)]
+    (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
+    args = ["train", "--model", path, "--method", "multitask-prompt-tuning", "--data", str(tmp_path / "train.csv")]
+    args += ["--label-column", "label", "--task-column", "task", "--num-tasks", "2", "--num-virtual-tokens", "3"]
+    args += ["--epochs", "1", "--batch-size", "8", "--seed", "0", "--output", str(tmp_path / "run")]
+    assert main(args) == 0
+    saved = tmp_path / "run" / "default"
+    assert json.loads((saved / CONFIG_FILE).read_text())["num_tasks"] == 2
+    capsys.readouterr()
+    assert main(["inspect", str(saved)]) == 0
+    out = capsys.readouterr().out
+    assert "multitask_prompt_tuning" in out and "tasks       2" in out
+
+    def one_error(extra):
+        capsys.readouterr()
+        assert main([*args[:-2], "--output", str(tmp_path / "bad"), *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1, err
+        return err[0]
+
+    assert "--num-tasks" in one_error(["--num-tasks", "0"])
+    assert "task id '1'" in one_error(["--num-tasks", "1"])  # the data's task 1 is not a task of one
+    no_column = [a for a in args[:-2] if a not in ("--task-column", "task")]
+    capsys.readouterr()
+    assert main([*no_column, "--output", str(tmp_path / "bad")]) == 2
+    assert "--task-column: required by multitask_prompt_tuning" in capsys.readouterr().err
+    plain = [a for a in no_column if a not in ("--num-tasks", "2")]
+    capsys.readouterr()
+    assert main([*plain, "--method", "prompt_tuning", "--task-column", "task", "--output", str(tmp_path / "bad")]) == 2
+    assert "--task-column: only applies to a method with tasks" in capsys.readouterr().err
+
+
+def test_server_picks_the_task_from_the_model_name(tmp_path):
+    model = lively_model()
+    mpt(model)
+    model.add_adapter("pt", method="prompt_tuning", num_virtual_tokens=4, seed=3)
+    paths = {name: str(tmp_path / name) for name in ("m", "pt")}
+    for name, path in paths.items():
+        model.save_adapter(name, path)
+    reference = offline_model(paths)
+    settings = ServerSettings(adapters=paths, max_batch_size=8, batch_window_ms=5, max_tokens_limit=50)
+    names = ["m:0", "m:1", "m:2", "pt", "tiny-gpt2"]
+    bodies = [
+        {"model": name, "prompt": f"Request {i}: tell me", "max_tokens": 6, "temperature": 0}
+        for i, name in enumerate(names)
+    ]
+    with ServerThread(create_app(lively_model(), settings)) as server:
+        responses = run_concurrently(server.url, [("POST", "/v1/completions", b) for b in bodies], concurrency=5)
+        bad = {
+            "m": "it has tasks",
+            "m:3": "task '3' is not one of its tasks",
+            "pt:1": "adapter 'pt' has no tasks",
+        }
+        for name, message in bad.items():
+            response = httpx.post(f"{server.url}/v1/completions", json={"model": name, "prompt": "x", "max_tokens": 2})
+            assert response.status_code == 400 and message in response.json()["error"]["message"], response.text
+    texts = []
+    for body, response in zip(bodies, responses):
+        assert response.status_code == 200, response.text
+        adapter = None if body["model"] == "tiny-gpt2" else body["model"]
+        texts.append(response.json()["choices"][0]["text"])
+        assert texts[-1] == reference.generate([body["prompt"]], adapters=[adapter], max_new_tokens=6)[0]

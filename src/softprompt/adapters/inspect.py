@@ -28,7 +28,8 @@ def inspect_adapter(path: str | Path, model=None, *, top_k: int = 3) -> dict:
     config = read_json(folder / CONFIG_FILE)
     meta = read_json(folder / META_FILE) if (folder / META_FILE).exists() else {}
     verify_checksum(folder, WEIGHTS_FILE, meta)
-    table = read_tensors(folder / WEIGHTS_FILE).get("prompt_embeddings")
+    tensors = read_tensors(folder / WEIGHTS_FILE)
+    table = tensors.get("prompt_embeddings")
     files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
     peft_type = config.get("peft_type")
     info = {
@@ -37,7 +38,8 @@ def inspect_adapter(path: str | Path, model=None, *, top_k: int = 3) -> dict:
         "base_model": meta.get("base_model") or config.get("base_model_name_or_path"),
         "task_type": config.get("task_type"),
         "num_virtual_tokens": config.get("num_virtual_tokens"),
-        "parameters": int(table.numel()) if table is not None else 0,
+        "parameters": sum(int(t.numel()) for t in tensors.values()),  # with a multitask adapter's task factors
+        "num_tasks": config.get("num_tasks"),  # multitask adapters: requests name a task as NAME:TASK
         "adapter_bytes": files.get(WEIGHTS_FILE, 0),
         "files": files,
         "config": meta.get("config"),
@@ -67,6 +69,11 @@ def format_inspection(info: dict) -> str:
         f"weights {info['adapter_bytes'] / 1024:.1f} KiB",
         "files       " + ", ".join(f"{k} ({v / 1024:.1f} KiB)" for k, v in info["files"].items()),
     ]
+    if info.get("num_tasks"):
+        lines.append(
+            f"tasks       {info['num_tasks']}, each the shared prompt times its own factor; a row names its task "
+            "(task_ids, or NAME:TASK as the server's model)"
+        )
     if info["nearest_tokens"]:
         lines.append("nearest vocabulary tokens per virtual token (cosine):")
         for i, near in enumerate(info["nearest_tokens"]):

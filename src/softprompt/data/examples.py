@@ -13,11 +13,13 @@ from softprompt.errors import ConfigError, DataError
 
 @dataclass(frozen=True)
 class Example:
-    """One rendered prompt; ``target`` is the label text, or None for unlabelled data."""
+    """One rendered prompt; ``target`` is the label text, or None for unlabelled data; ``task``: the row's task of a
+    multitask adapter (read from a task column), else None."""
 
     text: str
     target: str | None
     row: dict
+    task: int | None = None
 
 
 def build_examples(

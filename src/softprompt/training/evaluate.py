@@ -32,6 +32,7 @@ from softprompt.adapters.peft_format import read_training_state
 from softprompt.adapters.training_format import TrainingFormat
 from softprompt.data import Example, build_examples, default_template, load_rows, sample_rows, verbalizer_for
 from softprompt.data.heldout import fingerprint, read_train_fingerprints
+from softprompt.engine.adapter_name import row_key
 from softprompt.engine.tokens import pad_id
 from softprompt.errors import ConfigError, DataError
 from softprompt.training.batches import collate, encode_examples
@@ -187,7 +188,7 @@ def evaluate(
 
 def _interleaved_runs(model, examples, runs, batch_size, call) -> list[list]:
     """Call ``call(texts, adapters)`` over batches of every (example, adapter) pair; results per adapter."""
-    pairs = [(e.text, a) for a in runs for e in examples]
+    pairs = [(e.text, row_key(a, e.task)) for a in runs for e in examples]
     out: list = []
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
