@@ -33,9 +33,10 @@ def decoder_ids(family):
     return torch.tensor([[0, 33, 44, 55], [0, 34, 45, 56]]) if family == "t5" else None
 
 
-def peft_pair(family, tmp_path):
-    """A PEFT multitask adapter (saved by PEFT, reloaded) and ours loaded from PEFT's files."""
-    base = tiny_base(family)
+def peft_pair(family, tmp_path, lively=False):
+    """A PEFT multitask adapter (saved by PEFT, reloaded) and ours loaded from PEFT's files; ``lively``: base weights
+    large enough that greedy tokens vary."""
+    base = lively_model(family).base if lively else tiny_base(family)
     task = TaskType.SEQ_2_SEQ_LM if family == "t5" else TaskType.CAUSAL_LM
     torch.manual_seed(1)
     config = MultitaskPromptTuningConfig(
@@ -105,6 +106,29 @@ def test_greedy_generation_matches_greedy_decoding_of_peft_forward(family, tmp_p
     ours.base.generation_config.eos_token_id = None
     got = generate_batch(ours, INPUT, MASK, ["m:2", "m:0"], GenerationConfig(max_new_tokens=8))
     assert [g.token_ids for g in got] == expected
+
+
+def test_encoder_decoder_rows_are_peft_s_generate(tmp_path):
+    """On T5 PEFT's forward also puts the prompt's second copy before the decoder input, which its generate leaves
+    out; softprompt serves what PEFT generates with (the encoder prompt), in training too."""
+    peft_model, ours = peft_pair("t5", tmp_path, lively=True)
+    dec = decoder_ids("t5")
+    with torch.no_grad():
+        prompts = peft_model.get_prompt(2, task_ids=TASKS)[:, :N_TOKENS]  # PEFT's per-row task prompts
+        embeds = torch.cat([prompts, peft_model.word_embeddings(INPUT)], dim=1)
+        mask = torch.cat([torch.ones(2, N_TOKENS, dtype=MASK.dtype), MASK], dim=1)
+        expected = peft_model.base_model(inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=dec).logits
+        got = ours(INPUT, MASK, adapters="m", task_ids=TASKS, decoder_input_ids=dec).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    peft_tokens = peft_model.generate(
+        input_ids=INPUT, attention_mask=MASK, task_ids=TASKS, max_new_tokens=8, min_new_tokens=8, do_sample=False
+    )
+    ours.tokenizer.eos_token = None
+    ours.base.config.eos_token_id = None
+    ours.base.generation_config.eos_token_id = None
+    got_tokens = generate_batch(ours, INPUT, MASK, ["m:2", "m:0"], GenerationConfig(max_new_tokens=8))
+    assert [g.token_ids for g in got_tokens] == peft_tokens[:, 1:].tolist()  # after the decoder start token
+    assert len({tuple(g.token_ids) for g in got_tokens}) == 2
 
 
 @pytest.mark.parametrize("family", CAUSAL)
