@@ -8,7 +8,7 @@ import httpx
 import pytest
 import torch
 from peft import MultitaskPromptTuningConfig, PeftModel, TaskType, get_peft_model
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from test_parity_peft import INPUT, MASK
 
 from softprompt import SoftPromptModel
@@ -73,7 +73,9 @@ def test_peft_adapter_loads_with_its_logits_and_loss_per_task(family, tmp_path):
     assert torch.equal(by_key, got)
     other = peft_logits(peft_model, family, torch.tensor([1, 1]))
     assert not torch.allclose(other, expected, atol=1e-3)  # the task matters
-    labels = torch.tensor([[33, 44, 55, 66], [34, 45, 56, 67]]) if family == "t5" else INPUT.masked_fill(INPUT < 40, -100)
+    labels = (
+        torch.tensor([[33, 44, 55, 66], [34, 45, 56, 67]]) if family == "t5" else INPUT.masked_fill(INPUT < 40, -100)
+    )
     with torch.no_grad():
         want = peft_model(input_ids=INPUT, attention_mask=MASK, labels=labels, task_ids=TASKS).loss
         loss = ours(INPUT, MASK, adapters="m", labels=labels, task_ids=TASKS).loss
@@ -138,8 +140,14 @@ def test_our_adapter_loads_in_peft_and_back(family, init, tmp_path):
     ours = SoftPromptModel(copy.deepcopy(base), tiny_tokenizer(), name_or_path=f"tiny-{family}")
     text = {"init_text": "classify the tweet"} if init == "text" else {}
     adapter = ours.add_adapter(
-        "m", method="multitask_prompt_tuning", num_virtual_tokens=N_TOKENS, num_tasks=N_TASKS, num_ranks=N_RANKS,
-        init=init, seed=3, **text,
+        "m",
+        method="multitask_prompt_tuning",
+        num_virtual_tokens=N_TOKENS,
+        num_tasks=N_TASKS,
+        num_ranks=N_RANKS,
+        init=init,
+        seed=3,
+        **text,
     )
     with torch.no_grad():  # trained-looking factors: tasks differ
         adapter.prefix_task_cols.mul_(25.0)
@@ -147,9 +155,15 @@ def test_our_adapter_loads_in_peft_and_back(family, init, tmp_path):
     ours.save_adapter("m", tmp_path / "m")
     written = json.loads((tmp_path / "m" / CONFIG_FILE).read_text())
     assert (written["peft_type"], written["num_tasks"], written["num_ranks"]) == (
-        "MULTITASK_PROMPT_TUNING", N_TASKS, N_RANKS
+        "MULTITASK_PROMPT_TUNING",
+        N_TASKS,
+        N_RANKS,
     )
-    assert set(load_file(tmp_path / "m" / WEIGHTS_FILE)) == {"prompt_embeddings", "prefix_task_cols", "prefix_task_rows"}
+    assert set(load_file(tmp_path / "m" / WEIGHTS_FILE)) == {
+        "prompt_embeddings",
+        "prefix_task_cols",
+        "prefix_task_rows",
+    }
     assert not load_file(tmp_path / "m" / STATE_FILE)  # the weights file is the whole state: no second copy
     peft_model = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "m").eval()
     with torch.no_grad():
@@ -163,7 +177,13 @@ def test_our_adapter_loads_in_peft_and_back(family, init, tmp_path):
 
 def mpt(model, name="m", tasks=N_TASKS, **extra):
     adapter = model.add_adapter(
-        name, method="multitask_prompt_tuning", num_virtual_tokens=4, num_tasks=tasks, num_ranks=N_RANKS, seed=7, **extra
+        name,
+        method="multitask_prompt_tuning",
+        num_virtual_tokens=4,
+        num_tasks=tasks,
+        num_ranks=N_RANKS,
+        seed=7,
+        **extra,
     )
     with torch.no_grad():  # trained-looking factors: every task's prompt clearly its own
         adapter.prefix_task_cols.normal_(0, 1.0)
@@ -191,7 +211,12 @@ def test_mixed_batch_of_tasks_and_other_methods_gives_each_row_its_solo_result(f
             ).logits[0]
             got = together[i] if family == "t5" else together[i][mask[i] == 1]
             torch.testing.assert_close(got, alone, atol=1e-5, rtol=1e-4)
-        first, third = (model(torch.tensor([rows[0]]), adapters=k, decoder_input_ids=None if decoder is None else decoder[:1]).logits for k in ("m:0", "m:2"))
+        first, third = (
+            model(
+                torch.tensor([rows[0]]), adapters=k, decoder_input_ids=None if decoder is None else decoder[:1]
+            ).logits
+            for k in ("m:0", "m:2")
+        )
     assert not torch.allclose(first, third, atol=1e-3)  # tasks of one adapter differ
     texts = ["hello there", "a", "soft prompts", "xyz!", "tasks", "base"]
     generated = model.generate(texts, adapters=names, task_ids=tasks, max_new_tokens=4)
@@ -285,7 +310,12 @@ def mpt_run(tmp_path, output, **extra):
 def test_training_reads_tasks_from_a_column_resumes_and_starts_from_a_saved_adapter(tmp_path):
     full = train(mpt_run(tmp_path, tmp_path / "full"), model=tiny_model("llama"), progress=False)
     start = tiny_model("llama").add_adapter(
-        "s", method="multitask_prompt_tuning", num_virtual_tokens=4, num_tasks=3, num_ranks=2, init_text="xyz abc",
+        "s",
+        method="multitask_prompt_tuning",
+        num_virtual_tokens=4,
+        num_tasks=3,
+        num_ranks=2,
+        init_text="xyz abc",
         seed=0,
     )
     trained = load_file(tmp_path / "full" / "default" / WEIGHTS_FILE)
@@ -315,7 +345,9 @@ def test_training_reads_tasks_from_a_column_resumes_and_starts_from_a_saved_adap
 
 def test_train_from_the_command_line_and_inspect(tmp_path, capsys):
     path = save_tiny_checkpoint("llama", tmp_path / "model")
-    rows = ["text,label,task"] + [f"{'sunny' if i % 2 else 'rain'} {i},{'pos' if i % 2 else 'neg'},{i % 2}" for i in range(16)]
+    rows = ["text,label,task"] + [
+        f"{'sunny' if i % 2 else 'rain'} {i},{'pos' if i % 2 else 'neg'},{i % 2}" for i in range(16)
+    ]
     (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
     args = ["train", "--model", path, "--method", "multitask-prompt-tuning", "--data", str(tmp_path / "train.csv")]
     args += ["--label-column", "label", "--task-column", "task", "--num-tasks", "2", "--num-virtual-tokens", "3"]
@@ -363,11 +395,7 @@ def test_server_picks_the_task_from_the_model_name(tmp_path):
     ]
     with ServerThread(create_app(lively_model(), settings)) as server:
         responses = run_concurrently(server.url, [("POST", "/v1/completions", b) for b in bodies], concurrency=5)
-        bad = {
-            "m": "it has tasks",
-            "m:3": "task '3' is not one of its tasks",
-            "pt:1": "adapter 'pt' has no tasks",
-        }
+        bad = {"m": "it has tasks", "m:3": "task '3' is not one of its tasks", "pt:1": "adapter 'pt' has no tasks"}
         for name, message in bad.items():
             response = httpx.post(f"{server.url}/v1/completions", json={"model": name, "prompt": "x", "max_tokens": 2})
             assert response.status_code == 400 and message in response.json()["error"]["message"], response.text

@@ -518,9 +518,13 @@ class SoftPromptModel(nn.Module):
         """Generate text per row (greedy by default). See `softprompt.engine.generation.generate`."""
         return generation.generate(self, prompts, adapters=self._with_tasks(adapters, task_ids, prompts), **options)
 
-    def score(self, texts, labels: Sequence[str], adapters: AdapterNames = None, *, task_ids: TaskIds = None, **options):
+    def score(
+        self, texts, labels: Sequence[str], adapters: AdapterNames = None, *, task_ids: TaskIds = None, **options
+    ):
         """Rank candidate label strings by log-likelihood per row. See `softprompt.engine.scoring.score`."""
-        return scoring.score(self, texts, labels=labels, adapters=self._with_tasks(adapters, task_ids, texts), **options)
+        return scoring.score(
+            self, texts, labels=labels, adapters=self._with_tasks(adapters, task_ids, texts), **options
+        )
 
     def _with_tasks(self, adapters: AdapterNames, task_ids: TaskIds, texts) -> AdapterNames:
         """Per-row keys ``NAME:TASK`` for ``texts`` (one string or a list) when ``task_ids`` are given."""

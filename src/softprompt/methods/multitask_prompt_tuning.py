@@ -46,7 +46,8 @@ class MultitaskPromptTuningConfig(MethodConfig):
         1, "Tasks sharing the prompt; each row names its task (0 to num_tasks - 1), training rows by --task-column."
     )
     num_ranks: int = option(
-        1, "Rank of each task's factor of the shared prompt (prefix_task_cols [n, rank] @ prefix_task_rows [rank, hidden])."
+        1,
+        "Rank of each task's factor of the shared prompt (prefix_task_cols [n, rank] @ prefix_task_rows [rank, hidden]).",
     )
     init: str = option(
         "auto",
@@ -190,7 +191,10 @@ class MultitaskPromptTuning(SoftPromptMethod):
 
     def load_peft_extra_tensors(self, tensors: dict[str, torch.Tensor], source: str) -> None:
         with torch.no_grad():
-            for name, param in (("prefix_task_cols", self.prefix_task_cols), ("prefix_task_rows", self.prefix_task_rows)):
+            for name, param in (
+                ("prefix_task_cols", self.prefix_task_cols),
+                ("prefix_task_rows", self.prefix_task_rows),
+            ):
                 param.copy_(_tensor(tensors, name, tuple(param.shape), source))
 
     def peft_config_fields(self) -> dict:

@@ -308,7 +308,9 @@ def _check_task_column(view: Any, prefix: str) -> None:
     view.task_column = view.task_column or None
     has_tasks = METHODS[view.method].has_tasks
     if has_tasks and view.task_column is None:
-        raise ConfigError(f"{prefix}{flag('task_column')}: required by {view.method} (the column of each row's task id)")
+        raise ConfigError(
+            f"{prefix}{flag('task_column')}: required by {view.method} (the column of each row's task id)"
+        )
     if not has_tasks and view.task_column is not None:
         raise ConfigError(f"{prefix}{flag('task_column')}: only applies to a method with tasks, not {view.method}")
 

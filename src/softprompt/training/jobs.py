@@ -71,7 +71,9 @@ def prepare_job(
             spec.verbalizer, rows + ([] if split_here else val_rows), spec.label_column, source=source
         )
     # Render all rows of a file at once, so that error messages count rows as the file does.
-    rendered = _with_tasks(spec, build_examples(rows, spec.template, spec.label_column, verbalizer, source=source), source)
+    rendered = _with_tasks(
+        spec, build_examples(rows, spec.template, spec.label_column, verbalizer, source=source), source
+    )
     if split_here:
         in_val = {id(r) for r in val_rows}
         train = [e for e in rendered if id(e.row) not in in_val]
@@ -81,7 +83,9 @@ def prepare_job(
         val_source = spec.validation_data or f"{source} (validation rows)"
         val = (
             _with_tasks(
-                spec, build_examples(val_rows, spec.template, spec.label_column, verbalizer, source=val_source), val_source
+                spec,
+                build_examples(val_rows, spec.template, spec.label_column, verbalizer, source=val_source),
+                val_source,
             )
             if val_rows
             else []
