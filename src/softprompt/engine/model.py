@@ -25,16 +25,12 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from softprompt.adapters import hub, peft_format
 from softprompt.engine import attention, generation, prefixes, scoring
-from softprompt.engine.adapter_name import check_adapter_name, row_key, split_row_key
+from softprompt.engine.adapter_name import check_adapter_name
 from softprompt.engine.decode import DecodeState
 from softprompt.engine.families import CacheArg, ModelShape, quirks_for
+from softprompt.engine.rows import AdapterNames, TaskIds, row_adapter, row_keys
 from softprompt.errors import SoftPromptError
 from softprompt.methods import SoftPromptMethod, method_class
-
-# Per row: an adapter name, ``NAME:TASK`` for a task of a multitask adapter, or None (the bare model); or one for all.
-AdapterNames = Sequence[str | None] | str | None
-# Per row: the task of a multitask adapter (None for rows of other adapters); or one for all rows (PEFT's task_ids).
-TaskIds = Sequence[int | None] | torch.Tensor | int | None
 
 
 @dataclass
@@ -171,56 +167,10 @@ class SoftPromptModel(nn.Module):
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def _row_names(self, adapters: AdapterNames, batch: int, task_ids: TaskIds = None) -> list[str | None]:
-        """Each row's adapter key (``NAME`` or ``NAME:TASK``; None: the bare model), checked."""
-        if adapters is None or isinstance(adapters, str):
-            names = [adapters] * batch
-        else:
-            names = list(adapters)
-            if len(names) != batch:
-                raise SoftPromptError(f"adapters: expected one name per row ({batch}), got {len(names)}")
-        if task_ids is not None:
-            tasks = [task_ids] * batch if isinstance(task_ids, int) else list(task_ids)
-            if len(tasks) != batch:
-                raise SoftPromptError(f"task_ids: expected one task id per row ({batch}), got {len(tasks)}")
-            names = [self._with_task(name, task, row) for row, (name, task) in enumerate(zip(names, tasks))]
-        for name in names:
-            if name is not None:
-                self._row_adapter(name)
-        return names
-
-    @staticmethod
-    def _with_task(name: str | None, task, row: int) -> str | None:
-        if task is None:
-            return name
-        if isinstance(task, torch.Tensor):
-            task = task.item()
-        if isinstance(task, bool) or not isinstance(task, int) or task < 0:
-            raise SoftPromptError(f"task_ids: row {row}: expected a task id (an integer from 0), got {task!r}")
-        if name is None or split_row_key(name)[1] is not None:
-            whose = "has no adapter" if name is None else f"already names its task ({name!r})"
-            raise SoftPromptError(f"task_ids: row {row} {whose}; give its task id as None")
-        return row_key(name, task)
+        return row_keys(adapters, batch, task_ids, self.get_adapter)
 
     def _row_adapter(self, key: str) -> tuple[SoftPromptMethod, int | None]:
-        """The adapter and task a row key names; one-line errors for a task an adapter does not have."""
-        try:
-            name, task = split_row_key(key)
-        except ValueError as exc:
-            raise SoftPromptError(str(exc)) from None
-        adapter = self.get_adapter(name)
-        count, method = adapter.num_tasks, adapter.config.method
-        if task is not None and not count:
-            raise SoftPromptError(f"adapter {name!r} ({method}) has no tasks; name it without a task id")
-        if count and task is None:
-            raise SoftPromptError(
-                f"adapter {name!r} ({method}) needs a task id per row (0 to {count - 1}): pass task_ids or name the "
-                f"row {name}:TASK"
-            )
-        if task is not None and task >= count:
-            raise SoftPromptError(
-                f"task id {task} of adapter {name!r}: out of range; it has {count} tasks (0 to {count - 1})"
-            )
-        return adapter, task
+        return row_adapter(key, self.get_adapter)
 
     @torch.no_grad()
     def _text_kv(self, token_ids: list[int]) -> prefixes.LayerKV:
@@ -405,8 +355,8 @@ class SoftPromptModel(nn.Module):
     # ------------------------------------------------------------------ encoder-decoder
     def _encoder_inputs(self, input_ids, attention_mask, names):
         embeds = self.base.get_input_embeddings()(input_ids)
-        rows = [self._row_adapter(n) if n is not None else None for n in names]
-        prompts = [r[0].input_embeddings(r[1]) if r is not None and r[0].adds == "input" else None for r in rows]
+        picked = [self._row_adapter(n) if n is not None else None for n in names]
+        prompts = [p[0].input_embeddings(p[1]) if p is not None and p[0].adds == "input" else None for p in picked]
         return prefixes.prepend_prompts(embeds, attention_mask, prompts)
 
     def _decoder_prefix(self, names):
