@@ -133,8 +133,7 @@ def test_encoder_decoder_rows_are_peft_s_generate(tmp_path):
     assert len({tuple(g.token_ids) for g in got_tokens}) == 2
 
 
-@pytest.mark.parametrize("family", CAUSAL)
-@pytest.mark.parametrize("init", ["random", "text"])
+@pytest.mark.parametrize(("family", "init"), [*((f, "random") for f in CAUSAL), ("llama", "text")])
 def test_our_adapter_loads_in_peft_and_back(family, init, tmp_path):
     base = tiny_base(family)
     ours = SoftPromptModel(copy.deepcopy(base), tiny_tokenizer(), name_or_path=f"tiny-{family}")
@@ -218,6 +217,8 @@ def test_mixed_batch_of_tasks_and_other_methods_gives_each_row_its_solo_result(f
             for k in ("m:0", "m:2")
         )
     assert not torch.allclose(first, third, atol=1e-3)  # tasks of one adapter differ
+    if family not in ("llama", "t5"):  # decoding and scoring run the same prefill as the forward above
+        return
     texts = ["hello there", "a", "soft prompts", "xyz!", "tasks", "base"]
     generated = model.generate(texts, adapters=names, task_ids=tasks, max_new_tokens=4)
     assert generated == [model.generate([t], adapters=[k], max_new_tokens=4)[0] for t, k in zip(texts, keys)]
