@@ -360,6 +360,9 @@ def test_train_from_the_command_line_and_inspect(tmp_path, capsys):
     assert main(["inspect", str(saved)]) == 0
     out = capsys.readouterr().out
     assert "multitask_prompt_tuning" in out and "tasks       2" in out
+    assert main(["generate", "--model", path, "--adapter", f"t={saved}", "--max-new-tokens", "2", "--raw", "hi"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("]")[0] for line in lines] == ["[t:0", "[t:1"]  # one answer per task
 
     def one_error(extra):
         capsys.readouterr()

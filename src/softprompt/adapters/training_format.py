@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from softprompt.data.templates import Template
+from softprompt.engine.adapter_name import split_row_key
 from softprompt.errors import ConfigError
 
 
@@ -100,7 +101,7 @@ def format_inputs(model, texts: Sequence[str], adapters: str | Sequence[str | No
         raise ConfigError(f"adapters: {len(names)} names for {len(texts)} texts; give one name or one per text")
     out = []
     for text, name in zip(texts, names):
-        recorded = model.get_adapter(name).training_format if name is not None else None
+        recorded = model.get_adapter(split_row_key(name)[0]).training_format if name is not None else None
         out.append(recorded.format(text) if recorded is not None else text)
     return out
 
