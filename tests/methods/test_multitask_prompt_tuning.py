@@ -398,6 +398,8 @@ def test_server_picks_the_task_from_the_model_name(tmp_path):
         for i, name in enumerate(names)
     ]
     with ServerThread(create_app(lively_model(), settings)) as server:
+        cards = {card["id"]: card for card in httpx.get(f"{server.url}/v1/models").json()["data"]}
+        assert (cards["m"]["num_tasks"], cards["pt"]["num_tasks"]) == (N_TASKS, None)
         responses = run_concurrently(server.url, [("POST", "/v1/completions", b) for b in bodies], concurrency=5)
         bad = {"m": "it has tasks", "m:3": "task '3' is not one of its tasks", "pt:1": "adapter 'pt' has no tasks"}
         for name, message in bad.items():

@@ -190,6 +190,7 @@ class AdapterRegistry:
                     num_virtual_tokens=entry.num_virtual_tokens,
                     template=entry.training_format.template if entry.training_format else None,
                     resident=entry.resident,
+                    num_tasks=entry.num_tasks or None,
                 )
             )
         return cards
