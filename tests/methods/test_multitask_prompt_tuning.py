@@ -363,6 +363,16 @@ def test_train_from_the_command_line_and_inspect(tmp_path, capsys):
     assert main(["generate", "--model", path, "--adapter", f"t={saved}", "--max-new-tokens", "2", "--raw", "hi"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split("]")[0] for line in lines] == ["[t:0", "[t:1"]  # one answer per task
+    held_out = ["text,label,task"] + [
+        f"{'sunny' if i % 2 else 'rain'} new {i},{'pos' if i % 2 else 'neg'},{i % 2}" for i in range(4)
+    ]
+    (tmp_path / "test.csv").write_text("\n".join(held_out) + "\n")
+    evaluate = ["eval", "--model", path, "--adapter", f"t={saved}", "--data", str(tmp_path / "test.csv"), "--json"]
+    assert main(evaluate) == 0  # each row with its task, the task column as trained
+    assert json.loads(capsys.readouterr().out)
+    (tmp_path / "test.csv").write_text("\n".join([*held_out, "rain new 9,neg,5"]) + "\n")
+    assert main(evaluate) == 2
+    assert "row 5: task id '5' in column 'task'" in capsys.readouterr().err
 
     def one_error(extra):
         capsys.readouterr()

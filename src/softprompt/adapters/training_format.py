@@ -27,6 +27,7 @@ class TrainingFormat:
     template: str | None = None
     text_column: str | None = None
     label_column: str | None = None
+    task_column: str | None = None  # each row's task (multitask adapters)
     verbalizer: dict[str, str] | None = None  # raw label value -> label words
     labels: tuple[str, ...] = ()  # the label words, in training order
     max_length: int | None = None
@@ -42,6 +43,7 @@ class TrainingFormat:
             template=data.get("template") or None,
             text_column=data.get("text_column") or None,
             label_column=data.get("label_column") or None,
+            task_column=data.get("task_column") or None,
             verbalizer={str(k): str(v) for k, v in verbalizer.items()} if isinstance(verbalizer, dict) else None,
             labels=tuple(meta.get("labels") or ()),
             max_length=meta.get("max_length") or None,
@@ -49,11 +51,12 @@ class TrainingFormat:
 
     def settings(self) -> dict:
         """The recorded settings as a dict holding only the keys that were recorded (``template``,
-        ``text_column``, ``label_column``, ``verbalizer``, ``labels``, ``max_length``)."""
+        ``text_column``, ``label_column``, ``task_column``, ``verbalizer``, ``labels``, ``max_length``)."""
         values = {
             "template": self.template,
             "text_column": self.text_column,
             "label_column": self.label_column,
+            "task_column": self.task_column,
             "verbalizer": self.verbalizer,
             "labels": list(self.labels),
             "max_length": self.max_length,

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from softprompt.adapters.peft_format import load_adapter
-from softprompt.data import Example, Template, Verbalizer, build_examples, column_names, train_val_split, verbalizer_for
+from softprompt.data import (
+    Example,
+    Template,
+    Verbalizer,
+    build_examples,
+    column_names,
+    train_val_split,
+    verbalizer_for,
+    with_tasks,
+)
 from softprompt.data.heldout import fingerprint, read_train_fingerprints
 from softprompt.errors import ConfigError, DataError, SoftPromptError
 from softprompt.methods import METHODS
@@ -122,29 +131,12 @@ def _check_text_column(spec: ResolvedAdapter, rows: list[dict], source: str) -> 
 
 
 def _with_tasks(spec: ResolvedAdapter, examples: list[Example], source: str) -> list[Example]:
-    """The examples (all rows of ``source``, in its order), each with its row's task id from ``spec.task_column``
-    (checked against the method's tasks); unchanged without a task column."""
-    column = spec.task_column
-    if column is None:
+    """The examples with their rows' tasks from ``spec.task_column`` (unchanged without one)."""
+    if spec.task_column is None:
         return examples
     config = METHODS[spec.method].config_class.from_dict(dict(spec.method_options))
-    count = getattr(config, "num_tasks", 0)  # a method with tasks declares how many (resolve_adapter checked it has)
-    out = []
-    for i, example in enumerate(examples):
-        if column not in example.row:
-            available = list(example.row)
-            raise ConfigError(
-                f"{flag('task_column')}: {source} has no column {column!r}{did_you_mean(column, available)}; "
-                f"its columns are {', '.join(map(repr, available))}"
-            )
-        value = str(example.row[column]).strip()
-        if not value.isdigit() or int(value) >= count:
-            raise DataError(
-                f"{source}: row {i + 1}: task id {value!r} in column {column!r} is not a task of "
-                f"{spec.method} with --num-tasks {count}; expected 0 to {count - 1}"
-            )
-        out.append(replace(example, task=int(value)))
-    return out
+    # A method with tasks declares how many (resolve_adapter checked that this one has tasks).
+    return with_tasks(examples, spec.task_column, getattr(config, "num_tasks", 0), source=source)
 
 
 def start_from(model, job: AdapterJob, prefix: str = "") -> None:
