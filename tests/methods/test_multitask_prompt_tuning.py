@@ -17,6 +17,7 @@ from softprompt.cli.app import main
 from softprompt.engine.generation import GenerationConfig, generate_batch
 from softprompt.engine.tokens import pad_batch
 from softprompt.errors import ConfigError, SoftPromptError
+from softprompt.integrations.hf import TrainableAdapter
 from softprompt.server import ServerSettings, create_app
 from softprompt.training.config import load_config
 from softprompt.training.loop import train
@@ -244,6 +245,14 @@ def test_task_ids_missing_out_of_range_or_misplaced_are_one_line_errors():
         with pytest.raises(SoftPromptError) as err:
             model(INPUT, MASK, **kwargs)
         assert message in str(err.value) and "\n" not in str(err.value), (kwargs, str(err.value))
+
+
+def test_transformers_trainer_wrapper_takes_task_ids():
+    model = tiny_model("llama")
+    mpt(model)
+    labels = INPUT.masked_fill(INPUT < 40, -100)
+    wrapped = TrainableAdapter(model, "m")(INPUT, MASK, labels=labels, task_ids=TASKS).loss
+    assert torch.equal(wrapped, model(INPUT, MASK, adapters=["m:2", "m:0"], labels=labels).loss)
 
 
 def test_prompt_keys_values_are_cached_per_task_and_dropped_with_the_adapter():
