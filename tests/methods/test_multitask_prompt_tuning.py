@@ -132,6 +132,10 @@ def test_encoder_decoder_rows_are_peft_s_generate(tmp_path):
     got_tokens = generate_batch(ours, INPUT, MASK, ["m:2", "m:0"], GenerationConfig(max_new_tokens=8))
     assert [g.token_ids for g in got_tokens] == peft_tokens[:, 1:].tolist()  # after the decoder start token
     assert len({tuple(g.token_ids) for g in got_tokens}) == 2
+    ours.save_adapter("m", tmp_path / "back")  # and our T5 file gives PEFT the same task prompts
+    back = PeftModel.from_pretrained(copy.deepcopy(ours.base), tmp_path / "back").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back.get_prompt(2, task_ids=TASKS), peft_model.get_prompt(2, task_ids=TASKS))
 
 
 @pytest.mark.parametrize(("family", "init"), [*((f, "random") for f in CAUSAL), ("llama", "text")])
