@@ -82,7 +82,8 @@ def test_wrong_type_names_key_and_file(tmp_path):
         ({"label_column": None, "verbalizer": {"1": "a"}}, "--verbalizer: needs --label-column"),
         (
             {"init_text": "hello", "method": "p_tuning"},
-            "--init-text: only applies to --method prompt_tuning, prefix_tuning or cartridge, not p_tuning",
+            "--init-text: only applies to --method prompt_tuning, prefix_tuning, cartridge or multitask_prompt_tuning, "
+            "not p_tuning",
         ),
         (
             {"method": "prefix_tuning", "init": "sample_vocab", "prefix_projection": True},
@@ -226,7 +227,7 @@ def test_method_names_take_dashes_and_typos_get_a_suggestion():
     assert load_config(None, {**BASE, "method": "P-Tuning"}).method == "p_tuning"
     with pytest.raises(
         ConfigError,
-        match=r"--method: expected one of prompt_tuning, prefix_tuning, p_tuning, cartridge, adaption_prompt, got "
+        match=r"--method: expected one of prompt_tuning, prefix_tuning, p_tuning, cartridge, adaption_prompt, multitask_prompt_tuning, got "
         r"'prefix-tunning' \(did you mean 'prefix_tuning'\?\)",
     ):
         load_config(None, {**BASE, "method": "prefix-tunning"})

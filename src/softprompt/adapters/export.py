@@ -31,7 +31,7 @@ from safetensors.torch import save
 from softprompt.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, read_peft_config, read_tensors
 from softprompt.errors import SoftPromptError
 from softprompt.fileio import atomic_write_bytes
-from softprompt.methods import PEFT_TYPES, method_class
+from softprompt.methods import PEFT_TYPES, SoftPromptMethod, method_class
 from softprompt.models.loading import DTYPES
 
 FORMAT = "softprompt-prompt-embeds/1"
@@ -50,6 +50,18 @@ def _kv_message(method: str) -> str:
     """Why a key/value or gated method (prefix tuning, cartridge, adaption prompt) has no input embeddings."""
     message = GATED_MESSAGE if method_class(method).adds == "gated" else KV_MESSAGE
     return f"is a {method.replace('_', '-')} {message}"
+
+
+def _check_exportable(cls: type[SoftPromptMethod], where: str) -> None:
+    """One error line unless adapters of method class ``cls`` are a single ``[n, hidden]`` table of input embeddings."""
+    method = cls.config_class.method
+    if cls.adds != "input":
+        raise SoftPromptError(f"{where} {_kv_message(method)}")
+    if cls.has_tasks:
+        raise SoftPromptError(
+            f"{where} is a {method.replace('_', '-')} adapter, one prompt per task picked per row; export takes "
+            "single-prompt adapters, serve it with 'softprompt serve' (model NAME:TASK) instead"
+        )
 
 
 def _dtype(dtype: str | torch.dtype | None) -> torch.dtype:
@@ -72,8 +84,7 @@ def prompt_embeddings(source, name: str | None = None) -> tuple[torch.Tensor, di
         if name is None:
             raise SoftPromptError("name: give the adapter to export from this model")
         adapter = source.get_adapter(name)
-        if adapter.adds != "input":
-            raise SoftPromptError(f"adapter {name!r} {_kv_message(adapter.config.method)}")
+        _check_exportable(type(adapter), f"adapter {name!r}")
         with torch.no_grad():
             table = adapter.input_embeddings().detach().float().cpu().contiguous()
         info = {"method": adapter.config.method, "base_model": str(source.name_or_path or "")}
@@ -83,8 +94,7 @@ def prompt_embeddings(source, name: str | None = None) -> tuple[torch.Tensor, di
         raise SoftPromptError(f"{folder}: no such adapter directory")
     peft = read_peft_config(folder / CONFIG_FILE)
     method = PEFT_TYPES[peft["peft_type"]]
-    if method_class(method).adds != "input":
-        raise SoftPromptError(f"{folder} {_kv_message(method)}")
+    _check_exportable(method_class(method), str(folder))
     tensors = read_tensors(folder / WEIGHTS_FILE)
     if "prompt_embeddings" not in tensors:
         raise SoftPromptError(f"{folder / WEIGHTS_FILE}: no 'prompt_embeddings' tensor")

@@ -40,6 +40,7 @@ def inspect_adapter(path: str | Path, model=None, *, top_k: int = 3) -> dict:
         # An adaption prompt's length is PEFT's adapter_len (per adapted layer).
         "num_virtual_tokens": config.get("num_virtual_tokens", config.get("adapter_len")),
         "parameters": sum(int(t.numel()) for t in tensors.values()),
+        "num_tasks": config.get("num_tasks"),  # multitask adapters: requests name a task as NAME:TASK
         "adapter_bytes": files.get(WEIGHTS_FILE, 0),
         "files": files,
         "config": meta.get("config"),
@@ -77,6 +78,11 @@ def format_inspection(info: dict) -> str:
         f"weights {info['adapter_bytes'] / 1024:.1f} KiB",
         "files       " + ", ".join(f"{k} ({v / 1024:.1f} KiB)" for k, v in info["files"].items()),
     ]
+    if info.get("num_tasks"):
+        lines.append(
+            f"tasks       {info['num_tasks']}, each the shared prompt times its own factor; a row names its task "
+            "(task_ids, or NAME:TASK as the server's model)"
+        )
     if info["nearest_tokens"]:
         lines.append("nearest vocabulary tokens per virtual token (cosine):")
         for i, near in enumerate(info["nearest_tokens"]):

@@ -2,8 +2,8 @@
 
 An adapter directory holds:
 
-* ``adapter_config.json`` and ``adapter_model.safetensors`` (key ``prompt_embeddings``): exactly what
-  PEFT writes, so ``peft.PeftModel.from_pretrained`` loads our adapters and we load PEFT's;
+* ``adapter_config.json`` and ``adapter_model.safetensors`` (key ``prompt_embeddings``, and any tensors a
+  method saves beside it, e.g. multitask prompt tuning's task factors): exactly what PEFT writes, so ``peft.PeftModel.from_pretrained`` loads our adapters and we load PEFT's;
 * ``softprompt.json``: our full method config, the base model's shape and a checksum of the weights;
 * ``training_state.safetensors`` / ``training_state.json`` (optional): reparameterisation weights,
   optimizer state and step, so training resumes from a saved adapter (PEFT cannot).
@@ -102,7 +102,8 @@ def save_adapter(
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         with open(tmp / CONFIG_FILE, "w") as f:
             json.dump(peft_config(model, adapter), f, indent=2, sort_keys=True)
-        state = {f"adapter.{k}": v.float().cpu().contiguous() for k, v in _state_beyond_table(adapter, tensors).items()}
+        beyond = _state_beyond_table(adapter, list(tensors.values()))
+        state = {f"adapter.{k}": v.float().cpu().contiguous() for k, v in beyond.items()}
         state.update({k: v.cpu().contiguous() for k, v in (training_state or {}).items()})
         save_file(state, str(tmp / STATE_FILE), metadata={"format": "pt"})
         if training_meta is not None:
@@ -205,19 +206,18 @@ def _check(file: Path, what: str, found, expected, trained_on: str | None = None
         )
 
 
-def _state_beyond_table(adapter: SoftPromptMethod, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The adapter's own training state, or nothing when the weights file already holds it exactly.
+def _state_beyond_table(adapter: SoftPromptMethod, saved: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The adapter's own training state, or nothing when the weights file (``saved``, in order) holds it exactly.
 
     Without a reparameterisation (prompt tuning, prefix tuning without MLP) the trainable table *is* the
     materialised one; a second copy would double every saved adapter (900 KiB for a 20-token prefix on
     a 135M model) and resuming loads it from the weights file all the same.
     """
     state = adapter.training_state()
-    table = tensors.get("prompt_embeddings")
-    if len(state) == 1 and table is not None:
-        only = next(iter(state.values())).float().cpu()
-        if only.shape == table.shape and torch.equal(only, table):
-            return {}
+    if len(state) == len(saved) and all(
+        s.shape == t.shape and torch.equal(s.float().cpu(), t) for s, t in zip(state.values(), saved)
+    ):
+        return {}
     return state
 
 
@@ -326,9 +326,7 @@ def _read(folder: Path, shape: ModelShape, resume: bool) -> tuple[SoftPromptMeth
     verify_checksum(folder, WEIGHTS_FILE, meta)
     tensors = read_tensors(weights_file)
     adapter = cls(config, shape)
-    if gated:
-        adapter.load_peft_tensors(tensors, str(weights_file))
-    else:
+    if not gated:
         if "prompt_embeddings" not in tensors:
             found = ", ".join(tensors) or "none"
             raise SoftPromptError(f"{weights_file}: no 'prompt_embeddings' tensor (found: {found})")
@@ -337,6 +335,7 @@ def _read(folder: Path, shape: ModelShape, resume: bool) -> tuple[SoftPromptMeth
         expected = (n, shape.num_layers * 2 * shape.prefix_token_dim) if kv else (n * submodules, shape.hidden_size)
         _check(weights_file, "prompt_embeddings shape", tuple(table.shape), expected)
         adapter.load_materialized(table)
+    adapter.load_peft_tensors(tensors, str(weights_file))
     if resume:
         state_file = folder / STATE_FILE
         if state_file.exists():

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from softprompt.data.templates import Template
+from softprompt.engine.adapter_name import split_row_key
 from softprompt.errors import ConfigError
 
 
@@ -26,6 +27,7 @@ class TrainingFormat:
     template: str | None = None
     text_column: str | None = None
     label_column: str | None = None
+    task_column: str | None = None  # each row's task (multitask adapters)
     verbalizer: dict[str, str] | None = None  # raw label value -> label words
     labels: tuple[str, ...] = ()  # the label words, in training order
     max_length: int | None = None
@@ -41,6 +43,7 @@ class TrainingFormat:
             template=data.get("template") or None,
             text_column=data.get("text_column") or None,
             label_column=data.get("label_column") or None,
+            task_column=data.get("task_column") or None,
             verbalizer={str(k): str(v) for k, v in verbalizer.items()} if isinstance(verbalizer, dict) else None,
             labels=tuple(meta.get("labels") or ()),
             max_length=meta.get("max_length") or None,
@@ -48,11 +51,12 @@ class TrainingFormat:
 
     def settings(self) -> dict:
         """The recorded settings as a dict holding only the keys that were recorded (``template``,
-        ``text_column``, ``label_column``, ``verbalizer``, ``labels``, ``max_length``)."""
+        ``text_column``, ``label_column``, ``task_column``, ``verbalizer``, ``labels``, ``max_length``)."""
         values = {
             "template": self.template,
             "text_column": self.text_column,
             "label_column": self.label_column,
+            "task_column": self.task_column,
             "verbalizer": self.verbalizer,
             "labels": list(self.labels),
             "max_length": self.max_length,
@@ -100,7 +104,7 @@ def format_inputs(model, texts: Sequence[str], adapters: str | Sequence[str | No
         raise ConfigError(f"adapters: {len(names)} names for {len(texts)} texts; give one name or one per text")
     out = []
     for text, name in zip(texts, names):
-        recorded = model.get_adapter(name).training_format if name is not None else None
+        recorded = model.get_adapter(split_row_key(name)[0]).training_format if name is not None else None
         out.append(recorded.format(text) if recorded is not None else text)
     return out
 

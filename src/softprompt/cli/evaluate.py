@@ -45,6 +45,7 @@ class EvalOptions:
     template: str | None = option(None, "Prompt template with {column} fields (default: as trained).")
     text_column: str | None = option(None, "Text column (default: as trained).")
     label_column: str | None = option(None, "Label column (default: as trained).")
+    task_column: str | None = option(None, "Each row's task, for a multitask adapter (default: as trained).")
     method: str = option(
         "score", "Label scoring (default), generation exact match, or perplexity.", choices=EVAL_METHODS
     )
@@ -96,6 +97,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
             template=args.template,
             text_column=args.text_column,
             label_column=args.label_column,
+            task_column=args.task_column,
             method=args.method,
             batch_size=args.batch_size,
             data_format=args.data_format,

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from softprompt import load
 from softprompt.adapters.training_format import TrainingFormat, format_inputs
 from softprompt.cli.common import adapter_option, dtype_option, model_option, parse_adapter_specs, quantize_option
+from softprompt.engine.adapter_name import row_key
 from softprompt.engine.generation import Generation, generate
 from softprompt.options import add_arguments as add_option_arguments
 from softprompt.options import option
@@ -60,7 +61,10 @@ def run(args: argparse.Namespace) -> int:
     model = load(args.model, dtype=args.dtype, quantize=args.quantize)
     for name, path in adapters.items():
         model.load_adapter(path, name=name)
-    columns: list[str | None] = list(adapters) + ([None] if args.base or not adapters else [])
+    # A multitask adapter answers once per task (rows NAME:TASK).
+    tasks = {name: model.get_adapter(name).num_tasks for name in adapters}
+    columns: list[str | None] = [row_key(n, t) for n in adapters for t in range(tasks[n]) or [None]]
+    columns += [None] if args.base or not adapters else []
     prompts = [p for p in args.prompts for _ in columns]
     names = [c for _ in args.prompts for c in columns]
     if not args.raw:

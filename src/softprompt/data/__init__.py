@@ -12,7 +12,7 @@ train/validation and k folds), `demo_tweets` (the VADER demo data set, imported 
 
 from __future__ import annotations
 
-from softprompt.data.examples import Example, build_examples
+from softprompt.data.examples import Example, build_examples, with_tasks
 from softprompt.data.rows import (
     FORMATS,
     HUB_PREFIX,
@@ -50,4 +50,5 @@ __all__ = [
     "sample_rows",
     "train_val_split",
     "verbalizer_for",
+    "with_tasks",
 ]

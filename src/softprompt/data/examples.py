@@ -3,21 +3,24 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from softprompt.data.rows import Row, column_names, require_columns
 from softprompt.data.templates import Template
 from softprompt.data.verbalizers import Verbalizer
 from softprompt.errors import ConfigError, DataError
+from softprompt.options import did_you_mean, flag
 
 
 @dataclass(frozen=True)
 class Example:
-    """One rendered prompt; ``target`` is the label text, or None for unlabelled data."""
+    """One rendered prompt; ``target`` is the label text, or None for unlabelled data; ``task``: the row's task of a
+    multitask adapter (read from a task column), else None."""
 
     text: str
     target: str | None
     row: dict
+    task: int | None = None
 
 
 def build_examples(
@@ -57,3 +60,24 @@ def build_examples(
         )
         for i, row in enumerate(rows)
     ]
+
+
+def with_tasks(examples: Sequence[Example], column: str, num_tasks: int, *, source: str) -> list[Example]:
+    """The examples (rows of ``source``, in its order), each with its row's task id from ``column``, checked to be
+    one of ``num_tasks`` (a multitask adapter's); errors name the flag, or the file, row and column."""
+    out = []
+    for i, example in enumerate(examples):
+        if column not in example.row:
+            available = list(example.row)
+            raise ConfigError(
+                f"{flag('task_column')}: {source} has no column {column!r}{did_you_mean(column, available)}; "
+                f"its columns are {', '.join(map(repr, available))}"
+            )
+        value = str(example.row[column]).strip()
+        if not value.isdigit() or int(value) >= num_tasks:
+            raise DataError(
+                f"{source}: row {i + 1}: task id {value!r} in column {column!r} is not a task of an adapter with "
+                f"{num_tasks} tasks (--num-tasks); expected 0 to {num_tasks - 1}"
+            )
+        out.append(replace(example, task=int(value)))
+    return out

@@ -20,3 +20,24 @@ def check_adapter_name(name: object) -> str | None:
         return None
     shown = name[:_SHOWN] if isinstance(name, str) else name
     return f"adapter name {shown!r}: expected {ADAPTER_NAME_RULE}"
+
+
+# A row may address one task of a multitask adapter as ``NAME:TASK`` (``mpt:2``): ':' never occurs in a name, so
+# the form is unambiguous wherever a row's adapter is named (the engine's per-row names, the server's ``model``).
+TASK_SEPARATOR = ":"
+
+
+def row_key(name: str | None, task: int | None) -> str | None:
+    """The per-row adapter key of task ``task`` of adapter ``name`` (``name`` itself when ``task`` is None)."""
+    return name if task is None or name is None else f"{name}{TASK_SEPARATOR}{task}"
+
+
+def split_row_key(key: str) -> tuple[str, int | None]:
+    """``'mpt:2'`` -> ``('mpt', 2)``, ``'pt'`` -> ``('pt', None)``; ValueError naming the key if the task is no number."""
+    name, sep, task = key.partition(TASK_SEPARATOR)
+    if not sep:
+        return key, None
+    if not task.isdigit() or not task.isascii():
+        shown = key[:_SHOWN]
+        raise ValueError(f"adapter {shown!r}: expected NAME{TASK_SEPARATOR}TASK with TASK a task number, e.g. {name}:0")
+    return name, int(task)

@@ -28,10 +28,9 @@ from softprompt.engine import attention, gated, generation, prefixes, scoring
 from softprompt.engine.adapter_name import check_adapter_name
 from softprompt.engine.decode import DecodeState
 from softprompt.engine.families import CacheArg, ModelShape, quirks_for
+from softprompt.engine.rows import AdapterNames, TaskIds, row_adapter, row_keys
 from softprompt.errors import SoftPromptError
 from softprompt.methods import SoftPromptMethod, method_class
-
-AdapterNames = Sequence[str | None] | str | None
 
 
 @dataclass
@@ -170,17 +169,11 @@ class SoftPromptModel(nn.Module):
             raise SoftPromptError("this model has no tokenizer; pass token ids instead of text")
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def _row_names(self, adapters: AdapterNames, batch: int) -> list[str | None]:
-        if adapters is None or isinstance(adapters, str):
-            names = [adapters] * batch
-        else:
-            names = list(adapters)
-            if len(names) != batch:
-                raise SoftPromptError(f"adapters: expected one name per row ({batch}), got {len(names)}")
-        for name in names:
-            if name is not None:
-                self.get_adapter(name)
-        return names
+    def _row_names(self, adapters: AdapterNames, batch: int, task_ids: TaskIds = None) -> list[str | None]:
+        return row_keys(adapters, batch, task_ids, self.get_adapter)
+
+    def _row_adapter(self, key: str) -> tuple[SoftPromptMethod, int | None]:
+        return row_adapter(key, self.get_adapter)
 
     @torch.no_grad()
     def _text_kv(self, token_ids: list[int]) -> prefixes.LayerKV:
@@ -224,12 +217,13 @@ class SoftPromptModel(nn.Module):
 
     # ------------------------------------------------------------------ prefixes
     def _prompt_kv(self, name: str) -> prefixes.AdapterPrefix:
-        """Per-layer ``[kv_heads, n, head_dim]`` keys/values of one adapter (+ last hidden for input methods).
+        """Per-layer ``[kv_heads, n, head_dim]`` keys/values of one row key (an adapter, or a task of one) and the
+        last hidden state for input methods.
 
-        Input-method prompts are run through the frozen model once; the result is cached until the
+        Input-method prompts are run through the frozen model once; the result is cached (per row key) until the
         adapter's parameters change, and recomputed (with gradients) while training.
         """
-        adapter = self.get_adapter(name)
+        adapter, task = self._row_adapter(name)
         if adapter.adds == "kv":
             return [(k.to(self.dtype), v.to(self.dtype)) for k, v in adapter.kv_prefix()], None
         params = list(adapter.parameters())
@@ -240,7 +234,7 @@ class SoftPromptModel(nn.Module):
         cached = None if needs_grad else self._prompt_kv_cache.get(name, key, params)
         if cached is not None:
             return cached
-        embeds = adapter.input_embeddings().to(self.dtype)[None]
+        embeds = adapter.input_embeddings(task).to(self.dtype)[None]
         n = embeds.shape[1]
         kwargs = {}
         if self.quirks.takes_position_ids:
@@ -264,13 +258,17 @@ class SoftPromptModel(nn.Module):
             self._prompt_kv_cache.put(name, key, params, layers, last_hidden)
         return layers, last_hidden
 
+    def _adapter_of(self, key: str) -> SoftPromptMethod:
+        """The adapter a row key (``NAME`` or ``NAME:TASK``) names."""
+        return row_adapter(key, self.get_adapter)[0]
+
     def _batch_prefix(self, names: list[str | None]) -> prefixes.BatchPrefix | None:
-        names = [n if n is not None and self.adapters[n].adds != "gated" else None for n in names]
+        names = [n if n is not None and self._adapter_of(n).adds != "gated" else None for n in names]
         unique = dict.fromkeys(n for n in names if n is not None)
         return prefixes.stack_prefixes(names, {name: self._prompt_kv(name) for name in unique}, self.device)
 
     def _batch_gated(self, names: list[str | None]) -> gated.GatedBatch | None:
-        adapters = {n: self.get_adapter(n) for n in names if n is not None}
+        adapters = {n: self._adapter_of(n) for n in names if n is not None}
         return self._gated.batch(names, adapters, self.dtype, self.device)
 
     # ------------------------------------------------------------------ causal forward
@@ -309,8 +307,10 @@ class SoftPromptModel(nn.Module):
         adapters: AdapterNames = None,
         labels: torch.Tensor | None = None,
         decoder_input_ids: torch.Tensor | None = None,
+        task_ids: TaskIds = None,
     ) -> SoftPromptOutput:
-        """Training / scoring forward. ``adapters``: one name (or None) per row, or one for all rows.
+        """Training / scoring forward. ``adapters``: one name (or None) per row, or one for all rows;
+        ``task_ids``: each row's task of a multitask adapter (as PEFT's; or name the row ``NAME:TASK``).
 
         Causal models: ``labels`` align with ``input_ids`` (-100 = no loss), as in transformers.
         Encoder-decoder models: ``labels`` are the decoder targets.
@@ -319,7 +319,7 @@ class SoftPromptModel(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         attention_mask = attention_mask.to(self.device).long()
-        names = self._row_names(adapters, input_ids.shape[0])
+        names = self._row_names(adapters, input_ids.shape[0], task_ids)
         if self.shape.is_encoder_decoder:
             return self._seq2seq_forward(input_ids, attention_mask, names, labels, decoder_input_ids)
         prefix = self._batch_prefix(names)
@@ -330,7 +330,11 @@ class SoftPromptModel(nn.Module):
         return self._label_loss(hidden, attention_mask, labels, prefix)
 
     def text_hidden_states(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, adapters: AdapterNames = None
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        adapters: AdapterNames = None,
+        task_ids: TaskIds = None,
     ) -> torch.Tensor:
         """Final hidden states ``[batch, seq, hidden]`` of the text after each row's prompt (causal models): what
         the LM head projects. For integrations that apply the head themselves (TRL's fused LM head)."""
@@ -339,7 +343,7 @@ class SoftPromptModel(nn.Module):
         input_ids = input_ids.to(self.device)
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device)
         attention_mask = attention_mask.long()
-        names = self._row_names(adapters, input_ids.shape[0])
+        names = self._row_names(adapters, input_ids.shape[0], task_ids)
         return self._causal_hidden(
             input_ids, attention_mask, self._batch_prefix(names), gated_batch=self._batch_gated(names)
         )[0]
@@ -367,13 +371,13 @@ class SoftPromptModel(nn.Module):
     # ------------------------------------------------------------------ encoder-decoder
     def _encoder_inputs(self, input_ids, attention_mask, names):
         embeds = self.base.get_input_embeddings()(input_ids)
-        adapters = [self.get_adapter(n) if n is not None else None for n in names]
-        prompts = [a.input_embeddings() if a is not None and a.adds == "input" else None for a in adapters]
+        picked = [self._row_adapter(n) if n is not None else None for n in names]
+        prompts = [p[0].input_embeddings(p[1]) if p is not None and p[0].adds == "input" else None for p in picked]
         return prefixes.prepend_prompts(embeds, attention_mask, prompts)
 
     def _decoder_prefix(self, names):
         """EncoderDecoderCache holding each row's decoder self-attention prefix (prefix tuning rows)."""
-        kv_names = [n if n is not None and self.adapters[n].adds == "kv" else None for n in names]
+        kv_names = [n if n is not None and self._row_adapter(n)[0].adds == "kv" else None for n in names]
         prefix = self._batch_prefix(kv_names)
         self_cache = DynamicCache(ddp_cache_data=prefix.layers if prefix else None)
         cache = EncoderDecoderCache(self_cache, DynamicCache())
@@ -410,12 +414,14 @@ class SoftPromptModel(nn.Module):
 
     # ------------------------------------------------------------------ decoding primitives
     @torch.no_grad()
-    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, adapters: AdapterNames) -> DecodeState:
+    def prefill(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, adapters: AdapterNames, task_ids: TaskIds = None
+    ) -> DecodeState:
         """Run each row's prompt and text once; the returned state holds the next-token logits and continues
         with `advance` (see `softprompt.engine.decode`)."""
         input_ids = input_ids.to(self.device)
         attention_mask = attention_mask.to(self.device).long()
-        names = self._row_names(adapters, input_ids.shape[0])
+        names = self._row_names(adapters, input_ids.shape[0], task_ids)
         if self.shape.is_encoder_decoder:
             embeds, enc_mask = self._encoder_inputs(input_ids, attention_mask, names)
             encoder_hidden = self.base.get_encoder()(inputs_embeds=embeds, attention_mask=enc_mask).last_hidden_state
@@ -473,10 +479,22 @@ class SoftPromptModel(nn.Module):
         return logits.float()
 
     # ------------------------------------------------------------------ user-level API
-    def generate(self, prompts, adapters: AdapterNames = None, **options) -> list[str] | list[generation.Generation]:
+    def generate(
+        self, prompts, adapters: AdapterNames = None, *, task_ids: TaskIds = None, **options
+    ) -> list[str] | list[generation.Generation]:
         """Generate text per row (greedy by default). See `softprompt.engine.generation.generate`."""
-        return generation.generate(self, prompts, adapters=adapters, **options)
+        return generation.generate(self, prompts, adapters=self._with_tasks(adapters, task_ids, prompts), **options)
 
-    def score(self, texts, labels: Sequence[str], adapters: AdapterNames = None, **options):
+    def score(
+        self, texts, labels: Sequence[str], adapters: AdapterNames = None, *, task_ids: TaskIds = None, **options
+    ):
         """Rank candidate label strings by log-likelihood per row. See `softprompt.engine.scoring.score`."""
-        return scoring.score(self, texts, labels=labels, adapters=adapters, **options)
+        return scoring.score(
+            self, texts, labels=labels, adapters=self._with_tasks(adapters, task_ids, texts), **options
+        )
+
+    def _with_tasks(self, adapters: AdapterNames, task_ids: TaskIds, texts) -> AdapterNames:
+        """Per-row keys ``NAME:TASK`` for ``texts`` (one string or a list) when ``task_ids`` are given."""
+        if task_ids is None:
+            return adapters
+        return self._row_names(adapters, 1 if isinstance(texts, str) else len(texts), task_ids)

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from softprompt.engine.adapter_name import split_row_key
+
 # Per layer: keys and values, [kv_heads, n, head_dim] for one adapter or [batch, kv_heads, n, head_dim] stacked.
 LayerKV = list[tuple[torch.Tensor, torch.Tensor]]
 # An adapter's prefix: its per-layer keys/values and the hidden state of its last virtual token (input methods).
@@ -40,7 +42,8 @@ class _Entry:
 
 
 class PromptKVCache:
-    """Input-method adapters' computed prefixes by adapter name, valid while their parameters keep their values."""
+    """Input-method adapters' computed prefixes by row key (an adapter's name, or ``NAME:TASK`` for a task of one),
+    valid while their parameters keep their values."""
 
     def __init__(self) -> None:
         self._entries: dict[str, _Entry] = {}
@@ -66,8 +69,9 @@ class PromptKVCache:
         self._entries[name] = _Entry(key, [p.detach().clone() for p in params], layers, last_hidden)
 
     def drop(self, name: str) -> None:
-        """Forget ``name``'s prefix (its adapter was replaced or removed)."""
-        self._entries.pop(name, None)
+        """Forget adapter ``name``'s prefixes, of every task (its adapter was replaced or removed)."""
+        for key in [k for k in self._entries if split_row_key(k)[0] == name]:
+            del self._entries[key]
 
     def clear(self) -> None:
         self._entries.clear()

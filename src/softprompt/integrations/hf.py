@@ -123,11 +123,18 @@ class TrainableAdapter(nn.Module):
         labels: torch.Tensor | None = None,
         decoder_input_ids: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        task_ids: torch.Tensor | None = None,
     ) -> CausalLMOutput:
         """The adapter's loss over label tokens (``labels`` align with ``input_ids``, -100 = no loss); without
-        labels, the text's logits. ``use_cache`` is accepted for the trainers and ignored."""
+        labels, the text's logits. ``task_ids``: each row's task of a multitask adapter (a data set column of that
+        name reaches here, as in PEFT). ``use_cache`` is accepted for the trainers and ignored."""
         out = self.model(
-            input_ids, attention_mask, adapters=self.adapter_name, labels=labels, decoder_input_ids=decoder_input_ids
+            input_ids,
+            attention_mask,
+            adapters=self.adapter_name,
+            labels=labels,
+            decoder_input_ids=decoder_input_ids,
+            task_ids=task_ids,
         )
         return CausalLMOutput(loss=out.loss, logits=out.logits)
 

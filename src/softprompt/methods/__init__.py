@@ -13,6 +13,7 @@ from softprompt.errors import ConfigError
 from softprompt.methods.adaption_prompt import AdaptionPrompt, AdaptionPromptConfig
 from softprompt.methods.base import MethodConfig, SoftPromptMethod
 from softprompt.methods.cartridge import Cartridge, CartridgeConfig
+from softprompt.methods.multitask_prompt_tuning import MultitaskPromptTuning, MultitaskPromptTuningConfig
 from softprompt.methods.p_tuning import PTuning, PTuningConfig
 from softprompt.methods.prefix_tuning import PrefixTuning, PrefixTuningConfig
 from softprompt.methods.prompt_tuning import PromptTuning, PromptTuningConfig
@@ -24,6 +25,7 @@ METHODS: dict[str, type[SoftPromptMethod]] = {
     "p_tuning": PTuning,
     "cartridge": Cartridge,
     "adaption_prompt": AdaptionPrompt,
+    "multitask_prompt_tuning": MultitaskPromptTuning,
 }
 PEFT_TYPES: dict[str, str] = {cls.config_class.peft_type: name for name, cls in METHODS.items()}
 
@@ -74,6 +76,8 @@ __all__ = [
     "Cartridge",
     "CartridgeConfig",
     "MethodConfig",
+    "MultitaskPromptTuning",
+    "MultitaskPromptTuningConfig",
     "PTuning",
     "PTuningConfig",
     "PrefixTuning",

@@ -3,7 +3,7 @@
 A method adds trainable state to a frozen model in exactly one of three ways:
 
 * ``adds = "input"``: `input_embeddings()` returns ``[n, hidden]`` vectors placed before the input
-  (prompt tuning, P-tuning);
+  (prompt tuning, P-tuning; multitask prompt tuning returns one prompt per task, ``input_embeddings(task)``);
 * ``adds = "kv"``: `kv_prefix()` returns, for every layer, a key and a value of ``n`` virtual tokens
   (prefix tuning);
 * ``adds = "gated"``: `gated_prompts()` returns, for some layers, a prompt of ``n`` hidden-space vectors and a
@@ -81,6 +81,8 @@ class SoftPromptMethod(nn.Module):
 
     adds: ClassVar[Literal["input", "kv", "gated"]]
     config_class: ClassVar[type[MethodConfig]]
+    # Whether the adapter holds several prompts, one per task, of which each row picks one (`num_tasks`).
+    has_tasks: ClassVar[bool] = False
     # How its training data was rendered, read from its directory by `softprompt.adapters.peft_format`;
     # None for an adapter made in code or trained elsewhere.
     training_format: TrainingFormat | None = None
@@ -99,8 +101,14 @@ class SoftPromptMethod(nn.Module):
         """PEFT keeps 2 copies of the virtual tokens for encoder-decoder models (only the first is used)."""
         return 2 if self.shape.is_encoder_decoder else 1
 
-    def input_embeddings(self) -> torch.Tensor:
-        """``[n, hidden]`` vectors placed before the input (methods with ``adds == "input"``)."""
+    @property
+    def num_tasks(self) -> int:
+        """How many tasks a row may pick from (0: none; the engine passes a task exactly when this is not 0)."""
+        return 0
+
+    def input_embeddings(self, task: int | None = None) -> torch.Tensor:
+        """``[n, hidden]`` vectors placed before the input (methods with ``adds == "input"``); ``task``: the
+        row's task, ``0 <= task < num_tasks`` for methods with tasks, else None."""
         raise NotImplementedError
 
     def kv_prefix(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -120,9 +128,9 @@ class SoftPromptMethod(nn.Module):
         return {"prompt_embeddings": self.materialized()}
 
     def load_peft_tensors(self, tensors: dict[str, torch.Tensor], source: str) -> None:
-        """Load `peft_tensors` read from ``source`` (gated methods; prompt learning's table is checked and loaded
-        by `softprompt.adapters.peft_format` through `load_materialized`)."""
-        raise NotImplementedError
+        """Load `peft_tensors` read from ``source``; errors name it. Prompt learning's ``prompt_embeddings`` table is
+        checked and loaded by `softprompt.adapters.peft_format` through `load_materialized` first, so a method
+        loads here only what it saves beside it (multitask factors) or, for gated methods, everything."""
 
     def load_materialized(self, tensor: torch.Tensor) -> None:
         """Load a PEFT ``prompt_embeddings`` tensor: the adapter becomes a plain, inference-ready table."""

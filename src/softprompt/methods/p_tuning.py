@@ -89,7 +89,7 @@ class PTuning(SoftPromptMethod):
             x = self.lstm_head(x)[0]
         return self.mlp_head(x)[0]
 
-    def input_embeddings(self) -> torch.Tensor:
+    def input_embeddings(self, task: int | None = None) -> torch.Tensor:
         return self._all_rows()[: self.num_virtual_tokens]
 
     def materialized(self) -> torch.Tensor:

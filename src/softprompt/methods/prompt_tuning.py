@@ -95,7 +95,7 @@ class PromptTuning(SoftPromptMethod):
             weight = init_random(rows, shape.hidden_size, generator)
         return cls(config, shape, weight)
 
-    def input_embeddings(self) -> torch.Tensor:
+    def input_embeddings(self, task: int | None = None) -> torch.Tensor:
         return self.embedding[: self.num_virtual_tokens]
 
     def materialized(self) -> torch.Tensor:

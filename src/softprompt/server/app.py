@@ -239,7 +239,7 @@ def create_app(model, settings: ServerSettings | None = None) -> FastAPI:
         if sampling.max_new_tokens or score_prompt:  # else: echo only, nothing for the model to do
             job = Job(
                 asyncio.get_running_loop(),
-                adapter=entry.name if entry else None,
+                adapter=req.model if entry else None,  # NAME or NAME:TASK
                 prompts=ids,
                 sampling=sampling,
                 stream=req.stream,
@@ -328,7 +328,7 @@ def create_app(model, settings: ServerSettings | None = None) -> FastAPI:
             )
         job = Job(
             asyncio.get_running_loop(),
-            adapter=entry.name if entry else None,
+            adapter=req.model if entry else None,  # NAME or NAME:TASK
             prompts=[ids],
             sampling=sampling,
             stream=req.stream,
@@ -427,7 +427,7 @@ def create_app(model, settings: ServerSettings | None = None) -> FastAPI:
             check_prompt(row, entry, longest, param="input")
         job = Job(
             asyncio.get_running_loop(),
-            adapter=entry.name if entry else None,
+            adapter=req.model if entry else None,  # NAME or NAME:TASK
             prompts=ids,
             labels=label_ids,
             label_names=list(names),

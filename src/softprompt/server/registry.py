@@ -31,7 +31,7 @@ import torch
 
 from softprompt.adapters.peft_format import CONFIG_FILE, read_adapter
 from softprompt.adapters.training_format import TrainingFormat
-from softprompt.engine.adapter_name import check_adapter_name
+from softprompt.engine.adapter_name import TASK_SEPARATOR, check_adapter_name
 from softprompt.engine.families import ModelShape
 from softprompt.errors import ConfigError, SoftPromptError
 from softprompt.server.schemas import APIError, ModelCard
@@ -53,6 +53,29 @@ class AdapterEntry:
     loading: asyncio.Future | None = None
     removed: bool = False  # unloaded by an admin while in use: dropped from the model once idle
     created: int = field(default_factory=lambda: int(time.time()))
+    num_tasks: int = 0  # tasks a request picks from as ``model: NAME:TASK`` (multitask adapters)
+
+    def describe(self, adapter) -> AdapterEntry:
+        """Take what requests are checked against from ``adapter`` (read from its files, or in the model)."""
+        self.method, self.num_virtual_tokens = adapter.config.method, adapter.num_virtual_tokens
+        self.training_format, self.num_tasks = adapter.training_format, adapter.num_tasks
+        return self
+
+
+def check_task(entry: AdapterEntry, task: str) -> None:
+    """400 unless ``task`` (what follows ':' in the request's ``model``) is one of ``entry``'s tasks."""
+    name, count = entry.name, entry.num_tasks
+    if not count:
+        raise APIError(400, f"model: adapter {name!r} has no tasks; name it as {name!r}", param="model")
+    if not task.isdigit() or not task.isascii() or int(task) >= count:
+        what = f"task {task!r} is not one of its tasks" if task else "it has tasks"
+        raise APIError(
+            400,
+            f"model: adapter {name!r} is multitask ({count} tasks) and {what}; name one as {name}:TASK with TASK "
+            f"0 to {count - 1}",
+            param="model",
+            code="invalid_task",
+        )
 
 
 def adapter_bytes(adapter, shape: ModelShape, dtype: torch.dtype) -> int:
@@ -102,9 +125,7 @@ class AdapterRegistry:
         for name in self.model.adapter_names():
             self._check_not_base(name, ConfigError)
             adapter = self.model.adapters[name]
-            self.entries[name] = AdapterEntry(
-                name, None, adapter.config.method, adapter.num_virtual_tokens, adapter.training_format, resident=True
-            )
+            self.entries[name] = AdapterEntry(name, None, resident=True).describe(adapter)
             self.entries[name].nbytes = self._bytes_of(adapter)
         candidates: list[tuple[str, str, bool]] = []
         for name, path in self.settings.adapters.items():
@@ -140,7 +161,7 @@ class AdapterRegistry:
                     raise
                 log.warning("adapter dir: %s skipped: %s", name, exc)
                 continue
-            entry = AdapterEntry(name, path, adapter.config.method, adapter.num_virtual_tokens, adapter.training_format)
+            entry = AdapterEntry(name, path).describe(adapter)
             entry.nbytes = self._bytes_of(adapter)
             too_big = self._too_big(entry.nbytes)
             if too_big:
@@ -164,10 +185,14 @@ class AdapterRegistry:
             raise error(f"adapter name {name!r} is the base model's served name; pick another name")
 
     def resolve(self, model_field: str) -> AdapterEntry | None:
-        """The entry a request's ``model`` names (None = the base model); 404 when unknown."""
+        """The entry a request's ``model`` names (None = the base model); 404 when unknown. A multitask adapter's
+        task is named as ``NAME:TASK`` (400 when it is missing or not one of its tasks)."""
         if model_field == self.base_name:
             return None
-        entry = self.entries.get(model_field)
+        name, task = model_field.partition(TASK_SEPARATOR)[::2]
+        entry = self.entries.get(name)
+        if entry is not None and (entry.num_tasks or task):
+            check_task(entry, task)
         if entry is None:
             known = sorted(self.entries)
             shown = ", ".join([self.base_name] + known[:20]) + (", ..." if len(known) > 20 else "")
@@ -194,6 +219,7 @@ class AdapterRegistry:
                     num_virtual_tokens=entry.num_virtual_tokens,
                     template=entry.training_format.template if entry.training_format else None,
                     resident=entry.resident,
+                    num_tasks=entry.num_tasks or None,
                 )
             )
         return cards
@@ -272,8 +298,7 @@ class AdapterRegistry:
             entry.resident = True
             # The file may have changed since it was measured; a next load evicts down to the bound again.
             entry.nbytes = self._bytes_of(adapter)
-            entry.method, entry.num_virtual_tokens = adapter.config.method, adapter.num_virtual_tokens
-            entry.training_format = adapter.training_format
+            entry.describe(adapter)
             entry.loading.set_result(None)
             entry.loading = None
             self._count_load()
@@ -414,12 +439,8 @@ class AdapterRegistry:
         entry = self.entries.get(name)
         if entry is not None and entry.resident:  # reload in place: running rows keep their cached prefix
             await self._on_model_thread(install, self.model, name, adapter)
-            entry.path, entry.method, entry.num_virtual_tokens = (
-                str(path),
-                adapter.config.method,
-                adapter.num_virtual_tokens,
-            )
-            entry.training_format = adapter.training_format
+            entry.path = str(path)
+            entry.describe(adapter)
             entry.nbytes = nbytes  # a next load evicts down to the byte bound if this grew
             entry.last_used = time.monotonic()
             self._count_load()

@@ -417,6 +417,7 @@ class ModelCard(BaseModel):
     num_virtual_tokens: int | None = None
     template: str | None = None  # the template the adapter was trained with (applied by /v1/classify)
     resident: bool = True  # in memory now (False: evicted, reloaded on its next request)
+    num_tasks: int | None = None  # a multitask adapter's tasks: requests name one as model NAME:TASK
 
 
 class ModelList(BaseModel):

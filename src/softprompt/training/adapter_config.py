@@ -104,6 +104,11 @@ class AdapterSettings:
         None,
         "Column holding the label; without one (or with an empty one) the job is language modelling on the whole text.",
     )
+    task_column: str | None = option(
+        None,
+        "Column holding each row's task id (0 to num_tasks - 1) for a method with tasks (multitask_prompt_tuning); "
+        "required by such methods, refused by others.",
+    )
     template: str | None = option(
         None, "Prompt template with {column} fields, e.g. 'Tweet: {text} Sentiment: ' (default '{<text column>}')."
     )
@@ -295,6 +300,18 @@ def _resolved_method_options(
     return options
 
 
+def _check_task_column(view: Any, prefix: str) -> None:
+    """A method with tasks reads each row's task from a column; other methods have no use for one."""
+    view.task_column = view.task_column or None
+    has_tasks = METHODS[view.method].has_tasks
+    if has_tasks and view.task_column is None:
+        raise ConfigError(
+            f"{prefix}{flag('task_column')}: required by {view.method} (the column of each row's task id)"
+        )
+    if not has_tasks and view.task_column is not None:
+        raise ConfigError(f"{prefix}{flag('task_column')}: only applies to a method with tasks, not {view.method}")
+
+
 def resolve_adapter(
     top: AdapterSettings, spec: AdapterSpec, prefix: str = "", *, several: bool = False
 ) -> ResolvedAdapter:
@@ -328,6 +345,7 @@ def resolve_adapter(
             f"{prefix}{flag('init_from')}: expected an adapter directory or hub id, got {view.init_from!r}"
         )
     view.label_column = view.label_column or None
+    _check_task_column(view, prefix)
     if view.text_column == "" and not view.template:
         raise ConfigError(f"{prefix}{flag('text_column')}: required when no {flag('template')} is given")
     if not view.template:

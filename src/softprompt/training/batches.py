@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from softprompt.data import Example
+from softprompt.engine.adapter_name import row_key
 from softprompt.engine.tokens import pad_batch
 from softprompt.errors import ConfigError
 from softprompt.training.config import flag
@@ -57,10 +58,12 @@ def encode_example(tokenizer, example: Example, *, seq2seq: bool, max_length: in
 
 
 def encode_examples(model, examples: Sequence[Example], adapter: str | None, max_length: int) -> list[Encoded]:
-    """Every example encoded for ``model`` (a `SoftPromptModel`), tagged with the adapter that trains on it."""
+    """Every example encoded for ``model`` (a `SoftPromptModel`), tagged with the adapter that trains on it (and the
+    example's task of it: ``NAME:TASK``)."""
     seq2seq = model.shape.is_encoder_decoder
     return [
-        Encoded(*encode_example(model.tokenizer, e, seq2seq=seq2seq, max_length=max_length), adapter) for e in examples
+        Encoded(*encode_example(model.tokenizer, e, seq2seq=seq2seq, max_length=max_length), row_key(adapter, e.task))
+        for e in examples
     ]
 
 

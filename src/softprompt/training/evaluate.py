@@ -30,8 +30,17 @@ import torch
 
 from softprompt.adapters.peft_format import read_training_state
 from softprompt.adapters.training_format import TrainingFormat
-from softprompt.data import Example, build_examples, default_template, load_rows, sample_rows, verbalizer_for
+from softprompt.data import (
+    Example,
+    build_examples,
+    default_template,
+    load_rows,
+    sample_rows,
+    verbalizer_for,
+    with_tasks,
+)
 from softprompt.data.heldout import fingerprint, read_train_fingerprints
+from softprompt.engine.adapter_name import row_key
 from softprompt.engine.tokens import pad_id
 from softprompt.errors import ConfigError, DataError
 from softprompt.training.batches import collate, encode_examples
@@ -49,7 +58,7 @@ def adapter_settings(adapter_dir: str | Path) -> dict:
     """How an adapter trained here renders its data: template, text/label columns, verbalizer, labels.
 
     Empty for adapters trained elsewhere (e.g. by PEFT). Keys: ``template``, ``text_column``,
-    ``label_column``, ``verbalizer``, ``labels`` (label texts), ``max_length``.
+    ``label_column``, ``task_column``, ``verbalizer``, ``labels`` (label texts), ``max_length``.
     """
     _, meta = read_training_state(adapter_dir)
     return TrainingFormat.from_meta(meta).settings()
@@ -187,7 +196,7 @@ def evaluate(
 
 def _interleaved_runs(model, examples, runs, batch_size, call) -> list[list]:
     """Call ``call(texts, adapters)`` over batches of every (example, adapter) pair; results per adapter."""
-    pairs = [(e.text, a) for a in runs for e in examples]
+    pairs = [(e.text, row_key(a, e.task)) for a in runs for e in examples]
     out: list = []
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
@@ -277,6 +286,7 @@ def evaluate_data(
     template: str | None = None,
     text_column: str | None = None,
     label_column: str | None = None,
+    task_column: str | None = None,
     verbalizer: dict[str, str] | None = None,
     method: str = "score",
     compare_base: bool = True,
@@ -307,6 +317,9 @@ def evaluate_data(
     if label_column:
         verb = verbalizer_for(verbalizer, rows, label_column, source=str(data))
     examples = build_examples(rows, template, label_column or None, verb, source=str(data))
+    task_column = task_column or saved.get("task_column")
+    if task_column and adapter is not None:  # a multitask adapter: each row its task
+        examples = with_tasks(examples, task_column, model.get_adapter(adapter).num_tasks, source=str(data))
     labels = verb.texts if verb is not None else None
     if labels and saved.get("labels") and not verbalizer:
         labels = list(dict.fromkeys(saved["labels"] + labels))

@@ -6,9 +6,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from softprompt.adapters.peft_format import load_adapter
-from softprompt.data import Example, Template, Verbalizer, build_examples, column_names, train_val_split, verbalizer_for
+from softprompt.data import (
+    Example,
+    Template,
+    Verbalizer,
+    build_examples,
+    column_names,
+    train_val_split,
+    verbalizer_for,
+    with_tasks,
+)
 from softprompt.data.heldout import fingerprint, read_train_fingerprints
 from softprompt.errors import ConfigError, DataError, SoftPromptError
+from softprompt.methods import METHODS
 from softprompt.options import did_you_mean, flag
 from softprompt.training.config import ResolvedAdapter
 
@@ -70,20 +80,21 @@ def prepare_job(
             spec.verbalizer, rows + ([] if split_here else val_rows), spec.label_column, source=source
         )
     # Render all rows of a file at once, so that error messages count rows as the file does.
-    rendered = build_examples(rows, spec.template, spec.label_column, verbalizer, source=source)
+    rendered = _with_tasks(
+        spec, build_examples(rows, spec.template, spec.label_column, verbalizer, source=source), source
+    )
     if split_here:
         in_val = {id(r) for r in val_rows}
         train = [e for e in rendered if id(e.row) not in in_val]
         val = [e for e in rendered if id(e.row) in in_val]
     else:
         train = rendered
+        val_source = spec.validation_data or f"{source} (validation rows)"
         val = (
-            build_examples(
-                val_rows,
-                spec.template,
-                spec.label_column,
-                verbalizer,
-                source=spec.validation_data or f"{source} (validation rows)",
+            _with_tasks(
+                spec,
+                build_examples(val_rows, spec.template, spec.label_column, verbalizer, source=val_source),
+                val_source,
             )
             if val_rows
             else []
@@ -117,6 +128,15 @@ def _check_text_column(spec: ResolvedAdapter, rows: list[dict], source: str) -> 
         f"{flag('text_column')}: {source} has no column {column!r}{did_you_mean(column, available)}; "
         f"its columns are {', '.join(map(repr, available))}"
     )
+
+
+def _with_tasks(spec: ResolvedAdapter, examples: list[Example], source: str) -> list[Example]:
+    """The examples with their rows' tasks from ``spec.task_column`` (unchanged without one)."""
+    if spec.task_column is None:
+        return examples
+    config = METHODS[spec.method].config_class.from_dict(dict(spec.method_options))
+    # A method with tasks declares how many (resolve_adapter checked that this one has tasks).
+    return with_tasks(examples, spec.task_column, getattr(config, "num_tasks", 0), source=source)
 
 
 def start_from(model, job: AdapterJob, prefix: str = "") -> None:
