@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,8 +35,8 @@ from softprompt.fileio import atomic_write_json, atomic_write_yaml
 from softprompt.training import sweep_report
 from softprompt.training.config import TrainConfig
 from softprompt.training.evaluate import prompt_budget
-from softprompt.training.jobs import prepare_job
-from softprompt.training.loop import load_model, train_jobs
+from softprompt.training.jobs import AdapterJob, prepare_job
+from softprompt.training.loop import StepInfo, TrainResult, load_model, train_jobs
 from softprompt.training.metrics import classification_report
 from softprompt.training.predict import label_probabilities, predict_file
 from softprompt.training.signals import stop_at_step_boundary_on_signals
@@ -107,7 +108,14 @@ class _Run:
             for s in spec.settings
         ]
         self._check_space_file()
-        self.bar = tqdm(total=self._planned(), desc="sweep", unit="adapter", disable=not progress, dynamic_ncols=True)
+        self.bar = tqdm(
+            total=self._planned(),
+            desc="sweep",
+            unit="adapter",
+            disable=not progress,
+            dynamic_ncols=True,
+            bar_format="{l_bar}{bar}| {n:.1f}/{total} adapters [{elapsed}<{remaining}{postfix}]",
+        )
 
     # ------------------------------------------------------------------------------ bookkeeping
     def _check_space_file(self) -> None:
@@ -169,7 +177,7 @@ class _Run:
             ]
             model = self.model_for(self.spec.settings[group[0][3]])
             self.bar.set_postfix_str(f"{len(jobs)} adapters in one job ({group[0][0]}...)")
-            result = train_jobs(config, model, jobs, progress=False)
+            result = self._train(config, model, jobs)
             for job, (tag, _, scored, i) in zip(jobs, group):
                 rows = scored if scored is not None else job.spec.load_validation_rows() or []
                 probs = self.probabilities(model, job.name, i, rows, job.spec.template, config)
@@ -178,7 +186,20 @@ class _Run:
                     {"tag": tag, "setting": i, "path": str(result.adapters[job.name].path), **self.record(rows, probs)},
                 )
                 model.remove_adapter(job.name)
-                self.bar.update(1)
+
+    def _train(self, config: TrainConfig, model, jobs: list[AdapterJob]) -> TrainResult:
+        """One multi-adapter job; the bar moves by its adapters as its optimizer steps go (the time estimate)."""
+        rows = sum(len(job.train) for job in jobs)  # the bar's estimate of the job's steps, as the loop counts them
+        steps = config.epochs * math.ceil(math.ceil(rows / config.batch_size) / config.grad_accum)
+        steps = max(1, min(steps, config.max_steps or steps))
+        start = self.bar.n
+
+        def moved(info: StepInfo) -> None:
+            self.bar.update(start + len(jobs) * min(info.step, steps) / steps - self.bar.n)
+
+        result = train_jobs(config, model, jobs, progress=False, on_step=moved)
+        self.bar.update(start + len(jobs) - self.bar.n)
+        return result
 
     def probabilities(
         self, model, name: str, index: int, rows: Sequence[dict], template: str, config: TrainConfig
@@ -288,11 +309,10 @@ class _Run:
             if not done.exists():
                 config = job_config(self.base, list(zip(names, members)), str(self.out / "final"))
                 model = self.model_for(members[0])
-                result = train_jobs(config, model, [prepare_job(s) for s in config.resolved_adapters()], progress=False)
+                result = self._train(config, model, [prepare_job(s) for s in config.resolved_adapters()])
                 for name in names:
                     model.remove_adapter(name)
                 atomic_write_json(done, {n: str(result.adapters[n].path) for n in names})
-                self.bar.update(1)
             trained = {n: Path(p) for n, p in json.loads(done.read_text()).items()}
         return {
             **choice,
