@@ -172,3 +172,13 @@ def test_cli_help_and_a_bad_file(tmp_path, capsys):
     path.write_text(yaml.safe_dump(recipe(tmp_path, space={"lr": ["fast"]})))
     assert main(["sweep", str(path)]) == 2
     assert "space.lr[0]" in capsys.readouterr().err
+
+
+def test_selection_on_a_val_fraction_split(tmp_path):
+    values = recipe(tmp_path, val_fraction=0.25, space={"num_virtual_tokens": [2]}, sweep={"selection": "validation"})
+    result = sweep(parse_sweep(values), model=tiny_model("bloom"), progress=False)
+    scored = json.loads((result.output / "results" / "val-s0.json").read_text())
+    assert len(scored["truth"]) == 6  # the 25% of 24 rows held out of training choose
+    assert result.report["estimate"] is None and result.report["final"]["chosen"] == "s0"
+    with pytest.raises(ConfigError, match="space.seed"):
+        parse_sweep({**values, "space": {"seed": [1, 2]}})

@@ -179,7 +179,7 @@ class _Run:
             self.bar.set_postfix_str(f"{len(jobs)} adapters in one job ({group[0][0]}...)")
             result = self._train(config, model, jobs)
             for job, (tag, _, scored, i) in zip(jobs, group):
-                rows = scored if scored is not None else job.spec.load_validation_rows() or []
+                rows = scored if scored is not None else [e.row for e in job.val]  # selection on validation
                 probs = self.probabilities(model, job.name, i, rows, job.spec.template, config)
                 atomic_write_json(
                     self._result_path(tag, i),

@@ -36,6 +36,7 @@ from softprompt.training.adapter_config import AdapterSettings, AdapterSpec
 from softprompt.training.config import TrainConfig, read_yaml
 
 METRICS = ("macro_f1", "accuracy")
+SELECTIONS = ("nested", "validation")
 # Data settings are the sweep's, never a choice: every setting must see the same rows.
 _FIXED = {"data", "validation_data", "data_format", "encoding", "data_split", "validation_split", "text_column"}
 _FIXED |= {"label_column", "max_rows", "val_fraction", "method_options"}
@@ -61,6 +62,13 @@ class SweepSettings:
     inner_folds: int = option(3, "Inner folds: the settings are scored on these to choose (>= 2).")
     ensemble: int = option(0, "Also try the average of the top k settings as one candidate (0: off).")
     metric: str = option("macro_f1", "What chooses: macro_f1 or accuracy.", choices=METRICS)
+    selection: str | None = option(
+        None,
+        "nested (cross-validation on the labelled rows) or validation (choose on the recipe's validation rows: "
+        "validation_data, validation_split or a val_fraction split); default: validation when the recipe has "
+        "validation data, else nested.",
+        choices=SELECTIONS,
+    )
     test_data: str | None = option(
         None, "With validation data (selection on validation only): a labelled test file scored once, for the choice."
     )
@@ -79,6 +87,8 @@ class Sweep:
 
     @property
     def selection_on_validation(self) -> bool:
+        if self.options.selection is not None:
+            return self.options.selection == "validation"
         return bool(self.base.validation_data or self.base.validation_split)
 
 
@@ -120,7 +130,15 @@ def parse_sweep(
             errors.append(f"{source}: space: setting {describe(setting)}: {exc}")
     if errors:
         raise ConfigError("\n".join(dict.fromkeys(errors)))
-    return Sweep(base, base_values, grid, options, source)
+    sweep = Sweep(base, base_values, grid, options, source)
+    if sweep.selection_on_validation and not (base.validation_data or base.validation_split):
+        if any("seed" in setting for setting in grid):  # the val_fraction split follows each adapter's seed
+            raise ConfigError(
+                f"{source}: space.seed: with selection on a val_fraction split every setting needs the same rows; fix 'seed' or give validation_data"
+            )
+        if base.val_fraction <= 0:
+            raise ConfigError(f"{source}: sweep.selection: validation needs validation_data or a val_fraction above 0")
+    return sweep
 
 
 def _sweep_settings(values: Any, source: str) -> SweepSettings:
@@ -141,6 +159,8 @@ def _sweep_settings(values: Any, source: str) -> SweepSettings:
     if out.samples is not None:
         check_int(out.samples, f"{source}: sweep.samples", minimum=1)
     check_choice(out.metric, f"{source}: sweep.metric", METRICS)
+    if out.selection is not None:
+        check_choice(out.selection, f"{source}: sweep.selection", SELECTIONS)
     return out
 
 
@@ -223,6 +243,7 @@ __all__ = [
     "ADAPTER_KEYS",
     "JOB_KEYS",
     "METRICS",
+    "SELECTIONS",
     "SPACE_KEYS",
     "Sweep",
     "SweepSettings",
