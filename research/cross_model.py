@@ -14,6 +14,9 @@ agree, or ``--template``/``--label-column``/``--verbalizer`` set it for all of t
 Rows any member trained on (its training fingerprints) are dropped from every split and counted, so a
 figure is never scored on training text.
 
+``softprompt sweep`` ensembles the top settings of ONE base model (chosen by nested cross-validation or on
+validation); members on different base models, each loaded in turn, stay here.
+
 Writes one JSON: per split, each member's and the ensemble's accuracy and macro-F1, how many rows the
 members disagree on and how many all of them get wrong (the cap on any vote of these members).
 """

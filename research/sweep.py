@@ -13,6 +13,11 @@ chosen on it, and the held-out test rows (the same seeded split as ``research.qu
 The ensemble averages the label probabilities of its members (`softprompt.training.label_probabilities`,
 what ``softprompt predict --adapter A --adapter B`` does).
 
+To choose settings for a task of your own, use ``softprompt sweep`` (`softprompt.sweep`): the same one-job
+training, with nested cross-validation or selection on validation and a test file scored once for the
+choice only. This harness stays separate because it does what that command must not: it scores EVERY
+adapter on the test rows, to show how far the validation choice is from the best test figure.
+
 Writes ``<out>/<task>/sweep.json``, ``sweep.md`` (the table) and ``sweep.png`` (test accuracy per
 adapter, validation accuracy beside it), never into ``docs/`` or ``examples/``: ``python -m research.export
 <out>/<task>/sweep.json --into examples/adapters`` ships the chosen adapter if it beats the shipped examples.

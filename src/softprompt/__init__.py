@@ -18,6 +18,7 @@ from softprompt.errors import AdapterMismatchError, ConfigError, DataError, Soft
 from softprompt.methods import METHODS, PrefixTuningConfig, PromptTuningConfig, PTuningConfig
 from softprompt.models.loading import load
 from softprompt.models.memory import MemoryEstimate, estimate_memory
+from softprompt.training.sweep_run import sweep
 
 __all__ = [
     "METHODS",
@@ -37,4 +38,5 @@ __all__ = [
     "estimate_memory",
     "format_inputs",
     "load",
+    "sweep",
 ]

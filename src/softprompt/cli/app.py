@@ -17,12 +17,25 @@ import textwrap
 import types
 
 from softprompt import __version__
-from softprompt.cli import demo, estimate_memory, evaluate, generate, inspect, models, predict, push, serve, train
+from softprompt.cli import (
+    demo,
+    estimate_memory,
+    evaluate,
+    generate,
+    inspect,
+    models,
+    predict,
+    push,
+    serve,
+    sweep,
+    train,
+)
 from softprompt.errors import SoftPromptError
 
 #: The subcommands, in the order ``softprompt --help`` lists them.
 SUBCOMMANDS: tuple[types.ModuleType, ...] = (
     train,
+    sweep,
     evaluate,
     predict,
     generate,

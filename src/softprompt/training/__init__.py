@@ -11,9 +11,11 @@ from softprompt.training.jobs import prepare_job
 from softprompt.training.loop import train, train_jobs
 from softprompt.training.metrics import classification_report
 from softprompt.training.predict import label_probabilities, predict_file
+from softprompt.training.sweep_run import SweepResult, sweep
 
 __all__ = [
     "CrossValidationReport",
+    "SweepResult",
     "TrainConfig",
     "adapter_settings",
     "classification_report",
@@ -31,6 +33,7 @@ __all__ = [
     "prepare_job",
     "prompt_budget",
     "read_train_fingerprints",
+    "sweep",
     "train",
     "train_jobs",
 ]

@@ -199,4 +199,39 @@ def plot_loss_curve(records: Sequence[dict[str, Any]], path: str | os.PathLike) 
     _save_png(fig, path)
 
 
-__all__ = ["classification_report", "format_report", "perplexity", "plot_confusion_matrix", "plot_loss_curve"]
+def plot_leaderboard(
+    names: Sequence[str],
+    scores: Sequence[float],
+    path: str | os.PathLike,
+    *,
+    xlabel: str,
+    estimate: float | None = None,
+    interval: Sequence[float] | None = None,
+    chosen: str | None = None,
+) -> None:
+    """A PNG of candidates' scores as horizontal bars (``chosen`` highlighted), best on top, with an
+    ``estimate`` line and its ``interval`` shaded (a sweep's held-out figure)."""
+    fig = _new_figure(7.0, 1.0 + 0.35 * len(names))
+    ax = fig.add_subplot()
+    ax.barh(range(len(names)), scores, color=["tab:orange" if n == chosen else "tab:blue" for n in names])
+    ax.set_yticks(range(len(names)), names)
+    ax.invert_yaxis()
+    if interval:
+        ax.axvspan(interval[0], interval[1], color="grey", alpha=0.2, label="95% interval")
+    if estimate is not None:
+        ax.axvline(estimate, color="black", linestyle="--", label=f"held-out estimate {estimate:.3f}")
+        ax.legend(loc="lower right")
+    ax.set_xlabel(xlabel)
+    ax.set_xlim(0, 1)
+    ax.grid(alpha=0.3, axis="x")
+    _save_png(fig, path)
+
+
+__all__ = [
+    "classification_report",
+    "format_report",
+    "perplexity",
+    "plot_confusion_matrix",
+    "plot_leaderboard",
+    "plot_loss_curve",
+]

@@ -1,0 +1,70 @@
+"""``softprompt sweep``: choose a recipe's settings by nested cross-validation (`softprompt.training.sweep_run`)."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+from softprompt.options import add_arguments as add_option_arguments
+from softprompt.options import option
+from softprompt.training.sweep_run import sweep
+
+NAME = "sweep"
+HELP = "Choose template, label words, method, length, lr ... by nested cross-validation; report a held-out estimate."
+EXAMPLES = """
+    A sweep file is a recipe plus 'space:' (each key a list of choices; a key holding a list of mappings
+    sets several options together) and 'sweep:' (outer_folds, inner_folds, samples, seed, ensemble,
+    metric, test_data). Settings that share the base model and job-wide options train as ONE
+    multi-adapter job. Writes leaderboard.csv/.md/.png, sweep_report.json, chosen.yaml (a recipe for
+    'softprompt train') and final/ (the choice trained on all labelled rows). Rerunning the same
+    command skips every (fold, setting) already in <output>/results/.
+
+    examples:
+      softprompt sweep recipes/sweeps/raft_twitter_complaints.yaml
+          (5 outer x 3 inner folds over 2 templates x 2 lrs x 2 lengths on the 50 labelled tweets)
+      softprompt sweep recipes/sweeps/raft_twitter_complaints.yaml --output runs/raft-sweep \\
+          --predict ../shared/data/raft_twitter_complaints/test_unlabeled.csv --id-column ID \\
+          --predict-output results/raft_twitter_complaints_predictions.csv
+          (also labels the unlabelled test tweets with the final choice)
+      softprompt train runs/raft-sweep/chosen.yaml        # retrain the chosen recipe on its own
+
+    a minimal sweep file:
+      recipe: recipes/offline/raft_twitter_complaints.yaml
+      epochs: 5
+      space:
+        lr: [1.0e-2, 3.0e-2]
+        num_virtual_tokens: [8, 20]
+      sweep: {outer_folds: 5, inner_folds: 3, ensemble: 2, seed: 0}
+    """
+
+
+@dataclass
+class SweepOptions:
+    """The options of ``softprompt sweep``."""
+
+    config: str = option("", "Sweep file (YAML): a recipe, 'space:' and 'sweep:'.", positional=True)
+    output: str | None = option(None, "Output directory (default: the recipe's output).")
+    predict: str | None = option(None, "Unlabelled data file the final choice labels.", metavar="FILE")
+    id_column: str | None = option(None, "Column of --predict copied to the predictions (default: row numbers).")
+    predict_output: str | None = option(None, "CSV the predictions go to (default <output>/predictions.csv).")
+    quiet: bool = option(False, "No progress bar.")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_option_arguments(parser, SweepOptions)
+
+
+def run(args: argparse.Namespace) -> int:
+    result = sweep(
+        args.config,
+        output=args.output,
+        predict=args.predict,
+        id_column=args.id_column,
+        predict_output=args.predict_output,
+        progress=not args.quiet,
+    )
+    print(result.format(), end="")
+    print(f"leaderboard: {result.output / 'leaderboard.md'}")
+    if result.predictions:
+        print(f"predictions: {result.predictions}")
+    return 0

@@ -1,0 +1,342 @@
+"""``softprompt sweep``: choose template, label words, method, length, lr ... by nested cross-validation.
+
+The search space is `softprompt.training.sweep_space`. With the labelled rows alone (a few dozen, say):
+
+* **outer folds estimate.** For each outer fold, every setting is trained on the inner folds' training
+  rows and scored on their held-out rows (pooled over the inner folds); the best setting (or the average
+  of the top k, ``ensemble: k``, scored the same way) is the fold's choice. That choice is then trained on
+  the outer fold's training rows and scored once on its held-out rows, which no choice has seen. The
+  estimate is the outer folds' mean ± std and a bootstrap interval of the pooled outer predictions.
+* **final choice.** The same inner cross-validation over all rows chooses the setting reported, saved as
+  ``chosen.yaml`` (a recipe for ``softprompt train``) and trained on all rows into ``final/``.
+
+All settings of one base model (every setting, inner fold) of a stage train as adapters of ONE
+multi-adapter job, in the same batches. With validation data (``validation_data``/``validation_split``)
+the settings are chosen on validation alone, and ``sweep.test_data`` is scored once, for the choice.
+
+Every (fold, setting) result is written atomically to ``<output>/results/``; a rerun skips what is there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from softprompt.data import Template, Verbalizer, kfold, load_rows, verbalizer_for
+from softprompt.errors import ConfigError
+from softprompt.fileio import atomic_write_json, atomic_write_yaml
+from softprompt.training import sweep_report
+from softprompt.training.config import TrainConfig
+from softprompt.training.evaluate import prompt_budget
+from softprompt.training.jobs import AdapterJob, prepare_job
+from softprompt.training.loop import StepInfo, TrainResult, load_model, train_jobs
+from softprompt.training.metrics import classification_report
+from softprompt.training.predict import label_probabilities, predict_file
+from softprompt.training.signals import stop_at_step_boundary_on_signals
+from softprompt.training.sweep_space import Sweep, describe, job_config, job_key, load_sweep, recipe_values
+
+REPORT_FILE = "sweep_report.json"
+ALL = 0  # the "outer fold" that is every labelled row: its inner folds make the final choice
+
+
+@dataclasses.dataclass
+class SweepResult:
+    output: Path
+    report: dict  # what sweep_report.json holds
+    adapters: dict[str, Path]  # the final adapter(s), by name
+    predictions: Path | None = None
+
+    def format(self) -> str:
+        return sweep_report.format_report(self.report)
+
+
+def sweep(
+    path_or_sweep: str | Path | Sweep,
+    *,
+    output: str | None = None,
+    predict: str | None = None,
+    id_column: str | None = None,
+    predict_output: str | None = None,
+    model=None,
+    progress: bool = True,
+) -> SweepResult:
+    """Run a sweep file (or a parsed `Sweep`); see the module docstring. ``predict``: an unlabelled file the
+    final choice labels (``<output>/predictions.csv`` unless ``predict_output``). ``model``: a loaded
+    `SoftPromptModel` for the recipe's base model (others the space names are loaded by name)."""
+    overrides = {"output": output} if output else None
+    spec = path_or_sweep if isinstance(path_or_sweep, Sweep) else load_sweep(path_or_sweep, overrides)
+    if output and isinstance(path_or_sweep, Sweep):
+        spec = dataclasses.replace(spec, base=dataclasses.replace(spec.base, output=output))
+    run = _Run(spec, model, progress)
+    with stop_at_step_boundary_on_signals():
+        report = run.validation_sweep() if spec.selection_on_validation else run.nested()
+    adapters = {name: Path(p) for name, p in report["final"]["adapters"].items()}
+    result = SweepResult(run.out, report, adapters)
+    if predict:
+        target = Path(predict_output or run.out / "predictions.csv")
+        result.predictions = predict_file(
+            run.model_for(report["final"]["members"][0]),
+            adapters,
+            predict,
+            target,
+            id_column=id_column,
+            progress=progress,
+        )
+    return result
+
+
+class _Run:
+    def __init__(self, spec: Sweep, model, progress: bool):
+        self.spec, self.base, self.opts = spec, spec.base, spec.options
+        self.out = Path(spec.base.output)
+        self.models = {self.base.model or "": model} if model is not None else {}
+        self.progress = progress
+        base_spec = self.base.resolved_adapters()[0]
+        self.rows = base_spec.load_train_rows()
+        self.column = self.base.label_column or ""
+        self.truth = Verbalizer.from_rows(self.rows, self.column, source=base_spec.data)
+        self.raws = self.truth.raws  # every probability list is in this label order
+        self.verbalizers = [
+            verbalizer_for(s.get("verbalizer", self.base.verbalizer), self.rows, self.column, source=base_spec.data)
+            for s in spec.settings
+        ]
+        self._check_space_file()
+        self.bar = tqdm(
+            total=self._planned(),
+            desc="sweep",
+            unit="adapter",
+            disable=not progress,
+            dynamic_ncols=True,
+            bar_format="{l_bar}{bar}| {n:.1f}/{total} adapters [{elapsed}<{remaining}{postfix}]",
+        )
+
+    # ------------------------------------------------------------------------------ bookkeeping
+    def _check_space_file(self) -> None:
+        """Results on disk belong to this space and these folds; another space must not reuse them."""
+        key = {
+            "settings": self.spec.settings,
+            "outer_folds": self.opts.outer_folds,
+            "inner_folds": self.opts.inner_folds,
+        }
+        key |= {"seed": self.opts.seed, "recipe": {k: str(v) for k, v in self.spec.base_values.items()}}
+        path = self.out / "results" / "space.json"
+        if path.exists():
+            if json.loads(path.read_text()) != json.loads(json.dumps(key, default=str)):
+                raise ConfigError(
+                    f"--output {self.out}: holds results of another sweep (space, folds or recipe differ); "
+                    f"choose another --output or delete {self.out / 'results'}"
+                )
+        else:
+            atomic_write_json(path, key)
+
+    def _planned(self) -> int:
+        n = len(self.spec.settings)
+        if self.spec.selection_on_validation:
+            return n
+        return (self.opts.outer_folds + 1) * (self.opts.inner_folds * n + 1)
+
+    def _result_path(self, tag: str, index: int) -> Path:
+        return self.out / "results" / f"{tag}-s{index}.json"
+
+    def model_for(self, setting: dict[str, Any]):
+        name = setting.get("model", self.base.model) or ""
+        if name not in self.models:
+            self.models[name] = load_model(dataclasses.replace(self.base, model=name))
+        return self.models[name]
+
+    # ------------------------------------------------------------------------------ train + score
+    def train_and_score(self, units: list[tuple[str, Sequence[dict] | None, Sequence[dict] | None, int]]) -> None:
+        """Train each unit ``(tag, train rows, scored rows, setting)`` whose result is not on disk, as
+        adapters of one job per base model and job-wide settings, and save each one's probabilities."""
+        todo = [u for u in units if not self._result_path(u[0], u[3]).exists()]
+        self.bar.update(len(units) - len(todo))
+        groups: dict[tuple, list] = {}
+        for unit in todo:
+            groups.setdefault(job_key(self.spec.settings[unit[3]]), []).append(unit)
+        for group in groups.values():
+            names = [f"{tag}-s{i}" for tag, _, _, i in group]
+            config = job_config(
+                self.base,
+                [(name, self.spec.settings[i]) for name, (_, _, _, i) in zip(names, group)],
+                str(self.out / "work" / group[0][0]),
+            )
+            jobs = [
+                prepare_job(
+                    spec, rows=train, verbalizer=self.verbalizers[i], source=f"{self.base.data} ({tag} training rows)"
+                )
+                if train is not None
+                else prepare_job(spec)
+                for spec, (tag, train, _, i) in zip(config.resolved_adapters(), group)
+            ]
+            model = self.model_for(self.spec.settings[group[0][3]])
+            self.bar.set_postfix_str(f"{len(jobs)} adapters in one job ({group[0][0]}...)")
+            result = self._train(config, model, jobs)
+            for job, (tag, _, scored, i) in zip(jobs, group):
+                rows = scored if scored is not None else [e.row for e in job.val]  # selection on validation
+                probs = self.probabilities(model, job.name, i, rows, job.spec.template, config)
+                atomic_write_json(
+                    self._result_path(tag, i),
+                    {"tag": tag, "setting": i, "path": str(result.adapters[job.name].path), **self.record(rows, probs)},
+                )
+                model.remove_adapter(job.name)
+
+    def _train(self, config: TrainConfig, model, jobs: list[AdapterJob]) -> TrainResult:
+        """One multi-adapter job; the bar moves by its adapters as its optimizer steps go (the time estimate)."""
+        rows = sum(len(job.train) for job in jobs)  # the bar's estimate of the job's steps, as the loop counts them
+        steps = config.epochs * math.ceil(math.ceil(rows / config.batch_size) / config.grad_accum)
+        steps = max(1, min(steps, config.max_steps or steps))
+        start = self.bar.n
+
+        def moved(info: StepInfo) -> None:
+            self.bar.update(start + len(jobs) * min(info.step, steps) / steps - self.bar.n)
+
+        result = train_jobs(config, model, jobs, progress=False, on_step=moved)
+        self.bar.update(start + len(jobs) - self.bar.n)
+        return result
+
+    def probabilities(
+        self, model, name: str, index: int, rows: Sequence[dict], template: str, config: TrainConfig
+    ) -> list[list[float]]:
+        """Each row's label probabilities (in ``self.raws`` order) from adapter ``name`` of setting ``index``."""
+        verbalizer = self.verbalizers[index]
+        texts = [Template(template).render(r) for r in rows]
+        budget = prompt_budget(model, verbalizer.texts, config.max_length)
+        probs = label_probabilities(
+            model, texts, verbalizer.texts, [name], batch_size=2 * config.batch_size, max_input_tokens=budget
+        )
+        order = [verbalizer.raws.index(raw) for raw in self.raws]
+        return [[p[j] for j in order] for p in probs]
+
+    def record(self, rows: Sequence[dict], probs: list[list[float]]) -> dict:
+        ids = {id(r): i for i, r in enumerate(self.rows)}
+        return {
+            "rows": [ids.get(id(r), -1) for r in rows],
+            "truth": [self.truth.to_text(r[self.column]) for r in rows],
+            "probs": probs,
+        }
+
+    def load(self, tag: str, index: int) -> dict:
+        return json.loads(self._result_path(tag, index).read_text())
+
+    # ------------------------------------------------------------------------------ choosing
+    def choose(self, tags: list[str]) -> dict:
+        """Score every setting pooled over ``tags`` (inner folds or validation) and choose; with
+        ``ensemble: k`` the average of the top k settings of the best's job is one more candidate."""
+        pooled = {i: _pool([self.load(t, i) for t in tags]) for i in range(len(self.spec.settings))}
+        scores = {f"s{i}": self.score(*pooled[i]) for i in pooled}
+        ranked = sorted(pooled, key=lambda i: -scores[f"s{i}"])  # stable: ties keep the space's order
+        candidates = {f"s{i}": [i] for i in pooled}
+        k = min(self.opts.ensemble, len(ranked))
+        if k >= 2:
+            # members the final prediction can average: one base model, one template and label words
+            first = self.spec.settings[ranked[0]]
+            same = [i for i in ranked if _shares_inputs(self.spec.settings[i], first)][:k]
+            if len(same) >= 2:
+                name = f"top{len(same)}"
+                truth, probs = pooled[same[0]][0], _mean([pooled[i][1] for i in same])
+                scores[name], candidates[name] = self.score(truth, probs), same
+        best = max(scores, key=lambda c: (scores[c], -list(scores).index(c)))
+        return {"scores": scores, "chosen": best, "members": candidates[best]}
+
+    def score(self, truth: list[str], probs: list[list[float]]) -> float:
+        return float(classification_report(truth, sweep_report.argmax(probs, self.raws), self.raws)[self.opts.metric])
+
+    # ------------------------------------------------------------------------------ protocols
+    def nested(self) -> dict:
+        opts = self.opts
+        outer = kfold(self.rows, opts.outer_folds, opts.seed, self.column, source=str(self.base.data))
+        stages = [(o, train, test) for o, (train, test) in enumerate(outer, 1)] + [(ALL, self.rows, None)]
+        folds = []
+        for o, train, test in stages:
+            inner = kfold(train, opts.inner_folds, opts.seed, self.column, source=f"{self.base.data} (outer fold {o})")
+            tags = [f"o{o}i{j}" for j in range(1, len(inner) + 1)]
+            self.train_and_score(
+                [(tag, fit, held, i) for tag, (fit, held) in zip(tags, inner) for i in range(len(self.spec.settings))]
+            )
+            choice = self.choose(tags)
+            atomic_write_json(self.out / "results" / f"o{o}-choice.json", choice)
+            if o == ALL:
+                final = self.final(choice)
+            else:
+                self.train_and_score([(f"o{o}test", train, test, i) for i in choice["members"]])
+                outer_probs = _pool([self.load(f"o{o}test", i) for i in choice["members"]], average=True)
+                folds.append({"fold": o, **choice, "truth": outer_probs[0], "probs": outer_probs[1]})
+        self.bar.close()
+        report = sweep_report.nested_report(self.spec, folds, final, self.raws, self.out)
+        atomic_write_json(self.out / REPORT_FILE, report)
+        sweep_report.write_outputs(report, self.out)
+        return report
+
+    def validation_sweep(self) -> dict:
+        self.train_and_score([("val", None, None, i) for i in range(len(self.spec.settings))])
+        choice = self.choose(["val"])
+        adapters = {f"member{n}": Path(self.load("val", i)["path"]) for n, i in enumerate(choice["members"])}
+        final = self.final(choice, adapters)
+        test = None
+        if self.opts.test_data:
+            rows = load_rows(self.opts.test_data, format=self.base.data_format, encoding=self.base.encoding)
+            probs = []
+            for n, i in enumerate(choice["members"]):
+                model = self.model_for(self.spec.settings[i])
+                model.load_adapter(str(adapters[f"member{n}"]), name=f"test{n}")
+                config = job_config(self.base, [(f"test{n}", self.spec.settings[i])])
+                template = config.resolved_adapters()[0].template
+                probs.append(self.probabilities(model, f"test{n}", i, rows, template, config))
+                model.remove_adapter(f"test{n}")
+            test = self.record(rows, _mean(probs))
+        self.bar.close()
+        report = sweep_report.validation_report(self.spec, choice, final, test, self.raws, self.out)
+        atomic_write_json(self.out / REPORT_FILE, report)
+        sweep_report.write_outputs(report, self.out)
+        return report
+
+    def final(self, choice: dict, trained: dict[str, Path] | None = None) -> dict:
+        """The chosen recipe (``chosen.yaml``) and its adapter(s): trained on all labelled rows, unless
+        ``trained`` (selection on validation: the adapters already trained on the training rows)."""
+        members = [self.spec.settings[i] for i in choice["members"]]
+        recipe = recipe_values(self.spec, members, str(self.out / "final"))
+        atomic_write_yaml(self.out / "chosen.yaml", recipe)
+        if trained is None:
+            names = ["default"] if len(members) == 1 else [f"member{n}" for n in range(len(members))]
+            done = self.out / "results" / "final.json"
+            if not done.exists():
+                config = job_config(self.base, list(zip(names, members)), str(self.out / "final"))
+                model = self.model_for(members[0])
+                result = self._train(config, model, [prepare_job(s) for s in config.resolved_adapters()])
+                for name in names:
+                    model.remove_adapter(name)
+                atomic_write_json(done, {n: str(result.adapters[n].path) for n in names})
+            trained = {n: Path(p) for n, p in json.loads(done.read_text()).items()}
+        return {
+            **choice,
+            "settings": [describe(m) for m in members],
+            "members": members,
+            "adapters": {n: str(p) for n, p in trained.items()},
+            "recipe": str(self.out / "chosen.yaml"),
+        }
+
+
+def _shares_inputs(a: dict, b: dict) -> bool:
+    keys = ("model", "template", "verbalizer")
+    return job_key(a) == job_key(b) and all(a.get(k) == b.get(k) for k in keys)
+
+
+def _pool(results: list[dict], average: bool = False) -> tuple[list[str], list[list[float]]]:
+    """Concatenate results over folds, or (``average``) average results over the same rows."""
+    if average:
+        return results[0]["truth"], _mean([r["probs"] for r in results])
+    return [t for r in results for t in r["truth"]], [p for r in results for p in r["probs"]]
+
+
+def _mean(probs: list[list[list[float]]]) -> list[list[float]]:
+    return [[statistics.fmean(v) for v in zip(*rows)] for rows in zip(*probs)]
+
+
+__all__ = ["REPORT_FILE", "SweepResult", "sweep"]

@@ -1,0 +1,256 @@
+"""The search space of ``softprompt sweep``: a base recipe, the choices to try, and how the sweep runs.
+
+A sweep file is a training recipe (every key ``softprompt train`` takes, or ``recipe: PATH`` to start
+from one) plus two sections::
+
+    recipe: recipes/offline/raft_twitter_complaints.yaml
+    epochs: 5
+    space:                       # each key: a list of choices (a grid over all keys)
+      lr: [1.0e-2, 3.0e-2]
+      num_virtual_tokens: [8, 20]
+      prompt:                    # a key that is no option: a list of bundles, each set together
+        - {template: "Tweet: {Tweet text}\\nSentiment:", verbalizer: {1: " negative", 2: " positive"}}
+        - {template: "Tweet text : {Tweet text} Label : ", verbalizer: {1: complaint, 2: no complaint}}
+    sweep: {outer_folds: 5, inner_folds: 3, ensemble: 3, samples: 6, seed: 0}
+
+Per-adapter settings (template, label words, method, its options, init_from, lr, ...) vary between the
+adapters of ONE multi-adapter job; job-wide settings (base model, epochs, batch size, ...) make one job
+per combination. Every bad entry is reported at once, one line each (`ConfigError`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import random
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from softprompt.errors import ConfigError
+from softprompt.methods import METHOD_OPTIONS
+from softprompt.options import check_choice, check_int, coerce, did_you_mean, option
+from softprompt.training.adapter_config import AdapterSettings, AdapterSpec
+from softprompt.training.config import TrainConfig, read_yaml
+
+METRICS = ("macro_f1", "accuracy")
+SELECTIONS = ("nested", "validation")
+# Data settings are the sweep's, never a choice: every setting must see the same rows.
+_FIXED = {"data", "validation_data", "data_format", "encoding", "data_split", "validation_split", "text_column"}
+_FIXED |= {"label_column", "max_rows", "val_fraction", "method_options"}
+#: Space keys each adapter of a multi-adapter job may set for itself.
+ADAPTER_KEYS = tuple(f.name for f in fields(AdapterSettings) if f.name not in _FIXED)
+#: Space keys that are job-wide: settings differing in them train in separate jobs.
+JOB_KEYS = tuple(
+    f.name
+    for f in fields(TrainConfig)
+    if f.name not in {*(g.name for g in fields(AdapterSettings)), "name", "kfold", "output", "resume", "adapters"}
+    and f.name not in {"device", "log_every", "save_every", "eval_zero_shot"}
+)
+SPACE_KEYS = (*ADAPTER_KEYS, *METHOD_OPTIONS, *JOB_KEYS)
+
+
+@dataclass
+class SweepSettings:
+    """The ``sweep:`` section: how settings are sampled, selected and estimated."""
+
+    samples: int | None = option(None, "Try this many settings drawn (seeded) from the grid (default: all of it).")
+    seed: int = option(0, "Seed of the sampling, the folds and the bootstrap.")
+    outer_folds: int = option(5, "Outer folds: each estimates the choice its inner folds made (>= 2).")
+    inner_folds: int = option(3, "Inner folds: the settings are scored on these to choose (>= 2).")
+    ensemble: int = option(0, "Also try the average of the top k settings as one candidate (0: off).")
+    metric: str = option("macro_f1", "What chooses: macro_f1 or accuracy.", choices=METRICS)
+    selection: str | None = option(
+        None,
+        "nested (cross-validation on the labelled rows) or validation (choose on the recipe's validation rows: "
+        "validation_data, validation_split or a val_fraction split); default: validation when the recipe has "
+        "validation data, else nested.",
+        choices=SELECTIONS,
+    )
+    test_data: str | None = option(
+        None, "With validation data (selection on validation only): a labelled test file scored once, for the choice."
+    )
+    bootstrap: int = option(1000, "Bootstrap resamples of the pooled outer predictions (the interval).")
+
+
+@dataclass
+class Sweep:
+    """A parsed sweep file: the base config, the settings to try (each a mapping of space keys to values)."""
+
+    base: TrainConfig
+    base_values: dict[str, Any]  # the recipe's keys as written (the chosen recipe starts from them)
+    settings: list[dict[str, Any]]
+    options: SweepSettings
+    source: str
+
+    @property
+    def selection_on_validation(self) -> bool:
+        if self.options.selection is not None:
+            return self.options.selection == "validation"
+        return bool(self.base.validation_data or self.base.validation_split)
+
+
+def load_sweep(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Sweep:
+    """Read a sweep file (see the module docstring); ``overrides`` replace recipe keys (e.g. ``output``)."""
+    source = str(path)
+    values = read_yaml(path)
+    return parse_sweep(values, source=source, overrides=overrides)
+
+
+def parse_sweep(
+    values: Mapping[str, Any], *, source: str = "sweep", overrides: Mapping[str, Any] | None = None
+) -> Sweep:
+    values = dict(values)
+    space = values.pop("space", None)
+    settings_values = values.pop("sweep", None) or {}
+    recipe = values.pop("recipe", None)
+    base_values = {**(read_yaml(recipe) if recipe else {}), **values, **(overrides or {})}
+    base = TrainConfig.from_dict(base_values, source=source).validate()
+    if base.kfold is not None or base.adapters:
+        raise ConfigError(f"{source}: a sweep's recipe trains one adapter; remove 'kfold' and 'adapters'")
+    if base.label_column is None:
+        raise ConfigError(f"{source}: key 'label_column': required; a sweep chooses among classifiers")
+    options = _sweep_settings(settings_values, source)
+    if not isinstance(space, Mapping) or not space:
+        raise ConfigError(f"{source}: key 'space': expected a mapping of option -> list of choices, got {space!r}")
+    errors: list[str] = []
+    axes = [_axis(base_values, str(key), choices, source, errors) for key, choices in space.items()]
+    if errors:
+        raise ConfigError("\n".join(errors))
+    grid = [_merge(combo) for combo in itertools.product(*axes)]
+    if options.samples is not None and options.samples < len(grid):
+        picked = sorted(random.Random(options.seed).sample(range(len(grid)), options.samples))
+        grid = [grid[i] for i in picked]
+    for i, setting in enumerate(grid):  # combinations a single entry cannot show (an option of another method)
+        try:
+            job_config(base, [(f"s{i}", setting)])
+        except ConfigError as exc:
+            errors.append(f"{source}: space: setting {describe(setting)}: {exc}")
+    if errors:
+        raise ConfigError("\n".join(dict.fromkeys(errors)))
+    sweep = Sweep(base, base_values, grid, options, source)
+    if sweep.selection_on_validation and not (base.validation_data or base.validation_split):
+        if any("seed" in setting for setting in grid):  # the val_fraction split follows each adapter's seed
+            raise ConfigError(
+                f"{source}: space.seed: with selection on a val_fraction split every setting needs the same rows; fix 'seed' or give validation_data"
+            )
+        if base.val_fraction <= 0:
+            raise ConfigError(f"{source}: sweep.selection: validation needs validation_data or a val_fraction above 0")
+    return sweep
+
+
+def _sweep_settings(values: Any, source: str) -> SweepSettings:
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{source}: key 'sweep': expected a mapping, got {values!r}")
+    hints = typing.get_type_hints(SweepSettings)
+    known = [f.name for f in fields(SweepSettings)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in hints:
+            raise ConfigError(
+                f"{source}: sweep: unknown key {key!r}{did_you_mean(str(key), known)}; expected some of: {', '.join(known)}"
+            )
+        kwargs[key] = coerce(value, hints[key], text=False, where=f"{source}: sweep.{key}")
+    out = SweepSettings(**kwargs)
+    for name, low in (("outer_folds", 2), ("inner_folds", 2), ("ensemble", 0), ("seed", 0), ("bootstrap", 0)):
+        check_int(getattr(out, name), f"{source}: sweep.{name}", minimum=low)
+    if out.samples is not None:
+        check_int(out.samples, f"{source}: sweep.samples", minimum=1)
+    check_choice(out.metric, f"{source}: sweep.metric", METRICS)
+    if out.selection is not None:
+        check_choice(out.selection, f"{source}: sweep.selection", SELECTIONS)
+    return out
+
+
+def _axis(base: dict, key: str, choices: Any, source: str, errors: list[str]) -> list[dict[str, Any]]:
+    """One space entry as a list of partial settings; problems are appended to ``errors``."""
+    where = f"{source}: space.{key}"
+    if not isinstance(choices, list) or not choices:
+        errors.append(f"{where}: expected a non-empty list of choices, got {choices!r}")
+        return []
+    if key not in SPACE_KEYS:
+        if all(isinstance(c, Mapping) for c in choices):  # a bundle: several keys chosen together
+            return [_choice(base, dict(c), f"{where}[{i}]", errors) for i, c in enumerate(choices)]
+        hint = did_you_mean(key, SPACE_KEYS)
+        errors.append(
+            f"{where}: not an option a sweep can vary{hint}; expected one of {', '.join(SPACE_KEYS)}, "
+            f"or a list of mappings (options chosen together)"
+        )
+        return []
+    return [_choice(base, {key: c}, f"{where}[{i}]", errors) for i, c in enumerate(choices)]
+
+
+def _choice(base: dict, values: dict[str, Any], where: str, errors: list[str]) -> dict[str, Any]:
+    """``values`` coerced to their options' types, checked as a recipe with them would be."""
+    for key in values:
+        if key not in SPACE_KEYS:
+            errors.append(f"{where}: {key!r} is not an option a sweep can vary{did_you_mean(str(key), SPACE_KEYS)}")
+            return {}
+    try:
+        config = TrainConfig.from_dict({**base, **values}, source=where).validate()
+    except ConfigError as exc:
+        errors.append(f"{where}: {exc}" if not str(exc).startswith(where) else str(exc))
+        return {}
+    return {k: config.method_options[k] if k in METHOD_OPTIONS else getattr(config, k) for k in values}
+
+
+def _merge(parts: tuple[dict[str, Any], ...]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for part in parts:
+        out.update(part)
+    return out
+
+
+def describe(setting: Mapping[str, Any]) -> str:
+    """``lr=0.01, template='Tweet: {x}'`` (a setting as people read it)."""
+    return ", ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in setting.items()) or "(the recipe)"
+
+
+def job_key(setting: Mapping[str, Any]) -> tuple:
+    """Settings with equal job keys train as adapters of one job."""
+    return tuple(sorted((k, repr(v)) for k, v in setting.items() if k in JOB_KEYS))
+
+
+def job_config(base: TrainConfig, adapters: list[tuple[str, dict[str, Any]]], output: str | None = None) -> TrainConfig:
+    """The multi-adapter job training ``adapters`` (name, setting), all of one job key, on ``base``."""
+    job_values = {k: v for k, v in adapters[0][1].items() if k in JOB_KEYS}
+    specs = []
+    for name, setting in adapters:
+        options = {k: v for k, v in setting.items() if k in METHOD_OPTIONS}
+        own = {k: v for k, v in setting.items() if k in ADAPTER_KEYS}
+        specs.append(AdapterSpec(name=name, **own, method_options=options or None))
+    config = dataclasses.replace(
+        base, **job_values, adapters=specs, resume=False, output=output or base.output, eval_zero_shot=False
+    )
+    return config.validate()
+
+
+def recipe_values(sweep: Sweep, members: list[dict[str, Any]], output: str) -> dict[str, Any]:
+    """The chosen settings as a recipe ``softprompt train`` loads: one adapter, or the ensemble's members."""
+    values = {**sweep.base_values, "output": output}
+    if len(members) == 1:
+        return {**values, **members[0]}
+    values.update({k: v for k, v in members[0].items() if k in JOB_KEYS})
+    values["adapters"] = [
+        {"name": f"member{i}", **{k: v for k, v in m.items() if k not in JOB_KEYS}} for i, m in enumerate(members)
+    ]
+    return values
+
+
+__all__ = [
+    "ADAPTER_KEYS",
+    "JOB_KEYS",
+    "METRICS",
+    "SELECTIONS",
+    "SPACE_KEYS",
+    "Sweep",
+    "SweepSettings",
+    "describe",
+    "job_config",
+    "job_key",
+    "load_sweep",
+    "parse_sweep",
+    "recipe_values",
+]

@@ -1,0 +1,184 @@
+"""softprompt sweep on the toy task and a tiny model: sampling, nested CV, resume, bad entries, outputs."""
+
+import csv
+import json
+
+import pytest
+import yaml
+
+from softprompt.cli import main
+from softprompt.errors import ConfigError
+from softprompt.training import sweep_run as sweep_module
+from softprompt.training.config import load_config
+from softprompt.training.loop import train
+from softprompt.training.metrics import classification_report
+from softprompt.training.sweep_report import argmax
+from softprompt.training.sweep_run import sweep
+from softprompt.training.sweep_space import parse_sweep
+
+from tiny import tiny_model
+from toy_data import toy_rows, write_csv
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SPACE = {"lr": [1.0, 1e-3], "num_virtual_tokens": [2, 3]}
+
+
+def recipe(tmp, **extra) -> dict:
+    return {
+        "data": write_csv(tmp / "toy.csv", toy_rows(24)),
+        "label_column": "label",
+        "method": "prompt_tuning",
+        "init": "random",
+        "epochs": 2,
+        "batch_size": 8,
+        "val_fraction": 0,
+        "lr_schedule": "constant",
+        "output": str(tmp / "out"),
+        "space": SPACE,
+        "sweep": {"outer_folds": 3, "inner_folds": 2, "ensemble": 2, "bootstrap": 50},
+        **extra,
+    }
+
+
+@pytest.fixture(scope="module")
+def nested(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sweep")
+    unlabelled = write_csv(tmp / "new.csv", [{"ID": f"n{i}", "text": r["text"]} for i, r in enumerate(toy_rows(5, 9))])
+    spec = parse_sweep(recipe(tmp))
+    model = tiny_model("bloom")
+    result = sweep(spec, model=model, predict=unlabelled, id_column="ID", progress=False)
+    return tmp, spec, model, result
+
+
+def test_grid_and_seeded_random_sampling(tmp_path):
+    grid = parse_sweep(recipe(tmp_path)).settings
+    assert len(grid) == 4 and {s["lr"] for s in grid} == {1.0, 1e-3}
+    drawn = parse_sweep(recipe(tmp_path, sweep={"samples": 3, "seed": 1})).settings
+    assert len(drawn) == 3 and all(s in grid for s in drawn)
+    assert drawn == parse_sweep(recipe(tmp_path, sweep={"samples": 3, "seed": 1})).settings
+    bundles = parse_sweep(
+        recipe(tmp_path, space={"prompt": [{"template": "{text} =", "lr": 0.5}, {"template": "{text}:"}]})
+    )
+    assert bundles.settings == [{"template": "{text} =", "lr": 0.5}, {"template": "{text}:"}]
+
+
+def test_every_bad_space_entry_is_listed(tmp_path):
+    space = {"lrr": [1], "lr": [0.1, -1], "num_virtual_tokens": [0], "epochs": "3", "template": ["{nope"]}
+    with pytest.raises(ConfigError) as err:
+        parse_sweep(recipe(tmp_path, space=space), source="s.yaml")
+    lines = str(err.value).splitlines()
+    assert len(lines) == 5, lines
+    assert "s.yaml: space.lrr: not an option a sweep can vary (did you mean 'lr'?)" in lines[0]
+    assert lines[1].startswith("s.yaml: space.lr[1]") and "above 0" in lines[1]
+    assert lines[2].startswith("s.yaml: space.num_virtual_tokens[0]")
+    assert lines[3].startswith("s.yaml: space.epochs: expected a non-empty list")
+    assert lines[4].startswith("s.yaml: space.template[0]")
+
+
+def test_inner_folds_choose_and_outer_folds_estimate(nested):
+    tmp, spec, _, result = nested
+    out, report = result.output, result.report
+    assert len(report["outer_folds"]) == 3
+    outer_rows = []
+    for fold in report["outer_folds"]:
+        o = fold["fold"]
+        inner = {
+            i: [json.loads((out / "results" / f"o{o}i{j}-s{i}.json").read_text()) for j in (1, 2)]
+            for i in range(len(spec.settings))
+        }
+        labels = ["A", "B"]
+        scores = {
+            f"s{i}": classification_report(
+                [t for r in rs for t in r["truth"]], argmax([p for r in rs for p in r["probs"]], labels), labels
+            )["macro_f1"]
+            for i, rs in inner.items()
+        }
+        singles = {k: v for k, v in fold["inner_scores"].items() if k.startswith("s")}
+        assert singles == pytest.approx(scores)  # the choice was made from the inner results alone
+        assert fold["inner_scores"][fold["chosen"]] == max(fold["inner_scores"].values())
+        test = json.loads((out / "results" / f"o{o}test-s{fold['members'][0]}.json").read_text())
+        seen_inner = {row for rs in inner.values() for r in rs for row in r["rows"]}
+        assert not seen_inner & set(test["rows"])  # the outer fold's rows never informed its choice
+        outer_rows += test["rows"]
+    assert sorted(outer_rows) == list(range(24))  # every labelled row estimated exactly once
+    estimate = report["estimate"]
+    assert estimate["pooled"]["n"] == 24
+    lo, hi = estimate["pooled_interval"]
+    assert lo <= estimate["pooled"]["macro_f1"] <= hi
+    assert report["final"]["chosen"] in {row["candidate"] for row in report["leaderboard"]}
+
+
+def test_outputs_recipe_adapter_and_predictions(nested, tmp_path):
+    tmp, _, _, result = nested
+    out = result.output
+    for name in ("leaderboard.csv", "leaderboard.md", "leaderboard.png", "sweep_report.json", "chosen.yaml"):
+        assert (out / name).stat().st_size > 0
+    for path in result.adapters.values():
+        assert (path / "adapter_model.safetensors").exists()
+    with open(result.predictions) as f:
+        rows = list(csv.DictReader(f))
+    assert [r["ID"] for r in rows] == [f"n{i}" for i in range(5)] and {r["Label"] for r in rows} <= {"A", "B"}
+    values = yaml.safe_load((out / "chosen.yaml").read_text())
+    values.update(output=str(tmp_path / "retrain"), epochs=1)
+    (tmp_path / "chosen.yaml").write_text(yaml.safe_dump(values))
+    config = load_config(tmp_path / "chosen.yaml")  # what `softprompt train chosen.yaml` reads
+    trained = train(config, model=tiny_model("bloom"), progress=False)
+    assert set(trained.adapters) == set(result.adapters)
+
+
+def test_a_rerun_skips_what_is_done(nested, monkeypatch):
+    tmp, spec, model, result = nested
+    trained = []
+
+    def counting(config, model, jobs, **kwargs):
+        trained.extend(job.name for job in jobs)
+        return real(config, model, jobs, **kwargs)
+
+    real = sweep_module.train_jobs
+    monkeypatch.setattr(sweep_module, "train_jobs", counting)
+    (result.output / "results" / "o2i1-s3.json").unlink()
+    again = sweep(spec, model=model, progress=False)
+    assert trained == ["o2i1-s3"]
+    assert again.report["estimate"] == result.report["estimate"]
+    other = parse_sweep(recipe(tmp, space={"lr": [0.5]}))
+    with pytest.raises(ConfigError, match="holds results of another sweep"):
+        sweep(other, model=model, progress=False)
+
+
+def test_selection_on_validation_scores_test_once(tmp_path):
+    values = recipe(
+        tmp_path,
+        validation_data=write_csv(tmp_path / "val.csv", toy_rows(8, 3)),
+        space={"lr": [1.0, 1e-3]},
+        sweep={"test_data": write_csv(tmp_path / "test.csv", toy_rows(10, 4)), "bootstrap": 20},
+    )
+    result = sweep(parse_sweep(values), model=tiny_model("bloom"), progress=False)
+    report = result.report
+    assert report["estimate"]["test"]["n"] == 10
+    assert [r["candidate"] for r in report["leaderboard"]][0] == report["final"]["chosen"]
+    assert sorted(p.name for p in (result.output / "results").glob("*.json")) == [
+        "space.json",
+        "val-s0.json",
+        "val-s1.json",
+    ]
+
+
+def test_cli_help_and_a_bad_file(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["sweep", "--help"])
+    assert "nested cross-validation" in capsys.readouterr().out
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(recipe(tmp_path, space={"lr": ["fast"]})))
+    assert main(["sweep", str(path)]) == 2
+    assert "space.lr[0]" in capsys.readouterr().err
+
+
+def test_selection_on_a_val_fraction_split(tmp_path):
+    values = recipe(tmp_path, val_fraction=0.25, space={"num_virtual_tokens": [2]}, sweep={"selection": "validation"})
+    result = sweep(parse_sweep(values), model=tiny_model("bloom"), progress=False)
+    scored = json.loads((result.output / "results" / "val-s0.json").read_text())
+    assert len(scored["truth"]) == 6  # the 25% of 24 rows held out of training choose
+    assert result.report["estimate"] is None and result.report["final"]["chosen"] == "s0"
+    with pytest.raises(ConfigError, match="space.seed"):
+        parse_sweep({**values, "space": {"seed": [1, 2]}})
