@@ -77,7 +77,9 @@ def self_study_rows(
     questions: list[tuple[int, int, str]] = []  # (chunk, seed prompt, question)
     seen: set[str] = set()
     for round_ in range(MAX_ROUNDS):
-        draws = [(rng.randrange(len(chunks)), rng.randrange(len(SEED_PROMPTS))) for _ in range(queries - len(questions))]
+        draws = [
+            (rng.randrange(len(chunks)), rng.randrange(len(SEED_PROMPTS))) for _ in range(queries - len(questions))
+        ]
         prompts = [f"{chunks[c]}\n\n{SEED_PROMPTS[p]}\nQuestion:" for c, p in draws]
         texts = _generate(
             model,
@@ -100,7 +102,12 @@ def self_study_rows(
     if len(questions) < 2:
         raise ConfigError(f"self-study: the model wrote no usable questions about the document in {MAX_ROUNDS} rounds")
     answers = _generate(
-        model, [answer_prompt(q) for _, _, q in questions], teacher, batch_size, max_new_tokens=ANSWER_TOKENS, stop=["\n"]
+        model,
+        [answer_prompt(q) for _, _, q in questions],
+        teacher,
+        batch_size,
+        max_new_tokens=ANSWER_TOKENS,
+        stop=["\n"],
     )
     digest = document_hash(document)
     return [

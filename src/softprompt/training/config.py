@@ -58,7 +58,6 @@ from softprompt.options import (
     options_of,
     parse_mapping_text,
 )
-from softprompt.training.objectives import check_objective
 from softprompt.training.adapter_config import (
     METHOD_OPTION_TYPES,
     AdapterSettings,
@@ -69,6 +68,7 @@ from softprompt.training.adapter_config import (
     method_option_listing,
     resolve_adapter,
 )
+from softprompt.training.objectives import check_objective
 
 CONFIG_FILE = "config.yaml"
 MAX_CONFIG_BYTES = 1024**2  # a config is a few hundred bytes; anything near this is not a config

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 
 from softprompt.data.selfstudy import read_context, saved_rows, self_study_rows, write_rows
 from softprompt.engine.model import SoftPromptOutput
-from softprompt.errors import ConfigError, SoftPromptError
+from softprompt.errors import ConfigError
+from softprompt.methods.cartridge import Cartridge, CartridgeConfig
 from softprompt.options import flag
 from softprompt.training.config import TrainConfig
 from softprompt.training.jobs import AdapterJob, prepare_job
@@ -82,8 +83,8 @@ def add_teacher(model, name: str, document: str, *, max_length: int, where: str 
     `document_text` spells it). The document plus ``max_length`` tokens of query must fit the context window."""
     if model.shape.is_encoder_decoder:
         raise ConfigError(f"{flag('objective')}: distill needs a causal model (the teacher reads the document first)")
-    text = document_text(model, document)
-    tokens = len(model.tokenizer(text, add_special_tokens=False)["input_ids"])
+    ids = torch.tensor([model.tokenizer(document_text(model, document), add_special_tokens=False)["input_ids"]])
+    tokens = ids.shape[1]
     window = context_window(model)
     if window is not None and tokens + max_length > window:
         raise ConfigError(
@@ -91,13 +92,20 @@ def add_teacher(model, name: str, document: str, *, max_length: int, where: str 
             f"context window of {window:,} tokens"
         )
     teacher = name[: 64 - len(TEACHER_SUFFIX)] + TEACHER_SUFFIX
-    try:
-        adapter = model.add_adapter(
-            teacher, method="cartridge", num_virtual_tokens=tokens, num_frozen_tokens=0, init="text", init_text=text
+    model.check_new_name(teacher)
+    cache = model.prefill(ids, torch.ones_like(ids), None).cache  # the document at positions 0..n-1, once
+    layers = [(layer.keys[0], layer.values[0]) for layer in cache.layers]
+    if any(key.shape[1] != tokens for key, _ in layers):
+        raise ConfigError(
+            f"{where}: is {tokens:,} tokens, longer than a sliding-window layer of the model keeps; "
+            f"distill needs a document every layer attends to whole"
         )
-    except SoftPromptError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
+    # Built here rather than through `add_adapter`: a document may be longer than a trainable prefix may be.
+    config = CartridgeConfig(num_virtual_tokens=tokens, num_frozen_tokens=0, init="random")
+    adapter = Cartridge.seeded(config, model.shape, torch.Generator().manual_seed(0))
+    adapter.load_kv(layers)
     adapter.requires_grad_(False)
+    model.register(teacher, adapter)
     return teacher
 
 

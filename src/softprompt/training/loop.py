@@ -165,7 +165,9 @@ def train_jobs(
     objective: Objective = lm_loss,
 ) -> TrainResult:
     """The training loop over prepared jobs, all on ``model`` (see the module docstring)."""
-    run = Trainer(config, model, jobs, on_step=on_step, progress=progress, objective=objective)  # checks, adapters, optimizer
+    run = Trainer(
+        config, model, jobs, on_step=on_step, progress=progress, objective=objective
+    )  # checks, adapters, optimizer
     run.train()  # the optimizer steps, with validation and checkpoints
     return run.finish()  # the last validation and save; the model holds every adapter's best
 

@@ -13,6 +13,7 @@ from typing import Protocol
 
 import torch
 
+from softprompt.data.selfstudy import read_context
 from softprompt.methods import METHODS
 from softprompt.options import OptionError, flag
 from softprompt.training.adapter_config import ResolvedAdapter
@@ -40,11 +41,10 @@ def check_objective(objective: str, adapters: Sequence[ResolvedAdapter]) -> None
             continue
         if not spec.context:
             raise OptionError(prefix + flag("context"), "required with --objective distill (the document to distil)")
+        read_context(spec.context, prefix + flag("context"))  # a missing or empty file fails before any loading
         if METHODS[spec.method].adds != "kv":
             kv = ", ".join(m for m, cls in METHODS.items() if cls.adds == "kv")
-            raise OptionError(
-                prefix + flag("objective"), f"distill trains key/value methods ({kv}), not {spec.method}"
-            )
+            raise OptionError(prefix + flag("objective"), f"distill trains key/value methods ({kv}), not {spec.method}")
 
 
 __all__ = ["Objective", "check_objective", "lm_loss"]
