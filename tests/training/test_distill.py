@@ -111,6 +111,7 @@ def test_distill_trains_the_cartridge_and_saves_its_self_study_rows(tmp_path):
         (DOCUMENT, {"--method": "prompt_tuning"}, "--objective: distill trains key/value methods"),
         (DOCUMENT, {"--objective": "lm", "--data": "TOY"}, "--context: is only read with --objective distill"),
         (None, {}, "--context"),
+        (DOCUMENT, {"--kfold": "3"}, "--kfold: cross-validation trains with --objective lm"),
     ],
 )
 def test_bad_distill_input_is_one_line(document, extra, expected, tmp_path, capsys):

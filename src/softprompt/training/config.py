@@ -186,6 +186,8 @@ class TrainConfig(AdapterSettings):
             raise OptionError(flag("adapters"), f"the adapter name {duplicate!r} is given twice")
         if self.kfold is not None and self.adapters:
             raise OptionError(flag("kfold"), f"cross-validation trains one adapter per fold; remove {flag('adapters')}")
+        if self.kfold is not None and self.objective != "lm":
+            raise OptionError(flag("kfold"), f"cross-validation trains with {flag('objective')} lm")
         if self.kfold is not None and self.validation_data:
             raise OptionError(flag("kfold"), f"the folds are cut from {flag('data')}; remove {flag('validation_data')}")
         check_choice(self.objective, flag("objective"), OBJECTIVES)

@@ -11,6 +11,9 @@ at a time) and its end (`Trainer.finish`). In short:
   (still training) adapter together with a seeded generator, so a batch mixes rows of several adapters
   (the engine gives each row its own soft prompt). Each adapter is its own AdamW param group with its
   own learning rate and only ever gets gradients from its own rows.
+* **Objective.** The loss of a batch is a callable (`softprompt.training.objectives`): cross-entropy on
+  the label tokens, or ``distill`` (`softprompt.training.distill`), KL to the frozen model reading a
+  document, whose set-up (teachers, self-study rows) `train` does before the loop.
 * **Schedule.** Warm-up then linear, cosine or constant (transformers' `get_scheduler`), stepped once
   per optimizer step; ``grad_accum`` forward passes per step.
 * **Validation** every ``eval_every`` epochs and after the last: label scoring (or generation)
