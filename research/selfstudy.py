@@ -5,7 +5,8 @@ model) and answers them with the model reading the whole document (the teacher);
 of them are never trained on. Cartridges of each ``--sizes`` are trained with ``--objective distill`` on the
 rest, then every condition is scored on the held-out answers:
 
-* (a) the bare model (question only), (b) the whole document in context, (c) each cartridge;
+* (a) the bare model (question only), (b) the whole document in context, (c) each cartridge, and its
+  untrained start (the keys/values of the document's first tokens);
 * perplexity of the held-out answers (the teacher's own greedy answers, so (b) is the ceiling by
   construction) and of the whole question + answer text;
 * inference cost per request: prefill time of one held-out question (batch 1, median of ``--reps``; for
@@ -159,6 +160,11 @@ def main(argv: list[str] | None = None) -> None:
         },
     )
     for size in args.sizes:
+        # The untrained start (the document's first tokens' keys/values): what training adds beyond it.
+        start = f"start-{size}"
+        model.add_adapter(start, method="cartridge", num_virtual_tokens=size, init_text=document_text(model, document))
+        record(start, {"prefix_tokens": size, **perplexities(model, heldout, start, args.batch_size)})
+        model.remove_adapter(start)
         name = f"cartridge-{size}"
         config = load_config(
             None,
@@ -203,9 +209,10 @@ def markdown(report: dict) -> str:
     ]
     for name, row in report["conditions"].items():
         train_s = f"{row['train_s']:.0f}" if "train_s" in row else ""
+        prefill = f"{row['prefill_s'] * 1000:.0f}" if "prefill_s" in row else ""
         lines.append(
             f"| {name} | {row['prefix_tokens']} | {row['answer_perplexity']:.2f} | {row['qa_perplexity']:.2f} | "
-            f"{row['prefill_s'] * 1000:.1f} | {row['kv_mib']:.1f} | {train_s} |"
+            f"{prefill} | {row['kv_mib']:.1f} | {train_s} |"
         )
     return "\n".join(lines)
 
