@@ -8,14 +8,16 @@ import pytest
 import torch
 
 from softprompt.cli.app import main
+from softprompt.data import Example
 from softprompt.data.selfstudy import self_study_rows
+from softprompt.errors import ConfigError
 from softprompt.training.batches import collate, encode_examples
 from softprompt.training.config import load_config
 from softprompt.training.distill import DistillLoss, add_teacher, document_text, kl_loss
 from softprompt.training.loop import train
 
 from serving import lively_model
-from tiny import save_tiny_checkpoint
+from tiny import save_tiny_checkpoint, tiny_model
 from toy_data import toy_rows, write_csv
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models; the cores are shared
@@ -24,8 +26,6 @@ DOCUMENT = "The river Quell runs north from the Amber hills to Port Lannis. Its 
 
 
 def batch(model, texts):
-    from softprompt.data import Example
-
     items = encode_examples(model, [Example(t, None, {}) for t in texts], "student", 64)
     return collate(items, 0)
 
@@ -127,3 +127,10 @@ def test_bad_distill_input_is_one_line(document, extra, expected, tmp_path, caps
     assert main(["train", *(w for pair in args.items() for w in pair)]) == 2
     err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("Loading weights")]
     assert len(err) == 1 and expected in err[0], err
+
+
+def test_a_document_longer_than_a_sliding_window_is_one_line():
+    model = tiny_model("gemma3")  # sliding_window 128: those layers never see a 150-token document whole
+    with pytest.raises(ConfigError, match="--context: is 150 tokens, longer than a sliding-window layer") as err:
+        add_teacher(model, "s", "y" * 150, max_length=32)
+    assert "\n" not in str(err.value) and list(model.adapters) == []
