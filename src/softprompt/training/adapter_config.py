@@ -125,6 +125,15 @@ class AdapterSettings:
         "Use at most N rows of --data (before validation rows are held out), drawn with --seed and stratified "
         "by label, so a file sorted by label still gives every label (default: all rows).",
     )
+    context: str | None = option(
+        None,
+        "Document the adapter stands for (--objective distill): a UTF-8 text file the teacher (the frozen model) "
+        "reads whole; without --data, self-study writes the training questions about it.",
+    )
+    synthetic_queries: int = option(
+        64, "Self-study (--context without --data): questions the frozen model writes about chunks of --context."
+    )
+    chunk_tokens: int = option(512, "Self-study: tokens of --context shown per question-writing prompt.")
     lr: float = option(3e-2, "Peak learning rate (AdamW; each adapter is its own optimizer param group).")
     weight_decay: float = option(0.0, "AdamW weight decay.")
     seed: int = option(0, "Seed of the initialisation and the split (the top-level one also orders the data).")
@@ -330,9 +339,12 @@ def resolve_adapter(
         spec.method = view.method
     view.method_options = _resolved_method_options(top, spec, view.method, prefix, several)
     check_adapter_numbers(view, prefix)
-    if not view.data:
+    check_int(view.synthetic_queries, prefix + flag("synthetic_queries"), minimum=2)
+    check_int(view.chunk_tokens, prefix + flag("chunk_tokens"), minimum=16)
+    if not view.data and not view.context:
         raise ConfigError(
-            f"{prefix}{flag('data')}: required (a CSV, TSV, JSONL, parquet or phrasebank file, or hf:owner/name)"
+            f"{prefix}{flag('data')}: required (a CSV, TSV, JSONL, parquet or phrasebank file, or hf:owner/name; "
+            f"or {flag('context')} FILE with --objective distill, which writes its own questions)"
         )
     if view.validation_data and Path(str(view.validation_data)).resolve() == Path(str(view.data)).resolve():
         raise ConfigError(
@@ -360,7 +372,7 @@ def resolve_adapter(
     return ResolvedAdapter(
         **{
             **vars(view),
-            "data": str(view.data),
+            "data": str(view.data or ""),
             "val_fraction": float(view.val_fraction),
             "lr": float(view.lr),
             "weight_decay": float(view.weight_decay),

@@ -68,12 +68,14 @@ from softprompt.training.adapter_config import (
     method_option_listing,
     resolve_adapter,
 )
+from softprompt.training.objectives import check_objective
 
 CONFIG_FILE = "config.yaml"
 MAX_CONFIG_BYTES = 1024**2  # a config is a few hundred bytes; anything near this is not a config
 SCHEDULES = ("linear", "cosine", "constant")
 VALIDATION_METHODS = ("score", "generate")  # how training validates labelled rows
 RESUME = (False, True, "auto")
+OBJECTIVES = ("lm", "distill")  # the training loss (softprompt.training.objectives)
 #: Where each adapter's latest training state is saved, under ``<output>/<adapter>/``.
 CHECKPOINT = Path("checkpoints") / "last"
 
@@ -86,6 +88,12 @@ class TrainConfig(AdapterSettings):
     name: str = option("default", "Adapter name when one adapter is trained (its output sub-directory).")
     kfold: int | None = option(None, "Cross-validate with k folds instead of a single split (k >= 2).")
     max_length: int = option(256, "Longest example in tokens (prompt + label); longer prompts keep their end.")
+    objective: str = option(
+        "lm",
+        "Training loss: lm (cross-entropy on the data's tokens) or distill (KL to the frozen model reading "
+        "--context, for kv methods such as cartridge; see docs/selfstudy.md).",
+        choices=OBJECTIVES,
+    )
     # --- optimisation
     epochs: int = option(3, "Passes over the training data.")
     batch_size: int = option(8, "Examples per forward pass.")
@@ -181,9 +189,12 @@ class TrainConfig(AdapterSettings):
             raise OptionError(flag("adapters"), f"the adapter name {duplicate!r} is given twice")
         if self.kfold is not None and self.adapters:
             raise OptionError(flag("kfold"), f"cross-validation trains one adapter per fold; remove {flag('adapters')}")
+        if self.kfold is not None and self.objective != "lm":
+            raise OptionError(flag("kfold"), f"cross-validation trains with {flag('objective')} lm")
         if self.kfold is not None and self.validation_data:
             raise OptionError(flag("kfold"), f"the folds are cut from {flag('data')}; remove {flag('validation_data')}")
-        self.resolved_adapters()  # validates every adapter's settings
+        check_choice(self.objective, flag("objective"), OBJECTIVES)
+        check_objective(self.objective, self.resolved_adapters())  # also validates every adapter's settings
         if self.resume == "auto":
             self.resume = any((Path(self.output).expanduser() / name / CHECKPOINT).exists() for name in names)
         return self
@@ -432,6 +443,7 @@ def _adapter_name(name: Any, where: str) -> None:
 __all__ = [
     "CHECKPOINT",
     "CONFIG_FILE",
+    "OBJECTIVES",
     "SCHEDULES",
     "VALIDATION_METHODS",
     "AdapterSettings",

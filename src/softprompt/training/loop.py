@@ -11,6 +11,9 @@ at a time) and its end (`Trainer.finish`). In short:
   (still training) adapter together with a seeded generator, so a batch mixes rows of several adapters
   (the engine gives each row its own soft prompt). Each adapter is its own AdamW param group with its
   own learning rate and only ever gets gradients from its own rows.
+* **Objective.** The loss of a batch is a callable (`softprompt.training.objectives`): cross-entropy on
+  the label tokens, or ``distill`` (`softprompt.training.distill`), KL to the frozen model reading a
+  document, whose set-up (teachers, self-study rows) `train` does before the loop.
 * **Schedule.** Warm-up then linear, cosine or constant (transformers' `get_scheduler`), stepped once
   per optimizer step; ``grad_accum`` forward passes per step.
 * **Validation** every ``eval_every`` epochs and after the last: label scoring (or generation)
@@ -69,7 +72,9 @@ from softprompt.training.checkpoint import (
     save_latest,
 )
 from softprompt.training.config import CHECKPOINT, TrainConfig, flag, save_resolved
+from softprompt.training.distill import prepare_distill
 from softprompt.training.jobs import AdapterJob, prepare_job, start_from
+from softprompt.training.objectives import Objective, lm_loss
 from softprompt.training.signals import TrainingInterrupted, stop_at_step_boundary_on_signals, stop_requested
 from softprompt.training.validation import selection_score, validation_metrics
 
@@ -127,6 +132,14 @@ def train(
             f"{flag('kfold')}: cross-validation is softprompt.training.cross_validate "
             f"(the CLI runs it when --kfold is given)"
         )
+    if config.objective == "distill":  # the teachers and self-study's rows need the model
+        model = model if model is not None else load_model(config)
+        jobs, objective = prepare_distill(config, model)
+        try:
+            with stop_at_step_boundary_on_signals():
+                return train_jobs(config, model, jobs, on_step=on_step, progress=progress, objective=objective)
+        finally:
+            objective.remove_teachers(model)
     jobs = [prepare_job(spec) for spec in config.resolved_adapters()]
     model = model if model is not None else load_model(config)
     with stop_at_step_boundary_on_signals():
@@ -158,9 +171,12 @@ def train_jobs(
     *,
     on_step: Callable[[StepInfo], None] | None = None,
     progress: bool = True,
+    objective: Objective = lm_loss,
 ) -> TrainResult:
     """The training loop over prepared jobs, all on ``model`` (see the module docstring)."""
-    run = Trainer(config, model, jobs, on_step=on_step, progress=progress)  # checks, adapters, optimizer
+    run = Trainer(
+        config, model, jobs, on_step=on_step, progress=progress, objective=objective
+    )  # checks, adapters, optimizer
     run.train()  # the optimizer steps, with validation and checkpoints
     return run.finish()  # the last validation and save; the model holds every adapter's best
 
@@ -182,7 +198,9 @@ class Trainer:
         *,
         on_step: Callable[[StepInfo], None] | None = None,
         progress: bool = True,
+        objective: Objective = lm_loss,
     ):
+        self.objective = objective  # the loss of a batch (softprompt.training.objectives)
         self.dist = dist = distributed.current()  # one process, or this one of several (accelerate / torchrun)
         dist.check(config.batch_size)
         device = dist.device(config.device)
@@ -318,7 +336,7 @@ class Trainer:
             if batch:
                 ids, mask, labels, adapters = collate(batch, self.pad)
                 with torch.autocast(device_type=model.device.type, dtype=torch.bfloat16, enabled=self.config.bf16):
-                    out = model(ids, mask, adapters=adapters, labels=labels)
+                    out = self.objective(model, ids, mask, adapters, labels)
             loss = dist.batch_loss(out)  # the batch's mean label-token loss (this process's share of it)
             if loss is not None:
                 loss = loss / len(group)
