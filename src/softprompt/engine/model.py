@@ -13,6 +13,7 @@ self-attention, as PEFT does.
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from transformers import DynamicCache, EncoderDecoderCache, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutput
 
 from softprompt.adapters import hub, peft_format
-from softprompt.engine import attention, generation, prefixes, scoring
+from softprompt.engine import attention, checkpointing, generation, prefixes, scoring
 from softprompt.engine.adapter_name import check_adapter_name
 from softprompt.engine.decode import DecodeState
 from softprompt.engine.families import CacheArg, ModelShape, quirks_for
@@ -47,7 +48,14 @@ class SoftPromptOutput:
 class SoftPromptModel(nn.Module):
     """A frozen base model with named soft-prompt adapters, chosen per row."""
 
-    def __init__(self, base: PreTrainedModel, tokenizer=None, *, name_or_path: str | None = None):
+    def __init__(
+        self,
+        base: PreTrainedModel,
+        tokenizer=None,
+        *,
+        name_or_path: str | None = None,
+        gradient_checkpointing: bool = False,
+    ):
         super().__init__()
         base.requires_grad_(False)
         base.eval()
@@ -63,6 +71,8 @@ class SoftPromptModel(nn.Module):
         self.cache_arg = CacheArg.of((base if self.shape.is_encoder_decoder else self.backbone).forward)
         self.adapters = nn.ModuleDict()
         self._prompt_kv_cache = prefixes.PromptKVCache()
+        self._gradient_checkpointing = False
+        self.gradient_checkpointing = gradient_checkpointing
 
     # ------------------------------------------------------------------ adapters
     def add_adapter(
@@ -148,6 +158,28 @@ class SoftPromptModel(nn.Module):
         super().train(mode)
         self.base.eval()
         return self
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        """Recompute each transformer block's activations in the backward pass instead of keeping them (the
+        prompt pass included): less memory, about one more forward pass of time. Only passes that record
+        gradients are checkpointed; generation and scoring are unchanged (see `softprompt.engine.checkpointing`)."""
+        return self._gradient_checkpointing
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, enabled: bool) -> None:
+        if enabled:
+            self._blocks()  # a family that cannot take it says so now, naming the flag
+        self._gradient_checkpointing = bool(enabled)
+
+    def _blocks(self) -> list[nn.Module]:
+        return checkpointing.blocks_of(self.base, self.quirks.blocks, self.shape.model_type)
+
+    def _checkpointing(self):
+        """The context of a forward: its blocks checkpointed when that is on and this pass records gradients."""
+        if self._gradient_checkpointing and torch.is_grad_enabled():
+            return checkpointing.checkpointed_blocks(self._blocks())
+        return contextlib.nullcontext()
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -310,10 +342,11 @@ class SoftPromptModel(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         attention_mask = attention_mask.to(self.device).long()
         names = self._row_names(adapters, input_ids.shape[0])
-        if self.shape.is_encoder_decoder:
-            return self._seq2seq_forward(input_ids, attention_mask, names, labels, decoder_input_ids)
-        prefix = self._batch_prefix(names)
-        hidden, _, _ = self._causal_hidden(input_ids, attention_mask, prefix)
+        with self._checkpointing():
+            if self.shape.is_encoder_decoder:
+                return self._seq2seq_forward(input_ids, attention_mask, names, labels, decoder_input_ids)
+            prefix = self._batch_prefix(names)
+            hidden, _, _ = self._causal_hidden(input_ids, attention_mask, prefix)
         if labels is None:
             return SoftPromptOutput(logits=self._logits(hidden))
         labels = labels.to(self.device)
@@ -329,8 +362,9 @@ class SoftPromptModel(nn.Module):
         input_ids = input_ids.to(self.device)
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device)
         attention_mask = attention_mask.long()
-        prefix = self._batch_prefix(self._row_names(adapters, input_ids.shape[0]))
-        return self._causal_hidden(input_ids, attention_mask, prefix)[0]
+        names = self._row_names(adapters, input_ids.shape[0])
+        with self._checkpointing():
+            return self._causal_hidden(input_ids, attention_mask, self._batch_prefix(names))[0]
 
     def _label_loss(self, hidden, attention_mask, labels, prefix: prefixes.BatchPrefix | None) -> SoftPromptOutput:
         """Loss over label tokens, projecting only the hidden states that predict a label."""
