@@ -83,8 +83,9 @@ def test_checkpointing_keeps_far_fewer_activations_and_leaves_the_blocks_as_they
 def test_generation_and_scoring_are_unchanged_and_an_unknown_family_is_refused():
     model = with_every_method("gemma3")
     texts = ["hello there", "soft prompts"]
-    plain = model.generate(texts, adapters="prefix_tuning", max_new_tokens=5), model.score(
-        texts, labels=["yes", "no"], adapters="p_tuning"
+    plain = (
+        model.generate(texts, adapters="prefix_tuning", max_new_tokens=5),
+        model.score(texts, labels=["yes", "no"], adapters="p_tuning"),
     )
     model.gradient_checkpointing = True
     assert (

@@ -38,8 +38,6 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from softprompt.errors import SoftPromptError
 
 FLAG = "--gradient-checkpointing"
-# The layer attributes set for the checkpointed forward (restored after it).
-_ATTRIBUTES = ("gradient_checkpointing", "_gradient_checkpointing_func", "_can_checkpoint_with_cache", "training")
 
 
 def blocks_of(base: nn.Module, paths: tuple[str, ...], model_type: str) -> list[nn.Module]:
@@ -53,7 +51,7 @@ def blocks_of(base: nn.Module, paths: tuple[str, ...], model_type: str) -> list[
     blocks: list[nn.Module] = []
     for path in paths:
         try:
-            blocks.extend(base.get_submodule(path))
+            blocks.extend(base.get_submodule(path).children())
         except AttributeError:
             raise SoftPromptError(
                 f"{FLAG}: model type {model_type!r} has no module {path!r} ({type(base).__name__}), where "
@@ -68,15 +66,24 @@ def blocks_of(base: nn.Module, paths: tuple[str, ...], model_type: str) -> list[
     return blocks
 
 
+def when_recording(blocks: list[nn.Module] | None) -> contextlib.AbstractContextManager:
+    """A forward's context: ``blocks`` checkpointed (`checkpointed_blocks`) if given and autograd records this
+    pass; else nothing (generation, scoring, ``torch.no_grad``)."""
+    return checkpointed_blocks(blocks) if blocks and torch.is_grad_enabled() else contextlib.nullcontext()
+
+
 @contextlib.contextmanager
 def checkpointed_blocks(blocks: list[nn.Module]) -> Iterator[None]:
     """Within: every call of a block in ``blocks`` is checkpointed (see the module docstring)."""
-    saved = [{name: vars(block)[name] for name in _ATTRIBUTES if name in vars(block)} for block in blocks]
+    switches = {
+        "gradient_checkpointing": True,
+        "_gradient_checkpointing_func": _checkpoint,
+        "_can_checkpoint_with_cache": True,  # `_checkpoint` replays the cache, so the layer keeps it
+        "training": True,  # the layer's own flag only, which gates its hook (not nn.Module.train: children stay eval)
+    }
+    saved = [{name: vars(block)[name] for name in switches if name in vars(block)} for block in blocks]
     for block in blocks:
-        block.gradient_checkpointing = True
-        block._gradient_checkpointing_func = _checkpoint
-        block._can_checkpoint_with_cache = True  # `_checkpoint` replays the cache, so the layer keeps it
-        block.training = True  # the layer's own flag only, which gates its hook (not nn.Module.train)
+        vars(block).update(switches)
     # The layer warns once that it sets `use_cache=False` for the call: a no-op here (the blocks update the cache
     # they are given whatever `use_cache` says), so the warning would only mislead.
     layer_log = logging.getLogger(GradientCheckpointingLayer.__module__)
@@ -87,7 +94,7 @@ def checkpointed_blocks(blocks: list[nn.Module]) -> Iterator[None]:
     finally:
         layer_log.setLevel(level)
         for block, attributes in zip(blocks, saved):
-            for name in _ATTRIBUTES:
+            for name in switches:
                 vars(block).pop(name, None)
             vars(block).update(attributes)
 
@@ -136,8 +143,3 @@ def _restore(state: _State) -> None:
     for obj, attributes in state:
         vars(obj).clear()
         vars(obj).update({k: v.copy() if isinstance(v, (list, dict)) else v for k, v in attributes.items()})
-
-
-def needed(enabled: bool) -> bool:
-    """Whether a forward should checkpoint: the model asks for it and autograd records this pass."""
-    return enabled and torch.is_grad_enabled()

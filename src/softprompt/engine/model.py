@@ -13,7 +13,6 @@ self-attention, as PEFT does.
 
 from __future__ import annotations
 
-import contextlib
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -71,7 +70,7 @@ class SoftPromptModel(nn.Module):
         self.cache_arg = CacheArg.of((base if self.shape.is_encoder_decoder else self.backbone).forward)
         self.adapters = nn.ModuleDict()
         self._prompt_kv_cache = prefixes.PromptKVCache()
-        self._gradient_checkpointing = False
+        self._checkpointed: list[nn.Module] | None = None  # the blocks checkpointed (gradient_checkpointing)
         self.gradient_checkpointing = gradient_checkpointing
 
     # ------------------------------------------------------------------ adapters
@@ -164,22 +163,13 @@ class SoftPromptModel(nn.Module):
         """Recompute each transformer block's activations in the backward pass instead of keeping them (the
         prompt pass included): less memory, about one more forward pass of time. Only passes that record
         gradients are checkpointed; generation and scoring are unchanged (see `softprompt.engine.checkpointing`)."""
-        return self._gradient_checkpointing
+        return self._checkpointed is not None
 
     @gradient_checkpointing.setter
     def gradient_checkpointing(self, enabled: bool) -> None:
-        if enabled:
-            self._blocks()  # a family that cannot take it says so now, naming the flag
-        self._gradient_checkpointing = bool(enabled)
-
-    def _blocks(self) -> list[nn.Module]:
-        return checkpointing.blocks_of(self.base, self.quirks.blocks, self.shape.model_type)
-
-    def _checkpointing(self):
-        """The context of a forward: its blocks checkpointed when that is on and this pass records gradients."""
-        if self._gradient_checkpointing and torch.is_grad_enabled():
-            return checkpointing.checkpointed_blocks(self._blocks())
-        return contextlib.nullcontext()
+        # the blocks are found now, so a family that cannot take it says so here, naming the flag
+        blocks = checkpointing.blocks_of(self.base, self.quirks.blocks, self.shape.model_type) if enabled else None
+        self._checkpointed = blocks
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -342,7 +332,7 @@ class SoftPromptModel(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         attention_mask = attention_mask.to(self.device).long()
         names = self._row_names(adapters, input_ids.shape[0])
-        with self._checkpointing():
+        with checkpointing.when_recording(self._checkpointed):
             if self.shape.is_encoder_decoder:
                 return self._seq2seq_forward(input_ids, attention_mask, names, labels, decoder_input_ids)
             prefix = self._batch_prefix(names)
@@ -363,7 +353,7 @@ class SoftPromptModel(nn.Module):
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device)
         attention_mask = attention_mask.long()
         names = self._row_names(adapters, input_ids.shape[0])
-        with self._checkpointing():
+        with checkpointing.when_recording(self._checkpointed):
             return self._causal_hidden(input_ids, attention_mask, self._batch_prefix(names))[0]
 
     def _label_loss(self, hidden, attention_mask, labels, prefix: prefixes.BatchPrefix | None) -> SoftPromptOutput:
