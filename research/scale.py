@@ -1,17 +1,23 @@
-"""``python -m research.scale``: `softprompt.estimate_memory` against the measured peak of one training step on CPU.
+"""``python -m research.scale``: peak memory and step time of one training step on CPU, against the estimate.
 
 Each case builds a random-weight Llama from a `transformers.LlamaConfig` (no download) in a fresh process,
-adds an adapter, and runs one forward + backward + AdamW step through `softprompt.SoftPromptModel`. Measured:
-the growth of resident memory from before the model is built to the step's peak (``VmHWM``, reset after
-imports through ``/proc/self/clear_refs``), and the weights alone (resident memory after building). Linux only.
+adds an adapter, and runs one forward + backward + AdamW step, through `softprompt.SoftPromptModel` or, for the
+``peft`` cases, through PEFT's model of the same shape and job. Measured: the growth of resident memory from
+before the model is built to the step's peak (``VmHWM``, reset after imports through ``/proc/self/clear_refs``),
+the weights alone (resident memory after building), and the step's wall time. Linux only.
 
-Each case runs twice. With glibc's defaults (``rss``) freed tensors may stay in the process: glibc raises its
-mmap threshold after large frees and then serves tensors from a heap it rarely trims. With
+Two allocators. With glibc's defaults (``rss``) freed tensors may stay in the process: glibc raises its mmap
+threshold after large frees and then serves tensors from a heap it rarely trims. With
 ``MALLOC_MMAP_THRESHOLD_=65536`` (``tensors``) every tensor is its own mapping, returned on free, so the peak
 is that of live tensors, the quantity the estimate models (as ``torch.cuda.max_memory_allocated`` would on a GPU).
 
-    python -m research.scale            # every case (minutes on one core): a table, research/results/scale.json
-    python -m research.scale --case 60m-prompt
+Sections: ``memory`` (the estimate against measurement on several shapes, both allocators) and ``scale`` (issue
+23's ~0.3B and ~1B shapes: plain, gradient-checkpointed and bfloat16-weight training beside PEFT, with and without
+PEFT's gradient checkpointing; live tensors only).
+
+    python -m research.scale                      # the memory section (minutes on one core): research/results/scale.json
+    python -m research.scale --section scale      # the scale section, and a markdown table of it
+    python -m research.scale --case 300m-prompt-ckpt
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ import json
 import os
 import subprocess
 import sys
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 # shape: hidden, layers, heads, kv heads, MLP width, vocabulary
@@ -29,17 +37,43 @@ SHAPES = {
     "60m": (512, 8, 8, 8, 1376, 32000),
     "150m": (768, 16, 12, 4, 2048, 32000),
     "300m": (1024, 24, 16, 8, 2816, 32000),  # issue 23's ~0.3B target shape
+    "1b": (2048, 22, 32, 4, 5632, 32000),  # TinyLlama-1.1B's shape
 }
-# name: shape, method, dtype
-CASES = {
-    "20m-prompt": ("20m", "prompt_tuning", "float32"),
-    "60m-prompt": ("60m", "prompt_tuning", "float32"),
-    "150m-prompt": ("150m", "prompt_tuning", "float32"),
-    "60m-prefix": ("60m", "prefix_tuning", "float32"),
-    "150m-prompt-bf16": ("150m", "prompt_tuning", "bfloat16"),
-    "300m-prompt": ("300m", "prompt_tuning", "float32"),
-    "300m-prompt-bf16": ("300m", "prompt_tuning", "bfloat16"),
+
+
+@dataclass(frozen=True)
+class Case:
+    shape: str
+    method: str = "prompt_tuning"
+    dtype: str = "float32"  # the frozen weights'
+    checkpointing: bool = False
+    system: str = "softprompt"  # or "peft": PEFT's model of the same shape and job
+
+
+MEMORY = {
+    "20m-prompt": Case("20m"),
+    "60m-prompt": Case("60m"),
+    "150m-prompt": Case("150m"),
+    "60m-prefix": Case("60m", "prefix_tuning"),
+    "150m-prompt-bf16": Case("150m", dtype="bfloat16"),
+    "300m-prompt": Case("300m"),
+    "300m-prompt-bf16": Case("300m", dtype="bfloat16"),
 }
+SCALE = {
+    f"{shape}-{name}": Case(shape, **options)
+    for shape in ("300m", "1b")
+    for name, options in {
+        "prompt": {},
+        "prompt-ckpt": {"checkpointing": True},
+        "prompt-bf16": {"dtype": "bfloat16"},
+        "prompt-bf16-ckpt": {"dtype": "bfloat16", "checkpointing": True},
+        "peft-prompt": {"system": "peft"},
+        "peft-prompt-ckpt": {"system": "peft", "checkpointing": True},
+        "peft-prefix-ckpt": {"system": "peft", "method": "prefix_tuning", "checkpointing": True},
+    }.items()
+}
+CASES = {**MEMORY, **SCALE}
+SECTIONS = {"memory": (MEMORY, ("tensors", "rss")), "scale": (SCALE, ("tensors",))}
 BATCH, LENGTH, TOKENS, LABEL_TOKENS = 4, 256, 20, 16
 MIB = 1 << 20
 ALLOCATORS = {"tensors": {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}, "rss": {}}
@@ -57,8 +91,20 @@ def _reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")
 
 
-def measure(case: str) -> dict:
-    """One case in this process: measured and estimated bytes."""
+def _peft_model(base, case: Case):
+    """PEFT's model of ``case`` on ``base`` (its own gradient checkpointing when the case asks for it)."""
+    from peft import PrefixTuningConfig, PromptTuningConfig, get_peft_model
+
+    if case.checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kind = PromptTuningConfig if case.method == "prompt_tuning" else PrefixTuningConfig
+    model = get_peft_model(base, kind(task_type="CAUSAL_LM", num_virtual_tokens=TOKENS))
+    model.train()  # transformers checkpoints in train mode only; a Llama has no dropout, so the numbers are eval's
+    return model, [p for p in model.parameters() if p.requires_grad]
+
+
+def measure(name: str) -> dict:
+    """One case in this process: measured and estimated bytes, and the step's seconds."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -66,8 +112,8 @@ def measure(case: str) -> dict:
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    shape, method, dtype = CASES[case]
-    hidden, layers, heads, kv_heads, intermediate, vocab = SHAPES[shape]
+    case = CASES[name]
+    hidden, layers, heads, kv_heads, intermediate, vocab = SHAPES[case.shape]
     config = LlamaConfig(
         hidden_size=hidden,
         num_hidden_layers=layers,
@@ -78,44 +124,102 @@ def measure(case: str) -> dict:
     )
     estimate = softprompt.estimate_memory(
         config,
-        method=method,
+        method=case.method,
         num_virtual_tokens=TOKENS,
         batch_size=BATCH,
         max_length=LENGTH,
         label_tokens=LABEL_TOKENS,
-        dtype=dtype,
+        dtype=case.dtype,
+        gradient_checkpointing=case.checkpointing,
         device="cpu",
     )
+    if case.system == "peft":
+        import peft  # noqa: F401  (imported before the baseline: its import is not the model's memory)
     ids = torch.randint(0, vocab, (BATCH, LENGTH))
     labels = torch.full_like(ids, -100)
     labels[:, -LABEL_TOKENS:] = ids[:, -LABEL_TOKENS:]
     _reset_peak()
     start = _status("VmRSS")
-    torch.set_default_dtype(getattr(torch, dtype))  # built in its dtype: never a float32 copy first
+    torch.set_default_dtype(getattr(torch, case.dtype))  # built in its dtype: never a float32 copy first
     base = LlamaForCausalLM(config)
     torch.set_default_dtype(torch.float32)
-    model = softprompt.SoftPromptModel(base)
-    adapter = model.add_adapter("a", method=method, num_virtual_tokens=TOKENS, init="random")
-    model.train()
-    optimizer = torch.optim.AdamW(adapter.parameters(), lr=1e-3)
+    result = {"case": name, **asdict(case), "parameters": estimate.parameters, "estimate": estimate.to_dict()}
+    result["shape_name"] = case.shape
+    result["shape"] = dict(zip(("hidden", "layers", "heads", "kv_heads", "intermediate", "vocab"), SHAPES[case.shape]))
+    if case.system == "peft":
+        try:
+            model, params = _peft_model(base, case)
+        except ValueError as refused:  # PEFT refuses checkpointing for prefix tuning
+            return {**result, "refused": str(refused)}
+
+        def step():
+            return model(input_ids=ids, labels=labels).loss
+
+    else:
+        sp = softprompt.SoftPromptModel(base, gradient_checkpointing=case.checkpointing)
+        params = list(sp.add_adapter("a", method=case.method, num_virtual_tokens=TOKENS, init="random").parameters())
+        sp.train()
+
+        def step():
+            return sp(ids, adapters="a", labels=labels).loss
+
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
     built = _status("VmRSS")
-    model(ids, adapters="a", labels=labels).loss.backward()
+    started = time.perf_counter()
+    step().backward()
     optimizer.step()
+    seconds = time.perf_counter() - started
     peak = _status("VmHWM")
-    measured = {"weights_bytes": built - start, "total_bytes": peak - start}
     return {
-        "case": case,
-        "shape": dict(zip(("hidden", "layers", "heads", "kv_heads", "intermediate", "vocab"), SHAPES[shape])),
-        "method": method,
-        "dtype": dtype,
-        "parameters": estimate.parameters,
-        "measured": measured,
-        "estimate": estimate.to_dict(),
+        **result,
+        "measured": {"weights_bytes": built - start, "total_bytes": peak - start},
+        "step_seconds": seconds,
     }
+
+
+def _line(row: dict, allocator: str) -> str:
+    if "refused" in row:
+        return f"{row['case']:<22} refused: {row['refused']}"
+    est, got = row["estimate"], row["measured"][allocator]
+    return (
+        f"{row['case']:<22} {allocator:<7} {row['parameters'] / 1e6:6.1f}M  "
+        f"weights {got['weights_bytes'] / MIB:7.1f} MiB (est {est['weights_bytes'] / MIB:7.1f})  "
+        f"peak {got['total_bytes'] / MIB:7.1f} MiB "
+        f"(est {est['total_bytes'] / MIB:7.1f}, {est['total_bytes'] / got['total_bytes'] - 1:+.1%})  "
+        f"step {row['step_seconds'][allocator]:6.1f} s"
+    )
+
+
+def markdown(rows: list[dict]) -> str:
+    """The scale section's table: each case's peak (live tensors) and step time, the estimate, and the ratios
+    issue 23's targets name (checkpointed / plain, bfloat16 / float32, on the same shape and system)."""
+    by_case = {row["case"]: row for row in rows}
+    lines = [
+        "| case | system | weights | checkpointing | peak MiB | step s | estimate MiB (error) | vs plain float32 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        if "refused" in row:
+            lines.append(
+                f"| {row['case']} | {row['system']} {row['method']} | {row['dtype']} | yes | refused: "
+                f"`{row['refused']}` | | | |"
+            )
+            continue
+        peak = row["measured"]["tensors"]["total_bytes"]
+        estimate = row["estimate"]["total_bytes"]
+        plain = by_case.get(f"{row['shape_name']}-{'peft-' if row['system'] == 'peft' else ''}prompt")
+        ratio = f"{peak / plain['measured']['tensors']['total_bytes']:.2f}x" if plain and plain is not row else ""
+        error = f"{estimate / MIB:.0f} ({estimate / peak - 1:+.1%})" if row["system"] == "softprompt" else "n/a"
+        lines.append(
+            f"| {row['case']} | {row['system']} | {row['dtype']} | {'yes' if row['checkpointing'] else 'no'} | "
+            f"{peak / MIB:.0f} | {row['step_seconds']['tensors']:.1f} | {error} | {ratio} |"
+        )
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--section", choices=sorted(SECTIONS), default="memory", help="The cases to run.")
     parser.add_argument("--case", choices=sorted(CASES), action="append", help="Run only these cases.")
     parser.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -123,26 +227,26 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(measure(args.case[0])))
         return 0
     rows = []
-    for case in args.case or CASES:
+    for case in args.case or SECTIONS[args.section][0]:
         row: dict = {}
-        for allocator, env in ALLOCATORS.items():
+        # a case of both sections (300m-prompt) runs as the chosen section's
+        section = next(s for s in (args.section, *SECTIONS) if case in SECTIONS[s][0])
+        for allocator in SECTIONS[section][1]:
             out = subprocess.run(
                 [sys.executable, "-m", "research.scale", "--in-process", "--case", case],
                 check=True,
                 capture_output=True,
                 text=True,
-                env={**os.environ, **env},
+                env={**os.environ, **ALLOCATORS[allocator]},
             )
             result = json.loads(out.stdout.strip().splitlines()[-1])
-            row = {**result, "measured": {**row.get("measured", {}), allocator: result["measured"]}}
-            est, got = row["estimate"], result["measured"]
-            print(
-                f"{case:<17} {allocator:<7} {row['parameters'] / 1e6:6.1f}M  "
-                f"weights {got['weights_bytes'] / MIB:7.1f} MiB (est {est['weights_bytes'] / MIB:7.1f})  "
-                f"peak {got['total_bytes'] / MIB:7.1f} MiB "
-                f"(est {est['total_bytes'] / MIB:7.1f}, {est['total_bytes'] / got['total_bytes'] - 1:+.1%})",
-                flush=True,
-            )
+            if "refused" not in result:
+                result["measured"] = {**row.get("measured", {}), allocator: result["measured"]}
+                result["step_seconds"] = {**row.get("step_seconds", {}), allocator: result["step_seconds"]}
+            row = result
+            print(_line(row, allocator), flush=True)
+            if "refused" in row:
+                break
         rows.append(row)
     path = Path(__file__).parent / "results" / "scale.json"
     path.parent.mkdir(exist_ok=True)
@@ -150,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     kept = [r for r in (json.loads(path.read_text()) if path.exists() else []) if r["case"] not in ran]
     order = list(CASES)
     path.write_text(json.dumps(sorted(kept + rows, key=lambda r: order.index(r["case"])), indent=2))
+    if any(r["case"] in SCALE for r in rows):
+        print(markdown([r for r in rows if r["case"] in SCALE]))
     return 0
 
 

@@ -184,10 +184,17 @@ def test_what_cannot_work_says_so(tmp_path):
     # Packed / padding-free rows share one sequence, but every row needs its own prompt.
     with pytest.raises(SoftPromptError, match="padding-free or packed"):
         make_trainer("sft", new_model("prompt_tuning"), tmp_path / "packed", max_steps=1, packing=True).train()
-    with pytest.raises(SoftPromptError, match="checkpointing is not supported"):
-        make_trainer(
-            "trainer", new_model("prompt_tuning"), tmp_path / "ckpt", max_steps=1, gradient_checkpointing=True
-        ).train()
+
+
+def test_gradient_checkpointing_in_the_training_arguments_checkpoints_the_engine_with_the_same_result(tmp_path):
+    plain, checkpointed = new_model("prefix_tuning"), new_model("prefix_tuning")
+    make_trainer("trainer", plain, tmp_path / "plain", max_steps=2).train()
+    make_trainer("trainer", checkpointed, tmp_path / "ckpt", max_steps=2, gradient_checkpointing=True).train()
+    assert checkpointed.gradient_checkpointing and not plain.gradient_checkpointing
+    initial = adapter_state(new_model("prefix_tuning"))
+    for key, value in adapter_state(plain).items():
+        torch.testing.assert_close(adapter_state(checkpointed)[key], value, atol=1e-5, rtol=0)
+        assert (value - initial[key]).abs().max() > 1e-3  # the two steps moved the adapter
 
 
 @pytest.mark.parametrize("script", ["train_with_hf_trainer.py", "train_with_trl.py"])

@@ -13,6 +13,7 @@ from test_parity_peft import INPUT, MASK, peft_greedy
 from softprompt import SoftPromptModel
 from softprompt.adapters.peft_format import CONFIG_FILE
 from softprompt.cli.app import main
+from softprompt.engine.activations import text_kv
 from softprompt.engine.generation import GenerationConfig, generate_batch
 from softprompt.engine.tokens import pad_batch
 from softprompt.errors import ConfigError, SoftPromptError
@@ -111,7 +112,7 @@ def test_text_init_is_the_frozen_model_s_cache_of_that_text():
     model.add_adapter("c", method="cartridge", num_virtual_tokens=4, init_text="abcd")
     ids = model._tokenize_plain("abcd")[:4]
     assert len(ids) == 4
-    cache = model._text_kv(ids)
+    cache = text_kv(model.base, model.quirks, model.cache_arg, ids)
     for (key, value), (k, v) in zip(model.get_adapter("c").kv_prefix(), cache):
         torch.testing.assert_close(key, k)
         torch.testing.assert_close(value, v)

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from softprompt.engine.activations import text_kv
 from softprompt.errors import ConfigError
 from softprompt.methods.prefix_tuning import layer_rows
 
@@ -32,7 +33,7 @@ def test_prefix_from_text_on_an_encoder_decoder_holds_the_decoder_activations():
     model = tiny_model("t5")
     model.add_adapter("prefix", method="prefix_tuning", num_virtual_tokens=5, init_text=TEXT)
     ids = (model._tokenize_plain(TEXT) * 5)[:5]
-    expected = model._text_kv(ids)
+    expected = text_kv(model.base, model.quirks, model.cache_arg, ids)
     got = model.adapters["prefix"].kv_prefix()
     rows = layer_rows(model.shape)
     # PEFT's seq2seq layout makes some layers share rows; each shared row holds its last layer's activations.

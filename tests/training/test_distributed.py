@@ -77,6 +77,11 @@ def clean_env(**extra) -> dict:
     }
 
 
+def python_path(*folders) -> str:
+    """``folders`` before the caller's PYTHONPATH (which may put a source tree before the installed package)."""
+    return os.pathsep.join([*map(str, folders), *filter(None, [os.environ.get("PYTHONPATH")])])
+
+
 def run(cmd: list[str], *, env: dict | None = None, ok: bool = True) -> subprocess.CompletedProcess:
     done = subprocess.run(
         [str(c) for c in cmd], cwd=ROOT, env=env or clean_env(), capture_output=True, text=True, timeout=240
@@ -204,8 +209,11 @@ def single_and_pair(tmp_path_factory, model_dir):
     hooks.mkdir()
     audit.mkdir()
     (hooks / "sitecustomize.py").write_text(AUDIT_HOOK)
-    env = clean_env(PYTHONPATH=str(hooks), SOFTPROMPT_AUDIT_DIR=str(audit), SOFTPROMPT_AUDIT_WATCH=str(tmp / "two"))
-    done = two_processes([*args, "--output", tmp / "two"], env=env)
+    env = clean_env(
+        PYTHONPATH=python_path(hooks), SOFTPROMPT_AUDIT_DIR=str(audit), SOFTPROMPT_AUDIT_WATCH=str(tmp / "two")
+    )
+    # the two processes also checkpoint the blocks: data parallel and --gradient-checkpointing change no result
+    done = two_processes([*args, "--output", tmp / "two", "--gradient-checkpointing"], env=env)
     return tmp / "one", tmp / "two", audit, done
 
 
@@ -546,7 +554,6 @@ def test_deepspeed_settings_softprompt_cannot_honour_are_refused_naming_the_fiel
     [
         ({"fsdp_version": 1}, r"fsdp_config\.fsdp_version: 1 .*fsdp_version: 2"),
         ({"cpu_offload": SimpleNamespace(offload_params=True)}, r"fsdp_config\.fsdp_offload_params: true"),
-        ({"activation_checkpointing": True}, r"fsdp_config\.fsdp_activation_checkpointing: true"),
     ],
 )
 def test_fsdp_settings_softprompt_cannot_honour_are_refused_naming_the_field(launched, monkeypatch, changes, message):
@@ -559,6 +566,11 @@ def test_fsdp_settings_softprompt_cannot_honour_are_refused_naming_the_field(lau
 
 def test_an_fsdp_launch_shards_the_base_with_the_configs_reshard_setting(launched, monkeypatch):
     assert launched().shards_base and launched().fsdp.reshard_after_forward is True
+    assert not launched().activation_checkpointing
+    # fsdp_activation_checkpointing: honoured as --gradient-checkpointing
+    monkeypatch.setattr(FakeAccelerator, "plugin", fsdp_plugin(activation_checkpointing=True))
+    launched.cache_clear()
+    assert launched().activation_checkpointing
     monkeypatch.setattr(FakeAccelerator, "plugin", fsdp_plugin(reshard_after_forward=False))
     launched.cache_clear()
     assert launched().shards_base and launched().fsdp.reshard_after_forward is False
@@ -733,14 +745,15 @@ FSDP_JOB = {  # text-initialised prompt tuning (reads the embedding table) + pre
 
 
 def fsdp_pair(
-    tmp: Path, model: str, rows: int = 16, config: Path = GLOO_FSDP
+    tmp: Path, model: str, rows: int = 16, config: Path = GLOO_FSDP, checkpointing: bool = False
 ) -> tuple[Path, Path, Path, subprocess.CompletedProcess]:
-    """One FSDP (or ZeRO-3: ``config``) job (`FSDP_JOB` on ``model``) in 1 process and sharded over 2 (through
-    FSDP_PROBE)."""
+    """One FSDP (or ZeRO-3: ``config``) job (`FSDP_JOB` on ``model``, with ``gradient_checkpointing``) in 1 process
+    and sharded over 2 (through FSDP_PROBE)."""
     a = write_csv(tmp / "a.csv", toy_rows(rows, seed=6))
     b = write_csv(tmp / "b.csv", toy_rows(14, seed=7, labels=("yes", "no")))
     job = json.loads(json.dumps(FSDP_JOB))
     job["model"], job["adapters"][0]["data"], job["adapters"][1]["data"] = model, a, b
+    job["gradient_checkpointing"] = checkpointing
     path = tmp / "job.yaml"
     path.write_text(yaml.safe_dump(job))
     one_process([path, "--output", tmp / "one"])
@@ -810,8 +823,8 @@ def assert_interrupted_run_resumes_bit_identically(pair, config) -> None:
 
 @pytest.fixture(scope="module")
 def fsdp_untied(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("fsdp")
-    return fsdp_pair(tmp, save_tiny_checkpoint("llama", tmp / "tiny-llama"))
+    tmp = tmp_path_factory.mktemp("fsdp")  # checkpointed blocks (the tied run below: not checkpointed)
+    return fsdp_pair(tmp, save_tiny_checkpoint("llama", tmp / "tiny-llama"), checkpointing=True)
 
 
 def test_fsdp_two_processes_give_the_one_process_adapters(fsdp_untied):
@@ -850,9 +863,10 @@ from softprompt.training import distributed
 dist = distributed.current()
 assert dist.shards_base, dist
 
-def run(model, sharded):
+def run(model, sharded, checkpointed=False):
     model.add_adapter("pt", "prompt_tuning", seed=0, num_virtual_tokens=3, init="text", init_text="hi there")
     model.add_adapter("px", "prefix_tuning", seed=0, num_virtual_tokens=2)
+    model.gradient_checkpointing = checkpointed
     if sharded:
         dist.shard_base(model)
     model.train()
@@ -871,27 +885,31 @@ def run(model, sharded):
 
 for family in FAMILIES:
     whole, text = run(tiny_model(family), False)
-    sharded, sharded_text = run(tiny_model(family), True)
-    diff = max((a.float() - b.float()).abs().max().item() for a, b in zip(whole, sharded))
-    sys.stdout.write("FAMILY %s rank=%d diff=%.3g same_text=%d%s" % (family, dist.rank, diff, text == sharded_text,
-                                                                     chr(10)))
-    sys.stdout.flush()
+    for checkpointed in (False, True):
+        sharded, sharded_text = run(tiny_model(family), True, checkpointed)
+        diff = max((a.float() - b.float()).abs().max().item() for a, b in zip(whole, sharded))
+        sys.stdout.write("FAMILY %s rank=%d checkpointed=%d diff=%.3g same_text=%d%s"
+                         % (family, dist.rank, checkpointed, diff, text == sharded_text, chr(10)))
+        sys.stdout.flush()
 """
 
 
 @pytest.mark.parametrize("config", [GLOO_FSDP, GLOO_ZERO3], ids=["fsdp", "zero3"])
 def test_fsdp_shards_every_family_of_the_table_without_changing_any_result(tmp_path, config):
-    """Training forward/backward, prefill, decoding and generation, sharded and not, for every tiny family
-    (FSDP, and DeepSpeed ZeRO-3: GPT-2's tied head, T5's shared matrix and its encoder called alone)."""
+    """Training forward/backward, prefill, decoding and generation, sharded (with and without gradient
+    checkpointing) and not, for every tiny family (FSDP, and DeepSpeed ZeRO-3: GPT-2's tied head, T5's shared
+    matrix and its encoder called alone)."""
     script = tmp_path / "families.py"
     script.write_text(FAMILY_SCRIPT)
-    done = two_processes([], script=[script], config=config, env=clean_env(PYTHONPATH=str(ROOT / "tests")))
+    done = two_processes([], script=[script], config=config, env=clean_env(PYTHONPATH=python_path(ROOT / "tests")))
     from tiny import FAMILIES
 
     lines = [line.split() for line in done.stdout.splitlines() if line.startswith("FAMILY ")]
-    assert sorted((f, r) for _, f, r, *_ in lines) == sorted((f, f"rank={r}") for f in FAMILIES for r in (0, 1))
-    for _, family, rank, diff, same_text in lines:
-        assert float(diff.split("=")[1]) < 1e-6 and same_text == "same_text=1", (family, rank, diff, same_text)
+    assert sorted((f, r, c) for _, f, r, c, *_ in lines) == sorted(
+        (f, f"rank={r}", f"checkpointed={c}") for f in FAMILIES for r in (0, 1) for c in (0, 1)
+    )
+    for _, family, rank, checkpointed, diff, same_text in lines:
+        assert float(diff.split("=")[1]) < 1e-6 and same_text == "same_text=1", (family, rank, checkpointed, diff)
 
 
 # --------------------------------------------------------------------------- DeepSpeed ZeRO-3: real launches

@@ -24,7 +24,7 @@ from transformers import DynamicCache, EncoderDecoderCache, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutput
 
 from softprompt.adapters import hub, peft_format
-from softprompt.engine import attention, gated, generation, prefixes, scoring
+from softprompt.engine import activations, attention, checkpointing, gated, generation, prefixes, scoring
 from softprompt.engine.adapter_name import check_adapter_name
 from softprompt.engine.decode import DecodeState
 from softprompt.engine.families import CacheArg, ModelShape, quirks_for
@@ -46,7 +46,14 @@ class SoftPromptOutput:
 class SoftPromptModel(nn.Module):
     """A frozen base model with named soft-prompt adapters, chosen per row."""
 
-    def __init__(self, base: PreTrainedModel, tokenizer=None, *, name_or_path: str | None = None):
+    def __init__(
+        self,
+        base: PreTrainedModel,
+        tokenizer=None,
+        *,
+        name_or_path: str | None = None,
+        gradient_checkpointing: bool = False,
+    ):
         super().__init__()
         base.requires_grad_(False)
         base.eval()
@@ -63,6 +70,8 @@ class SoftPromptModel(nn.Module):
         self.adapters = nn.ModuleDict()
         self._prompt_kv_cache = prefixes.PromptKVCache()
         self._gated = gated.Projector(base, self.quirks, self.shape)
+        self._checkpointed: list[nn.Module] | None = None  # the blocks checkpointed (gradient_checkpointing)
+        self.gradient_checkpointing = gradient_checkpointing
 
     # ------------------------------------------------------------------ adapters
     def add_adapter(
@@ -79,7 +88,7 @@ class SoftPromptModel(nn.Module):
             word_embeddings=self.base.get_input_embeddings(),
             tokenize=self._tokenize_plain,
             generator=generator,
-            text_kv=self._text_kv,
+            text_kv=lambda ids: activations.text_kv(self.base, self.quirks, self.cache_arg, ids),
         )
         return self.register(name, adapter)
 
@@ -151,6 +160,19 @@ class SoftPromptModel(nn.Module):
         self.base.eval()
         return self
 
+    @property
+    def gradient_checkpointing(self) -> bool:
+        """Recompute each transformer block's activations in the backward pass instead of keeping them (the
+        prompt pass included): less memory, about one more forward pass of time. Only passes that record
+        gradients are checkpointed; generation and scoring are unchanged (see `softprompt.engine.checkpointing`)."""
+        return self._checkpointed is not None
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, enabled: bool) -> None:
+        # the blocks are found now, so a family that cannot take it says so here, naming the flag
+        blocks = checkpointing.blocks_of(self.base, self.quirks.blocks, self.shape.model_type) if enabled else None
+        self._checkpointed = blocks
+
     # ------------------------------------------------------------------ helpers
     @property
     def device(self) -> torch.device:
@@ -174,38 +196,6 @@ class SoftPromptModel(nn.Module):
 
     def _row_adapter(self, key: str) -> tuple[SoftPromptMethod, int | None]:
         return row_adapter(key, self.get_adapter)
-
-    @torch.no_grad()
-    def _text_kv(self, token_ids: list[int]) -> prefixes.LayerKV:
-        """Per-layer ``[kv_heads, n, head_dim]`` keys/values the frozen model computes for ``token_ids``
-        at positions 0..n-1 (decoder self-attention for encoder-decoder models): a prefix's real-activation start."""
-        ids = torch.tensor([token_ids], device=self.device)
-        with torch.autocast(self.device.type, enabled=False):
-            if self.shape.is_encoder_decoder:
-                cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
-                out = self.base(input_ids=ids, decoder_input_ids=ids, use_cache=True, **self.cache_arg.kwargs(cache))
-                layers = self.cache_arg.read(out).self_attention_cache.layers
-            else:
-                kwargs = (
-                    {"position_ids": torch.arange(ids.shape[1], device=self.device)[None]}
-                    if self.quirks.takes_position_ids
-                    else {}
-                )
-                out = self.backbone(
-                    input_ids=ids,
-                    attention_mask=torch.ones_like(ids),
-                    use_cache=True,
-                    **self.cache_arg.kwargs(DynamicCache(config=self.base.config)),
-                    **kwargs,
-                )
-                layers = self.cache_arg.read(out).layers
-        kv = [(layer.keys[0].float().cpu(), layer.values[0].float().cpu()) for layer in layers]
-        if any(k.shape[1] != len(token_ids) for k, _ in kv):
-            raise SoftPromptError(
-                f"prefix init from activations: {len(token_ids)} virtual tokens exceed a "
-                "sliding-window layer's span; use fewer tokens or init: random"
-            )
-        return kv
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.base.get_output_embeddings()(hidden)
@@ -258,17 +248,13 @@ class SoftPromptModel(nn.Module):
             self._prompt_kv_cache.put(name, key, params, layers, last_hidden)
         return layers, last_hidden
 
-    def _adapter_of(self, key: str) -> SoftPromptMethod:
-        """The adapter a row key (``NAME`` or ``NAME:TASK``) names."""
-        return row_adapter(key, self.get_adapter)[0]
-
     def _batch_prefix(self, names: list[str | None]) -> prefixes.BatchPrefix | None:
-        names = [n if n is not None and self._adapter_of(n).adds != "gated" else None for n in names]
+        names = [n if n is not None and self._row_adapter(n)[0].adds != "gated" else None for n in names]
         unique = dict.fromkeys(n for n in names if n is not None)
         return prefixes.stack_prefixes(names, {name: self._prompt_kv(name) for name in unique}, self.device)
 
     def _batch_gated(self, names: list[str | None]) -> gated.GatedBatch | None:
-        adapters = {n: self._adapter_of(n) for n in names if n is not None}
+        adapters = {n: self._row_adapter(n)[0] for n in names if n is not None}
         return self._gated.batch(names, adapters, self.dtype, self.device)
 
     # ------------------------------------------------------------------ causal forward
@@ -320,10 +306,11 @@ class SoftPromptModel(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         attention_mask = attention_mask.to(self.device).long()
         names = self._row_names(adapters, input_ids.shape[0], task_ids)
-        if self.shape.is_encoder_decoder:
-            return self._seq2seq_forward(input_ids, attention_mask, names, labels, decoder_input_ids)
-        prefix = self._batch_prefix(names)
-        hidden, _, _ = self._causal_hidden(input_ids, attention_mask, prefix, gated_batch=self._batch_gated(names))
+        with checkpointing.when_recording(self._checkpointed):
+            if self.shape.is_encoder_decoder:
+                return self._seq2seq_forward(input_ids, attention_mask, names, labels, decoder_input_ids)
+            prefix = self._batch_prefix(names)
+            hidden, _, _ = self._causal_hidden(input_ids, attention_mask, prefix, gated_batch=self._batch_gated(names))
         if labels is None:
             return SoftPromptOutput(logits=self._logits(hidden))
         labels = labels.to(self.device)
@@ -344,9 +331,10 @@ class SoftPromptModel(nn.Module):
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device)
         attention_mask = attention_mask.long()
         names = self._row_names(adapters, input_ids.shape[0], task_ids)
-        return self._causal_hidden(
-            input_ids, attention_mask, self._batch_prefix(names), gated_batch=self._batch_gated(names)
-        )[0]
+        with checkpointing.when_recording(self._checkpointed):
+            return self._causal_hidden(
+                input_ids, attention_mask, self._batch_prefix(names), gated_batch=self._batch_gated(names)
+            )[0]
 
     def _label_loss(self, hidden, attention_mask, labels, prefix: prefixes.BatchPrefix | None) -> SoftPromptOutput:
         """Loss over label tokens, projecting only the hidden states that predict a label."""

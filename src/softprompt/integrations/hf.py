@@ -111,10 +111,9 @@ class TrainableAdapter(nn.Module):
         (`softprompt.adapters.hub`), so the tags are not kept."""
 
     def activation_checkpointing_enable(self, **_options) -> None:
-        raise SoftPromptError(
-            "activation (gradient) checkpointing is not supported for softprompt adapters; "
-            "set gradient_checkpointing=False in the training arguments"
-        )
+        """``gradient_checkpointing=True`` in the training arguments: the engine's own checkpointing of the blocks
+        (non-reentrant, the frozen base kept in eval mode; `softprompt.engine.checkpointing`), whatever the options."""
+        self.model.gradient_checkpointing = True
 
     def forward(
         self,

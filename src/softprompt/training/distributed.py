@@ -85,6 +85,12 @@ class Distributed:
         """FSDP or ZeRO-3: the frozen base is sharded, so every process must take part in every forward pass."""
         return self.fsdp is not None or self.zero is not None
 
+    @property
+    def activation_checkpointing(self) -> bool:
+        """Whether the launch's accelerate config asked for activation checkpointing (``fsdp_activation_checkpointing``),
+        which softprompt honours as ``--gradient-checkpointing``."""
+        return self.fsdp is not None and self.fsdp.activation_checkpointing
+
     def __repr__(self) -> str:
         return (
             f"Distributed(rank={self.rank}, world_size={self.world_size}, fsdp={self.fsdp is not None}, "

@@ -213,6 +213,8 @@ class Trainer:
         self.output = Path(config.output)
         self.on_step, self.progress = on_step, progress
         self._check_jobs()
+        if config.gradient_checkpointing or dist.activation_checkpointing:
+            model.gradient_checkpointing = True  # a family that cannot take it says so here, naming the flag
 
         torch.manual_seed(config.seed)
         random.seed(config.seed)

@@ -18,6 +18,9 @@ class FsdpSettings:
     # True: free each unit's gathered weights right after its forward (least memory; FULL_SHARD).
     # False: keep them until the backward pass (fewer all-gathers, more memory; SHARD_GRAD_OP).
     reshard_after_forward: bool = True
+    # fsdp_activation_checkpointing: the same as softprompt's --gradient-checkpointing (the engine checkpoints the
+    # transformer blocks itself; accelerate's module wrappers are not used).
+    activation_checkpointing: bool = False
 
 
 @dataclass(frozen=True)
@@ -46,11 +49,10 @@ def fsdp_settings(accelerator) -> FsdpSettings:
             "fsdp_config.fsdp_offload_params: true is not supported by softprompt train (the engine "
             "places inputs on the device its weights live on); set it to false"
         )
-    if plugin.activation_checkpointing:
-        raise ConfigError(
-            "fsdp_config.fsdp_activation_checkpointing: true is not supported by softprompt train; set it to false"
-        )
-    return FsdpSettings(reshard_after_forward=plugin.reshard_after_forward is not False)
+    return FsdpSettings(
+        reshard_after_forward=plugin.reshard_after_forward is not False,
+        activation_checkpointing=bool(plugin.activation_checkpointing),
+    )
 
 
 def zero_settings(accelerator) -> ZeroSettings:

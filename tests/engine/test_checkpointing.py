@@ -1,0 +1,97 @@
+"""Gradient checkpointing of the frozen base's blocks: the same gradients, far fewer saved activations."""
+
+import pytest
+import torch
+
+from softprompt import SoftPromptError
+from softprompt.engine.families import FamilyQuirks
+from softprompt.engine.tokens import pad_batch
+
+from tiny import FAMILIES, tiny_model
+
+METHODS = ["prompt_tuning", "prefix_tuning", "p_tuning", "cartridge"]
+ROWS = [[20, 30, 40, 50, 60, 70, 80], [21, 31, 41], [22, 32, 42, 52, 62], [23, 33, 43, 53], [24, 34, 44, 54, 64]]
+
+
+def with_every_method(family):
+    model = tiny_model(family)
+    for i, method in enumerate(METHODS):  # different lengths: mixed batches pad the prefixes
+        model.add_adapter(method, method=method, num_virtual_tokens=3 + i, seed=i)
+    model.train()
+    return model
+
+
+def loss_and_grads(model, names, checkpointed):
+    model.gradient_checkpointing = checkpointed
+    model.zero_grad(set_to_none=True)
+    ids, mask = pad_batch(ROWS[: len(names)], pad=0, side="left")
+    labels = ids.masked_fill(mask == 0, -100)
+    out = model(ids, mask, adapters=names, labels=labels)
+    out.loss.backward()
+    return out.loss.detach(), {n: p.grad for n, p in model.adapters.named_parameters() if p.grad is not None}
+
+
+def assert_same(model, names):
+    loss, grads = loss_and_grads(model, names, checkpointed=False)
+    loss_ck, grads_ck = loss_and_grads(model, names, checkpointed=True)
+    assert grads.keys() == grads_ck.keys() and grads
+    torch.testing.assert_close(loss_ck, loss, atol=1e-5, rtol=0)
+    for name in grads:
+        torch.testing.assert_close(grads_ck[name], grads[name], atol=1e-5, rtol=1e-5, msg=name)
+    assert max(g.abs().max() for g in grads.values()) > 1e-4  # the gradients compared are not all ~0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_method_has_the_same_gradients_checkpointed(family):
+    model = with_every_method(family)
+    assert_same(model, [*METHODS, None])  # a mixed batch: padded prefixes, one prompt pass per adapter
+    trained = {name.split(".")[0] for name in loss_and_grads(model, [*METHODS, None], True)[1]}
+    assert trained == set(METHODS)  # each adapter's own prompt pass (or prefix) was back-propagated through
+    for method in METHODS:  # one adapter for the whole batch: its prefix broadcast to every row
+        assert_same(model, [method] * 2)
+
+
+def saved_bytes(model, checkpointed) -> int:
+    """Bytes autograd keeps outside checkpointed blocks for one training forward (checkpoint's own hooks
+    take over inside the blocks, and what they keep is each block's input only)."""
+    model.gradient_checkpointing = checkpointed
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    ids = torch.randint(3, 200, (4, 64))
+    labels = torch.full_like(ids, -100)
+    labels[:, -4:] = ids[:, -4:]
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(ids, adapters="prompt_tuning", labels=labels).loss
+    loss.backward()
+    return total
+
+
+def test_checkpointing_keeps_far_fewer_activations_and_leaves_the_blocks_as_they_were():
+    model = with_every_method("llama")
+    blocks = list(model.base.model.layers)
+    assert saved_bytes(model, checkpointed=True) < 0.3 * saved_bytes(model, checkpointed=False)
+    # the blocks' switches were set for the forward only: the base is in eval mode, no flag left behind
+    assert not any(b.training or "gradient_checkpointing" in vars(b) for b in blocks)
+    assert not model.base.training
+
+
+def test_generation_and_scoring_are_unchanged_and_an_unknown_family_is_refused():
+    model = with_every_method("gemma3")
+    texts = ["hello there", "soft prompts"]
+    plain = (
+        model.generate(texts, adapters="prefix_tuning", max_new_tokens=5),
+        model.score(texts, labels=["yes", "no"], adapters="p_tuning"),
+    )
+    model.gradient_checkpointing = True
+    assert (
+        model.generate(texts, adapters="prefix_tuning", max_new_tokens=5),
+        model.score(texts, labels=["yes", "no"], adapters="p_tuning"),
+    ) == plain
+    model.quirks = FamilyQuirks()  # what a family missing from the table gets
+    with pytest.raises(SoftPromptError, match=r"^--gradient-checkpointing: model type 'gemma3_text' is not supported"):
+        model.gradient_checkpointing = True
