@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from softprompt import SoftPromptError
-from softprompt.engine.families import FamilyQuirks
+from softprompt.engine.families import FamilyQuirks, gated_families
 from softprompt.engine.tokens import pad_batch
 
 from tiny import FAMILIES, tiny_model
@@ -49,6 +49,26 @@ def test_every_method_has_the_same_gradients_checkpointed(family):
     assert trained == set(METHODS)  # each adapter's own prompt pass (or prefix) was back-propagated through
     for method in METHODS:  # one adapter for the whole batch: its prefix broadcast to every row
         assert_same(model, [method] * 2)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_multitask_and_gated_adapters_have_the_same_gradients_checkpointed(family):
+    """The methods added after the first four: each task of a multitask adapter (its own prompt pass) and, on
+    the families that take them, adaption prompts (their gated term added inside checkpointed blocks)."""
+    model = tiny_model(family)
+    model.add_adapter("mpt", method="multitask_prompt_tuning", num_virtual_tokens=3, num_tasks=3, seed=1)
+    names = ["mpt:0", "mpt:2", None]
+    if family in gated_families():
+        model.add_adapter("gated", method="adaption_prompt", num_virtual_tokens=4, adapter_layers=2, seed=2)
+        with torch.no_grad():  # open the zero-initialised gates so the prompts get gradients too
+            for name, p in model.get_adapter("gated").named_parameters():
+                if "gate" in name:
+                    p.fill_(0.5)
+        names.append("gated")
+    model.train()
+    assert_same(model, names)
+    trained = {name.split(".")[0] for name in loss_and_grads(model, names, True)[1]}
+    assert trained == {n.split(":")[0] for n in names if n}
 
 
 def saved_bytes(model, checkpointed) -> int:
