@@ -4,6 +4,10 @@ import csv
 import json
 import random
 
+import pytest
+
+from softprompt.training.loop import train
+
 
 def toy_rows(n: int, seed: int = 0, labels=("A", "B")) -> list[dict]:
     """Strings of x/y/z are class A, strings of a/b/c class B: learnable from the last character."""
@@ -30,3 +34,21 @@ def records(output) -> list[dict]:
 
 class Interrupt(Exception):
     """Raised from an ``on_step`` callback to stop a run as a crash would."""
+
+
+def assert_resume_is_bit_identical(run, full, make_model) -> None:
+    """A job crashed at step 3 (saving every 2 steps) and resumed ends as ``full``, the same job uninterrupted:
+    the same step count and byte-identical adapter weights. ``run(output, **overrides)`` builds the job's config
+    (in ``full.output``'s parent folder), ``make_model()`` a fresh base."""
+
+    def crash_at_3(info):
+        if info.step == 3:
+            raise Interrupt
+
+    cut = full.output.parent / "cut"
+    with pytest.raises(Interrupt):
+        train(run(cut, save_every=2), model=make_model(), on_step=crash_at_3, progress=False)
+    resumed = train(run(cut, resume=True), model=make_model(), progress=False)
+    assert resumed.steps == full.steps
+    weights = "default/adapter_model.safetensors"
+    assert (full.output / weights).read_bytes() == (cut / weights).read_bytes()
