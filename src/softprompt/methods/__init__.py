@@ -12,6 +12,7 @@ from typing import overload
 from softprompt.errors import ConfigError
 from softprompt.methods.base import MethodConfig, SoftPromptMethod
 from softprompt.methods.cartridge import Cartridge, CartridgeConfig
+from softprompt.methods.cpt import CPT, CPTConfig
 from softprompt.methods.p_tuning import PTuning, PTuningConfig
 from softprompt.methods.prefix_tuning import PrefixTuning, PrefixTuningConfig
 from softprompt.methods.prompt_tuning import PromptTuning, PromptTuningConfig
@@ -22,6 +23,7 @@ METHODS: dict[str, type[SoftPromptMethod]] = {
     "prefix_tuning": PrefixTuning,
     "p_tuning": PTuning,
     "cartridge": Cartridge,
+    "cpt": CPT,
 }
 PEFT_TYPES: dict[str, str] = {cls.config_class.peft_type: name for name, cls in METHODS.items()}
 
@@ -64,9 +66,11 @@ def method_class(name: str, *, source: str = "method") -> type[SoftPromptMethod]
 
 
 __all__ = [
+    "CPT",
     "METHODS",
     "METHOD_OPTIONS",
     "PEFT_TYPES",
+    "CPTConfig",
     "Cartridge",
     "CartridgeConfig",
     "MethodConfig",

@@ -54,8 +54,10 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from softprompt.adapters.peft_format import load_adapter
+from softprompt.data import Template
 from softprompt.engine.tokens import pad_id
 from softprompt.errors import ConfigError
+from softprompt.methods import method_class
 from softprompt.models.loading import load
 from softprompt.training import distributed
 from softprompt.training.batches import Encoded, collate, encode_examples, epoch_groups
@@ -194,6 +196,13 @@ class Trainer:
         random.seed(config.seed)
         np.random.seed(config.seed)
         for job in jobs:
+            method = method_class(job.spec.method)  # some methods complete their options from the examples (CPT)
+            job.spec.method_options = method.options_from_examples(
+                job.spec.method_options,
+                job.train,
+                Template(job.spec.template),
+                lambda text: model.tokenizer(text, add_special_tokens=False)["input_ids"],
+            )
             model.add_adapter(job.name, method=job.spec.method, seed=job.spec.seed, **job.spec.method_options)
             if job.spec.init_from and not config.resume:  # a resumed run restores its own checkpoint instead
                 start_from(model, job, prefix=f"adapters ({job.name}): " if len(jobs) > 1 else "")
@@ -323,6 +332,8 @@ class Trainer:
             for param_group in self.optimizer.param_groups:
                 torch.nn.utils.clip_grad_norm_(param_group["params"], self.config.max_grad_norm)
         self.optimizer.step()
+        for name in self.names:  # e.g. CPT's projection onto its epsilon ball
+            model.get_adapter(name).after_step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         dist.share_rng()
