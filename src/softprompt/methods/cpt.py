@@ -17,7 +17,9 @@ PEFT's users pass token ids; here ``cpt_examples: K`` also builds them from the 
 (cycling through the labels so each is shown), each rendered through the job's template and typed by its
 pieces: literals before the last field are input template, the fields input, the literal after the last
 field output template, then the label text and a newline separator (a template token).
-``cpt_mask`` is kept for PEFT's files (PEFT only checks its length). Saved as PEFT saves it:
+``cpt_mask`` is kept for PEFT's files (PEFT only checks its length). One deliberate difference: a row's
+own label tokens always carry loss here, while PEFT types them ``max(type mask) + 4`` and so drops them
+when the context's largest type is not a label's (a multiple of 4; its default all-1 mask, for one). Saved as PEFT saves it:
 ``prompt_embeddings`` = context + delta; a loaded table is the context, with a zero delta.
 """
 
