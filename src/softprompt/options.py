@@ -196,6 +196,8 @@ def coerce(value: Any, hint: Any, *, text: bool, where: str) -> Any:
     kinds = _kinds(hint)
     if typing.get_origin(kinds[0]) is dict:
         return _mapping(value, text=text, where=where)
+    if kinds[0] == list[int]:
+        return _int_list(value, text=text, where=where)
     for kind in kinds:
         try:
             return _scalar(value, kind, text)
@@ -218,6 +220,18 @@ def _mapping(value: Any, *, text: bool, where: str) -> dict[str, str]:
             fail("a mapping of raw labels to label texts (strings)")
         out[_scalar_text(k)] = _scalar_text(v)
     return out
+
+
+def _int_list(value: Any, *, text: bool, where: str) -> list[int]:
+    """A list of integers (token ids): a YAML list, or from a command line '1,2,3' or '[1, 2, 3]'."""
+    if text and isinstance(value, str):
+        value = value.strip().strip("[]").split(",") if value.strip() else []
+    if not isinstance(value, (list, tuple)):
+        raise OptionError(where, f"expected a list of integers such as 1,2,3, got {value!r}")
+    try:
+        return [_scalar(v, int, text) for v in value]
+    except _NoMatch:
+        raise OptionError(where, f"expected a list of integers such as 1,2,3, got {value!r}") from None
 
 
 def _scalar_text(value: Any) -> str:

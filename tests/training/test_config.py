@@ -227,7 +227,7 @@ def test_method_names_take_dashes_and_typos_get_a_suggestion():
     assert load_config(None, {**BASE, "method": "P-Tuning"}).method == "p_tuning"
     with pytest.raises(
         ConfigError,
-        match=r"--method: expected one of prompt_tuning, prefix_tuning, p_tuning, cartridge, adaption_prompt, multitask_prompt_tuning, got "
+        match=r"--method: expected one of prompt_tuning, prefix_tuning, p_tuning, cartridge, adaption_prompt, multitask_prompt_tuning, cpt, got "
         r"'prefix-tunning' \(did you mean 'prefix_tuning'\?\)",
     ):
         load_config(None, {**BASE, "method": "prefix-tunning"})

@@ -40,10 +40,15 @@ class Template:
         return tuple(dict.fromkeys(value for value, is_field in self._parts if is_field))
 
     def render(self, row: Mapping[str, Any]) -> str:
+        return "".join(text for text, _ in self.pieces(row))
+
+    def pieces(self, row: Mapping[str, Any]) -> list[tuple[str, bool]]:
+        """The rendered text in pieces, ``(text, is_field)``: the template's literals and the row's cells
+        (CPT types its context's tokens by them)."""
         out = []
         for value, is_field in self._parts:
             if not is_field:
-                out.append(value)
+                out.append((value, False))
                 continue
             try:
                 cell = row[value]
@@ -52,8 +57,8 @@ class Template:
                     f"template {self.text!r} uses column {value!r}, which the row lacks; "
                     f"its columns are {', '.join(map(repr, row))}."
                 ) from None
-            out.append(cell if isinstance(cell, str) else cell_text(cell))
-        return "".join(out)
+            out.append((cell if isinstance(cell, str) else cell_text(cell), True))
+        return out
 
     def validate(self, columns: Iterable[str], *, source: str) -> None:
         """Raise `ConfigError` if the template uses a column that ``source`` lacks."""

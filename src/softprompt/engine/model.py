@@ -206,12 +206,13 @@ class SoftPromptModel(nn.Module):
         return logits
 
     # ------------------------------------------------------------------ prefixes
-    def _prompt_kv(self, name: str) -> prefixes.AdapterPrefix:
+    def _prompt_kv(self, name: str, terms: dict[str, tuple[torch.Tensor, int]] | None = None) -> prefixes.AdapterPrefix:
         """Per-layer ``[kv_heads, n, head_dim]`` keys/values of one row key (an adapter, or a task of one) and the
         last hidden state for input methods.
 
         Input-method prompts are run through the frozen model once; the result is cached (per row key) until the
-        adapter's parameters change, and recomputed (with gradients) while training.
+        adapter's parameters change, and recomputed (with gradients) while training. ``terms`` (a forward
+        with labels) receives the adapter's own loss terms when it has `prompt_targets` (CPT's context).
         """
         adapter, task = self._row_adapter(name)
         if adapter.adds == "kv":
@@ -221,37 +222,35 @@ class SoftPromptModel(nn.Module):
         device_type = self.device.type
         autocast_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
         key = (self.dtype, self.device, autocast_dtype)
-        cached = None if needs_grad else self._prompt_kv_cache.get(name, key, params)
+        targets = adapter.prompt_targets() if terms is not None else None
+        cached = None if needs_grad or targets is not None else self._prompt_kv_cache.get(name, key, params)
         if cached is not None:
             return cached
         embeds = adapter.input_embeddings(task).to(self.dtype)[None]
-        n = embeds.shape[1]
-        kwargs = {}
-        if self.quirks.takes_position_ids:
-            kwargs["position_ids"] = torch.arange(n, device=self.device)[None]
-        # The prompt's few tokens run in the weights' own dtype even under autocast: autocast would cast
-        # every frozen weight again for this pass and autograd would keep those casts for backward (a
-        # second copy of the model, ~200 MiB for a 135M model in bf16), while the fp32 pass saves
-        # references to the weights themselves. Its keys/values are then cast to the autocast dtype.
-        with torch.autocast(device_type, enabled=False):
-            out = self.backbone(
-                inputs_embeds=embeds,
-                attention_mask=torch.ones(1, n, dtype=torch.long, device=self.device),
-                use_cache=True,
-                **self.cache_arg.kwargs(DynamicCache(config=self.base.config)),
-                **kwargs,
-            )
+        out = activations.prompt_pass(self.base, self.quirks, self.cache_arg, inputs_embeds=embeds)
         cast = autocast_dtype or self.dtype
         layers = [(layer.keys[0].to(cast), layer.values[0].to(cast)) for layer in self.cache_arg.read(out).layers]
         last_hidden = out.last_hidden_state[0, -1]
+        if targets is not None and terms is not None:
+            terms[name] = self._prompt_loss_terms(out.last_hidden_state[0], *targets)
         if not needs_grad:
             self._prompt_kv_cache.put(name, key, params, layers, last_hidden)
         return layers, last_hidden
 
-    def _batch_prefix(self, names: list[str | None]) -> prefixes.BatchPrefix | None:
+    def _prompt_loss_terms(self, hidden: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor):
+        """``(sum of weighted token losses, token count)`` of a prompt's own targets: token j predicted from
+        the prompt's hidden state j - 1, as PEFT's CPT loss shifts its labels."""
+        wanted = (targets[1:] != -100).nonzero(as_tuple=True)[0]
+        logits = self._logits(hidden[wanted]).float()
+        loss = F.cross_entropy(logits, targets[1:][wanted].to(self.device), reduction="none")
+        return (loss * weights[1:][wanted].to(self.device)).sum(), int(wanted.numel())
+
+    def _batch_prefix(
+        self, names: list[str | None], terms: dict[str, tuple[torch.Tensor, int]] | None = None
+    ) -> prefixes.BatchPrefix | None:
         names = [n if n is not None and self._row_adapter(n)[0].adds != "gated" else None for n in names]
         unique = dict.fromkeys(n for n in names if n is not None)
-        return prefixes.stack_prefixes(names, {name: self._prompt_kv(name) for name in unique}, self.device)
+        return prefixes.stack_prefixes(names, {name: self._prompt_kv(name, terms) for name in unique}, self.device)
 
     def _batch_gated(self, names: list[str | None]) -> gated.GatedBatch | None:
         adapters = {n: self._row_adapter(n)[0] for n in names if n is not None}
@@ -309,12 +308,15 @@ class SoftPromptModel(nn.Module):
         with checkpointing.when_recording(self._checkpointed):
             if self.shape.is_encoder_decoder:
                 return self._seq2seq_forward(input_ids, attention_mask, names, labels, decoder_input_ids)
-            prefix = self._batch_prefix(names)
+            terms: dict[str, tuple[torch.Tensor, int]] | None = None if labels is None else {}
+            prefix = self._batch_prefix(names, terms)
             hidden, _, _ = self._causal_hidden(input_ids, attention_mask, prefix, gated_batch=self._batch_gated(names))
         if labels is None:
             return SoftPromptOutput(logits=self._logits(hidden))
         labels = labels.to(self.device)
-        return self._label_loss(hidden, attention_mask, labels, prefix)
+        # every row of an adapter with prompt targets adds its prompt's terms (PEFT's CPT loss)
+        extra = [terms[n] for n in names if n in terms] if terms else []
+        return self._label_loss(hidden, attention_mask, labels, prefix, extra)
 
     def text_hidden_states(
         self,
@@ -336,8 +338,11 @@ class SoftPromptModel(nn.Module):
                 input_ids, attention_mask, self._batch_prefix(names), gated_batch=self._batch_gated(names)
             )[0]
 
-    def _label_loss(self, hidden, attention_mask, labels, prefix: prefixes.BatchPrefix | None) -> SoftPromptOutput:
-        """Loss over label tokens, projecting only the hidden states that predict a label."""
+    def _label_loss(
+        self, hidden, attention_mask, labels, prefix: prefixes.BatchPrefix | None, extra=()
+    ) -> SoftPromptOutput:
+        """Loss over label tokens, projecting only the hidden states that predict a label. ``extra``: more
+        ``(weighted loss sum, token count)`` terms, averaged in as further tokens (`_prompt_loss_terms`)."""
         batch, length = labels.shape
         positions = torch.arange(length, device=self.device)[None].expand(batch, -1)
         first = attention_mask.argmax(-1, keepdim=True)  # first real token of each row
@@ -353,7 +358,11 @@ class SoftPromptModel(nn.Module):
         rows, cols = wanted.nonzero(as_tuple=True)
         logits = self._logits(extended[rows, source[rows, cols]]).float()
         targets = labels[rows, cols]
-        loss = F.cross_entropy(logits, targets) if targets.numel() else logits.sum() * 0.0
+        count = targets.numel() + sum(c for _, c in extra)
+        if extra and count:
+            loss = (F.cross_entropy(logits, targets, reduction="sum") + sum(t for t, _ in extra)) / count
+        else:
+            loss = F.cross_entropy(logits, targets) if targets.numel() else logits.sum() * 0.0
         return SoftPromptOutput(loss=loss, label_logits=logits)
 
     # ------------------------------------------------------------------ encoder-decoder

@@ -13,6 +13,7 @@ from softprompt.errors import ConfigError
 from softprompt.methods.adaption_prompt import AdaptionPrompt, AdaptionPromptConfig
 from softprompt.methods.base import MethodConfig, SoftPromptMethod
 from softprompt.methods.cartridge import Cartridge, CartridgeConfig
+from softprompt.methods.cpt import CPT, CPTConfig
 from softprompt.methods.multitask_prompt_tuning import MultitaskPromptTuning, MultitaskPromptTuningConfig
 from softprompt.methods.p_tuning import PTuning, PTuningConfig
 from softprompt.methods.prefix_tuning import PrefixTuning, PrefixTuningConfig
@@ -26,6 +27,7 @@ METHODS: dict[str, type[SoftPromptMethod]] = {
     "cartridge": Cartridge,
     "adaption_prompt": AdaptionPrompt,
     "multitask_prompt_tuning": MultitaskPromptTuning,
+    "cpt": CPT,
 }
 PEFT_TYPES: dict[str, str] = {cls.config_class.peft_type: name for name, cls in METHODS.items()}
 
@@ -68,11 +70,13 @@ def method_class(name: str, *, source: str = "method") -> type[SoftPromptMethod]
 
 
 __all__ = [
+    "CPT",
     "METHODS",
     "METHOD_OPTIONS",
     "PEFT_TYPES",
     "AdaptionPrompt",
     "AdaptionPromptConfig",
+    "CPTConfig",
     "Cartridge",
     "CartridgeConfig",
     "MethodConfig",

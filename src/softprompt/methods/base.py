@@ -18,7 +18,7 @@ vectors); `training_state()` additionally keeps reparameterisation weights so tr
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Self
 
@@ -31,6 +31,7 @@ from softprompt.options import check_int, option
 
 if TYPE_CHECKING:  # only named in an annotation: methods need nothing of the data package
     from softprompt.adapters.training_format import TrainingFormat
+    from softprompt.data import Example, Template
 
 
 @dataclass
@@ -167,6 +168,27 @@ class SoftPromptMethod(nn.Module):
     def config_from_peft(cls, peft: dict) -> dict:
         """Our config fields from PEFT's ``adapter_config.json``."""
         return {"num_virtual_tokens": int(peft["num_virtual_tokens"])}
+
+    @classmethod
+    def options_from_examples(
+        cls,
+        options: dict[str, Any],
+        examples: Sequence[Example],
+        template: Template,
+        tokenize: Callable[[str], list[int]],
+    ) -> dict[str, Any]:
+        """The method's options completed from its training examples before the adapter is created (CPT
+        builds its context from some of them); unchanged by default."""
+        return options
+
+    def prompt_targets(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Input methods whose virtual tokens are also text to learn (CPT's context): per virtual token, the
+        token id the model should predict there (-100: none) and its loss weight. Every row of the adapter
+        then adds these terms to the loss beside its own label tokens. None (the default): no such terms."""
+        return None
+
+    def after_step(self) -> None:
+        """Called by training after every optimizer step (CPT projects its update back onto its epsilon ball)."""
 
     def training_state(self) -> dict[str, torch.Tensor]:
         """Everything needed to resume training (reparameterisation weights included)."""

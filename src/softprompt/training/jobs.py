@@ -18,7 +18,7 @@ from softprompt.data import (
 )
 from softprompt.data.heldout import fingerprint, read_train_fingerprints
 from softprompt.errors import ConfigError, DataError, SoftPromptError
-from softprompt.methods import METHODS
+from softprompt.methods import METHODS, method_class
 from softprompt.options import did_you_mean, flag
 from softprompt.training.config import ResolvedAdapter
 
@@ -137,6 +137,16 @@ def _with_tasks(spec: ResolvedAdapter, examples: list[Example], source: str) -> 
     config = METHODS[spec.method].config_class.from_dict(dict(spec.method_options))
     # A method with tasks declares how many (resolve_adapter checked that this one has tasks).
     return with_tasks(examples, spec.task_column, getattr(config, "num_tasks", 0), source=source)
+
+
+def complete_options(job: AdapterJob, tokenizer) -> None:
+    """Let the job's method complete its options from the training examples (CPT builds its context from them)."""
+    job.spec.method_options = method_class(job.spec.method).options_from_examples(
+        job.spec.method_options,
+        job.train,
+        Template(job.spec.template),
+        lambda text: tokenizer(text, add_special_tokens=False)["input_ids"],
+    )
 
 
 def start_from(model, job: AdapterJob, prefix: str = "") -> None:

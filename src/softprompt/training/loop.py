@@ -73,7 +73,7 @@ from softprompt.training.checkpoint import (
 )
 from softprompt.training.config import CHECKPOINT, TrainConfig, flag, save_resolved
 from softprompt.training.distill import prepare_distill
-from softprompt.training.jobs import AdapterJob, prepare_job, start_from
+from softprompt.training.jobs import AdapterJob, complete_options, prepare_job, start_from
 from softprompt.training.objectives import Objective, lm_loss
 from softprompt.training.signals import TrainingInterrupted, stop_at_step_boundary_on_signals, stop_requested
 from softprompt.training.validation import selection_score, validation_metrics
@@ -220,6 +220,7 @@ class Trainer:
         random.seed(config.seed)
         np.random.seed(config.seed)
         for job in jobs:
+            complete_options(job, model.tokenizer)
             model.add_adapter(job.name, method=job.spec.method, seed=job.spec.seed, **job.spec.method_options)
             if job.spec.init_from and not config.resume:  # a resumed run restores its own checkpoint instead
                 start_from(model, job, prefix=f"adapters ({job.name}): " if len(jobs) > 1 else "")
@@ -349,6 +350,8 @@ class Trainer:
             for param_group in self.optimizer.param_groups:
                 torch.nn.utils.clip_grad_norm_(param_group["params"], self.config.max_grad_norm)
         self.optimizer.step()
+        for name in self.names:  # e.g. CPT's projection onto its epsilon ball
+            model.get_adapter(name).after_step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         dist.share_rng()
