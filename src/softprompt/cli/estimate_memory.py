@@ -6,7 +6,9 @@ import argparse
 import json
 from dataclasses import dataclass
 
+from softprompt.models.precision import DTYPE_HELP, QUANTIZE_HELP
 from softprompt.cli.common import model_option
+from softprompt.methods import METHODS
 from softprompt.models.memory import GPUS_GIB, estimate_memory
 from softprompt.options import add_arguments as add_option_arguments
 from softprompt.options import option
@@ -30,13 +32,13 @@ class EstimateMemoryOptions:
     """The options of ``softprompt estimate-memory``."""
 
     model: str | None = model_option("Base model: built-in name, local folder or hub id (only config.json is read).")
-    method: str = option("prompt_tuning", "prompt_tuning, prefix_tuning or p_tuning (default prompt_tuning).")
+    method: str = option("prompt_tuning", f"Soft-prompt method: {', '.join(METHODS)} (default prompt_tuning).")
     num_virtual_tokens: int = option(8, "Virtual tokens of the adapter.")
     batch_size: int = option(8, "Examples per forward pass, per process.")
     max_length: int = option(256, "Longest example in tokens (prompt + label).")
     label_tokens: int = option(16, "Tokens per example that carry loss (the label or answer).")
-    dtype: str = option("float32", "Frozen weights' dtype: float32, bfloat16 or float16 (default float32).")
-    quantize: str = option("none", "Frozen base quantization: none, int8 or nf4 (default none).")
+    dtype: str = option("float32", DTYPE_HELP)
+    quantize: str = option("none", QUANTIZE_HELP)
     gradient_checkpointing: bool = option(False, "Recompute each decoder block in the backward pass.")
     processes: int = option(1, "Training processes (GPUs).")
     sharding: str = option("none", "Frozen weights across processes: none (DDP), fsdp or zero3 (default none).")

@@ -413,7 +413,7 @@ class ModelCard(BaseModel):
     owned_by: str = "softprompt"
     root: str  # the base model
     parent: str | None  # the base model for adapters, None for the base model itself
-    method: str | None = None  # prompt_tuning, prefix_tuning, p_tuning (adapters only)
+    method: str | None = None  # a softprompt.methods.METHODS name (adapters only)
     num_virtual_tokens: int | None = None
     template: str | None = None  # the template the adapter was trained with (applied by /v1/classify)
     resident: bool = True  # in memory now (False: evicted, reloaded on its next request)
