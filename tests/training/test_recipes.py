@@ -16,11 +16,13 @@ import yaml
 from softprompt.data import Template
 from softprompt.training.config import load_config
 from softprompt.training.loop import train
+from softprompt.training.sweep_space import load_sweep
 
 from tiny import tiny_model
 
 REPO = Path(__file__).resolve().parents[2]
-RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))
+SWEEPS = sorted((REPO / "recipes" / "sweeps").glob("*.yaml"))  # sweep files (`softprompt sweep`), not recipes
+RECIPES = sorted(p for p in (REPO / "recipes").rglob("*.yaml") if p not in SWEEPS)
 HUB = sorted((REPO / "recipes").glob("*.yaml"))
 OFFLINE = sorted((REPO / "recipes" / "offline").glob("*.yaml"))
 RESULTS = sorted((REPO / "recipes" / "results").glob("*.yaml"))
@@ -44,6 +46,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_the_four_reference_uses_are_shipped_online_and_offline():
     assert len(HUB) >= 4
     assert [p.name for p in OFFLINE] == [p.name for p in HUB]
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
+def test_every_shipped_sweep_parses_into_settings_of_a_runs_output(path):
+    sweep = load_sweep(path)
+    assert len(sweep.settings) >= 2 and sweep.base.output.startswith("runs/")
+    assert sweep.options.outer_folds >= 2 and sweep.options.inner_folds >= 2
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(REPO / "recipes")))
