@@ -281,6 +281,11 @@ def test_resume_is_bit_identical_and_init_from_continues(tmp_path):
     after = load_file(warm.adapters["default"].path / "adapter_model.safetensors")
     assert after.keys() == source.keys() and all(not torch.equal(after[k], source[k]) for k in source)
 
+    # a saved adapter of other layers than the job's: one line naming the tensor and both shapes
+    other = adaption_run(tmp_path, tmp_path / "other", init_from=str(tmp_path / "full" / "default"), adapter_layers=1)
+    with pytest.raises(ConfigError, match=r"--init-from .*: holds prompts \[2, 3, \d+\] \(this job: \[1, 3, \d+\]\)"):
+        train(other, model=tiny_model("llama"), progress=False)
+
 
 def test_server_batches_adaption_prompts_with_other_adapters_each_row_as_offline(tmp_path):
     model = lively_model()

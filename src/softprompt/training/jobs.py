@@ -151,7 +151,7 @@ def complete_options(job: AdapterJob, tokenizer) -> None:
 
 def start_from(model, job: AdapterJob, prefix: str = "") -> None:
     """``init_from``: the job's new adapter takes a saved adapter's weights (and reparameterisation, if
-    the save kept one), after checking that it is the same method with as many virtual tokens."""
+    the save kept one), after checking that it is the same method with as many virtual tokens and tensors of the same shapes."""
     init_from = job.spec.init_from
     assert init_from is not None  # called only for a job that starts from a saved adapter
     fresh = model.adapters[job.name]
@@ -162,13 +162,27 @@ def start_from(model, job: AdapterJob, prefix: str = "") -> None:
         raise ConfigError(f"{where}: {exc}") from None
     want = (job.spec.method, job.spec.method_options["num_virtual_tokens"])
     found = (loaded.config.method, loaded.config.num_virtual_tokens)
+    problem = ""
     if found != want:
+        problem = (
+            f"is a {found[0]} adapter with {found[1]} virtual tokens, but this job trains {want[0]} with {want[1]}; "
+            f"set {flag('method')} and {flag('num_virtual_tokens')} to match"
+        )
+    else:  # the same method and length, other options differ (adaption prompt's layers, multitask's task count)
+        shapes = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
+        differ = [
+            f"{k} {list(v.shape)} (this job: {list(shapes[k])})"
+            for k, v in loaded.state_dict().items()
+            if k in shapes and tuple(v.shape) != shapes[k]
+        ]
+        if differ:
+            problem = (
+                f"holds {', '.join(differ)}; set this job's {found[0]} options as the saved adapter's config has them"
+            )
+    if problem:
         model.remove_adapter(job.name)
         model.register(job.name, fresh)  # leave the model as a failed set-up of any other kind does
-        raise ConfigError(
-            f"{where}: is a {found[0]} adapter with {found[1]} virtual tokens, but this job trains "
-            f"{want[0]} with {want[1]}; set {flag('method')} and {flag('num_virtual_tokens')} to match"
-        )
+        raise ConfigError(f"{where}: {problem}")
     loaded.requires_grad_(True)
 
 
