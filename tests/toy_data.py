@@ -6,6 +6,7 @@ import random
 
 import pytest
 
+from softprompt.training.config import TrainConfig, load_config
 from softprompt.training.loop import train
 
 
@@ -52,3 +53,21 @@ def assert_resume_is_bit_identical(run, full, make_model) -> None:
     assert resumed.steps == full.steps
     weights = "default/adapter_model.safetensors"
     assert (full.output / weights).read_bytes() == (cut / weights).read_bytes()
+
+
+def toy_job(data: str, output, settings: dict, **overrides) -> TrainConfig:
+    """A small training job on a toy data file (label column ``label``): 2 epochs, batches of 4, lr 0.05, a quarter
+    of the rows for validation, no zero-shot pass, seed 0; ``settings`` (the method and its options), then
+    ``overrides`` (a test's variations), add keys or replace these."""
+    values = {
+        "data": data,
+        "label_column": "label",
+        "epochs": 2,
+        "batch_size": 4,
+        "lr": 0.05,
+        "val_fraction": 0.25,
+        "eval_zero_shot": False,
+        "output": str(output),
+        "seed": 0,
+    }
+    return load_config(None, {**values, **settings, **overrides})

@@ -22,12 +22,11 @@ from softprompt.engine.scoring import score_ids
 from softprompt.engine.tokens import pad_batch
 from softprompt.errors import ConfigError, SoftPromptError
 from softprompt.server import ServerSettings, create_app
-from softprompt.training.config import load_config
 from softprompt.training.loop import train
 
 from serving import ServerThread, lively_model, offline_model, run_concurrently
 from tiny import VOCAB, save_tiny_checkpoint, tiny_base, tiny_model, tiny_tokenizer
-from toy_data import assert_resume_is_bit_identical, toy_rows, write_csv
+from toy_data import assert_resume_is_bit_identical, toy_job, toy_rows, write_csv
 
 PEFT_FAMILIES = ["llama", "mistral", "gpt2"]  # PEFT's TRANSFORMERS_MODEL_CONFIG for adaption prompts
 N_TOKENS, N_LAYERS = 3, 2
@@ -245,22 +244,12 @@ def test_train_method_adaption_prompt_from_the_command_line(tmp_path):
 
 
 def adaption_run(tmp_path, output, **extra):
-    values = {
-        "data": write_csv(tmp_path / "toy.csv", toy_rows(24)),
-        "label_column": "label",
-        "method": "adaption_prompt",
-        "num_virtual_tokens": 3,
-        "adapter_layers": 2,
-        "epochs": 2,
-        "batch_size": 4,
-        "lr": 0.05,
-        "val_fraction": 0.25,
-        "eval_zero_shot": False,
-        "output": str(output),
-        "seed": 0,
+    return toy_job(
+        write_csv(tmp_path / "toy.csv", toy_rows(24)),
+        output,
+        {"method": "adaption_prompt", "num_virtual_tokens": 3, "adapter_layers": 2},
         **extra,
-    }
-    return load_config(None, values)
+    )
 
 
 @pytest.mark.usefixtures("one_thread")  # bit-identical resume

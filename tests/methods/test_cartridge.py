@@ -18,12 +18,11 @@ from softprompt.engine.generation import GenerationConfig, generate_batch
 from softprompt.engine.tokens import pad_batch
 from softprompt.errors import ConfigError, SoftPromptError
 from softprompt.server import ServerSettings, create_app
-from softprompt.training.config import load_config
 from softprompt.training.loop import train
 
 from serving import ServerThread, lively_model, offline_model, run_concurrently
 from tiny import FAMILIES, save_tiny_checkpoint, tiny_base, tiny_model, tiny_tokenizer
-from toy_data import assert_resume_is_bit_identical, toy_rows, write_csv
+from toy_data import assert_resume_is_bit_identical, toy_job, toy_rows, write_csv
 
 N_TOKENS, N_FROZEN = 5, 2
 
@@ -250,24 +249,18 @@ def test_server_batches_cartridges_with_other_adapters_each_row_as_offline(tmp_p
 
 def cartridge_run(tmp_path, output, **extra):
     data = write_csv(tmp_path / "toy.csv", toy_rows(24))
-    values = {
-        "data": data,
-        "label_column": "label",
-        "method": "cartridge",
-        "num_virtual_tokens": 4,
-        "num_frozen_tokens": 1,
-        "init_text": "xyz abc",
-        "epochs": 2,
-        "batch_size": 4,
-        "lr": 0.05,
-        "weight_decay": 0.01,
-        "val_fraction": 0.25,
-        "eval_zero_shot": False,
-        "output": str(output),
-        "seed": 0,
+    return toy_job(
+        data,
+        output,
+        {
+            "method": "cartridge",
+            "num_virtual_tokens": 4,
+            "num_frozen_tokens": 1,
+            "init_text": "xyz abc",
+            "weight_decay": 0.01,
+        },
         **extra,
-    }
-    return load_config(None, values)
+    )
 
 
 @pytest.mark.usefixtures("one_thread")  # bit-identical resume

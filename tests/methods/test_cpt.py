@@ -21,12 +21,11 @@ from softprompt.engine.tokens import pad_batch
 from softprompt.errors import ConfigError
 from softprompt.methods.cpt import context_from_examples
 from softprompt.server import ServerSettings, create_app
-from softprompt.training.config import load_config
 from softprompt.training.loop import train
 
 from serving import ServerThread, lively_model, offline_model, run_concurrently
 from tiny import CAUSAL, save_tiny_checkpoint, tiny_base, tiny_model, tiny_tokenizer
-from toy_data import Interrupt, toy_rows, write_csv
+from toy_data import assert_resume_is_bit_identical, toy_job, toy_rows, write_csv
 
 # Two examples written out: template 1, input 2, output template 3, label 4 (then 5..8 for the second).
 IDS = [10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 22, 23, 24]
@@ -207,23 +206,12 @@ def test_mixed_batch_with_other_methods_gives_each_row_its_solo_result():
 
 def cpt_run(tmp_path, output, **extra):
     data = write_csv(tmp_path / "toy.csv", toy_rows(24))
-    values = {
-        "data": data,
-        "label_column": "label",
-        "method": "cpt",
-        "cpt_examples": 2,
-        "opt_weighted_loss_type": "decay",
-        "opt_loss_decay_factor": 0.5,
-        "epochs": 2,
-        "batch_size": 4,
-        "lr": 0.05,
-        "val_fraction": 0.25,
-        "eval_zero_shot": False,
-        "output": str(output),
-        "seed": 0,
+    return toy_job(
+        data,
+        output,
+        {"method": "cpt", "cpt_examples": 2, "opt_weighted_loss_type": "decay", "opt_loss_decay_factor": 0.5},
         **extra,
-    }
-    return load_config(None, values)
+    )
 
 
 @pytest.mark.usefixtures("one_thread")  # bit-identical resume
@@ -233,17 +221,8 @@ def test_training_builds_the_context_resumes_bit_identically_and_warm_starts(tmp
     types = torch.tensor(trained.config.cpt_tokens_type_mask)
     assert trained.config.cpt_examples == 2 and max(types) == 8 and trained.num_virtual_tokens == len(types)
 
-    def crash_at_3(info):
-        if info.step == 3:
-            raise Interrupt
-
-    cut = tmp_path / "cut"
-    with pytest.raises(Interrupt):
-        train(cpt_run(tmp_path, cut, save_every=2), model=tiny_model("llama"), on_step=crash_at_3, progress=False)
-    resumed = train(cpt_run(tmp_path, cut, resume=True), model=tiny_model("llama"), progress=False)
-    assert resumed.steps == full.steps
+    assert_resume_is_bit_identical(lambda out, **kw: cpt_run(tmp_path, out, **kw), full, lambda: tiny_model("llama"))
     weights = "default/adapter_model.safetensors"
-    assert (tmp_path / "full" / weights).read_bytes() == (cut / weights).read_bytes()
 
     # the last state: labels kept as written, every update inside its ball
     model = tiny_model("llama")

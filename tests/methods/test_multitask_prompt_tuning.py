@@ -19,12 +19,11 @@ from softprompt.engine.tokens import pad_batch
 from softprompt.errors import ConfigError, SoftPromptError
 from softprompt.integrations.hf import TrainableAdapter
 from softprompt.server import ServerSettings, create_app
-from softprompt.training.config import load_config
 from softprompt.training.loop import train
 
 from serving import ServerThread, lively_model, offline_model, run_concurrently
 from tiny import CAUSAL, FAMILIES, save_tiny_checkpoint, tiny_base, tiny_model, tiny_tokenizer
-from toy_data import assert_resume_is_bit_identical, toy_rows, write_csv
+from toy_data import assert_resume_is_bit_identical, toy_job, toy_rows, write_csv
 
 N_TOKENS, N_TASKS, N_RANKS = 5, 3, 2
 TASKS = torch.tensor([2, 0])  # one task per row of INPUT
@@ -299,25 +298,19 @@ def test_source_inits_take_prompt_and_factors_from_a_saved_adapter(tmp_path):
 def mpt_run(tmp_path, output, **extra):
     rows = [{**row, "task": str(i % 3)} for i, row in enumerate(toy_rows(24))]
     data = write_csv(tmp_path / "toy.csv", rows)
-    values = {
-        "data": data,
-        "label_column": "label",
-        "task_column": "task",
-        "method": "multitask_prompt_tuning",
-        "num_virtual_tokens": 4,
-        "num_tasks": 3,
-        "num_ranks": 2,
-        "init_text": "xyz abc",
-        "epochs": 2,
-        "batch_size": 4,
-        "lr": 0.05,
-        "val_fraction": 0.25,
-        "eval_zero_shot": False,
-        "output": str(output),
-        "seed": 0,
+    return toy_job(
+        data,
+        output,
+        {
+            "task_column": "task",
+            "method": "multitask_prompt_tuning",
+            "num_virtual_tokens": 4,
+            "num_tasks": 3,
+            "num_ranks": 2,
+            "init_text": "xyz abc",
+        },
         **extra,
-    }
-    return load_config(None, values)
+    )
 
 
 @pytest.mark.usefixtures("one_thread")  # bit-identical resume
