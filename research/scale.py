@@ -31,6 +31,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from research.harness import hwm_kib, reset_hwm, rss_kib
+
 # shape: hidden, layers, heads, kv heads, MLP width, vocabulary
 SHAPES = {
     "20m": (256, 8, 8, 4, 688, 32000),
@@ -79,16 +81,10 @@ MIB = 1 << 20
 ALLOCATORS = {"tensors": {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}, "rss": {}}
 
 
-def _status(field: str) -> int:
-    """A ``/proc/self/status`` memory field in bytes (VmRSS: now, VmHWM: peak since the last reset)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def _reset_peak() -> None:
-    Path("/proc/self/clear_refs").write_text("5")
+def reset_peak() -> None:
+    """Reset the resident-set peak (VmHWM) to the current RSS: without it the figures would mean nothing."""
+    if not reset_hwm():
+        raise RuntimeError("cannot reset VmHWM through /proc/self/clear_refs (Linux >= 4.0 needed)")
 
 
 def _peft_model(base, case: Case):
@@ -138,8 +134,8 @@ def measure(name: str) -> dict:
     ids = torch.randint(0, vocab, (BATCH, LENGTH))
     labels = torch.full_like(ids, -100)
     labels[:, -LABEL_TOKENS:] = ids[:, -LABEL_TOKENS:]
-    _reset_peak()
-    start = _status("VmRSS")
+    reset_peak()
+    start = rss_kib() * 1024
     torch.set_default_dtype(getattr(torch, case.dtype))  # built in its dtype: never a float32 copy first
     base = LlamaForCausalLM(config)
     torch.set_default_dtype(torch.float32)
@@ -164,12 +160,12 @@ def measure(name: str) -> dict:
             return sp(ids, adapters="a", labels=labels).loss
 
     optimizer = torch.optim.AdamW(params, lr=1e-3)
-    built = _status("VmRSS")
+    built = rss_kib() * 1024
     started = time.perf_counter()
     step().backward()
     optimizer.step()
     seconds = time.perf_counter() - started
-    peak = _status("VmHWM")
+    peak = hwm_kib() * 1024
     return {
         **result,
         "measured": {"weights_bytes": built - start, "total_bytes": peak - start},

@@ -24,7 +24,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from research.scale import ALLOCATORS, BATCH, LABEL_TOKENS, LENGTH, MIB, SHAPES, TOKENS, _reset_peak, _status
+from research.harness import hwm_kib, rss_kib
+from research.scale import ALLOCATORS, BATCH, LABEL_TOKENS, LENGTH, MIB, SHAPES, TOKENS, reset_peak
 
 # name: shape, quantization (prompt tuning, float32 for what stays unquantized)
 CASES = {
@@ -73,10 +74,10 @@ def measure(case: str) -> dict:
         # softprompt.load wants a tokenizer beside the weights; the step feeds token ids, so any will do
         tokenizer = Tokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>"))
         PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>").save_pretrained(folder)
-        _reset_peak()
-        start = _status("VmRSS")
+        reset_peak()
+        start = rss_kib() * 1024
         model = softprompt.load(folder, quantize=quantize)
-    load_peak = _status("VmHWM")
+    load_peak = hwm_kib() * 1024
     # transformers leaves the unquantized weights (embeddings, norms, LM head) as views of the checkpoint's memory
     # mapping, which then keeps every page of the float32 checkpoint it read resident (file pages, not tensors).
     # Own copies close the mapping, so resident memory counts live tensors, as for research.scale's in-memory bases.
@@ -85,14 +86,14 @@ def measure(case: str) -> dict:
             if param.dtype.is_floating_point:
                 param.data = param.data.clone()
     gc.collect()
-    loaded = _status("VmRSS")
-    _reset_peak()
+    loaded = rss_kib() * 1024
+    reset_peak()
     adapter = model.add_adapter("a", num_virtual_tokens=TOKENS, init="random")
     model.train()
     optimizer = torch.optim.AdamW(adapter.parameters(), lr=1e-3)
     model(ids, adapters="a", labels=labels).loss.backward()
     optimizer.step()
-    peak = _status("VmHWM")
+    peak = hwm_kib() * 1024
     return {
         "case": case,
         "shape": dict(zip(("hidden", "layers", "heads", "kv_heads", "intermediate", "vocab"), SHAPES[shape])),
