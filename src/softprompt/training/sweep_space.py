@@ -31,7 +31,7 @@ from typing import Any
 
 from softprompt.errors import ConfigError
 from softprompt.methods import METHOD_OPTIONS
-from softprompt.options import check_choice, check_int, coerce, did_you_mean, option
+from softprompt.options import check_choice, check_int, check_number, coerce, did_you_mean, option
 from softprompt.training.adapter_config import AdapterSettings, AdapterSpec
 from softprompt.training.config import TrainConfig, read_yaml
 
@@ -69,8 +69,11 @@ class SweepSettings:
         "validation data, else nested.",
         choices=SELECTIONS,
     )
-    test_data: str | None = option(
-        None, "With validation data (selection on validation only): a labelled test file scored once, for the choice."
+    test_data: str | None = option(None, "A labelled test file, scored once, for the final choice alone.")
+    test_fraction: float | None = option(
+        None,
+        "For data without a test file: hold out this seeded (sweep.seed), label-stratified fraction of the rows "
+        "before anything else sees them (max_rows samples the rest); scored once, for the final choice alone.",
     )
     bootstrap: int = option(1000, "Bootstrap resamples of the pooled outer predictions (the interval).")
 
@@ -159,6 +162,10 @@ def _sweep_settings(values: Any, source: str) -> SweepSettings:
     if out.samples is not None:
         check_int(out.samples, f"{source}: sweep.samples", minimum=1)
     check_choice(out.metric, f"{source}: sweep.metric", METRICS)
+    if out.test_fraction is not None:
+        check_number(out.test_fraction, f"{source}: sweep.test_fraction", above=0.0, below=1.0)
+        if out.test_data:
+            raise ConfigError(f"{source}: sweep.test_fraction: give it or sweep.test_data, not both")
     if out.selection is not None:
         check_choice(out.selection, f"{source}: sweep.selection", SELECTIONS)
     return out
