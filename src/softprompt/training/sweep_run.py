@@ -279,7 +279,7 @@ class _Run:
         outer = kfold(self.rows, opts.outer_folds, opts.seed, self.column, source=str(self.base.data))
         stages = [(o, train, test) for o, (train, test) in enumerate(outer, 1)] + [(ALL, self.rows, None)]
         folds = []
-        for o, train, test in stages:
+        for o, train, held_out in stages:
             inner = kfold(train, opts.inner_folds, opts.seed, self.column, source=f"{self.base.data} (outer fold {o})")
             tags = [f"o{o}i{j}" for j in range(1, len(inner) + 1)]
             self.train_and_score(
@@ -291,7 +291,7 @@ class _Run:
                 final = self.final(choice)
                 test = self.test_record(choice["members"], final["adapters"])
             else:
-                self.train_and_score([(f"o{o}test", train, test, i) for i in choice["members"]])
+                self.train_and_score([(f"o{o}test", train, held_out, i) for i in choice["members"]])
                 outer_probs = _pool([self.load(f"o{o}test", i) for i in choice["members"]], average=True)
                 folds.append({"fold": o, **choice, "truth": outer_probs[0], "probs": outer_probs[1]})
         self.bar.close()
