@@ -15,7 +15,7 @@ from softprompt.training.loop import train
 from softprompt.training.metrics import classification_report
 from softprompt.training.sweep_report import argmax
 from softprompt.training.sweep_run import sweep
-from softprompt.training.sweep_space import parse_sweep
+from softprompt.training.sweep_space import job_config, parse_sweep
 
 from tiny import tiny_model
 from toy_data import toy_rows, write_csv
@@ -219,3 +219,18 @@ def test_test_fraction_is_held_out_before_anything_else(tmp_path, monkeypatch):
         parse_sweep({**values, "sweep": {"test_fraction": 1.5}})
     with pytest.raises(ConfigError, match="not both"):
         parse_sweep({**values, "sweep": {"test_fraction": 0.2, "test_data": values["data"]}})
+
+
+def test_a_null_choice_overrides_the_recipe(tmp_path):
+    """An adapter's None inherits the job's value: a setting's null must still mean null (init_from: null in a
+    space whose recipe starts from an adapter), in a job of its own and beside a setting that keeps it."""
+    start = str(tmp_path / "start")
+    values = recipe(tmp_path, init_from=start, space={"start": [{"init_from": None}, {"lr": 0.5}]})
+    values.pop("init")
+    spec = parse_sweep(values)
+    alone = [job_config(spec.base, [("a", s)]).resolved_adapters()[0].init_from for s in spec.settings]
+    together = [
+        a.init_from
+        for a in job_config(spec.base, [("a", spec.settings[0]), ("b", spec.settings[1])]).resolved_adapters()
+    ]
+    assert alone == together == [None, start]
