@@ -222,10 +222,10 @@ def job_key(setting: Mapping[str, Any]) -> tuple:
 
 def job_config(base: TrainConfig, adapters: list[tuple[str, dict[str, Any]]], output: str | None = None) -> TrainConfig:
     """The multi-adapter job training ``adapters`` (name, setting), all of one job key, on ``base``."""
-    job_values = {k: v for k, v in adapters[0][1].items() if k in JOB_KEYS}
     # An adapter's None inherits the job's value, so a setting's null (init_from: null against a recipe's
     # init_from) is set on the job, and every adapter that does not set that key gets the recipe's value.
     nulls = {k for _, s in adapters for k, v in s.items() if k in ADAPTER_KEYS and v is None}
+    job_values: dict[str, Any] = {k: v for k, v in adapters[0][1].items() if k in JOB_KEYS} | dict.fromkeys(nulls)
     specs = []
     for name, setting in adapters:
         options = {k: v for k, v in setting.items() if k in METHOD_OPTIONS}
@@ -233,13 +233,7 @@ def job_config(base: TrainConfig, adapters: list[tuple[str, dict[str, Any]]], ou
         own |= {k: v for k, v in setting.items() if k in ADAPTER_KEYS and v is not None}
         specs.append(AdapterSpec(name=name, **own, method_options=options or None))
     config = dataclasses.replace(
-        base,
-        **job_values,
-        **dict.fromkeys(nulls),
-        adapters=specs,
-        resume=False,
-        output=output or base.output,
-        eval_zero_shot=False,
+        base, **job_values, adapters=specs, resume=False, output=output or base.output, eval_zero_shot=False
     )
     return config.validate()
 
