@@ -1,22 +1,17 @@
-"""A learning-rate x prompt-length sweep trained as ONE multi-adapter job, then a prompt ensemble.
+"""A learning-rate x prompt-length sweep through `softprompt.sweep` (ONE multi-adapter job), then a prompt ensemble.
 
     .venv/bin/python -m research.sweep --task financial_phrasebank               # 3 lr x 2 lengths, 2 epochs
     .venv/bin/python -m research.sweep --task sst2 --lrs 3e-2,1e-1 --tokens 8,20 --train-limit 2000
     .venv/bin/python -m research.sweep --methods prompt_tuning,prefix_tuning --lrs 1e-2,3e-2 --tokens 8
     .venv/bin/python -m research.sweep --quick                                   # harness check, tiny model
 
-Every adapter of the sweep trains in the same `softprompt.training.train_jobs` call on one frozen base:
-each optimizer step runs one batch per adapter (same rows, same order) through the model together.
-Selection is honest: a seeded, label-stratified slice of the *training* rows is the validation set;
-the best single adapter and the ensemble members (the top ``--ensemble`` by validation accuracy) are
-chosen on it, and the held-out test rows (the same seeded split as ``research.quality``) are only scored.
-The ensemble averages the label probabilities of its members (`softprompt.training.label_probabilities`,
-what ``softprompt predict --adapter A --adapter B`` does).
-
-To choose settings for a task of your own, use ``softprompt sweep`` (`softprompt.sweep`): the same one-job
-training, with nested cross-validation or selection on validation and a test file scored once for the
-choice only. This harness stays separate because it does what that command must not: it scores EVERY
-adapter on the test rows, to show how far the validation choice is from the best test figure.
+`softprompt.sweep` trains every adapter of the grid in one job on one frozen base (each optimizer step runs
+one batch per adapter, same rows, same order) and chooses on validation only: a seeded, label-stratified
+slice of the *training* rows (written to ``<out>/<task>/rows/``, the same seeded split as
+``research.quality``). What this harness adds is what the command must not do: it scores EVERY adapter on
+the held-out test rows, to show how far the validation choice is from the best test figure, and the
+ensembles of the top ``--ensemble`` by validation and of all adapters (label probabilities averaged, what
+``softprompt predict --adapter A --adapter B`` does).
 
 Writes ``<out>/<task>/sweep.json``, ``sweep.md`` (the table) and ``sweep.png`` (test accuracy per
 adapter, validation accuracy beside it), never into ``docs/`` or ``examples/``: ``python -m research.export
@@ -27,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -36,13 +32,17 @@ import torch
 if __package__ in (None, ""):  # `python research/sweep.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import softprompt
 from research import harness
 from research.models import TINY, Systems, model_path
 from research.paths import own_output
 from research.quality import score_ours
-from research.tasks import BUDGETS, SEED, TASKS, config_for, examples, is_quick, task_rows
+from research.tasks import BUDGETS, SEED, TASKS, config_values, examples, is_quick, task_rows
 from softprompt.data import train_val_split
-from softprompt.training import classification_report, label_probabilities, prepare_job, prompt_budget, train_jobs
+from softprompt.fileio import atomic_write_text
+from softprompt.training import classification_report, label_probabilities, prompt_budget
+from softprompt.training.sweep_report import argmax
+from softprompt.training.sweep_space import parse_sweep
 
 SHORT = {"prompt_tuning": "pt", "prefix_tuning": "prefix", "p_tuning": "ptune"}
 
@@ -64,7 +64,8 @@ def run_sweep(
     log=print,
     methods: tuple[str, ...] = ("prompt_tuning",),
 ) -> dict:
-    """Train every (method, lr, tokens) adapter in one job; score each and the ensembles."""
+    """Train and choose among every (method, lr, tokens) adapter with `softprompt.sweep` (one multi-adapter
+    job, selection on validation); then score each adapter and the ensembles on the test rows."""
     task = TASKS[task_name]
     quick = is_quick(budget)
     train_rows, test_rows, split = task_rows(task, budget, quick)
@@ -73,25 +74,31 @@ def run_sweep(
     )
     labels = list(task.verbalizer.values())
     test = examples(task, test_rows, f"{task.name} test rows")
-    val = examples(task, val_rows, f"{task.name} validation rows")
+    where = out / task.name
+    # softprompt.sweep reads files: this run's split is written beside its outputs (never into the repository)
+    files = {
+        part: _write_rows(where / "rows" / f"{part}.jsonl", r) for part, r in (("fit", fit_rows), ("val", val_rows))
+    }
     grid = [(m, lr, n) for m in methods for n in tokens for lr in lrs]
-    adapters = [{"name": adapter_name(lr, n, m), "method": m, "lr": lr, "num_virtual_tokens": n} for m, lr, n in grid]
-    config = config_for(task, budget, methods[0], out / task.name, adapters=adapters, name=None)
-    jobs = [
-        prepare_job(spec, rows=fit_rows, val_rows=val_rows, source=f"{task.name} training rows")
-        for spec in config.resolved_adapters()
-    ]
-    log(f"[{task.name}] {split}; {len(fit_rows)} rows fit, {len(val_rows)} validate; {len(jobs)} adapters in one job")
+    values = config_values(
+        task, budget, methods[0], where / "sweep", name=None, data=files["fit"], validation_data=files["val"]
+    )
+    values["space"] = {"adapter": [{"method": m, "lr": lr, "num_virtual_tokens": n} for m, lr, n in grid]}
+    values["sweep"] = {"selection": "validation", "metric": "accuracy", "seed": SEED}
+    log(f"[{task.name}] {split}; {len(fit_rows)} rows fit, {len(val_rows)} validate; {len(grid)} adapters in one job")
     started = time.perf_counter()
-    trained = train_jobs(config, systems.ours, jobs, progress=True)
+    chosen = softprompt.sweep(parse_sweep(values, source=f"research.sweep ({task.name})"), model=systems.ours)
     seconds = time.perf_counter() - started
     rows = []
-    for (method, lr, n), spec in zip(grid, config.resolved_adapters()):
-        val_scores = score_ours(systems, spec.name, val, labels, budget)
-        test_scores = score_ours(systems, spec.name, test, labels, budget)
+    for i, (method, lr, n) in enumerate(grid):
+        record = json.loads((chosen.output / "results" / f"val-s{i}.json").read_text())
+        val_scores = classification_report(record["truth"], argmax(record["probs"], record["labels"]), record["labels"])
+        name = adapter_name(lr, n, method)
+        systems.ours.load_adapter(record["path"], name=name)
+        test_scores = score_ours(systems, name, test, labels, budget)
         rows.append(
             {
-                "name": spec.name,
+                "name": name,
                 "method": method,
                 "lr": lr,
                 "num_virtual_tokens": n,
@@ -99,12 +106,12 @@ def run_sweep(
                 "val_macro_f1": val_scores["macro_f1"],
                 "test_accuracy": test_scores["accuracy"],
                 "test_macro_f1": test_scores["macro_f1"],
-                "path": str(trained.adapters[spec.name].path),
+                "path": record["path"],
             }
         )
-        log(f"  {spec.name}: validation {val_scores['accuracy']:.3f}, test {test_scores['accuracy']:.3f}")
-    # Ties on validation accuracy go to the better validation macro-F1, then to the order of the grid.
-    ranked = sorted(rows, key=lambda r: (-r["val_accuracy"], -r["val_macro_f1"]))
+        log(f"  {name}: validation {val_scores['accuracy']:.3f}, test {test_scores['accuracy']:.3f}")
+    # The sweep's leaderboard order: validation accuracy, ties to the order of the grid.
+    ranked = [rows[int(r["candidate"][1:])] for r in chosen.report["leaderboard"] if r["candidate"].startswith("s")]
     texts, targets = [e.text for e in test], [e.target for e in test]
 
     member_probs: dict[str, list[list[float]]] = {}  # each adapter's test probabilities, scored once
@@ -143,13 +150,18 @@ def run_sweep(
         "test_rows": len(test),
         "epochs": budget["epochs"],
         "batch_size": budget["batch_size"],
-        "steps": trained.steps,
+        "steps": budget["epochs"] * math.ceil(len(fit_rows) / budget["batch_size"]),  # every adapter's
         "train_seconds": seconds,
         "zero_shot": {"test_accuracy": zero["accuracy"], "test_macro_f1": zero["macro_f1"]},
         "adapters": rows,
         "selected": ranked[0]["name"],
         "ensembles": ensembles,
     }
+
+
+def _write_rows(path: Path, rows: list[dict]) -> str:
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
 
 
 def _room(systems: Systems, labels, budget) -> int | None:

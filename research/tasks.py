@@ -190,6 +190,11 @@ def examples(task: Task, rows: list[dict], source: str):
 
 def config_for(task: Task, budget: dict, method: str, out: Path, **extra) -> TrainConfig:
     """A training config for one method on the task under the budget; ``extra`` overrides any field."""
+    return load_config(None, config_values(task, budget, method, out, **extra))
+
+
+def config_values(task: Task, budget: dict, method: str, out: Path, **extra) -> dict:
+    """`config_for`'s recipe as the keys a recipe file (or a sweep file, `softprompt.sweep`) holds."""
     values = {
         "model": "research",
         "data": str(DATA / next(iter(task.files.values()))),
@@ -214,7 +219,7 @@ def config_for(task: Task, budget: dict, method: str, out: Path, **extra) -> Tra
         # Prompt tuning starts from the text's embeddings, prefix tuning from its keys/values.
         values.update(init="text", init_text=task.init_text)
     values.update(extra)
-    return load_config(None, {k: v for k, v in values.items() if v is not None})
+    return {k: v for k, v in values.items() if v is not None}
 
 
 def reported_metrics(metrics: dict) -> dict:

@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from softprompt.cli import main
+from softprompt.data import load_rows, train_val_split
 from softprompt.errors import ConfigError
 from softprompt.training import sweep_run as sweep_module
 from softprompt.training.config import load_config
@@ -14,7 +15,7 @@ from softprompt.training.loop import train
 from softprompt.training.metrics import classification_report
 from softprompt.training.sweep_report import argmax
 from softprompt.training.sweep_run import sweep
-from softprompt.training.sweep_space import parse_sweep
+from softprompt.training.sweep_space import job_config, parse_sweep
 
 from tiny import tiny_model
 from toy_data import toy_rows, write_csv
@@ -45,7 +46,8 @@ def recipe(tmp, **extra) -> dict:
 def nested(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sweep")
     unlabelled = write_csv(tmp / "new.csv", [{"ID": f"n{i}", "text": r["text"]} for i, r in enumerate(toy_rows(5, 9))])
-    spec = parse_sweep(recipe(tmp))
+    test = write_csv(tmp / "test.csv", toy_rows(10, 4))
+    spec = parse_sweep(recipe(tmp, sweep={**recipe(tmp)["sweep"], "test_data": test}))
     model = tiny_model("bloom")
     result = sweep(spec, model=model, predict=unlabelled, id_column="ID", progress=False)
     return tmp, spec, model, result
@@ -107,6 +109,8 @@ def test_inner_folds_choose_and_outer_folds_estimate(nested):
     lo, hi = estimate["pooled_interval"]
     assert lo <= estimate["pooled"]["macro_f1"] <= hi
     assert report["final"]["chosen"] in {row["candidate"] for row in report["leaderboard"]}
+    assert estimate["test"]["n"] == 10  # the test file, scored once by the final choice
+    assert "test (10 rows, scored once, for the final choice)" in result.format()
 
 
 def test_outputs_recipe_adapter_and_predictions(nested, tmp_path):
@@ -182,3 +186,51 @@ def test_selection_on_a_val_fraction_split(tmp_path):
     assert result.report["estimate"] is None and result.report["final"]["chosen"] == "s0"
     with pytest.raises(ConfigError, match="space.seed"):
         parse_sweep({**values, "space": {"seed": [1, 2]}})
+
+
+def test_test_fraction_is_held_out_before_anything_else(tmp_path, monkeypatch):
+    """One labelled file (financial_phrasebank's case): the test rows are cut first, max_rows samples the
+    rest, the choice is made on a val_fraction split of that, and the test rows are scored once."""
+    rows = [{"id": f"r{i}", **r} for i, r in enumerate(toy_rows(24))]
+    values = recipe(
+        tmp_path,
+        data=write_csv(tmp_path / "all.csv", rows),
+        text_column="text",
+        template="{text}",
+        max_rows=12,
+        val_fraction=0.25,
+        space={"lr": [1.0, 1e-3]},
+        sweep={"selection": "validation", "test_fraction": 0.25, "seed": 3, "bootstrap": 20},
+    )
+    seen = []
+
+    def recording(config, model, jobs, **kwargs):
+        seen.extend(e.row["id"] for job in jobs for e in (*job.train, *job.val))
+        return real(config, model, jobs, **kwargs)
+
+    real = sweep_module.train_jobs
+    monkeypatch.setattr(sweep_module, "train_jobs", recording)
+    result = sweep(parse_sweep(values), model=tiny_model("bloom"), progress=False)
+    test = {r["id"] for r in train_val_split(load_rows(values["data"]), 0.25, 3, "label")[1]}
+    assert result.report["estimate"]["test"]["n"] == len(test) == 6
+    assert len(set(seen)) == 12 and not set(seen) & test  # max_rows of the 18 left; no test row trained or chose
+    assert len(json.loads((result.output / "results" / "val-s0.json").read_text())["truth"]) == 3
+    with pytest.raises(ConfigError, match="sweep.test_fraction"):
+        parse_sweep({**values, "sweep": {"test_fraction": 1.5}})
+    with pytest.raises(ConfigError, match="not both"):
+        parse_sweep({**values, "sweep": {"test_fraction": 0.2, "test_data": values["data"]}})
+
+
+def test_a_null_choice_overrides_the_recipe(tmp_path):
+    """An adapter's None inherits the job's value: a setting's null must still mean null (init_from: null in a
+    space whose recipe starts from an adapter), in a job of its own and beside a setting that keeps it."""
+    start = str(tmp_path / "start")
+    values = recipe(tmp_path, init_from=start, space={"start": [{"init_from": None}, {"lr": 0.5}]})
+    values.pop("init")
+    spec = parse_sweep(values)
+    alone = [job_config(spec.base, [("a", s)]).resolved_adapters()[0].init_from for s in spec.settings]
+    together = [
+        a.init_from
+        for a in job_config(spec.base, [("a", spec.settings[0]), ("b", spec.settings[1])]).resolved_adapters()
+    ]
+    assert alone == together == [None, start]

@@ -41,8 +41,19 @@ def _short(report: dict) -> dict:
     return {"n": report["n"], "accuracy": report["accuracy"], "macro_f1": report["macro_f1"]}
 
 
-def nested_report(spec: Sweep, folds: list[dict], final: dict, labels: list[str], out: Path) -> dict:
-    """Per outer fold: the choice (from inner scores only) and its held-out score; the estimate over folds."""
+def _test_estimate(spec: Sweep, test: dict, labels: list[str]) -> dict:
+    """The final choice's score on the test rows (scored once) and its bootstrap interval."""
+    predicted = argmax(test["probs"], labels)
+    metric, opts = spec.options.metric, spec.options
+    return {
+        "test": _short(classification_report(test["truth"], predicted, labels)),
+        "test_interval": bootstrap_interval(test["truth"], predicted, labels, metric, opts.bootstrap, opts.seed),
+    }
+
+
+def nested_report(spec: Sweep, folds: list[dict], final: dict, test: dict | None, labels: list[str], out: Path) -> dict:
+    """Per outer fold: the choice (from inner scores only) and its held-out score; the estimate over folds;
+    with ``test`` rows, the final choice's score on them."""
     metric, opts = spec.options.metric, spec.options
     per_fold = []
     for fold in folds:
@@ -63,6 +74,8 @@ def nested_report(spec: Sweep, folds: list[dict], final: dict, labels: list[str]
         values = [f["test"][key] for f in per_fold]
         estimate[key] = {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
     estimate["pooled_interval"] = bootstrap_interval(truth, predicted, labels, metric, opts.bootstrap, opts.seed)
+    if test is not None:
+        estimate.update(_test_estimate(spec, test, labels))
     board = []
     for name, score in final["scores"].items():
         inner = [f["inner_scores"][name] for f in per_fold if name in f["inner_scores"]]
@@ -79,7 +92,8 @@ def nested_report(spec: Sweep, folds: list[dict], final: dict, labels: list[str]
         )
     board.sort(key=lambda r: -r[f"cv_{metric}_all_rows"])
     return {
-        "protocol": f"nested cross-validation: {opts.outer_folds} outer x {opts.inner_folds} inner folds",
+        "protocol": f"nested cross-validation: {opts.outer_folds} outer x {opts.inner_folds} inner folds"
+        + ("; test scored once, for the final choice" if test is not None else ""),
         "n_rows": len(truth),
         "settings": spec.settings,
         "estimate": estimate,
@@ -103,16 +117,7 @@ def validation_report(spec: Sweep, choice: dict, final: dict, test: dict | None,
         }
         for name, score in sorted(choice["scores"].items(), key=lambda kv: -kv[1])
     ]
-    estimate = None
-    if test is not None:
-        predicted = argmax(test["probs"], labels)
-        estimate = {
-            "metric": metric,
-            "test": _short(classification_report(test["truth"], predicted, labels)),
-            "test_interval": bootstrap_interval(
-                test["truth"], predicted, labels, metric, spec.options.bootstrap, spec.options.seed
-            ),
-        }
+    estimate = None if test is None else {"metric": metric, **_test_estimate(spec, test, labels)}
     return {
         "protocol": "selection on validation rows; test scored once, for the choice",
         "settings": spec.settings,
@@ -175,10 +180,12 @@ def format_report(report: dict) -> str:
             lines.append(
                 f"  outer fold {fold['fold']}: chose {fold['chosen']}, held-out {metric} {fold['test'][metric]:.4f}"
             )
-    elif estimate:
+    if estimate and "test" in estimate:
         metric, test = estimate["metric"], estimate["test"]
+        lo_hi = estimate.get("test_interval") or [float("nan")] * 2
         lines.append(
-            f"test ({test['n']} rows, scored once): {metric} {test[metric]:.4f}, accuracy {test['accuracy']:.4f}"
+            f"test ({test['n']} rows, scored once, for the final choice): {metric} {test[metric]:.4f} "
+            f"(95% bootstrap interval {lo_hi[0]:.4f}-{lo_hi[1]:.4f}), accuracy {test['accuracy']:.4f}"
         )
     final = report["final"]
     lines.append(f"chosen: {final['chosen']} ({'; '.join(final['settings'])})")

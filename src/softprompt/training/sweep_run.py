@@ -11,8 +11,9 @@ The search space is `softprompt.training.sweep_space`. With the labelled rows al
   ``chosen.yaml`` (a recipe for ``softprompt train``) and trained on all rows into ``final/``.
 
 All settings of one base model (every setting, inner fold) of a stage train as adapters of ONE
-multi-adapter job, in the same batches. With validation data (``validation_data``/``validation_split``)
-the settings are chosen on validation alone, and ``sweep.test_data`` is scored once, for the choice.
+multi-adapter job, in the same batches. With validation data (``validation_data``/``validation_split``, or
+``selection: validation`` on a ``val_fraction`` split) the settings are chosen on validation alone. Test rows
+(``sweep.test_data``, or ``sweep.test_fraction`` of --data held out first) are scored once, for the final choice.
 
 Every (fold, setting) result is written atomically to ``<output>/results/``; a rerun skips what is there.
 """
@@ -29,10 +30,11 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from softprompt.data import Template, Verbalizer, kfold, load_rows, verbalizer_for
+from softprompt.data import Template, Verbalizer, kfold, load_rows, sample_rows, train_val_split, verbalizer_for
 from softprompt.errors import ConfigError
 from softprompt.fileio import atomic_write_json, atomic_write_yaml
 from softprompt.training import sweep_report
+from softprompt.training.adapter_config import ResolvedAdapter
 from softprompt.training.config import TrainConfig
 from softprompt.training.evaluate import prompt_budget
 from softprompt.training.jobs import AdapterJob, prepare_job
@@ -99,8 +101,10 @@ class _Run:
         self.models = {self.base.model or "": model} if model is not None else {}
         self.progress = progress
         base_spec = self.base.resolved_adapters()[0]
-        self.rows = base_spec.load_train_rows()
         self.column = self.base.label_column or ""
+        self.rows, self.test_rows = self._labelled_rows(base_spec)
+        # selection on validation: validation_data's rows, or None (prepare_job cuts a val_fraction split)
+        self.val_rows = base_spec.load_validation_rows() if spec.selection_on_validation else None
         self.truth = Verbalizer.from_rows(self.rows, self.column, source=base_spec.data)
         self.raws = self.truth.raws  # every probability list is in this label order
         self.verbalizers = [
@@ -118,6 +122,21 @@ class _Run:
         )
 
     # ------------------------------------------------------------------------------ bookkeeping
+    def _labelled_rows(self, spec: ResolvedAdapter) -> tuple[list[dict], list[dict] | None]:
+        """(the rows the sweep trains and chooses on, the test rows scored once for the final choice or None).
+        ``test_fraction`` is cut from all of --data first, so max_rows samples only what is left."""
+        opts = self.opts
+        if opts.test_data:
+            test = load_rows(opts.test_data, format=self.base.data_format, encoding=self.base.encoding)
+            return spec.load_train_rows(), test
+        if opts.test_fraction is None:
+            return spec.load_train_rows(), None
+        rows = dataclasses.replace(spec, max_rows=None).load_train_rows()
+        rows, test = train_val_split(rows, opts.test_fraction, opts.seed, self.column, source=spec.data)
+        if spec.max_rows is not None:
+            rows = sample_rows(rows, spec.max_rows, spec.seed, self.column, source=f"{spec.data} (training rows)")
+        return rows, test
+
     def _check_space_file(self) -> None:
         """Results on disk belong to this space and these folds; another space must not reuse them."""
         key = {
@@ -126,6 +145,8 @@ class _Run:
             "inner_folds": self.opts.inner_folds,
         }
         key |= {"seed": self.opts.seed, "recipe": {k: str(v) for k, v in self.spec.base_values.items()}}
+        if self.opts.test_fraction is not None:  # it decides which rows train
+            key["test_fraction"] = self.opts.test_fraction
         path = self.out / "results" / "space.json"
         if path.exists():
             if json.loads(path.read_text()) != json.loads(json.dumps(key, default=str)):
@@ -152,9 +173,10 @@ class _Run:
         return self.models[name]
 
     # ------------------------------------------------------------------------------ train + score
-    def train_and_score(self, units: list[tuple[str, Sequence[dict] | None, Sequence[dict] | None, int]]) -> None:
+    def train_and_score(self, units: list[tuple[str, Sequence[dict], Sequence[dict] | None, int]]) -> None:
         """Train each unit ``(tag, train rows, scored rows, setting)`` whose result is not on disk, as
-        adapters of one job per base model and job-wide settings, and save each one's probabilities."""
+        adapters of one job per base model and job-wide settings, and save each one's probabilities
+        (scored rows None: the job's validation rows)."""
         todo = [u for u in units if not self._result_path(u[0], u[3]).exists()]
         self.bar.update(len(units) - len(todo))
         groups: dict[tuple, list] = {}
@@ -169,11 +191,13 @@ class _Run:
             )
             jobs = [
                 prepare_job(
-                    spec, rows=train, verbalizer=self.verbalizers[i], source=f"{self.base.data} ({tag} training rows)"
+                    spec,
+                    rows=train,
+                    val_rows=self.val_rows if scored is None else None,
+                    verbalizer=self.verbalizers[i],
+                    source=f"{self.base.data} ({tag} training rows)",
                 )
-                if train is not None
-                else prepare_job(spec)
-                for spec, (tag, train, _, i) in zip(config.resolved_adapters(), group)
+                for spec, (tag, train, scored, i) in zip(config.resolved_adapters(), group)
             ]
             model = self.model_for(self.spec.settings[group[0][3]])
             self.bar.set_postfix_str(f"{len(jobs)} adapters in one job ({group[0][0]}...)")
@@ -217,6 +241,7 @@ class _Run:
     def record(self, rows: Sequence[dict], probs: list[list[float]]) -> dict:
         ids = {id(r): i for i, r in enumerate(self.rows)}
         return {
+            "labels": self.raws,  # the order of each row's probabilities
             "rows": [ids.get(id(r), -1) for r in rows],
             "truth": [self.truth.to_text(r[self.column]) for r in rows],
             "probs": probs,
@@ -254,7 +279,7 @@ class _Run:
         outer = kfold(self.rows, opts.outer_folds, opts.seed, self.column, source=str(self.base.data))
         stages = [(o, train, test) for o, (train, test) in enumerate(outer, 1)] + [(ALL, self.rows, None)]
         folds = []
-        for o, train, test in stages:
+        for o, train, held_out in stages:
             inner = kfold(train, opts.inner_folds, opts.seed, self.column, source=f"{self.base.data} (outer fold {o})")
             tags = [f"o{o}i{j}" for j in range(1, len(inner) + 1)]
             self.train_and_score(
@@ -264,38 +289,43 @@ class _Run:
             atomic_write_json(self.out / "results" / f"o{o}-choice.json", choice)
             if o == ALL:
                 final = self.final(choice)
+                test = self.test_record(choice["members"], final["adapters"])
             else:
-                self.train_and_score([(f"o{o}test", train, test, i) for i in choice["members"]])
+                self.train_and_score([(f"o{o}test", train, held_out, i) for i in choice["members"]])
                 outer_probs = _pool([self.load(f"o{o}test", i) for i in choice["members"]], average=True)
                 folds.append({"fold": o, **choice, "truth": outer_probs[0], "probs": outer_probs[1]})
         self.bar.close()
-        report = sweep_report.nested_report(self.spec, folds, final, self.raws, self.out)
+        report = sweep_report.nested_report(self.spec, folds, final, test, self.raws, self.out)
         atomic_write_json(self.out / REPORT_FILE, report)
         sweep_report.write_outputs(report, self.out)
         return report
 
     def validation_sweep(self) -> dict:
-        self.train_and_score([("val", None, None, i) for i in range(len(self.spec.settings))])
+        self.train_and_score([("val", self.rows, None, i) for i in range(len(self.spec.settings))])
         choice = self.choose(["val"])
         adapters = {f"member{n}": Path(self.load("val", i)["path"]) for n, i in enumerate(choice["members"])}
         final = self.final(choice, adapters)
-        test = None
-        if self.opts.test_data:
-            rows = load_rows(self.opts.test_data, format=self.base.data_format, encoding=self.base.encoding)
-            probs = []
-            for n, i in enumerate(choice["members"]):
-                model = self.model_for(self.spec.settings[i])
-                model.load_adapter(str(adapters[f"member{n}"]), name=f"test{n}")
-                config = job_config(self.base, [(f"test{n}", self.spec.settings[i])])
-                template = config.resolved_adapters()[0].template
-                probs.append(self.probabilities(model, f"test{n}", i, rows, template, config))
-                model.remove_adapter(f"test{n}")
-            test = self.record(rows, _mean(probs))
+        test = self.test_record(choice["members"], final["adapters"])
         self.bar.close()
         report = sweep_report.validation_report(self.spec, choice, final, test, self.raws, self.out)
         atomic_write_json(self.out / REPORT_FILE, report)
         sweep_report.write_outputs(report, self.out)
         return report
+
+    def test_record(self, members: list[int], adapters: dict[str, str]) -> dict | None:
+        """The test rows (test_data / test_fraction) scored once by the final choice: its members' label
+        probabilities averaged; None without test rows."""
+        if self.test_rows is None:
+            return None
+        probs = []
+        for n, (i, path) in enumerate(zip(members, adapters.values())):
+            model = self.model_for(self.spec.settings[i])
+            model.load_adapter(str(path), name=f"test{n}")
+            config = job_config(self.base, [(f"test{n}", self.spec.settings[i])])
+            template = config.resolved_adapters()[0].template
+            probs.append(self.probabilities(model, f"test{n}", i, self.test_rows, template, config))
+            model.remove_adapter(f"test{n}")
+        return self.record(self.test_rows, _mean(probs))
 
     def final(self, choice: dict, trained: dict[str, Path] | None = None) -> dict:
         """The chosen recipe (``chosen.yaml``) and its adapter(s): trained on all labelled rows, unless

@@ -31,7 +31,7 @@ from typing import Any
 
 from softprompt.errors import ConfigError
 from softprompt.methods import METHOD_OPTIONS
-from softprompt.options import check_choice, check_int, coerce, did_you_mean, option
+from softprompt.options import check_choice, check_int, check_number, coerce, did_you_mean, option
 from softprompt.training.adapter_config import AdapterSettings, AdapterSpec
 from softprompt.training.config import TrainConfig, read_yaml
 
@@ -69,8 +69,11 @@ class SweepSettings:
         "validation data, else nested.",
         choices=SELECTIONS,
     )
-    test_data: str | None = option(
-        None, "With validation data (selection on validation only): a labelled test file scored once, for the choice."
+    test_data: str | None = option(None, "A labelled test file, scored once, for the final choice alone.")
+    test_fraction: float | None = option(
+        None,
+        "For data without a test file: hold out this seeded (sweep.seed), label-stratified fraction of the rows "
+        "before anything else sees them (max_rows samples the rest); scored once, for the final choice alone.",
     )
     bootstrap: int = option(1000, "Bootstrap resamples of the pooled outer predictions (the interval).")
 
@@ -159,6 +162,10 @@ def _sweep_settings(values: Any, source: str) -> SweepSettings:
     if out.samples is not None:
         check_int(out.samples, f"{source}: sweep.samples", minimum=1)
     check_choice(out.metric, f"{source}: sweep.metric", METRICS)
+    if out.test_fraction is not None:
+        check_number(out.test_fraction, f"{source}: sweep.test_fraction", above=0.0, below=1.0)
+        if out.test_data:
+            raise ConfigError(f"{source}: sweep.test_fraction: give it or sweep.test_data, not both")
     if out.selection is not None:
         check_choice(out.selection, f"{source}: sweep.selection", SELECTIONS)
     return out
@@ -215,11 +222,15 @@ def job_key(setting: Mapping[str, Any]) -> tuple:
 
 def job_config(base: TrainConfig, adapters: list[tuple[str, dict[str, Any]]], output: str | None = None) -> TrainConfig:
     """The multi-adapter job training ``adapters`` (name, setting), all of one job key, on ``base``."""
-    job_values = {k: v for k, v in adapters[0][1].items() if k in JOB_KEYS}
+    # An adapter's None inherits the job's value, so a setting's null (init_from: null against a recipe's
+    # init_from) is set on the job, and every adapter that does not set that key gets the recipe's value.
+    nulls = {k for _, s in adapters for k, v in s.items() if k in ADAPTER_KEYS and v is None}
+    job_values: dict[str, Any] = {k: v for k, v in adapters[0][1].items() if k in JOB_KEYS} | dict.fromkeys(nulls)
     specs = []
     for name, setting in adapters:
         options = {k: v for k, v in setting.items() if k in METHOD_OPTIONS}
-        own = {k: v for k, v in setting.items() if k in ADAPTER_KEYS}
+        own = {k: getattr(base, k) for k in nulls if k not in setting}
+        own |= {k: v for k, v in setting.items() if k in ADAPTER_KEYS and v is not None}
         specs.append(AdapterSpec(name=name, **own, method_options=options or None))
     config = dataclasses.replace(
         base, **job_values, adapters=specs, resume=False, output=output or base.output, eval_zero_shot=False
