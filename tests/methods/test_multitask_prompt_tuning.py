@@ -366,9 +366,29 @@ def test_train_from_the_command_line_and_inspect(tmp_path, capsys):
     evaluate = ["eval", "--model", path, "--adapter", f"t={saved}", "--data", str(tmp_path / "test.csv"), "--json"]
     assert main(evaluate) == 0  # each row with its task, the task column as trained
     assert json.loads(capsys.readouterr().out)
+
+    def predicted(data, *extra):  # the p_<label> columns of `softprompt predict`, per row
+        out = tmp_path / "predicted.csv"
+        assert main(["predict", "--model", path, "--adapter", f"t={saved}", "--data", str(data), "--output", str(out),
+                     "--probabilities", *extra]) == 0  # fmt: skip
+        return [line.split(",")[2:] for line in out.read_text().splitlines()[1:]]
+
+    by_task = predicted(tmp_path / "test.csv")  # each row with its task, the task column as trained
+    (tmp_path / "task0.csv").write_text("\n".join([held_out[0], *(r[:-1] + "0" for r in held_out[1:])]) + "\n")
+    all_task0 = predicted(tmp_path / "task0.csv")
+    assert [a == b for a, b in zip(by_task, all_task0)] == [True, False, True, False]  # rows of task 1 differ
+    renamed = "\n".join(held_out).replace("label,task", "label,kind")
+    (tmp_path / "kind.csv").write_text(renamed + "\n")
+    assert predicted(tmp_path / "kind.csv", "--task-column", "kind") == by_task
+    capsys.readouterr()
     (tmp_path / "test.csv").write_text("\n".join([*held_out, "rain new 9,neg,5"]) + "\n")
     assert main(evaluate) == 2
     assert "row 5: task id '5' in column 'task'" in capsys.readouterr().err
+    predict = ["predict", "--model", path, "--adapter", f"t={saved}", "--data", str(tmp_path / "test.csv")]
+    assert main([*predict, "--output", str(tmp_path / "p.csv")]) == 2
+    assert "row 5: task id '5' in column 'task'" in capsys.readouterr().err
+    assert main([*predict[:-1], str(tmp_path / "kind.csv"), "--output", str(tmp_path / "p.csv")]) == 2
+    assert "--task-column: " in capsys.readouterr().err  # trained on column 'task'; this file has 'kind'
 
     def one_error(extra):
         capsys.readouterr()
