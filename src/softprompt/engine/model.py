@@ -41,6 +41,14 @@ class SoftPromptOutput:
     logits: torch.Tensor | None = None
     # With labels: [num_label_tokens, vocab] logits at exactly the positions that carry loss.
     label_logits: torch.Tensor | None = None
+    # With labels: the token terms ``loss`` averages beyond the rows of ``label_logits`` (CPT's context label
+    # tokens, per row).
+    extra_tokens: int = 0
+
+    @property
+    def loss_tokens(self) -> int:
+        """How many token terms ``loss`` averages: what processes sum to share a batch's mean."""
+        return (0 if self.label_logits is None else int(self.label_logits.shape[0])) + self.extra_tokens
 
 
 class SoftPromptModel(nn.Module):
@@ -363,7 +371,7 @@ class SoftPromptModel(nn.Module):
             loss = (F.cross_entropy(logits, targets, reduction="sum") + sum(t for t, _ in extra)) / count
         else:
             loss = F.cross_entropy(logits, targets) if targets.numel() else logits.sum() * 0.0
-        return SoftPromptOutput(loss=loss, label_logits=logits)
+        return SoftPromptOutput(loss=loss, label_logits=logits, extra_tokens=count - targets.numel())
 
     # ------------------------------------------------------------------ encoder-decoder
     def _encoder_inputs(self, input_ids, attention_mask, names):

@@ -269,7 +269,7 @@ def example_loss(
             ids, mask, labels, adapters = collate(items[start : start + batch_size], pad_id(model.tokenizer))
             with torch.autocast(device_type=model.device.type, dtype=torch.bfloat16, enabled=bf16):
                 out = model(ids, mask, adapters=adapters, labels=labels)
-            count = int(out.label_logits.shape[0])
+            count = out.loss_tokens
             total += float(out.loss.float()) * count
             tokens += count
     if tokens == 0:
