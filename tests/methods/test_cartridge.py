@@ -17,6 +17,7 @@ from softprompt.engine.activations import text_kv
 from softprompt.engine.generation import GenerationConfig, generate_batch
 from softprompt.engine.tokens import pad_batch
 from softprompt.errors import ConfigError, SoftPromptError
+from softprompt.methods import PEFT_TYPES
 from softprompt.server import ServerSettings, create_app
 from softprompt.training.loop import train
 
@@ -208,7 +209,7 @@ def test_num_frozen_tokens_out_of_range_names_the_flag(frozen, tmp_path, capsys)
     assert len(err) == 1 and "--num-frozen-tokens" in err[0], err
 
 
-def test_unsupported_peft_type_names_it_and_the_supported_ones(tmp_path):
+def test_unsupported_peft_type_names_it_and_the_supported_ones(tmp_path, capsys):
     model = tiny_model("llama")
     model.add_adapter("c", method="cartridge", num_virtual_tokens=4)
     model.save_adapter("c", tmp_path / "c")
@@ -218,7 +219,12 @@ def test_unsupported_peft_type_names_it_and_the_supported_ones(tmp_path):
         model.load_adapter(str(tmp_path / "c"), name="d")
     message = str(err.value)
     assert "\n" not in message and "'LORA'" in message
-    assert all(t in message for t in ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING", "CARTRIDGE", "ADAPTION_PROMPT"))
+    assert all(t in message for t in PEFT_TYPES) and len(PEFT_TYPES) == 7  # every supported one, named
+    path = save_tiny_checkpoint("llama", tmp_path / "model")
+    capsys.readouterr()
+    assert main(["generate", "--model", path, "--adapter", str(tmp_path / "c"), "hi"]) == 2  # one line here too
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "peft_type='LORA'" in err[0] and "MULTITASK_PROMPT_TUNING" in err[0], err
 
 
 def test_server_batches_cartridges_with_other_adapters_each_row_as_offline(tmp_path):

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from test_parity_peft import INPUT, MASK, peft_greedy
 
 from softprompt import SoftPromptModel
-from softprompt.adapters.peft_format import CONFIG_FILE, read_adapter
+from softprompt.adapters.peft_format import CONFIG_FILE, META_FILE, read_adapter
 from softprompt.cli.app import main
 from softprompt.data import Example, Template
 from softprompt.engine.generation import GenerationConfig, generate_batch
@@ -287,6 +287,20 @@ def test_cpt_refuses_encoder_decoder_models_and_a_missing_context():
         tiny_model("llama").add_adapter("c", method="cpt", cpt_token_ids=IDS, cpt_tokens_type_mask=TYPES[:-1])
     with pytest.raises(ConfigError, match="context"):
         tiny_model("llama").add_adapter("c", method="cpt", cpt_examples=3)
+
+
+def test_a_peft_file_whose_masks_differ_in_length_from_its_tokens_is_one_line_naming_file_and_field(tmp_path):
+    model = tiny_model("llama")
+    model.add_adapter("c", method="cpt", **cpt_options())
+    model.save_adapter("c", tmp_path / "c")
+    (tmp_path / "c" / META_FILE).unlink()  # PEFT's files alone: the config comes from adapter_config.json
+    config = json.loads((tmp_path / "c" / CONFIG_FILE).read_text())
+    for field in ("cpt_tokens_type_mask", "cpt_mask"):
+        (tmp_path / "c" / CONFIG_FILE).write_text(json.dumps({**config, field: config[field][:-1]}))
+        with pytest.raises(ConfigError) as err:
+            model.load_adapter(str(tmp_path / "c"), name="d")
+        message = str(err.value)
+        assert "\n" not in message and message.startswith(f"{tmp_path / 'c' / CONFIG_FILE}: {field}: has 12 entries")
 
 
 def test_server_batches_cpt_with_other_adapters_each_row_as_offline(tmp_path):

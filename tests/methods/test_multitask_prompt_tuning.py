@@ -11,7 +11,7 @@ from peft import MultitaskPromptTuningConfig, PeftModel, TaskType, get_peft_mode
 from safetensors.torch import load_file
 from test_parity_peft import INPUT, MASK
 
-from softprompt import SoftPromptModel
+from softprompt import SoftPromptModel, load
 from softprompt.adapters.peft_format import CONFIG_FILE, STATE_FILE, WEIGHTS_FILE
 from softprompt.cli.app import main
 from softprompt.engine.generation import GenerationConfig, generate_batch
@@ -389,6 +389,14 @@ def test_train_from_the_command_line_and_inspect(tmp_path, capsys):
     assert "row 5: task id '5' in column 'task'" in capsys.readouterr().err
     assert main([*predict[:-1], str(tmp_path / "kind.csv"), "--output", str(tmp_path / "p.csv")]) == 2
     assert "--task-column: " in capsys.readouterr().err  # trained on column 'task'; this file has 'kind'
+    elsewhere = load(path)  # a multitask adapter that does not record its task column
+    mpt(elsewhere, "x", tasks=2)
+    elsewhere.save_adapter("x", tmp_path / "x")
+    for command in (["eval", "--label-column", "label"], ["predict", "--verbalizer", "neg=neg,pos=pos"]):
+        args_x = [*command, "--model", path, "--adapter", f"x={tmp_path / 'x'}", "--data", str(tmp_path / "kind.csv")]
+        assert main([*args_x, "--output", str(tmp_path / "x.csv")] if command[0] == "predict" else args_x) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]  # not the loading bar
+        assert len(err) == 1 and "--task-column: adapter 'x' is a multitask adapter (2 tasks)" in err[0], err
 
     def one_error(extra):
         capsys.readouterr()

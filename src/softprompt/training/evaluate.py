@@ -277,6 +277,20 @@ def example_loss(
     return total, tokens
 
 
+def with_adapter_tasks(model, adapter: str, examples: Sequence[Example], column: str | None, source: str) -> list:
+    """``examples`` with each row's task read from ``column`` when ``adapter`` is a multitask adapter (unchanged
+    otherwise); a multitask adapter without a column is one error naming ``--task-column``."""
+    count = model.get_adapter(adapter).num_tasks
+    if not count:
+        return list(examples)
+    if not column:
+        raise ConfigError(
+            f"{flag('task_column')}: adapter {adapter!r} is a multitask adapter ({count} tasks) that does not record its "
+            f"task column; give the column of each row's task"
+        )
+    return with_tasks(examples, column, count, source=source)
+
+
 def evaluate_data(
     model,
     adapter: str | None,
@@ -317,9 +331,8 @@ def evaluate_data(
     if label_column:
         verb = verbalizer_for(verbalizer, rows, label_column, source=str(data))
     examples = build_examples(rows, template, label_column or None, verb, source=str(data))
-    task_column = task_column or saved.get("task_column")
-    if task_column and adapter is not None:  # a multitask adapter: each row its task
-        examples = with_tasks(examples, task_column, model.get_adapter(adapter).num_tasks, source=str(data))
+    if adapter is not None:
+        examples = with_adapter_tasks(model, adapter, examples, task_column or saved.get("task_column"), str(data))
     labels = verb.texts if verb is not None else None
     if labels and saved.get("labels") and not verbalizer:
         labels = list(dict.fromkeys(saved["labels"] + labels))

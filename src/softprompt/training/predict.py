@@ -19,19 +19,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from softprompt.data import (
-    Example,
-    Template,
-    Verbalizer,
-    column_names,
-    default_template,
-    load_rows,
-    require_columns,
-    with_tasks,
-)
+from softprompt.data import Example, Template, Verbalizer, column_names, default_template, load_rows, require_columns
 from softprompt.errors import ConfigError
 from softprompt.fileio import atomic_write_text
-from softprompt.training.evaluate import adapter_settings, prompt_budget
+from softprompt.training.evaluate import adapter_settings, prompt_budget, with_adapter_tasks
 
 
 def label_probabilities(
@@ -127,18 +118,12 @@ def predict_file(
         require_columns(rows, [id_column], source=str(data))
     parsed.validate(column_names(rows), source=str(data))
     texts = [parsed.render(row) for row in rows]
-    tasks = {}
+    tasks = {}  # a multitask adapter: each row its task
     for name in adapters:
-        column = task_column or settings[name].get("task_column")
-        count = model.get_adapter(name).num_tasks
-        if count and not column:
-            raise ConfigError(
-                f"--task-column: adapter {name!r} is a multitask adapter ({count} tasks) that does not record its "
-                f"task column; give the column of each row's task"
-            )
-        if count:  # a multitask adapter: each row its task
-            examples = with_tasks([Example(t, None, r) for t, r in zip(texts, rows)], column, count, source=str(data))
-            tasks[name] = [e.task for e in examples]
+        if model.get_adapter(name).num_tasks:
+            column = task_column or settings[name].get("task_column")
+            examples = [Example(text, None, row) for text, row in zip(texts, rows)]
+            tasks[name] = [int(e.task) for e in with_adapter_tasks(model, name, examples, column, str(data))]
     budget = prompt_budget(model, labels, first.get("max_length"))
     probs = label_probabilities(
         model,
