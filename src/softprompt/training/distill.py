@@ -90,6 +90,7 @@ class DistillLoss:
                 pick = torch.tensor(rows, device=input_ids.device)
                 teacher = self.teachers[adapters[rows[0]]]
                 out = teacher.forward(model, input_ids[pick], attention_mask[pick], labels[pick])
+                assert out.label_logits is not None  # a forward with labels
                 for row, logits in zip(rows, out.label_logits.split([counts[r] for r in rows])):
                     per_row[row] = logits
         student = model(input_ids, attention_mask, adapters=adapters, labels=labels)

@@ -257,8 +257,9 @@ class _Run:
         stages = [(o, train, test) for o, (train, test) in enumerate(outer, 1)] + [(ALL, self.rows, None)]
         compared: dict[Any, list[dict]] = {}
         groups: dict[Any, list[int]] = {}  # sweep.compare: each value's settings
-        for i in range(len(self.spec.settings)) if opts.compare else ():
-            groups.setdefault(self.spec.value_of(i, opts.compare), []).append(i)
+        if (key := opts.compare) is not None:
+            for i in range(len(self.spec.settings)):
+                groups.setdefault(self.spec.value_of(i, key), []).append(i)
         for o, train, test in stages:
             inner = kfold(train, opts.inner_folds, opts.seed, self.column, source=f"{self.base.data} (outer fold {o})")
             tags = [f"o{o}i{j}" for j in range(1, len(inner) + 1)]
