@@ -14,7 +14,8 @@ HELP = "Choose template, label words, method, length, lr ... by nested cross-val
 EXAMPLES = """
     A sweep file is a recipe plus 'space:' (each key a list of choices; a key holding a list of mappings
     sets several options together) and 'sweep:' (outer_folds, inner_folds, samples, seed, ensemble,
-    metric, test_data). Settings that share the base model and job-wide options train as ONE
+    metric, test_data, compare: a space key such as method, each of whose values also gets its own
+    nested estimate). Settings that share the base model and job-wide options train as ONE
     multi-adapter job. Writes leaderboard.csv/.md/.png, sweep_report.json, chosen.yaml (a recipe for
     'softprompt train') and final/ (the choice trained on all labelled rows). Rerunning the same
     command skips every (fold, setting) already in <output>/results/.
@@ -27,6 +28,8 @@ EXAMPLES = """
           --predict-output results/raft_twitter_complaints_predictions.csv
           (also labels the unlabelled test tweets with the final choice)
       softprompt train runs/raft-sweep/chosen.yaml        # retrain the chosen recipe on its own
+      softprompt sweep recipes/sweeps/raft_cpt_vs_prompt_tuning.yaml
+          (CPT against prompt tuning: a nested estimate for each method, 'compare: method')
 
     a minimal sweep file:
       recipe: recipes/offline/raft_twitter_complaints.yaml
