@@ -33,8 +33,9 @@ from research.paths import RESULTS, own_output
 from softprompt.data import Example
 from softprompt.data.selfstudy import answer_prompt, read_context, saved_rows, self_study_rows, write_rows
 from softprompt.engine.tokens import encode_texts
+from softprompt.errors import SoftPromptError
 from softprompt.training.config import load_config
-from softprompt.training.distill import add_teacher, document_text
+from softprompt.training.distill import Teacher, add_teacher, document_text
 from softprompt.training.evaluate import example_loss
 from softprompt.training.loop import train
 from softprompt.training.metrics import perplexity
@@ -61,12 +62,20 @@ def prefill_seconds(model, text: str, adapter: str | None, reps: int) -> float:
     return statistics.median(times)
 
 
-def perplexities(model, rows: list[dict], adapter: str | None, batch_size: int) -> dict:
-    answers = [Example(answer_prompt(r["question"]), r["answer"], r) for r in rows]
-    whole = [Example(r["text"], None, r) for r in rows]
+def perplexities(model, rows: list[dict], adapter: str | None, batch_size: int, reader: Teacher | None = None) -> dict:
+    """Held-out answer and question + answer perplexities with ``adapter``, or (``reader``, a teacher that re-reads
+    the document) with the document written before each row, scoring the row's tokens only."""
+    if reader is not None and reader.adapter is None:
+        answers = [Example(reader.prompt(model, answer_prompt(r["question"])), r["answer"], r) for r in rows]
+        whole = [Example(reader.prompt(model, ""), r["text"], r) for r in rows]
+        max_length = len(reader.ids) + MAX_LENGTH
+    else:
+        answers = [Example(answer_prompt(r["question"]), r["answer"], r) for r in rows]
+        whole = [Example(r["text"], None, r) for r in rows]
+        max_length = MAX_LENGTH
     out = {}
     for key, examples in (("answer", answers), ("qa", whole)):
-        total, tokens = example_loss(model, examples, adapter, batch_size=batch_size, max_length=MAX_LENGTH)
+        total, tokens = example_loss(model, examples, adapter, batch_size=batch_size, max_length=max_length)
         out[f"{key}_perplexity"] = perplexity(total, tokens)
     return out
 
@@ -156,15 +165,23 @@ def main(argv: list[str] | None = None) -> None:
         {
             "prefix_tokens": doc_tokens,
             "prefill_s": prefill_seconds(model, document_text(model, document) + question, None, args.reps),
-            **perplexities(model, heldout, teacher, args.batch_size),
+            **perplexities(model, heldout, teacher.adapter, args.batch_size, teacher),
         },
     )
     for size in args.sizes:
         # The untrained start (the document's first tokens' keys/values): what training adds beyond it.
         start = f"start-{size}"
-        model.add_adapter(start, method="cartridge", num_virtual_tokens=size, init_text=document_text(model, document))
-        record(start, {"prefix_tokens": size, **perplexities(model, heldout, start, args.batch_size)})
-        model.remove_adapter(start)
+        init: dict = {}
+        try:
+            model.add_adapter(
+                start, method="cartridge", num_virtual_tokens=size, init_text=document_text(model, document)
+            )
+        except SoftPromptError as exc:  # longer than a sliding-window layer keeps: no keys/values to start from
+            print(f"{start}: {exc}; the cartridge starts random", flush=True)
+            init = {"init": "random"}
+        else:
+            record(start, {"prefix_tokens": size, **perplexities(model, heldout, start, args.batch_size)})
+            model.remove_adapter(start)
         name = f"cartridge-{size}"
         config = load_config(
             None,
@@ -178,6 +195,7 @@ def main(argv: list[str] | None = None) -> None:
                 "method": "cartridge",
                 "num_virtual_tokens": size,
                 "num_frozen_tokens": 1,
+                **init,
                 "epochs": args.epochs,
                 "batch_size": args.batch_size,
                 "lr": args.lr,

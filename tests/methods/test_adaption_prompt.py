@@ -1,23 +1,21 @@
 """Adaption prompts (PEFT's ADAPTION_PROMPT, LLaMA-Adapter): parity with PEFT on every family it supports, files
 both ways, zero-init gates, mixed batches with the other methods, decoding, training, CLI, server, bad input."""
 
-import copy
 import json
 
 import httpx
 import pytest
 import torch
-from peft import AdaptionPromptConfig, PeftModel, TaskType, get_peft_model
+from peft import AdaptionPromptConfig, TaskType
 from safetensors.torch import load_file
-from test_parity_peft import INPUT, MASK, peft_greedy
 from transformers import MistralConfig, MistralForCausalLM
 
+from peft_parity import INPUT, MASK, assert_greedy_matches_peft, ours_over, peft_forward, peft_from, peft_pair
 from softprompt import SoftPromptModel
 from softprompt.adapters.export import prompt_embeddings
 from softprompt.adapters.peft_format import CONFIG_FILE
 from softprompt.cli.app import main
 from softprompt.engine.decode import feed_next
-from softprompt.engine.generation import GenerationConfig, generate_batch
 from softprompt.engine.scoring import score_ids
 from softprompt.engine.tokens import pad_batch
 from softprompt.errors import ConfigError, SoftPromptError
@@ -52,42 +50,35 @@ def base_of(family: str):
     return MistralForCausalLM(config).eval()
 
 
-def ours_over(base, family: str) -> SoftPromptModel:
-    return SoftPromptModel(copy.deepcopy(base), tiny_tokenizer(), name_or_path=f"tiny-{family}")
-
-
 def set_gates(adapter, values) -> None:
     with torch.no_grad():
         adapter.gates.copy_(torch.tensor(values, dtype=adapter.gates.dtype))
 
 
-def peft_pair(family, tmp_path, layers=N_LAYERS):
+def open_gates(peft_model) -> None:
+    """PEFT starts its gates at zero, where every adapter is the base model."""
+    for name, param in peft_model.named_parameters():
+        if name.endswith("adaption_gate"):
+            param.fill_(0.7)
+
+
+def peft_ap_pair(family, tmp_path, layers=N_LAYERS):
     """A PEFT adaption prompt with open gates (saved by PEFT, reloaded) and ours loaded from PEFT's files."""
     base = base_of(family)
-    torch.manual_seed(1)
     config = AdaptionPromptConfig(task_type=TaskType.CAUSAL_LM, adapter_len=N_TOKENS, adapter_layers=layers)
-    peft_model = get_peft_model(copy.deepcopy(base), config)
-    with torch.no_grad():  # PEFT starts its gates at zero, where every adapter is the base model
-        for name, param in peft_model.named_parameters():
-            if name.endswith("adaption_gate"):
-                param.fill_(0.7)
-    peft_model.save_pretrained(tmp_path / "peft")
-    peft_loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft").eval()
-    ours = ours_over(base, family)
-    ours.load_adapter(str(tmp_path / "peft"), name="ap")
-    return base, peft_loaded, ours
+    return (base, *peft_pair(base, family, config, tmp_path, "ap", open_gates))
 
 
 @pytest.mark.parametrize("family", PEFT_FAMILIES)
 def test_peft_adaption_prompt_loads_with_its_logits_and_loss(family, tmp_path):
-    base, peft_model, ours = peft_pair(family, tmp_path)
+    base, peft_model, ours = peft_ap_pair(family, tmp_path)
     adapter = ours.get_adapter("ap")
     assert (adapter.config.num_virtual_tokens, adapter.config.adapter_layers) == (N_TOKENS, N_LAYERS)
+    expected = peft_forward(peft_model, family).logits
+    peft_loss = peft_forward(peft_model, family, labels=LABELS).loss
     with torch.no_grad():
-        expected = peft_model(input_ids=INPUT, attention_mask=MASK).logits
         got = ours(INPUT, MASK, adapters="ap").logits
         bare = ours(INPUT, MASK).logits
-        peft_loss = peft_model(input_ids=INPUT, attention_mask=MASK, labels=LABELS).loss
         loss = ours(INPUT, MASK, adapters="ap", labels=LABELS).loss
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     assert (bare - expected).abs().max() > 1e-2  # the gated prompts do change the output
@@ -96,13 +87,8 @@ def test_peft_adaption_prompt_loads_with_its_logits_and_loss(family, tmp_path):
 
 @pytest.mark.parametrize("family", PEFT_FAMILIES)
 def test_greedy_generation_matches_greedy_decoding_of_peft_forward(family, tmp_path):
-    _, peft_model, ours = peft_pair(family, tmp_path)
-    expected = peft_greedy(peft_model, False, 8)
-    ours.tokenizer.eos_token = None  # compare all tokens, as the oracle runs without an eos
-    ours.base.config.eos_token_id = None
-    ours.base.generation_config.eos_token_id = None
-    got = generate_batch(ours, INPUT, MASK, "ap", GenerationConfig(max_new_tokens=8))
-    assert [g.token_ids for g in got] == expected
+    _, peft_model, ours = peft_ap_pair(family, tmp_path)
+    assert_greedy_matches_peft(peft_model, ours, "ap", family)
 
 
 @pytest.mark.parametrize("family", PEFT_FAMILIES)
@@ -115,9 +101,8 @@ def test_our_adaption_prompt_loads_in_peft_and_back(family, tmp_path):
     written = json.loads((tmp_path / "ap" / CONFIG_FILE).read_text())
     assert (written["peft_type"], written["adapter_len"], written["adapter_layers"]) == ("ADAPTION_PROMPT", 3, 1)
     assert "num_virtual_tokens" not in written
-    peft_model = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ap").eval()
+    expected = peft_forward(peft_from(base, tmp_path / "ap"), family).logits
     with torch.no_grad():
-        expected = peft_model(input_ids=INPUT, attention_mask=MASK).logits
         got = ours(INPUT, MASK, adapters="ap").logits
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     again = ours_over(base, family)

@@ -1,93 +1,74 @@
 """Cartridges (PEFT's CARTRIDGE): parity with PEFT, frozen attention-sink tokens, mixed batches, CLI, bad input."""
 
-import copy
 import json
 
 import httpx
 import pytest
 import torch
-from peft import CartridgeConfig, PeftModel, TaskType, get_peft_model
+from peft import CartridgeConfig, TaskType
 from safetensors.torch import load_file
-from test_parity_peft import INPUT, MASK, peft_greedy
 
-from softprompt import SoftPromptModel
+from peft_parity import (
+    INPUT,
+    MASK,
+    assert_greedy_matches_peft,
+    decoder_ids,
+    halve_prompt,
+    labels_for,
+    ours_over,
+    peft_forward,
+    peft_from,
+    peft_pair,
+)
 from softprompt.adapters.peft_format import CONFIG_FILE
 from softprompt.cli.app import main
 from softprompt.engine.activations import text_kv
-from softprompt.engine.generation import GenerationConfig, generate_batch
 from softprompt.engine.tokens import pad_batch
 from softprompt.errors import ConfigError, SoftPromptError
+from softprompt.methods import PEFT_TYPES
 from softprompt.server import ServerSettings, create_app
 from softprompt.training.loop import train
 
 from serving import ServerThread, lively_model, offline_model, run_concurrently
-from tiny import FAMILIES, save_tiny_checkpoint, tiny_base, tiny_model, tiny_tokenizer
+from tiny import FAMILIES, save_tiny_checkpoint, tiny_base, tiny_model
 from toy_data import assert_resume_is_bit_identical, toy_job, toy_rows, write_csv
 
 N_TOKENS, N_FROZEN = 5, 2
 
 
-def decoder_ids(family):
-    return torch.tensor([[0, 33, 44, 55], [0, 34, 45, 56]]) if family == "t5" else None
-
-
-def labels_for(family):
-    return torch.tensor([[33, 44, 55, 66], [34, 45, 56, 67]]) if family == "t5" else INPUT.masked_fill(INPUT < 40, -100)
-
-
-def peft_pair(family, tmp_path):
+def peft_cartridge(family, tmp_path):
     """A PEFT cartridge (saved by PEFT, reloaded) and ours loaded from PEFT's files."""
-    base = tiny_base(family)
     task = TaskType.SEQ_2_SEQ_LM if family == "t5" else TaskType.CAUSAL_LM
-    torch.manual_seed(1)
     config = CartridgeConfig(task_type=task, num_virtual_tokens=N_TOKENS, num_frozen_tokens=N_FROZEN)
-    peft_model = get_peft_model(copy.deepcopy(base), config)
-    with torch.no_grad():  # a clearly non-trivial prefix at the scale of real keys/values
-        for p in peft_model.prompt_encoder.parameters():
-            p.mul_(0.5)
-    peft_model.save_pretrained(tmp_path / "peft")
-    peft_loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft").eval()
-    ours = SoftPromptModel(copy.deepcopy(base), tiny_tokenizer(), name_or_path=f"tiny-{family}")
-    ours.load_adapter(str(tmp_path / "peft"), name="c")
-    return peft_loaded, ours
-
-
-def peft_logits(peft_model, family):
-    with torch.no_grad():
-        return peft_model(input_ids=INPUT, attention_mask=MASK, decoder_input_ids=decoder_ids(family)).logits
+    return peft_pair(tiny_base(family), family, config, tmp_path, "c", halve_prompt)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_peft_cartridge_loads_with_its_logits_and_loss(family, tmp_path):
-    peft_model, ours = peft_pair(family, tmp_path)
+    peft_model, ours = peft_cartridge(family, tmp_path)
     adapter = ours.get_adapter("c")
     assert adapter.config.num_frozen_tokens == N_FROZEN and adapter.frozen.shape[0] == N_FROZEN
     with torch.no_grad():
         got = ours(INPUT, MASK, adapters="c", decoder_input_ids=decoder_ids(family)).logits
-    torch.testing.assert_close(got, peft_logits(peft_model, family), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, peft_forward(peft_model, family).logits, atol=1e-5, rtol=1e-5)
     labels = labels_for(family)
+    expected = peft_forward(peft_model, family, labels=labels).loss
     with torch.no_grad():
-        expected = peft_model(input_ids=INPUT, attention_mask=MASK, labels=labels).loss
         loss = ours(INPUT, MASK, adapters="c", labels=labels).loss
     torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_generation_matches_greedy_decoding_of_peft_forward(family, tmp_path):
-    peft_model, ours = peft_pair(family, tmp_path)
-    expected = peft_greedy(peft_model, family == "t5", 8)
-    ours.tokenizer.eos_token = None  # compare all tokens, as the oracle runs without an eos
-    ours.base.config.eos_token_id = None
-    ours.base.generation_config.eos_token_id = None
-    got = generate_batch(ours, INPUT, MASK, "c", GenerationConfig(max_new_tokens=8))
-    assert [g.token_ids for g in got] == expected
+    peft_model, ours = peft_cartridge(family, tmp_path)
+    assert_greedy_matches_peft(peft_model, ours, "c", family)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("init", ["random", "text"])
 def test_our_cartridge_loads_in_peft(family, init, tmp_path):
     base = tiny_base(family)
-    ours = SoftPromptModel(copy.deepcopy(base), tiny_tokenizer(), name_or_path=f"tiny-{family}")
+    ours = ours_over(base, family)
     text = {"init_text": "the long document"} if init == "text" else {}
     ours.add_adapter(
         "c", method="cartridge", num_virtual_tokens=N_TOKENS, num_frozen_tokens=N_FROZEN, seed=3, init=init, **text
@@ -95,13 +76,13 @@ def test_our_cartridge_loads_in_peft(family, init, tmp_path):
     ours.save_adapter("c", tmp_path / "c")
     written = json.loads((tmp_path / "c" / CONFIG_FILE).read_text())
     assert (written["peft_type"], written["num_frozen_tokens"]) == ("CARTRIDGE", N_FROZEN)
-    peft_model = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "c").eval()
+    peft_model = peft_from(base, tmp_path / "c")
     assert peft_model.prompt_encoder["default"].num_frozen_tokens == N_FROZEN
     with torch.no_grad():
         got = ours(INPUT, MASK, adapters="c", decoder_input_ids=decoder_ids(family)).logits
-    torch.testing.assert_close(got, peft_logits(peft_model, family), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, peft_forward(peft_model, family).logits, atol=1e-5, rtol=1e-5)
     # and back: the file we wrote loads in softprompt to the same adapter
-    again = SoftPromptModel(copy.deepcopy(base), tiny_tokenizer(), name_or_path=f"tiny-{family}")
+    again = ours_over(base, family)
     again.load_adapter(str(tmp_path / "c"), name="c")
     torch.testing.assert_close(again.get_adapter("c").materialized(), ours.get_adapter("c").materialized().cpu())
 
@@ -208,7 +189,7 @@ def test_num_frozen_tokens_out_of_range_names_the_flag(frozen, tmp_path, capsys)
     assert len(err) == 1 and "--num-frozen-tokens" in err[0], err
 
 
-def test_unsupported_peft_type_names_it_and_the_supported_ones(tmp_path):
+def test_unsupported_peft_type_names_it_and_the_supported_ones(tmp_path, capsys):
     model = tiny_model("llama")
     model.add_adapter("c", method="cartridge", num_virtual_tokens=4)
     model.save_adapter("c", tmp_path / "c")
@@ -218,7 +199,12 @@ def test_unsupported_peft_type_names_it_and_the_supported_ones(tmp_path):
         model.load_adapter(str(tmp_path / "c"), name="d")
     message = str(err.value)
     assert "\n" not in message and "'LORA'" in message
-    assert all(t in message for t in ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING", "CARTRIDGE", "ADAPTION_PROMPT"))
+    assert all(t in message for t in PEFT_TYPES) and len(PEFT_TYPES) == 7  # every supported one, named
+    path = save_tiny_checkpoint("llama", tmp_path / "model")
+    capsys.readouterr()
+    assert main(["generate", "--model", path, "--adapter", str(tmp_path / "c"), "hi"]) == 2  # one line here too
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "peft_type='LORA'" in err[0] and "MULTITASK_PROMPT_TUNING" in err[0], err
 
 
 def test_server_batches_cartridges_with_other_adapters_each_row_as_offline(tmp_path):

@@ -8,15 +8,13 @@ import httpx
 import pytest
 import torch
 from peft import CPTConfig as PeftCPTConfig
-from peft import PeftModel, TaskType, get_peft_model
+from peft import TaskType, get_peft_model
 from safetensors.torch import load_file
-from test_parity_peft import INPUT, MASK, peft_greedy
 
-from softprompt import SoftPromptModel
-from softprompt.adapters.peft_format import CONFIG_FILE, read_adapter
+from peft_parity import INPUT, MASK, assert_greedy_matches_peft, ours_over, peft_forward, peft_from, peft_pair
+from softprompt.adapters.peft_format import CONFIG_FILE, META_FILE, read_adapter
 from softprompt.cli.app import main
 from softprompt.data import Example, Template
-from softprompt.engine.generation import GenerationConfig, generate_batch
 from softprompt.engine.tokens import pad_batch
 from softprompt.errors import ConfigError
 from softprompt.methods.cpt import context_from_examples
@@ -39,9 +37,12 @@ def cpt_options(**extra):
     return {"cpt_token_ids": IDS, "cpt_tokens_type_mask": TYPES, **extra}
 
 
+def peft_cpt_config(**extra):
+    return PeftCPTConfig(task_type=TaskType.CAUSAL_LM, cpt_token_ids=IDS, cpt_tokens_type_mask=TYPES, **extra)
+
+
 def peft_cpt(base, **extra):
-    config = PeftCPTConfig(task_type=TaskType.CAUSAL_LM, cpt_token_ids=IDS, cpt_tokens_type_mask=TYPES, **extra)
-    return get_peft_model(copy.deepcopy(base), config)
+    return get_peft_model(copy.deepcopy(base), peft_cpt_config(**extra))
 
 
 def trained_delta(seed=0):
@@ -52,32 +53,27 @@ def trained_delta(seed=0):
     return delta * torch.tensor([t % 4 != 0 for t in TYPES]).float()[:, None]
 
 
-def peft_pair(family, tmp_path):
+def peft_cpt_pair(family, tmp_path):
     """A PEFT CPT adapter with a trained delta (saved by PEFT, reloaded) and ours loaded from PEFT's files."""
-    base = tiny_base(family)
-    peft_model = peft_cpt(base)
-    with torch.no_grad():
+
+    def train_delta(peft_model):
         peft_model.prompt_encoder["default"].delta_embedding.weight.copy_(trained_delta())
-    peft_model.save_pretrained(tmp_path / "peft")
-    peft_loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft").eval()
-    ours = SoftPromptModel(copy.deepcopy(base), tiny_tokenizer(), name_or_path=f"tiny-{family}")
-    ours.load_adapter(str(tmp_path / "peft"), name="c")
-    return peft_loaded, ours
+
+    return peft_pair(tiny_base(family), family, peft_cpt_config(), tmp_path, "c", train_delta)
 
 
 def peft_logits(peft_model):
-    with torch.no_grad():
-        return peft_model(input_ids=INPUT, attention_mask=MASK).logits[:, N:]
+    return peft_forward(peft_model, "causal").logits[:, N:]
 
 
 @pytest.mark.parametrize("family", CAUSAL)
 def test_peft_cpt_loads_with_its_logits_and_loss(family, tmp_path):
-    peft_model, ours = peft_pair(family, tmp_path)
+    peft_model, ours = peft_cpt_pair(family, tmp_path)
     adapter = ours.get_adapter("c")
     assert adapter.config.cpt_token_ids == IDS and adapter.num_virtual_tokens == N
+    expected_loss = peft_forward(peft_model, family, labels=LABELS.clone()).loss
     with torch.no_grad():
         got = ours(INPUT, MASK, adapters="c").logits
-        expected_loss = peft_model(input_ids=INPUT, attention_mask=MASK, labels=LABELS.clone()).loss
         loss = ours(INPUT, MASK, adapters="c", labels=LABELS).loss
     torch.testing.assert_close(got, peft_logits(peft_model), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(loss, expected_loss, atol=1e-5, rtol=1e-5)
@@ -85,30 +81,25 @@ def test_peft_cpt_loads_with_its_logits_and_loss(family, tmp_path):
 
 @pytest.mark.parametrize("family", CAUSAL)
 def test_greedy_generation_matches_greedy_decoding_of_peft_forward(family, tmp_path):
-    peft_model, ours = peft_pair(family, tmp_path)
-    expected = peft_greedy(peft_model, False, 8)
-    ours.tokenizer.eos_token = None  # compare all tokens, as the oracle runs without an eos
-    ours.base.config.eos_token_id = None
-    ours.base.generation_config.eos_token_id = None
-    got = generate_batch(ours, INPUT, MASK, "c", GenerationConfig(max_new_tokens=8))
-    assert [g.token_ids for g in got] == expected
+    peft_model, ours = peft_cpt_pair(family, tmp_path)
+    assert_greedy_matches_peft(peft_model, ours, "c", family)
 
 
 @pytest.mark.parametrize("family", CAUSAL)
 def test_our_cpt_loads_in_peft_and_back(family, tmp_path):
     base = tiny_base(family)
-    ours = SoftPromptModel(copy.deepcopy(base), tiny_tokenizer(), name_or_path=f"tiny-{family}")
+    ours = ours_over(base, family)
     adapter = ours.add_adapter("c", method="cpt", **cpt_options(opt_weighted_loss_type="decay"))
     with torch.no_grad():
         adapter.delta.copy_(trained_delta(1))
     ours.save_adapter("c", tmp_path / "c")
     written = json.loads((tmp_path / "c" / CONFIG_FILE).read_text())
     assert (written["peft_type"], written["cpt_token_ids"], written["opt_weighted_loss_type"]) == ("CPT", IDS, "decay")
-    peft_model = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "c").eval()
+    peft_model = peft_from(base, tmp_path / "c")
     with torch.no_grad():
         got = ours(INPUT, MASK, adapters="c").logits
     torch.testing.assert_close(got, peft_logits(peft_model), atol=1e-5, rtol=1e-5)
-    again = SoftPromptModel(copy.deepcopy(base), tiny_tokenizer(), name_or_path=f"tiny-{family}")
+    again = ours_over(base, family)
     loaded = again.load_adapter(str(tmp_path / "c"), name="c")
     torch.testing.assert_close(loaded.materialized(), adapter.materialized())
     assert loaded.config.opt_weighted_loss_type == "decay"
@@ -120,7 +111,7 @@ def test_a_training_step_equals_peft_s_loss_gradient_mask_and_projection(weighti
     base = tiny_base("llama")
     peft_model = peft_cpt(base, opt_projection_epsilon=0.05, **weighting)
     peft_encoder = peft_model.prompt_encoder["default"]
-    ours = SoftPromptModel(copy.deepcopy(base), tiny_tokenizer(), name_or_path="tiny-llama")
+    ours = ours_over(base, "llama")
     adapter = ours.add_adapter("c", method="cpt", **cpt_options(opt_projection_epsilon=0.05, **weighting))
     torch.testing.assert_close(adapter.context, peft_encoder.embedding.weight)
     delta = trained_delta(2) * 0.5
@@ -287,6 +278,20 @@ def test_cpt_refuses_encoder_decoder_models_and_a_missing_context():
         tiny_model("llama").add_adapter("c", method="cpt", cpt_token_ids=IDS, cpt_tokens_type_mask=TYPES[:-1])
     with pytest.raises(ConfigError, match="context"):
         tiny_model("llama").add_adapter("c", method="cpt", cpt_examples=3)
+
+
+def test_a_peft_file_whose_masks_differ_in_length_from_its_tokens_is_one_line_naming_file_and_field(tmp_path):
+    model = tiny_model("llama")
+    model.add_adapter("c", method="cpt", **cpt_options())
+    model.save_adapter("c", tmp_path / "c")
+    (tmp_path / "c" / META_FILE).unlink()  # PEFT's files alone: the config comes from adapter_config.json
+    config = json.loads((tmp_path / "c" / CONFIG_FILE).read_text())
+    for field in ("cpt_tokens_type_mask", "cpt_mask"):
+        (tmp_path / "c" / CONFIG_FILE).write_text(json.dumps({**config, field: config[field][:-1]}))
+        with pytest.raises(ConfigError) as err:
+            model.load_adapter(str(tmp_path / "c"), name="d")
+        message = str(err.value)
+        assert "\n" not in message and message.startswith(f"{tmp_path / 'c' / CONFIG_FILE}: {field}: has 12 entries")
 
 
 def test_server_batches_cpt_with_other_adapters_each_row_as_offline(tmp_path):

@@ -1,20 +1,29 @@
 """Multitask prompt tuning (PEFT's MULTITASK_PROMPT_TUNING): parity with PEFT per task, files both ways, tasks per
 row in mixed batches, source inits, training with a task column, the server's NAME:TASK models, bad input."""
 
-import copy
 import json
 
 import httpx
 import pytest
 import torch
-from peft import MultitaskPromptTuningConfig, PeftModel, TaskType, get_peft_model
+from peft import MultitaskPromptTuningConfig, TaskType
 from safetensors.torch import load_file
-from test_parity_peft import INPUT, MASK
 
-from softprompt import SoftPromptModel
+from peft_parity import (
+    INPUT,
+    MASK,
+    assert_greedy_matches_peft,
+    decoder_ids,
+    labels_for,
+    our_greedy,
+    ours_over,
+    peft_forward,
+    peft_from,
+    peft_pair,
+)
+from softprompt import load
 from softprompt.adapters.peft_format import CONFIG_FILE, STATE_FILE, WEIGHTS_FILE
 from softprompt.cli.app import main
-from softprompt.engine.generation import GenerationConfig, generate_batch
 from softprompt.engine.tokens import pad_batch
 from softprompt.errors import ConfigError, SoftPromptError
 from softprompt.integrations.hf import TrainableAdapter
@@ -22,49 +31,37 @@ from softprompt.server import ServerSettings, create_app
 from softprompt.training.loop import train
 
 from serving import ServerThread, lively_model, offline_model, run_concurrently
-from tiny import CAUSAL, FAMILIES, save_tiny_checkpoint, tiny_base, tiny_model, tiny_tokenizer
+from tiny import CAUSAL, FAMILIES, save_tiny_checkpoint, tiny_base, tiny_model
 from toy_data import assert_resume_is_bit_identical, toy_job, toy_rows, write_csv
 
 N_TOKENS, N_TASKS, N_RANKS = 5, 3, 2
 TASKS = torch.tensor([2, 0])  # one task per row of INPUT
 
 
-def decoder_ids(family):
-    return torch.tensor([[0, 33, 44, 55], [0, 34, 45, 56]]) if family == "t5" else None
-
-
-def peft_pair(family, tmp_path, lively=False):
+def peft_mpt_pair(family, tmp_path, lively=False):
     """A PEFT multitask adapter (saved by PEFT, reloaded) and ours loaded from PEFT's files; ``lively``: base weights
     large enough that greedy tokens vary."""
     base = lively_model(family).base if lively else tiny_base(family)
     task = TaskType.SEQ_2_SEQ_LM if family == "t5" else TaskType.CAUSAL_LM
-    torch.manual_seed(1)
     config = MultitaskPromptTuningConfig(
         task_type=task, num_virtual_tokens=N_TOKENS, num_tasks=N_TASKS, num_ranks=N_RANKS
     )
-    peft_model = get_peft_model(copy.deepcopy(base), config)
-    with torch.no_grad():  # task factors of order 1, so every task's prompt differs clearly
+
+    def distinct_tasks(peft_model):  # task factors of order 1, so every task's prompt differs clearly
         for name, p in peft_model.prompt_encoder.named_parameters():
             p.mul_(0.5 if "embedding" in name else 25.0)
-    peft_model.save_pretrained(tmp_path / "peft")
-    peft_loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft").eval()
-    ours = SoftPromptModel(copy.deepcopy(base), tiny_tokenizer(), name_or_path=f"tiny-{family}")
-    ours.load_adapter(str(tmp_path / "peft"), name="m")
-    return peft_loaded, ours
+
+    return peft_pair(base, family, config, tmp_path, "m", distinct_tasks)
 
 
 def peft_logits(peft_model, family, tasks=TASKS):
-    with torch.no_grad():
-        if family == "t5":
-            return peft_model(
-                input_ids=INPUT, attention_mask=MASK, decoder_input_ids=decoder_ids(family), task_ids=tasks
-            ).logits
-        return peft_model(input_ids=INPUT, attention_mask=MASK, task_ids=tasks).logits[:, N_TOKENS:]
+    logits = peft_forward(peft_model, family, task_ids=tasks).logits
+    return logits if family == "t5" else logits[:, N_TOKENS:]
 
 
 @pytest.mark.parametrize("family", CAUSAL)
 def test_peft_adapter_loads_with_its_logits_and_loss_per_task(family, tmp_path):
-    peft_model, ours = peft_pair(family, tmp_path)
+    peft_model, ours = peft_mpt_pair(family, tmp_path)
     with torch.no_grad():
         got = ours(INPUT, MASK, adapters="m", task_ids=TASKS, decoder_input_ids=decoder_ids(family)).logits
         by_key = ours(INPUT, MASK, adapters=["m:2", "m:0"], decoder_input_ids=decoder_ids(family)).logits
@@ -73,47 +70,23 @@ def test_peft_adapter_loads_with_its_logits_and_loss_per_task(family, tmp_path):
     assert torch.equal(by_key, got)
     other = peft_logits(peft_model, family, torch.tensor([1, 1]))
     assert not torch.allclose(other, expected, atol=1e-3)  # the task matters
-    labels = (
-        torch.tensor([[33, 44, 55, 66], [34, 45, 56, 67]]) if family == "t5" else INPUT.masked_fill(INPUT < 40, -100)
-    )
+    labels = labels_for(family)
+    want = peft_forward(peft_model, family, labels=labels, task_ids=TASKS).loss
     with torch.no_grad():
-        want = peft_model(input_ids=INPUT, attention_mask=MASK, labels=labels, task_ids=TASKS).loss
         loss = ours(INPUT, MASK, adapters="m", labels=labels, task_ids=TASKS).loss
     torch.testing.assert_close(loss, want, atol=1e-5, rtol=1e-5)
 
 
-def peft_greedy(peft_model, seq2seq: bool, new: int) -> list[list[int]]:
-    """Greedy decoding of PEFT's forward with the rows' task ids (see test_parity_peft.peft_greedy)."""
-    batch = INPUT.shape[0]
-    tokens = torch.zeros(batch, 0, dtype=torch.long)
-    with torch.no_grad():
-        for _ in range(new):
-            if seq2seq:
-                start = torch.full((batch, 1), peft_model.base_model.config.decoder_start_token_id)
-                dec = torch.cat([start, tokens], dim=1)
-                logits = peft_model(input_ids=INPUT, attention_mask=MASK, decoder_input_ids=dec, task_ids=TASKS).logits
-            else:
-                ids = torch.cat([INPUT, tokens], dim=1)
-                logits = peft_model(input_ids=ids, attention_mask=torch.ones_like(ids), task_ids=TASKS).logits
-            tokens = torch.cat([tokens, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    return tokens.tolist()
-
-
 @pytest.mark.parametrize("family", CAUSAL)
 def test_greedy_generation_matches_greedy_decoding_of_peft_forward(family, tmp_path):
-    peft_model, ours = peft_pair(family, tmp_path)
-    expected = peft_greedy(peft_model, family == "t5", 8)
-    ours.tokenizer.eos_token = None  # compare all tokens, as the oracle runs without an eos
-    ours.base.config.eos_token_id = None
-    ours.base.generation_config.eos_token_id = None
-    got = generate_batch(ours, INPUT, MASK, ["m:2", "m:0"], GenerationConfig(max_new_tokens=8))
-    assert [g.token_ids for g in got] == expected
+    peft_model, ours = peft_mpt_pair(family, tmp_path)
+    assert_greedy_matches_peft(peft_model, ours, ["m:2", "m:0"], family, task_ids=TASKS)
 
 
 def test_encoder_decoder_rows_are_peft_s_generate(tmp_path):
     """On T5 PEFT's forward also puts the prompt's second copy before the decoder input, which its generate leaves
     out; softprompt serves what PEFT generates with (the encoder prompt), in training too."""
-    peft_model, ours = peft_pair("t5", tmp_path, lively=True)
+    peft_model, ours = peft_mpt_pair("t5", tmp_path, lively=True)
     dec = decoder_ids("t5")
     with torch.no_grad():
         prompts = peft_model.get_prompt(2, task_ids=TASKS)[:, :N_TOKENS]  # PEFT's per-row task prompts
@@ -125,14 +98,11 @@ def test_encoder_decoder_rows_are_peft_s_generate(tmp_path):
     peft_tokens = peft_model.generate(
         input_ids=INPUT, attention_mask=MASK, task_ids=TASKS, max_new_tokens=8, min_new_tokens=8, do_sample=False
     )
-    ours.tokenizer.eos_token = None
-    ours.base.config.eos_token_id = None
-    ours.base.generation_config.eos_token_id = None
-    got_tokens = generate_batch(ours, INPUT, MASK, ["m:2", "m:0"], GenerationConfig(max_new_tokens=8))
-    assert [g.token_ids for g in got_tokens] == peft_tokens[:, 1:].tolist()  # after the decoder start token
-    assert len({tuple(g.token_ids) for g in got_tokens}) == 2
+    got_tokens = our_greedy(ours, ["m:2", "m:0"], 8)
+    assert got_tokens == peft_tokens[:, 1:].tolist()  # after the decoder start token
+    assert len({tuple(g) for g in got_tokens}) == 2
     ours.save_adapter("m", tmp_path / "back")  # and our T5 file gives PEFT the same task prompts
-    back = PeftModel.from_pretrained(copy.deepcopy(ours.base), tmp_path / "back").eval()
+    back = peft_from(ours.base, tmp_path / "back")
     with torch.no_grad():
         torch.testing.assert_close(back.get_prompt(2, task_ids=TASKS), peft_model.get_prompt(2, task_ids=TASKS))
 
@@ -140,7 +110,7 @@ def test_encoder_decoder_rows_are_peft_s_generate(tmp_path):
 @pytest.mark.parametrize(("family", "init"), [*((f, "random") for f in CAUSAL), ("llama", "text")])
 def test_our_adapter_loads_in_peft_and_back(family, init, tmp_path):
     base = tiny_base(family)
-    ours = SoftPromptModel(copy.deepcopy(base), tiny_tokenizer(), name_or_path=f"tiny-{family}")
+    ours = ours_over(base, family)
     text = {"init_text": "classify the tweet"} if init == "text" else {}
     adapter = ours.add_adapter(
         "m",
@@ -168,11 +138,11 @@ def test_our_adapter_loads_in_peft_and_back(family, init, tmp_path):
         "prefix_task_rows",
     }
     assert not load_file(tmp_path / "m" / STATE_FILE)  # the weights file is the whole state: no second copy
-    peft_model = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "m").eval()
+    peft_model = peft_from(base, tmp_path / "m")
     with torch.no_grad():
         got = ours(INPUT, MASK, adapters="m", task_ids=TASKS, decoder_input_ids=decoder_ids(family)).logits
     torch.testing.assert_close(got, peft_logits(peft_model, family), atol=1e-5, rtol=1e-5)
-    again = SoftPromptModel(copy.deepcopy(base), tiny_tokenizer(), name_or_path=f"tiny-{family}")
+    again = ours_over(base, family)
     loaded = again.load_adapter(str(tmp_path / "m"), name="m")
     for name, tensor in adapter.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor), name
@@ -366,9 +336,37 @@ def test_train_from_the_command_line_and_inspect(tmp_path, capsys):
     evaluate = ["eval", "--model", path, "--adapter", f"t={saved}", "--data", str(tmp_path / "test.csv"), "--json"]
     assert main(evaluate) == 0  # each row with its task, the task column as trained
     assert json.loads(capsys.readouterr().out)
+
+    def predicted(data, *extra):  # the p_<label> columns of `softprompt predict`, per row
+        out = tmp_path / "predicted.csv"
+        assert main(["predict", "--model", path, "--adapter", f"t={saved}", "--data", str(data), "--output", str(out),
+                     "--probabilities", *extra]) == 0  # fmt: skip
+        return [line.split(",")[2:] for line in out.read_text().splitlines()[1:]]
+
+    by_task = predicted(tmp_path / "test.csv")  # each row with its task, the task column as trained
+    (tmp_path / "task0.csv").write_text("\n".join([held_out[0], *(r[:-1] + "0" for r in held_out[1:])]) + "\n")
+    all_task0 = predicted(tmp_path / "task0.csv")
+    assert [a == b for a, b in zip(by_task, all_task0)] == [True, False, True, False]  # rows of task 1 differ
+    renamed = "\n".join(held_out).replace("label,task", "label,kind")
+    (tmp_path / "kind.csv").write_text(renamed + "\n")
+    assert predicted(tmp_path / "kind.csv", "--task-column", "kind") == by_task
+    capsys.readouterr()
     (tmp_path / "test.csv").write_text("\n".join([*held_out, "rain new 9,neg,5"]) + "\n")
     assert main(evaluate) == 2
     assert "row 5: task id '5' in column 'task'" in capsys.readouterr().err
+    predict = ["predict", "--model", path, "--adapter", f"t={saved}", "--data", str(tmp_path / "test.csv")]
+    assert main([*predict, "--output", str(tmp_path / "p.csv")]) == 2
+    assert "row 5: task id '5' in column 'task'" in capsys.readouterr().err
+    assert main([*predict[:-1], str(tmp_path / "kind.csv"), "--output", str(tmp_path / "p.csv")]) == 2
+    assert "--task-column: " in capsys.readouterr().err  # trained on column 'task'; this file has 'kind'
+    elsewhere = load(path)  # a multitask adapter that does not record its task column
+    mpt(elsewhere, "x", tasks=2)
+    elsewhere.save_adapter("x", tmp_path / "x")
+    for command in (["eval", "--label-column", "label"], ["predict", "--verbalizer", "neg=neg,pos=pos"]):
+        args_x = [*command, "--model", path, "--adapter", f"x={tmp_path / 'x'}", "--data", str(tmp_path / "kind.csv")]
+        assert main([*args_x, "--output", str(tmp_path / "x.csv")] if command[0] == "predict" else args_x) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]  # not the loading bar
+        assert len(err) == 1 and "--task-column: adapter 'x' is a multitask adapter (2 tasks)" in err[0], err
 
     def one_error(extra):
         capsys.readouterr()

@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
 import torch
+from transformers import Gemma3ForCausalLM
 
+from softprompt import SoftPromptModel
 from softprompt.cli.app import main
 from softprompt.data import Example
 from softprompt.data.selfstudy import self_study_rows
-from softprompt.errors import ConfigError
 from softprompt.training.batches import collate, encode_examples
 from softprompt.training.config import load_config
 from softprompt.training.distill import DistillLoss, add_teacher, document_text, kl_loss
 from softprompt.training.loop import train
 
 from serving import lively_model
-from tiny import save_tiny_checkpoint, tiny_model
+from tiny import save_tiny_checkpoint, tiny_base, tiny_tokenizer
 from toy_data import toy_rows, write_csv
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models; the cores are shared
@@ -33,7 +35,7 @@ def batch(model, texts):
 def test_kl_is_zero_when_the_cartridge_is_the_document_s_own_keys_and_values():
     model = lively_model("llama")
     teacher = add_teacher(model, "student", DOCUMENT, max_length=64)
-    tokens = model.get_adapter(teacher).config.num_virtual_tokens
+    tokens = model.get_adapter(teacher.adapter).config.num_virtual_tokens
     objective = DistillLoss({"student": teacher})
     ids, mask, labels, names = batch(model, ["Question: where? Answer: north", "How much is the ferry?"])
     # A cartridge started from the whole document is the teacher's prefix: same logits, KL exactly 0.
@@ -129,8 +131,58 @@ def test_bad_distill_input_is_one_line(document, extra, expected, tmp_path, caps
     assert len(err) == 1 and expected in err[0], err
 
 
-def test_a_document_longer_than_a_sliding_window_is_one_line():
-    model = tiny_model("gemma3")  # sliding_window 128: those layers never see a 150-token document whole
-    with pytest.raises(ConfigError, match="--context: is 150 tokens, longer than a sliding-window layer") as err:
-        add_teacher(model, "s", "y" * 150, max_length=32)
-    assert "\n" not in str(err.value) and list(model.adapters) == []
+def sliding_model(window: int) -> SoftPromptModel:
+    """A tiny Gemma 3 (its tokenizer adding a beginning-of-sequence token, as Gemma's does) whose first layer
+    keeps a sliding window of ``window`` tokens and whose second attends globally."""
+    config = copy.deepcopy(tiny_base("gemma3").config)
+    config.sliding_window, config.layer_types = window, ["sliding_attention", "full_attention"]
+    torch.manual_seed(0)
+    return SoftPromptModel(Gemma3ForCausalLM(config), tiny_tokenizer(bos=True), name_or_path="tiny-gemma3-sliding")
+
+
+def test_a_sliding_window_teacher_rereads_the_document_and_gives_the_cached_teacher_s_loss():
+    # Both apply (the 40-token window holds the document): re-reading it per row is the cached prefix's loss.
+    model = sliding_model(40)
+    document = "The river Quell runs north."
+    cached = add_teacher(model, "student", document, max_length=32)
+    reread = add_teacher(model, "student", document, max_length=32, reread=True)
+    assert cached.adapter == "student-teacher" and reread.adapter is None and len(cached.ids) < 40
+    model.add_adapter("student", method="cartridge", num_virtual_tokens=4, init_text="ferry coins")
+    ids, mask, labels, names = batch(model, ["Question: where? Answer: north", "How much is it, the ferry?"])
+    a = DistillLoss({"student": cached})(model, ids, mask, names, labels)
+    b = DistillLoss({"student": reread})(model, ids, mask, names, labels)
+    assert a.loss.item() > 1e-3 and abs(a.loss.item() - b.loss.item()) < 1e-5
+    assert torch.allclose(a.label_logits, b.label_logits)
+    # A document longer than the window: the cache cannot hold it, so the teacher re-reads it, and it sees
+    # the whole document (its first tokens change the answer) where the cached prefix would have lost them.
+    short = sliding_model(12)
+    assert add_teacher(short, "s", "y" * 30, max_length=32).adapter is None and list(short.adapters) == []
+    first, other = (add_teacher(short, "s", f"{w} " + "y" * 30, max_length=32) for w in ("ab", "cd"))
+    short.add_adapter("student", method="cartridge", num_virtual_tokens=4, init="random")
+    out = [DistillLoss({"student": t})(short, ids, mask, names, labels).loss.item() for t in (first, other)]
+    assert abs(out[0] - out[1]) > 1e-6
+
+
+def test_distill_trains_a_cartridge_on_a_sliding_window_model_with_self_study(tmp_path):
+    (tmp_path / "doc.txt").write_text(DOCUMENT)  # longer than the 16-token window
+    values = {
+        "objective": "distill",
+        "context": str(tmp_path / "doc.txt"),
+        "method": "cartridge",
+        "num_virtual_tokens": 6,
+        "synthetic_queries": 6,
+        "chunk_tokens": 32,
+        "epochs": 2,
+        "batch_size": 3,
+        "lr": 0.05,
+        "max_length": 48,
+        "val_fraction": 0.34,
+        "log_every": 1,
+        "output": str(tmp_path / "run"),
+    }
+    model = sliding_model(16)
+    losses: list[float] = []
+    train(load_config(None, values), model=model, on_step=lambda s: losses.append(s.loss), progress=False)
+    assert losses[-1] < losses[0] and list(model.adapters) == ["default"]
+    rows = (tmp_path / "run" / "selfstudy" / "default.jsonl").read_text().splitlines()
+    assert len(rows) == 6

@@ -374,6 +374,21 @@ def test_multi_adapter_job_in_two_processes_equals_one_process(tmp_path, model_d
     assert len(train_losses(tmp_path / "two")) == checkpoint_meta(tmp_path / "two", "pt")["state"]["step"] > 0
 
 
+def test_cpt_in_two_processes_equals_one_process(tmp_path, model_dir):
+    """CPT's loss also averages its context's label tokens, per row: the processes' token counts must include
+    them, or the 2-process gradient is not the 1-process one (labels of different lengths make the shares differ)."""
+    data = write_csv(tmp_path / "a.csv", toy_rows(19, seed=4, labels=("A", "BBBBBB")))
+    args = [data, "--model", model_dir, "--label-column", "label", "--method", "cpt", "--cpt-examples", "2"]
+    args += ["--epochs", "2", "--batch-size", "7", "--val-fraction", "0", "--log-every", "1", "--seed", "1"]
+    args += ["--lr", "0.01", "--opt-projection-epsilon", "10", "--opt-projection-format-epsilon", "10"]
+    one_process(["--data", *args, "--output", tmp_path / "one"])
+    two_processes(["--data", *args, "--output", tmp_path / "two"])
+    diff = max_diff(tensors(tmp_path / "one" / "default"), tensors(tmp_path / "two" / "default"))
+    assert diff < TOLERANCE, diff
+    one, two = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
+    assert len(one) == len(two) > 0 and max(abs(x - y) for x, y in zip(one, two)) < TOLERANCE
+
+
 EXIT_SCRIPT = """
 import sys, time
 import torch

@@ -15,7 +15,7 @@ from softprompt.training.loop import train
 from softprompt.training.metrics import classification_report
 from softprompt.training.sweep_report import argmax
 from softprompt.training.sweep_run import sweep
-from softprompt.training.sweep_space import job_config, parse_sweep
+from softprompt.training.sweep_space import job_config, parse_sweep, recipe_values
 
 from tiny import tiny_model
 from toy_data import toy_rows, write_csv
@@ -234,3 +234,36 @@ def test_a_null_choice_overrides_the_recipe(tmp_path):
         for a in job_config(spec.base, [("a", spec.settings[0]), ("b", spec.settings[1])]).resolved_adapters()
     ]
     assert alone == together == [None, start]
+
+
+def test_compare_gives_each_method_its_own_nested_estimate_and_cpt_drops_prompt_options(tmp_path):
+    space = {
+        "methods": [
+            {"method": "prompt_tuning", "lr": 1.0},
+            {"method": "prompt_tuning", "lr": 1e-3},
+            {"method": "cpt", "cpt_examples": 2},
+        ]
+    }
+    values = recipe(tmp_path, init="text", init_text="a or b", space=space)
+    values["data"] = write_csv(tmp_path / "toy.csv", toy_rows(12))
+    values["sweep"] = {"outer_folds": 2, "inner_folds": 2, "bootstrap": 20, "compare": "method"}
+    spec = parse_sweep(values)  # the recipe's init_text means nothing to CPT: its setting drops it
+    chosen = recipe_values(spec, [spec.settings[2]], str(tmp_path / "chosen"))
+    assert chosen["method"] == "cpt" and "init_text" not in chosen and "init" not in chosen
+    assert load_config(None, chosen).method_options["cpt_examples"] == 2
+    report = sweep(spec, model=tiny_model("llama"), progress=False).report
+    compared = {v["value"]: v for v in report["compared"]["values"]}
+    assert report["compared"]["key"] == "method" and set(compared) == {"prompt_tuning", "cpt"}
+    for value, own in (("prompt_tuning", {"s0", "s1"}), ("cpt", {"s2"})):
+        estimate = compared[value]["estimate"]
+        assert estimate["pooled"]["n"] == 12 and len(compared[value]["outer_folds"]) == 2
+        for fold, overall in zip(compared[value]["outer_folds"], report["outer_folds"]):
+            assert set(fold["inner_scores"]) == own  # chosen among its own settings, on the inner folds
+            assert fold["inner_scores"] == {k: overall["inner_scores"][k] for k in own}
+            assert fold["chosen"] == max(own, key=lambda k: (fold["inner_scores"][k], -int(k[1:])))
+            if fold["chosen"] == overall["chosen"]:  # the same choice scored once on the same outer rows
+                assert fold["test"] == overall["test"]
+    with pytest.raises(ConfigError, match="sweep.compare: 'template' is not varied by the space"):
+        parse_sweep({**values, "space": SPACE, "sweep": {"compare": "template"}})
+    with pytest.raises(ConfigError, match="sweep.compare: 'methd' is not an option a sweep can vary"):
+        parse_sweep({**values, "sweep": {"compare": "methd"}})

@@ -30,6 +30,7 @@ from softprompt.errors import AdapterMismatchError, SoftPromptError
 from softprompt.fileio import atomic_directory, recover_directory, sha256_file
 from softprompt.methods import PEFT_TYPES, SoftPromptMethod, method_class
 from softprompt.models.names import hub_id_for
+from softprompt.options import OptionError
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -293,7 +294,10 @@ def _read(folder: Path, shape: ModelShape, resume: bool) -> tuple[SoftPromptMeth
             fields = {k: v for k, v in meta["config"].items() if k != "method"}
             config = cls.config_class.from_dict(fields, source=str(folder / META_FILE))
         else:
-            config = cls.config_class.from_dict(fields, source=str(config_file))
+            try:
+                config = cls.config_class.from_dict(fields, source=str(config_file))
+            except OptionError as exc:  # a field's value (CPT's masks of another length, ...): name the file
+                raise exc.renamed(f"{config_file}: {exc.where}") from None
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise SoftPromptError(f"{config_file}: missing or malformed field ({exc})") from None
     kv = cls.adds == "kv"

@@ -32,6 +32,11 @@ def adapter_option(help: str) -> Any:
     return option(list, help, metavar="[NAME=]PATH")
 
 
+def task_column_option() -> Any:
+    """The ``--task-column`` field of a subcommand that scores rows with a multitask adapter."""
+    return option(None, "Each row's task, for a multitask adapter (default: as trained).")
+
+
 def parse_adapter_specs(specs: list[str]) -> dict[str, str]:
     """``[NAME=]PATH`` items into {name: path}; a bare path is named after its directory.
 

@@ -13,7 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from softprompt import load
-from softprompt.cli.common import adapter_option, dtype_option, model_option, parse_adapter_specs, quantize_option
+from softprompt.cli.common import (
+    adapter_option,
+    dtype_option,
+    model_option,
+    parse_adapter_specs,
+    quantize_option,
+    task_column_option,
+)
 from softprompt.errors import SoftPromptError
 from softprompt.options import add_arguments as add_option_arguments
 from softprompt.options import option
@@ -45,7 +52,7 @@ class EvalOptions:
     template: str | None = option(None, "Prompt template with {column} fields (default: as trained).")
     text_column: str | None = option(None, "Text column (default: as trained).")
     label_column: str | None = option(None, "Label column (default: as trained).")
-    task_column: str | None = option(None, "Each row's task, for a multitask adapter (default: as trained).")
+    task_column: str | None = task_column_option()
     method: str = option(
         "score", "Label scoring (default), generation exact match, or perplexity.", choices=EVAL_METHODS
     )

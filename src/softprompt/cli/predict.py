@@ -6,7 +6,14 @@ import argparse
 from dataclasses import dataclass
 
 from softprompt import load
-from softprompt.cli.common import adapter_option, dtype_option, model_option, parse_adapter_specs, quantize_option
+from softprompt.cli.common import (
+    adapter_option,
+    dtype_option,
+    model_option,
+    parse_adapter_specs,
+    quantize_option,
+    task_column_option,
+)
 from softprompt.errors import SoftPromptError
 from softprompt.options import add_arguments as add_option_arguments
 from softprompt.options import option
@@ -56,6 +63,7 @@ class PredictOptions:
     data_format: str | None = option(None, "Data format when the extension does not tell.", flag="--format")
     encoding: str | None = option(None, "Text encoding of the data file (default UTF-8).")
     batch_size: int = option(16, "Rows per batch (default 16).")
+    task_column: str | None = task_column_option()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -81,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         data_format=args.data_format,
         encoding=args.encoding,
+        task_column=args.task_column,
     )
     print(f"wrote {path}")
     return 0

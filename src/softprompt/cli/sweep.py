@@ -14,10 +14,11 @@ HELP = "Choose template, label words, method, length, lr ... by nested cross-val
 EXAMPLES = """
     A sweep file is a recipe plus 'space:' (each key a list of choices; a key holding a list of mappings
     sets several options together) and 'sweep:' (outer_folds, inner_folds, samples, seed, ensemble,
-    metric, selection, test_data, test_fraction). With validation rows (validation_data, or selection:
-    validation on a val_fraction split) the choice is made on them alone; test rows (test_data, or
-    test_fraction of --data held out first) are scored once, for the final choice. Settings that share
-    the base model and job-wide options train as ONE
+    metric, selection, test_data, test_fraction, compare). With validation rows (validation_data, or
+    selection: validation on a val_fraction split) the choice is made on them alone; test rows (test_data, or
+    test_fraction of --data held out first) are scored once, for the final choice. compare: a space key such as
+    method, each of whose values also gets its own nested estimate. Settings that share the base model and
+    job-wide options train as ONE
     multi-adapter job. Writes leaderboard.csv/.md/.png, sweep_report.json, chosen.yaml (a recipe for
     'softprompt train') and final/ (the choice trained on all labelled rows). Rerunning the same
     command skips every (fold, setting) already in <output>/results/.
@@ -32,6 +33,8 @@ EXAMPLES = """
       softprompt sweep recipes/sweeps/financial_phrasebank.yaml
           (one labelled file: 10% held out as test, chosen on a validation split of the rest)
       softprompt train runs/raft-sweep/chosen.yaml        # retrain the chosen recipe on its own
+      softprompt sweep recipes/sweeps/raft_cpt_vs_prompt_tuning.yaml
+          (CPT against prompt tuning: a nested estimate for each method, 'compare: method')
 
     a minimal sweep file:
       recipe: recipes/offline/raft_twitter_complaints.yaml

@@ -4,13 +4,13 @@ A cartridge is trained to make the model *without* the document predict like the
 queries about the document. Without given queries (``--data``), the frozen model writes them: for each
 query a seeded draw picks a chunk of the document (``chunk_tokens`` tokens) and a seed prompt ("Ask a
 question about this passage."), the bare model samples a question after chunk + seed prompt, and the
-teacher (the model with the whole document in its context, an adapter name here) answers it greedily.
+teacher (the model with the whole document in its context) answers it greedily.
 Each row's ``text`` is ``"Question: <q>\\nAnswer:<a>"``, the string both teacher and student are
 trained on. The rows are a pure function of (model, document, seed, counts), are saved as JSONL beside the
 run, and a saved file with the same document hash, seed and count is read back instead of regenerated.
 
-``model`` is duck-typed (a `SoftPromptModel`: ``tokenizer`` and ``generate``), so this module sits below
-the engine.
+``model`` and the teacher are duck-typed (a `SoftPromptModel`: ``tokenizer`` and ``generate``; a
+`softprompt.training.distill.Teacher`), so this module sits below the engine.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import json
 import random
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from softprompt.errors import ConfigError
 from softprompt.fileio import atomic_write_text
@@ -68,10 +69,11 @@ def answer_prompt(question: str) -> str:
 
 
 def self_study_rows(
-    model, document: str, teacher: str, *, queries: int, chunk_tokens: int, seed: int, batch_size: int = 8
+    model, document: str, teacher: Any, *, queries: int, chunk_tokens: int, seed: int, batch_size: int = 8
 ) -> list[dict[str, str]]:
     """``queries`` rows ``{text, question, answer, chunk, seed_prompt, document, seed, queries}`` (see the module
-    docstring); ``teacher`` is the adapter that holds the whole document as its key/value prefix."""
+    docstring); ``teacher`` is the model reading the whole document (`softprompt.training.distill.Teacher`: its
+    ``adapter``, and ``prompt(model, text)``, the prompt that adapter answers)."""
     chunks = chunk_texts(model.tokenizer, document, chunk_tokens)
     rng = random.Random(seed)
     questions: list[tuple[int, int, str]] = []  # (chunk, seed prompt, question)
@@ -103,8 +105,8 @@ def self_study_rows(
         raise ConfigError(f"self-study: the model wrote no usable questions about the document in {MAX_ROUNDS} rounds")
     answers = _generate(
         model,
-        [answer_prompt(q) for _, _, q in questions],
-        teacher,
+        [teacher.prompt(model, answer_prompt(q)) for _, _, q in questions],
+        teacher.adapter,
         batch_size,
         max_new_tokens=ANSWER_TOKENS,
         stop=["\n"],

@@ -36,11 +36,16 @@ from softprompt.methods import SoftPromptMethod, method_class
 @dataclass
 class SoftPromptOutput:
     loss: torch.Tensor | None = None
-    # Without labels: [batch, seq, vocab] logits of the text positions. With labels: None, because only
-    # label positions are projected onto the vocabulary (see `label_logits`).
+    # Without labels: [batch, seq, vocab] text logits. With labels: None (only label positions are projected).
     logits: torch.Tensor | None = None
     # With labels: [num_label_tokens, vocab] logits at exactly the positions that carry loss.
     label_logits: torch.Tensor | None = None
+    # With labels: the token terms ``loss`` averages beyond the rows of ``label_logits`` (CPT's context labels).
+    extra_tokens: int = 0
+
+    @property
+    def loss_tokens(self) -> int:  # how many token terms ``loss`` averages (processes sum them to share a mean)
+        return (0 if self.label_logits is None else len(self.label_logits)) + self.extra_tokens
 
 
 class SoftPromptModel(nn.Module):
@@ -57,8 +62,7 @@ class SoftPromptModel(nn.Module):
         super().__init__()
         base.requires_grad_(False)
         base.eval()
-        # Short masked attention (a prefix before a short text) on CPU runs as grouped matrix products,
-        # faster there than SDPA's kernel; everything else stays on transformers' SDPA (see attention.py).
+        # Short masked attention on CPU runs as grouped matrix products, else SDPA (see attention.py).
         self.grouped_attention = attention.install(base)
         self.base = base
         self.tokenizer = tokenizer
@@ -194,6 +198,10 @@ class SoftPromptModel(nn.Module):
     def _row_names(self, adapters: AdapterNames, batch: int, task_ids: TaskIds = None) -> list[str | None]:
         return row_keys(adapters, batch, task_ids, self.get_adapter)
 
+    def _inputs(self, input_ids: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        input_ids = input_ids.to(self.device)  # and the attention mask (default all ones) on the device, as long
+        return input_ids, (torch.ones_like(input_ids) if mask is None else mask.to(self.device)).long()
+
     def _row_adapter(self, key: str) -> tuple[SoftPromptMethod, int | None]:
         return row_adapter(key, self.get_adapter)
 
@@ -300,10 +308,7 @@ class SoftPromptModel(nn.Module):
         Causal models: ``labels`` align with ``input_ids`` (-100 = no loss), as in transformers.
         Encoder-decoder models: ``labels`` are the decoder targets.
         """
-        input_ids = input_ids.to(self.device)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        attention_mask = attention_mask.to(self.device).long()
+        input_ids, attention_mask = self._inputs(input_ids, attention_mask)
         names = self._row_names(adapters, input_ids.shape[0], task_ids)
         with checkpointing.when_recording(self._checkpointed):
             if self.shape.is_encoder_decoder:
@@ -329,9 +334,7 @@ class SoftPromptModel(nn.Module):
         the LM head projects. For integrations that apply the head themselves (TRL's fused LM head)."""
         if self.shape.is_encoder_decoder:
             raise SoftPromptError("text_hidden_states: causal models only; encoder-decoder models use forward")
-        input_ids = input_ids.to(self.device)
-        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device)
-        attention_mask = attention_mask.long()
+        input_ids, attention_mask = self._inputs(input_ids, attention_mask)
         names = self._row_names(adapters, input_ids.shape[0], task_ids)
         with checkpointing.when_recording(self._checkpointed):
             return self._causal_hidden(
@@ -363,7 +366,7 @@ class SoftPromptModel(nn.Module):
             loss = (F.cross_entropy(logits, targets, reduction="sum") + sum(t for t, _ in extra)) / count
         else:
             loss = F.cross_entropy(logits, targets) if targets.numel() else logits.sum() * 0.0
-        return SoftPromptOutput(loss=loss, label_logits=logits)
+        return SoftPromptOutput(loss=loss, label_logits=logits, extra_tokens=count - targets.numel())
 
     # ------------------------------------------------------------------ encoder-decoder
     def _encoder_inputs(self, input_ids, attention_mask, names):

@@ -238,7 +238,7 @@ class Distributed:
         """
         if not self.enabled:
             return out.loss.float()
-        tokens = out.label_logits.shape[0] if out is not None else 0
+        tokens = out.loss_tokens if out is not None else 0
         total = self._sum(torch.tensor([float(tokens)], device=self.accelerator.device)).item()
         if out is None:
             return None

@@ -269,12 +269,26 @@ def example_loss(
             ids, mask, labels, adapters = collate(items[start : start + batch_size], pad_id(model.tokenizer))
             with torch.autocast(device_type=model.device.type, dtype=torch.bfloat16, enabled=bf16):
                 out = model(ids, mask, adapters=adapters, labels=labels)
-            count = int(out.label_logits.shape[0])
+            count = out.loss_tokens
             total += float(out.loss.float()) * count
             tokens += count
     if tokens == 0:
         raise DataError("the evaluation examples have no tokens to score")
     return total, tokens
+
+
+def with_adapter_tasks(model, adapter: str, examples: Sequence[Example], column: str | None, source: str) -> list:
+    """``examples`` with each row's task read from ``column`` when ``adapter`` is a multitask adapter (unchanged
+    otherwise); a multitask adapter without a column is one error naming ``--task-column``."""
+    count = model.get_adapter(adapter).num_tasks
+    if not count:
+        return list(examples)
+    if not column:
+        raise ConfigError(
+            f"{flag('task_column')}: adapter {adapter!r} is a multitask adapter ({count} tasks) that does not record its "
+            f"task column; give the column of each row's task"
+        )
+    return with_tasks(examples, column, count, source=source)
 
 
 def evaluate_data(
@@ -317,9 +331,8 @@ def evaluate_data(
     if label_column:
         verb = verbalizer_for(verbalizer, rows, label_column, source=str(data))
     examples = build_examples(rows, template, label_column or None, verb, source=str(data))
-    task_column = task_column or saved.get("task_column")
-    if task_column and adapter is not None:  # a multitask adapter: each row its task
-        examples = with_tasks(examples, task_column, model.get_adapter(adapter).num_tasks, source=str(data))
+    if adapter is not None:
+        examples = with_adapter_tasks(model, adapter, examples, task_column or saved.get("task_column"), str(data))
     labels = verb.texts if verb is not None else None
     if labels and saved.get("labels") and not verbalizer:
         labels = list(dict.fromkeys(saved["labels"] + labels))

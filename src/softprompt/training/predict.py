@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from softprompt.data import Template, Verbalizer, column_names, default_template, load_rows, require_columns
+from softprompt.data import Example, Template, Verbalizer, column_names, default_template, load_rows, require_columns
 from softprompt.errors import ConfigError
 from softprompt.fileio import atomic_write_text
-from softprompt.training.evaluate import adapter_settings, prompt_budget
+from softprompt.training.evaluate import adapter_settings, prompt_budget, with_adapter_tasks
 
 
 def label_probabilities(
@@ -34,16 +34,24 @@ def label_probabilities(
     batch_size: int = 16,
     max_input_tokens: int | None = None,
     progress: bool = False,
+    tasks: Mapping[str, Sequence[int]] | None = None,
 ) -> list[list[float]]:
-    """Per text, the probability of each label averaged over ``adapters`` (an ensemble of one or more)."""
+    """Per text, the probability of each label averaged over ``adapters`` (an ensemble of one or more).
+    ``tasks``: for a multitask adapter (by name), each text's task."""
+    tasks = tasks or {}
     totals = [[0.0] * len(labels) for _ in texts]
     bar = tqdm(total=len(texts) * len(adapters), desc="predicting", unit="row", disable=not progress)
     with torch.no_grad():
         for adapter in adapters:
             for start in range(0, len(texts), batch_size):
                 chunk = list(texts[start : start + batch_size])
+                own = tasks.get(adapter) if adapter is not None else None
                 scored = model.score(
-                    chunk, labels=list(labels), adapters=[adapter] * len(chunk), max_input_tokens=max_input_tokens
+                    chunk,
+                    labels=list(labels),
+                    adapters=[adapter] * len(chunk),
+                    task_ids=list(own[start : start + batch_size]) if own is not None else None,
+                    max_input_tokens=max_input_tokens,
                 )
                 for i, result in enumerate(scored):
                     probs = torch.tensor([result.scores[label] for label in labels], dtype=torch.float64).softmax(-1)
@@ -70,13 +78,15 @@ def predict_file(
     data_format: str | None = None,
     encoding: str | None = None,
     progress: bool = True,
+    task_column: str | None = None,
 ) -> Path:
     """Predict a label for every row of ``data`` and write a CSV (``id_column`` or ``row``, ``label_name``).
 
     ``adapters`` maps names to adapter directories (loaded into ``model`` if not there yet). Template and
     verbalizer default to how the first adapter was trained; all adapters must share its labels. No
     adapters: the zero-shot base model predicts, with the ``template`` and ``verbalizer`` given.
-    ``probabilities`` adds one ``p_<label>`` column per label.
+    ``probabilities`` adds one ``p_<label>`` column per label. A multitask adapter reads each row's task from
+    ``task_column`` (default: the column it was trained with).
     """
     if not adapters and not (template and verbalizer):
         raise ConfigError(
@@ -108,6 +118,12 @@ def predict_file(
         require_columns(rows, [id_column], source=str(data))
     parsed.validate(column_names(rows), source=str(data))
     texts = [parsed.render(row) for row in rows]
+    tasks = {}  # a multitask adapter: each row its task
+    for name in adapters:
+        if model.get_adapter(name).num_tasks:
+            column = task_column or settings[name].get("task_column")
+            examples = [Example(text, None, row) for text, row in zip(texts, rows)]
+            tasks[name] = [int(e.task) for e in with_adapter_tasks(model, name, examples, column, str(data))]
     budget = prompt_budget(model, labels, first.get("max_length"))
     probs = label_probabilities(
         model,
@@ -117,6 +133,7 @@ def predict_file(
         batch_size=batch_size,
         max_input_tokens=budget,
         progress=progress,
+        tasks=tasks,
     )
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")

@@ -51,29 +51,20 @@ def _test_estimate(spec: Sweep, test: dict, labels: list[str]) -> dict:
     }
 
 
-def nested_report(spec: Sweep, folds: list[dict], final: dict, test: dict | None, labels: list[str], out: Path) -> dict:
+def nested_report(
+    spec: Sweep,
+    folds: list[dict],
+    final: dict,
+    test: dict | None,
+    labels: list[str],
+    out: Path,
+    compared: dict | None = None,
+) -> dict:
     """Per outer fold: the choice (from inner scores only) and its held-out score; the estimate over folds;
-    with ``test`` rows, the final choice's score on them."""
+    with ``test`` rows, the final choice's score on them.
+    ``compared``: ``sweep.compare``'s values, each with its folds (its own choices), estimated the same way."""
     metric, opts = spec.options.metric, spec.options
-    per_fold = []
-    for fold in folds:
-        per_fold.append(
-            {
-                "fold": fold["fold"],
-                "chosen": fold["chosen"],
-                "members": fold["members"],
-                "inner_scores": fold["scores"],
-                "test": _short(classification_report(fold["truth"], argmax(fold["probs"], labels), labels)),
-            }
-        )
-    truth = [t for f in folds for t in f["truth"]]
-    predicted = [p for f in folds for p in argmax(f["probs"], labels)]
-    pooled = _short(classification_report(truth, predicted, labels))
-    estimate: dict[str, Any] = {"metric": metric, "pooled": pooled}
-    for key in ("accuracy", "macro_f1"):
-        values = [f["test"][key] for f in per_fold]
-        estimate[key] = {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
-    estimate["pooled_interval"] = bootstrap_interval(truth, predicted, labels, metric, opts.bootstrap, opts.seed)
+    per_fold, estimate = _estimate(spec, folds, labels)
     if test is not None:
         estimate.update(_test_estimate(spec, test, labels))
     board = []
@@ -91,10 +82,10 @@ def nested_report(spec: Sweep, folds: list[dict], final: dict, test: dict | None
             }
         )
     board.sort(key=lambda r: -r[f"cv_{metric}_all_rows"])
-    return {
+    report = {
         "protocol": f"nested cross-validation: {opts.outer_folds} outer x {opts.inner_folds} inner folds"
         + ("; test scored once, for the final choice" if test is not None else ""),
-        "n_rows": len(truth),
+        "n_rows": estimate["pooled"]["n"],
         "settings": spec.settings,
         "estimate": estimate,
         "outer_folds": per_fold,
@@ -102,6 +93,38 @@ def nested_report(spec: Sweep, folds: list[dict], final: dict, test: dict | None
         "final": final,
         "output": str(out),
     }
+    if compared:
+        report["compared"] = {
+            "key": opts.compare,
+            "values": [
+                {"value": value, "estimate": est, "outer_folds": fs}
+                for value, (fs, est) in ((v, _estimate(spec, f, labels)) for v, f in compared.items())
+            ],
+        }
+    return report
+
+
+def _estimate(spec: Sweep, folds: list[dict], labels: list[str]) -> tuple[list[dict], dict[str, Any]]:
+    """Each outer fold's choice and held-out score; the estimate: mean ± std over folds, pooled with interval."""
+    metric, opts = spec.options.metric, spec.options
+    per_fold = [
+        {
+            "fold": fold["fold"],
+            "chosen": fold["chosen"],
+            "members": fold["members"],
+            "inner_scores": fold["scores"],
+            "test": _short(classification_report(fold["truth"], argmax(fold["probs"], labels), labels)),
+        }
+        for fold in folds
+    ]
+    truth = [t for f in folds for t in f["truth"]]
+    predicted = [p for f in folds for p in argmax(f["probs"], labels)]
+    estimate: dict[str, Any] = {"metric": metric, "pooled": _short(classification_report(truth, predicted, labels))}
+    for key in ("accuracy", "macro_f1"):
+        values = [f["test"][key] for f in per_fold]
+        estimate[key] = {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+    estimate["pooled_interval"] = bootstrap_interval(truth, predicted, labels, metric, opts.bootstrap, opts.seed)
+    return per_fold, estimate
 
 
 def validation_report(spec: Sweep, choice: dict, final: dict, test: dict | None, labels: list[str], out: Path) -> dict:
@@ -179,6 +202,14 @@ def format_report(report: dict) -> str:
         for fold in report["outer_folds"]:
             lines.append(
                 f"  outer fold {fold['fold']}: chose {fold['chosen']}, held-out {metric} {fold['test'][metric]:.4f}"
+            )
+        for entry in report.get("compared", {}).get("values", []):
+            est = entry["estimate"]
+            lo, hi = est.get("pooled_interval") or [float("nan")] * 2
+            lines.append(
+                f"{report['compared']['key']}={entry['value']}: {metric} {est[metric]['mean']:.4f} ± "
+                f"{est[metric]['std']:.4f} over outer folds; pooled {est['pooled'][metric]:.4f} (95% interval "
+                f"{lo:.4f}-{hi:.4f}), its choice made among its own settings on the inner folds"
             )
     if estimate and "test" in estimate:
         metric, test = estimate["metric"], estimate["test"]

@@ -161,7 +161,8 @@ class _Run:
         n = len(self.spec.settings)
         if self.spec.selection_on_validation:
             return n
-        return (self.opts.outer_folds + 1) * (self.opts.inner_folds * n + 1)
+        compared = len({self.spec.value_of(i, self.opts.compare) for i in range(n)}) if self.opts.compare else 0
+        return (self.opts.outer_folds + 1) * (self.opts.inner_folds * n + 1) + self.opts.outer_folds * compared
 
     def _result_path(self, tag: str, index: int) -> Path:
         return self.out / "results" / f"{tag}-s{index}.json"
@@ -251,10 +252,11 @@ class _Run:
         return json.loads(self._result_path(tag, index).read_text())
 
     # ------------------------------------------------------------------------------ choosing
-    def choose(self, tags: list[str]) -> dict:
-        """Score every setting pooled over ``tags`` (inner folds or validation) and choose; with
-        ``ensemble: k`` the average of the top k settings of the best's job is one more candidate."""
-        pooled = {i: _pool([self.load(t, i) for t in tags]) for i in range(len(self.spec.settings))}
+    def choose(self, tags: list[str], among: Sequence[int] | None = None) -> dict:
+        """Score every setting (of ``among``, default all) pooled over ``tags`` (inner folds or validation) and
+        choose; with ``ensemble: k`` the average of the top k settings of the best's job is one more candidate."""
+        among = range(len(self.spec.settings)) if among is None else among
+        pooled = {i: _pool([self.load(t, i) for t in tags]) for i in among}
         scores = {f"s{i}": self.score(*pooled[i]) for i in pooled}
         ranked = sorted(pooled, key=lambda i: -scores[f"s{i}"])  # stable: ties keep the space's order
         candidates = {f"s{i}": [i] for i in pooled}
@@ -278,7 +280,11 @@ class _Run:
         opts = self.opts
         outer = kfold(self.rows, opts.outer_folds, opts.seed, self.column, source=str(self.base.data))
         stages = [(o, train, test) for o, (train, test) in enumerate(outer, 1)] + [(ALL, self.rows, None)]
-        folds = []
+        compared: dict[Any, list[dict]] = {}
+        groups: dict[Any, list[int]] = {}  # sweep.compare: each value's settings
+        if (key := opts.compare) is not None:
+            for i in range(len(self.spec.settings)):
+                groups.setdefault(self.spec.value_of(i, key), []).append(i)
         for o, train, held_out in stages:
             inner = kfold(train, opts.inner_folds, opts.seed, self.column, source=f"{self.base.data} (outer fold {o})")
             tags = [f"o{o}i{j}" for j in range(1, len(inner) + 1)]
@@ -290,12 +296,19 @@ class _Run:
             if o == ALL:
                 final = self.final(choice)
                 test = self.test_record(choice["members"], final["adapters"])
-            else:
-                self.train_and_score([(f"o{o}test", train, held_out, i) for i in choice["members"]])
-                outer_probs = _pool([self.load(f"o{o}test", i) for i in choice["members"]], average=True)
-                folds.append({"fold": o, **choice, "truth": outer_probs[0], "probs": outer_probs[1]})
+                continue
+            # Each compared value's own choice, made on the same inner folds, is scored on the same outer fold.
+            choices = {None: choice} | {v: self.choose(tags, among) for v, among in groups.items()}
+            members = sorted({i for c in choices.values() for i in c["members"]})
+            self.train_and_score([(f"o{o}test", train, held_out, i) for i in members])
+            for value, c in choices.items():
+                outer_probs = _pool([self.load(f"o{o}test", i) for i in c["members"]], average=True)
+                compared.setdefault(value, []).append(
+                    {"fold": o, **c, "truth": outer_probs[0], "probs": outer_probs[1]}
+                )
         self.bar.close()
-        report = sweep_report.nested_report(self.spec, folds, final, test, self.raws, self.out)
+        folds = compared.pop(None)
+        report = sweep_report.nested_report(self.spec, folds, final, test, self.raws, self.out, compared)
         atomic_write_json(self.out / REPORT_FILE, report)
         sweep_report.write_outputs(report, self.out)
         return report

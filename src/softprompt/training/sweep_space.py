@@ -76,6 +76,11 @@ class SweepSettings:
         "before anything else sees them (max_rows samples the rest); scored once, for the final choice alone.",
     )
     bootstrap: int = option(1000, "Bootstrap resamples of the pooled outer predictions (the interval).")
+    compare: str | None = option(
+        None,
+        "A space key (method, say): with nested selection, also a nested estimate for each of its values, the "
+        "inner folds choosing among that value's settings only.",
+    )
 
 
 @dataclass
@@ -87,6 +92,13 @@ class Sweep:
     settings: list[dict[str, Any]]
     options: SweepSettings
     source: str
+
+    def value_of(self, index: int, key: str) -> Any:
+        """Setting ``index``'s value of space key ``key`` (the recipe's where the setting leaves it)."""
+        setting = self.settings[index]
+        if key in setting:
+            return setting[key]
+        return self.base.method_options.get(key) if key in METHOD_OPTIONS else getattr(self.base, key, None)
 
     @property
     def selection_on_validation(self) -> bool:
@@ -133,6 +145,8 @@ def parse_sweep(
             errors.append(f"{source}: space: setting {describe(setting)}: {exc}")
     if errors:
         raise ConfigError("\n".join(dict.fromkeys(errors)))
+    if options.compare is not None and not any(options.compare in setting for setting in grid):
+        raise ConfigError(f"{source}: sweep.compare: {options.compare!r} is not varied by the space (nor its bundles)")
     sweep = Sweep(base, base_values, grid, options, source)
     if sweep.selection_on_validation and not (base.validation_data or base.validation_split):
         if any("seed" in setting for setting in grid):  # the val_fraction split follows each adapter's seed
@@ -168,6 +182,11 @@ def _sweep_settings(values: Any, source: str) -> SweepSettings:
             raise ConfigError(f"{source}: sweep.test_fraction: give it or sweep.test_data, not both")
     if out.selection is not None:
         check_choice(out.selection, f"{source}: sweep.selection", SELECTIONS)
+    if out.compare is not None and out.compare not in SPACE_KEYS:
+        raise ConfigError(
+            f"{source}: sweep.compare: {out.compare!r} is not an option a sweep can vary"
+            f"{did_you_mean(out.compare, SPACE_KEYS)}"
+        )
     return out
 
 
@@ -196,11 +215,20 @@ def _choice(base: dict, values: dict[str, Any], where: str, errors: list[str]) -
             errors.append(f"{where}: {key!r} is not an option a sweep can vary{did_you_mean(str(key), SPACE_KEYS)}")
             return {}
     try:
-        config = TrainConfig.from_dict({**base, **values}, source=where).validate()
+        config = TrainConfig.from_dict({**for_method(base, values.get("method")), **values}, source=where).validate()
     except ConfigError as exc:
         errors.append(f"{where}: {exc}" if not str(exc).startswith(where) else str(exc))
         return {}
     return {k: config.method_options[k] if k in METHOD_OPTIONS else getattr(config, k) for k in values}
+
+
+def for_method(values: Mapping[str, Any], method: str | None) -> dict[str, Any]:
+    """A recipe's ``values`` without the method options that do not apply to ``method`` (None: all kept): a
+    setting that changes the method drops them, as an adapter of a multi-adapter job does (the recipe's
+    ``init_text`` means nothing to CPT)."""
+    if method is None:
+        return dict(values)
+    return {k: v for k, v in values.items() if k not in METHOD_OPTIONS or method in METHOD_OPTIONS[k]}
 
 
 def _merge(parts: tuple[dict[str, Any], ...]) -> dict[str, Any]:
@@ -242,7 +270,7 @@ def recipe_values(sweep: Sweep, members: list[dict[str, Any]], output: str) -> d
     """The chosen settings as a recipe ``softprompt train`` loads: one adapter, or the ensemble's members."""
     values = {**sweep.base_values, "output": output}
     if len(members) == 1:
-        return {**values, **members[0]}
+        return {**for_method(values, members[0].get("method")), **members[0]}
     values.update({k: v for k, v in members[0].items() if k in JOB_KEYS})
     values["adapters"] = [
         {"name": f"member{i}", **{k: v for k, v in m.items() if k not in JOB_KEYS}} for i, m in enumerate(members)
