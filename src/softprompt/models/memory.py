@@ -35,7 +35,7 @@ d = head dim, L = layers, V = vocabulary, R = label tokens per row):
   context on ``device="cuda"``.
 
 Measured against CPU training on random-weight Llama shapes (``research/scale.py``, docs/benchmarks.md):
-float32 and bfloat16 weights without checkpointing, and int8/nf4 bases (``research/scale_quantized.py``).
+float32 and bfloat16 weights without checkpointing, and int8/nf4 bases (``research/scale.py --section quantized``).
 Checkpointing and sharding are modelled here, not yet measured.
 """
 
