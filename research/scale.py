@@ -192,7 +192,7 @@ def _base(case: Case, folder: str | None):
 
 
 def build(case: Case, folder: str | None = None):
-    """``case``'s model ready for one step: ``(loss_fn, trainable parameters)``, where ``loss_fn(ids, labels)`` is
+    """``case``'s model ready for one step: ``(loss_fn, trainable parameters, frozen base)``, where ``loss_fn(ids, labels)`` is
     the job's loss; a quantized case loads its base from ``folder`` (`save_base`). PEFT's refusals raise
     ``ValueError``."""
     import softprompt
@@ -206,13 +206,12 @@ def build(case: Case, folder: str | None = None):
         kind = PromptTuningConfig if case.method == "prompt_tuning" else PrefixTuningConfig
         model = get_peft_model(base, kind(task_type="CAUSAL_LM", num_virtual_tokens=TOKENS))
         model.train()  # transformers checkpoints in train mode only; a Llama has no dropout, so the numbers are eval's
-        return (lambda ids, labels: model(input_ids=ids, labels=labels).loss), [
-            p for p in model.parameters() if p.requires_grad
-        ]
+        params = [p for p in model.parameters() if p.requires_grad]
+        return (lambda ids, labels: model(input_ids=ids, labels=labels).loss), params, base
     sp = softprompt.SoftPromptModel(base, gradient_checkpointing=case.checkpointing)
     params = list(sp.add_adapter("a", method=case.method, num_virtual_tokens=TOKENS, init="random").parameters())
     sp.train()
-    return (lambda ids, labels: sp(ids, adapters="a", labels=labels).loss), params
+    return (lambda ids, labels: sp(ids, adapters="a", labels=labels).loss), params, base
 
 
 def measure(name: str) -> dict:
@@ -241,7 +240,7 @@ def measure(name: str) -> dict:
         reset_peak()
         start = rss_kib() * 1024
         try:
-            loss_fn, params = build(case, folder)
+            loss_fn, params, _ = build(case, folder)
         except ValueError as refused:  # PEFT refuses checkpointing for prefix tuning
             return {**result, "refused": str(refused)}
     # Loading has its own peak (a quantized base: each weight's float copy while it is quantized), reported

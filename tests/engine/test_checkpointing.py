@@ -115,3 +115,29 @@ def test_generation_and_scoring_are_unchanged_and_an_unknown_family_is_refused()
     model.quirks = FamilyQuirks()  # what a family missing from the table gets
     with pytest.raises(SoftPromptError, match=r"^--gradient-checkpointing: model type 'gemma3_text' is not supported"):
         model.gradient_checkpointing = True
+
+
+def test_the_backward_pass_keeps_no_keys_values_of_the_text():
+    """The checkpoints recompute against copies of the cache holding only each block's own layer as it was before
+    the block (the prefix): every layer's keys/values of the whole text are freed after the forward, as in a plain
+    pass, instead of living through the backward."""
+    import gc
+
+    from transformers.cache_utils import CacheLayerMixin
+
+    model = with_every_method("llama")
+    model.gradient_checkpointing = True
+    ids, mask = pad_batch(ROWS[:4], pad=0, side="left")
+    loss = model(ids, mask, adapters=METHODS, labels=ids.masked_fill(mask == 0, -100)).loss
+    gc.collect()
+    held = [
+        layer
+        for layer in gc.get_objects()
+        if isinstance(layer, CacheLayerMixin)
+        and isinstance(getattr(layer, "keys", None), torch.Tensor)
+        and layer.keys.device.type != "meta"
+        and layer.keys.shape[-2] >= ids.shape[1]
+    ]
+    assert not held
+    loss.backward()
+    assert all(p.grad is not None for p in model.adapters.parameters() if p.requires_grad)

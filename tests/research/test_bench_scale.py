@@ -77,7 +77,7 @@ def test_one_case_builder_serves_plain_quantized_and_peft_cases(monkeypatch, tmp
         if case.quantize != "none":
             folder = str(tmp_path / f"{case.system}-{case.quantize}")
             scale.save_base(case, folder)
-        loss_fn, params = scale.build(case, folder)
+        loss_fn, params, _ = scale.build(case, folder)
         ids, labels = scale.job_batch(100)
         loss_fn(ids, labels).backward()
         assert params and all(p.grad is not None and torch.isfinite(p.grad).all() for p in params), case
