@@ -26,6 +26,7 @@ path.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import logging
 from collections.abc import Callable, Iterator
@@ -124,7 +125,7 @@ def _checkpoint(forward: Callable[..., Any], *args: Any) -> Any:
         if first:  # the first run; any later one is the backward pass's recomputation
             function, caches = first.pop()
             output = function(*(caches.get(i, value) for i, value in enumerate(inputs)))
-            copy.forget_untouched()
+            copy.settle(drop_new=_dropping_caches.get())
             return output
         return recompute(*(copies_at.get(i, value) for i, value in enumerate(inputs)))
 
@@ -133,7 +134,7 @@ def _checkpoint(forward: Callable[..., Any], *args: Any) -> Any:
 
 class _CacheCopy:
     """Copies of caches, their nested caches (encoder-decoder) and their layers, with the attributes they have now
-    (lists and dicts copied, tensors shared). Until `forget_untouched` it also knows the originals."""
+    (lists and dicts copied, tensors shared). Until `settle` it also knows the originals."""
 
     def __init__(self, caches: list[Cache]) -> None:
         self.copies: dict[int, object] = {}
@@ -163,16 +164,35 @@ class _CacheCopy:
             return {k: self._swap_in(v) for k, v in value.items()}
         return self.copies.get(id(value), value) if isinstance(value, (Cache, CacheLayerMixin)) else value
 
-    def forget_untouched(self) -> None:
+    def settle(self, drop_new: bool) -> None:
         """After the first run: the copies of what the block left as it was (other layers) keep meta tensors only,
-        and the originals are let go."""
+        and the originals are let go. ``drop_new``: the originals the block changed (its layer) are put back as
+        they were, the block's keys/values dropped from the cache (`dropping_caches`)."""
         for obj, attributes in self.before:
             if not _changed(attributes, vars(obj)):
                 copy = vars(self.copies[id(obj)])
                 copy.update(
                     {k: torch.empty_like(v, device="meta") for k, v in copy.items() if isinstance(v, torch.Tensor)}
                 )
+            elif drop_new:
+                vars(obj).clear()
+                vars(obj).update({k: v.copy() if isinstance(v, (list, dict)) else v for k, v in attributes.items()})
         self.before = []
+
+
+_dropping_caches: contextvars.ContextVar[bool] = contextvars.ContextVar("dropping_caches", default=False)
+
+
+@contextlib.contextmanager
+def dropping_caches() -> Iterator[None]:
+    """Within: a checkpointed block leaves the key/value cache as it found it (its own keys/values are not kept),
+    for a pass whose cache is thrown away after it (a training forward). Without checkpointing autograd keeps those
+    keys/values for the backward anyway; with it, nothing would but the cache, up to the end of the forward."""
+    token = _dropping_caches.set(True)
+    try:
+        yield
+    finally:
+        _dropping_caches.reset(token)
 
 
 def _same(a: Any, b: Any) -> bool:
