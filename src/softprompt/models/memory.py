@@ -37,7 +37,7 @@ d = head dim, L = layers, V = vocabulary, R = label tokens per row):
 
 Measured against CPU training on random-weight Llama shapes (``research/scale.py``, docs/benchmarks.md):
 float32 and bfloat16 weights without checkpointing, and int8/nf4 bases (``research/scale.py --section quantized``).
-Checkpointing and sharding are modelled here, not yet measured.
+Checkpointing is measured at the ~0.3B and ~1B shapes (the scale section); sharding is modelled, not yet measured.
 """
 
 from __future__ import annotations

@@ -193,15 +193,15 @@ class Distributed:
         zero = DeepSpeedConfig(config).zero_config
         plan = lean_load.lean_plan(base)
         if plan is not None:
-            first: list[nn.Parameter] = []  # a partitioned parameter, whose converter partitions the next ones
+            converter: list[Callable[..., None]] = []  # a partitioned parameter's: it partitions the next ones
 
             def partition(params: list[nn.Parameter]) -> None:
-                if first:
-                    first[0].convert_to_zero_parameters(param_list=params)
+                if converter:
+                    converter[0](param_list=params)
                 else:  # as DeepSpeedZeRoOffload below would (no offloading, the whole world, no mpu)
                     holder = nn.ParameterList(params)
                     deepspeed.zero.Init(module=holder, config_dict_or_path=config, dtype=params[0].dtype)
-                    first.append(params[0])
+                    converter.append(getattr(params[0], "convert_to_zero_parameters"))  # noqa: B009 (DeepSpeed's)
 
             lean_load.fill_each(base, plan, lean_load.release(base, dtype), partition)
         elif dtype is not None:
