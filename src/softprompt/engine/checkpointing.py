@@ -18,6 +18,8 @@ block's own ``forward`` reads it). Its checkpoint function, `_checkpoint`, is no
 cache, nested caches and their layers, attributes copied, tensors shared), not against the cache itself: the
 copy keeps the tensors only of the layer the block changed (what it read, the prefix), so the backward pass does
 not keep every layer's keys/values of the whole text alive as the checkpoint's function holding the cache would.
+In a pass whose cache is thrown away after it (a training forward's text pass, `dropping_caches`) each block
+also puts its layer of the cache back as it found it, so the text's keys/values do not pile up to the pass's end.
 Dynamic caches (the only ones the engine builds) rebind their tensors on update rather than writing into them,
 so a copy of attributes is the whole state. Generation and scoring run without gradients and never enter this
 path.
