@@ -115,3 +115,38 @@ def test_generation_and_scoring_are_unchanged_and_an_unknown_family_is_refused()
     model.quirks = FamilyQuirks()  # what a family missing from the table gets
     with pytest.raises(SoftPromptError, match=r"^--gradient-checkpointing: model type 'gemma3_text' is not supported"):
         model.gradient_checkpointing = True
+
+
+def test_a_checkpointed_training_pass_keeps_no_keys_values_of_the_text():
+    """Each block leaves the cache as it found it, and the checkpoints recompute against copies holding only the
+    block's own layer as it was before (the prefix): the layers' keys/values of the whole text are alive neither at
+    the end of the forward (a plain pass's autograd keeps them; a checkpointed one has no use for them) nor
+    through the backward."""
+    import gc
+
+    from transformers.cache_utils import CacheLayerMixin
+
+    def text_caches(length):
+        gc.collect()
+        return [
+            layer
+            for layer in gc.get_objects()
+            if isinstance(layer, CacheLayerMixin)
+            and isinstance(getattr(layer, "keys", None), torch.Tensor)
+            and layer.keys.device.type != "meta"
+            and layer.keys.shape[-2] >= length
+        ]
+
+    model = with_every_method("llama")
+    model.gradient_checkpointing = True
+    ids, mask = pad_batch(ROWS[:4], pad=0, side="left")
+    at_the_end_of_the_blocks = []
+    hook = model.base.model.norm.register_forward_hook(
+        lambda *_: at_the_end_of_the_blocks.append(len(text_caches(ids.shape[1])))
+    )
+    loss = model(ids, mask, adapters=METHODS, labels=ids.masked_fill(mask == 0, -100)).loss
+    hook.remove()
+    assert at_the_end_of_the_blocks and max(at_the_end_of_the_blocks) == 0  # each pass: its prompts, the text
+    assert not text_caches(ids.shape[1])
+    loss.backward()
+    assert all(p.grad is not None for p in model.adapters.parameters() if p.requires_grad)

@@ -227,7 +227,7 @@ def test_serve_quantize_serves_an_adapter_on_the_quantized_base(checkpoint, tmp_
 
 
 def test_estimate_memory_counts_the_inputs_int8_keeps():
-    """LLM.int8() keeps each quantized linear's float input for its backward (research/scale_quantized.py measured
+    """LLM.int8() keeps each quantized linear's float input for its backward (research/scale.py --section quantized measured
     the estimate 13-16% low without it): per layer and token 2h + I values, text and prompt pass."""
     from transformers import LlamaConfig
 

@@ -48,3 +48,37 @@ def test_the_table_reports_ratios_to_the_plain_run_and_the_estimates_error():
     assert "| 380 (-5.0%) | 0.40x |" in table[3]
     assert "| n/a | 0.50x |" in table[5]  # PEFT's rows: no estimate (it models softprompt), ratio to PEFT's plain
     assert "refused: `PREFIX_TUNING does not work with gradient checkpointing.`" in table[6]
+
+
+def test_quantized_bases_are_cases_of_the_scale_section_beside_peft_on_the_same_base():
+    quantized = {(c.shape, c.system, c.quantize) for c in scale.SCALE.values() if c.quantize != "none"}
+    assert {("300m", system, q) for system in ("softprompt", "peft") for q in ("int8", "nf4")} <= quantized
+    assert {c.quantize for c in scale.QUANTIZED.values()} == {"int8", "nf4"}
+    rows = [row("300m-prompt", 1000, 1100), row("300m-prompt-nf4", 500, 520, quantize="nf4")]
+    assert "| 300m-prompt-nf4 | softprompt | nf4 | no | 500 |" in scale.markdown(rows)
+
+
+def test_one_case_builder_serves_plain_quantized_and_peft_cases(monkeypatch, tmp_path):
+    """`scale.build` gives a loss whose gradient reaches only the adapter, for each system, plain and int8."""
+    import pytest
+
+    pytest.importorskip("bitsandbytes")
+    import torch
+
+    monkeypatch.setitem(scale.SHAPES, "tiny", (64, 2, 4, 2, 128, 100))
+    for case in (
+        scale.Case("tiny"),
+        scale.Case("tiny", checkpointing=True),
+        scale.Case("tiny", system="peft"),
+        scale.Case("tiny", quantize="int8"),
+        scale.Case("tiny", system="peft", quantize="int8"),
+    ):
+        folder = None
+        if case.quantize != "none":
+            folder = str(tmp_path / f"{case.system}-{case.quantize}")
+            scale.save_base(case, folder)
+        loss_fn, params, _ = scale.build(case, folder)
+        ids, labels = scale.job_batch(100)
+        loss_fn(ids, labels).backward()
+        assert params and all(p.grad is not None and torch.isfinite(p.grad).all() for p in params), case
+        assert sum(p.numel() for p in params) == scale.TOKENS * 64, case  # the prompt's embeddings only

@@ -46,9 +46,14 @@ def test_least_recently_used_adapters_are_evicted_down_to_the_byte_bound(tmp_pat
             assert got["choices"][0]["text"] == reference.generate(["bytes"], adapters=[name], max_new_tokens=4)[0]
             cards = client.get("/v1/models").json()["data"]
             text = client.get("/metrics").text
-            held = {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples}
+            samples = [s for family in text_string_to_metric_families(text) for s in family.samples]
+            held = {s.name: s.value for s in samples if not s.labels}
+            per_adapter = {
+                s.labels["adapter"]: s.value for s in samples if s.name == "softprompt_adapter_resident_bytes"
+            }
             resident = {c["id"] for c in cards if c["parent"] and c["resident"]}
             assert held["softprompt_adapter_bytes"] == sum(cost[n] for n in resident)
+            assert per_adapter == {n: cost[n] for n in resident}  # one series per resident adapter, evicted ones gone
             return resident
 
         assert ask("a") == {"a", "b"}  # c did not fit beside them at start

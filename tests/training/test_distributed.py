@@ -667,8 +667,8 @@ def whole(p):
 def sharded(p):  # a ZeRO-3 weight holds no data of its own outside its module's forward
     return isinstance(p, DTensor) or (hasattr(p, "ds_id") and p.numel() == 0)
 
-def shard_base(self, model):
-    original_shard_base(self, model)
+def shard_base(self, model, dtype=None):
+    original_shard_base(self, model, dtype)
     params = list(model.base.parameters())  # a tied matrix is one parameter
     block = max(model.base.get_submodule(model.quirks.blocks[0])[0].parameters(), key=lambda p: p.numel())
     tied = model.base.get_output_embeddings().weight is model.base.get_input_embeddings().weight

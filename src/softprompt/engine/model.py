@@ -314,8 +314,9 @@ class SoftPromptModel(nn.Module):
             if self.shape.is_encoder_decoder:
                 return self._seq2seq_forward(input_ids, attention_mask, names, labels, decoder_input_ids)
             terms: dict[str, tuple[torch.Tensor, int]] | None = None if labels is None else {}
-            prefix = self._batch_prefix(names, terms)
-            hidden, _, _ = self._causal_hidden(input_ids, attention_mask, prefix, gated_batch=self._batch_gated(names))
+            prefix, gated_batch = self._batch_prefix(names, terms), self._batch_gated(names)
+            with checkpointing.dropping_caches():  # the text's cache is not used after this pass
+                hidden, _, _ = self._causal_hidden(input_ids, attention_mask, prefix, gated_batch=gated_batch)
         if labels is None:
             return SoftPromptOutput(logits=self._logits(hidden))
         labels = labels.to(self.device)
@@ -337,9 +338,9 @@ class SoftPromptModel(nn.Module):
         input_ids, attention_mask = self._inputs(input_ids, attention_mask)
         names = self._row_names(adapters, input_ids.shape[0], task_ids)
         with checkpointing.when_recording(self._checkpointed):
-            return self._causal_hidden(
-                input_ids, attention_mask, self._batch_prefix(names), gated_batch=self._batch_gated(names)
-            )[0]
+            prefix = self._batch_prefix(names)
+            with checkpointing.dropping_caches():  # the text's cache is not used after this pass
+                return self._causal_hidden(input_ids, attention_mask, prefix, gated_batch=self._batch_gated(names))[0]
 
     def _label_loss(
         self, hidden, attention_mask, labels, prefix: prefixes.BatchPrefix | None, extra=()

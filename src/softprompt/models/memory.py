@@ -27,7 +27,8 @@ d = head dim, L = layers, V = vocabulary, R = label tokens per row):
   label log-probabilities (B*R*V*4) and RoPE's cos/sin (2*B*T*d*b); the first layer's input norm saves
   nothing (the embeddings need no gradient). ``int8`` (LLM.int8()) also keeps each quantized linear's input,
   ``B*T*(2h + I)*b`` per layer. With gradient checkpointing a layer keeps only its input (B*T*h*b)
-  and its cache; one layer's full set is recomputed during the backward (counted under runtime).
+  and the prefix's keys/values in the cache (2*B*N*K*d*b: a checkpointed block drops the text's, see
+  engine/checkpointing.py); one layer's full set is recomputed during the backward (counted under runtime).
 - **adapters**: the adapter's float32 parameters, their gradients and AdamW's two float32 moments
   (16 bytes per parameter; the parameters are their own master copy).
 - **runtime**: the backward's transients (about one layer's saved set, plus the label logits and their
@@ -35,8 +36,8 @@ d = head dim, L = layers, V = vocabulary, R = label tokens per row):
   context on ``device="cuda"``.
 
 Measured against CPU training on random-weight Llama shapes (``research/scale.py``, docs/benchmarks.md):
-float32 and bfloat16 weights without checkpointing, and int8/nf4 bases (``research/scale_quantized.py``).
-Checkpointing and sharding are modelled here, not yet measured.
+float32 and bfloat16 weights without checkpointing, and int8/nf4 bases (``research/scale.py --section quantized``).
+Checkpointing is measured at the ~0.3B and ~1B shapes (the scale section); sharding is modelled, not yet measured.
 """
 
 from __future__ import annotations
@@ -251,8 +252,8 @@ def _activations(
 
     text_saved, text_cache = layer(batch=batch, queries=t, keys=n + t)
     text_saved += int8_inputs(batch * t)
-    if checkpointing:  # each layer keeps its input and its keys/values (the cache the prefix rides in)
-        kv = 2 * batch * (n + t) * shape.num_key_value_heads * shape.head_dim * b
+    if checkpointing:  # each layer keeps its input, and its cache only the prefix (each block drops the text's)
+        kv = 2 * batch * n * shape.num_key_value_heads * shape.head_dim * b
         activations = shape.num_layers * (batch * t * h * b + kv)
     else:
         activations = shape.num_layers * (text_saved + text_cache)

@@ -13,6 +13,7 @@ path, so unknown paths cannot blow up label cardinality.
 | ``softprompt_running_rows`` | gauge | | sequences in the running batch |
 | ``softprompt_adapters_resident`` | gauge | | adapters in memory |
 | ``softprompt_adapter_bytes`` | gauge | | bytes the resident adapters hold (parameters + cached prompt keys/values) |
+| ``softprompt_adapter_resident_bytes`` | gauge | adapter | the same, per resident adapter (its series leaves with it) |
 | ``softprompt_adapter_loads_total`` | counter | | adapters loaded (start, on demand, admin) |
 | ``softprompt_adapter_evictions_total`` | counter | | least-recently-used evictions |
 | ``softprompt_tokens_total`` | counter | kind (prompt, completion) | tokens processed |
@@ -51,6 +52,12 @@ class Metrics:
         self.adapters_resident = Gauge("softprompt_adapters_resident", "Adapters in memory.", registry=r)
         self.adapter_bytes = Gauge(
             "softprompt_adapter_bytes", "Bytes held by resident adapters (parameters + prompt keys/values).", registry=r
+        )
+        self.adapter_resident_bytes = Gauge(
+            "softprompt_adapter_resident_bytes",
+            "Bytes held by one resident adapter (parameters + prompt keys/values).",
+            ["adapter"],
+            registry=r,
         )
         self.adapter_loads = Counter("softprompt_adapter_loads", "Adapters loaded.", registry=r)
         self.adapter_evictions = Counter("softprompt_adapter_evictions", "Least-recently-used evictions.", registry=r)

@@ -397,6 +397,13 @@ class AdapterRegistry:
         if self.metrics:
             self.metrics.adapters_resident.set(self.resident_count() + len(self._detached))
             self.metrics.adapter_bytes.set(self._held_bytes())
+            # per adapter; an admin-unloaded entry still in use counts under its name beside its successor
+            per_adapter: dict[str, int] = {}
+            for entry in self._holding():
+                per_adapter[entry.name] = per_adapter.get(entry.name, 0) + entry.nbytes
+            self.metrics.adapter_resident_bytes.clear()  # adapters no longer held drop their series
+            for name, nbytes in per_adapter.items():
+                self.metrics.adapter_resident_bytes.labels(adapter=name).set(nbytes)
 
     # -------------------------------------------------------------- admin
     @staticmethod

@@ -116,18 +116,27 @@ class Distributed:
         device = self.device(requested)
         return "cpu" if self.shards_base else device
 
-    def shard_base(self, model) -> None:
-        """FSDP or ZeRO-3: shard ``model``'s frozen base over the processes; no-op otherwise.
+    def load_dtype(self, name_or_path: str | None, requested: str | None) -> str | torch.dtype | None:
+        """The dtype to load the base in: ``requested``, except under FSDP or ZeRO-3, which load a safetensors
+        checkpoint in its own dtype (its weights then stay file mappings, never a converted copy of the whole base)
+        and convert each process's rows as they are read (`shard_base` with ``requested``)."""
+        stored = lean_load.stored_dtype(name_or_path) if self.shards_base and requested is not None else None
+        return stored if stored is not None else requested
+
+    def shard_base(self, model, dtype: str | None = None) -> None:
+        """FSDP or ZeRO-3: shard ``model``'s frozen base over the processes, in ``dtype`` if given; no-op otherwise.
 
         Call it after the adapters exist: their initialisation from the embedding table (text or
-        vocabulary init) reads whole weights. The adapters stay unsharded and move to this process's device.
+        vocabulary init) reads whole weights (in the dtype `load_dtype` loaded them in). The adapters stay
+        unsharded and move to this process's device.
         """
+        wanted = getattr(torch, dtype) if dtype is not None else None
         if self.zero is not None:
-            self._partition_base(model, self.zero)
+            self._partition_base(model, self.zero, wanted)
         elif self.fsdp is not None:
-            self._fully_shard_base(model, self.fsdp)
+            self._fully_shard_base(model, self.fsdp, wanted)
 
-    def _fully_shard_base(self, model, fsdp: FsdpSettings) -> None:
+    def _fully_shard_base(self, model, fsdp: FsdpSettings, dtype: torch.dtype | None) -> None:
         """FSDP2 ``fully_shard`` of the base, one unit per `fsdp_units` entry. A base whose every weight is found
         in its checkpoint's safetensors files is sharded lean (`softprompt.training.lean_load`): on the meta
         device, then each process reads only its own rows, so it never holds more than its shards."""
@@ -141,7 +150,9 @@ class Distributed:
         mesh = init_device_mesh(self.accelerator.device.type, (self.world_size,))
         plan = lean_load.lean_plan(base)
         if plan is not None:
-            lean_load.to_meta(base)
+            lean_load.to_meta(base, dtype)
+        elif dtype is not None:
+            base.to(dtype)
         for unit in [*units, base]:  # inner units first; the root holds whatever is left
             fully_shard(unit, mesh=mesh, reshard_after_forward=fsdp.reshard_after_forward)
         if plan is not None:
@@ -156,10 +167,12 @@ class Distributed:
                 module.reshard()
         model.adapters.to(model.device)
 
-    def _partition_base(self, model, zero_settings: ZeroSettings) -> None:
+    def _partition_base(self, model, zero_settings: ZeroSettings, dtype: torch.dtype | None) -> None:
         """ZeRO-3: DeepSpeed partitions every base weight over the processes (each keeps a flat
         ``1/world_size`` slice, ``ds_tensor``; the parameter itself becomes empty) and hooks every module to
-        all-gather its own weights for its forward and backward and free them after."""
+        all-gather its own weights for its forward and backward and free them after. A base whose every weight is
+        found in its checkpoint's safetensors files is partitioned lean (`softprompt.training.lean_load`): emptied,
+        then read back and partitioned one module at a time."""
         import deepspeed
         from deepspeed.runtime.config import DeepSpeedConfig
         from deepspeed.runtime.zero.parameter_offload import DeepSpeedZeRoOffload
@@ -178,6 +191,21 @@ class Distributed:
         # train_batch_size only satisfies DeepSpeed's config checks: softprompt splits its own batches
         config = {"train_batch_size": self.world_size, "zero_optimization": zero_settings.zero_optimization}
         zero = DeepSpeedConfig(config).zero_config
+        plan = lean_load.lean_plan(base)
+        if plan is not None:
+            converter: list[Callable[..., None]] = []  # a partitioned parameter's: it partitions the next ones
+
+            def partition(params: list[nn.Parameter]) -> None:
+                if converter:
+                    converter[0](param_list=params)
+                else:  # as DeepSpeedZeRoOffload below would (no offloading, the whole world, no mpu)
+                    holder = nn.ParameterList(params)
+                    deepspeed.zero.Init(module=holder, config_dict_or_path=config, dtype=params[0].dtype)
+                    converter.append(getattr(params[0], "convert_to_zero_parameters"))  # noqa: B009 (DeepSpeed's)
+
+            lean_load.fill_each(base, plan, lean_load.release(base, dtype), partition)
+        elif dtype is not None:
+            base.to(dtype)
         self._partitioner = DeepSpeedZeRoOffload(
             base,
             timers=None,

@@ -10,6 +10,14 @@ after the last weight: about the whole base per process at the peak (measured in
 `to_meta` swaps each parameter for a meta one before sharding (releasing the mapped weights), FSDP shards the
 meta parameters, and `fill_shards` allocates this process's shards only and fills them with plain file reads
 of exactly their rows (no mapping: the operating system's page cache holds the file, not the process).
+
+ZeRO-3 partitions real parameters, one at a time, each from its whole tensor (a flat slice per process). There
+`release` empties every parameter (releasing the mapped weights) and `fill_each` gives the parameters back their
+data one module at a time, read from the files, each module's handed to DeepSpeed to partition before the
+next is read: a process holds its partitions plus one module's weights.
+
+A ``dtype`` other than the checkpoint's (``--dtype``) is applied as the rows are read: the base is loaded in the
+checkpoint's own dtype (`stored_dtype`), whose weights stay file mappings, never converted copies of the whole.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,14 +126,23 @@ def lean_plan(base: nn.Module) -> dict[str, StoredTensor] | None:
     return plan
 
 
-def to_meta(base: nn.Module) -> None:
-    """Swap every parameter of ``base`` for a meta one of its shape and dtype (a tied parameter stays one
-    parameter), letting the loaded weights go. Buffers stay."""
+def stored_dtype(name_or_path: str | None) -> torch.dtype | None:
+    """The one floating dtype of a checkpoint's safetensors weights (a local folder or a cached hub id); None when
+    there are none, or several."""
+    folder = checkpoint_folder(name_or_path)
+    found = {t.dtype for t in safetensors_index(folder).values()} if folder is not None else set()
+    floating = {dtype for dtype in found if dtype.is_floating_point}
+    return floating.pop() if len(floating) == 1 else None
+
+
+def to_meta(base: nn.Module, dtype: torch.dtype | None = None) -> None:
+    """Swap every parameter of ``base`` for a meta one of its shape and dtype (``dtype`` if given; a tied parameter
+    stays one parameter), letting the loaded weights go. Buffers stay."""
     swapped: dict[int, nn.Parameter] = {}
     for module in base.modules():
         for key, param in list(module.named_parameters(recurse=False)):
             if id(param) not in swapped:
-                meta = torch.empty_like(param, device="meta")
+                meta = torch.empty_like(param, device="meta", dtype=dtype or param.dtype)
                 swapped[id(param)] = nn.Parameter(meta, requires_grad=param.requires_grad)
             setattr(module, key, swapped[id(param)])
 
@@ -145,4 +163,48 @@ def fill_shards(base: nn.Module, plan: dict[str, StoredTensor], rank: int, world
             read_rows(plan[name], start, local)
 
 
-__all__ = ["StoredTensor", "checkpoint_folder", "fill_shards", "lean_plan", "read_rows", "safetensors_index", "to_meta"]
+def release(base: nn.Module, dtype: torch.dtype | None = None) -> dict[int, torch.Size]:
+    """Empty every parameter of ``base`` in place (``dtype`` if given), letting the loaded weights go; returns each
+    parameter's shape (by id) for `fill_each`. Buffers stay."""
+    shapes = {}
+    for param in base.parameters():  # each tied parameter once
+        shapes[id(param)] = param.shape
+        param.data = torch.empty(0, dtype=dtype or param.dtype)
+    return shapes
+
+
+def fill_each(
+    base: nn.Module,
+    plan: dict[str, StoredTensor],
+    shapes: dict[int, torch.Size],
+    partition: Callable[[list[nn.Parameter]], None],
+) -> None:
+    """Give the parameters `release` emptied their whole data back, one module at a time, read from the checkpoint
+    in their (released) dtype, and hand each module's to ``partition`` before reading the next."""
+    done: set[int] = set()
+    with torch.no_grad():
+        for prefix, module in base.named_modules():
+            params = []
+            for key, param in module.named_parameters(recurse=False):
+                if id(param) in done:  # tied: filled as its first name
+                    continue
+                done.add(id(param))
+                param.data = torch.empty(shapes[id(param)], dtype=param.dtype)
+                read_rows(plan[f"{prefix}.{key}" if prefix else key], 0, param.data)
+                params.append(param)
+            if params:
+                partition(params)
+
+
+__all__ = [
+    "StoredTensor",
+    "checkpoint_folder",
+    "fill_each",
+    "fill_shards",
+    "lean_plan",
+    "read_rows",
+    "release",
+    "safetensors_index",
+    "stored_dtype",
+    "to_meta",
+]

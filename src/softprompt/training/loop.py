@@ -157,7 +157,8 @@ def load_model(config: TrainConfig):
             "launch without them (DDP) or leave --quantize out"
         )
     device = dist.load_device(config.device) or default_device()
-    return load(config.model, dtype=config.dtype, device=device, quantize=config.quantize)
+    dtype = dist.load_dtype(config.model, config.dtype)  # FSDP/ZeRO-3: converted as each process reads its rows
+    return load(config.model, dtype=dtype, device=device, quantize=config.quantize)
 
 
 def default_device() -> str:
@@ -229,7 +230,9 @@ class Trainer:
             saved = read_checkpoints(config, self.output, self.names, dist)
             for job in jobs:  # the adapters, reparameterisation included, as they were
                 load_adapter(model, self.output / job.name / CHECKPOINT, name=job.name, resume=True)
-        dist.shard_base(model)  # FSDP only; after the adapters were initialised from the whole embedding table
+        dist.shard_base(
+            model, config.dtype
+        )  # FSDP/ZeRO-3 only; after the adapters were initialised from the whole embedding table
         if dist.is_main:  # only the main process writes files, and only once every check has passed
             self.output.mkdir(parents=True, exist_ok=True)
             save_resolved(config, self.output)
