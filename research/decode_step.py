@@ -1,7 +1,7 @@
 """Per-step decode time of the three decode paths (issue 27): eager, static and compiled.
 
     nice -n 5 python -m research.decode_step [--model smollm2-135m] [--batches 1 16] [--tokens 64]
-        [--dtypes float32 bfloat16] [--repeats 3] [--out research/results/decode-step.json]
+        [--dtypes float32 bfloat16] [--repeats 3] [--threads N] [--out research/results/decode-step.json]
 
 For each dtype and batch size, ``model.generate`` (greedy, public API) runs ``--tokens`` new tokens and one
 token; a step's time is their difference over the steps between. The paths alternate inside each round
@@ -15,6 +15,8 @@ import argparse
 import json
 import time
 from pathlib import Path
+
+import torch
 
 import softprompt
 from research import harness
@@ -32,9 +34,11 @@ def _generate(model, mode: str, prompts: list[str], tokens: int) -> int:
 def measure(model, batch: int, tokens: int, repeats: int) -> dict:
     prompts = [f"{PROMPT} {i}" for i in range(batch)]
     compile_s = {}
+    print(f"batch {batch}: compiling", flush=True)
     start = time.perf_counter()
     _generate(model, "compiled", prompts, tokens)  # compiles this bucket
     compile_s["first_call_s"] = time.perf_counter() - start
+    print(f"batch {batch}: first compiled call {time.perf_counter() - start:.1f} s; timing", flush=True)
     steps = _generate(model, "eager", prompts, tokens) - 1
     fns = {}
     for mode in MODES:
@@ -64,9 +68,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--dtypes", nargs="+", default=["float32"])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--out", default="research/results/decode-step.json")
     args = parser.parse_args(argv)
     harness.quiet()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     results = []
     for dtype in args.dtypes:
         model = softprompt.load(args.model, dtype=dtype)
@@ -75,7 +82,8 @@ def main(argv: list[str] | None = None) -> None:
             results.append(row)
             steps = ", ".join(f"{m} {row['step_ms'][m]:.1f} ms ({row['vs_eager'][m]:.2f}x)" for m in MODES)
             print(f"{dtype} batch {batch}: per step {steps}; compile {row['compile_s']:.1f} s", flush=True)
-    report = {"model": args.model, "tokens": args.tokens, "machine": harness.machine(2), "results": results}
+    threads = torch.get_num_threads()
+    report = {"model": args.model, "tokens": args.tokens, "machine": harness.machine(threads), "results": results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -12,11 +12,11 @@ from softprompt.errors import SoftPromptError
 
 DECODE_NAMES = ("eager", "static", "compiled")
 #: What `softprompt.load` and `SoftPromptModel` use unless told otherwise (measured in docs/engine.md).
-DEFAULT_DECODE = "static"
+DEFAULT_DECODE = "eager"
 DECODE_HELP = (
-    "How decoding steps run: static (default: a preallocated key/value slot pool, no per-step copies), "
-    "compiled (static plus torch.compile of the step; the first steps of each batch shape compile) or eager "
-    "(transformers' growing cache)."
+    "How decoding steps run: eager (default: transformers' growing cache), static (a preallocated key/value "
+    "slot pool, no per-step copies) or compiled (static plus torch.compile of the step; the first step of "
+    "each batch shape compiles)."
 )
 
 

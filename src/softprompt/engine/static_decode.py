@@ -72,10 +72,9 @@ class SlotPool:
     never read. ``lengths`` (host side) is each slot's next column, so no step reads a device value back.
     """
 
-    def __init__(
-        self, model, heads: list[int], head_dim: int, slots: int, capacity: int, compiled: bool, dtype, device
-    ):
-        self.model, self.slots, self.capacity = model, slots, capacity
+    def __init__(self, heads: list[int], head_dim: int, slots: int, capacity: int, compiled: bool, dtype, device):
+        # No reference to the model: the registry of pools is keyed weakly by it.
+        self.slots, self.capacity = slots, capacity
         self.heads, self.head_dim, self.dtype = heads, head_dim, dtype
         self.columns = torch.zeros(slots, dtype=torch.long, device=device)
         self.positions = torch.zeros(slots, 1, dtype=torch.long, device=device)
@@ -98,9 +97,8 @@ class SlotPool:
             self.run = torch.compile(self.forward, mode=mode, dynamic=False)
         self.owner: weakref.ref | None = None  # the `SlotState` using the pool
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, model, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """One decoding step of every slot: the float32 next-token logits ``[slots, vocab]``."""
-        model = self.model
         extra = {"position_ids": positions} if model.quirks.takes_position_ids else {}
         out = model.backbone(
             input_ids=tokens, attention_mask=mask, use_cache=True, **model.cache_arg.kwargs(self.cache), **extra
@@ -144,11 +142,11 @@ class SlotPool:
         self.positions[:slots] = other.positions
         self.lengths[:slots] = other.lengths
 
-    def step(self, slots: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    def step(self, model, slots: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Feed ``tokens[i]`` to slot ``slots[i]``; the next-token logits of those slots, in that order."""
         self.tokens[slots, 0] = tokens.to(self.tokens.device)
         self.mask[slots, self.columns[slots]] = True
-        logits = self.run(self.tokens, self.positions, self.mask[:, None, None, :])
+        logits = self.run(model, self.tokens, self.positions, self.mask[:, None, None, :])
         self.columns[slots] += 1
         self.positions[slots, 0] += 1
         return logits[slots]
@@ -174,7 +172,7 @@ def acquire(
     key = (slots, capacity, compiled, tuple(heads), head_dim, dtype, device)
     pool = registry.pools.get(key)
     if pool is None or (pool.owner is not None and pool.owner() is not None):
-        pool = SlotPool(model, heads, head_dim, slots, capacity, compiled, dtype, device)
+        pool = SlotPool(heads, head_dim, slots, capacity, compiled, dtype, device)
         registry.pools.setdefault(key, pool)
     else:
         pool.free(list(range(slots)))
@@ -185,7 +183,7 @@ def acquire(
 def run_step(model, pool: SlotPool, slots: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """`SlotPool.step`, falling back to the eager step (one log line, once per model) when compiling fails."""
     try:
-        return pool.step(slots, tokens)
+        return pool.step(model, slots, tokens)
     except Exception as exc:
         if not pool.compiled:
             raise
@@ -195,7 +193,7 @@ def run_step(model, pool: SlotPool, slots: torch.Tensor, tokens: torch.Tensor) -
         registry.compile_failed = True
         for other in registry.pools.values():
             other.compiled, other.run = False, other.forward
-        return pool.step(slots, tokens)
+        return pool.step(model, slots, tokens)
 
 
 def supports(model, state: DecodeState) -> bool:

@@ -170,7 +170,7 @@ def load(
     Hugging Face hub id. Remote code is never executed (``trust_remote_code`` is always off). When the
     hub cannot be reached, a hub id loads from the local hub cache or fails at once. ``quantize``:
     ``"none"`` (default), ``"int8"`` or ``"nf4"`` through bitsandbytes (see the module docstring). ``decode``:
-    ``"static"`` (default), ``"compiled"`` or ``"eager"`` (`SoftPromptModel.decode`).
+    ``"eager"`` (default), ``"static"`` or ``"compiled"`` (`SoftPromptModel.decode`).
     """
     check_decode(DEFAULT_DECODE if decode is None else decode, "--decode")
     if isinstance(dtype, str):
