@@ -99,9 +99,12 @@ class SlotPool:
 
     def forward(self, model, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """One decoding step of every slot: the float32 next-token logits ``[slots, vocab]``."""
-        extra = {"position_ids": positions} if model.quirks.takes_position_ids else {}
         out = model.backbone(
-            input_ids=tokens, attention_mask=mask, use_cache=True, **model.cache_arg.kwargs(self.cache), **extra
+            input_ids=tokens,
+            attention_mask=mask,
+            position_ids=positions,  # `supports`: only families that take them
+            use_cache=True,
+            **model.cache_arg.kwargs(self.cache),
         )
         return model.head_logits(out.last_hidden_state[:, -1]).float()
 
