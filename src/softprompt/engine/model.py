@@ -13,7 +13,6 @@ self-attention, as PEFT does.
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -27,6 +26,7 @@ from softprompt.adapters import hub, peft_format
 from softprompt.engine import activations, attention, checkpointing, gated, generation, prefixes, scoring
 from softprompt.engine.adapter_name import check_adapter_name
 from softprompt.engine.decode import DecodeState
+from softprompt.engine.decode_options import DEFAULT_DECODE, DecodeMode
 from softprompt.engine.families import CacheArg, ModelShape, quirks_for
 from softprompt.engine.rows import AdapterNames, TaskIds, row_adapter, row_keys
 from softprompt.errors import SoftPromptError
@@ -51,6 +51,8 @@ class SoftPromptOutput:
 class SoftPromptModel(nn.Module):
     """A frozen base model with named soft-prompt adapters, chosen per row."""
 
+    decode = DecodeMode()  # how decoding steps run: "eager", "static" or "compiled" (softprompt.engine.static_decode)
+
     def __init__(
         self,
         base: PreTrainedModel,
@@ -58,6 +60,7 @@ class SoftPromptModel(nn.Module):
         *,
         name_or_path: str | None = None,
         gradient_checkpointing: bool = False,
+        decode: str = DEFAULT_DECODE,
     ):
         super().__init__()
         base.requires_grad_(False)
@@ -76,6 +79,7 @@ class SoftPromptModel(nn.Module):
         self._gated = gated.Projector(base, self.quirks, self.shape)
         self._checkpointed: list[nn.Module] | None = None  # the blocks checkpointed (gradient_checkpointing)
         self.gradient_checkpointing = gradient_checkpointing
+        self.decode = decode
 
     # ------------------------------------------------------------------ adapters
     def add_adapter(
@@ -141,10 +145,7 @@ class SoftPromptModel(nn.Module):
         """Upload an adapter to the Hugging Face Hub (PEFT's layout and a model card); returns the commit URL.
         An adapter saved by training (with its template and verbalizer) is better pushed from its directory:
         ``softprompt.adapters.hub.push_adapter(path, repo_id)``."""
-        with tempfile.TemporaryDirectory(prefix="softprompt-save-") as tmp:
-            folder = f"{tmp}/{name}"
-            self.save_adapter(name, folder)
-            return hub.push_adapter(folder, repo_id, private=private, token=token, commit_message=commit_message)
+        return hub.push_saved(self, name, repo_id, private=private, token=token, commit_message=commit_message)
 
     def adapter_names(self) -> list[str]:
         return list(self.adapters.keys())
@@ -166,16 +167,16 @@ class SoftPromptModel(nn.Module):
 
     @property
     def gradient_checkpointing(self) -> bool:
-        """Recompute each transformer block's activations in the backward pass instead of keeping them (the
-        prompt pass included): less memory, about one more forward pass of time. Only passes that record
-        gradients are checkpointed; generation and scoring are unchanged (see `softprompt.engine.checkpointing`)."""
+        """Recompute each block's activations in the backward pass (the prompt pass included): less memory, about
+        one more forward pass of time; only passes recording gradients (see `softprompt.engine.checkpointing`)."""
         return self._checkpointed is not None
 
     @gradient_checkpointing.setter
     def gradient_checkpointing(self, enabled: bool) -> None:
         # the blocks are found now, so a family that cannot take it says so here, naming the flag
-        blocks = checkpointing.blocks_of(self.base, self.quirks.blocks, self.shape.model_type) if enabled else None
-        self._checkpointed = blocks
+        self._checkpointed = (
+            checkpointing.blocks_of(self.base, self.quirks.blocks, self.shape.model_type) if enabled else None
+        )
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -205,7 +206,8 @@ class SoftPromptModel(nn.Module):
     def _row_adapter(self, key: str) -> tuple[SoftPromptMethod, int | None]:
         return row_adapter(key, self.get_adapter)
 
-    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head's logits of final hidden states (with the family's soft-cap)."""
         logits = self.base.get_output_embeddings()(hidden)
         attr = self.quirks.logit_softcap_attr
         cap = getattr(self.base.config, attr, None) if attr else None
@@ -249,7 +251,7 @@ class SoftPromptModel(nn.Module):
         """``(sum of weighted token losses, token count)`` of a prompt's own targets: token j predicted from
         the prompt's hidden state j - 1, as PEFT's CPT loss shifts its labels."""
         wanted = (targets[1:] != -100).nonzero(as_tuple=True)[0]
-        logits = self._logits(hidden[wanted]).float()
+        logits = self.head_logits(hidden[wanted]).float()
         loss = F.cross_entropy(logits, targets[1:][wanted].to(self.device), reduction="none")
         return (loss * weights[1:][wanted].to(self.device)).sum(), int(wanted.numel())
 
@@ -318,7 +320,7 @@ class SoftPromptModel(nn.Module):
             with checkpointing.dropping_caches():  # the text's cache is not used after this pass
                 hidden, _, _ = self._causal_hidden(input_ids, attention_mask, prefix, gated_batch=gated_batch)
         if labels is None:
-            return SoftPromptOutput(logits=self._logits(hidden))
+            return SoftPromptOutput(logits=self.head_logits(hidden))
         labels = labels.to(self.device)
         # every row of an adapter with prompt targets adds its prompt's terms (PEFT's CPT loss)
         extra = [terms[n] for n in names if n in terms] if terms else []
@@ -360,7 +362,7 @@ class SoftPromptModel(nn.Module):
             extended = torch.cat([hidden[:, :1], hidden], dim=1)
         source = torch.where(positions == first, torch.zeros_like(positions), positions)
         rows, cols = wanted.nonzero(as_tuple=True)
-        logits = self._logits(extended[rows, source[rows, cols]]).float()
+        logits = self.head_logits(extended[rows, source[rows, cols]]).float()
         targets = labels[rows, cols]
         count = targets.numel() + sum(c for _, c in extra)
         if extra and count:
@@ -428,13 +430,9 @@ class SoftPromptModel(nn.Module):
             encoder_hidden = self.base.get_encoder()(inputs_embeds=embeds, attention_mask=enc_mask).last_hidden_state
             cache, prefix_mask = self._decoder_prefix(names)
             start = torch.full((input_ids.shape[0], 1), self.base.config.decoder_start_token_id, device=self.device)
+            # logits: the start token's, just below
             state = DecodeState(
-                cache,
-                prefix_mask,
-                prefix_mask.sum(-1),
-                logits=prefix_mask.new_empty(0),  # the start token's logits, just below
-                encoder_hidden=encoder_hidden,
-                encoder_mask=enc_mask,
+                cache, prefix_mask, prefix_mask.sum(-1), prefix_mask.new_empty(0), encoder_hidden, enc_mask
             )
             state.logits = self.advance(state, start)[:, -1]
             return state
@@ -442,7 +440,7 @@ class SoftPromptModel(nn.Module):
         hidden, cache, full_mask = self._causal_hidden(input_ids, attention_mask, prefix, gated_batch=gated_batch)
         # Logits of each row's last real token only (rows may be left- or right-padded).
         last = attention_mask.shape[1] - 1 - attention_mask.flip(-1).argmax(-1)
-        logits = self._logits(hidden[torch.arange(hidden.shape[0], device=self.device), last])
+        logits = self.head_logits(hidden[torch.arange(hidden.shape[0], device=self.device), last])
         prefix_len = prefix.lengths if prefix is not None else torch.zeros_like(last)
         return DecodeState(cache, full_mask, prefix_len + attention_mask.sum(-1), logits.float(), gated=gated_batch)
 
@@ -474,7 +472,7 @@ class SoftPromptModel(nn.Module):
                 past_mask=state.attention_mask,
                 gated_batch=state.gated,
             )
-            logits = self._logits(hidden)
+            logits = self.head_logits(hidden)
         state.attention_mask = full_mask
         state.next_position = state.next_position + token_mask.sum(-1)
         return logits.float()

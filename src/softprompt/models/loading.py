@@ -23,6 +23,7 @@ from huggingface_hub.errors import HfHubHTTPError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, BitsAndBytesConfig
 
 from softprompt.models.precision import QUANTIZE_INSTALL, QUANTIZE_NAMES
+from softprompt.engine.decode_options import DEFAULT_DECODE, check_decode
 from softprompt.engine.model import SoftPromptModel
 from softprompt.errors import SoftPromptError
 from softprompt.models.builtin import resolve_builtin
@@ -156,15 +157,22 @@ def _no_cpu_repacking(base: torch.nn.Module) -> None:
 
 
 def load(
-    name: str, *, dtype: str | torch.dtype | None = None, device: str | None = None, quantize: str | None = None
+    name: str,
+    *,
+    dtype: str | torch.dtype | None = None,
+    device: str | None = None,
+    quantize: str | None = None,
+    decode: str | None = None,
 ) -> SoftPromptModel:
     """Load a frozen base model and its tokenizer, ready for adapters.
 
     ``name``: a built-in name (``softprompt models`` lists them), a local checkpoint directory or a
     Hugging Face hub id. Remote code is never executed (``trust_remote_code`` is always off). When the
     hub cannot be reached, a hub id loads from the local hub cache or fails at once. ``quantize``:
-    ``"none"`` (default), ``"int8"`` or ``"nf4"`` through bitsandbytes (see the module docstring).
+    ``"none"`` (default), ``"int8"`` or ``"nf4"`` through bitsandbytes (see the module docstring). ``decode``:
+    ``"eager"`` (default), ``"static"`` or ``"compiled"`` (`SoftPromptModel.decode`).
     """
+    check_decode(DEFAULT_DECODE if decode is None else decode, "--decode")
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise SoftPromptError(f"--dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -202,4 +210,4 @@ def load(
         # transformers wraps PreTrainedModel.to with functools.wraps(nn.Module.to), which typeshed types as an
         # unbound function (self expected as the first argument); the call is right
         base.to(device)  # type: ignore[arg-type]
-    return SoftPromptModel(base, tokenizer, name_or_path=name)
+    return SoftPromptModel(base, tokenizer, name_or_path=name, decode=decode or DEFAULT_DECODE)
