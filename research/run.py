@@ -6,7 +6,8 @@
 
 Sections: training (step time and peak memory, softprompt vs PEFT), inference (soft-prompt overhead
 over the bare model, and vs PEFT), mixed (mixed-adapter batches and a mixed request stream vs PEFT),
-classification (label scoring vs generate-and-match). See docs/benchmarks.md.
+classification (label scoring vs generate-and-match), decode (greedy tokens/s by streams, latency, softprompt's
+decode modes and precisions beside transformers and llama.cpp; research/decode.py). See docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ if __package__ in (None, ""):  # run as a file: research/run.py
 
 from research.paths import own_output
 
-SECTIONS = ("training", "memory", "inference", "mixed", "classification")
+SECTIONS = ("training", "memory", "inference", "mixed", "classification", "decode")
 
 PROFILES = {
     # repeats: timed runs of the training and inference figures; slow_repeats: of the mixed-stream and
@@ -48,6 +49,9 @@ PROFILES = {
         cls_examples=100,
         cls_batch=25,
         cls_train_steps=30,
+        decode_streams=(1, 4, 16, 64),
+        decode_new_tokens=64,
+        decode_repeats=2,
     ),
     "quick": dict(
         model="tiny-llama",
@@ -67,6 +71,9 @@ PROFILES = {
         cls_examples=20,
         cls_batch=10,
         cls_train_steps=3,
+        decode_streams=(1, 4),
+        decode_new_tokens=8,
+        decode_repeats=1,
     ),
 }
 
@@ -106,7 +113,7 @@ def main(argv=None) -> int:
     harness.quiet()
     import torch
 
-    from . import data, inference, report, training
+    from . import data, decode, inference, report, training
     from .models import TINY, Systems, describe_model, model_path
 
     cfg = dict(PROFILES["quick" if args.quick else "full"])
@@ -224,6 +231,13 @@ def main(argv=None) -> int:
         )
         done("classification", t)
 
+    if "decode" in sections:
+        log(f"decode ({cfg['decode_new_tokens']} new tokens greedy, streams {cfg['decode_streams']}):")
+        t = time.time()
+        result["decode"] = _decode(systems, source, cfg, args.quick, log)
+        decode.plot(result["decode"], out_dir / "decode.png")
+        done("decode", t)
+
     result["targets"] = report.targets(result)
     result["meta"].update(
         duration_s=time.time() - started,
@@ -234,6 +248,8 @@ def main(argv=None) -> int:
     )
     (out_dir / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     markdown = report.markdown(result)
+    if "decode" in result:
+        markdown += "\n### Decode\n\n" + decode.markdown(result["decode"])
     (out_dir / "results.md").write_text(markdown)
     log("")
     log(markdown)
@@ -241,6 +257,32 @@ def main(argv=None) -> int:
         f"research.run: wrote {out_dir / 'results.json'} and {out_dir / 'results.md'} in {result['meta']['duration_s']:.0f} s"
     )
     return 0
+
+
+def _decode(systems, source: str, cfg: dict, quick: bool, log) -> dict:
+    """The decode section on ``source``; the tiny quick-mode model is saved first, as `softprompt.load` reads a
+    directory (and llama.cpp and the compiled transformers generate, minutes of work, are left out)."""
+    import tempfile
+
+    from . import decode
+
+    with tempfile.TemporaryDirectory(prefix="spbench-decode-") as tmp:
+        if quick:
+            systems.base.save_pretrained(tmp)
+            systems.tokenizer.save_pretrained(tmp)
+            source = tmp
+        return decode.run(
+            source,
+            model=cfg["model"],
+            streams=cfg["decode_streams"],
+            new_tokens=cfg["decode_new_tokens"],
+            repeats=cfg["decode_repeats"],
+            warmup=cfg["warmup"],
+            threads=cfg["threads"],
+            llama_cpp=not quick,
+            hf_compiled=not quick,
+            log=log,
+        )
 
 
 def _merge_memory(rows: list[dict], memory: list[dict]) -> None:
