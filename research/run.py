@@ -261,7 +261,7 @@ def main(argv=None) -> int:
 
 def _decode(systems, source: str, cfg: dict, quick: bool, log) -> dict:
     """The decode section on ``source``; the tiny quick-mode model is saved first, as `softprompt.load` reads a
-    directory (and llama.cpp and the compiled transformers generate, minutes of work, are left out)."""
+    directory (and llama.cpp and the compiled decoders, minutes of work, are left out)."""
     import tempfile
 
     from . import decode
@@ -280,7 +280,7 @@ def _decode(systems, source: str, cfg: dict, quick: bool, log) -> dict:
             warmup=cfg["warmup"],
             threads=cfg["threads"],
             llama_cpp=not quick,
-            hf_compiled=not quick,
+            compiled=not quick,
             log=log,
         )
 

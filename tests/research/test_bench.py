@@ -165,8 +165,10 @@ def test_decode_rows(quick_run):
     result, markdown = quick_run
     dec = result["decode"]
     rows = dec["rows"]
-    assert {"softprompt eager", "softprompt bf16", "transformers generate"} <= set(rows)
-    assert "softprompt int8-weight" in rows or "softprompt int8-weight" in dec["not_available"]
+    assert {"softprompt eager", "softprompt static", "transformers generate"} <= set(rows)
+    assert "softprompt compiled" in dec["not_available"]  # quick mode compiles nothing
+    assert any(name.startswith("softprompt bf16") for name in rows)
+    assert any(name.startswith("softprompt int8-weight") for name in [*rows, *dec["not_available"]])
     for name, cells in rows.items():
         assert set(cells) == {str(n) for n in dec["streams"]}, name
         for cell in cells.values():

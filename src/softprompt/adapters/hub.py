@@ -99,6 +99,14 @@ def model_card(path: str | Path) -> str:
     return "\n".join(front + body)
 
 
+def push_saved(model, name: str, repo_id: str, **options) -> str:
+    """Save ``model``'s adapter ``name`` to a temporary directory and `push_adapter` it (``options``: its keywords)."""
+    with tempfile.TemporaryDirectory(prefix="softprompt-save-") as tmp:
+        folder = f"{tmp}/{name}"
+        model.save_adapter(name, folder)
+        return push_adapter(folder, repo_id, **options)
+
+
 def push_adapter(
     path: str | Path,
     repo_id: str,

@@ -7,6 +7,7 @@ from typing import Any
 
 from softprompt.models.precision import DTYPE_HELP, QUANTIZE_HELP, QUANTIZE_NAMES
 from softprompt.adapters.peft_format import check_adapter_dir
+from softprompt.engine.decode_options import DECODE_HELP, DECODE_NAMES
 from softprompt.errors import SoftPromptError
 from softprompt.options import option
 
@@ -19,6 +20,11 @@ def dtype_option() -> Any:
 def quantize_option() -> Any:
     """The ``--quantize`` field of a subcommand that loads the base model."""
     return option(None, QUANTIZE_HELP, choices=QUANTIZE_NAMES)
+
+
+def decode_option() -> Any:
+    """The ``--decode`` field of a subcommand that generates text."""
+    return option(None, DECODE_HELP, choices=DECODE_NAMES)
 
 
 def model_option(help: str = "Base model: built-in name, local directory or hub id.") -> Any:

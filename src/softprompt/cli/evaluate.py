@@ -13,7 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from softprompt import load
-from softprompt.cli.common import adapter_option, dtype_option, model_option, parse_adapter_specs, quantize_option
+from softprompt.cli.common import (
+    adapter_option,
+    decode_option,
+    dtype_option,
+    model_option,
+    parse_adapter_specs,
+    quantize_option,
+)
 from softprompt.errors import SoftPromptError
 from softprompt.options import add_arguments as add_option_arguments
 from softprompt.options import option
@@ -40,6 +47,7 @@ class EvalOptions:
     model: str | None = model_option()
     dtype: str | None = dtype_option()
     quantize: str | None = quantize_option()
+    decode: str | None = decode_option()
     adapter: list[str] = adapter_option("Adapter (repeatable).")
     data: str | None = option(None, "Held-out data file (CSV, TSV, JSONL, parquet, phrasebank).", required=True)
     template: str | None = option(None, "Prompt template with {column} fields (default: as trained).")
@@ -85,7 +93,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     adapters = parse_adapter_specs(args.adapter)
     if not adapters:
         raise SoftPromptError("--adapter: give at least one adapter to evaluate")
-    model = load(args.model, dtype=args.dtype, quantize=args.quantize)
+    model = load(args.model, dtype=args.dtype, quantize=args.quantize, decode=args.decode)
     reports = {}
     for name, path in adapters.items():
         model.load_adapter(path, name=name)

@@ -8,7 +8,14 @@ from dataclasses import dataclass
 
 from softprompt import load
 from softprompt.adapters.training_format import TrainingFormat, format_inputs
-from softprompt.cli.common import adapter_option, dtype_option, model_option, parse_adapter_specs, quantize_option
+from softprompt.cli.common import (
+    adapter_option,
+    decode_option,
+    dtype_option,
+    model_option,
+    parse_adapter_specs,
+    quantize_option,
+)
 from softprompt.engine.adapter_name import row_key
 from softprompt.engine.generation import Generation, generate
 from softprompt.options import add_arguments as add_option_arguments
@@ -48,6 +55,7 @@ class GenerateOptions:
     seed: int | None = option(None, "Seed for sampling.")
     dtype: str | None = dtype_option()
     quantize: str | None = quantize_option()
+    decode: str | None = decode_option()
     json: bool = option(False, "Print JSON instead of text.")
     prompts: list[str] = option(list, "", positional=True, metavar="PROMPT")
 
@@ -58,7 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     adapters = parse_adapter_specs(args.adapter)
-    model = load(args.model, dtype=args.dtype, quantize=args.quantize)
+    model = load(args.model, dtype=args.dtype, quantize=args.quantize, decode=args.decode)
     for name, path in adapters.items():
         model.load_adapter(path, name=name)
     # A multitask adapter answers once per task (rows NAME:TASK).

@@ -6,7 +6,14 @@ import argparse
 from dataclasses import dataclass
 
 from softprompt import load
-from softprompt.cli.common import adapter_option, dtype_option, model_option, parse_adapter_specs, quantize_option
+from softprompt.cli.common import (
+    adapter_option,
+    decode_option,
+    dtype_option,
+    model_option,
+    parse_adapter_specs,
+    quantize_option,
+)
 from softprompt.errors import SoftPromptError
 from softprompt.options import add_arguments as add_option_arguments
 from softprompt.options import option
@@ -38,6 +45,7 @@ class PredictOptions:
     model: str | None = model_option()
     dtype: str | None = dtype_option()
     quantize: str | None = quantize_option()
+    decode: str | None = decode_option()
     adapter: list[str] = adapter_option(
         "Adapter (repeatable: several are an ensemble; none: the zero-shot base model)."
     )
@@ -67,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     verbalizer = parse_verbalizer(args.verbalizer) if args.verbalizer is not None else None
     if args.batch_size < 1:
         raise SoftPromptError(f"--batch-size: expected an integer of at least 1, got {args.batch_size}")
-    model = load(args.model, dtype=args.dtype, quantize=args.quantize)
+    model = load(args.model, dtype=args.dtype, quantize=args.quantize, decode=args.decode)
     path = predict_file(
         model,
         adapters,

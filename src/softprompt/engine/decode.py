@@ -106,7 +106,7 @@ class DecodeState:
         self.gated = concat(self.gated, self.rows, other.gated, other.rows)
         wa, wb = self.attention_mask.shape[1], other.attention_mask.shape[1]
         width = max(wa, wb)
-        for (x, xk, xv), (_, yk, yv) in zip(_kv_layers(self.cache), _kv_layers(other.cache)):
+        for (x, xk, xv), (_, yk, yv) in zip(kv_layers(self.cache), kv_layers(other.cache)):
             x.keys = torch.cat([F.pad(xk, (0, 0, width - wa, 0)), F.pad(yk, (0, 0, width - wb, 0))])
             x.values = torch.cat([F.pad(xv, (0, 0, width - wa, 0)), F.pad(yv, (0, 0, width - wb, 0))])
         self.attention_mask = torch.cat(
@@ -115,18 +115,26 @@ class DecodeState:
         self.next_position = torch.cat([self.next_position, other.next_position])
         self.logits = torch.cat([self.logits, other.logits])
 
+    def accepts(self, other: DecodeState) -> bool:
+        """Whether `merge` can take ``other``'s rows."""
+        return self.mergeable and other.mergeable
+
+    def step(self, model, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed each row its token ``tokens`` [rows]; the rows' next-token logits [rows, vocab]."""
+        return model.advance(self, tokens[:, None])[:, -1]
+
     def trim(self) -> None:
         """Drop leading cache columns that no row attends to (`mergeable` states only)."""
         live = self.attention_mask.any(0)
         first = int(live.to(torch.int8).argmax()) if bool(live.any()) else 0
         if first > 0:
-            for layer, keys, values in _kv_layers(self.cache):
+            for layer, keys, values in kv_layers(self.cache):
                 layer.keys = keys[:, :, first:]
                 layer.values = values[:, :, first:]
             self.attention_mask = self.attention_mask[:, first:]
 
 
-def _kv_layers(cache: DynamicCache | EncoderDecoderCache) -> list[tuple[DynamicLayer, torch.Tensor, torch.Tensor]]:
+def kv_layers(cache: DynamicCache | EncoderDecoderCache) -> list[tuple[DynamicLayer, torch.Tensor, torch.Tensor]]:
     """Each layer of a `DecodeState.mergeable` state's cache with its keys and values (all set there)."""
     layers = []
     for layer in cache.layers:
@@ -189,7 +197,29 @@ def next_tokens(
     return torch.multinomial(probs, 1, generator=sampler.generator)[:, 0]
 
 
-def feed_next(model, state: DecodeState, keep: list[int], tokens: torch.Tensor, *, trim: bool = False) -> None:
+class RunningBatch(Protocol):
+    """A batch being decoded: a `DecodeState`, or `softprompt.engine.static_decode.SlotState` (a slot pool)."""
+
+    logits: torch.Tensor
+
+    @property
+    def mergeable(self) -> bool: ...
+
+    @property
+    def rows(self) -> int: ...
+
+    def select(self, rows: torch.Tensor) -> None: ...
+
+    def trim(self) -> None: ...
+
+    def accepts(self, other: DecodeState) -> bool: ...
+
+    def merge(self, other: DecodeState) -> None: ...
+
+    def step(self, model, tokens: torch.Tensor) -> torch.Tensor: ...
+
+
+def feed_next(model, state: RunningBatch, keep: list[int], tokens: torch.Tensor, *, trim: bool = False) -> None:
     """Continue a batch by one token: keep only the rows ``keep`` (indices into the state's rows), feed row
     ``keep[i]`` its new token ``tokens[i]``, and leave the logits of the token after in ``state.logits``.
     ``trim``: also drop cache columns no kept row attends to (`DecodeState.mergeable` states only)."""
@@ -197,7 +227,7 @@ def feed_next(model, state: DecodeState, keep: list[int], tokens: torch.Tensor, 
         state.select(torch.tensor(keep, device=state.logits.device))
         if trim:
             state.trim()
-    state.logits = model.advance(state, tokens[:, None])[:, -1]
+    state.logits = state.step(model, tokens)
 
 
 # ---------------------------------------------------------------------------- when a row stops

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from softprompt.engine import static_decode
 from softprompt.engine.decode import Continuation, StopRule, feed_next, make_sampler, next_tokens
 from softprompt.engine.tokens import encode_texts, eos_ids
 from softprompt.errors import SoftPromptError
@@ -66,7 +67,8 @@ def generate_batch(
     sampler = make_sampler(cfg.temperature, cfg.top_p, cfg.top_k, cfg.seed) if cfg.do_sample else None
     rows = [Continuation() for _ in range(input_ids.shape[0])]
     active = list(range(len(rows)))  # the state's rows, by index into ``rows``
-    state = model.prefill(input_ids, attention_mask, adapters)
+    # "static"/"compiled" (`model.decode`): the batch decodes in a preallocated slot pool where it can
+    state = static_decode.start(model, model.prefill(input_ids, attention_mask, adapters), cfg.max_new_tokens)
     while True:
         tokens = next_tokens(state.logits, sampler)
         for slot, row in enumerate(active):

@@ -13,7 +13,6 @@ self-attention, as PEFT does.
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -27,6 +26,7 @@ from softprompt.adapters import hub, peft_format
 from softprompt.engine import activations, attention, checkpointing, gated, generation, prefixes, scoring
 from softprompt.engine.adapter_name import check_adapter_name
 from softprompt.engine.decode import DecodeState
+from softprompt.engine.decode_options import DEFAULT_DECODE, DecodeMode
 from softprompt.engine.families import CacheArg, ModelShape, quirks_for
 from softprompt.engine.rows import AdapterNames, TaskIds, row_adapter, row_keys
 from softprompt.errors import SoftPromptError
@@ -46,6 +46,8 @@ class SoftPromptOutput:
 class SoftPromptModel(nn.Module):
     """A frozen base model with named soft-prompt adapters, chosen per row."""
 
+    decode = DecodeMode()  # how decoding steps run: "eager", "static" or "compiled" (softprompt.engine.static_decode)
+
     def __init__(
         self,
         base: PreTrainedModel,
@@ -53,6 +55,7 @@ class SoftPromptModel(nn.Module):
         *,
         name_or_path: str | None = None,
         gradient_checkpointing: bool = False,
+        decode: str = DEFAULT_DECODE,
     ):
         super().__init__()
         base.requires_grad_(False)
@@ -72,6 +75,7 @@ class SoftPromptModel(nn.Module):
         self._gated = gated.Projector(base, self.quirks, self.shape)
         self._checkpointed: list[nn.Module] | None = None  # the blocks checkpointed (gradient_checkpointing)
         self.gradient_checkpointing = gradient_checkpointing
+        self.decode = decode
 
     # ------------------------------------------------------------------ adapters
     def add_adapter(
@@ -137,10 +141,7 @@ class SoftPromptModel(nn.Module):
         """Upload an adapter to the Hugging Face Hub (PEFT's layout and a model card); returns the commit URL.
         An adapter saved by training (with its template and verbalizer) is better pushed from its directory:
         ``softprompt.adapters.hub.push_adapter(path, repo_id)``."""
-        with tempfile.TemporaryDirectory(prefix="softprompt-save-") as tmp:
-            folder = f"{tmp}/{name}"
-            self.save_adapter(name, folder)
-            return hub.push_adapter(folder, repo_id, private=private, token=token, commit_message=commit_message)
+        return hub.push_saved(self, name, repo_id, private=private, token=token, commit_message=commit_message)
 
     def adapter_names(self) -> list[str]:
         return list(self.adapters.keys())
@@ -197,7 +198,8 @@ class SoftPromptModel(nn.Module):
     def _row_adapter(self, key: str) -> tuple[SoftPromptMethod, int | None]:
         return row_adapter(key, self.get_adapter)
 
-    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head's logits of final hidden states (with the family's soft-cap)."""
         logits = self.base.get_output_embeddings()(hidden)
         attr = self.quirks.logit_softcap_attr
         cap = getattr(self.base.config, attr, None) if attr else None
@@ -241,7 +243,7 @@ class SoftPromptModel(nn.Module):
         """``(sum of weighted token losses, token count)`` of a prompt's own targets: token j predicted from
         the prompt's hidden state j - 1, as PEFT's CPT loss shifts its labels."""
         wanted = (targets[1:] != -100).nonzero(as_tuple=True)[0]
-        logits = self._logits(hidden[wanted]).float()
+        logits = self.head_logits(hidden[wanted]).float()
         loss = F.cross_entropy(logits, targets[1:][wanted].to(self.device), reduction="none")
         return (loss * weights[1:][wanted].to(self.device)).sum(), int(wanted.numel())
 
@@ -312,7 +314,7 @@ class SoftPromptModel(nn.Module):
             prefix = self._batch_prefix(names, terms)
             hidden, _, _ = self._causal_hidden(input_ids, attention_mask, prefix, gated_batch=self._batch_gated(names))
         if labels is None:
-            return SoftPromptOutput(logits=self._logits(hidden))
+            return SoftPromptOutput(logits=self.head_logits(hidden))
         labels = labels.to(self.device)
         # every row of an adapter with prompt targets adds its prompt's terms (PEFT's CPT loss)
         extra = [terms[n] for n in names if n in terms] if terms else []
@@ -356,7 +358,7 @@ class SoftPromptModel(nn.Module):
             extended = torch.cat([hidden[:, :1], hidden], dim=1)
         source = torch.where(positions == first, torch.zeros_like(positions), positions)
         rows, cols = wanted.nonzero(as_tuple=True)
-        logits = self._logits(extended[rows, source[rows, cols]]).float()
+        logits = self.head_logits(extended[rows, source[rows, cols]]).float()
         targets = labels[rows, cols]
         count = targets.numel() + sum(c for _, c in extra)
         if extra and count:
@@ -438,7 +440,7 @@ class SoftPromptModel(nn.Module):
         hidden, cache, full_mask = self._causal_hidden(input_ids, attention_mask, prefix, gated_batch=gated_batch)
         # Logits of each row's last real token only (rows may be left- or right-padded).
         last = attention_mask.shape[1] - 1 - attention_mask.flip(-1).argmax(-1)
-        logits = self._logits(hidden[torch.arange(hidden.shape[0], device=self.device), last])
+        logits = self.head_logits(hidden[torch.arange(hidden.shape[0], device=self.device), last])
         prefix_len = prefix.lengths if prefix is not None else torch.zeros_like(last)
         return DecodeState(cache, full_mask, prefix_len + attention_mask.sum(-1), logits.float(), gated=gated_batch)
 
@@ -470,7 +472,7 @@ class SoftPromptModel(nn.Module):
                 past_mask=state.attention_mask,
                 gated_batch=state.gated,
             )
-            logits = self._logits(hidden)
+            logits = self.head_logits(hidden)
         state.attention_mask = full_mask
         state.next_position = state.next_position + token_mask.sum(-1)
         return logits.float()

@@ -32,6 +32,7 @@ from transformers import (
 )
 
 from softprompt.models.precision import QUANTIZE_INSTALL, QUANTIZE_NAMES, QUANTIZE_PACKAGES
+from softprompt.engine.decode_options import DEFAULT_DECODE, check_decode
 from softprompt.engine.model import SoftPromptModel
 from softprompt.errors import SoftPromptError
 from softprompt.models.builtin import resolve_builtin
@@ -173,7 +174,12 @@ def _no_cpu_repacking(base: torch.nn.Module) -> None:
 
 
 def load(
-    name: str, *, dtype: str | torch.dtype | None = None, device: str | None = None, quantize: str | None = None
+    name: str,
+    *,
+    dtype: str | torch.dtype | None = None,
+    device: str | None = None,
+    quantize: str | None = None,
+    decode: str | None = None,
 ) -> SoftPromptModel:
     """Load a frozen base model and its tokenizer, ready for adapters.
 
@@ -181,8 +187,9 @@ def load(
     Hugging Face hub id. Remote code is never executed (``trust_remote_code`` is always off). When the
     hub cannot be reached, a hub id loads from the local hub cache or fails at once. ``quantize``:
     ``"none"`` (default), ``"int8"`` or ``"nf4"`` through bitsandbytes, ``"int8-weight"`` through torchao (see the
-    module docstring).
+    module docstring). ``decode``: ``"static"`` (default), ``"compiled"`` or ``"eager"`` (`SoftPromptModel.decode`).
     """
+    check_decode(DEFAULT_DECODE if decode is None else decode, "--decode")
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise SoftPromptError(f"--dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -220,4 +227,4 @@ def load(
         # transformers wraps PreTrainedModel.to with functools.wraps(nn.Module.to), which typeshed types as an
         # unbound function (self expected as the first argument); the call is right
         base.to(device)  # type: ignore[arg-type]
-    return SoftPromptModel(base, tokenizer, name_or_path=name)
+    return SoftPromptModel(base, tokenizer, name_or_path=name, decode=decode or DEFAULT_DECODE)

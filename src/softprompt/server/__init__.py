@@ -69,7 +69,9 @@ def serve(
     _require_serving_extras()
     import uvicorn  # a serving extra: imported once `_require_serving_extras` has checked it is there
 
-    model = loading.load(model_name, dtype=settings.dtype, device=settings.device, quantize=settings.quantize)
+    model = loading.load(
+        model_name, dtype=settings.dtype, device=settings.device, quantize=settings.quantize, decode=settings.decode
+    )
     app = create_app(model, settings)
     uvicorn.run(
         app,

@@ -13,6 +13,9 @@ queue and awaits futures, so it never blocks on the model. Scheme (continuous ba
   key/value caches (`DecodeState.merge`): the shorter cache is left-padded with masked zeros, which changes
   nothing because every row carries its own position ids and attention mask (the same mechanism that lets
   one batch mix prompt lengths). Leading columns that no remaining row attends to are trimmed.
+  With ``decode`` "static" or "compiled" (`SoftPromptModel.decode`) the running batch is a slot pool instead
+  (`softprompt.engine.static_decode`, the path `generate` takes): admitted rows are copied into free slots,
+  and a finished row frees its slot without moving the others.
 * **Fallback.** Caches that cannot be merged this way (sliding-window layers, encoder-decoder models)
   run as separate groups, each advanced once per step: still continuous (new rows start without
   waiting), just not one matrix multiply.
@@ -44,7 +47,8 @@ from typing import Any
 
 import torch
 
-from softprompt.engine.decode import Continuation, DecodeState, StopRule, feed_next, next_tokens
+from softprompt.engine import static_decode
+from softprompt.engine.decode import Continuation, RunningBatch, StopRule, feed_next, next_tokens
 from softprompt.engine.generation import Generation
 from softprompt.engine.model import SoftPromptModel
 from softprompt.engine.token_logprobs import TokenLogprob, pick
@@ -83,9 +87,9 @@ class _Row(Continuation):
 
 
 class _Group:
-    """Rows sharing one decode state."""
+    """Rows sharing one decode state: a `DecodeState`, or a slot pool's `static_decode.SlotState`."""
 
-    def __init__(self, state: DecodeState, rows: list[_Row]):
+    def __init__(self, state: RunningBatch, rows: list[_Row]):
         self.state = state
         self.rows = rows
         self.mergeable = state.mergeable
@@ -320,15 +324,17 @@ class Batcher:
             return
         if self.metrics:
             self.metrics.batch_size.labels(phase="prefill").observe(len(rows))
-        group = _Group(state, rows)
         self._running_rows += len(rows)
-        target = next((g for g in self._groups if g.mergeable), None) if group.mergeable else None
-        if target is not None:
-            target.state.merge(group.state)
-            target.rows.extend(group.rows)
+        # A running slot pool (`static_decode`, model.decode "static"/"compiled") takes the rows it can hold first.
+        targets = [g for g in self._groups if g.state.accepts(state)]
+        targets.sort(key=lambda g: not isinstance(g.state, static_decode.SlotState))
+        if targets:
+            targets[0].state.merge(state)
+            targets[0].rows.extend(rows)
             self.stats["merged"] += 1
         else:
-            self._groups.append(group)
+            reserve = max(r.rule.max_new_tokens for r in rows)
+            self._groups.append(_Group(static_decode.start(self.model, state, reserve), rows))
             self.stats["separate"] += bool(self._groups[:-1])
 
     def _step(self) -> None:

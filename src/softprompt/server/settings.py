@@ -14,6 +14,7 @@ from typing import Any
 
 from softprompt.models.precision import DTYPE_HELP, DTYPE_NAMES, QUANTIZE_HELP, QUANTIZE_NAMES
 from softprompt.engine.adapter_name import check_adapter_name
+from softprompt.engine.decode_options import DECODE_HELP, DECODE_NAMES
 from softprompt.errors import ConfigError
 
 ADMIN_TOKEN_ENV = "SOFTPROMPT_ADMIN_TOKEN"
@@ -60,6 +61,7 @@ class ServerSettings:
     )
     dtype: str | None = _opt(None, DTYPE_HELP, choices=DTYPE_NAMES)
     quantize: str | None = _opt(None, QUANTIZE_HELP, choices=QUANTIZE_NAMES)
+    decode: str | None = _opt(None, DECODE_HELP, choices=DECODE_NAMES)
     device: str | None = _opt(None, "Device for the model: cpu (default), cuda or cuda:N.")
 
     # ----------------------------------------------------------------- network
@@ -147,7 +149,7 @@ class ServerSettings:
                 f"--default-max-tokens ({self.default_max_tokens}) is above --max-tokens-limit "
                 f"({self.max_tokens_limit})"
             )
-        for name, choices in (("dtype", DTYPE_NAMES), ("quantize", QUANTIZE_NAMES)):
+        for name, choices in (("dtype", DTYPE_NAMES), ("quantize", QUANTIZE_NAMES), ("decode", DECODE_NAMES)):
             value = getattr(self, name)
             if value is not None and value not in choices:
                 raise ConfigError(f"--{name}: expected one of {', '.join(choices)}, got {value!r}")
