@@ -6,8 +6,8 @@ first token's latency (call start to the first token) and the per-token latency 
 and the next's), median and p99 over all steps of the timed calls. Systems, each where it is available:
 
 - softprompt ``eager`` (float32), ``static`` and ``compiled`` (the decode modes, when `softprompt.load` takes
-  ``decode``), ``bf16`` (``dtype="bfloat16"``) and ``int8-weight`` (``quantize="int8-weight"``, torchao), these
-  two in load's default decode mode;
+  ``decode``), ``bf16`` (``dtype="bfloat16"``), ``int8-weight`` (``quantize="int8-weight"``, torchao) and
+  bitsandbytes' ``int8`` (LLM.int8()), these in load's default decode mode;
 - transformers' ``generate`` on the same float32 base (eager, dynamic cache); its static-cache compiled
   ``generate`` at one stream (a compile per batch shape would take minutes each on this machine);
 - llama.cpp through llama-cpp-python on the Q4_1 GGUF the built-in model is converted from, one stream (its
@@ -40,7 +40,11 @@ PROMPT = "Write a short story about a lighthouse keeper who finds a message in a
 DECODE_MODES = ("eager", "static", "compiled")
 
 #: (name, what softprompt.load takes beyond the model) of softprompt's systems; decode modes are added when known.
-PRECISIONS = (("bf16", {"dtype": "bfloat16"}), ("int8-weight", {"quantize": "int8-weight"}))
+PRECISIONS = (
+    ("bf16", {"dtype": "bfloat16"}),
+    ("int8-weight", {"quantize": "int8-weight"}),
+    ("int8 bitsandbytes", {"quantize": "int8"}),  # the other int8 candidate: why int8-weight is torchao's
+)
 
 
 def decode_modes() -> tuple[str, ...]:
@@ -189,7 +193,8 @@ def run(
     modes = decode_modes()
     na = {f"softprompt {m}": "softprompt.load has no decode keyword here" for m in DECODE_MODES if m not in modes}
     if not compiled and "compiled" in modes:
-        modes, na["softprompt compiled"] = tuple(m for m in modes if m != "compiled"), "left out in quick mode"
+        modes = tuple(m for m in modes if m != "compiled")
+        na["softprompt compiled"] = "left out (--no-compile, or quick mode)"
     for mode in modes:
         options = {"decode": mode} if "decode" in inspect.signature(softprompt.load).parameters else {}
         loaded[mode] = softprompt.load(source, **options)
@@ -238,7 +243,9 @@ def run(
         results = interleave(calls, n, new_tokens, repeats=repeats, warmup=warmup if n == streams[0] else 0)
         for name, runs in results.items():
             record(name, n, runs)
-    if compiled:
+    if not compiled:
+        na["transformers generate static+compile"] = "left out (--no-compile, or quick mode)"
+    else:
         ids, mask = encode_texts(tokenizer, [PROMPT], side="left")
         name = "transformers generate static+compile"
         try:

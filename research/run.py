@@ -99,6 +99,14 @@ def parse_args(argv=None):
         action="store_true",
         help="keep rounds during which other processes used the CPU (default: rerun them, full mode)",
     )
+    p.add_argument("--decode-streams", help="decode section: comma-separated stream counts (default 1,4,16,64)")
+    p.add_argument("--decode-new-tokens", type=int, help="decode section: new tokens per stream (default 64)")
+    p.add_argument(
+        "--no-compile",
+        action="store_true",
+        help="decode section: leave out the compiled decoders (softprompt's and transformers'), whose compiles take "
+        "minutes on 2 cores (quick mode always does)",
+    )
     p.add_argument(
         "--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)"
     )
@@ -120,7 +128,12 @@ def main(argv=None) -> int:
     for key in ("model", "repeats", "warmup", "threads"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
+    if args.decode_streams:
+        cfg["decode_streams"] = tuple(int(n) for n in args.decode_streams.split(","))
+    if args.decode_new_tokens is not None:
+        cfg["decode_new_tokens"] = args.decode_new_tokens
     if args.repeats is not None:
+        cfg["decode_repeats"] = args.repeats
         cfg["slow_repeats"] = cfg["inference_repeats"] = cfg["forward_repeats"] = args.repeats
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = set(sections) - set(SECTIONS)
@@ -234,7 +247,7 @@ def main(argv=None) -> int:
     if "decode" in sections:
         log(f"decode ({cfg['decode_new_tokens']} new tokens greedy, streams {cfg['decode_streams']}):")
         t = time.time()
-        result["decode"] = _decode(systems, source, cfg, args.quick, log)
+        result["decode"] = _decode(systems, source, cfg, args.quick, args.no_compile, log)
         decode.plot(result["decode"], out_dir / "decode.png")
         done("decode", t)
 
@@ -259,7 +272,7 @@ def main(argv=None) -> int:
     return 0
 
 
-def _decode(systems, source: str, cfg: dict, quick: bool, log) -> dict:
+def _decode(systems, source: str, cfg: dict, quick: bool, no_compile: bool, log) -> dict:
     """The decode section on ``source``; the tiny quick-mode model is saved first, as `softprompt.load` reads a
     directory (and llama.cpp and the compiled decoders, minutes of work, are left out)."""
     import tempfile
@@ -280,7 +293,7 @@ def _decode(systems, source: str, cfg: dict, quick: bool, log) -> dict:
             warmup=cfg["warmup"],
             threads=cfg["threads"],
             llama_cpp=not quick,
-            compiled=not quick,
+            compiled=not (quick or no_compile),
             log=log,
         )
 
