@@ -186,6 +186,8 @@ def run(
     threads: int,
     llama_cpp: bool = True,
     compiled: bool = True,
+    precisions=PRECISIONS,
+    mixed_streams: int = 16,
     log=print,
 ) -> dict:
     """The decode table (see the module docstring): one row per system, a column per stream count."""
@@ -198,7 +200,7 @@ def run(
     for mode in modes:
         options = {"decode": mode} if "decode" in inspect.signature(softprompt.load).parameters else {}
         loaded[mode] = softprompt.load(source, **options)
-    for name, options in PRECISIONS:
+    for name, options in precisions:
         try:
             model_ = softprompt.load(source, **options)
             # Labelled with the decode mode they run (load's default), where the installed softprompt has modes.
@@ -254,7 +256,7 @@ def run(
         except Exception as exc:  # inductor missing a compiler, an unsupported model: the table says why
             na[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
             log(f"  {name}: n/a ({na[name]})")
-    result["mixed"] = mixed(eager, new_tokens, repeats=repeats, warmup=warmup, log=log)
+    result["mixed"] = mixed(eager, new_tokens, streams=mixed_streams, repeats=repeats, warmup=warmup, log=log)
     bandwidth = memory_bandwidth()
     fp32_bytes = weight_bytes(base)
     per_token = rows["softprompt eager"]["1"]["per_token_ms_median"]
@@ -301,7 +303,7 @@ def interleave(calls: dict, streams: int, new_tokens: int, *, repeats: int, warm
 
 
 def mixed(model, new_tokens: int, *, streams: int = 16, repeats: int, warmup: int, log) -> dict:
-    """16 streams, each with its own prompt-tuning adapter (8 tokens), against 16 streams sharing one."""
+    """``streams`` streams, each with its own prompt-tuning adapter (8 tokens), against as many sharing one."""
     names = [f"decode-mix{i:02d}" for i in range(streams)]
     for i, name in enumerate(names):
         model.add_adapter(name, method="prompt_tuning", num_virtual_tokens=8, seed=i)
@@ -311,7 +313,8 @@ def mixed(model, new_tokens: int, *, streams: int = 16, repeats: int, warmup: in
         "mixed adapters": softprompt_call(model, ids, mask, names, new_tokens),
     }
     runs = interleave(calls, streams, new_tokens, repeats=repeats, warmup=warmup)
-    out = {k: statistics.median(r["tokens_per_s"] for r in v) for k, v in runs.items()}
+    out: dict = {k: statistics.median(r["tokens_per_s"] for r in v) for k, v in runs.items()}
+    out["streams"] = streams
     out["mixed_over_single"] = harness.paired_ratio(
         [r["seconds"] for r in runs["mixed adapters"]], [r["seconds"] for r in runs["single adapter"]]
     )
@@ -350,7 +353,7 @@ def markdown(result: dict) -> str:
     m, w = result["mixed"], result["weights_read"]
     lines += [
         "",
-        f"Mixed adapters, 16 streams: {m['mixed adapters']:.1f} tokens/s against {m['single adapter']:.1f} with one "
+        f"Mixed adapters, {m['streams']} streams: {m['mixed adapters']:.1f} tokens/s against {m['single adapter']:.1f} with one "
         f"adapter (time ratio {m['mixed_over_single']:.3f}).",
         f"float32 weights {w['float32_weight_bytes'] / 2**20:.0f} MiB at {w['bandwidth_gb_s']:.1f} GB/s (tensor sum): "
         f"{w['read_ms']:.1f} ms to read once; one-stream float32 step (median) over that: "
