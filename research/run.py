@@ -6,7 +6,8 @@
 
 Sections: training (step time and peak memory, softprompt vs PEFT), inference (soft-prompt overhead
 over the bare model, and vs PEFT), mixed (mixed-adapter batches and a mixed request stream vs PEFT),
-classification (label scoring vs generate-and-match). See docs/benchmarks.md.
+classification (label scoring vs generate-and-match), decode (greedy tokens/s by streams, latency, softprompt's
+decode modes and precisions beside transformers and llama.cpp; research/decode.py). See docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ if __package__ in (None, ""):  # run as a file: research/run.py
 
 from research.paths import own_output
 
-SECTIONS = ("training", "memory", "inference", "mixed", "classification")
+SECTIONS = ("training", "memory", "inference", "mixed", "classification", "decode")
 
 PROFILES = {
     # repeats: timed runs of the training and inference figures; slow_repeats: of the mixed-stream and
@@ -48,6 +49,9 @@ PROFILES = {
         cls_examples=100,
         cls_batch=25,
         cls_train_steps=30,
+        decode_streams=(1, 4, 16, 64),
+        decode_new_tokens=64,
+        decode_repeats=2,
     ),
     "quick": dict(
         model="tiny-llama",
@@ -67,6 +71,9 @@ PROFILES = {
         cls_examples=20,
         cls_batch=10,
         cls_train_steps=3,
+        decode_streams=(1, 4),
+        decode_new_tokens=8,
+        decode_repeats=1,
     ),
 }
 
@@ -92,6 +99,14 @@ def parse_args(argv=None):
         action="store_true",
         help="keep rounds during which other processes used the CPU (default: rerun them, full mode)",
     )
+    p.add_argument("--decode-streams", help="decode section: comma-separated stream counts (default 1,4,16,64)")
+    p.add_argument("--decode-new-tokens", type=int, help="decode section: new tokens per stream (default 64)")
+    p.add_argument(
+        "--no-compile",
+        action="store_true",
+        help="decode section: leave out the compiled decoders (softprompt's and transformers'), whose compiles take "
+        "minutes on 2 cores (quick mode always does)",
+    )
     p.add_argument(
         "--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)"
     )
@@ -106,14 +121,19 @@ def main(argv=None) -> int:
     harness.quiet()
     import torch
 
-    from . import data, inference, report, training
+    from . import data, decode, inference, report, training
     from .models import TINY, Systems, describe_model, model_path
 
     cfg = dict(PROFILES["quick" if args.quick else "full"])
     for key in ("model", "repeats", "warmup", "threads"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
+    if args.decode_streams:
+        cfg["decode_streams"] = tuple(int(n) for n in args.decode_streams.split(","))
+    if args.decode_new_tokens is not None:
+        cfg["decode_new_tokens"] = args.decode_new_tokens
     if args.repeats is not None:
+        cfg["decode_repeats"] = args.repeats
         cfg["slow_repeats"] = cfg["inference_repeats"] = cfg["forward_repeats"] = args.repeats
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = set(sections) - set(SECTIONS)
@@ -224,6 +244,13 @@ def main(argv=None) -> int:
         )
         done("classification", t)
 
+    if "decode" in sections:
+        log(f"decode ({cfg['decode_new_tokens']} new tokens greedy, streams {cfg['decode_streams']}):")
+        t = time.time()
+        result["decode"] = _decode(systems, source, cfg, args.quick, args.no_compile, log)
+        decode.plot(result["decode"], out_dir / "decode.png")
+        done("decode", t)
+
     result["targets"] = report.targets(result)
     result["meta"].update(
         duration_s=time.time() - started,
@@ -234,6 +261,8 @@ def main(argv=None) -> int:
     )
     (out_dir / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     markdown = report.markdown(result)
+    if "decode" in result:
+        markdown += "\n### Decode\n\n" + decode.markdown(result["decode"])
     (out_dir / "results.md").write_text(markdown)
     log("")
     log(markdown)
@@ -241,6 +270,35 @@ def main(argv=None) -> int:
         f"research.run: wrote {out_dir / 'results.json'} and {out_dir / 'results.md'} in {result['meta']['duration_s']:.0f} s"
     )
     return 0
+
+
+def _decode(systems, source: str, cfg: dict, quick: bool, no_compile: bool, log) -> dict:
+    """The decode section on ``source``; the tiny quick-mode model is saved first, as `softprompt.load` reads a
+    directory (and llama.cpp and the compiled decoders, minutes of work, are left out)."""
+    import tempfile
+
+    from . import decode
+
+    with tempfile.TemporaryDirectory(prefix="spbench-decode-") as tmp:
+        if quick:
+            systems.base.save_pretrained(tmp)
+            systems.tokenizer.save_pretrained(tmp)
+            source = tmp
+        return decode.run(
+            source,
+            model=cfg["model"],
+            streams=cfg["decode_streams"],
+            new_tokens=cfg["decode_new_tokens"],
+            repeats=cfg["decode_repeats"],
+            warmup=cfg["warmup"],
+            threads=cfg["threads"],
+            llama_cpp=not quick,
+            compiled=not (quick or no_compile),
+            # quick: a harness check that must stay short on a busy CI box (no bitsandbytes row, 4 mixed streams)
+            precisions=decode.PRECISIONS[:2] if quick else decode.PRECISIONS,
+            mixed_streams=4 if quick else 16,
+            log=log,
+        )
 
 
 def _merge_memory(rows: list[dict], memory: list[dict]) -> None:

@@ -185,11 +185,11 @@ def test_without_bitsandbytes_one_line_says_how_to_install(checkpoint, monkeypat
 
 
 def test_bad_quantize_and_device_values_name_the_flag(checkpoint, monkeypatch):
-    with pytest.raises(SoftPromptError, match="^--quantize: expected one of none, int8, nf4, got 'int4'"):
+    with pytest.raises(SoftPromptError, match="^--quantize: expected one of none, int8, nf4, int8-weight, got 'int4'"):
         load(checkpoint, quantize="int4")
-    with pytest.raises(ConfigError, match="--quantize: expected one of none, int8, nf4"):
+    with pytest.raises(ConfigError, match="--quantize: expected one of none, int8, nf4, int8-weight"):
         load_config(None, {"model": checkpoint, "quantize": "int4"}).validate()
-    with pytest.raises(ConfigError, match="^--quantize: expected one of none, int8, nf4, got 'q4'"):
+    with pytest.raises(ConfigError, match="^--quantize: expected one of none, int8, nf4, int8-weight, got 'q4'"):
         ServerSettings(quantize="q4").validate()
     with pytest.raises(SystemExit):  # argparse: invalid choice
         main(["predict", "--model", checkpoint, "--quantize", "int4", "--data", "x.csv"])

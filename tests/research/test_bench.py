@@ -155,8 +155,33 @@ def test_targets_and_report(quick_run):
         "## 3. Mixed adapters",
         "## 4. Classification cost",
         "## Targets",
+        "### Decode",
     ):
         assert heading in markdown
+
+
+def test_decode_rows(quick_run):
+    """research.decode: every system it ran has each stream count's figures, consistent with its own runs."""
+    result, markdown = quick_run
+    dec = result["decode"]
+    rows = dec["rows"]
+    assert {"softprompt eager", "softprompt static", "transformers generate"} <= set(rows)
+    assert "softprompt compiled" in dec["not_available"]  # quick mode compiles nothing
+    assert any(name.startswith("softprompt bf16") for name in rows)
+    assert any(name.startswith("softprompt int8-weight") for name in [*rows, *dec["not_available"]])
+    for name, cells in rows.items():
+        assert set(cells) == {str(n) for n in dec["streams"]}, name
+        for cell in cells.values():
+            for key in ("tokens_per_s", "first_token_ms", "per_token_ms_median", "per_token_ms_p99"):
+                assert positive(cell[key]), (name, key)
+            assert cell["per_token_ms_p99"] >= cell["per_token_ms_median"]
+            assert close(cell["tokens_per_s"], statistics.median(cell["runs_tokens_per_s"]))
+    for name in dec["not_available"]:
+        assert name not in rows and f"| {name} |" in markdown
+    w = dec["weights_read"]
+    assert close(w["ratio"], w["eager_float32_per_token_ms"] / w["read_ms"])
+    assert w["eager_float32_per_token_ms"] == rows["softprompt eager"]["1"]["per_token_ms_median"]
+    assert positive(dec["mixed"]["mixed_over_single"])
 
 
 def test_attention_alternatives_are_exact_and_the_table_prints(capsys):

@@ -7,7 +7,9 @@ network, ``HF_HUB_OFFLINE=1``) only the local hub cache is tried, so an unreacha
 moment instead of after huggingface_hub's retries (half a minute).
 
 ``quantize="int8"|"nf4"`` loads the base's linear layers quantized by bitsandbytes (transformers'
-`BitsAndBytesConfig`); a checkpoint saved quantized (``quantization_config`` in its config.json) loads
+`BitsAndBytesConfig`), ``quantize="int8-weight"`` int8 weight-only by torchao (transformers' `TorchAoConfig`:
+int8 weights with one scale per output row, dequantized inside the matrix product, which on CPU is torch's
+int8-weight kernel); a checkpoint saved quantized (``quantization_config`` in its config.json) loads
 quantized as it is. A quantized base is placed on its device as it loads, never moved afterwards.
 """
 
@@ -20,9 +22,16 @@ from typing import Any
 import huggingface_hub
 import torch
 from huggingface_hub.errors import HfHubHTTPError
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, BitsAndBytesConfig
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    TorchAoConfig,
+)
 
-from softprompt.models.precision import QUANTIZE_INSTALL, QUANTIZE_NAMES
+from softprompt.models.precision import QUANTIZE_INSTALL, QUANTIZE_NAMES, QUANTIZE_PACKAGES
 from softprompt.engine.decode_options import DEFAULT_DECODE, check_decode
 from softprompt.engine.model import SoftPromptModel
 from softprompt.errors import SoftPromptError
@@ -99,25 +108,33 @@ def check_device(device: str | None) -> None:
         raise SoftPromptError(f"--device {device}: {reason}")
 
 
-def require_bitsandbytes(what: str) -> None:
-    """Import bitsandbytes, or raise `SoftPromptError` that starts with ``what`` and says how to install it."""
+def require_package(package: str, what: str) -> None:
+    """Import ``package`` (bitsandbytes or torchao), or raise `SoftPromptError` that starts with ``what`` and says
+    how to install it."""
     try:
-        import bitsandbytes  # noqa: F401  (transformers imports it again; this checks it is there)
+        __import__(package)  # transformers imports it again; this checks it is there
     except ImportError:
-        raise SoftPromptError(f"{what}: needs bitsandbytes, which is not installed; {QUANTIZE_INSTALL}") from None
+        raise SoftPromptError(f"{what}: needs {package}, which is not installed; {QUANTIZE_INSTALL}") from None
     except Exception as exc:  # installed but broken (a native library that does not load here)
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise SoftPromptError(f"{what}: bitsandbytes does not import here ({reason})") from None
+        raise SoftPromptError(f"{what}: {package} does not import here ({reason})") from None
 
 
-def quantization_config(quantize: str | None, dtype: torch.dtype | None = None) -> BitsAndBytesConfig | None:
-    """transformers' `BitsAndBytesConfig` for ``quantize`` (None for ``"none"``): int8 (LLM.int8()) or nf4 computing
-    in ``dtype`` (float32 by default). Raises `SoftPromptError` naming ``--quantize``."""
+def quantization_config(
+    quantize: str | None, dtype: torch.dtype | None = None
+) -> BitsAndBytesConfig | TorchAoConfig | None:
+    """transformers' quantization config for ``quantize`` (None for ``"none"``): bitsandbytes' int8 (LLM.int8()) or
+    nf4 computing in ``dtype`` (float32 by default), or torchao's int8 weight-only. Raises `SoftPromptError` naming
+    ``--quantize``."""
     if quantize is None or quantize == "none":
         return None
     if quantize not in QUANTIZE_NAMES:
         raise SoftPromptError(f"--quantize: expected one of {', '.join(QUANTIZE_NAMES)}, got {quantize!r}")
-    require_bitsandbytes(f"--quantize {quantize}")
+    require_package(QUANTIZE_PACKAGES[quantize], f"--quantize {quantize}")
+    if quantize == "int8-weight":
+        from torchao.quantization import Int8WeightOnlyConfig
+
+        return TorchAoConfig(Int8WeightOnlyConfig())
     if quantize == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
     # Double quantization (QLoRA's): the block scales are quantized too, as models/memory.py counts them.
@@ -141,8 +158,8 @@ def _quantized_load(name: str, config: Any, quantize: str | None, dtype: torch.d
         raise SoftPromptError(
             f"--quantize {quantize}: --model {name!r} is already quantized ({method}); leave --quantize out"
         )
-    if method == "bitsandbytes":
-        require_bitsandbytes(f"--model {name!r} (saved quantized by bitsandbytes)")
+    if method in ("bitsandbytes", "torchao"):
+        require_package(method, f"--model {name!r} (saved quantized by {method})")
     return {}
 
 
@@ -169,8 +186,8 @@ def load(
     ``name``: a built-in name (``softprompt models`` lists them), a local checkpoint directory or a
     Hugging Face hub id. Remote code is never executed (``trust_remote_code`` is always off). When the
     hub cannot be reached, a hub id loads from the local hub cache or fails at once. ``quantize``:
-    ``"none"`` (default), ``"int8"`` or ``"nf4"`` through bitsandbytes (see the module docstring). ``decode``:
-    ``"eager"`` (default), ``"static"`` or ``"compiled"`` (`SoftPromptModel.decode`).
+    ``"none"`` (default), ``"int8"`` or ``"nf4"`` through bitsandbytes, ``"int8-weight"`` through torchao (see the
+    module docstring). ``decode``: ``"eager"`` (default), ``"static"`` or ``"compiled"`` (`SoftPromptModel.decode`).
     """
     check_decode(DEFAULT_DECODE if decode is None else decode, "--decode")
     if isinstance(dtype, str):

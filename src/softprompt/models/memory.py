@@ -9,8 +9,8 @@ projected onto the vocabulary. The parts, per process (b = bytes of the weights'
 T = max length, S = N + T keys per query, h = hidden size, I = MLP width, H/K = query/key-value heads,
 d = head dim, L = layers, V = vocabulary, R = label tokens per row):
 
-- **weights**: every parameter and buffer at b bytes; ``int8``/``nf4`` store the decoder blocks' linear
-  weights at 1 byte (+ a float32 scale per output row) / 0.5 byte (+ ~1/64 byte of block scales), the
+- **weights**: every parameter and buffer at b bytes; ``int8``/``int8-weight``/``nf4`` store the decoder blocks'
+  linear weights at 1 byte (+ a float32 scale per output row) / 0.5 byte (+ ~1/64 byte of block scales), the
   embeddings, norms and LM head stay at b. ``fsdp``/``zero3`` divide it by the process count.
 - **activations**: what autograd saves, per decoder layer (frozen weights need no saved inputs, so the
   linear layers save nothing)::
@@ -51,6 +51,7 @@ import huggingface_hub
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
+from softprompt.models.precision import QUANTIZE_NAMES
 from softprompt.engine.families import ModelShape
 from softprompt.errors import SoftPromptError
 from softprompt.methods import method_class, normalize_method
@@ -59,7 +60,7 @@ from softprompt.models.loading import hub_answers
 from softprompt.models.names import BUILTIN_HUB_IDS
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-QUANTIZATIONS = ("none", "int8", "nf4")
+QUANTIZATIONS = QUANTIZE_NAMES
 SHARDINGS = ("none", "fsdp", "zero3")
 DEVICES = ("cuda", "cpu")
 #: Common GPU memory sizes, in GiB as the cards report them (RTX 4090/A10G, A100-40, L40S/A6000, A100/H100, H200).
@@ -212,7 +213,7 @@ def _quantized_weight_bytes(model: PreTrainedModel, quantize: str, dtype_bytes: 
     for module in model.modules():
         if isinstance(module, torch.nn.Linear) and module is not model.get_output_embeddings():
             rows, cols = module.weight.shape
-            linear_bytes += rows * cols * (1 + 4 / cols if quantize == "int8" else NF4_BYTES)
+            linear_bytes += rows * cols * (NF4_BYTES if quantize == "nf4" else 1 + 4 / cols)
             quantized += rows * cols
     return int(linear_bytes + (_count(model) - quantized) * dtype_bytes)
 

@@ -17,30 +17,44 @@ DTYPE_HELP = (
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 QUANTIZE_HELP = (
-    "Quantize the frozen base's linear layers as it loads, with bitsandbytes: none (default), int8 or nf4 "
-    "(4-bit NormalFloat); embeddings, norms and the LM head keep --dtype, adapters stay float32. A checkpoint "
-    "saved quantized loads quantized without it."
+    "Quantize the frozen base's linear layers as it loads: none (default); int8 or nf4 (4-bit NormalFloat) by "
+    "bitsandbytes, for training on less memory; int8-weight: int8 weight-only by torchao, for inference (the "
+    "fastest CPU decode: weights read as int8, multiplied in --dtype). Embeddings, norms and the LM head keep "
+    "--dtype, adapters stay float32. A checkpoint saved quantized loads quantized without it."
 )
-QUANTIZE_NAMES = ("none", "int8", "nf4")
-#: What a user without bitsandbytes runs (the extra pins the tested version).
+QUANTIZE_NAMES = ("none", "int8", "nf4", "int8-weight")
+#: The package each quantization needs, and what a user without it runs (the extra pins the tested versions).
+QUANTIZE_PACKAGES = {"int8": "bitsandbytes", "nf4": "bitsandbytes", "int8-weight": "torchao"}
 QUANTIZE_INSTALL = "pip install 'softprompt[quantize]'"
 
 
-class _QuietBitsandbytes(logging.Filter):
-    """Drops two bitsandbytes log lines that would flood or mislead a run: int8's notice that it casts its
-    inputs to float16 (once per layer per forward pass) and, on some CPUs, that an optional kernel package
-    from the hub is missing (its own CPU kernels run instead)."""
+class _QuietQuantizers(logging.Filter):
+    """Drops log lines of the quantization libraries that would flood or mislead a run: bitsandbytes int8's notice
+    that it casts its inputs to float16 (once per layer per forward pass) and, on some CPUs, that an optional kernel
+    package from the hub is missing (its own CPU kernels run instead); torchao's, at import, that its CUDA-only
+    kernel libraries do not load into a CPU build of torch, and torch's deprecation notice about how torchao
+    registers an enum with torch.compile."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(("MatMul8bitLt: inputs will be cast", "Failed to load CPU gemm_4bit"))
+        message = str(record.msg)
+        return not (
+            message.startswith(("MatMul8bitLt: inputs will be cast", "Failed to load CPU gemm_4bit"))
+            or (record.name == "torchao" and message.startswith("Failed to load"))
+            or (record.name == "torch.utils._pytree" and "register_constant" in message)
+        )
 
 
-def quiet_bitsandbytes_logs() -> None:
-    """Attach the filter before anything imports bitsandbytes: PEFT and accelerate import it whenever it is
-    installed, and its CPU backend logs the missing-kernel line at import."""
-    for logger in ("bitsandbytes.autograd._functions", "bitsandbytes.backends.cpu.ops"):
-        logging.getLogger(logger).addFilter(_QuietBitsandbytes())
+def quiet_quantizer_logs() -> None:
+    """Attach the filter before anything imports bitsandbytes or torchao: PEFT, accelerate and transformers import
+    them whenever they are installed, and both log at import."""
+    for logger in (
+        "bitsandbytes.autograd._functions",
+        "bitsandbytes.backends.cpu.ops",
+        "torchao",
+        "torch.utils._pytree",
+    ):
+        logging.getLogger(logger).addFilter(_QuietQuantizers())
 
 
-# At import: `softprompt/__init__.py` imports this module before anything else, so it runs before bitsandbytes loads.
-quiet_bitsandbytes_logs()
+# At import: `softprompt/__init__.py` imports this module before anything else, so it runs before they load.
+quiet_quantizer_logs()

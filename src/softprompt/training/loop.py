@@ -153,7 +153,7 @@ def load_model(config: TrainConfig):
     dist = distributed.current()
     if config.quantize not in (None, "none") and dist.shards_base:
         raise ConfigError(
-            f"{flag('quantize')} {config.quantize}: FSDP and ZeRO-3 cannot shard bitsandbytes' quantized weights; "
+            f"{flag('quantize')} {config.quantize}: FSDP and ZeRO-3 cannot shard quantized weights; "
             "launch without them (DDP) or leave --quantize out"
         )
     device = dist.load_device(config.device) or default_device()
