@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -94,7 +95,9 @@ def run_sweep(
         record = json.loads((chosen.output / "results" / f"val-s{i}.json").read_text())
         val_scores = classification_report(record["truth"], argmax(record["probs"], record["labels"]), record["labels"])
         name = adapter_name(lr, n, method)
-        systems.ours.load_adapter(record["path"], name=name)
+        # Each adapter also at <out>/<task>/<name>, the layout research.reproduce's later steps read.
+        path = shutil.copytree(record["path"], where / name, dirs_exist_ok=True)
+        systems.ours.load_adapter(str(path), name=name)
         test_scores = score_ours(systems, name, test, labels, budget)
         rows.append(
             {
@@ -106,7 +109,7 @@ def run_sweep(
                 "val_macro_f1": val_scores["macro_f1"],
                 "test_accuracy": test_scores["accuracy"],
                 "test_macro_f1": test_scores["macro_f1"],
-                "path": record["path"],
+                "path": str(path),
             }
         )
         log(f"  {name}: validation {val_scores['accuracy']:.3f}, test {test_scores['accuracy']:.3f}")

@@ -17,11 +17,20 @@ from tiny import VOCAB, tiny_tokenizer
 torchao = pytest.importorskip("torchao", reason="the quantize extra is not installed")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-LINEARS = 14  # 2 layers x (4 attention + 3 MLP projections); the LM head stays unquantized
+LINEARS = 15  # 2 layers x (4 attention + 3 MLP projections) and the LM head
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
+    return tiny_llama(tmp_path_factory.mktemp("base") / "llama", tie=False)
+
+
+@pytest.fixture(scope="module")
+def tied_checkpoint(tmp_path_factory):
+    return tiny_llama(tmp_path_factory.mktemp("base") / "tied", tie=True)
+
+
+def tiny_llama(path, tie: bool) -> str:
     """A tiny llama with weights large enough for a prompt to move its outputs (tests/tiny.py's init is near-flat)."""
     torch.manual_seed(0)
     config = LlamaConfig(
@@ -34,13 +43,13 @@ def checkpoint(tmp_path_factory):
         pad_token_id=0,
         eos_token_id=1,
         bos_token_id=2,
+        tie_word_embeddings=tie,
     )
     base = LlamaForCausalLM(config)
     with torch.no_grad():
         for param in base.parameters():
             if param.dim() == 2:
                 param.normal_(0, 0.3)
-    path = tmp_path_factory.mktemp("base") / "llama"
     base.save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return str(path)
@@ -97,7 +106,7 @@ def test_int8_weight_over_bfloat16_stays_close_to_float32(checkpoint):
     """The weights int8, everything else bfloat16: logits within 5% of float32 (measured 1%)."""
     plain, quantized = load(checkpoint), load(checkpoint, dtype="bfloat16", quantize="int8-weight")
     assert len(quantized_weights(quantized)) == LINEARS
-    assert quantized.base.get_output_embeddings().weight.dtype == torch.bfloat16
+    assert quantized.base.get_input_embeddings().weight.dtype == torch.bfloat16
     ids = torch.randint(3, 250, (2, 10), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert distance(quantized(ids).logits.float(), plain(ids).logits) < 0.05
@@ -121,6 +130,34 @@ def test_a_checkpoint_saved_int8_weight_loads_quantized(checkpoint, tmp_path, mo
         load(str(saved))
 
 
+def test_a_tied_lm_head_is_untied_and_quantized_and_saves_that_way(tied_checkpoint, tmp_path):
+    """transformers' torchao path leaves a head tied to the input embeddings unquantized; load unties it and
+    quantizes it too, the input embeddings staying plain float (prompt embeddings read them). Saved, it reloads
+    the same way: logits equal."""
+    plain, model = load(tied_checkpoint), load(tied_checkpoint, quantize="int8-weight")
+    assert plain.base.get_output_embeddings().weight is plain.base.get_input_embeddings().weight
+    head, embeddings = model.base.get_output_embeddings(), model.base.get_input_embeddings()
+    assert isinstance(head.weight, torchao.quantization.Int8Tensor)
+    assert type(embeddings.weight) is torch.nn.Parameter and embeddings.weight.dtype == torch.float32
+    assert torch.equal(embeddings.weight, plain.base.get_input_embeddings().weight)
+    assert 0 < distance(head.weight.dequantize().float(), plain.base.get_output_embeddings().weight) < 0.01
+    model.add_adapter("pt", num_virtual_tokens=4, seed=0)  # prompt tuning initialises from the embeddings
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    with torch.no_grad():
+        logits = model(ids, adapters=["pt", None]).logits
+        assert 0 < distance(logits[1:], plain(ids[1:]).logits) < 0.08
+    saved = tmp_path / "tied-int8-weight"
+    model.base.save_pretrained(saved)
+    model.tokenizer.save_pretrained(saved)
+    model.save_adapter("pt", str(tmp_path / "pt"))
+    again = load(str(saved))
+    again.load_adapter(str(tmp_path / "pt"), name="pt")
+    assert isinstance(again.base.get_output_embeddings().weight, torchao.quantization.Int8Tensor)
+    assert again.base.get_output_embeddings().weight is not again.base.get_input_embeddings().weight
+    with torch.no_grad():
+        assert torch.equal(again(ids, adapters=["pt", None]).logits, logits)
+
+
 def test_without_torchao_one_line_says_how_to_install(checkpoint, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "torchao", None)
     with pytest.raises(SoftPromptError) as error:
@@ -131,3 +168,24 @@ def test_without_torchao_one_line_says_how_to_install(checkpoint, monkeypatch, c
     assert main(["generate", "--model", checkpoint, "--quantize", "int8-weight", "hello"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--quantize int8-weight" in err and "softprompt[quantize]" in err
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_estimate_memory_counts_the_int8_head_and_the_untied_embeddings(checkpoint, tied_checkpoint, tied):
+    """estimate-memory's int8-weight weights equal the bytes the loaded base holds (int8 data + one float32 scale
+    per row for every linear layer, the LM head included; a tied head's float embeddings kept beside it)."""
+    from transformers import AutoConfig
+
+    from softprompt import estimate_memory
+
+    path = tied_checkpoint if tied else checkpoint
+    model = load(path, quantize="int8-weight")
+    held = 0
+    for param in {id(p): p for p in model.base.parameters()}.values():
+        if isinstance(param, torchao.quantization.Int8Tensor):
+            held += param.qdata.numel() + param.scale.numel() * 4
+        else:
+            held += param.numel() * param.element_size()
+    held += sum(b.numel() * b.element_size() for b in model.base.buffers())
+    estimate = estimate_memory(AutoConfig.from_pretrained(path), quantize="int8-weight", device="cpu")
+    assert estimate.weights_bytes == pytest.approx(held, rel=0.01)
