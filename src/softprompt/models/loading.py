@@ -28,6 +28,7 @@ from transformers import (
     AutoModelForSeq2SeqLM,
     AutoTokenizer,
     BitsAndBytesConfig,
+    PreTrainedModel,
     TorchAoConfig,
 )
 
@@ -163,7 +164,7 @@ def _quantized_load(name: str, config: Any, quantize: str | None, dtype: torch.d
     return {}
 
 
-def _int8_weight_head(base: torch.nn.Module) -> None:
+def _int8_weight_head(base: PreTrainedModel) -> None:
     """``--quantize int8-weight`` quantizes the LM head as well. transformers' torchao path leaves it out when it is
     tied to the input embeddings, yet it is a fifth of smollm2-135m's weight bytes, read at every decoding step
     (compiled, bfloat16, one stream: 20.8 -> 18.5 ms per token, docs/benchmarks.md). The head is untied first: the
