@@ -6,8 +6,9 @@ first token's latency (call start to the first token) and the per-token latency 
 and the next's), median and p99 over all steps of the timed calls. Systems, each where it is available:
 
 - softprompt ``eager`` (float32), ``static`` and ``compiled`` (the decode modes, when `softprompt.load` takes
-  ``decode``), ``bf16`` (``dtype="bfloat16"``), ``int8-weight`` (``quantize="int8-weight"``, torchao) and
-  bitsandbytes' ``int8`` (LLM.int8()), these in load's default decode mode;
+  ``decode``), ``bf16`` (``dtype="bfloat16"``, eager and compiled), ``int8-weight`` (``quantize="int8-weight"``,
+  torchao: on the float32 base, eager, and on the bfloat16 base, compiled) and bitsandbytes' ``int8`` (LLM.int8()),
+  in load's default decode mode unless named; a compiled system warms up (compiles) at every stream count;
 - transformers' ``generate`` on the same float32 base (eager, dynamic cache); its static-cache compiled
   ``generate`` at one stream (a compile per batch shape would take minutes each on this machine);
 - llama.cpp through llama-cpp-python on the Q4_1 GGUF the built-in model is converted from, one stream (its
@@ -42,7 +43,10 @@ DECODE_MODES = ("eager", "static", "compiled")
 #: (name, what softprompt.load takes beyond the model) of softprompt's systems; decode modes are added when known.
 PRECISIONS = (
     ("bf16", {"dtype": "bfloat16"}),
-    ("int8-weight", {"quantize": "int8-weight"}),
+    ("bf16 compiled", {"dtype": "bfloat16", "decode": "compiled"}),
+    ("int8-weight", {"quantize": "int8-weight"}),  # float32 activations
+    # int8 weights times bfloat16 activations: the CPU int8-weight kernel's fast case, compiled
+    ("int8-weight bf16 compiled", {"dtype": "bfloat16", "quantize": "int8-weight", "decode": "compiled"}),
     ("int8 bitsandbytes", {"quantize": "int8"}),  # the other int8 candidate: why int8-weight is torchao's
 )
 
@@ -201,10 +205,14 @@ def run(
         options = {"decode": mode} if "decode" in inspect.signature(softprompt.load).parameters else {}
         loaded[mode] = softprompt.load(source, **options)
     for name, options in precisions:
+        if options.get("decode") == "compiled" and not compiled:
+            na[f"softprompt {name}"] = "left out (--no-compile, or quick mode)"
+            continue
         try:
             model_ = softprompt.load(source, **options)
-            # Labelled with the decode mode they run (load's default), where the installed softprompt has modes.
-            loaded[f"{name} ({model_.decode})" if hasattr(model_, "decode") else name] = model_
+            # Labelled with the decode mode they run (load's default unless named), where softprompt has modes.
+            named = "decode" in options or not hasattr(model_, "decode")
+            loaded[name if named else f"{name} ({model_.decode})"] = model_
         except softprompt.SoftPromptError as exc:
             log(f"  {name}: n/a ({exc})")
             na[f"softprompt {name}"] = str(exc)
@@ -241,7 +249,11 @@ def run(
         calls["transformers generate"] = transformers_call(base, ids, mask, pad, new_tokens)
         if n == 1 and llm is not None:
             calls["llama.cpp Q4_1"] = llama_cpp_call(llm, prompt_tokens, new_tokens)
-        # Warm-up once per system, at the first stream count: later counts reuse its kernels and allocator.
+        # Warm-up once per system, at the first stream count: later counts reuse its kernels and allocator; a
+        # compiled decoder compiles once per stream-count bucket, so it warms up at every count.
+        if n != streams[0]:
+            for key in (k for k, m in loaded.items() if getattr(m, "decode", None) == "compiled"):
+                timed(calls[f"softprompt {key}"], n, new_tokens)
         results = interleave(calls, n, new_tokens, repeats=repeats, warmup=warmup if n == streams[0] else 0)
         for name, runs in results.items():
             record(name, n, runs)

@@ -295,7 +295,7 @@ def _decode(systems, source: str, cfg: dict, quick: bool, no_compile: bool, log)
             llama_cpp=not quick,
             compiled=not (quick or no_compile),
             # quick: a harness check that must stay short on a busy CI box (no bitsandbytes row, 4 mixed streams)
-            precisions=decode.PRECISIONS[:2] if quick else decode.PRECISIONS,
+            precisions=decode.PRECISIONS[:3] if quick else decode.PRECISIONS,
             mixed_streams=4 if quick else 16,
             log=log,
         )
