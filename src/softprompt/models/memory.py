@@ -11,7 +11,8 @@ d = head dim, L = layers, V = vocabulary, R = label tokens per row):
 
 - **weights**: every parameter and buffer at b bytes; ``int8``/``int8-weight``/``nf4`` store the decoder blocks'
   linear weights at 1 byte (+ a float32 scale per output row) / 0.5 byte (+ ~1/64 byte of block scales), the
-  embeddings, norms and LM head stay at b (``int8-weight`` quantizes the LM head too, a tied one as a copy). ``fsdp``/``zero3`` divide it by the process count.
+  embeddings, norms and LM head stay at b (``int8-weight`` over 16-bit weights quantizes the LM head too, a tied
+  one as a copy). ``fsdp``/``zero3`` divide it by the process count.
 - **activations**: what autograd saves, per decoder layer (frozen weights need no saved inputs, so the
   linear layers save nothing)::
 
@@ -209,12 +210,14 @@ def layer_activation_bytes(
 
 def _quantized_weight_bytes(model: PreTrainedModel, quantize: str, dtype_bytes: int) -> int:
     """Weights with the decoder blocks' linear layers quantized (embeddings, norms stay at b; the LM head too, except
-    under int8-weight, which quantizes an untied copy of a tied head and leaves the input embeddings at b)."""
+    under int8-weight over a 16-bit base, which quantizes an untied copy of a tied head)."""
     quantized, linear_bytes = 0, 0.0
     head = model.get_output_embeddings()
     tied = head is not None and head.weight is model.get_input_embeddings().weight
     for module in model.modules():
-        if isinstance(module, torch.nn.Linear) and (module is not head or quantize == "int8-weight"):
+        if isinstance(module, torch.nn.Linear) and (
+            module is not head or (quantize == "int8-weight" and dtype_bytes < 4)
+        ):
             rows, cols = module.weight.shape
             linear_bytes += rows * cols * (NF4_BYTES if quantize == "nf4" else 1 + 4 / cols)
             quantized += 0 if module is head and tied else rows * cols

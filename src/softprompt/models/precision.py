@@ -19,8 +19,8 @@ DTYPE_NAMES = ("float32", "bfloat16", "float16")
 QUANTIZE_HELP = (
     "Quantize the frozen base's linear layers as it loads: none (default); int8 or nf4 (4-bit NormalFloat) by "
     "bitsandbytes, for training on less memory; int8-weight: int8 weight-only by torchao, for inference (the "
-    "fastest CPU decode: weights read as int8, multiplied in --dtype). Embeddings, norms and the LM head keep "
-    "--dtype, adapters stay float32. A checkpoint saved quantized loads quantized without it."
+    "fastest CPU decode with --dtype bfloat16 --decode compiled; the LM head is quantized too). Embeddings and "
+    "norms keep --dtype, adapters stay float32. A checkpoint saved quantized loads quantized without it."
 )
 QUANTIZE_NAMES = ("none", "int8", "nf4", "int8-weight")
 #: The package each quantization needs, and what a user without it runs (the extra pins the tested versions).
