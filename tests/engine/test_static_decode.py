@@ -178,3 +178,27 @@ def test_compiled_equals_eager(caplog):
     assert [(g.text, g.token_ids, g.finish_reason) for g in got] == eager
     model.decode = "eager"
     assert tokens == _greedy(model, static_decode.start(model, model.prefill(ids, mask, ROWS)), 8)
+
+
+def test_every_bucket_compiles_past_dynamos_default_limit_of_eight(monkeypatch):
+    """Every pool's step is one code object, which dynamo compiles at most 8 times by default and then runs eagerly
+    with only a warning: ten buckets (slots 1-16 x two capacities) must each get their own compiled graph. The
+    backend only counts graphs (dynamo's tracing and guards are real; inductor's code generation is left out)."""
+    graphs: list[int] = []
+
+    def counting(gm, _inputs):
+        graphs.append(1)
+        return gm.forward
+
+    real = torch.compile
+    monkeypatch.setattr(
+        torch, "compile", lambda fn, mode=None, dynamic=None: real(fn, backend=counting, dynamic=dynamic)
+    )
+    torch._dynamo.reset()
+    model = lively_model("llama")
+    model.decode = "compiled"
+    long_prompt = " ".join(["abc"] * 30)  # past the first capacity bucket (64 columns)
+    for prompt in ("xyz", long_prompt):
+        for rows in (1, 2, 4, 8, 16):
+            model.generate([prompt] * rows, max_new_tokens=2)
+    assert len(graphs) >= 10

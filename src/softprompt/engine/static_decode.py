@@ -38,6 +38,10 @@ log = logging.getLogger("softprompt.engine")
 MIN_CAPACITY = 64
 # Columns reserved up front for generated tokens at most; rows that go further grow the pool.
 MAX_RESERVE = 256
+# Compiles of the step allowed per process. Every pool's step is `SlotPool.forward`, one code object, and dynamo
+# allows 8 compiles of a code object by default, then runs it eagerly with only a warning; one compile per bucket
+# and model is this design (a server passes 10 buckets quickly: slots 1-16 x two capacities), so its calls raise it.
+RECOMPILE_LIMIT = 256
 
 
 def bucket(n: int, minimum: int = 1) -> int:
@@ -94,7 +98,13 @@ class SlotPool:
         self.run: Callable[..., torch.Tensor] = self.forward
         if compiled:
             mode = "reduce-overhead" if self.mask.device.type == "cuda" else None
-            self.run = torch.compile(self.forward, mode=mode, dynamic=False)
+            step = torch.compile(self.forward, mode=mode, dynamic=False)
+
+            def run(*args) -> torch.Tensor:
+                with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+                    return step(*args)
+
+            self.run = run
         self.owner: weakref.ref | None = None  # the `SlotState` using the pool
 
     def forward(self, model, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
