@@ -112,7 +112,8 @@ def ensemble_probabilities(
                 f"{'the labels given' if labels is not None else 'member 0'}'s {sorted(order)}; "
                 "an ensemble averages probabilities over one label set"
             )
-        Template(m.template or "").validate(column_names(rows), source=source)  # before any model loads
+    for m in resolved:  # before any model loads
+        Template(m.template or "").validate(column_names(rows), source=source)
     load = load or load_base
     bases: dict[str, list[int]] = {}
     for i, m in enumerate(resolved):
