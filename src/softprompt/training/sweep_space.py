@@ -60,7 +60,11 @@ class SweepSettings:
     seed: int = option(0, "Seed of the sampling, the folds and the bootstrap.")
     outer_folds: int = option(5, "Outer folds: each estimates the choice its inner folds made (>= 2).")
     inner_folds: int = option(3, "Inner folds: the settings are scored on these to choose (>= 2).")
-    ensemble: int = option(0, "Also try the average of the top k settings as one candidate (0: off).")
+    ensemble: int = option(
+        0,
+        "Also try the average of the top k settings as one candidate (0: off); they may differ in base model, "
+        "template and label words.",
+    )
     metric: str = option("macro_f1", "What chooses: macro_f1 or accuracy.", choices=METRICS)
     selection: str | None = option(
         None,
