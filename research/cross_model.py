@@ -9,13 +9,11 @@
 ``softprompt predict --adapter a --adapter b`` averages adapters of ONE base model; this averages members
 that each need their own base model, loaded one after the other (so only one is in memory at a time);
 a member may be a base model alone (zero-shot). Weights are equal and fixed before anything is scored.
-Every member renders the data the same way: each adapter's training metadata is read and checked to
-agree, or ``--template``/``--label-column``/``--verbalizer`` set it for all of them.
-Rows any member trained on (its training fingerprints) are dropped from every split and counted, so a
-figure is never scored on training text.
-
-``softprompt sweep`` ensembles the top settings of ONE base model (chosen by nested cross-validation or on
-validation); members on different base models, each loaded in turn, stay here.
+The scoring is the library's (`softprompt.ensemble_probabilities`, which ``softprompt sweep`` also uses for its
+cross-model ensembles): each member renders the rows with the template and label words of its adapter's
+training metadata (``--template``/``--verbalizer`` set them for every member), and all members must share the
+raw labels. Rows any member trained on (its training fingerprints, under its own template) are dropped from
+every split and counted, so a figure is never scored on training text.
 
 Writes one JSON: per split, each member's and the ensemble's accuracy and macro-F1, how many rows the
 members disagree on and how many all of them get wrong (the cap on any vote of these members).
@@ -42,7 +40,6 @@ from softprompt.training import (
     adapter_settings,
     classification_report,
     fingerprint,
-    label_probabilities,
     parse_verbalizer,
     read_train_fingerprints,
 )
@@ -58,31 +55,31 @@ def _member(spec: str) -> tuple[str, str | None]:
     return model, adapter or None
 
 
-def shared_settings(adapters: list[str], given: dict | None = None) -> dict:
-    """The template, columns and verbalizer every member was trained with (they must agree); settings
-    ``given`` (the command line's) replace what the adapters say, for every member alike."""
-    keys = ("template", "text_column", "label_column", "verbalizer")
+def ensemble_members(members: list[tuple[str, str | None]], given: dict | None = None) -> list:
+    """The members as resolved `softprompt.EnsembleMember` (template and label words read from each adapter);
+    ``given`` (the command line's template and verbalizer) replace them for every member alike."""
     given = {k: v for k, v in (given or {}).items() if v is not None}
-    if not adapters:
-        if set(given) >= {"template", "label_column", "verbalizer"}:
-            return given
+    verbalizer = {str(k): v for k, v in given["verbalizer"].items()} if "verbalizer" in given else None
+    try:
+        return [
+            softprompt.EnsembleMember(m, a, template=given.get("template"), verbalizer=verbalizer).resolved()
+            for m, a in members
+        ]
+    except softprompt.SoftPromptError as exc:
+        raise SystemExit(f"research.cross_model: {exc}") from None
+
+
+def label_column(members: list[tuple[str, str | None]], given: str | None) -> str:
+    """The column of the gold labels: given, or the one every adapter was trained on."""
+    if given:
+        return given
+    columns = {adapter_settings(a).get("label_column") for _, a in members if a}
+    if len(columns) != 1 or None in columns:
         raise SystemExit(
-            "research.cross_model: no member has an adapter to read the template from; "
-            "give --template, --label-column and --verbalizer"
+            f"research.cross_model: the members' adapters record label columns {sorted(map(str, columns))}; "
+            "give --label-column"
         )
-    settings = [{**{k: adapter_settings(a).get(k) for k in keys}, **given} for a in adapters]
-    for adapter, s in zip(adapters, settings):
-        if not s["template"] or not s["verbalizer"]:
-            raise SystemExit(
-                f"research.cross_model: {adapter}: no template/verbalizer in its training state "
-                "(was it trained by softprompt on a classification task?)"
-            )
-        if s != settings[0]:
-            raise SystemExit(
-                f"research.cross_model: {adapter}: renders the data differently from {adapters[0]} "
-                f"({s} vs {settings[0]}); the ensemble needs one template and verbalizer"
-            )
-    return settings[0]
+    return columns.pop()
 
 
 def run(
@@ -94,52 +91,45 @@ def run(
     log=print,
 ) -> dict:
     """Score every split with every member (one base model at a time), then average the probabilities."""
-    settings = shared_settings([a for _, a in members if a], given)
-    render = Template(settings["template"]).render
-    verbalizer = {str(k): v for k, v in settings["verbalizer"].items()}
-    labels = list(verbalizer.values())
-    seen = set().union(*(read_train_fingerprints(a) for _, a in members if a))
-    data = {}
+    given = given or {}
+    resolved = ensemble_members(members, given)
+    column = label_column(members, given.get("label_column"))
+    trained_on = [
+        (Template(m.template or "").render, read_train_fingerprints(a)) for m, (_, a) in zip(resolved, members) if a
+    ]
+    data, rows = {}, []
     for split, path in splits.items():
-        rows = load_rows(path)
-        kept = [r for r in rows if fingerprint(render(r)) not in seen]
-        data[split] = {
-            "path": str(path),
-            "rows": len(kept),
-            "dropped_as_trained_on": len(rows) - len(kept),
-            "texts": [render(r) for r in kept],
-            "gold": [verbalizer[str(r[settings["label_column"]])] for r in kept],
-        }
-    probs: dict[str, dict[str, list[list[float]]]] = {split: {} for split in splits}
-    for i, (model_name, adapter) in enumerate(members):
-        started = time.perf_counter()
-        model = softprompt.load(model_name)
-        if adapter:
-            model.load_adapter(adapter, name="member")
-        for split, d in data.items():
-            probs[split][f"{i}"] = label_probabilities(
-                model, d["texts"], labels, ["member" if adapter else None], batch_size=batch_size, progress=True
-            )
-        log(f"research.cross_model: member {i} ({model_name}) scored in {time.perf_counter() - started:.0f} s")
-        del model
+        loaded = load_rows(path)
+        kept = [r for r in loaded if not any(fingerprint(render(r)) in seen for render, seen in trained_on)]
+        data[split] = {"path": str(path), "rows": len(kept), "dropped_as_trained_on": len(loaded) - len(kept)}
+        data[split]["gold"] = [str(r[column]) for r in kept]
+        rows += kept
+    # every split in one call: each base model loads once
+    try:
+        scored = softprompt.ensemble_probabilities(
+            resolved, rows, batch_size=batch_size, progress=True, log=lambda line: log(f"research.cross_model: {line}")
+        )
+    except softprompt.SoftPromptError as exc:
+        raise SystemExit(f"research.cross_model: {exc}") from None
+    labels = scored.labels
     result = {
-        "members": [{"model": m, "adapter": a} for m, a in members],
+        "members": [
+            {"model": m, "adapter": a, "template": r.template, "verbalizer": r.verbalizer}
+            for (m, a), r in zip(members, resolved)
+        ],
         "labels": labels,
         "weights": "equal",
         "splits": {},
     }
+    start = 0
     for split, d in data.items():
-
-        def predict(p: list[float]) -> str:
-            return labels[max(range(len(labels)), key=p.__getitem__)]
-
-        member_preds = [[predict(p) for p in probs[split][f"{i}"]] for i in range(len(members))]
-        mean = [
-            [sum(probs[split][f"{i}"][row][j] for i in range(len(members))) / len(members) for j in range(len(labels))]
-            for row in range(d["rows"])
-        ]
-        ensemble = classification_report(d["gold"], [predict(p) for p in mean], labels)
+        span = slice(start, start + d["rows"])
+        start += d["rows"]
         gold = d["gold"]
+        if unknown := set(gold) - set(labels):
+            raise SystemExit(f"research.cross_model: {d['path']}: labels {sorted(unknown)} are none of {labels}")
+        member_preds = [scored.predictions(p[span]) for p in scored.member_probs]
+        ensemble = classification_report(gold, scored.predictions(scored.probs[span]), labels)
         result["splits"][split] = {
             "path": d["path"],
             "rows": d["rows"],

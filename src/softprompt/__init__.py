@@ -18,6 +18,12 @@ from softprompt.errors import AdapterMismatchError, ConfigError, DataError, Soft
 from softprompt.methods import METHODS, PrefixTuningConfig, PromptTuningConfig, PTuningConfig
 from softprompt.models.loading import load
 from softprompt.models.memory import MemoryEstimate, estimate_memory
+from softprompt.training.ensemble import (
+    EnsembleMember,
+    EnsembleProbabilities,
+    ensemble_probabilities,
+    predict_ensemble_file,
+)
 from softprompt.training.sweep_run import sweep
 
 __all__ = [
@@ -25,6 +31,8 @@ __all__ = [
     "AdapterMismatchError",
     "ConfigError",
     "DataError",
+    "EnsembleMember",
+    "EnsembleProbabilities",
     "LabelScores",
     "MemoryEstimate",
     "PTuningConfig",
@@ -35,8 +43,10 @@ __all__ = [
     "SoftPromptOutput",
     "TrainingFormat",
     "__version__",
+    "ensemble_probabilities",
     "estimate_memory",
     "format_inputs",
     "load",
+    "predict_ensemble_file",
     "sweep",
 ]

@@ -193,13 +193,17 @@ def test_the_cross_model_ensemble_averages_members_and_drops_rows_they_trained_o
     assert test["ensemble"]["accuracy"] == pytest.approx(right / len(dev))
 
 
-def test_members_that_render_the_data_differently_are_refused(quick_run):
+def test_members_with_other_labels_are_refused(quick_run):
+    import softprompt
+
     out, _, _ = quick_run
+    model_dir = str(out / "quick_model")
     sst2 = str(out / "sst2-chain-4" / "out" / "default")
     phrasebank = str(out / "fpb-prefix-e1" / "financial_phrasebank" / "prefix20-lr0p01")
-    with pytest.raises(SystemExit, match="renders the data differently"):
-        cross_model.shared_settings([sst2, phrasebank])
+    members = cross_model.ensemble_members([(model_dir, sst2), (model_dir, phrasebank)])
+    with pytest.raises(softprompt.ConfigError, match="ensemble member 1 .* differ from member 0"):
+        softprompt.ensemble_probabilities(members, [])
     with pytest.raises(SystemExit, match="--member: expected MODEL=ADAPTER_DIR"):
         cross_model.main(["--member", "smollm2-135m=", "--test", "x.tsv", "--out", "y.json"])
-    with pytest.raises(SystemExit, match="give --template, --label-column and --verbalizer"):
-        cross_model.shared_settings([], {"template": "{text}"})
+    with pytest.raises(SystemExit, match="give template and verbalizer"):
+        cross_model.ensemble_members([("smollm2-135m", None)], {"template": "{text}"})

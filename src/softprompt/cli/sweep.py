@@ -19,8 +19,11 @@ EXAMPLES = """
     test_fraction of --data held out first) are scored once, for the final choice. compare: a space key such as
     method, each of whose values also gets its own nested estimate. Settings that share the base model and
     job-wide options train as ONE
-    multi-adapter job. Writes leaderboard.csv/.md/.png, sweep_report.json, chosen.yaml (a recipe for
-    'softprompt train') and final/ (the choice trained on all labelled rows). Rerunning the same
+    multi-adapter job. ensemble: k also tries the average of the top k settings, which may differ in base
+    model, template and label words (each member then loads its own base model in turn to predict).
+    Writes leaderboard.csv/.md/.png, sweep_report.json, chosen.yaml (a recipe for 'softprompt train'; for an
+    ensemble across base models, each member's recipe under 'members:') and final/ (the choice trained on all
+    labelled rows). Rerunning the same
     command skips every (fold, setting) already in <output>/results/.
 
     examples:

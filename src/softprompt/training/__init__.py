@@ -6,6 +6,12 @@ from softprompt.data.heldout import fingerprint, read_train_fingerprints
 from softprompt.training.batches import collate, encode_examples, epoch_groups
 from softprompt.training.config import TrainConfig, load_config, parse_verbalizer
 from softprompt.training.cross_validate import CrossValidationReport, cross_validate
+from softprompt.training.ensemble import (
+    EnsembleMember,
+    EnsembleProbabilities,
+    ensemble_probabilities,
+    predict_ensemble_file,
+)
 from softprompt.training.evaluate import adapter_settings, evaluate, example_loss, prompt_budget
 from softprompt.training.jobs import prepare_job
 from softprompt.training.loop import train, train_jobs
@@ -15,6 +21,8 @@ from softprompt.training.sweep_run import SweepResult, sweep
 
 __all__ = [
     "CrossValidationReport",
+    "EnsembleMember",
+    "EnsembleProbabilities",
     "SweepResult",
     "TrainConfig",
     "adapter_settings",
@@ -22,6 +30,7 @@ __all__ = [
     "collate",
     "cross_validate",
     "encode_examples",
+    "ensemble_probabilities",
     "epoch_groups",
     "evaluate",
     "example_loss",
@@ -29,6 +38,7 @@ __all__ = [
     "label_probabilities",
     "load_config",
     "parse_verbalizer",
+    "predict_ensemble_file",
     "predict_file",
     "prepare_job",
     "prompt_budget",

@@ -10,6 +10,10 @@ The search space is `softprompt.training.sweep_space`. With the labelled rows al
 * **final choice.** The same inner cross-validation over all rows chooses the setting reported, saved as
   ``chosen.yaml`` (a recipe for ``softprompt train``) and trained on all rows into ``final/``.
 
+An ensemble's members may differ in base model, template and label words (every probability is per raw
+label): its final predictions and test score then come from `ensemble_probabilities`, one base model loaded
+at a time, and ``chosen.yaml`` lists each member's own recipe under ``members:``.
+
 All settings of one base model (every setting, inner fold) of a stage train as adapters of ONE
 multi-adapter job, in the same batches. With validation data (``validation_data``/``validation_split``, or
 ``selection: validation`` on a ``val_fraction`` split) the settings are chosen on validation alone. Test rows
@@ -36,13 +40,14 @@ from softprompt.fileio import atomic_write_json, atomic_write_yaml
 from softprompt.training import sweep_report
 from softprompt.training.adapter_config import ResolvedAdapter
 from softprompt.training.config import TrainConfig
+from softprompt.training.ensemble import EnsembleMember, ensemble_probabilities, predict_ensemble_file
 from softprompt.training.evaluate import prompt_budget
 from softprompt.training.jobs import AdapterJob, prepare_job
 from softprompt.training.loop import StepInfo, TrainResult, load_model, train_jobs
 from softprompt.training.metrics import classification_report
 from softprompt.training.predict import label_probabilities, predict_file
 from softprompt.training.signals import stop_at_step_boundary_on_signals
-from softprompt.training.sweep_space import Sweep, describe, job_config, job_key, load_sweep, recipe_values
+from softprompt.training.sweep_space import Sweep, describe, job_config, job_groups, job_key, load_sweep, recipe_values
 
 REPORT_FILE = "sweep_report.json"
 ALL = 0  # the "outer fold" that is every labelled row: its inner folds make the final choice
@@ -83,14 +88,20 @@ def sweep(
     result = SweepResult(run.out, report, adapters)
     if predict:
         target = Path(predict_output or run.out / "predictions.csv")
-        result.predictions = predict_file(
-            run.model_for(report["final"]["members"][0]),
-            adapters,
-            predict,
-            target,
-            id_column=id_column,
-            progress=progress,
-        )
+        members = report["final"]["members"]
+        if _all_share_inputs(members):  # one base model, template and label words: predict's own average
+            result.predictions = predict_file(
+                run.model_for(members[0]), adapters, predict, target, id_column=id_column, progress=progress
+            )
+        else:
+            result.predictions = predict_ensemble_file(
+                run.ensemble_members(members, adapters),
+                predict,
+                target,
+                id_column=id_column,
+                load=run.model_by_name,
+                progress=progress,
+            )
     return result
 
 
@@ -173,6 +184,17 @@ class _Run:
             self.models[name] = load_model(dataclasses.replace(self.base, model=name))
         return self.models[name]
 
+    def model_by_name(self, name: str):
+        return self.model_for({"model": name})
+
+    def ensemble_members(self, settings: Sequence[dict], adapters: dict[str, Any]) -> list[EnsembleMember]:
+        """The final choice as `EnsembleMember`: each setting's base model and trained adapter (which records
+        its template and label words)."""
+        return [
+            EnsembleMember(s.get("model", self.base.model) or "", str(path))
+            for s, path in zip(settings, adapters.values())
+        ]
+
     # ------------------------------------------------------------------------------ train + score
     def train_and_score(self, units: list[tuple[str, Sequence[dict], Sequence[dict] | None, int]]) -> None:
         """Train each unit ``(tag, train rows, scored rows, setting)`` whose result is not on disk, as
@@ -254,7 +276,7 @@ class _Run:
     # ------------------------------------------------------------------------------ choosing
     def choose(self, tags: list[str], among: Sequence[int] | None = None) -> dict:
         """Score every setting (of ``among``, default all) pooled over ``tags`` (inner folds or validation) and
-        choose; with ``ensemble: k`` the average of the top k settings of the best's job is one more candidate."""
+        choose; with ``ensemble: k`` the average of the top k settings is one more candidate."""
         among = range(len(self.spec.settings)) if among is None else among
         pooled = {i: _pool([self.load(t, i) for t in tags]) for i in among}
         scores = {f"s{i}": self.score(*pooled[i]) for i in pooled}
@@ -262,13 +284,10 @@ class _Run:
         candidates = {f"s{i}": [i] for i in pooled}
         k = min(self.opts.ensemble, len(ranked))
         if k >= 2:
-            # members the final prediction can average: one base model, one template and label words
-            first = self.spec.settings[ranked[0]]
-            same = [i for i in ranked if _shares_inputs(self.spec.settings[i], first)][:k]
-            if len(same) >= 2:
-                name = f"top{len(same)}"
-                truth, probs = pooled[same[0]][0], _mean([pooled[i][1] for i in same])
-                scores[name], candidates[name] = self.score(truth, probs), same
+            # any settings: every probability is per raw label, whatever base model, template or words gave it
+            top = ranked[:k]
+            truth, probs = pooled[top[0]][0], _mean([pooled[i][1] for i in top])
+            scores[f"top{k}"], candidates[f"top{k}"] = self.score(truth, probs), top
         best = max(scores, key=lambda c: (scores[c], -list(scores).index(c)))
         return {"scores": scores, "chosen": best, "members": candidates[best]}
 
@@ -330,6 +349,17 @@ class _Run:
         probabilities averaged; None without test rows."""
         if self.test_rows is None:
             return None
+        settings = [self.spec.settings[i] for i in members]
+        if not _all_share_inputs(settings):  # scored as --predict scores them
+            result = ensemble_probabilities(
+                self.ensemble_members(settings, adapters),
+                self.test_rows,
+                labels=self.raws,
+                batch_size=2 * self.base.batch_size,
+                load=self.model_by_name,
+                source=f"{self.base.data} (test rows)",
+            )
+            return self.record(self.test_rows, result.probs)
         probs = []
         for n, (i, path) in enumerate(zip(members, adapters.values())):
             model = self.model_for(self.spec.settings[i])
@@ -350,12 +380,17 @@ class _Run:
             names = ["default"] if len(members) == 1 else [f"member{n}" for n in range(len(members))]
             done = self.out / "results" / "final.json"
             if not done.exists():
-                config = job_config(self.base, list(zip(names, members)), str(self.out / "final"))
-                model = self.model_for(members[0])
-                result = self._train(config, model, [prepare_job(s) for s in config.resolved_adapters()])
-                for name in names:
-                    model.remove_adapter(name)
-                atomic_write_json(done, {n: str(result.adapters[n].path) for n in names})
+                groups = job_groups(members)  # members of other base models (job-wide settings) train apart
+                paths = {}
+                for g, group in enumerate(groups):
+                    output = self.out / "final" / (f"job{g}" if len(groups) > 1 else "")
+                    config = job_config(self.base, [(names[n], members[n]) for n in group], str(output))
+                    model = self.model_for(members[group[0]])
+                    result = self._train(config, model, [prepare_job(s) for s in config.resolved_adapters()])
+                    for n in group:
+                        model.remove_adapter(names[n])
+                        paths[names[n]] = str(result.adapters[names[n]].path)
+                atomic_write_json(done, {n: paths[n] for n in names})
             trained = {n: Path(p) for n, p in json.loads(done.read_text()).items()}
         return {
             **choice,
@@ -366,9 +401,11 @@ class _Run:
         }
 
 
-def _shares_inputs(a: dict, b: dict) -> bool:
+def _all_share_inputs(settings: Sequence[dict]) -> bool:
+    """Whether one base model renders the rows one way for every setting (`predict_file` averages them)."""
     keys = ("model", "template", "verbalizer")
-    return job_key(a) == job_key(b) and all(a.get(k) == b.get(k) for k in keys)
+    first = settings[0]
+    return all(job_key(s) == job_key(first) and all(s.get(k) == first.get(k) for k in keys) for s in settings)
 
 
 def _pool(results: list[dict], average: bool = False) -> tuple[list[str], list[list[float]]]:

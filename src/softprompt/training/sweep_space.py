@@ -60,7 +60,11 @@ class SweepSettings:
     seed: int = option(0, "Seed of the sampling, the folds and the bootstrap.")
     outer_folds: int = option(5, "Outer folds: each estimates the choice its inner folds made (>= 2).")
     inner_folds: int = option(3, "Inner folds: the settings are scored on these to choose (>= 2).")
-    ensemble: int = option(0, "Also try the average of the top k settings as one candidate (0: off).")
+    ensemble: int = option(
+        0,
+        "Also try the average of the top k settings as one candidate (0: off); they may differ in base model, "
+        "template and label words.",
+    )
     metric: str = option("macro_f1", "What chooses: macro_f1 or accuracy.", choices=METRICS)
     selection: str | None = option(
         None,
@@ -266,11 +270,30 @@ def job_config(base: TrainConfig, adapters: list[tuple[str, dict[str, Any]]], ou
     return config.validate()
 
 
+def job_groups(members: list[dict[str, Any]]) -> list[list[int]]:
+    """The indices of ``members`` grouped by job key (one multi-adapter job each), in order of first appearance."""
+    groups: dict[tuple, list[int]] = {}
+    for n, member in enumerate(members):
+        groups.setdefault(job_key(member), []).append(n)
+    return list(groups.values())
+
+
 def recipe_values(sweep: Sweep, members: list[dict[str, Any]], output: str) -> dict[str, Any]:
-    """The chosen settings as a recipe ``softprompt train`` loads: one adapter, or the ensemble's members."""
+    """The chosen settings as a recipe ``softprompt train`` loads: one adapter, or the ensemble's members as the
+    adapters of one job. Members that cannot share a job (another base model, say) give ``members:``, each
+    member's own recipe (adapter ``member<n>`` in ``<output>/job<g>``, where the sweep trains it)."""
     values = {**sweep.base_values, "output": output}
     if len(members) == 1:
         return {**for_method(values, members[0].get("method")), **members[0]}
+    groups = job_groups(members)
+    if len(groups) > 1:
+        job_of = {n: g for g, group in enumerate(groups) for n in group}
+        return {
+            "members": [
+                {**recipe_values(sweep, [m], f"{output}/job{job_of[n]}"), "name": f"member{n}"}
+                for n, m in enumerate(members)
+            ]
+        }
     values.update({k: v for k, v in members[0].items() if k in JOB_KEYS})
     values["adapters"] = [
         {"name": f"member{i}", **{k: v for k, v in m.items() if k not in JOB_KEYS}} for i, m in enumerate(members)
@@ -288,6 +311,7 @@ __all__ = [
     "SweepSettings",
     "describe",
     "job_config",
+    "job_groups",
     "job_key",
     "load_sweep",
     "parse_sweep",
