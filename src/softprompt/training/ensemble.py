@@ -14,10 +14,8 @@ other, so with the default loader only one is in memory at a time. Probabilities
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import gc
-import io
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -28,10 +26,9 @@ from typing import Any
 from softprompt.data import Example, Template, Verbalizer, column_names, load_rows, require_columns
 from softprompt.engine.model import SoftPromptModel
 from softprompt.errors import ConfigError
-from softprompt.fileio import atomic_write_text
 from softprompt.models.loading import load as load_base
 from softprompt.training.evaluate import adapter_settings, prompt_budget, with_adapter_tasks
-from softprompt.training.predict import label_probabilities
+from softprompt.training.predict import label_probabilities, write_predictions
 
 
 @dataclass(frozen=True)
@@ -193,15 +190,15 @@ def predict_ensemble_file(
     result = ensemble_probabilities(
         members, rows, batch_size=batch_size, load=load, source=str(data), progress=progress
     )
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow([id_column or "row", label_name] + ([f"p_{raw}" for raw in result.labels] if probabilities else []))
-    for i, (row, label, p) in enumerate(zip(rows, result.predictions(), result.probs)):
-        extra = [f"{v:.6f}" for v in p] if probabilities else []
-        writer.writerow([row[id_column] if id_column else i + 1, label, *extra])
-    output = Path(output)
-    atomic_write_text(output, buffer.getvalue())
-    return output
+    return write_predictions(
+        output,
+        rows,
+        result.predictions(),
+        result.probs if probabilities else None,
+        result.labels,
+        id_column=id_column,
+        label_name=label_name,
+    )
 
 
 __all__ = ["EnsembleMember", "EnsembleProbabilities", "ensemble_probabilities", "predict_ensemble_file"]

@@ -15,6 +15,7 @@ import csv
 import io
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -135,20 +136,35 @@ def predict_file(
         progress=progress,
         tasks=tasks,
     )
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
     names = [label.strip() for label in labels]  # " negative" -> p_negative, unless that makes two alike
     names = names if len(set(names)) == len(names) else list(labels)
-    writer.writerow([id_column or "row", label_name] + ([f"p_{name}" for name in names] if probabilities else []))
-    for i, (row, p) in enumerate(zip(rows, probs)):
-        best = labels[max(range(len(labels)), key=p.__getitem__)]
-        writer.writerow(
-            [row[id_column] if id_column else i + 1, verb.to_raw(best)]
-            + ([f"{v:.6f}" for v in p] if probabilities else [])
-        )
+    predictions = [verb.to_raw(labels[max(range(len(labels)), key=p.__getitem__)]) for p in probs]
+    return write_predictions(
+        output, rows, predictions, probs if probabilities else None, names, id_column=id_column, label_name=label_name
+    )
+
+
+def write_predictions(
+    output: str | Path,
+    rows: Sequence[Mapping[str, Any]],
+    predictions: Sequence[str],
+    probs: Sequence[Sequence[float]] | None,
+    columns: Sequence[str],
+    *,
+    id_column: str | None,
+    label_name: str,
+) -> Path:
+    """The predictions CSV, written atomically: ``id_column``'s value (or the row number from 1) and the predicted
+    raw label per row; with ``probs``, one ``p_<column>`` column per label."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow([id_column or "row", label_name] + ([f"p_{name}" for name in columns] if probs else []))
+    for i, (row, label) in enumerate(zip(rows, predictions)):
+        extra = [f"{v:.6f}" for v in probs[i]] if probs else []
+        writer.writerow([row[id_column] if id_column else i + 1, label, *extra])
     output = Path(output)
     atomic_write_text(output, buffer.getvalue())
     return output
 
 
-__all__ = ["label_probabilities", "predict_file"]
+__all__ = ["label_probabilities", "predict_file", "write_predictions"]
