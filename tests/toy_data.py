@@ -55,6 +55,19 @@ def assert_resume_is_bit_identical(run, full, make_model) -> None:
     assert (full.output / weights).read_bytes() == (cut / weights).read_bytes()
 
 
+#: One quick prompt-tuning pass (1 epoch, batches of 8, lr 0.5, every row trained on): `toy_job` settings of the
+#: ensemble tests, which need adapters, not good ones.
+TRAINING = {
+    "method": "prompt_tuning",
+    "init": "random",
+    "num_virtual_tokens": 2,
+    "epochs": 1,
+    "batch_size": 8,
+    "lr": 0.5,
+    "val_fraction": 0,
+}
+
+
 def toy_job(data: str, output, settings: dict, **overrides) -> TrainConfig:
     """A small training job on a toy data file (label column ``label``): 2 epochs, batches of 4, lr 0.05, a quarter
     of the rows for validation, no zero-shot pass, seed 0; ``settings`` (the method and its options), then

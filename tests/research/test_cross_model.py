@@ -9,10 +9,10 @@ import torch
 
 import softprompt
 from research import cross_model
-from softprompt.training import classification_report, load_config, train
+from softprompt.training import classification_report, train
 
 from tiny import save_tiny_checkpoint
-from toy_data import toy_rows, write_csv
+from toy_data import TRAINING, toy_job, toy_rows, write_csv
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -23,22 +23,14 @@ SETUPS = {
 
 
 def trained(tmp, family: str, rows, **extra) -> str:
-    values = {
-        "model": str(tmp / family),
-        "data": write_csv(tmp / f"train-{family}-{len(extra)}.csv", rows),
-        "label_column": "label",
-        "method": "prompt_tuning",
-        "init": "random",
-        "num_virtual_tokens": 2,
-        "epochs": 1,
-        "batch_size": 8,
-        "lr": 0.5,
-        "val_fraction": 0,
-        "output": str(tmp / f"runs-{family}-{len(extra)}"),
-        **SETUPS[family],
+    values = toy_job(
+        write_csv(tmp / f"train-{family}-{len(extra)}.csv", rows),
+        tmp / f"runs-{family}-{len(extra)}",
+        {**TRAINING, **SETUPS[family]},
+        model=str(tmp / family),
         **extra,
-    }
-    return str(train(load_config(None, values), progress=False).adapters["default"].path)
+    )
+    return str(train(values, progress=False).adapters["default"].path)
 
 
 @pytest.fixture(scope="module")

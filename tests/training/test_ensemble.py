@@ -9,11 +9,11 @@ import pytest
 import softprompt
 from softprompt.data import Template, load_rows
 from softprompt.errors import ConfigError
-from softprompt.training import label_probabilities, load_config, train
+from softprompt.training import label_probabilities, train
 from softprompt.training.ensemble import EnsembleMember, ensemble_probabilities, predict_ensemble_file
 
 from tiny import VOCAB, save_tiny_checkpoint, tiny_base, tiny_tokenizer
-from toy_data import toy_rows, write_csv
+from toy_data import TRAINING, toy_job, toy_rows, write_csv
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -41,21 +41,8 @@ def members(tmp_path_factory):
     out = []
     for family, extra in (("bloom", 0), ("llama", 5)):
         model_dir = save_checkpoint(family, tmp / family, extra)
-        values = {
-            "model": model_dir,
-            "data": data,
-            "label_column": "label",
-            "method": "prompt_tuning",
-            "init": "random",
-            "num_virtual_tokens": 2,
-            "epochs": 1,
-            "batch_size": 8,
-            "lr": 0.5,
-            "val_fraction": 0,
-            "output": str(tmp / f"runs-{family}"),
-            **SETUPS[family],
-        }
-        result = train(load_config(None, values), progress=False)
+        job = toy_job(data, tmp / f"runs-{family}", {**TRAINING, **SETUPS[family]}, model=model_dir)
+        result = train(job, progress=False)
         out.append(EnsembleMember(model_dir, str(result.adapters["default"].path)))
     rows = [{"ID": f"r{i}", "text": r["text"]} for i, r in enumerate(toy_rows(6, seed=5))]
     return tmp, out, rows
