@@ -32,7 +32,7 @@ from transformers import (
     TorchAoConfig,
 )
 
-from softprompt.models.precision import QUANTIZE_INSTALL, QUANTIZE_NAMES, QUANTIZE_PACKAGES
+from softprompt.models.precision import QUANTIZE_INSTALL, QUANTIZE_NAMES, QUANTIZE_PACKAGES, quantizes_lm_head
 from softprompt.engine.decode_options import DEFAULT_DECODE, check_decode
 from softprompt.engine.model import SoftPromptModel
 from softprompt.errors import SoftPromptError
@@ -165,23 +165,23 @@ def _quantized_load(name: str, config: Any, quantize: str | None, dtype: torch.d
 
 
 def _int8_weight_head(base: PreTrainedModel) -> None:
-    """``--quantize int8-weight`` over a 16-bit base quantizes the LM head as well. transformers' torchao path leaves
-    it out when it is tied to the input embeddings, yet it is a fifth of smollm2-135m's weight bytes, read at every
-    decoding step (compiled, bfloat16, one stream: 20.8 -> 18.5 ms per token). Not over float32: torch's int8-weight
-    kernel is fast for 16-bit activations only, and an eager float32 step with an int8 head took 4x as long (162
-    vs 41 ms). The head is untied first: the input embeddings stay in the base's dtype, since prompt embeddings and
+    """``--quantize int8-weight`` over a 16-bit base quantizes the LM head as well (`quantizes_lm_head`).
+    transformers' torchao path leaves it out when it is tied to the input embeddings, yet it is a fifth of
+    smollm2-135m's weight bytes, read at every decoding step (compiled, bfloat16, one stream: 20.8 -> 18.5 ms per
+    token). The head is untied first: the input embeddings stay in the base's dtype, since prompt embeddings and
     vocabulary initialisation read them. The config says so, so a saved checkpoint reloads with the same head."""
-    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    from torchao.quantization import quantize_
 
     head = base.get_output_embeddings()
     if not isinstance(head, torch.nn.Linear) or type(head.weight) is not torch.nn.Parameter:
         return  # no head, or one torchao already quantized
-    if head.weight.dtype == torch.float32:
+    if not quantizes_lm_head("int8-weight", head.weight.element_size()):
         return
+    config = base.config.quantization_config  # the TorchAoConfig the decoder's linear layers were quantized by
     head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)
-    quantize_(head, Int8WeightOnlyConfig())
+    quantize_(head, config.quant_type)
     base.config.tie_word_embeddings = False
-    base.config.quantization_config.modules_to_not_convert = []  # reloading quantizes lm_head like every linear
+    config.modules_to_not_convert = []  # reloading quantizes lm_head like every linear
 
 
 def _no_cpu_repacking(base: torch.nn.Module) -> None:

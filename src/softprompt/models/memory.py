@@ -52,7 +52,7 @@ import huggingface_hub
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
-from softprompt.models.precision import QUANTIZE_NAMES
+from softprompt.models.precision import QUANTIZE_NAMES, quantizes_lm_head
 from softprompt.engine.families import ModelShape
 from softprompt.errors import SoftPromptError
 from softprompt.methods import method_class, normalize_method
@@ -215,9 +215,7 @@ def _quantized_weight_bytes(model: PreTrainedModel, quantize: str, dtype_bytes: 
     head = model.get_output_embeddings()
     tied = head is not None and head.weight is model.get_input_embeddings().weight
     for module in model.modules():
-        if isinstance(module, torch.nn.Linear) and (
-            module is not head or (quantize == "int8-weight" and dtype_bytes < 4)
-        ):
+        if isinstance(module, torch.nn.Linear) and (module is not head or quantizes_lm_head(quantize, dtype_bytes)):
             rows, cols = module.weight.shape
             linear_bytes += rows * cols * (NF4_BYTES if quantize == "nf4" else 1 + 4 / cols)
             quantized += 0 if module is head and tied else rows * cols

@@ -28,6 +28,13 @@ QUANTIZE_PACKAGES = {"int8": "bitsandbytes", "nf4": "bitsandbytes", "int8-weight
 QUANTIZE_INSTALL = "pip install 'softprompt[quantize]'"
 
 
+def quantizes_lm_head(quantize: str, weight_bytes: int) -> bool:
+    """Whether ``quantize`` over weights of ``weight_bytes`` bytes quantizes the LM head too: int8-weight over a
+    16-bit base only (torch's int8-weight CPU kernel is fast for 16-bit activations; over float32 an int8 head made
+    an eager decoding step 4x slower). bitsandbytes' int8/nf4 leave it as transformers does."""
+    return quantize == "int8-weight" and weight_bytes < 4
+
+
 class _QuietQuantizers(logging.Filter):
     """Drops log lines of the quantization libraries that would flood or mislead a run: bitsandbytes int8's notice
     that it casts its inputs to float16 (once per layer per forward pass) and, on some CPUs, that an optional kernel
