@@ -4,6 +4,7 @@ and what would not help.
     .venv/bin/python -m research.attention                 # smollm2-135m's shapes: 8 rows x 64 tokens, 9/3 heads
     .venv/bin/python -m research.attention --prefix 8 --threads 2
     .venv/bin/python -m research.attention --sweep         # masked kernel vs grouped products over text lengths
+    .venv/bin/python -m research.attention --decode        # one query per row (decoding), bfloat16 and float32
 
 A prompt-tuned forward attends 64 text queries to n prefix keys plus the 64 causal text keys, which
 needs an explicit mask: SDPA's ``is_causal`` aligns the causal triangle to the top left, wrong as soon
@@ -119,6 +120,9 @@ def main(argv=None) -> int:
         "--sweep", action="store_true", help="masked kernel vs grouped products for 1 and --batch rows over --lengths"
     )
     p.add_argument("--lengths", default="16,32,64,128,256", help="--sweep: text lengths (comma-separated)")
+    p.add_argument(
+        "--decode", action="store_true", help="one query per row: masked kernel vs grouped products, 16-bit and fp32"
+    )
     args = p.parse_args(argv)
     if args.kv_heads < 1 or args.heads % args.kv_heads:
         p.error(f"--kv-heads: expected a divisor of --heads ({args.heads}), got {args.kv_heads}")
@@ -128,6 +132,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     if args.sweep:
         return sweep(args, [int(x) for x in args.lengths.split(",")])
+    if args.decode:
+        return decode(args)
     calls = variants(args.batch, args.heads, args.length, args.prefix, args.head_dim, kv_heads=args.kv_heads)
     errors = check_exact(calls)
     times = best_times(calls, args.rounds)
@@ -169,6 +175,48 @@ def sweep(args, lengths: list[int]) -> int:
                 f"{grouped / masked:.2f} |"
             )
     return 0
+
+
+def decode(args) -> int:
+    """Decoding steps (one query per row against a cache of keys, a padding mask) in the masked kernel (what
+    transformers' SDPA function does) and in grouped products, by dtype, rows and keys; which one softprompt takes
+    (`softprompt.engine.attention.uses_grouped_path`)."""
+    import torch
+
+    print(
+        f"Decoding attention on CPU, {args.threads} thread(s), {args.heads}/{args.kv_heads} heads, head_dim "
+        f"{args.head_dim}; torch {torch.__version__}\n"
+    )
+    print("| dtype | rows | keys | masked us | grouped us | grouped / masked | softprompt takes |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | --- |")
+    for dtype in (torch.bfloat16, torch.float32):
+        for rows in (1, 2, 4, 16, 64):
+            for keys in (64, 128, 256):
+                t, takes = decode_call(args, dtype, rows, keys)
+                name = str(dtype).removeprefix("torch.")
+                print(
+                    f"| {name} | {rows} | {keys} | {t['masked'] * 1e6:.0f} | {t['grouped'] * 1e6:.0f} | "
+                    f"{t['grouped'] / t['masked']:.2f} | {takes} |"
+                )
+    return 0
+
+
+def decode_call(args, dtype, rows: int, keys: int) -> tuple[dict[str, float], str]:
+    """Seconds per call of both ways for one shape, and the way softprompt takes."""
+    import torch
+
+    from softprompt.engine.attention import grouped_attention, uses_grouped_path
+
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(rows, args.heads, 1, args.head_dim, generator=generator).to(dtype)
+    k, v = (torch.randn(rows, args.kv_heads, keys, args.head_dim, generator=generator).to(dtype) for _ in "kv")
+    mask = torch.rand(rows, 1, 1, keys, generator=generator) > 0.2
+    mask[..., 0] = True
+    groups = args.heads // args.kv_heads
+    kr, vr = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    calls = {"masked": lambda: sdpa(q, kr, vr, attn_mask=mask), "grouped": lambda: grouped_attention(q, k, v, mask)}
+    return best_times(calls, args.rounds), "grouped" if uses_grouped_path(q, k, v, mask) else "masked"
 
 
 if __name__ == "__main__":

@@ -190,11 +190,7 @@ def test_every_bucket_compiles_past_dynamos_default_limit_of_eight(monkeypatch):
         graphs.append(1)
         return gm.forward
 
-    real = torch.compile
-    monkeypatch.setattr(
-        torch, "compile", lambda fn, mode=None, dynamic=None: real(fn, backend=counting, dynamic=dynamic)
-    )
-    torch._dynamo.reset()
+    _count_graphs(monkeypatch, counting)
     model = lively_model("llama")
     model.decode = "compiled"
     long_prompt = " ".join(["abc"] * 30)  # past the first capacity bucket (64 columns)
@@ -202,3 +198,40 @@ def test_every_bucket_compiles_past_dynamos_default_limit_of_eight(monkeypatch):
         for rows in (1, 2, 4, 8, 16):
             model.generate([prompt] * rows, max_new_tokens=2)
     assert len(graphs) >= 10
+
+
+def test_models_never_share_a_compiled_step(monkeypatch):
+    """The step skips dynamo's guards on the model's modules (they cost 3 ms a step), so each model must compile
+    its own copy of the step: two models of one shape, one with a different normalisation epsilon (a module
+    attribute the graph bakes in, guarded only by a module guard), each decode exactly as they do eagerly."""
+    graphs: list[int] = []
+
+    def counting(gm, _inputs):
+        graphs.append(1)
+        return gm.forward
+
+    _count_graphs(monkeypatch, counting)
+    models = [lively_model("llama"), lively_model("llama")]
+    for module in models[1].base.modules():
+        if hasattr(module, "variance_epsilon"):
+            module.variance_epsilon = 5.0
+    runs = {}
+    for mode in ("eager", "compiled"):
+        for i, model in enumerate(models):
+            model.decode = mode
+            runs[mode, i] = model.generate(PROMPTS[:3], max_new_tokens=6)
+    assert runs["eager", 0] != runs["eager", 1]  # the epsilon changes the tokens
+    assert runs["compiled", 0] == runs["eager", 0]
+    assert runs["compiled", 1] == runs["eager", 1]
+    assert len(graphs) == 2  # one graph per model (one bucket each)
+
+
+def _count_graphs(monkeypatch, backend) -> None:
+    """Compile with ``backend`` (dynamo's tracing and guards are real) from a fresh dynamo state."""
+    real = torch.compile
+
+    def compile_with(fn, mode=None, dynamic=None, options=None):
+        return real(fn, backend=backend, dynamic=dynamic, options=options)
+
+    monkeypatch.setattr(torch, "compile", compile_with)
+    torch._dynamo.reset()

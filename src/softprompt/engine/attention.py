@@ -8,10 +8,11 @@ that shares it (``repeat_kv``). For a short text, two batched matrix products pe
 heads sharing a key/value head do the same arithmetic faster: ``python -m research.attention`` times
 both on smollm2-135m's shapes (8 rows, 64 text tokens, 20 prefix keys: 0.6-0.85x the masked
 kernel's time). From about 128 queries on the kernel wins, so only calls with at most
-``GROUPED_MAX_QUERIES`` queries take this path.
+``GROUPED_MAX_QUERIES`` queries take this path. Decoding (one query per row) takes it where the keys over all rows
+pass a threshold per dtype (``GROUPED_MIN_DECODE_KEYS``): the kernel is 5-7x slower in bfloat16 for a batch.
 
 Everything else goes to transformers' own SDPA function unchanged: calls with no mask (the bare
-model's causal prefill, single-token decoding), gradients (training keeps the kernel's memory-lean
+model's causal prefill, unpadded single-row decoding), gradients (training keeps the kernel's memory-lean
 backward), other devices and dtypes, dropout, soft-capped or position-biased attention, and score
 matrices above ``GROUPED_MAX_SCORES`` elements. Results equal SDPA's to float rounding
 (``tests/engine/test_attention.py``).
@@ -38,6 +39,11 @@ GROUPED_MAX_QUERIES = 64
 # The grouped path materialises the [batch, heads, queries, keys] scores and a mask bias of the same
 # size; cap each at 16 MiB of fp32.
 GROUPED_MAX_SCORES = 1 << 22
+# Decoding (one query per row): from how many keys over all rows grouped products win, by dtype. PyTorch's CPU
+# kernel is slow in 16-bit: for 16 rows of 128-256 keys it takes 1.1-2.1 ms a call where grouped products with float32
+# scores take 0.24-0.35 ms (0.17-0.22x); in float32 it wins up to 16 rows of 128 keys and loses from 64 rows
+# (0.4-0.6x). Measured with `python -m research.attention --decode` (2 threads, AVX-512, 9/3 heads).
+GROUPED_MIN_DECODE_KEYS = {torch.bfloat16: 256, torch.float16: 256, torch.float32: 4096}
 
 
 def uses_grouped_path(
@@ -50,13 +56,17 @@ def uses_grouped_path(
 ) -> bool:
     """Whether `attention` computes this call with grouped matrix products (else transformers' SDPA)."""
     batch, heads, queries, _ = query.shape
+    if queries == 1:
+        shape_wins = batch * key.shape[2] >= GROUPED_MIN_DECODE_KEYS.get(query.dtype, 1 << 62)
+    else:  # short texts, float32 only (16-bit prefill: not measured to win)
+        shape_wins = queries <= GROUPED_MAX_QUERIES and query.dtype == torch.float32
     return (
         attention_mask is not None
         and attention_mask.dim() == 4
-        and 1 < queries <= GROUPED_MAX_QUERIES
+        and shape_wins
         and batch * heads * queries * key.shape[2] <= GROUPED_MAX_SCORES
         and query.device.type == "cpu"
-        and query.dtype == key.dtype == value.dtype == torch.float32
+        and query.dtype == key.dtype == value.dtype
         and not dropout
         and not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad))
         and kwargs.get("softcap") is None
@@ -73,17 +83,18 @@ def grouped_attention(
     """softmax(q k^T * scaling + mask) v, with the query heads that share a key/value head in one product.
 
     query ``[batch, heads, q, d]``; key/value ``[batch, kv_heads, k, d]``; mask ``[batch or 1, 1, q, k]``
-    (bool: True attends; float: added to the scores). Returns ``[batch, heads, q, d]``. A query that may
-    attend to nothing gets zeros, as SDPA gives it.
+    (bool: True attends; float: added to the scores). Returns ``[batch, heads, q, d]`` in the query's dtype. Scores
+    and softmax are float32 whatever the inputs (16-bit scores would round logits of ~10 to 0.03, twice SDPA's
+    error, which accumulates in float32 as well). A query that may attend to nothing gets zeros, as SDPA gives it.
     """
     batch, heads, queries, dim = query.shape
     kv_heads, keys = key.shape[1], key.shape[2]
     group = heads // kv_heads
     mask = mask[:, :, :, :keys]
     if mask.dtype == torch.bool:
-        bias = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill_(~mask, float("-inf"))
+        bias = torch.zeros(mask.shape, dtype=torch.float32, device=query.device).masked_fill_(~mask, float("-inf"))
     else:
-        bias = mask.to(query.dtype)
+        bias = mask.float()
     # Query head h uses key/value head h // group (transformers' repeat_kv order), so the heads of one group
     # are consecutive and a reshape stacks their queries for one product with that group's keys; the mask
     # rides in as baddbmm's bias, scaling as its alpha (one pass over the scores instead of three).
@@ -91,11 +102,11 @@ def grouped_attention(
     bias = bias.reshape(batch * kv_heads, group * queries, keys)
     scores = torch.baddbmm(
         bias,
-        query.reshape(batch * kv_heads, group * queries, dim),
-        key.reshape(batch * kv_heads, keys, dim).transpose(1, 2),
+        query.reshape(batch * kv_heads, group * queries, dim).float(),
+        key.reshape(batch * kv_heads, keys, dim).float().transpose(1, 2),
         alpha=dim**-0.5 if scaling is None else scaling,
     )
-    probs = scores.softmax(-1)
+    probs = scores.softmax(-1).to(value.dtype)
     if mask.dtype == torch.bool:
         attends = mask.any(-1)  # [batch or 1, 1, q]
         if not bool(attends.all()):  # a query that may attend to nothing: softmax gave NaN, SDPA gives 0

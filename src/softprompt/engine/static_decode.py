@@ -24,6 +24,7 @@ transformers' SDPA routed through `softprompt.engine.attention` (eager attention
 from __future__ import annotations
 
 import logging
+import types
 import weakref
 from collections.abc import Callable
 
@@ -38,9 +39,9 @@ log = logging.getLogger("softprompt.engine")
 MIN_CAPACITY = 64
 # Columns reserved up front for generated tokens at most; rows that go further grow the pool.
 MAX_RESERVE = 256
-# Compiles of the step allowed per process. Every pool's step is `SlotPool.forward`, one code object, and dynamo
-# allows 8 compiles of a code object by default, then runs it eagerly with only a warning; one compile per bucket
-# and model is this design (a server passes 10 buckets quickly: slots 1-16 x two capacities), so its calls raise it.
+# Compiles of a model's step allowed. All of a model's pools step through one code object (`compile_step`), and
+# dynamo allows 8 compiles of a code object by default, then runs it eagerly with only a warning; one compile per
+# bucket is this design (a server passes 10 buckets quickly: slots 1-16 x two capacities), so its calls raise it.
 RECOMPILE_LIMIT = 256
 
 
@@ -76,7 +77,9 @@ class SlotPool:
     never read. ``lengths`` (host side) is each slot's next column, so no step reads a device value back.
     """
 
-    def __init__(self, heads: list[int], head_dim: int, slots: int, capacity: int, compiled: bool, dtype, device):
+    def __init__(
+        self, heads: list[int], head_dim: int, slots: int, capacity: int, compiled: Callable | None, dtype, device
+    ):
         # No reference to the model: the registry of pools is keyed weakly by it.
         self.slots, self.capacity = slots, capacity
         self.heads, self.head_dim, self.dtype = heads, head_dim, dtype
@@ -94,29 +97,10 @@ class SlotPool:
         for layer in self.layers:
             assert layer.keys is not None and layer.values is not None
             self.kv.append((layer.keys, layer.values))
-        self.compiled = compiled
-        self.run: Callable[..., torch.Tensor] = self.forward
-        if compiled:
-            mode = "reduce-overhead" if self.mask.device.type == "cuda" else None
-            step = torch.compile(self.forward, mode=mode, dynamic=False)
-
-            def run(*args) -> torch.Tensor:
-                with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
-                    return step(*args)
-
-            self.run = run
+        # The model's compiled `decode_step` (`_Pools`), or None: the step runs eagerly.
+        self.run: Callable[..., torch.Tensor] = compiled or decode_step
+        self.compiled = compiled is not None
         self.owner: weakref.ref | None = None  # the `SlotState` using the pool
-
-    def forward(self, model, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """One decoding step of every slot: the float32 next-token logits ``[slots, vocab]``."""
-        out = model.backbone(
-            input_ids=tokens,
-            attention_mask=mask,
-            position_ids=positions,  # `supports`: only families that take them
-            use_cache=True,
-            **model.cache_arg.kwargs(self.cache),
-        )
-        return model.head_logits(out.last_hidden_state[:, -1]).float()
 
     def admit(self, slots: list[int], state: DecodeState) -> None:
         """Copy the rows of a prefilled ``state`` into ``slots`` (free, and wide enough)."""
@@ -159,17 +143,52 @@ class SlotPool:
         """Feed ``tokens[i]`` to slot ``slots[i]``; the next-token logits of those slots, in that order."""
         self.tokens[slots, 0] = tokens.to(self.tokens.device)
         self.mask[slots, self.columns[slots]] = True
-        logits = self.run(model, self.tokens, self.positions, self.mask[:, None, None, :])
+        logits = self.run(self, model, self.tokens, self.positions, self.mask[:, None, None, :])
         self.columns[slots] += 1
         self.positions[slots, 0] += 1
         return logits[slots]
 
 
+def decode_step(pool: SlotPool, model, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor):
+    """One decoding step of every slot of ``pool``: the float32 next-token logits ``[slots, vocab]``."""
+    out = model.backbone(
+        input_ids=tokens,
+        attention_mask=mask,
+        position_ids=positions,  # `supports`: only families that take them
+        use_cache=True,
+        **model.cache_arg.kwargs(pool.cache),
+    )
+    return model.head_logits(out.last_hidden_state[:, -1]).float()
+
+
+def compile_step(device_type: str) -> Callable[..., torch.Tensor]:
+    """`decode_step` compiled for one model: the step of all its pools (one graph per bucket).
+
+    Dynamo keeps compiled graphs per code object and, before each call, evaluates the guards that choose one. Its
+    guards on the model's modules (hundreds of attributes and parameters) cost 3 ms of a 19 ms step on a 135M model
+    (research/NOTES.md), so they are skipped: the frozen base's modules do not change while it decodes. Skipping them
+    is safe only if no other model's graph can be chosen, so every model compiles its own copy of the code object.
+    The pool's tensors and the step's inputs keep their guards (a bucket is chosen by their shapes)."""
+    code = decode_step.__code__.replace()  # a new code object: its own dynamo cache
+    fresh = types.FunctionType(code, decode_step.__globals__, decode_step.__name__)
+    options: dict = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+    if device_type == "cuda":
+        options["triton.cudagraphs"] = True  # mode="reduce-overhead", which cannot be named beside options
+    step = torch.compile(fresh, dynamic=False, options=options)
+
+    def run(*args) -> torch.Tensor:
+        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+            return step(*args)
+
+    return run
+
+
 class _Pools:
-    """A model's pools by bucket, each with its compiled step; and whether compiling failed once already."""
+    """A model's pools by bucket, its compiled step; and whether compiling failed once already."""
 
     def __init__(self) -> None:
         self.pools: dict[tuple, SlotPool] = {}
+        self.compiled: dict[str, Callable[..., torch.Tensor]] = {}  # by device type
         self.compile_failed = False
 
 
@@ -181,8 +200,11 @@ def acquire(
 ) -> SlotPool:
     """A pool of this bucket for ``model`` (kept and reused; a fresh one if another state holds it)."""
     registry = _POOLS.setdefault(model, _Pools())
-    compiled = model.decode == "compiled" and not registry.compile_failed
-    key = (slots, capacity, compiled, tuple(heads), head_dim, dtype, device)
+    compiled = None
+    if model.decode == "compiled" and not registry.compile_failed:
+        kind = torch.device(device).type
+        compiled = registry.compiled.get(kind) or registry.compiled.setdefault(kind, compile_step(kind))
+    key = (slots, capacity, compiled is not None, tuple(heads), head_dim, dtype, device)
     pool = registry.pools.get(key)
     if pool is None or (pool.owner is not None and pool.owner() is not None):
         pool = SlotPool(heads, head_dim, slots, capacity, compiled, dtype, device)
@@ -205,7 +227,7 @@ def run_step(model, pool: SlotPool, slots: torch.Tensor, tokens: torch.Tensor) -
             log.warning("decode=compiled: torch.compile failed (%s: %s); decoding eagerly", type(exc).__name__, exc)
         registry.compile_failed = True
         for other in registry.pools.values():
-            other.compiled, other.run = False, other.forward
+            other.compiled, other.run = False, decode_step
         return pool.step(model, slots, tokens)
 
 
