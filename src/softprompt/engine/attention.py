@@ -108,10 +108,11 @@ def grouped_attention(
     )
     probs = scores.softmax(-1).to(value.dtype)
     if mask.dtype == torch.bool:
+        # A query that may attend to nothing: softmax gave NaN, SDPA gives 0. Always filled, not behind an
+        # ``if attends.all()``: reading a tensor back would break a compiled decode step into pieces per layer.
         attends = mask.any(-1)  # [batch or 1, 1, q]
-        if not bool(attends.all()):  # a query that may attend to nothing: softmax gave NaN, SDPA gives 0
-            keep = attends[:, :, None].expand(batch, kv_heads, group, queries).reshape(batch * kv_heads, -1, 1)
-            probs = probs.masked_fill_(~keep, 0.0)
+        keep = attends[:, :, None].expand(batch, kv_heads, group, queries).reshape(batch * kv_heads, -1, 1)
+        probs = probs.masked_fill_(~keep, 0.0)
     out = torch.bmm(probs, value.reshape(batch * kv_heads, keys, dim))
     return out.view(batch, heads, queries, dim)
 
