@@ -235,3 +235,12 @@ def _count_graphs(monkeypatch, backend) -> None:
 
     monkeypatch.setattr(torch, "compile", compile_with)
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("device_type", ["cpu", "cuda"])
+def test_the_compile_options_are_ones_inductor_knows(device_type):
+    """torch.compile checks inductor option names when it wraps the function (no device needed): CUDA's
+    ``triton.cudagraphs`` (what ``mode="reduce-overhead"`` sets, which cannot be named beside options)."""
+    assert callable(static_decode.compile_step(device_type))
+    with pytest.raises(RuntimeError, match="Unexpected optimization option"):
+        torch.compile(lambda x: x, options={"triton.cudagraph": True})
