@@ -9,7 +9,11 @@ On a random-weight Llama-3-8B shape in bfloat16 on one GPU (no download: the mod
   ``torch.cuda.max_memory_allocated`` over them, with `softprompt.estimate_memory`'s prediction beside;
 * **generation**: greedy decoding throughput (new tokens per second) at batch 64 through the decoding
   primitives (`SoftPromptModel.prefill` / `advance`), every row naming one adapter, and rows spread over 8
-  adapters in one mixed batch.
+  adapters in one mixed batch;
+* **decode** (issue 27): one stream, 64 greedy tokens after a 32-token prompt, per-step median and p99 of
+  softprompt's decode modes (eager, static, compiled: CUDA graphs) beside transformers' eager and static-cache
+  compiled ``generate``, each against one read of the weights at the bandwidth a large ``sum`` reaches on the
+  card (issue 27's target: a step within 1.3x of it). ``--part decode`` runs this part alone.
 
 Public API only. Writes one JSON file (``--out``); ``--layers`` shrinks the model for a quick try.
 
@@ -41,6 +45,8 @@ LLAMA3_8B = dict(
 )
 BATCH, LENGTH, TOKENS, LABEL_TOKENS = 8, 512, 20, 16
 GEN_BATCH, GEN_PROMPT, GEN_NEW, GEN_ADAPTERS = 64, 128, 64, 8
+DECODE_PROMPT, DECODE_NEW = 32, 64
+PARTS = ("training", "generation", "decode")
 
 
 def training_batch(vocab: int, batch: int, length: int, label_tokens: int, seed: int = 0):
@@ -159,6 +165,70 @@ def generation(base, names: list[str]) -> dict:
     return {**result, "tokens_per_s": len(names) * GEN_NEW / result["step_s"], "adapters": len(set(names))}
 
 
+def device_bandwidth(device: str, gib: float = 2.0, repeats: int = 5) -> float:
+    """Bytes per second ``tensor.sum()`` reads from a tensor far larger than the caches on ``device``."""
+    x = torch.ones(int(gib * 2**30) // 4, device=device)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        _sync(device)
+        start = time.perf_counter()
+        x.sum()
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return x.numel() * 4 / best
+
+
+def _sync(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def decode_table(
+    base,
+    modes: tuple[str, ...] = ("eager", "static", "compiled"),
+    new_tokens: int = DECODE_NEW,
+    repeats: int = 3,
+    transformers_compiled: bool = True,
+    bandwidth_gib: float = 2.0,
+) -> dict:
+    """One stream's per-step latency for each decode mode and transformers' generate (see the module docstring)."""
+    import softprompt
+    from research import decode as bench
+
+    device = str(base.device)
+    model = softprompt.SoftPromptModel(base).eval()
+    ids, _ = training_batch(base.config.vocab_size, 1, DECODE_PROMPT, 1, seed=2)
+    ids = ids.to(device)
+    mask = torch.ones_like(ids)
+
+    def in_mode(mode: str):
+        call = bench.softprompt_call(model, ids, mask, None, new_tokens)
+
+        def run(stamp) -> None:
+            model.decode = mode
+            call(stamp)
+
+        return run
+
+    calls = {f"softprompt {mode}": in_mode(mode) for mode in modes}
+    calls["transformers generate"] = bench.transformers_call(base, ids, mask, 0, new_tokens)
+    if transformers_compiled:
+        calls["transformers generate static+compile"] = bench.compiled_generate(base, ids, mask, 0, new_tokens)
+    read_s = bench.weight_bytes(base) / device_bandwidth(device, bandwidth_gib)
+    rows = {}
+    for name, call in calls.items():
+        bench.timed(call, 1, new_tokens)  # warm-up: compiles, CUDA graphs recorded
+        steps = sorted(s for _ in range(repeats) for s in bench.timed(call, 1, new_tokens)["steps_s"])
+        median = statistics.median(steps)
+        rows[name] = {
+            "per_token_ms_median": median * 1000,
+            "per_token_ms_p99": steps[min(len(steps) - 1, round(0.99 * (len(steps) - 1)))] * 1000,
+            "over_weights_read": median / read_s,
+        }
+        print(f"  decode {name}: {rows[name]}", flush=True)
+    return {"prompt_tokens": DECODE_PROMPT, "new_tokens": new_tokens, "weights_read_ms": read_s * 1000, "rows": rows}
+
+
 def estimate(checkpointing: bool, layers: int | None) -> int:
     from transformers import LlamaConfig
 
@@ -177,7 +247,7 @@ def estimate(checkpointing: bool, layers: int | None) -> int:
     ).total_bytes
 
 
-def run(layers: int | None = None) -> dict:
+def run(layers: int | None = None, parts: tuple[str, ...] = PARTS) -> dict:
     import peft
     import transformers
 
@@ -197,7 +267,7 @@ def run(layers: int | None = None) -> dict:
         "training": {"batch": BATCH, "length": LENGTH, "virtual_tokens": TOKENS, "label_tokens": LABEL_TOKENS},
         "generation": {"batch": GEN_BATCH, "prompt_tokens": GEN_PROMPT, "new_tokens": GEN_NEW},
     }
-    for checkpointing in (False, True):
+    for checkpointing in (False, True) if "training" in parts else ():
         key = "checkpointing" if checkpointing else "plain"
         results["training"][f"softprompt_{key}"] = {
             **softprompt_training(base, checkpointing),
@@ -205,8 +275,11 @@ def run(layers: int | None = None) -> dict:
         }
         results["training"][f"peft_{key}"] = peft_training(base, checkpointing)
         print(json.dumps({key: results["training"]}, indent=1), flush=True)
-    results["generation"]["one_adapter"] = generation(base, ["a0"] * GEN_BATCH)
-    results["generation"]["mixed"] = generation(base, mixed_names(GEN_BATCH, GEN_ADAPTERS))
+    if "generation" in parts:
+        results["generation"]["one_adapter"] = generation(base, ["a0"] * GEN_BATCH)
+        results["generation"]["mixed"] = generation(base, mixed_names(GEN_BATCH, GEN_ADAPTERS))
+    if "decode" in parts:
+        results["decode"] = decode_table(base)
     return results
 
 
@@ -214,11 +287,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="JSON file to write.")
     parser.add_argument("--layers", type=int, help="Decoder layers (default 32, Llama-3-8B's); fewer for a quick try.")
+    parser.add_argument(
+        "--part", choices=PARTS, action="append", help="Run only these parts (default: all; repeatable)."
+    )
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("research.gpu needs a CUDA GPU", file=sys.stderr)
         return 2
-    results = run(args.layers)
+    results = run(args.layers, tuple(args.part or PARTS))
     args.out.write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
     return 0

@@ -35,3 +35,18 @@ def test_the_benchmark_refuses_without_cuda(tmp_path):
 
 def test_gpu_check_script_parses():
     assert subprocess.run(["bash", "-n", str(ROOT / "scripts" / "gpu_check.sh")]).returncode == 0
+
+
+def test_the_decode_part_times_every_system_against_one_read_of_the_weights():
+    """The decode part on a tiny llama on the CPU (no compiling: that is the GPU's run)."""
+    from tiny import tiny_base
+
+    base = tiny_base("llama")
+    table = gpu.decode_table(
+        base, modes=("eager", "static"), new_tokens=4, repeats=1, transformers_compiled=False, bandwidth_gib=0.01
+    )
+    assert set(table["rows"]) == {"softprompt eager", "softprompt static", "transformers generate"}
+    assert table["weights_read_ms"] > 0 and table["new_tokens"] == 4
+    for row in table["rows"].values():
+        assert row["per_token_ms_p99"] >= row["per_token_ms_median"] > 0
+        assert row["over_weights_read"] == pytest.approx(row["per_token_ms_median"] / table["weights_read_ms"])
