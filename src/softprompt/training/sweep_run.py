@@ -17,7 +17,8 @@ at a time, and ``chosen.yaml`` lists each member's own recipe under ``members:``
 All settings of one base model (every setting, inner fold) of a stage train as adapters of ONE
 multi-adapter job, in the same batches. With validation data (``validation_data``/``validation_split``, or
 ``selection: validation`` on a ``val_fraction`` split) the settings are chosen on validation alone. Test rows
-(``sweep.test_data``, or ``sweep.test_fraction`` of --data held out first) are scored once, for the final choice.
+(``sweep.test_data``; ``sweep.test_split`` of a hub data set; or ``sweep.test_fraction`` of --data held out
+first) are scored once, for the final choice.
 
 Every (fold, setting) result is written atomically to ``<output>/results/``; a rerun skips what is there.
 """
@@ -137,8 +138,10 @@ class _Run:
         """(the rows the sweep trains and chooses on, the test rows scored once for the final choice or None).
         ``test_fraction`` is cut from all of --data first, so max_rows samples only what is left."""
         opts = self.opts
-        if opts.test_data:
-            test = load_rows(opts.test_data, format=self.base.data_format, encoding=self.base.encoding)
+        if opts.test_data or opts.test_split:
+            # test_split: a split of the hub test_data, else of the recipe's hub data (parse_sweep checked it)
+            source, split = opts.test_data or spec.data, opts.test_split or "train"  # load_rows' default split
+            test = load_rows(source, format=self.base.data_format, split=split, encoding=self.base.encoding)
             return spec.load_train_rows(), test
         if opts.test_fraction is None:
             return spec.load_train_rows(), None
