@@ -1,8 +1,10 @@
 """softprompt sweep with ``ensemble: k`` over settings of different base models, templates and label words: the
 top-k candidate spans them, the final members train in one job per base, chosen.yaml holds each member's
-recipe, and the test score and --predict come from `ensemble_probabilities`."""
+recipe, the test score and --predict come from `ensemble_probabilities`, and one base is in memory at a time."""
 
+import gc
 import json
+import weakref
 
 import pytest
 import yaml
@@ -57,18 +59,24 @@ def cross_model(tmp_path_factory):
     return tmp, parse_sweep(values), unlabelled, (bloom, llama)
 
 
-def test_top_k_spans_base_models_and_the_final_ensemble_predicts(cross_model, monkeypatch):
-    tmp, spec, unlabelled, bases = cross_model
+def force_the_ensemble(monkeypatch) -> list[dict]:
+    """Make the top-2 ensemble every choice's winner (random tiny models cannot be made to prefer it); returns
+    the real choices, as they are made."""
     real = sweep_module._Run.choose
-    unforced = []
+    unforced: list[dict] = []
 
     def ensemble_wins(self, tags, among=None):
-        """The real choice, then the top-2 ensemble made the winner (random tiny models cannot be made to prefer it)."""
         choice = real(self, tags, among)
         unforced.append(choice)
         return {**choice, "chosen": "top2", "members": sorted((0, 1), key=lambda i: -choice["scores"][f"s{i}"])}
 
     monkeypatch.setattr(sweep_module._Run, "choose", ensemble_wins)
+    return unforced
+
+
+def test_top_k_spans_base_models_and_the_final_ensemble_predicts(cross_model, monkeypatch):
+    tmp, spec, unlabelled, bases = cross_model
+    unforced = force_the_ensemble(monkeypatch)
     result = sweep(spec, predict=unlabelled, id_column="ID", progress=False)
     out, report = result.output, result.report
 
@@ -109,3 +117,26 @@ def test_top_k_spans_base_models_and_the_final_ensemble_predicts(cross_model, mo
     assert report["estimate"]["test"]["macro_f1"] == pytest.approx(
         classification_report(gold, on_test.predictions(), on_test.labels)["macro_f1"]
     )
+
+
+def test_one_base_model_is_held_at_a_time(cross_model, monkeypatch):
+    """Training, the final ensemble's test score and --predict across two bases: when a base loads, no other
+    base the sweep loaded is still alive (as `ensemble_probabilities` loads them)."""
+    tmp, spec, unlabelled, bases = cross_model
+    force_the_ensemble(monkeypatch)
+    live: list[weakref.ref] = []
+    loads: list[tuple[str, int]] = []  # (base loading, bases alive then)
+
+    def counting(config):
+        gc.collect()
+        loads.append((config.model, sum(ref() is not None for ref in live)))
+        model = real(config)
+        live.append(weakref.ref(model))
+        return model
+
+    real = sweep_module.load_model
+    monkeypatch.setattr(sweep_module, "load_model", counting)
+    result = sweep(spec, output=str(tmp / "one-at-a-time"), predict=unlabelled, progress=False)
+    assert result.report["final"]["chosen"] == "top2" and result.predictions is not None
+    assert {name for name, _ in loads} == set(bases)
+    assert [alive for _, alive in loads] == [0] * len(loads)

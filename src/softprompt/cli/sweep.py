@@ -14,17 +14,18 @@ HELP = "Choose template, label words, method, length, lr ... by nested cross-val
 EXAMPLES = """
     A sweep file is a recipe plus 'space:' (each key a list of choices; a key holding a list of mappings
     sets several options together) and 'sweep:' (outer_folds, inner_folds, samples, seed, ensemble,
-    metric, selection, test_data, test_fraction, compare). With validation rows (validation_data, or
-    selection: validation on a val_fraction split) the choice is made on them alone; test rows (test_data, or
-    test_fraction of --data held out first) are scored once, for the final choice. compare: a space key such as
-    method, each of whose values also gets its own nested estimate. Settings that share the base model and
-    job-wide options train as ONE
-    multi-adapter job. ensemble: k also tries the average of the top k settings, which may differ in base
-    model, template and label words (each member then loads its own base model in turn to predict).
-    Writes leaderboard.csv/.md/.png, sweep_report.json, chosen.yaml (a recipe for 'softprompt train'; for an
-    ensemble across base models, each member's recipe under 'members:') and final/ (the choice trained on all
-    labelled rows). Rerunning the same
-    command skips every (fold, setting) already in <output>/results/.
+    metric, selection, test_data, test_split, test_fraction, compare). With validation rows (validation_data,
+    or selection: validation on a val_fraction split) the choice is made on them alone; test rows (test_data;
+    test_split, a split of a hub test_data or else of the recipe's hub data, e.g. 'test', never its training
+    or validation split; or test_fraction of --data held out first) are scored once, for the final choice.
+    compare: a space key such as method, each of whose values also gets its own nested estimate. Settings
+    that share the base model and job-wide options train as ONE multi-adapter job; a space of several base
+    models holds one of them in memory at a time. ensemble: k also tries the average of the top k settings,
+    which may differ in base model, template and label words (each member then loads its own base model in
+    turn to predict). Writes leaderboard.csv/.md/.png, sweep_report.json, chosen.yaml (a recipe for
+    'softprompt train'; for an ensemble across base models, each member's recipe under 'members:') and
+    final/ (the choice trained on all labelled rows). Rerunning the same command skips every (fold, setting)
+    already in <output>/results/.
 
     examples:
       softprompt sweep recipes/sweeps/raft_twitter_complaints.yaml

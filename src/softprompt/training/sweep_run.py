@@ -15,9 +15,11 @@ label): its final predictions and test score then come from `ensemble_probabilit
 at a time, and ``chosen.yaml`` lists each member's own recipe under ``members:``.
 
 All settings of one base model (every setting, inner fold) of a stage train as adapters of ONE
-multi-adapter job, in the same batches. With validation data (``validation_data``/``validation_split``, or
-``selection: validation`` on a ``val_fraction`` split) the settings are chosen on validation alone. Test rows
-(``sweep.test_data``, or ``sweep.test_fraction`` of --data held out first) are scored once, for the final choice.
+multi-adapter job, in the same batches. A space of several base models holds one of them at a time (besides a
+``model`` the caller passes): the one loaded before is let go first. With validation data
+(``validation_data``/``validation_split``, or ``selection: validation`` on a ``val_fraction`` split) the
+settings are chosen on validation alone. Test rows (``sweep.test_data``; ``sweep.test_split`` of a hub data
+set; or ``sweep.test_fraction`` of --data held out first) are scored once, for the final choice.
 
 Every (fold, setting) result is written atomically to ``<output>/results/``; a rerun skips what is there.
 """
@@ -25,6 +27,7 @@ Every (fold, setting) result is written atomically to ``<output>/results/``; a r
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import math
 import statistics
@@ -109,7 +112,9 @@ class _Run:
     def __init__(self, spec: Sweep, model, progress: bool):
         self.spec, self.base, self.opts = spec, spec.base, spec.options
         self.out = Path(spec.base.output)
-        self.models = {self.base.model or "": model} if model is not None else {}
+        # base model name -> loaded model: the caller's (kept) and at most one other (see `model_for`)
+        self.given = (self.base.model or "") if model is not None else None
+        self.models = {self.given: model} if self.given is not None else {}
         self.progress = progress
         base_spec = self.base.resolved_adapters()[0]
         self.column = self.base.label_column or ""
@@ -137,8 +142,10 @@ class _Run:
         """(the rows the sweep trains and chooses on, the test rows scored once for the final choice or None).
         ``test_fraction`` is cut from all of --data first, so max_rows samples only what is left."""
         opts = self.opts
-        if opts.test_data:
-            test = load_rows(opts.test_data, format=self.base.data_format, encoding=self.base.encoding)
+        if opts.test_data or opts.test_split:
+            # test_split: a split of the hub test_data, else of the recipe's hub data (parse_sweep checked it)
+            source, split = opts.test_data or spec.data, opts.test_split or "train"  # load_rows' default split
+            test = load_rows(source, format=self.base.data_format, split=split, encoding=self.base.encoding)
             return spec.load_train_rows(), test
         if opts.test_fraction is None:
             return spec.load_train_rows(), None
@@ -178,9 +185,17 @@ class _Run:
     def _result_path(self, tag: str, index: int) -> Path:
         return self.out / "results" / f"{tag}-s{index}.json"
 
+    def model_name(self, setting: dict[str, Any]) -> str:
+        return setting.get("model", self.base.model) or ""
+
     def model_for(self, setting: dict[str, Any]):
-        name = setting.get("model", self.base.model) or ""
+        """The base model of ``setting``. Bases the space names are loaded one at a time, as
+        `ensemble_probabilities` loads them: the one held before is dropped (callers keep no reference)."""
+        name = self.model_name(setting)
         if name not in self.models:
+            for other in [n for n in self.models if n != self.given]:
+                del self.models[other]
+            gc.collect()  # before the next base loads
             self.models[name] = load_model(dataclasses.replace(self.base, model=name))
         return self.models[name]
 
@@ -190,10 +205,7 @@ class _Run:
     def ensemble_members(self, settings: Sequence[dict], adapters: dict[str, Any]) -> list[EnsembleMember]:
         """The final choice as `EnsembleMember`: each setting's base model and trained adapter (which records
         its template and label words)."""
-        return [
-            EnsembleMember(s.get("model", self.base.model) or "", str(path))
-            for s, path in zip(settings, adapters.values())
-        ]
+        return [EnsembleMember(self.model_name(s), str(path)) for s, path in zip(settings, adapters.values())]
 
     # ------------------------------------------------------------------------------ train + score
     def train_and_score(self, units: list[tuple[str, Sequence[dict], Sequence[dict] | None, int]]) -> None:
@@ -205,34 +217,40 @@ class _Run:
         groups: dict[tuple, list] = {}
         for unit in todo:
             groups.setdefault(job_key(self.spec.settings[unit[3]]), []).append(unit)
-        for group in groups.values():
-            names = [f"{tag}-s{i}" for tag, _, _, i in group]
-            config = job_config(
-                self.base,
-                [(name, self.spec.settings[i]) for name, (_, _, _, i) in zip(names, group)],
-                str(self.out / "work" / group[0][0]),
+        # the base already loaded trains first: one load fewer (each job seeds itself, so order changes nothing)
+        loaded = [self.model_name(self.spec.settings[g[0][3]]) in self.models for g in groups.values()]
+        for _, group in sorted(zip(loaded, groups.values()), key=lambda pair: not pair[0]):
+            self._train_group(group)
+
+    def _train_group(self, group: list[tuple[str, Sequence[dict], Sequence[dict] | None, int]]) -> None:
+        """One job of `train_and_score` (its own function: the model is let go on return, before the next base)."""
+        names = [f"{tag}-s{i}" for tag, _, _, i in group]
+        config = job_config(
+            self.base,
+            [(name, self.spec.settings[i]) for name, (_, _, _, i) in zip(names, group)],
+            str(self.out / "work" / group[0][0]),
+        )
+        jobs = [
+            prepare_job(
+                spec,
+                rows=list(train),
+                val_rows=self.val_rows if scored is None else None,
+                verbalizer=self.verbalizers[i],
+                source=f"{self.base.data} ({tag} training rows)",
             )
-            jobs = [
-                prepare_job(
-                    spec,
-                    rows=train,
-                    val_rows=self.val_rows if scored is None else None,
-                    verbalizer=self.verbalizers[i],
-                    source=f"{self.base.data} ({tag} training rows)",
-                )
-                for spec, (tag, train, scored, i) in zip(config.resolved_adapters(), group)
-            ]
-            model = self.model_for(self.spec.settings[group[0][3]])
-            self.bar.set_postfix_str(f"{len(jobs)} adapters in one job ({group[0][0]}...)")
-            result = self._train(config, model, jobs)
-            for job, (tag, _, scored, i) in zip(jobs, group):
-                rows = scored if scored is not None else [e.row for e in job.val]  # selection on validation
-                probs = self.probabilities(model, job.name, i, rows, job.spec.template, config)
-                atomic_write_json(
-                    self._result_path(tag, i),
-                    {"tag": tag, "setting": i, "path": str(result.adapters[job.name].path), **self.record(rows, probs)},
-                )
-                model.remove_adapter(job.name)
+            for spec, (tag, train, scored, i) in zip(config.resolved_adapters(), group)
+        ]
+        model = self.model_for(self.spec.settings[group[0][3]])
+        self.bar.set_postfix_str(f"{len(jobs)} adapters in one job ({group[0][0]}...)")
+        result = self._train(config, model, jobs)
+        for job, (tag, _, scored, i) in zip(jobs, group):
+            rows = scored if scored is not None else [e.row for e in job.val]  # selection on validation
+            probs = self.probabilities(model, job.name, i, rows, job.spec.template, config)
+            atomic_write_json(
+                self._result_path(tag, i),
+                {"tag": tag, "setting": i, "path": str(result.adapters[job.name].path), **self.record(rows, probs)},
+            )
+            model.remove_adapter(job.name)
 
     def _train(self, config: TrainConfig, model, jobs: list[AdapterJob]) -> TrainResult:
         """One multi-adapter job; the bar moves by its adapters as its optimizer steps go (the time estimate)."""
@@ -381,15 +399,10 @@ class _Run:
             done = self.out / "results" / "final.json"
             if not done.exists():
                 groups = job_groups(members)  # members of other base models (job-wide settings) train apart
-                paths = {}
+                paths: dict[str, str] = {}
                 for g, group in enumerate(groups):
                     output = self.out / "final" / (f"job{g}" if len(groups) > 1 else "")
-                    config = job_config(self.base, [(names[n], members[n]) for n in group], str(output))
-                    model = self.model_for(members[group[0]])
-                    result = self._train(config, model, [prepare_job(s) for s in config.resolved_adapters()])
-                    for n in group:
-                        model.remove_adapter(names[n])
-                        paths[names[n]] = str(result.adapters[names[n]].path)
+                    paths |= self._train_final([(names[n], members[n]) for n in group], output)
                 atomic_write_json(done, {n: paths[n] for n in names})
             trained = {n: Path(p) for n, p in json.loads(done.read_text()).items()}
         return {
@@ -399,6 +412,15 @@ class _Run:
             "adapters": {n: str(p) for n, p in trained.items()},
             "recipe": str(self.out / "chosen.yaml"),
         }
+
+    def _train_final(self, adapters: list[tuple[str, dict[str, Any]]], output: Path) -> dict[str, str]:
+        """One job of `final`: adapter name -> trained path (the model is let go on return, before the next base)."""
+        config = job_config(self.base, adapters, str(output))
+        model = self.model_for(adapters[0][1])
+        result = self._train(config, model, [prepare_job(s) for s in config.resolved_adapters()])
+        for name, _ in adapters:
+            model.remove_adapter(name)
+        return {name: str(result.adapters[name].path) for name, _ in adapters}
 
 
 def _all_share_inputs(settings: Sequence[dict]) -> bool:

@@ -29,6 +29,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from softprompt.data import HUB_PREFIX
 from softprompt.errors import ConfigError
 from softprompt.methods import METHOD_OPTIONS
 from softprompt.options import check_choice, check_int, check_number, coerce, did_you_mean, option
@@ -73,7 +74,14 @@ class SweepSettings:
         "validation data, else nested.",
         choices=SELECTIONS,
     )
-    test_data: str | None = option(None, "A labelled test file, scored once, for the final choice alone.")
+    test_data: str | None = option(
+        None, "Labelled test data (a file, or hf:owner/name with test_split), scored once, for the final choice alone."
+    )
+    test_split: str | None = option(
+        None,
+        "Split of a hub data set to test on, e.g. test: of test_data when it names one, else of the recipe's hub "
+        "data; never its training or validation split (a hub test_data without it reads its train split).",
+    )
     test_fraction: float | None = option(
         None,
         "For data without a test file: hold out this seeded (sweep.seed), label-stratified fraction of the rows "
@@ -132,6 +140,7 @@ def parse_sweep(
     if base.label_column is None:
         raise ConfigError(f"{source}: key 'label_column': required; a sweep chooses among classifiers")
     options = _sweep_settings(settings_values, source)
+    _check_test_split(options, base, source)
     if not isinstance(space, Mapping) or not space:
         raise ConfigError(f"{source}: key 'space': expected a mapping of option -> list of choices, got {space!r}")
     errors: list[str] = []
@@ -192,6 +201,37 @@ def _sweep_settings(values: Any, source: str) -> SweepSettings:
             f"{did_you_mean(out.compare, SPACE_KEYS)}"
         )
     return out
+
+
+def _check_test_split(opts: SweepSettings, base: TrainConfig, source: str) -> None:
+    """The test rows of a hub data set must be a split of their own: not the rows that train or choose."""
+    where = f"{source}: sweep.test_split"
+    data = opts.test_data or base.data
+    hub = str(data).startswith(HUB_PREFIX) or base.data_format == "hf"
+    if opts.test_split is None:
+        # load_rows reads a hub set's train split: the recipe's own data there would be its training rows
+        if opts.test_data and hub and data == base.data and (base.data_split or "train") == "train":
+            raise ConfigError(
+                f"{source}: sweep.test_data: is the recipe's hub data, read at its training split; give sweep.test_split"
+            )
+        return
+    if not opts.test_split.strip():
+        raise ConfigError(f"{where}: expected a split name (e.g. test), got {opts.test_split!r}")
+    if opts.test_fraction is not None:
+        raise ConfigError(f"{where}: give it or sweep.test_fraction, not both")
+    if not hub:
+        named = "sweep.test_data" if opts.test_data else "the recipe's data"
+        raise ConfigError(
+            f"{where}: applies to hub data sets (hf:owner/name), not {named} {data!r}; "
+            "for local files give sweep.test_data or sweep.test_fraction"
+        )
+    if data == base.data and opts.test_split == (base.data_split or "train"):
+        raise ConfigError(f"{where}: is the training split ({opts.test_split!r}); test numbers would not be held out")
+    validation = base.validation_data or (base.data if base.validation_split else None)
+    if data == validation and opts.test_split == (base.validation_split or "validation"):
+        raise ConfigError(
+            f"{where}: is the validation split ({opts.test_split!r}); test rows must be held out of the choice"
+        )
 
 
 def _axis(base: dict, key: str, choices: Any, source: str, errors: list[str]) -> list[dict[str, Any]]:
