@@ -150,3 +150,41 @@ def test_a_checkpointed_training_pass_keeps_no_keys_values_of_the_text():
     assert not text_caches(ids.shape[1])
     loss.backward()
     assert all(p.grad is not None for p in model.adapters.parameters() if p.requires_grad)
+
+
+def test_a_checkpointed_t5_training_pass_keeps_no_keys_values_of_the_text():
+    """The encoder-decoder pass drops them too: at the end of the decoder's blocks no self-attention layer holds the
+    targets' keys/values and no cross-attention layer the encoder's, while the decoder prefixes (prefix tuning,
+    cartridge), which live in that same cache, still get their gradients (equal to the unchecked ones)."""
+    import gc
+
+    from transformers.cache_utils import CacheLayerMixin
+
+    def text_caches(length):
+        gc.collect()
+        return [
+            layer
+            for layer in gc.get_objects()
+            if isinstance(layer, CacheLayerMixin)
+            and isinstance(getattr(layer, "keys", None), torch.Tensor)
+            and layer.keys.device.type != "meta"
+            and layer.keys.shape[-2] >= length
+        ]
+
+    model = with_every_method("t5")
+    model.gradient_checkpointing = True
+    ids, mask = pad_batch(ROWS[:4], pad=0, side="left")
+    targets = torch.randint(3, 200, (4, 9))
+    shortest = min(ids.shape[1], targets.shape[1])  # every prefix is shorter (3-6 virtual tokens)
+    assert shortest > 6
+    at_the_end_of_the_blocks = []
+    hook = model.base.decoder.final_layer_norm.register_forward_hook(
+        lambda *_: at_the_end_of_the_blocks.append(len(text_caches(shortest)))
+    )
+    out = model(ids, mask, adapters=METHODS, labels=targets)
+    hook.remove()
+    assert at_the_end_of_the_blocks == [0]
+    out.loss.backward()
+    assert not text_caches(shortest)
+    grads = {n.split(".")[0] for n, p in model.adapters.named_parameters() if p.grad is not None}
+    assert grads == set(METHODS)  # the decoder prefixes were read from the cache and back-propagated through

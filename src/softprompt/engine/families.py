@@ -41,6 +41,9 @@ class FamilyQuirks:
     # Encoder-decoder families put input soft prompts on the encoder and KV prefixes on the
     # decoder's self-attention, exactly as PEFT does.
     encoder_decoder: bool = False
+    # Encoder-decoder: the LM head reads the decoder's output times d_model ** -0.5 when the config ties the embeddings
+    # (T5's ``scale_decoder_outputs``), so the training forward can project only label positions (engine/seq2seq.py).
+    decoder_output_scaled: bool = False
     # Paths (from the `*ForCausalLM` / `*ForConditionalGeneration` model) of the module lists holding
     # the transformer blocks: the units FSDP shards one at a time (`softprompt.training.distributed.fsdp_units`).
     # Empty: the family cannot be sharded (FSDP launches refuse it with a clear error).
@@ -58,8 +61,8 @@ FAMILY_QUIRKS: dict[str, FamilyQuirks] = {
     "gemma2": FamilyQuirks(logit_softcap_attr="final_logit_softcapping", blocks=("model.layers",)),
     "gemma3_text": FamilyQuirks(logit_softcap_attr="final_logit_softcapping", blocks=("model.layers",)),
     "bloom": FamilyQuirks(takes_position_ids=False, blocks=("transformer.h",)),
-    "t5": FamilyQuirks(encoder_decoder=True, blocks=("encoder.block", "decoder.block")),
-    "mt5": FamilyQuirks(encoder_decoder=True, blocks=("encoder.block", "decoder.block")),
+    "t5": FamilyQuirks(encoder_decoder=True, decoder_output_scaled=True, blocks=("encoder.block", "decoder.block")),
+    "mt5": FamilyQuirks(encoder_decoder=True, decoder_output_scaled=True, blocks=("encoder.block", "decoder.block")),
 }
 
 

@@ -14,7 +14,6 @@ self-attention, as PEFT does.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -23,29 +22,15 @@ from transformers import DynamicCache, EncoderDecoderCache, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutput
 
 from softprompt.adapters import hub, peft_format
-from softprompt.engine import activations, attention, checkpointing, gated, generation, prefixes, scoring
+from softprompt.engine import activations, attention, checkpointing, gated, generation, prefixes, scoring, seq2seq
 from softprompt.engine.adapter_name import check_adapter_name
 from softprompt.engine.decode import DecodeState
 from softprompt.engine.decode_options import DEFAULT_DECODE, DecodeMode
 from softprompt.engine.families import CacheArg, ModelShape, quirks_for
+from softprompt.engine.outputs import SoftPromptOutput
 from softprompt.engine.rows import AdapterNames, TaskIds, row_adapter, row_keys
 from softprompt.errors import SoftPromptError
 from softprompt.methods import SoftPromptMethod, method_class
-
-
-@dataclass
-class SoftPromptOutput:
-    loss: torch.Tensor | None = None
-    # Without labels: [batch, seq, vocab] text logits. With labels: None (only label positions are projected).
-    logits: torch.Tensor | None = None
-    # With labels: [num_label_tokens, vocab] logits at exactly the positions that carry loss.
-    label_logits: torch.Tensor | None = None
-    # With labels: the token terms ``loss`` averages beyond the rows of ``label_logits`` (CPT's context labels).
-    extra_tokens: int = 0
-
-    @property
-    def loss_tokens(self) -> int:  # how many token terms ``loss`` averages (processes sum them to share a mean)
-        return (0 if self.label_logits is None else len(self.label_logits)) + self.extra_tokens
 
 
 class SoftPromptModel(nn.Module):
@@ -398,22 +383,17 @@ class SoftPromptModel(nn.Module):
             prepare = self.base.prepare_decoder_input_ids_from_labels
             decoder_input_ids = prepare(labels=labels.to(self.device))  # type: ignore[operator]
         decoder_input_ids = decoder_input_ids.to(self.device)
-        dec_mask = torch.cat([prefix_mask, torch.ones_like(decoder_input_ids)], dim=1)
-        out = self.base(
+        return seq2seq.text_pass(
+            self.base,
+            self.quirks,
+            self.head_logits,
             inputs_embeds=embeds,
             attention_mask=enc_mask,
             decoder_input_ids=decoder_input_ids,
-            decoder_attention_mask=dec_mask,
-            use_cache=True,
-            **self.cache_arg.kwargs(cache),
+            decoder_attention_mask=torch.cat([prefix_mask, torch.ones_like(decoder_input_ids)], dim=1),
+            cache=cache,
+            labels=None if labels is None else labels.to(self.device),
         )
-        if labels is None:
-            return SoftPromptOutput(logits=out.logits)
-        labels = labels.to(self.device)
-        wanted = labels != -100
-        logits = out.logits[wanted].float()
-        loss = F.cross_entropy(logits, labels[wanted]) if wanted.any() else logits.sum() * 0.0
-        return SoftPromptOutput(loss=loss, label_logits=logits)
 
     # ------------------------------------------------------------------ decoding primitives
     @torch.no_grad()

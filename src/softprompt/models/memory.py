@@ -33,12 +33,15 @@ d = head dim, L = layers, V = vocabulary, R = label tokens per row):
 - **adapters**: the adapter's float32 parameters, their gradients and AdamW's two float32 moments
   (16 bytes per parameter; the parameters are their own master copy).
 - **runtime**: the backward's transients (about one layer's saved set, plus the label logits and their
-  gradient), FSDP/ZeRO-3's two gathered layers, nf4's dequantized largest weight, and 512 MiB of CUDA
-  context on ``device="cuda"``.
+  gradient), nf4's dequantized largest weight, 512 MiB of CUDA context on ``device="cuda"``, and under
+  FSDP/ZeRO-3 twice the largest unit gathered whole (a layer, the embedding matrix or an untied head, whichever is
+  largest): its all-gather's output buffer and the unsharded weight it is copied into are alive together, at the
+  head's projection in the forward (every activation still kept) and again at the start of the backward.
 
 Measured against CPU training on random-weight Llama shapes (``research/scale.py``, docs/benchmarks.md):
 float32 and bfloat16 weights without checkpointing, and int8/nf4 bases (``research/scale.py --section quantized``).
-Checkpointing is measured at the ~0.3B and ~1B shapes (the scale section); sharding is modelled, not yet measured.
+Checkpointing is measured at the ~0.3B and ~1B shapes (the scale section); FSDP with 2 CPU processes at 60M and
+150M parameters (``research/sharded.py``); ZeRO-3 is modelled as FSDP, not measured.
 """
 
 from __future__ import annotations
@@ -208,6 +211,16 @@ def layer_activation_bytes(
     return saved, cache
 
 
+def _largest_unit(model: PreTrainedModel, params: int, layers: int) -> int:
+    """Parameters of the largest piece a sharded base gathers whole at once: a decoder layer, the embedding matrix
+    or an untied LM head (each its own FSDP unit; ZeRO-3 gathers per module). With a 32k+ vocabulary and a small
+    hidden size the embedding or head outweighs a layer (~5x at 60M parameters)."""
+    blocks = getattr(model.base_model, "layers", None)
+    layer = _count(blocks[0]) if isinstance(blocks, torch.nn.ModuleList) and len(blocks) else params // layers
+    tables = [_count(m) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None]
+    return max([layer, *tables])
+
+
 def _quantized_weight_bytes(model: PreTrainedModel, quantize: str, dtype_bytes: int) -> int:
     """Weights with the decoder blocks' linear layers quantized (embeddings, norms stay at b; the LM head too, except
     under int8-weight over a 16-bit base, which quantizes an untied copy of a tied head)."""
@@ -334,10 +347,7 @@ def estimate_memory(
     if gradient_checkpointing:  # the recomputed layer's saved set lives beside its backward transients
         runtime += text_saved
     if sharded:
-        layers = getattr(meta.base_model, "layers", None)
-        runtime += 2 * (
-            _count(layers[0]) * b if isinstance(layers, torch.nn.ModuleList) else params * b // shape.num_layers
-        )
+        runtime += 2 * _largest_unit(meta, params, shape.num_layers) * b
     if quantize == "nf4":  # bitsandbytes dequantizes one weight at a time for the backward
         head = meta.get_output_embeddings()
         runtime += max(m.weight.numel() for m in meta.modules() if isinstance(m, torch.nn.Linear) and m is not head) * b

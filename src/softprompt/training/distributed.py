@@ -347,9 +347,9 @@ def fsdp_units(model) -> list[nn.Module | list[nn.Module]]:
 
     Every transformer block (the families table's ``blocks``) is a unit. So is every module softprompt
     calls outside the root's forward (`SoftPromptModel` calls the backbone, the input embedding, the output
-    head and the encoder directly): a module inside another unit has no whole weights outside that unit's
-    forward. All modules holding the embedding matrix (a tied head, T5's encoder/decoder ``embed_tokens``)
-    form one unit, so the tie survives and the matrix is sharded once.
+    head, an encoder-decoder's encoder and decoder directly): a module inside another unit has no whole weights
+    outside that unit's forward. All modules holding the embedding matrix (a tied head, T5's encoder/decoder
+    ``embed_tokens``) form one unit, so the tie survives and the matrix is sharded once.
     """
     base, kind = model.base, model.shape.model_type
     if not model.quirks.blocks:
@@ -376,7 +376,8 @@ def fsdp_units(model) -> list[nn.Module | list[nn.Module]]:
     head = base.get_output_embeddings()
     if head is not None and not any(head is m for m in tied):
         units.append(head)
-    for module in (base.get_encoder() if model.shape.is_encoder_decoder else None, model.backbone):
+    stacks = (base.get_encoder(), base.get_decoder()) if model.shape.is_encoder_decoder else ()
+    for module in (*stacks, model.backbone):
         if module is not None and module is not base:
             units.append(module)
     return units
