@@ -27,7 +27,8 @@ d = head dim, L = layers, V = vocabulary, R = label tokens per row):
   times L, plus the same for the prompt pass (B = 1, T = S = N, no mask) and the final norm and
   label log-probabilities (B*R*V*4) and RoPE's cos/sin (2*B*T*d*b); the first layer's input norm saves
   nothing (the embeddings need no gradient). ``int8`` (LLM.int8()) also keeps each quantized linear's input,
-  ``B*T*(2h + I)*b`` per layer. With gradient checkpointing a layer keeps only its input (B*T*h*b)
+  ``B*T*(2h + I)*b`` per layer, and so does ``zero3`` (DeepSpeed's linear saves every linear's input, frozen or
+  not). With gradient checkpointing a layer keeps only its input (B*T*h*b)
   and the prefix's keys/values in the cache (2*B*N*K*d*b: a checkpointed block drops the text's, see
   engine/checkpointing.py); one layer's full set is recomputed during the backward (counted under runtime).
 - **adapters**: the adapter's float32 parameters, their gradients and AdamW's two float32 moments
@@ -41,7 +42,7 @@ d = head dim, L = layers, V = vocabulary, R = label tokens per row):
 Measured against CPU training on random-weight Llama shapes (``research/scale.py``, docs/benchmarks.md):
 float32 and bfloat16 weights without checkpointing, and int8/nf4 bases (``research/scale.py --section quantized``).
 Checkpointing is measured at the ~0.3B and ~1B shapes (the scale section); FSDP with 2 CPU processes at 60M and
-150M parameters (``research/sharded.py``); ZeRO-3 is modelled as FSDP, not measured.
+150M parameters (``research/sharded.py``), and ZeRO-3 the same (``--sharding zero3``).
 """
 
 from __future__ import annotations
@@ -246,6 +247,7 @@ def _activations(
     r: int,
     checkpointing: bool,
     quantize: str = "none",
+    saves_linear_inputs: bool = False,
 ) -> tuple[int, int]:
     """(one text layer's saved bytes, all activation bytes) of the job (see the module docstring)."""
     h = shape.hidden_size
@@ -263,13 +265,15 @@ def _activations(
         gated=gated,
     )
 
-    def int8_inputs(tokens: int) -> int:
+    def linear_inputs(tokens: int) -> int:
         # LLM.int8() keeps each quantized linear's float input for its backward: the attention norm's output
         # (q/k/v), the MLP norm's output (gate/up) and the down projection's; o_proj's is a view of SDPA's output.
-        return tokens * (2 * h + intermediate) * b if quantize == "int8" else 0
+        # So does ZeRO-3: DeepSpeed swaps F.linear for its own autograd function (memory_efficient_linear, on by
+        # default), which saves every linear's input and weight whether or not the weight needs a gradient.
+        return tokens * (2 * h + intermediate) * b if quantize == "int8" or saves_linear_inputs else 0
 
     text_saved, text_cache = layer(batch=batch, queries=t, keys=n + t)
-    text_saved += int8_inputs(batch * t)
+    text_saved += linear_inputs(batch * t)
     if checkpointing:  # each layer keeps its input, and its cache only the prefix (each block drops the text's)
         kv = 2 * batch * n * shape.num_key_value_heads * shape.head_dim * b
         activations = shape.num_layers * (batch * t * h * b + kv)
@@ -277,7 +281,7 @@ def _activations(
         activations = shape.num_layers * (text_saved + text_cache)
     if method_class(method).adds == "input":  # the prompt's own pass over the frozen model, batch 1
         prompt_saved, prompt_cache = layer(batch=1, queries=n, keys=n, masked=False)
-        prompt_saved += int8_inputs(n)
+        prompt_saved += linear_inputs(n)
         activations += shape.num_layers * (prompt_saved + prompt_cache)
     # The label log-probabilities and RoPE's cos/sin. The final norm saves what the first layer's input norm
     # does not (the embeddings need no gradient): the two cancel.
@@ -340,7 +344,7 @@ def estimate_memory(
 
     n, t, r = num_virtual_tokens, max_length, min(label_tokens, max_length)
     text_saved, activations = _activations(
-        shape, text, method, b, batch_size, n, t, r, gradient_checkpointing, quantize
+        shape, text, method, b, batch_size, n, t, r, gradient_checkpointing, quantize, sharded and sharding == "zero3"
     )
     label_logits = batch_size * r * shape.vocab_size * 4
     runtime = text_saved + 2 * label_logits  # one layer's backward transients; label logits and their gradient
