@@ -223,7 +223,7 @@ def test_models_never_share_a_compiled_step(monkeypatch):
     assert runs["eager", 0] != runs["eager", 1]  # the epsilon changes the tokens
     assert runs["compiled", 0] == runs["eager", 0]
     assert runs["compiled", 1] == runs["eager", 1]
-    assert len(graphs) == 2  # one graph per model (one bucket each)
+    assert len(graphs) == 4  # per model: its step (one bucket) and its prefill's head
 
 
 def _count_graphs(monkeypatch, backend) -> None:
@@ -244,3 +244,22 @@ def test_the_compile_options_are_ones_inductor_knows(device_type):
     assert callable(static_decode.compile_step(device_type))
     with pytest.raises(RuntimeError, match="Unexpected optimization option"):
         torch.compile(lambda x: x, options={"triton.cudagraph": True})
+
+
+def test_the_prefill_head_is_compiled_and_equals_the_eager_head(monkeypatch):
+    """With decode="compiled" the prefill's last-position logits come from the model's compiled head (torchao's
+    eager int8 head converts its whole weight per call), equal to the eager head's, for any number of rows."""
+    graphs: list[int] = []
+
+    def counting(gm, _inputs):
+        graphs.append(1)
+        return gm.forward
+
+    _count_graphs(monkeypatch, counting)
+    model = lively_model("llama")
+    ids, mask = encode_texts(model.tokenizer, PROMPTS, side="left")
+    eager = model.prefill(ids, mask, None).logits
+    model.decode = "compiled"
+    for rows in (6, 2, 3):  # a second shape marks the rows dynamic; the third reuses that graph
+        torch.testing.assert_close(model.prefill(ids[:rows], mask[:rows], None).logits, eager[:rows])
+    assert len(graphs) == 2  # the first row count's graph, then one with dynamic rows

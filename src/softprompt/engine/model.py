@@ -22,7 +22,17 @@ from transformers import DynamicCache, EncoderDecoderCache, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutput
 
 from softprompt.adapters import hub, peft_format
-from softprompt.engine import activations, attention, checkpointing, gated, generation, prefixes, scoring, seq2seq
+from softprompt.engine import (
+    activations,
+    attention,
+    checkpointing,
+    gated,
+    generation,
+    prefixes,
+    scoring,
+    seq2seq,
+    static_decode,
+)
 from softprompt.engine.adapter_name import check_adapter_name
 from softprompt.engine.decode import DecodeState
 from softprompt.engine.decode_options import DEFAULT_DECODE, DecodeMode
@@ -420,7 +430,7 @@ class SoftPromptModel(nn.Module):
         hidden, cache, full_mask = self._causal_hidden(input_ids, attention_mask, prefix, gated_batch=gated_batch)
         # Logits of each row's last real token only (rows may be left- or right-padded).
         last = attention_mask.shape[1] - 1 - attention_mask.flip(-1).argmax(-1)
-        logits = self.head_logits(hidden[torch.arange(hidden.shape[0], device=self.device), last])
+        logits = static_decode.prefill_head(self, hidden[torch.arange(hidden.shape[0], device=self.device), last])
         prefix_len = prefix.lengths if prefix is not None else torch.zeros_like(last)
         return DecodeState(cache, full_mask, prefix_len + attention_mask.sum(-1), logits.float(), gated=gated_batch)
 
