@@ -47,9 +47,10 @@ def tiny_tokenizer(bos: bool = False) -> PreTrainedTokenizerFast:
     return tok
 
 
-def tiny_base(family: str, seed: int = 0):
+def tiny_base(family: str, seed: int = 0, **config):
+    """A tiny random model of ``family``; ``config``: more config fields (``tie_word_embeddings=False``, say)."""
     torch.manual_seed(seed)
-    common = dict(vocab_size=VOCAB, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    common = dict(vocab_size=VOCAB, pad_token_id=0, eos_token_id=1, bos_token_id=2, **config)
     if family == "gpt2":
         cfg = GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=256, **common)
         model = GPT2LMHeadModel(cfg)

@@ -1,7 +1,10 @@
 """Gradient checkpointing of the frozen base's blocks: the same gradients, far fewer saved activations."""
 
+import gc
+
 import pytest
 import torch
+from transformers.cache_utils import CacheLayerMixin
 
 from softprompt import SoftPromptError
 from softprompt.engine.families import FamilyQuirks, gated_families
@@ -117,37 +120,35 @@ def test_generation_and_scoring_are_unchanged_and_an_unknown_family_is_refused()
         model.gradient_checkpointing = True
 
 
+def _text_caches(length: int) -> list:
+    """Cache layers alive now (not meta copies) holding at least ``length`` keys: a text's keys/values."""
+    gc.collect()
+    return [
+        layer
+        for layer in gc.get_objects()
+        if isinstance(layer, CacheLayerMixin)
+        and isinstance(getattr(layer, "keys", None), torch.Tensor)
+        and layer.keys.device.type != "meta"
+        and layer.keys.shape[-2] >= length
+    ]
+
+
 def test_a_checkpointed_training_pass_keeps_no_keys_values_of_the_text():
     """Each block leaves the cache as it found it, and the checkpoints recompute against copies holding only the
     block's own layer as it was before (the prefix): the layers' keys/values of the whole text are alive neither at
     the end of the forward (a plain pass's autograd keeps them; a checkpointed one has no use for them) nor
     through the backward."""
-    import gc
-
-    from transformers.cache_utils import CacheLayerMixin
-
-    def text_caches(length):
-        gc.collect()
-        return [
-            layer
-            for layer in gc.get_objects()
-            if isinstance(layer, CacheLayerMixin)
-            and isinstance(getattr(layer, "keys", None), torch.Tensor)
-            and layer.keys.device.type != "meta"
-            and layer.keys.shape[-2] >= length
-        ]
-
     model = with_every_method("llama")
     model.gradient_checkpointing = True
     ids, mask = pad_batch(ROWS[:4], pad=0, side="left")
     at_the_end_of_the_blocks = []
     hook = model.base.model.norm.register_forward_hook(
-        lambda *_: at_the_end_of_the_blocks.append(len(text_caches(ids.shape[1])))
+        lambda *_: at_the_end_of_the_blocks.append(len(_text_caches(ids.shape[1])))
     )
     loss = model(ids, mask, adapters=METHODS, labels=ids.masked_fill(mask == 0, -100)).loss
     hook.remove()
     assert at_the_end_of_the_blocks and max(at_the_end_of_the_blocks) == 0  # each pass: its prompts, the text
-    assert not text_caches(ids.shape[1])
+    assert not _text_caches(ids.shape[1])
     loss.backward()
     assert all(p.grad is not None for p in model.adapters.parameters() if p.requires_grad)
 
@@ -156,21 +157,6 @@ def test_a_checkpointed_t5_training_pass_keeps_no_keys_values_of_the_text():
     """The encoder-decoder pass drops them too: at the end of the decoder's blocks no self-attention layer holds the
     targets' keys/values and no cross-attention layer the encoder's, while the decoder prefixes (prefix tuning,
     cartridge), which live in that same cache, still get their gradients (equal to the unchecked ones)."""
-    import gc
-
-    from transformers.cache_utils import CacheLayerMixin
-
-    def text_caches(length):
-        gc.collect()
-        return [
-            layer
-            for layer in gc.get_objects()
-            if isinstance(layer, CacheLayerMixin)
-            and isinstance(getattr(layer, "keys", None), torch.Tensor)
-            and layer.keys.device.type != "meta"
-            and layer.keys.shape[-2] >= length
-        ]
-
     model = with_every_method("t5")
     model.gradient_checkpointing = True
     ids, mask = pad_batch(ROWS[:4], pad=0, side="left")
@@ -179,12 +165,12 @@ def test_a_checkpointed_t5_training_pass_keeps_no_keys_values_of_the_text():
     assert shortest > 6
     at_the_end_of_the_blocks = []
     hook = model.base.decoder.final_layer_norm.register_forward_hook(
-        lambda *_: at_the_end_of_the_blocks.append(len(text_caches(shortest)))
+        lambda *_: at_the_end_of_the_blocks.append(len(_text_caches(shortest)))
     )
     out = model(ids, mask, adapters=METHODS, labels=targets)
     hook.remove()
     assert at_the_end_of_the_blocks == [0]
     out.loss.backward()
-    assert not text_caches(shortest)
+    assert not _text_caches(shortest)
     grads = {n.split(".")[0] for n, p in model.adapters.named_parameters() if p.grad is not None}
     assert grads == set(METHODS)  # the decoder prefixes were read from the cache and back-propagated through

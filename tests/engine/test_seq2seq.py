@@ -5,34 +5,18 @@ import dataclasses
 
 import pytest
 import torch
-from transformers import T5Config, T5ForConditionalGeneration
 
 from softprompt import SoftPromptModel
 from softprompt.engine.tokens import pad_batch
 
-from tiny import VOCAB, tiny_tokenizer
+from tiny import VOCAB, tiny_base, tiny_tokenizer
 
 METHODS = ["prompt_tuning", "prefix_tuning", "p_tuning", "cartridge"]
 ROWS = [[20, 30, 40, 50, 60, 70, 80], [21, 31, 41], [22, 32, 42, 52, 62], [23, 33, 43, 53], [24, 34, 44, 54, 64]]
 
 
 def t5(tied: bool) -> SoftPromptModel:
-    torch.manual_seed(0)
-    config = T5Config(
-        d_model=32,
-        d_ff=64,
-        d_kv=8,
-        num_layers=2,
-        num_decoder_layers=2,
-        num_heads=4,
-        decoder_start_token_id=0,
-        vocab_size=VOCAB,
-        pad_token_id=0,
-        eos_token_id=1,
-        bos_token_id=2,
-        tie_word_embeddings=tied,
-    )
-    model = SoftPromptModel(T5ForConditionalGeneration(config).eval(), tiny_tokenizer())
+    model = SoftPromptModel(tiny_base("t5", tie_word_embeddings=tied), tiny_tokenizer())
     for i, method in enumerate(METHODS):
         model.add_adapter(method, method=method, num_virtual_tokens=3 + i, seed=i)
     return model.train()
