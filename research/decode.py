@@ -159,13 +159,19 @@ def load_llama_cpp(model: str, threads: int, log) -> tuple[object | None, str]:
     return llm, str(path)
 
 
-def memory_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
-    """Bytes per second that ``tensor.sum()`` reads from a tensor far larger than the caches (best of repeats)."""
-    x = torch.ones(int(gib * 2**30) // 4)
+def memory_bandwidth(gib: float = 1.0, repeats: int = 5, device: str = "cpu") -> float:
+    """Bytes per second that ``tensor.sum()`` reads from a tensor far larger than the caches on ``device`` (best
+    of repeats; a CUDA device is synchronised around each)."""
+    x = torch.ones(int(gib * 2**30) // 4, device=device)
+    cuda = x.device.type == "cuda"
     best = float("inf")
     for _ in range(repeats):
+        if cuda:
+            torch.cuda.synchronize()
         t = time.perf_counter()
         x.sum()
+        if cuda:
+            torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t)
     return x.numel() * 4 / best
 

@@ -165,24 +165,6 @@ def generation(base, names: list[str]) -> dict:
     return {**result, "tokens_per_s": len(names) * GEN_NEW / result["step_s"], "adapters": len(set(names))}
 
 
-def device_bandwidth(device: str, gib: float = 2.0, repeats: int = 5) -> float:
-    """Bytes per second ``tensor.sum()`` reads from a tensor far larger than the caches on ``device``."""
-    x = torch.ones(int(gib * 2**30) // 4, device=device)
-    best = float("inf")
-    for _ in range(repeats + 1):
-        _sync(device)
-        start = time.perf_counter()
-        x.sum()
-        _sync(device)
-        best = min(best, time.perf_counter() - start)
-    return x.numel() * 4 / best
-
-
-def _sync(device: str) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
 def decode_table(
     base,
     modes: tuple[str, ...] = ("eager", "static", "compiled"),
@@ -214,7 +196,7 @@ def decode_table(
     calls["transformers generate"] = bench.transformers_call(base, ids, mask, 0, new_tokens)
     if transformers_compiled:
         calls["transformers generate static+compile"] = bench.compiled_generate(base, ids, mask, 0, new_tokens)
-    read_s = bench.weight_bytes(base) / device_bandwidth(device, bandwidth_gib)
+    read_s = bench.weight_bytes(base) / bench.memory_bandwidth(bandwidth_gib, device=device)
     rows = {}
     for name, call in calls.items():
         bench.timed(call, 1, new_tokens)  # warm-up: compiles, CUDA graphs recorded
